@@ -1,0 +1,3 @@
+//! Architecture-specific boot state. Only x86-64 is supported.
+
+pub mod x86_64;

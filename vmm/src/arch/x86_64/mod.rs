@@ -1,0 +1,7 @@
+//! x86-64: the guest-physical layout and the state a vCPU starts in.
+
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod paging;
+pub mod regs;

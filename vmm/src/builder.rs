@@ -1,0 +1,235 @@
+//! Puts a VM together from its configuration, and runs it to its end.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use guest_agent::abi::{
+    EXIT_MMIO, EXIT_PORT, EXIT_PORT_LEN, SERIAL_MMIO, SERIAL_PORT, SERIAL_PORT_LEN,
+};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::x86_64::cpuid::set_vcpu_identity;
+use crate::bare::{self, BareError};
+use crate::config::{BootSource, VmConfig};
+use crate::devices::bus::SharedDevice;
+use crate::devices::legacy::serial::SerialError;
+use crate::devices::legacy::{ExitDevice, SerialDevice};
+use crate::devices::{Bus, BusError};
+use crate::event::{self, EventReceiver, VmEvent};
+use crate::host_compat::{self, cpuid, HostCompat};
+use crate::vstate::memory::{create_guest_memory, GuestRam, MemoryError};
+use crate::vstate::vcpu::{enable_exit_on_emulation_failure, Vcpu, VcpuContext};
+use crate::vstate::vm::{open_kvm, Vm, VmError};
+
+/// The legacy ISA interrupt line of COM1.
+const COM1_IRQ: u32 = 4;
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// KVM or the VM could not be set up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The bare guest could not be loaded.
+    #[error(transparent)]
+    Bare(#[from] BareError),
+    /// The serial console could not be set up.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// A device could not be placed on a bus.
+    #[error("placing a device on the bus: {0}")]
+    Bus(#[from] BusError),
+    /// A vCPU could not be created or configured.
+    #[error("vCPU {0}: {1}: {2}")]
+    Vcpu(u8, &'static str, kvm_ioctls::Error),
+    /// A thread could not be started.
+    #[error("starting a thread: {0}")]
+    Thread(std::io::Error),
+    /// The guest ran into an error the VMM cannot continue from.
+    #[error("{0}")]
+    Guest(String),
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest wrote this status to the exit device.
+    Exit(u8),
+    /// The guest reset or powered off.
+    Reset,
+}
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    // Field order is drop order: vCPUs and the VM go before guest memory.
+    vcpus: Vec<Vcpu>,
+    ctx: VcpuContext,
+    events: EventReceiver,
+    _vm: Vm,
+    _ram: GuestRam,
+}
+
+/// Builds a VM from `config`: memory, the VM, devices, vCPUs, and the guest.
+pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
+    let kvm = open_kvm()?;
+    let detection = host_compat::detect(config.host_compat);
+    tracing::info!(
+        active = detection.active,
+        "host compat: {}",
+        detection.reason
+    );
+    let compat = detection.active.then(HostCompat::new);
+
+    let ram = create_guest_memory(config.mem_size)?;
+    let vm = Vm::new(&kvm, &ram.mem)?;
+    enable_exit_on_emulation_failure(&vm.fd);
+
+    let (tx, rx) = event::channel();
+    let serial = SerialDevice::new(&config.serial)?;
+    let serial_irq = serial.interrupt_evt().map_err(SerialError::EventFd)?;
+    vm.fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| VmError::Ioctl("KVM_IRQFD (COM1)", e))?;
+    // The port devices are also in the platform MMIO window (see
+    // `guest_agent::abi::MMIO_WINDOW_BASE` for why).
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let serial: SharedDevice = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_LEN.into())?;
+    mmio.insert(serial, SERIAL_MMIO, SERIAL_PORT_LEN.into())?;
+    let exit: SharedDevice = Arc::new(Mutex::new(ExitDevice::new(tx.clone())));
+    pio.insert(exit.clone(), EXIT_PORT.into(), EXIT_PORT_LEN.into())?;
+    mmio.insert(exit, EXIT_MMIO, EXIT_PORT_LEN.into())?;
+
+    let vcpus = create_vcpus(&kvm, &vm, config.vcpus, compat.is_some())?;
+    match &config.boot {
+        BootSource::Bare { program, arg } => {
+            let entry = bare::load(&ram.mem, config.mem_size, program)?;
+            bare::setup_vcpu(&vcpus[0], entry, config.mem_size, *arg)?;
+        }
+    }
+    let ctx = VcpuContext {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        events: tx,
+        stop: Arc::new(AtomicBool::new(false)),
+        compat,
+        mem: ram.mem.clone(),
+    };
+    Ok(Vmm {
+        vcpus,
+        ctx,
+        events: rx,
+        _vm: vm,
+        _ram: ram,
+    })
+}
+
+fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>, VmmError> {
+    let mut supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
+    if reduce {
+        let hidden = cpuid::reduce(supported.as_mut_slice());
+        tracing::info!("host compat: CPUID hides {}", hidden.join(" "));
+    }
+    (0..count)
+        .map(|i| {
+            let fd = vm
+                .fd
+                .create_vcpu(u64::from(i))
+                .map_err(|e| VmmError::Vcpu(i, "KVM_CREATE_VCPU", e))?;
+            let mut cpuid = supported.clone();
+            set_vcpu_identity(cpuid.as_mut_slice(), i);
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| VmmError::Vcpu(i, "KVM_SET_CPUID2", e))?;
+            Ok(Vcpu { fd, index: i })
+        })
+        .collect()
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivery alone makes KVM_RUN return EINTR.
+}
+
+impl Vmm {
+    /// Runs the VM until the guest ends it or a vCPU fails, then stops
+    /// every vCPU thread and returns how it ended.
+    pub fn run(self) -> Result<Outcome, VmmError> {
+        register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| VmmError::Thread(std::io::Error::from_raw_os_error(e.errno())))?;
+        let Vmm {
+            vcpus,
+            ctx,
+            events,
+            _vm,
+            _ram,
+        } = self;
+        let stop = ctx.stop.clone();
+        let mut threads = Vec::new();
+        for vcpu in vcpus {
+            let c = ctx.clone();
+            let name = format!("vcpu{}", vcpu.index);
+            match std::thread::Builder::new()
+                .name(name)
+                .spawn(move || run_guarded(vcpu, c))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_all(&stop, threads);
+                    return Err(VmmError::Thread(e));
+                }
+            }
+        }
+        // Only the vCPU threads hold senders now: if they all end without a
+        // word, `recv` fails rather than waiting forever.
+        drop(ctx);
+        let first = events.recv();
+        stop_all(&stop, threads);
+        match first {
+            Ok(VmEvent::GuestExit(code)) => Ok(Outcome::Exit(code)),
+            Ok(VmEvent::GuestReset) => Ok(Outcome::Reset),
+            Ok(VmEvent::Fatal(msg)) => Err(VmmError::Guest(msg)),
+            Err(_) => Err(VmmError::Guest(
+                "every vCPU stopped without an exit event".into(),
+            )),
+        }
+    }
+}
+
+/// Runs a vCPU, turning a panic in its thread into a fatal VM event, so the
+/// main thread never waits for an exit that will not come.
+fn run_guarded(vcpu: Vcpu, ctx: VcpuContext) {
+    let index = vcpu.index;
+    let events = ctx.events.clone();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || vcpu.run(ctx)));
+    if r.is_err() {
+        let _ = events.send(VmEvent::Fatal(format!("vCPU {index}: thread panicked")));
+    }
+}
+
+/// Stops every vCPU thread: sets the stop flag, then kicks each thread out
+/// of KVM_RUN until it has ended. Kicks repeat because a signal that lands
+/// just before a thread enters KVM_RUN is lost.
+fn stop_all(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for t in threads {
+        while !t.is_finished() {
+            let _ = t.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = t.join();
+    }
+}

@@ -1,0 +1,140 @@
+//! The `specvm` command line.
+//!
+//! Flags follow Firecracker and cloud-hypervisor: one long flag per concern,
+//! sizes with binary suffixes (`--memory 256M`), backends as `kind=value`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{
+    check_mem_size, check_vcpus, parse_size, BootSource, ConfigError, HostCompatMode, SerialConfig,
+    VmConfig,
+};
+
+/// specvm: a KVM virtual machine monitor whose guests can speculate.
+#[derive(Debug, Parser)]
+#[command(name = "specvm", version, about)]
+pub struct Cli {
+    /// Log filter: error, warn, info, debug or trace (or a tracing filter).
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a VM and run it until the guest ends it.
+    Run(RunArgs),
+}
+
+/// Arguments of `specvm run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A freestanding 64-bit guest program (static ELF), started at CPL3.
+    #[arg(long, value_name = "PROGRAM")]
+    pub bare: PathBuf,
+    /// Guest memory size, such as 256M or 1G.
+    #[arg(long, default_value = "128M", value_name = "SIZE")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u64,
+    /// A number passed to a bare guest in RDX.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub guest_arg: u64,
+    /// Serial console backend: stdout, null, file=PATH or socket=PATH.
+    #[arg(long, default_value = "stdout", value_name = "BACKEND")]
+    pub serial: String,
+    /// Workarounds for hosts whose KVM is not hardware virtualization:
+    /// auto (probe the host), on or off.
+    #[arg(long, default_value = "auto", value_name = "MODE")]
+    pub host_compat: String,
+}
+
+impl RunArgs {
+    /// Validates the arguments and turns them into a VM configuration.
+    pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
+        Ok(VmConfig {
+            mem_size: check_mem_size(parse_size(&self.memory)?)?,
+            vcpus: check_vcpus(self.cpus)?,
+            boot: BootSource::Bare {
+                program: self.bare.clone(),
+                arg: self.guest_arg,
+            },
+            serial: self.serial.parse::<SerialConfig>()?,
+            host_compat: self.host_compat.parse::<HostCompatMode>()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<VmConfig, String> {
+        let mut argv = vec!["specvm", "run"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Run(r) = cli.command;
+        r.to_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = run_args(&["--bare", "g"]).unwrap();
+        assert_eq!(c.mem_size, 128 << 20);
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.serial, SerialConfig::Stdout);
+        assert_eq!(c.host_compat, HostCompatMode::Auto);
+        assert_eq!(
+            c.boot,
+            BootSource::Bare {
+                program: "g".into(),
+                arg: 0
+            }
+        );
+    }
+
+    #[test]
+    fn all_flags() {
+        let c = run_args(&[
+            "--bare",
+            "g",
+            "--memory",
+            "1G",
+            "--cpus",
+            "2",
+            "--guest-arg",
+            "7",
+            "--serial",
+            "null",
+            "--host-compat",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(c.mem_size, 1 << 30);
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.serial, SerialConfig::Null);
+        assert_eq!(c.host_compat, HostCompatMode::Off);
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_the_value() {
+        let e = run_args(&["--bare", "g", "--memory", "12Q"]).unwrap_err();
+        assert!(e.contains("12Q"), "{e}");
+        let e = run_args(&["--bare", "g", "--memory", "0"]).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        let e = run_args(&["--bare", "g", "--cpus", "0"]).unwrap_err();
+        assert!(e.contains("vCPU count 0"), "{e}");
+        let e = run_args(&["--bare", "g", "--serial", "tcp=1"]).unwrap_err();
+        assert!(e.contains("tcp=1"), "{e}");
+        let e = run_args(&["--bare", "g", "--host-compat", "maybe"]).unwrap_err();
+        assert!(e.contains("maybe"), "{e}");
+        assert!(run_args(&[]).is_err(), "--bare is required");
+        assert!(run_args(&["--bare", "g", "--bogus"]).is_err());
+    }
+}

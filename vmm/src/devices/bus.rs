@@ -1,0 +1,191 @@
+//! A device bus: guest address ranges mapped to device models.
+//!
+//! The vCPU loop hands every PIO and MMIO exit to a bus and never looks at
+//! port numbers itself. Each device sees offsets relative to the base of
+//! the range it was inserted at.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// A device that the guest reaches through a bus.
+pub trait BusDevice: Send {
+    /// The guest reads `data.len()` bytes at `offset` within the device's range.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// The guest writes `data` at `offset` within the device's range.
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+/// Errors of bus configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BusError {
+    /// A range of length zero, or one that wraps around.
+    #[error("invalid bus range {base:#x}+{len:#x}")]
+    InvalidRange {
+        /// Start of the range.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The new range overlaps one already on the bus.
+    #[error("bus range {base:#x}..{end:#x} overlaps a device at {other:#x}")]
+    Overlap {
+        /// Start of the new range.
+        base: u64,
+        /// End of the new range (exclusive).
+        end: u64,
+        /// Base of the existing device.
+        other: u64,
+    },
+}
+
+/// A shared handle to a device on the bus.
+pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+
+#[derive(Clone)]
+struct Entry {
+    len: u64,
+    device: SharedDevice,
+}
+
+/// Address ranges, each mapped to one device.
+#[derive(Clone, Default)]
+pub struct Bus {
+    devices: BTreeMap<u64, Entry>,
+}
+
+impl Bus {
+    /// An empty bus.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Maps `device` at `[base, base + len)`.
+    pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(BusError::InvalidRange { base, len })?;
+        // The closest range starting at or below the new end must end at
+        // or before the new base.
+        if let Some((&other, e)) = self.devices.range(..end).next_back() {
+            if other + e.len > base {
+                return Err(BusError::Overlap { base, end, other });
+            }
+        }
+        self.devices.insert(base, Entry { len, device });
+        Ok(())
+    }
+
+    /// The device covering `addr`, with the offset of `addr` in its range.
+    /// An access of `len` bytes must fit entirely inside the range.
+    fn resolve(&self, addr: u64, len: usize) -> Option<(&SharedDevice, u64)> {
+        let (&base, e) = self.devices.range(..=addr).next_back()?;
+        let offset = addr - base;
+        (offset.checked_add(len as u64)? <= e.len).then_some((&e.device, offset))
+    }
+
+    /// Dispatches a guest read. Returns false if no device covers it; the
+    /// caller decides what an unclaimed read returns.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.resolve(addr, data.len()) {
+            Some((dev, offset)) => {
+                lock(dev).read(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Dispatches a guest write. Returns false if no device covers it.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.resolve(addr, data.len()) {
+            Some((dev, offset)) => {
+                lock(dev).write(offset, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Locks a device. A device whose lock was poisoned by a panicking thread
+/// is still used: device models keep no invariant that a panic breaks
+/// halfway, and the VMM is ending anyway when a vCPU thread panics.
+pub fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
+    dev.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    impl BusDevice for Recorder {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.writes.push((offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn routes_by_range_with_offsets() {
+        let mut bus = Bus::new();
+        let a = Arc::new(Mutex::new(Recorder::default()));
+        let b = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(a.clone(), 0x3f8, 8).unwrap();
+        bus.insert(b.clone(), 0x400, 4).unwrap();
+        assert!(bus.write(0x3f9, &[7]));
+        assert!(bus.write(0x400, &[1, 2, 3, 4]));
+        let mut d = [0u8; 1];
+        assert!(bus.read(0x3fd, &mut d));
+        assert_eq!(d, [5]);
+        assert_eq!(a.lock().unwrap().writes, vec![(1, vec![7])]);
+        assert_eq!(b.lock().unwrap().writes, vec![(0, vec![1, 2, 3, 4])]);
+    }
+
+    #[test]
+    fn unclaimed_and_straddling_accesses_miss() {
+        let mut bus = Bus::new();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4)
+            .unwrap();
+        assert!(!bus.write(0x0f, &[0]));
+        assert!(!bus.write(0x14, &[0]));
+        assert!(!bus.write(0x12, &[0, 0, 0, 0]), "access past the end");
+        assert!(!bus.read(u64::MAX, &mut [0u8; 8]));
+    }
+
+    #[test]
+    fn overlaps_and_bad_ranges_are_refused() {
+        let mut bus = Bus::new();
+        let d = || -> SharedDevice { Arc::new(Mutex::new(Recorder::default())) };
+        bus.insert(d(), 0x100, 0x10).unwrap();
+        assert!(matches!(
+            bus.insert(d(), 0x10f, 1),
+            Err(BusError::Overlap { other: 0x100, .. })
+        ));
+        assert!(matches!(
+            bus.insert(d(), 0xf0, 0x11),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(d(), 0x80, 0x200),
+            Err(BusError::Overlap { .. })
+        ));
+        assert_eq!(
+            bus.insert(d(), 0x200, 0),
+            Err(BusError::InvalidRange {
+                base: 0x200,
+                len: 0
+            })
+        );
+        assert!(bus.insert(d(), u64::MAX, 2).is_err());
+        bus.insert(d(), 0x110, 0x10).unwrap();
+        bus.insert(d(), 0xf0, 0x10).unwrap();
+    }
+}

@@ -1,0 +1,6 @@
+//! Device models and the bus that routes guest I/O to them.
+
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};

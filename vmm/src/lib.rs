@@ -1,0 +1,22 @@
+//! specvm's virtual machine monitor, as a library.
+//!
+//! The layout follows the concerns of a KVM VMM:
+//! - [`arch`]: x86-64 boot state (memory layout, GDT, page tables, registers);
+//! - [`vstate`]: the KVM objects (guest memory, VM, vCPUs);
+//! - [`devices`]: the device bus and the device models;
+//! - [`host_compat`]: the one module that carries guests over the gaps of
+//!   hosts whose KVM is not hardware virtualization (see `HOST-KVM.md`);
+//! - [`builder`] puts a VM together from a [`config::VmConfig`] and
+//!   [`builder::Vmm::run`] drives it to its end.
+//!
+//! The `specvm` binary (`src/main.rs`) is a thin command-line front end.
+
+pub mod arch;
+pub mod bare;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod event;
+pub mod host_compat;
+pub mod vstate;

@@ -1,0 +1,42 @@
+//! `specvm`: the command-line front end of the VMM.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::builder::{self, Outcome};
+use vmm::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level);
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => return fail(&format!("invalid --log-level '{}': {e}", cli.log_level)),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run(args) => {
+            let config = match args.to_config() {
+                Ok(c) => c,
+                Err(e) => return fail(&e.to_string()),
+            };
+            match builder::build(&config).and_then(|vmm| vmm.run()) {
+                Ok(Outcome::Exit(code)) => ExitCode::from(code),
+                Ok(Outcome::Reset) => {
+                    eprintln!("specvm: the guest reset or powered off");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e.to_string()),
+            }
+        }
+    }
+}
+
+/// Prints a one-line error and returns the VMM's failure status.
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("specvm: error: {msg}");
+    ExitCode::FAILURE
+}

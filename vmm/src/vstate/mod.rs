@@ -1,0 +1,5 @@
+//! The KVM objects of a VM: guest memory, the VM itself, and its vCPUs.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,212 @@
+//! vCPUs and the loop each one runs on its own thread.
+//!
+//! The loop is the one place exits are dispatched: port and MMIO accesses go
+//! to their bus, platform events to the main thread, and emulation failures
+//! to the host-compat layer when it is active.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_enable_cap, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::memory::GuestMemoryMmap;
+use crate::devices::Bus;
+use crate::event::{EventSender, VmEvent};
+use crate::host_compat::{self, HostCompat};
+
+/// KVM_INTERNAL_ERROR_EMULATION: the instruction emulator gave up.
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+/// Set in the emulation-failure flags when the instruction bytes follow.
+const EMULATION_FLAG_INSN_BYTES: u64 = 1;
+
+/// What the vCPU threads share with the rest of the VMM.
+#[derive(Clone)]
+pub struct VcpuContext {
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Where VM-wide events go.
+    pub events: EventSender,
+    /// Set by the main thread when every vCPU must stop.
+    pub stop: Arc<AtomicBool>,
+    /// The host-compat layer, when active.
+    pub compat: Option<HostCompat>,
+    /// Guest memory, to read instruction bytes for error reports.
+    pub mem: GuestMemoryMmap,
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    /// The KVM vCPU file descriptor.
+    pub fd: VcpuFd,
+    /// Its index, which is also its APIC ID.
+    pub index: u8,
+}
+
+/// What the loop does after an exit.
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// Exits that need the vCPU again after the `kvm_run` borrow ends.
+enum Deferred {
+    Shutdown,
+    InternalError,
+    Fatal(String),
+}
+
+impl Vcpu {
+    /// Runs the vCPU until the VM stops or this vCPU fails. Failures are sent
+    /// as [`VmEvent::Fatal`], never panicked.
+    pub fn run(mut self, ctx: VcpuContext) {
+        while !ctx.stop.load(Ordering::Acquire) {
+            match self.run_once(&ctx) {
+                Ok(Next::Continue) => {}
+                Ok(Next::Stop) => break,
+                Err(msg) => {
+                    let _ = ctx.events.send(VmEvent::Fatal(msg));
+                    break;
+                }
+            }
+        }
+        tracing::debug!(vcpu = self.index, "vCPU thread ends");
+    }
+
+    fn run_once(&mut self, ctx: &VcpuContext) -> Result<Next, String> {
+        let idx = self.index;
+        let deferred = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+                return Ok(Next::Continue);
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !ctx.pio.write(u64::from(port), data) {
+                    tracing::debug!(port, len = data.len(), "unclaimed port write");
+                }
+                return Ok(Next::Continue);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+                return Ok(Next::Continue);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !ctx.mmio.write(addr, data) {
+                    tracing::debug!(addr, len = data.len(), "unclaimed MMIO write");
+                }
+                return Ok(Next::Continue);
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) if kind == KVM_SYSTEM_EVENT_SHUTDOWN || kind == KVM_SYSTEM_EVENT_RESET => {
+                let _ = ctx.events.send(VmEvent::GuestReset);
+                return Ok(Next::Stop);
+            }
+            Ok(VcpuExit::Shutdown) => Deferred::Shutdown,
+            Ok(VcpuExit::InternalError) => Deferred::InternalError,
+            Ok(VcpuExit::Hlt) => Deferred::Fatal("halted with interrupts off (KVM_EXIT_HLT)".into()),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Deferred::Fatal(format!("VM entry failed (KVM_EXIT_FAIL_ENTRY), hardware reason {reason:#x} on host CPU {cpu}"))
+            }
+            Ok(other) => Deferred::Fatal(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(Next::Continue),
+            Err(e) => Deferred::Fatal(format!("KVM_RUN failed: {e}")),
+        };
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
+        tracing::debug!(regs = ?self.fd.get_regs(), sregs = ?self.fd.get_sregs(), "exit needing attention");
+        match deferred {
+            Deferred::Shutdown => Err(format!(
+                "vCPU {idx}: guest triple fault (KVM_EXIT_SHUTDOWN) at rip {rip:#x}"
+            )),
+            Deferred::Fatal(what) => Err(format!("vCPU {idx}: {what} at rip {rip:#x}")),
+            Deferred::InternalError => self.emulation_failure(ctx, rip),
+        }
+    }
+
+    /// Handles KVM_EXIT_INTERNAL_ERROR: completes the instruction through the
+    /// host-compat layer if it can, and otherwise names it.
+    fn emulation_failure(&mut self, ctx: &VcpuContext, rip: u64) -> Result<Next, String> {
+        let idx = self.index;
+        let (suberror, insn) = self.internal_error_info(&ctx.mem, rip);
+        if suberror != INTERNAL_ERROR_EMULATION {
+            return Err(format!(
+                "vCPU {idx}: KVM internal error, suberror {suberror}, at rip {rip:#x}"
+            ));
+        }
+        if let Some(compat) = &ctx.compat {
+            match compat.complete(&self.fd, &insn) {
+                Ok(true) => return Ok(Next::Continue),
+                Ok(false) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "vCPU {idx}: completing an instruction at rip {rip:#x}: {e}"
+                    ))
+                }
+            }
+        }
+        Err(format!(
+            "vCPU {idx}: instruction emulation failed at rip {rip:#x}: bytes [{}] ({})",
+            host_compat::hex_bytes(&insn),
+            host_compat::describe(&insn)
+        ))
+    }
+
+    /// The internal-error suberror and the failing instruction's bytes: from
+    /// the exit itself when KVM supplied them, otherwise read from guest
+    /// memory through the vCPU's page tables.
+    fn internal_error_info(&mut self, mem: &GuestMemoryMmap, rip: u64) -> (u32, Vec<u8>) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
+        // is the union member KVM filled; it is plain old data.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let mut insn = Vec::new();
+        if internal.suberror == INTERNAL_ERROR_EMULATION
+            && internal.ndata >= 2
+            && internal.data[0] & EMULATION_FLAG_INSN_BYTES != 0
+        {
+            // data[1..] holds the size byte, then up to 15 instruction bytes.
+            let raw: Vec<u8> = internal.data[1..]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            let len = usize::from(raw[0]).min(15);
+            insn.extend_from_slice(&raw[1..=len]);
+        }
+        if insn.is_empty() {
+            if let Ok(t) = self.fd.translate_gva(rip) {
+                if t.valid != 0 {
+                    let mut buf = [0u8; 15];
+                    let in_page = (4096 - (t.physical_address & 0xfff)) as usize;
+                    let n = in_page.min(15);
+                    if mem
+                        .read_slice(&mut buf[..n], GuestAddress(t.physical_address))
+                        .is_ok()
+                    {
+                        insn.extend_from_slice(&buf[..n]);
+                    }
+                }
+            }
+        }
+        (internal.suberror, insn)
+    }
+}
+
+/// Asks KVM to exit to the VMM, with the instruction bytes, on every
+/// emulation failure (KVM_CAP_EXIT_ON_EMULATION_FAILURE). Hosts without the
+/// capability still exit on most failures; the bytes are then read from
+/// guest memory.
+pub fn enable_exit_on_emulation_failure(vm: &kvm_ioctls::VmFd) {
+    let cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+        args: [1, 0, 0, 0],
+        ..Default::default()
+    };
+    if let Err(e) = vm.enable_cap(&cap) {
+        tracing::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not enabled: {e}");
+    }
+}

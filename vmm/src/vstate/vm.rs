@@ -1,0 +1,87 @@
+//! The KVM VM: memory slots and the in-kernel interrupt controller and timer.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::GuestMemoryMmap;
+
+/// Where KVM puts the three pages of its real-mode TSS on Intel hosts: just
+/// below the BIOS area at the top of 4 GiB, inside our MMIO gap.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors creating or configuring the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm is missing.
+    #[error("/dev/kvm does not exist: this host has no KVM (load the kvm module, or run on a host with virtualization)")]
+    KvmMissing,
+    /// /dev/kvm is not accessible.
+    #[error("/dev/kvm is not accessible to this user (permission denied): run as root or join the kvm group")]
+    KvmDenied,
+    /// Opening /dev/kvm failed otherwise.
+    #[error("opening /dev/kvm: {0}")]
+    KvmOpen(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{0}: {1}")]
+    Ioctl(&'static str, kvm_ioctls::Error),
+}
+
+/// Opens /dev/kvm, saying clearly why it failed.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => VmError::KvmMissing,
+        libc::EACCES | libc::EPERM => VmError::KvmDenied,
+        _ => VmError::KvmOpen(e),
+    })
+}
+
+/// A VM with its memory registered.
+pub struct Vm {
+    /// The KVM VM file descriptor.
+    pub fd: VmFd,
+}
+
+impl Vm {
+    /// Creates a VM with the in-kernel irqchip (PIC, IOAPIC, local APICs) and
+    /// PIT, and registers every region of `mem` as a memory slot with dirty
+    /// logging on.
+    pub fn new(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| VmError::Ioctl("KVM_SET_TSS_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
+        let vm = Self { fd };
+        vm.register_memory(mem)?;
+        Ok(vm)
+    }
+
+    fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region's mapping lives as long as `mem`, which the
+            // VMM keeps until the VM is destroyed; KVM accesses guest memory
+            // only through this slot.
+            unsafe { self.fd.set_user_memory_region(r) }
+                .map_err(|e| VmError::Ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        Ok(())
+    }
+}
