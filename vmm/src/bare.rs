@@ -15,7 +15,9 @@ use linux_loader::loader::{elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::x86_64::gdt::gdt_words;
-use crate::arch::x86_64::layout::{phys_end, GDT_ADDR, TSS_ADDR, TSS_LIMIT};
+use crate::arch::x86_64::layout::{
+    phys_end, GDT_ADDR, IOMAP_SIZE, TSS_ADDR, TSS_IOMAP_OFFSET, TSS_LIMIT,
+};
 use crate::arch::x86_64::paging::{setup_identity_map, PagingError};
 use crate::arch::x86_64::regs::{bare_regs, default_fpu, user_mode_sregs};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -35,8 +37,8 @@ pub enum BareError {
     /// Page tables could not be built.
     #[error("bare guest page tables: {0}")]
     Paging(#[from] PagingError),
-    /// The GDT could not be written.
-    #[error("writing the GDT at {GDT_ADDR:#x}: {0}")]
+    /// The GDT or TSS could not be written.
+    #[error("writing the GDT and TSS at {GDT_ADDR:#x}: {0}")]
     Gdt(vm_memory::GuestMemoryError),
     /// A vCPU register ioctl failed.
     #[error("setting up vCPU {0} for a bare guest: {1}")]
@@ -61,11 +63,30 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, program: &Path) -> Result<Bare
         mem.write_obj(*w, GuestAddress(GDT_ADDR + 8 * i as u64))
             .map_err(BareError::Gdt)?;
     }
+    write_tss(mem)?;
     let cr3 = setup_identity_map(mem, phys_end(mem_size), true)?;
     Ok(BareEntry {
         entry: res.kernel_load.0,
         cr3,
     })
+}
+
+/// Writes the TSS with an I/O permission bitmap that allows every port.
+///
+/// IOPL 3 in RFLAGS already allows port I/O at CPL3 on VMX/SVM hosts, but
+/// `kvm_pvm` ignores the guest's IOPL in user mode (measured: RFLAGS reads
+/// back with IOPL 0 and the first `in` raises #GP). The TSS bitmap is the
+/// other architectural way to grant the ports, and it works on both.
+fn write_tss(mem: &GuestMemoryMmap) -> Result<(), BareError> {
+    let w = |off: u64, bytes: &[u8]| {
+        mem.write_slice(bytes, GuestAddress(TSS_ADDR + off))
+            .map_err(BareError::Gdt)
+    };
+    // The fixed part and the bitmap: zero bits allow a port.
+    w(0, &vec![0u8; (TSS_IOMAP_OFFSET + IOMAP_SIZE) as usize])?;
+    w(0x66, &(TSS_IOMAP_OFFSET as u16).to_le_bytes())?;
+    // The byte after the bitmap must have all bits set.
+    w(TSS_IOMAP_OFFSET + IOMAP_SIZE, &[0xff])
 }
 
 /// Puts `vcpu` at the bare guest's entry, in 64-bit user mode.

@@ -5,9 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use guest_agent::abi::{
-    EXIT_MMIO, EXIT_PORT, EXIT_PORT_LEN, SERIAL_MMIO, SERIAL_PORT, SERIAL_PORT_LEN,
-};
+use guest_agent::abi::{EXIT_PORT, EXIT_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -97,16 +95,13 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     vm.fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| VmError::Ioctl("KVM_IRQFD (COM1)", e))?;
-    // The port devices are also in the platform MMIO window (see
-    // `guest_agent::abi::MMIO_WINDOW_BASE` for why).
     let mut pio = Bus::new();
-    let mut mmio = Bus::new();
+    // No MMIO devices yet; virtio-mmio devices will live here.
+    let mmio = Bus::new();
     let serial: SharedDevice = Arc::new(Mutex::new(serial));
-    pio.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_LEN.into())?;
-    mmio.insert(serial, SERIAL_MMIO, SERIAL_PORT_LEN.into())?;
+    pio.insert(serial, SERIAL_PORT.into(), SERIAL_PORT_LEN.into())?;
     let exit: SharedDevice = Arc::new(Mutex::new(ExitDevice::new(tx.clone())));
-    pio.insert(exit.clone(), EXIT_PORT.into(), EXIT_PORT_LEN.into())?;
-    mmio.insert(exit, EXIT_MMIO, EXIT_PORT_LEN.into())?;
+    pio.insert(exit, EXIT_PORT.into(), EXIT_PORT_LEN.into())?;
 
     let vcpus = create_vcpus(&kvm, &vm, config.vcpus, compat.is_some())?;
     match &config.boot {

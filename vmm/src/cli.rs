@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    check_mem_size, check_vcpus, parse_size, BootSource, ConfigError, HostCompatMode, SerialConfig,
-    VmConfig,
+    check_file, check_mem_size, check_vcpus, parse_size, BootSource, ConfigError, HostCompatMode,
+    SerialConfig, VmConfig,
 };
 
 /// specvm: a KVM virtual machine monitor whose guests can speculate.
@@ -62,7 +62,7 @@ impl RunArgs {
             mem_size: check_mem_size(parse_size(&self.memory)?)?,
             vcpus: check_vcpus(self.cpus)?,
             boot: BootSource::Bare {
-                program: self.bare.clone(),
+                program: check_file("bare guest program", &self.bare)?,
                 arg: self.guest_arg,
             },
             serial: self.serial.parse::<SerialConfig>()?,
@@ -77,7 +77,12 @@ mod tests {
 
     fn run_args(args: &[&str]) -> Result<VmConfig, String> {
         let mut argv = vec!["specvm", "run"];
-        argv.extend_from_slice(args);
+        let exe = std::env::current_exe().unwrap();
+        let exe = exe.to_str().unwrap().to_string();
+        argv.extend(
+            args.iter()
+                .map(|a| if *a == "g" { exe.as_str() } else { a }),
+        );
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
         let Command::Run(r) = cli.command;
         r.to_config().map_err(|e| e.to_string())
@@ -93,7 +98,7 @@ mod tests {
         assert_eq!(
             c.boot,
             BootSource::Bare {
-                program: "g".into(),
+                program: std::env::current_exe().unwrap(),
                 arg: 0
             }
         );
@@ -135,6 +140,10 @@ mod tests {
         let e = run_args(&["--bare", "g", "--host-compat", "maybe"]).unwrap_err();
         assert!(e.contains("maybe"), "{e}");
         assert!(run_args(&[]).is_err(), "--bare is required");
+        let e = run_args(&["--bare", "/no/such/guest"]).unwrap_err();
+        assert!(e.contains("bare guest program /no/such/guest"), "{e}");
+        let e = run_args(&["--bare", "/tmp"]).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
         assert!(run_args(&["--bare", "g", "--bogus"]).is_err());
     }
 }

@@ -30,6 +30,16 @@ pub enum ConfigError {
     /// A serial backend specification could not be parsed.
     #[error("invalid serial backend '{0}': expected stdout, null, file=PATH or socket=PATH")]
     BadSerial(String),
+    /// A file the VM needs is missing or unreadable.
+    #[error("{what} {path}: {err}")]
+    File {
+        /// What the file is for.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why it cannot be used.
+        err: String,
+    },
     /// A host-compat mode could not be parsed.
     #[error("invalid host-compat mode '{0}': expected auto, on or off")]
     BadHostCompat(String),
@@ -77,6 +87,22 @@ pub fn check_vcpus(n: u64) -> Result<u8, ConfigError> {
         Ok(v) if (1..=MAX_VCPUS).contains(&v) => Ok(v),
         _ => Err(ConfigError::VcpusOutOfRange(n)),
     }
+}
+
+/// Checks that `path` is a readable regular file, so a missing input is
+/// reported before any VM is built.
+pub fn check_file(what: &'static str, path: &std::path::Path) -> Result<PathBuf, ConfigError> {
+    let err = |e: String| ConfigError::File {
+        what,
+        path: path.to_path_buf(),
+        err: e,
+    };
+    let md = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !md.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    Ok(path.to_path_buf())
 }
 
 /// Where the serial console's output goes and its input comes from.

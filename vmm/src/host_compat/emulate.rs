@@ -42,7 +42,7 @@ pub enum Insn {
 
 impl Insn {
     /// Its length in bytes.
-    pub fn len(self) -> u64 {
+    pub fn size(self) -> u64 {
         match self {
             Insn::Int3 | Insn::Fwait => 1,
             Insn::IntN(_) => 2,
@@ -76,7 +76,7 @@ pub enum Inject {
 /// The registers after `insn` executes, and the event it raises.
 pub fn apply(insn: Insn, regs: &kvm_regs) -> (kvm_regs, Option<Inject>) {
     let mut r = *regs;
-    r.rip = r.rip.wrapping_add(insn.len());
+    r.rip = r.rip.wrapping_add(insn.size());
     let inject = match insn {
         Insn::Int3 => Some(Inject::Exception(BP_VECTOR)),
         Insn::IntN(n) if n < 32 => Some(Inject::Exception(n)),

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0x0000_0500  GDT (bare guests)
-//! 0x0000_0600  TSS (bare guests)
+//! 0x0000_0600  TSS with an I/O bitmap, ..0x2669 (bare guests)
 //! 0x0001_0000  page tables: PML4, PDPT, then one PD per GiB
 //! 0x0020_0000  ..0x40_0000: bare guest stack (grows down)
 //! 0x0040_0000  bare guest program
@@ -15,8 +15,14 @@
 pub const GDT_ADDR: u64 = 0x500;
 /// Guest address of the 64-bit TSS.
 pub const TSS_ADDR: u64 = 0x600;
-/// Size of a 64-bit TSS, minus one (the segment limit).
-pub const TSS_LIMIT: u32 = 0x67;
+/// Offset of the I/O permission bitmap in the TSS (just past its 0x68
+/// bytes of fixed fields).
+pub const TSS_IOMAP_OFFSET: u64 = 0x68;
+/// Size of an I/O permission bitmap covering all 65,536 ports.
+pub const IOMAP_SIZE: u64 = 0x2000;
+/// The TSS segment limit: fixed fields, the bitmap, and the all-ones byte
+/// the CPU requires after it.
+pub const TSS_LIMIT: u32 = (TSS_IOMAP_OFFSET + IOMAP_SIZE) as u32;
 /// Guest address of the top-level page table.
 pub const PML4_ADDR: u64 = 0x1_0000;
 /// Guest address of the page-directory-pointer table.

@@ -1,0 +1,366 @@
+//! Integration tests of specvm, and the harness they share.
+//!
+//! The tests in `tests/` run the real `specvm` binary against real KVM with
+//! small guests. They need:
+//! - the bare test guests, which `build.rs` builds from `../guests` and puts
+//!   in `<target>/bare-guests/<name>` ([`bare_guest`]);
+//! - the `specvm` binary of the same profile. An integration test only gets
+//!   the binaries of its own package built, so the harness runs
+//!   `cargo build -p vmm --bin specvm` itself, once per test process, before
+//!   the first use ([`specvm_bin`]). Cargo makes that a no-op when the binary
+//!   is up to date, and it never runs a stale one. Set `SPECVM_BIN` to use a
+//!   given binary instead (then nothing is built).
+//!
+//! So `cargo test --workspace` (or `cargo test -p specvm-tests`) is all it
+//! takes.
+//!
+//! Where `/dev/kvm` is missing or not usable, a KVM test returns early
+//! through [`skip_without_kvm!`]: libtest has no runtime "skipped" state, so
+//! the test prints `SKIPPED: <test>: <reason>` to stderr and appends the same
+//! line to `<target>/test-skips.txt`, which CI prints and counts. A skipped
+//! test is never a silent pass.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Where `build.rs` put the bare guests.
+const BARE_GUESTS_DIR: &str = env!("BARE_GUESTS_DIR");
+/// The cargo target directory the guests and the skip list live in.
+const TARGET_DIR: &str = env!("SPECVM_TARGET_DIR");
+/// Name of the file, in the target directory, that lists skipped tests.
+pub const SKIPS_FILE: &str = "test-skips.txt";
+
+/// The path of the bare guest program `name` (a file in `guests/src/bin/`).
+pub fn bare_guest(name: &str) -> PathBuf {
+    let path = Path::new(BARE_GUESTS_DIR).join(name);
+    assert!(
+        path.is_file(),
+        "bare guest {} is missing: is there a guests/src/bin/{name}.rs? \
+         (tests/build.rs builds them all)",
+        path.display()
+    );
+    path
+}
+
+/// The `specvm` binary to test; see the crate doc for how it is found.
+pub fn specvm_bin() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match BIN.get_or_init(find_or_build_specvm) {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn find_or_build_specvm() -> Result<PathBuf, String> {
+    if let Some(bin) = std::env::var_os("SPECVM_BIN") {
+        let bin = PathBuf::from(bin);
+        return match bin.is_file() {
+            true => Ok(bin),
+            false => Err(format!("SPECVM_BIN={} is not a file", bin.display())),
+        };
+    }
+    // The test executable is <target>/[<triple>/]<profile>/deps/<test>-<hash>.
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the test executable: {e}"))?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| format!("unexpected test executable path {}", exe.display()))?;
+    let bin = profile_dir.join("specvm");
+    build_specvm(profile_dir).map_err(|e| {
+        format!(
+            "{e}\nthe tests need the specvm binary at {}: build it with \
+             `cargo build -p vmm --bin specvm` (same profile as the tests), \
+             or point SPECVM_BIN at one",
+            bin.display()
+        )
+    })?;
+    match bin.is_file() {
+        true => Ok(bin),
+        false => Err(format!(
+            "cargo built vmm, but {} does not exist; build it with \
+             `cargo build -p vmm --bin specvm`, or point SPECVM_BIN at one",
+            bin.display()
+        )),
+    }
+}
+
+/// Runs `cargo build -p vmm --bin specvm` for the profile whose output folder
+/// is `profile_dir`. Cargo releases its build lock before it runs tests, so
+/// this does not wait on the `cargo test` that started us.
+fn build_specvm(profile_dir: &Path) -> Result<(), String> {
+    let profile_name = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("unexpected profile folder {}", profile_dir.display()))?;
+    // "debug" is the folder of the dev and test profiles; any other folder is
+    // named after its profile.
+    let profile = if profile_name == "debug" {
+        "dev"
+    } else {
+        profile_name
+    };
+    let parent = profile_dir
+        .parent()
+        .ok_or_else(|| format!("unexpected profile folder {}", profile_dir.display()))?;
+    let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "vmm",
+        "--bin",
+        "specvm",
+        "--profile",
+        profile,
+    ])
+    .arg("--manifest-path")
+    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+    // A target root holds cargo's CACHEDIR.TAG; otherwise `parent` is the
+    // <triple> folder of a `--target` build, inside the target root.
+    if parent.join("CACHEDIR.TAG").is_file() {
+        cmd.arg("--target-dir").arg(parent);
+    } else {
+        let triple = parent
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let root = parent.parent().unwrap_or(parent);
+        cmd.args(["--target", triple]).arg("--target-dir").arg(root);
+    }
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    match output.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "`cargo build -p vmm --bin specvm` failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )),
+    }
+}
+
+/// Checks that `/dev/kvm` can be opened for reading and writing.
+pub fn kvm_available() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("cannot open /dev/kvm read-write: {e}"))
+}
+
+/// Records that `test` was skipped: a `SKIPPED:` line on stderr, and a line
+/// in `<target>/test-skips.txt`.
+pub fn record_skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED: {test}: {reason}");
+    let path = Path::new(TARGET_DIR).join(SKIPS_FILE);
+    let line = format!("{test}: {reason}\n");
+    // One write of one line in append mode, so lines from tests running in
+    // parallel do not interleave.
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("cannot record the skip in {}: {e}", path.display());
+    }
+}
+
+/// Returns from the calling test, recording it as skipped, when KVM is not
+/// usable here. Use it as the first statement of every test that needs KVM.
+#[macro_export]
+macro_rules! skip_without_kvm {
+    () => {
+        if let Err(reason) = $crate::kvm_available() {
+            fn here() {}
+            let name = ::std::any::type_name_of_val(&here);
+            $crate::record_skip(name.strip_suffix("::here").unwrap_or(name), &reason);
+            return;
+        }
+    };
+}
+
+/// The outcome of one `specvm` run.
+#[derive(Debug)]
+pub struct RunResult {
+    /// The exit code; 128 + N if killed by signal N; -1 if it timed out.
+    pub status: i32,
+    /// Whether the run was killed for exceeding its timeout.
+    pub timed_out: bool,
+    /// Everything written to stdout (the guest's serial console by default).
+    pub stdout: String,
+    /// Everything written to stderr.
+    pub stderr: String,
+}
+
+impl RunResult {
+    /// Panics, showing the run's output, unless it exited with `code`.
+    pub fn assert_status(&self, code: i32) {
+        assert!(
+            !self.timed_out && self.status == code,
+            "expected exit status {code}, got {self}"
+        );
+    }
+
+    /// Panics, showing the run's output, unless it exited with a non-zero
+    /// status of its own (no timeout, no signal).
+    pub fn assert_failed(&self) {
+        assert!(
+            !self.timed_out && self.status > 0 && self.status < 128,
+            "expected a failure exit status, got {self}"
+        );
+    }
+
+    /// Panics, showing the run's output, unless stderr contains `needle`,
+    /// ignoring ASCII case.
+    pub fn assert_stderr_contains(&self, needle: &str) {
+        assert!(
+            self.stderr
+                .to_ascii_lowercase()
+                .contains(&needle.to_ascii_lowercase()),
+            "expected stderr to mention {needle:?}, got {self}"
+        );
+    }
+}
+
+impl std::fmt::Display for RunResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.timed_out {
+            true => write!(f, "a timeout")?,
+            false => write!(f, "status {}", self.status)?,
+        }
+        write!(
+            f,
+            "\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `specvm` with `args`; see [`run_command`].
+pub fn run_specvm(args: &[&str], timeout: Duration) -> RunResult {
+    let mut cmd = Command::new(specvm_bin());
+    cmd.args(args);
+    run_command(cmd, timeout)
+}
+
+/// Runs `cmd` with stdin closed, collecting its output; kills it after
+/// `timeout`. The child is always reaped. Its output is complete when its
+/// pipes close, so a grandchild that inherited them delays the return until
+/// it exits too.
+pub fn run_command(mut cmd: Command, timeout: Duration) -> RunResult {
+    let bin = cmd.get_program().to_owned();
+    let bin = Path::new(&bin);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    // Drain both pipes on threads, so a chatty child never blocks on a full
+    // pipe while we wait for it.
+    let stdout = drain(child.stdout.take().expect("stdout is piped"));
+    let stderr = drain(child.stderr.take().expect("stderr is piped"));
+
+    let deadline = Instant::now() + timeout;
+    let (status, timed_out) = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break (status, false),
+            Ok(None) if Instant::now() >= deadline => {
+                // Kills this child by its PID (SIGKILL), then reaps it.
+                let _ = child.kill();
+                break (child.wait().expect("wait for the killed specvm"), true);
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("cannot wait for {}: {e}", bin.display());
+            }
+        }
+    };
+    RunResult {
+        status: if timed_out { -1 } else { exit_code(status) },
+        timed_out,
+        stdout: join(stdout),
+        stderr: join(stderr),
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        // A read error ends the output; what was read so far is kept.
+        let _ = pipe.read_to_end(&mut buf);
+        buf
+    })
+}
+
+fn join(reader: std::thread::JoinHandle<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&reader.join().expect("pipe reader thread")).into_owned()
+}
+
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => -1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script]);
+        cmd
+    }
+
+    #[test]
+    fn collects_output_and_status() {
+        let r = run_command(
+            sh("echo out; echo err >&2; exit 3"),
+            Duration::from_secs(30),
+        );
+        assert!(!r.timed_out);
+        assert_eq!(r.status, 3);
+        assert_eq!(r.stdout, "out\n");
+        assert_eq!(r.stderr, "err\n");
+        r.assert_failed();
+        r.assert_stderr_contains("ERR");
+    }
+
+    #[test]
+    fn kills_on_timeout() {
+        let start = Instant::now();
+        let r = run_command(
+            sh("echo started; exec sleep 30"),
+            Duration::from_millis(200),
+        );
+        assert!(r.timed_out, "{r}");
+        assert_eq!(r.status, -1);
+        assert_eq!(r.stdout, "started\n");
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn reports_death_by_signal() {
+        let r = run_command(sh("kill -9 $$"), Duration::from_secs(30));
+        assert_eq!(r.status, 128 + 9, "{r}");
+    }
+
+    #[test]
+    fn finds_built_guests() {
+        assert!(bare_guest("hello").is_file());
+    }
+}
