@@ -24,3 +24,52 @@ pub const BARE_FREE_BASE: u64 = 0x100_0000;
 /// return all ones and writes are dropped. Tests use it to reach the
 /// VMM's MMIO path with no device behind it.
 pub const UNCLAIMED_MMIO: u64 = 0xd000_0000;
+
+/// The hypercall port. A guest writes the operation number with
+/// `out dx, eax` (4 bytes); the argument goes in RDI. The VMM puts the
+/// result in RAX (and, for some operations, RDX and RSI) before the guest
+/// runs on. Linux programs need `ioperm` on this port (root).
+pub const HYPERCALL_PORT: u16 = 0x5e0;
+/// Number of ports the hypercall device decodes.
+pub const HYPERCALL_PORT_LEN: u16 = 4;
+
+/// Hypercall operation numbers (EAX).
+pub mod op {
+    /// Push an explicit checkpoint. RAX = 0 now; after a rollback to this
+    /// checkpoint the same call returns again with a non-zero reason.
+    pub const SPECULATE: u32 = 1;
+    /// Commit the innermost own speculation. RAX = 0, or an error.
+    pub const COMMIT: u32 = 2;
+    /// Abort the innermost own speculation: does not return if there is
+    /// one; RAX = an error otherwise.
+    pub const ABORT: u32 = 3;
+    /// RAX = stack depth (checkpoints), RDX = number of ids in the
+    /// dependency set, RSI = number of the VM's own (explicit) entries.
+    pub const STATUS: u32 = 4;
+    /// RDI = index into the dependency set, bottom first. RAX = that id
+    /// (VM id << 32 | sequence), RDX = 1 if explicit, 0 if joined; or
+    /// RAX = [`super::err::BAD_ARG`] past the end.
+    pub const ENTRY: u32 = 5;
+}
+
+/// Why `speculate()` returned a second time.
+pub mod reason {
+    /// The guest itself called `abort()`.
+    pub const ABORTED_BY_GUEST: u64 = 1;
+    /// The host aborted it through the VMM's control API.
+    pub const ABORTED_BY_HOST: u64 = 2;
+}
+
+/// Error results, as negative numbers in RAX.
+pub mod err {
+    /// `commit`/`abort` with no speculation of the VM's own.
+    pub const NO_SPECULATION: u64 = -1i64 as u64;
+    /// Unknown operation.
+    pub const BAD_OP: u64 = -2i64 as u64;
+    /// Bad argument.
+    pub const BAD_ARG: u64 = -3i64 as u64;
+    /// The checkpoint stack is full.
+    pub const TOO_DEEP: u64 = -4i64 as u64;
+    /// The VMM failed to take or restore a checkpoint.
+    pub const INTERNAL: u64 = -5i64 as u64;
+}

@@ -13,6 +13,8 @@ pub mod abi;
 #[cfg(target_arch = "x86_64")]
 pub mod exit;
 #[cfg(target_arch = "x86_64")]
+pub mod hypercall;
+#[cfg(target_arch = "x86_64")]
 pub mod pio;
 #[cfg(target_arch = "x86_64")]
 pub mod serial;

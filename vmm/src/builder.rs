@@ -2,13 +2,19 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
-use guest_agent::abi::{EXIT_PORT, EXIT_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN};
+use guest_agent::abi::{
+    EXIT_PORT, EXIT_PORT_LEN, HYPERCALL_PORT, HYPERCALL_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
+};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::controller::{Controller, VcpuHandle};
+use crate::spec::hypercall::HypercallDevice;
+use crate::spec::memory::MemoryTracker;
+use crate::vstate::vcpu::VcpuLink;
+use crate::vstate::vcpu_state::StateCaps;
 
 use crate::arch::x86_64::cpuid::set_vcpu_identity;
 use crate::bare::{self, BareError};
@@ -55,14 +61,7 @@ pub enum VmmError {
     Guest(String),
 }
 
-/// How a VM ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The guest wrote this status to the exit device.
-    Exit(u8),
-    /// The guest reset or powered off.
-    Reset,
-}
+pub use crate::controller::Outcome;
 
 /// A built VM, ready to run.
 pub struct Vmm {
@@ -70,7 +69,10 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     ctx: VcpuContext,
     events: EventReceiver,
-    _vm: Vm,
+    vm: Vm,
+    memory: MemoryTracker,
+    devices: Vec<SharedDevice>,
+    vm_id: u32,
     _ram: GuestRam,
 }
 
@@ -99,11 +101,25 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     // No MMIO devices yet; virtio-mmio devices will live here.
     let mmio = Bus::new();
     let serial: SharedDevice = Arc::new(Mutex::new(serial));
-    pio.insert(serial, SERIAL_PORT.into(), SERIAL_PORT_LEN.into())?;
+    pio.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_LEN.into())?;
     let exit: SharedDevice = Arc::new(Mutex::new(ExitDevice::new(tx.clone())));
     pio.insert(exit, EXIT_PORT.into(), EXIT_PORT_LEN.into())?;
 
+    pio.insert(
+        Arc::new(Mutex::new(HypercallDevice)),
+        HYPERCALL_PORT.into(),
+        HYPERCALL_PORT_LEN.into(),
+    )?;
+
     let vcpus = create_vcpus(&kvm, &vm, config.vcpus, compat.is_some())?;
+    let caps = Arc::new(StateCaps::probe(&kvm, &vcpus[0].fd));
+    tracing::info!(
+        xsave = caps.xsave,
+        xcrs = caps.xcrs,
+        msrs = caps.msrs.len(),
+        "vCPU state to save"
+    );
+    let memory = MemoryTracker::new(&ram.mem, &ram.file).map_err(MemoryError::Memfd)?;
     match &config.boot {
         BootSource::Bare { program, arg } => {
             let entry = bare::load(&ram.mem, config.mem_size, program)?;
@@ -117,12 +133,16 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         stop: Arc::new(AtomicBool::new(false)),
         compat,
         mem: ram.mem.clone(),
+        caps,
     };
     Ok(Vmm {
         vcpus,
         ctx,
         events: rx,
-        _vm: vm,
+        vm,
+        memory,
+        devices: vec![serial],
+        vm_id: config.vm_id,
         _ram: ram,
     })
 }
@@ -169,62 +189,51 @@ impl Vmm {
             vcpus,
             ctx,
             events,
-            _vm,
+            vm,
+            memory,
+            devices,
+            vm_id,
             _ram,
         } = self;
         let stop = ctx.stop.clone();
-        let mut threads = Vec::new();
+        let mut handles = Vec::new();
         for vcpu in vcpus {
             let c = ctx.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let attention = Arc::new(AtomicBool::new(false));
+            let link = VcpuLink {
+                cmds: rx,
+                attention: attention.clone(),
+            };
             let name = format!("vcpu{}", vcpu.index);
             match std::thread::Builder::new()
                 .name(name)
-                .spawn(move || run_guarded(vcpu, c))
+                .spawn(move || run_guarded(vcpu, c, link))
             {
-                Ok(t) => threads.push(t),
+                Ok(t) => handles.push(VcpuHandle::new(tx, attention, t)),
                 Err(e) => {
-                    stop_all(&stop, threads);
+                    stop.store(true, Ordering::Release);
                     return Err(VmmError::Thread(e));
                 }
             }
         }
         // Only the vCPU threads hold senders now: if they all end without a
-        // word, `recv` fails rather than waiting forever.
+        // word, the controller's receive fails rather than waiting forever.
         drop(ctx);
-        let first = events.recv();
-        stop_all(&stop, threads);
-        match first {
-            Ok(VmEvent::GuestExit(code)) => Ok(Outcome::Exit(code)),
-            Ok(VmEvent::GuestReset) => Ok(Outcome::Reset),
-            Ok(VmEvent::Fatal(msg)) => Err(VmmError::Guest(msg)),
-            Err(_) => Err(VmmError::Guest(
-                "every vCPU stopped without an exit event".into(),
-            )),
-        }
+        let mut controller = Controller::new(vm.fd, handles, events, stop, memory, devices, vm_id);
+        let r = controller.run();
+        tracing::info!(stats = ?controller.stats, "speculation operations");
+        r.map_err(|e| VmmError::Guest(e.to_string()))
     }
 }
 
 /// Runs a vCPU, turning a panic in its thread into a fatal VM event, so the
-/// main thread never waits for an exit that will not come.
-fn run_guarded(vcpu: Vcpu, ctx: VcpuContext) {
+/// controller never waits for an exit that will not come.
+fn run_guarded(vcpu: Vcpu, ctx: VcpuContext, link: VcpuLink) {
     let index = vcpu.index;
     let events = ctx.events.clone();
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || vcpu.run(ctx)));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || vcpu.run(ctx, link)));
     if r.is_err() {
         let _ = events.send(VmEvent::Fatal(format!("vCPU {index}: thread panicked")));
-    }
-}
-
-/// Stops every vCPU thread: sets the stop flag, then kicks each thread out
-/// of KVM_RUN until it has ended. Kicks repeat because a signal that lands
-/// just before a thread enters KVM_RUN is lost.
-fn stop_all(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    stop.store(true, Ordering::Release);
-    for t in threads {
-        while !t.is_finished() {
-            let _ = t.kill(kick_signal());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let _ = t.join();
     }
 }

@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// Serial console backend: stdout, null, file=PATH or socket=PATH.
     #[arg(long, default_value = "stdout", value_name = "BACKEND")]
     pub serial: String,
+    /// This VM's id in speculation ids (default: the process id). VMs that
+    /// share a bridge need distinct ids.
+    #[arg(long, value_name = "N")]
+    pub id: Option<u32>,
     /// Workarounds for hosts whose KVM is not hardware virtualization:
     /// auto (probe the host), on or off.
     #[arg(long, default_value = "auto", value_name = "MODE")]
@@ -67,6 +71,7 @@ impl RunArgs {
             },
             serial: self.serial.parse::<SerialConfig>()?,
             host_compat: self.host_compat.parse::<HostCompatMode>()?,
+            vm_id: self.id.unwrap_or_else(std::process::id),
         })
     }
 }

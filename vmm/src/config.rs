@@ -183,6 +183,9 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// Whether the host-KVM compatibility layer is used.
     pub host_compat: HostCompatMode,
+    /// This VM's id, the high half of its speculation ids. Unique among
+    /// the VMs that share a bridge.
+    pub vm_id: u32,
 }
 
 #[cfg(test)]

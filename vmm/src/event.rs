@@ -1,10 +1,13 @@
-//! Events that end or change the whole VM, sent to the VMM's main thread
-//! by vCPU threads and devices.
+//! Messages between the vCPU threads, the devices, and the controller on
+//! the VMM's main thread.
 
+use std::fmt;
 use std::sync::mpsc::{Receiver, Sender};
 
-/// Something the main thread must act on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use crate::vstate::vcpu_state::VcpuState;
+
+/// Something the controller must act on.
+#[derive(Debug)]
 pub enum VmEvent {
     /// The guest asked to end, with this exit status (exit device).
     GuestExit(u8),
@@ -13,11 +16,57 @@ pub enum VmEvent {
     /// A vCPU hit an error the VMM cannot continue from; the message names
     /// the vCPU, the exit and the guest RIP.
     Fatal(String),
+    /// A vCPU made a speculation hypercall and is parking itself.
+    Hypercall {
+        /// The vCPU.
+        vcpu: u8,
+        /// The operation (EAX).
+        op: u32,
+        /// The argument (RDI).
+        arg: u64,
+    },
+    /// A vCPU has stopped at a clean instruction boundary and waits for
+    /// commands.
+    Parked(u8),
+    /// A parked vCPU's answer to a command.
+    Reply(u8, VcpuReply),
 }
 
-/// The sending side, cloned into every vCPU and device that can end the VM.
+/// A command to a parked vCPU.
+pub enum VcpuCmd {
+    /// Save the vCPU's complete state.
+    Save,
+    /// Restore this state.
+    Restore(Box<VcpuState>),
+    /// Write hypercall results into RAX, RDX and RSI.
+    SetResult([u64; 3]),
+    /// Run on.
+    Resume,
+}
+
+/// A parked vCPU's answer.
+pub enum VcpuReply {
+    /// The saved state.
+    Saved(Box<VcpuState>),
+    /// The command was carried out.
+    Done,
+    /// The command failed; the message says how.
+    Failed(String),
+}
+
+impl fmt::Debug for VcpuReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Saved(_) => write!(f, "Saved"),
+            Self::Done => write!(f, "Done"),
+            Self::Failed(m) => write!(f, "Failed({m})"),
+        }
+    }
+}
+
+/// The sending side, cloned into every vCPU and device that reports.
 pub type EventSender = Sender<VmEvent>;
-/// The receiving side, owned by the main thread.
+/// The receiving side, owned by the controller.
 pub type EventReceiver = Receiver<VmEvent>;
 
 /// A new event channel.

@@ -13,6 +13,48 @@ pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// The guest writes `data` at `offset` within the device's range.
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// Like [`BusDevice::write`], for devices whose writes need the whole
+    /// VM: they return a [`VcpuTrap`], and the vCPU hands itself to the VMM's
+    /// controller. Other devices keep this default.
+    fn write_trap(&mut self, offset: u64, data: &[u8]) -> Option<VcpuTrap> {
+        self.write(offset, data);
+        None
+    }
+    /// The device's state, for a checkpoint.
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Stateless
+    }
+    /// Puts the device back into a state [`BusDevice::save_state`] returned.
+    fn restore_state(&mut self, _state: &DeviceState) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The saved state of a device model, for checkpoints and snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceState {
+    /// A device without state worth saving.
+    Stateless,
+    /// The 8250 UART's registers and receive FIFO.
+    Serial(vm_superio::serial::SerialState),
+}
+
+/// A request a device makes of the vCPU whose access reached it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuTrap {
+    /// A speculation hypercall with this operation number.
+    Hypercall(u32),
+}
+
+/// The result of a write on the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteResult {
+    /// No device covers the address.
+    Unclaimed,
+    /// A device took the write.
+    Done,
+    /// A device took the write and needs the vCPU.
+    Trap(VcpuTrap),
 }
 
 /// Errors of bus configuration.
@@ -96,14 +138,14 @@ impl Bus {
         }
     }
 
-    /// Dispatches a guest write. Returns false if no device covers it.
-    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+    /// Dispatches a guest write.
+    pub fn write(&self, addr: u64, data: &[u8]) -> WriteResult {
         match self.resolve(addr, data.len()) {
-            Some((dev, offset)) => {
-                lock(dev).write(offset, data);
-                true
-            }
-            None => false,
+            Some((dev, offset)) => match lock(dev).write_trap(offset, data) {
+                Some(t) => WriteResult::Trap(t),
+                None => WriteResult::Done,
+            },
+            None => WriteResult::Unclaimed,
         }
     }
 }
@@ -140,8 +182,8 @@ mod tests {
         let b = Arc::new(Mutex::new(Recorder::default()));
         bus.insert(a.clone(), 0x3f8, 8).unwrap();
         bus.insert(b.clone(), 0x400, 4).unwrap();
-        assert!(bus.write(0x3f9, &[7]));
-        assert!(bus.write(0x400, &[1, 2, 3, 4]));
+        assert_eq!(bus.write(0x3f9, &[7]), WriteResult::Done);
+        assert_eq!(bus.write(0x400, &[1, 2, 3, 4]), WriteResult::Done);
         let mut d = [0u8; 1];
         assert!(bus.read(0x3fd, &mut d));
         assert_eq!(d, [5]);
@@ -154,9 +196,13 @@ mod tests {
         let mut bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4)
             .unwrap();
-        assert!(!bus.write(0x0f, &[0]));
-        assert!(!bus.write(0x14, &[0]));
-        assert!(!bus.write(0x12, &[0, 0, 0, 0]), "access past the end");
+        assert_eq!(bus.write(0x0f, &[0]), WriteResult::Unclaimed);
+        assert_eq!(bus.write(0x14, &[0]), WriteResult::Unclaimed);
+        assert_eq!(
+            bus.write(0x12, &[0, 0, 0, 0]),
+            WriteResult::Unclaimed,
+            "access past the end"
+        );
         assert!(!bus.read(u64::MAX, &mut [0u8; 8]));
     }
 

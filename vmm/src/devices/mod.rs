@@ -3,4 +3,4 @@
 pub mod bus;
 pub mod legacy;
 
-pub use bus::{Bus, BusDevice, BusError};
+pub use bus::{Bus, BusDevice, BusError, VcpuTrap, WriteResult};

@@ -5,6 +5,7 @@
 //! to the host-compat layer when it is active.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_enable_cap, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -12,8 +13,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::memory::GuestMemoryMmap;
-use crate::devices::Bus;
-use crate::event::{EventSender, VmEvent};
+use super::vcpu_state::{self, StateCaps};
+use crate::devices::{Bus, VcpuTrap, WriteResult};
+use crate::event::{EventSender, VcpuCmd, VcpuReply, VmEvent};
 use crate::host_compat::{self, HostCompat};
 
 /// KVM_INTERNAL_ERROR_EMULATION: the instruction emulator gave up.
@@ -36,6 +38,8 @@ pub struct VcpuContext {
     pub compat: Option<HostCompat>,
     /// Guest memory, to read instruction bytes for error reports.
     pub mem: GuestMemoryMmap,
+    /// Which state this host's KVM can save.
+    pub caps: Arc<StateCaps>,
 }
 
 /// One vCPU.
@@ -46,9 +50,18 @@ pub struct Vcpu {
     pub index: u8,
 }
 
+/// The vCPU thread's end of its link to the controller.
+pub struct VcpuLink {
+    /// Commands while parked.
+    pub cmds: Receiver<VcpuCmd>,
+    /// Set by the controller (then a kick) to make the vCPU park.
+    pub attention: Arc<AtomicBool>,
+}
+
 /// What the loop does after an exit.
 enum Next {
     Continue,
+    Park,
     Stop,
 }
 
@@ -62,10 +75,19 @@ enum Deferred {
 impl Vcpu {
     /// Runs the vCPU until the VM stops or this vCPU fails. Failures are sent
     /// as [`VmEvent::Fatal`], never panicked.
-    pub fn run(mut self, ctx: VcpuContext) {
+    pub fn run(mut self, ctx: VcpuContext, link: VcpuLink) {
         while !ctx.stop.load(Ordering::Acquire) {
-            match self.run_once(&ctx) {
-                Ok(Next::Continue) => {}
+            let step = if link.attention.swap(false, Ordering::AcqRel) {
+                self.park(&ctx, &link)
+            } else {
+                self.run_once(&ctx)
+            };
+            let step = match step {
+                Ok(Next::Park) => self.park(&ctx, &link),
+                other => other,
+            };
+            match step {
+                Ok(Next::Continue) | Ok(Next::Park) => {}
                 Ok(Next::Stop) => break,
                 Err(msg) => {
                     let _ = ctx.events.send(VmEvent::Fatal(msg));
@@ -74,6 +96,95 @@ impl Vcpu {
             }
         }
         tracing::debug!(vcpu = self.index, "vCPU thread ends");
+    }
+
+    /// Stops at a clean instruction boundary, tells the controller, and
+    /// carries out its commands until it says to run on.
+    fn park(&mut self, ctx: &VcpuContext, link: &VcpuLink) -> Result<Next, String> {
+        // A new request to park may have come in meanwhile: this covers it.
+        link.attention.store(false, Ordering::Release);
+        self.complete_pending_io(ctx)?;
+        let idx = self.index;
+        if ctx.events.send(VmEvent::Parked(idx)).is_err() {
+            return Ok(Next::Stop);
+        }
+        loop {
+            let reply = match link.cmds.recv() {
+                Err(_) => return Ok(Next::Stop),
+                Ok(VcpuCmd::Resume) => return Ok(Next::Continue),
+                Ok(VcpuCmd::Save) => match vcpu_state::save(&self.fd, &ctx.caps) {
+                    Ok(s) => VcpuReply::Saved(Box::new(s)),
+                    Err(e) => VcpuReply::Failed(e.to_string()),
+                },
+                Ok(VcpuCmd::Restore(s)) => match vcpu_state::restore(&self.fd, &s) {
+                    Ok(()) => VcpuReply::Done,
+                    Err(e) => VcpuReply::Failed(e.to_string()),
+                },
+                Ok(VcpuCmd::SetResult([rax, rdx, rsi])) => match self.fd.get_regs() {
+                    Ok(mut r) => {
+                        (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
+                        match self.fd.set_regs(&r) {
+                            Ok(()) => VcpuReply::Done,
+                            Err(e) => VcpuReply::Failed(format!("KVM_SET_REGS: {e}")),
+                        }
+                    }
+                    Err(e) => VcpuReply::Failed(format!("KVM_GET_REGS: {e}")),
+                },
+            };
+            if ctx.events.send(VmEvent::Reply(idx, reply)).is_err() {
+                return Ok(Next::Stop);
+            }
+        }
+    }
+
+    /// Finishes the instruction whose exit was just handled, without running
+    /// the guest further: KVM_RUN with `immediate_exit` set completes a
+    /// pending port or MMIO access and returns at once (api.rst). After it,
+    /// the vCPU's registers describe a state that can be saved and resumed.
+    fn complete_pending_io(&mut self, ctx: &VcpuContext) -> Result<(), String> {
+        loop {
+            self.fd.set_kvm_immediate_exit(1);
+            let r = self.fd.run();
+            let next = match r {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(Err(format!(
+                    "vCPU {}: completing an access before parking: {e}",
+                    self.index
+                ))),
+                // Completion started another access (a string I/O
+                // instruction): serve it like any other, then try again.
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    ctx.pio.write(u64::from(port), data);
+                    Some(Ok(()))
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !ctx.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                    Some(Ok(()))
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    ctx.mmio.write(addr, data);
+                    Some(Ok(()))
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !ctx.mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                    Some(Ok(()))
+                }
+                Ok(other) => Some(Err(format!(
+                    "vCPU {}: unexpected exit {other:?} while parking",
+                    self.index
+                ))),
+            };
+            self.fd.set_kvm_immediate_exit(0);
+            match next {
+                None => return Ok(()),
+                Some(Ok(())) => continue,
+                Some(Err(e)) => return Err(e),
+            }
+        }
     }
 
     fn run_once(&mut self, ctx: &VcpuContext) -> Result<Next, String> {
@@ -86,10 +197,14 @@ impl Vcpu {
                 return Ok(Next::Continue);
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                if !ctx.pio.write(u64::from(port), data) {
-                    tracing::debug!(port, len = data.len(), "unclaimed port write");
-                }
-                return Ok(Next::Continue);
+                return Ok(match ctx.pio.write(u64::from(port), data) {
+                    WriteResult::Done => Next::Continue,
+                    WriteResult::Unclaimed => {
+                        tracing::debug!(port, len = data.len(), "unclaimed port write");
+                        Next::Continue
+                    }
+                    WriteResult::Trap(t) => self.trap(ctx, t),
+                });
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !ctx.mmio.read(addr, data) {
@@ -98,10 +213,14 @@ impl Vcpu {
                 return Ok(Next::Continue);
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if !ctx.mmio.write(addr, data) {
-                    tracing::debug!(addr, len = data.len(), "unclaimed MMIO write");
-                }
-                return Ok(Next::Continue);
+                return Ok(match ctx.mmio.write(addr, data) {
+                    WriteResult::Done => Next::Continue,
+                    WriteResult::Unclaimed => {
+                        tracing::debug!(addr, len = data.len(), "unclaimed MMIO write");
+                        Next::Continue
+                    }
+                    WriteResult::Trap(t) => self.trap(ctx, t),
+                });
             }
             Ok(VcpuExit::SystemEvent(kind, _)) if kind == KVM_SYSTEM_EVENT_SHUTDOWN || kind == KVM_SYSTEM_EVENT_RESET => {
                 let _ = ctx.events.send(VmEvent::GuestReset);
@@ -125,6 +244,23 @@ impl Vcpu {
             )),
             Deferred::Fatal(what) => Err(format!("vCPU {idx}: {what} at rip {rip:#x}")),
             Deferred::InternalError => self.emulation_failure(ctx, rip),
+        }
+    }
+
+    /// Hands a device's request for the whole VM to the controller, and
+    /// parks until it is served. This is the only place the exit borrow of
+    /// `kvm_run` is released before the vCPU is read again.
+    fn trap(&self, ctx: &VcpuContext, t: VcpuTrap) -> Next {
+        match t {
+            VcpuTrap::Hypercall(op) => {
+                let arg = self.fd.get_regs().map(|r| r.rdi).unwrap_or(0);
+                let _ = ctx.events.send(VmEvent::Hypercall {
+                    vcpu: self.index,
+                    op,
+                    arg,
+                });
+                Next::Park
+            }
         }
     }
 

@@ -16,6 +16,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SerialConfig;
+use crate::devices::bus::DeviceState;
 use crate::devices::BusDevice;
 
 /// Most console output kept for a socket client that has not connected yet.
@@ -255,6 +256,35 @@ impl BusDevice for SerialDevice {
             }
         }
     }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Serial(lock_uart(&self.uart).state())
+    }
+
+    /// Restores the registers and the receive FIFO. The output backend
+    /// stays as it is: bytes already sent to the console cannot be taken
+    /// back.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        let DeviceState::Serial(st) = state else {
+            return Err(format!("serial: cannot restore from {state:?}"));
+        };
+        let mut g = lock_uart(&self.uart);
+        let evt = || {
+            g.interrupt_evt()
+                .0
+                .try_clone()
+                .map_err(|e| format!("serial: {e}"))
+        };
+        let (placeholder, kept) = (evt()?, evt()?);
+        let old = std::mem::replace(
+            &mut *g,
+            Serial::new(IrqTrigger(placeholder), SerialOut::Null),
+        );
+        let out = old.into_writer();
+        *g = Serial::from_state(st, IrqTrigger(kept), NoEvents, out)
+            .map_err(|e| format!("serial: {e:?}"))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -274,6 +304,19 @@ mod tests {
         drop(dev);
         assert_eq!(std::fs::read(&path).unwrap(), b"hi\n");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn state_round_trips_and_keeps_the_backend() {
+        let mut dev = SerialDevice::new(&SerialConfig::Null).unwrap();
+        dev.write(3, &[0x83]); // LCR: DLAB on, 8 bits
+        let saved = dev.save_state();
+        dev.write(3, &[0x03]);
+        dev.restore_state(&saved).unwrap();
+        let mut lcr = [0u8];
+        dev.read(3, &mut lcr);
+        assert_eq!(lcr[0], 0x83);
+        assert!(dev.restore_state(&DeviceState::Stateless).is_err());
     }
 
     #[test]

@@ -1,0 +1,412 @@
+//! The controller: the VMM's main thread once the VM runs.
+//!
+//! It receives every event (guest exit, vCPU failure, hypercall), pauses
+//! and resumes the vCPUs, and carries out speculation operations on the
+//! whole VM: checkpoint, commit, rollback.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_agent::abi::{err, op, reason};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
+
+use crate::devices::bus::{lock, SharedDevice};
+use crate::event::{EventReceiver, VcpuCmd, VcpuReply, VmEvent};
+use crate::spec::checkpoint::Checkpoint;
+use crate::spec::memory::{CowError, MemoryTracker};
+use crate::spec::stack::{Rollback, SpecId, SpecStack, StackError};
+use crate::vstate::vcpu_state::{StateError, VcpuState};
+use crate::vstate::vm_state;
+
+/// How long to wait for a vCPU to park before kicking it again. A kick can
+/// be lost if it lands just before the thread enters KVM_RUN.
+const KICK_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Errors that end the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A vCPU failed.
+    #[error("{0}")]
+    Vcpu(String),
+    /// Saving or restoring machine state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Memory checkpointing failed.
+    #[error(transparent)]
+    Memory(#[from] CowError),
+    /// Every vCPU thread ended without an exit event.
+    #[error("every vCPU stopped without an exit event")]
+    Gone,
+    /// Restoring a device failed.
+    #[error("restoring device state: {0}")]
+    Device(String),
+}
+
+/// How the VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest wrote this status to the exit device.
+    Exit(u8),
+    /// The guest reset or powered off.
+    Reset,
+}
+
+/// The controller's end of one vCPU thread.
+pub struct VcpuHandle {
+    /// Commands for the vCPU while parked.
+    pub cmds: Sender<VcpuCmd>,
+    /// Raised (then the thread is kicked) to make the vCPU park.
+    pub attention: Arc<AtomicBool>,
+    /// The thread.
+    pub thread: JoinHandle<()>,
+    parked: bool,
+    /// It made a hypercall that has not been served yet: it must stay
+    /// parked until it is.
+    pending_call: bool,
+}
+
+impl VcpuHandle {
+    /// A handle for a running vCPU thread.
+    pub fn new(cmds: Sender<VcpuCmd>, attention: Arc<AtomicBool>, thread: JoinHandle<()>) -> Self {
+        Self {
+            cmds,
+            attention,
+            thread,
+            parked: false,
+            pending_call: false,
+        }
+    }
+}
+
+/// Counts and timings of speculation operations, for the benchmarks.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Operations served, with their total time in microseconds and the
+    /// pages they moved: (name, count, total µs, total pages).
+    pub ops: Vec<(&'static str, u64, u64, u64)>,
+}
+
+impl Stats {
+    fn record(&mut self, name: &'static str, t: Instant, pages: usize) {
+        let us = t.elapsed().as_micros() as u64;
+        match self.ops.iter_mut().find(|o| o.0 == name) {
+            Some(o) => {
+                o.1 += 1;
+                o.2 += us;
+                o.3 += pages as u64;
+            }
+            None => self.ops.push((name, 1, us, pages as u64)),
+        }
+    }
+}
+
+/// The controller and everything it owns while the VM runs.
+pub struct Controller {
+    vm: VmFd,
+    vcpus: Vec<VcpuHandle>,
+    events: EventReceiver,
+    deferred: VecDeque<VmEvent>,
+    stop: Arc<AtomicBool>,
+    stack: SpecStack<Checkpoint>,
+    memory: MemoryTracker,
+    devices: Vec<SharedDevice>,
+    /// Timings of served operations.
+    pub stats: Stats,
+}
+
+/// Most checkpoints one VM may hold at once.
+pub const MAX_DEPTH: usize = 64;
+
+impl Controller {
+    /// A controller for a VM whose vCPU threads already run.
+    pub fn new(
+        vm: VmFd,
+        vcpus: Vec<VcpuHandle>,
+        events: EventReceiver,
+        stop: Arc<AtomicBool>,
+        memory: MemoryTracker,
+        devices: Vec<SharedDevice>,
+        vm_id: u32,
+    ) -> Self {
+        Self {
+            vm,
+            vcpus,
+            events,
+            deferred: VecDeque::new(),
+            stop,
+            stack: SpecStack::new(vm_id, MAX_DEPTH),
+            memory,
+            devices,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Serves events until the VM ends, then stops every vCPU thread.
+    pub fn run(&mut self) -> Result<Outcome, ControlError> {
+        let r = self.serve();
+        self.stop_all();
+        r
+    }
+
+    fn next_event(&mut self) -> Result<VmEvent, ControlError> {
+        if let Some(e) = self.deferred.pop_front() {
+            return Ok(e);
+        }
+        self.events.recv().map_err(|_| ControlError::Gone)
+    }
+
+    fn serve(&mut self) -> Result<Outcome, ControlError> {
+        loop {
+            match self.next_event()? {
+                VmEvent::GuestExit(code) => return Ok(Outcome::Exit(code)),
+                VmEvent::GuestReset => return Ok(Outcome::Reset),
+                VmEvent::Fatal(m) => return Err(ControlError::Vcpu(m)),
+                VmEvent::Hypercall { vcpu, op, arg } => {
+                    self.mark_call(vcpu);
+                    self.hypercall(vcpu, op, arg)?;
+                }
+                VmEvent::Parked(i) => {
+                    // Parked with no operation under way (a late answer to
+                    // an earlier pause): let it run on.
+                    self.set_parked(i);
+                    self.resume_all();
+                }
+                VmEvent::Reply(i, r) => tracing::warn!(vcpu = i, "unexpected reply {r:?}"),
+            }
+        }
+    }
+
+    fn mark_call(&mut self, vcpu: u8) {
+        if let Some(h) = self.vcpus.get_mut(usize::from(vcpu)) {
+            h.pending_call = true;
+        }
+    }
+
+    fn set_parked(&mut self, vcpu: u8) {
+        if let Some(h) = self.vcpus.get_mut(usize::from(vcpu)) {
+            h.parked = true;
+        }
+    }
+
+    /// Parks every vCPU at a clean instruction boundary.
+    fn pause_all(&mut self) -> Result<(), ControlError> {
+        for h in self.vcpus.iter().filter(|h| !h.parked && !h.pending_call) {
+            h.attention.store(true, Ordering::Release);
+            let _ = h.thread.kill(SIGRTMIN());
+        }
+        while self.vcpus.iter().any(|h| !h.parked) {
+            match self.events.recv_timeout(KICK_INTERVAL) {
+                Ok(VmEvent::Parked(i)) => self.set_parked(i),
+                Ok(VmEvent::Fatal(m)) => return Err(ControlError::Vcpu(m)),
+                Ok(e @ VmEvent::Hypercall { vcpu, .. }) => {
+                    self.mark_call(vcpu);
+                    self.deferred.push_back(e);
+                }
+                Ok(e) => self.deferred.push_back(e),
+                Err(RecvTimeoutError::Timeout) => {
+                    for h in self.vcpus.iter().filter(|h| !h.parked) {
+                        let _ = h.thread.kill(SIGRTMIN());
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(ControlError::Gone),
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every parked vCPU run on, except those whose hypercall waits.
+    fn resume_all(&mut self) {
+        for h in self
+            .vcpus
+            .iter_mut()
+            .filter(|h| h.parked && !h.pending_call)
+        {
+            let _ = h.cmds.send(VcpuCmd::Resume);
+            h.parked = false;
+        }
+    }
+
+    /// Sends `cmd` to parked vCPU `i` and waits for its answer.
+    fn command(&mut self, i: usize, cmd: VcpuCmd) -> Result<VcpuReply, ControlError> {
+        self.vcpus[i]
+            .cmds
+            .send(cmd)
+            .map_err(|_| ControlError::Gone)?;
+        loop {
+            match self.events.recv().map_err(|_| ControlError::Gone)? {
+                VmEvent::Reply(j, r) if usize::from(j) == i => {
+                    return match r {
+                        VcpuReply::Failed(m) => Err(ControlError::Vcpu(format!("vCPU {i}: {m}"))),
+                        r => Ok(r),
+                    }
+                }
+                VmEvent::Fatal(m) => return Err(ControlError::Vcpu(m)),
+                e => self.deferred.push_back(e),
+            }
+        }
+    }
+
+    /// Serves a hypercall from `vcpu`, which is parked or parking.
+    fn hypercall(&mut self, vcpu: u8, op: u32, arg: u64) -> Result<(), ControlError> {
+        self.pause_all()?;
+        let t = Instant::now();
+        let result = match op {
+            op::SPECULATE => Some(self.speculate(Some(vcpu))?),
+            op::COMMIT => Some(self.commit()),
+            op::ABORT => self.abort_own(reason::ABORTED_BY_GUEST)?,
+            op::STATUS => {
+                let entries = self.stack.entries();
+                let own = entries.iter().filter(|e| e.explicit).count();
+                Some([self.stack.depth() as u64, entries.len() as u64, own as u64])
+            }
+            op::ENTRY => Some(match self.stack.entries().get(arg as usize) {
+                Some(e) => [e.id.to_u64(), u64::from(e.explicit), 0],
+                None => [err::BAD_ARG, 0, 0],
+            }),
+            _ => {
+                tracing::debug!(vcpu, op, "unknown hypercall");
+                Some([err::BAD_OP, 0, 0])
+            }
+        };
+        let i = usize::from(vcpu);
+        // After a rollback the vCPU's registers are the checkpoint's, which
+        // already hold the result; otherwise write it.
+        if let Some(regs) = result {
+            self.command(i, VcpuCmd::SetResult(regs))?;
+        }
+        self.vcpus[i].pending_call = false;
+        self.resume_all();
+        self.stats.record(op_name(op), t, 0);
+        Ok(())
+    }
+
+    /// Takes a checkpoint and pushes an explicit entry (rule 1). All vCPUs
+    /// must be parked. Returns the hypercall result registers.
+    pub fn speculate(&mut self, caller: Option<u8>) -> Result<[u64; 3], ControlError> {
+        if let Err(StackError::TooDeep(_)) = self.stack.can_push() {
+            return Ok([err::TOO_DEEP, 0, 0]);
+        }
+        let cp = self.checkpoint(caller)?;
+        let id = self
+            .stack
+            .speculate(cp)
+            .map_err(|e| ControlError::Vcpu(e.to_string()))?;
+        tracing::info!(%id, depth = self.stack.depth(), "speculate");
+        Ok([0, 0, 0])
+    }
+
+    /// Flushes memory into the newest checkpoint's undo log, then saves the
+    /// machine state for a new checkpoint.
+    fn checkpoint(&mut self, caller: Option<u8>) -> Result<Checkpoint, ControlError> {
+        let dirty = self.memory.take_dirty(&self.vm)?;
+        let undo = self.stack.top_mut().map(|c| &mut c.undo);
+        self.memory.flush(&dirty, undo)?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for i in 0..self.vcpus.len() {
+            match self.command(i, VcpuCmd::Save)? {
+                VcpuReply::Saved(s) => vcpus.push(s),
+                r => {
+                    return Err(ControlError::Vcpu(format!(
+                        "vCPU {i}: expected its state, got {r:?}"
+                    )))
+                }
+            }
+        }
+        let vm = vm_state::save(&self.vm)?;
+        let devices = self.devices.iter().map(|d| lock(d).save_state()).collect();
+        Ok(Checkpoint {
+            vcpus,
+            vm,
+            devices,
+            caller,
+            undo: Default::default(),
+        })
+    }
+
+    /// Commits the innermost own speculation (rule 5).
+    pub fn commit(&mut self) -> [u64; 3] {
+        match self.stack.commit_own() {
+            Ok(id) => {
+                tracing::info!(%id, depth = self.stack.depth(), "commit");
+                [0, 0, 0]
+            }
+            Err(_) => [err::NO_SPECULATION, 0, 0],
+        }
+    }
+
+    /// Aborts the innermost own speculation (rule 3). `None` when the VM
+    /// rolled back (the caller's registers are restored ones); otherwise
+    /// the error result.
+    pub fn abort_own(&mut self, why: u64) -> Result<Option<[u64; 3]>, ControlError> {
+        match self.stack.abort_own() {
+            Ok(rb) => {
+                self.rollback(rb, why)?;
+                Ok(None)
+            }
+            Err(_) => Ok(Some([err::NO_SPECULATION, 0, 0])),
+        }
+    }
+
+    /// Puts memory, devices and vCPUs back to the last checkpoint of `rb`.
+    fn rollback(&mut self, rb: Rollback<Checkpoint>, why: u64) -> Result<(), ControlError> {
+        let dirty = self.memory.take_dirty(&self.vm)?;
+        self.memory
+            .rollback(rb.checkpoints.iter().map(|c| &c.undo), &dirty)?;
+        let target = rb
+            .checkpoints
+            .into_iter()
+            .last()
+            .expect("a rollback has a target");
+        vm_state::restore(&self.vm, &target.vm)?;
+        for (d, s) in self.devices.iter().zip(&target.devices) {
+            lock(d).restore_state(s).map_err(ControlError::Device)?;
+        }
+        for (i, mut s) in target.vcpus.into_iter().enumerate() {
+            if target.caller == Some(i as u8) {
+                set_result(&mut s, why);
+            }
+            self.command(i, VcpuCmd::Restore(s))?;
+        }
+        let ids: Vec<String> = rb.aborted.iter().map(SpecId::to_string).collect();
+        tracing::info!(aborted = ?ids, depth = self.stack.depth(), "rollback");
+        Ok(())
+    }
+
+    /// Stops every vCPU thread: raises the stop flag, lets parked ones go,
+    /// and kicks the others out of KVM_RUN until each has ended.
+    fn stop_all(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for h in self.vcpus.drain(..) {
+            let _ = h.cmds.send(VcpuCmd::Resume);
+            drop(h.cmds);
+            while !h.thread.is_finished() {
+                let _ = h.thread.kill(SIGRTMIN());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = h.thread.join();
+        }
+    }
+}
+
+/// Makes a restored `speculate` hypercall return `why`.
+fn set_result(s: &mut VcpuState, why: u64) {
+    s.regs.rax = why;
+    s.regs.rdx = 0;
+    s.regs.rsi = 0;
+}
+
+fn op_name(op: u32) -> &'static str {
+    match op {
+        op::SPECULATE => "speculate",
+        op::COMMIT => "commit",
+        op::ABORT => "abort",
+        op::STATUS => "status",
+        op::ENTRY => "entry",
+        _ => "bad-op",
+    }
+}

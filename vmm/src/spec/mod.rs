@@ -1,0 +1,11 @@
+//! Speculation: the checkpoint stack, copy-on-write memory checkpoints,
+//! and the hypercall device through which guests speculate.
+//!
+//! The model is `shared/design/SPECULATIONS.md`; [`stack`] implements its
+//! rules on an abstract checkpoint, [`memory`] the memory half of a real
+//! checkpoint, and [`checkpoint`] the whole machine.
+
+pub mod checkpoint;
+pub mod hypercall;
+pub mod memory;
+pub mod stack;

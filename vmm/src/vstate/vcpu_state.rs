@@ -1,0 +1,203 @@
+//! Saving and restoring the complete state of a vCPU.
+//!
+//! One mechanism serves speculation checkpoints (in memory) and, later,
+//! snapshots on disk.
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+
+/// MSR_IA32_TSC. Never restored on rollback: the guest's TSC must keep
+/// running forward so its clock reads the present (SPECULATIONS.md, Time).
+pub const MSR_IA32_TSC: u32 = 0x10;
+/// MSR_IA32_TSC_ADJUST, restored for the same reason as the TSC: not at all.
+pub const MSR_IA32_TSC_ADJUST: u32 = 0x3b;
+
+/// Errors saving or restoring vCPU state: the ioctl that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("vCPU state: {0}: {1}")]
+pub struct StateError(pub &'static str, pub kvm_ioctls::Error);
+
+/// Which optional state this host's KVM can save, decided once per VM.
+#[derive(Debug, Clone)]
+pub struct StateCaps {
+    /// KVM_GET/SET_XSAVE works (else KVM_GET/SET_FPU).
+    pub xsave: bool,
+    /// KVM_GET/SET_XCRS works.
+    pub xcrs: bool,
+    /// The MSRs that can be read on this host, in index order.
+    pub msrs: Vec<u32>,
+}
+
+impl StateCaps {
+    /// Probes the host: which state ioctls exist, and which of the MSRs in
+    /// KVM_GET_MSR_INDEX_LIST can actually be read back on `vcpu` (some are
+    /// listed but refuse reads; `KVM_GET_MSRS` stops at the first failure).
+    pub fn probe(kvm: &Kvm, vcpu: &VcpuFd) -> Self {
+        let xsave = kvm.check_extension(kvm_ioctls::Cap::Xsave) && vcpu.get_xsave().is_ok();
+        let xcrs = kvm.check_extension(kvm_ioctls::Cap::Xcrs) && vcpu.get_xcrs().is_ok();
+        let list = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
+        let msrs = list
+            .into_iter()
+            .filter(|&index| {
+                let Ok(mut m) = Msrs::from_entries(&[kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                }]) else {
+                    return false;
+                };
+                matches!(vcpu.get_msrs(&mut m), Ok(1))
+            })
+            .collect();
+        Self { xsave, xcrs, msrs }
+    }
+}
+
+/// The complete state of one vCPU.
+pub struct VcpuState {
+    /// Multiprocessing state (running, halted, waiting for SIPI...).
+    pub mp_state: kvm_mp_state,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// Extended FPU state, where the host supports it.
+    pub xsave: Option<Box<kvm_xsave>>,
+    /// Legacy FPU state, where XSAVE is unavailable.
+    pub fpu: Option<kvm_fpu>,
+    /// Extended control registers.
+    pub xcrs: Option<kvm_xcrs>,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// The local APIC's registers.
+    pub lapic: kvm_lapic_state,
+    /// Every readable MSR.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts and NMIs.
+    pub events: kvm_vcpu_events,
+}
+
+/// Saves the state of `vcpu`, which must not be running.
+///
+/// The order follows KVM's api.rst: MP_STATE first, because reading it
+/// makes KVM process pending APIC events (INIT, SIPI) into the state the
+/// other reads see; VCPU_EVENTS last, so it captures any event that the
+/// earlier reads left pending.
+pub fn save(vcpu: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, StateError> {
+    let e = |what| move |err| StateError(what, err);
+    let mp_state = vcpu.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
+    let regs = vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+    let (xsave, fpu) = if caps.xsave {
+        (
+            Some(Box::new(vcpu.get_xsave().map_err(e("KVM_GET_XSAVE"))?)),
+            None,
+        )
+    } else {
+        (None, Some(vcpu.get_fpu().map_err(e("KVM_GET_FPU"))?))
+    };
+    let xcrs = if caps.xcrs {
+        Some(vcpu.get_xcrs().map_err(e("KVM_GET_XCRS"))?)
+    } else {
+        None
+    };
+    let debugregs = vcpu.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?;
+    let lapic = vcpu.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
+    let msrs = save_msrs(vcpu, &caps.msrs)?;
+    let events = vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
+    Ok(VcpuState {
+        mp_state,
+        regs,
+        sregs,
+        xsave,
+        fpu,
+        xcrs,
+        debugregs,
+        lapic,
+        msrs,
+        events,
+    })
+}
+
+fn save_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    // The FAM wrapper holds at most a few hundred entries; KVM's list is ~40.
+    let mut out = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(64) {
+        let mut m = Msrs::from_entries(chunk).map_err(|_| {
+            StateError("building the MSR list", kvm_ioctls::Error::new(libc::E2BIG))
+        })?;
+        let n = vcpu
+            .get_msrs(&mut m)
+            .map_err(|err| StateError("KVM_GET_MSRS", err))?;
+        out.extend_from_slice(&m.as_slice()[..n]);
+    }
+    Ok(out)
+}
+
+/// Restores `state` on `vcpu`, which must not be running.
+///
+/// The order matters:
+/// - MP_STATE first, so a vCPU that was halted or waiting for SIPI is
+///   back in that state before its registers are written;
+/// - SREGS before LAPIC: SREGS carries the APIC base, and KVM resets the
+///   local APIC's mode from it;
+/// - LAPIC before MSRs: writing the LAPIC state clears the TSC-deadline
+///   timer, which the MSR write (IA32_TSC_DEADLINE) then sets again;
+/// - VCPU_EVENTS last: the earlier writes may clear pending exceptions
+///   and interrupts, which this puts back.
+///
+/// The TSC MSRs are skipped, so the guest's time keeps moving forward.
+pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
+    let e = |what| move |err| StateError(what, err);
+    vcpu.set_mp_state(state.mp_state)
+        .map_err(e("KVM_SET_MP_STATE"))?;
+    vcpu.set_regs(&state.regs).map_err(e("KVM_SET_REGS"))?;
+    vcpu.set_sregs(&state.sregs).map_err(e("KVM_SET_SREGS"))?;
+    if let Some(x) = &state.xsave {
+        // SAFETY: the buffer came from KVM_GET_XSAVE on a vCPU of this VM
+        // with the same CPUID, so its enabled state fits the 4 KiB struct.
+        unsafe { vcpu.set_xsave(x) }.map_err(e("KVM_SET_XSAVE"))?;
+    }
+    if let Some(f) = &state.fpu {
+        vcpu.set_fpu(f).map_err(e("KVM_SET_FPU"))?;
+    }
+    if let Some(x) = &state.xcrs {
+        vcpu.set_xcrs(x).map_err(e("KVM_SET_XCRS"))?;
+    }
+    vcpu.set_debug_regs(&state.debugregs)
+        .map_err(e("KVM_SET_DEBUGREGS"))?;
+    vcpu.set_lapic(&state.lapic).map_err(e("KVM_SET_LAPIC"))?;
+    let msrs: Vec<kvm_msr_entry> = state
+        .msrs
+        .iter()
+        .filter(|m| m.index != MSR_IA32_TSC && m.index != MSR_IA32_TSC_ADJUST)
+        .copied()
+        .collect();
+    for chunk in msrs.chunks(64) {
+        let m = Msrs::from_entries(chunk).map_err(|_| {
+            StateError("building the MSR list", kvm_ioctls::Error::new(libc::E2BIG))
+        })?;
+        let n = vcpu.set_msrs(&m).map_err(e("KVM_SET_MSRS"))?;
+        if n != chunk.len() {
+            return Err(StateError(
+                "KVM_SET_MSRS (partial write)",
+                kvm_ioctls::Error::new(libc::EINVAL),
+            ));
+        }
+    }
+    vcpu.set_vcpu_events(&state.events)
+        .map_err(e("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
