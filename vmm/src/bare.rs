@@ -97,6 +97,8 @@ pub fn setup_vcpu(vcpu: &Vcpu, e: BareEntry, mem_size: u64, arg: u64) -> Result<
         .set_sregs(&user_mode_sregs(&sregs, e.cr3))
         .map_err(err)?;
     vcpu.fd.set_fpu(&default_fpu()).map_err(err)?;
-    let regs = bare_regs(e.entry, BARE_STACK_TOP, [mem_size, BARE_FREE_BASE, arg]);
+    // The TSC frequency lets a guest turn `rdtsc` into time; 0 if unknown.
+    let tsc_khz = vcpu.fd.get_tsc_khz().unwrap_or(0);
+    let regs = bare_regs(e.entry, BARE_STACK_TOP, [mem_size, BARE_FREE_BASE, arg, u64::from(tsc_khz)]);
     vcpu.fd.set_regs(&regs).map_err(err)
 }

@@ -44,7 +44,23 @@ core::arch::global_asm!(
 );
 
 /// Runs the program's `main` and ends the VM with its result.
-extern "C" fn start_rust(mem_size: u64, free_base: u64, arg: u64) -> ! {
+/// The guest TSC frequency in kHz, from RCX at entry (0 if unknown).
+static TSC_KHZ: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The guest TSC frequency in kHz that the VMM passed at entry (0 if
+/// unknown).
+pub fn tsc_khz() -> u64 {
+    TSC_KHZ.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// Reads the time-stamp counter.
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc only reads the counter.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+extern "C" fn start_rust(mem_size: u64, free_base: u64, arg: u64, tsc_khz: u64) -> ! {
+    TSC_KHZ.store(tsc_khz, core::sync::atomic::Ordering::Relaxed);
     exit(crate::main(mem_size, free_base, arg))
 }
 

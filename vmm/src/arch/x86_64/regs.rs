@@ -47,8 +47,9 @@ pub fn user_mode_sregs(base: &kvm_sregs, cr3: u64) -> kvm_sregs {
     s
 }
 
-/// General registers for a bare guest: entry point, stack and arguments.
-pub fn bare_regs(entry: u64, stack: u64, args: [u64; 3]) -> kvm_regs {
+/// General registers for a bare guest: entry point, stack, and the
+/// arguments in RDI, RSI, RDX and RCX (the SysV order).
+pub fn bare_regs(entry: u64, stack: u64, args: [u64; 4]) -> kvm_regs {
     kvm_regs {
         rip: entry,
         rsp: stack,
@@ -56,6 +57,7 @@ pub fn bare_regs(entry: u64, stack: u64, args: [u64; 3]) -> kvm_regs {
         rdi: args[0],
         rsi: args[1],
         rdx: args[2],
+        rcx: args[3],
         rflags: RFLAGS_FIXED | RFLAGS_IOPL3,
         ..Default::default()
     }
@@ -84,8 +86,8 @@ mod tests {
         assert_ne!(s.efer & EFER_LMA, 0);
         assert_ne!(s.cr0 & CR0_PG, 0);
         assert_eq!(s.tr.type_, 0xb);
-        let r = bare_regs(0x40_0000, 0x3f_fff8, [1, 2, 3]);
+        let r = bare_regs(0x40_0000, 0x3f_fff8, [1, 2, 3, 4]);
         assert_eq!(r.rflags & RFLAGS_IOPL3, RFLAGS_IOPL3);
-        assert_eq!((r.rdi, r.rsi, r.rdx), (1, 2, 3));
+        assert_eq!((r.rdi, r.rsi, r.rdx, r.rcx), (1, 2, 3, 4));
     }
 }
