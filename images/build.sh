@@ -1,0 +1,565 @@
+#!/usr/bin/env bash
+# Build the specvm Linux guest image from Debian 12 (bookworm) packages only.
+#
+# Outputs, in images/out/:
+#   bzImage          the kernel exactly as Debian ships it
+#   vmlinux          the uncompressed ELF kernel, taken out of the bzImage on
+#                    the host (the guest need not decompress itself)
+#   initramfs.cpio   uncompressed newc archive: static busybox, /init, the
+#                    virtio modules, and /bin/spec if a guest agent is given
+#   config           the kernel's build configuration
+#   manifest.txt     Debian package versions, kernel facts, output hashes
+#   stamp            hash of every input; a matching stamp means up to date
+#
+# Usage: images/build.sh [--force]
+#
+# Environment:
+#   SPECVM_GUEST_AGENT=PATH     copy PATH to /bin/spec in the initramfs
+#                               (default: images/extra/bin/spec, if present)
+#   SPECVM_KERNEL_VERSION=VER   version of linux-image-cloud-amd64 to use
+#                               (default: apt's candidate)
+#   SPECVM_GUEST_MODULES="..."  modules to load in the guest, by name; their
+#                               dependencies are added automatically
+#
+# See docs/images.md.
+set -euo pipefail
+
+IMAGES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SCRIPT=$IMAGES_DIR/$(basename "${BASH_SOURCE[0]}")
+INIT_SRC=$IMAGES_DIR/init
+CACHE_DIR=$IMAGES_DIR/cache
+OUT_DIR=$IMAGES_DIR/out
+
+KERNEL_META=linux-image-cloud-amd64
+BUSYBOX_PKG=busybox-static
+DEFAULT_MODULES="virtio virtio_ring virtio_mmio failover net_failover virtio_net virtio_blk"
+MODULES=${SPECVM_GUEST_MODULES:-$DEFAULT_MODULES}
+# Fixed timestamp for the files in the initramfs, so the archive is
+# byte-for-byte reproducible.
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
+
+FORCE=0
+for arg in "$@"; do
+	case $arg in
+	--force) FORCE=1 ;;
+	-h | --help)
+		sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$SCRIPT"
+		exit 0
+		;;
+	*)
+		echo "images: unknown argument '$arg' (try --help)" >&2
+		exit 2
+		;;
+	esac
+done
+
+log() { printf 'images: %s\n' "$*"; }
+warn() { printf 'images: warning: %s\n' "$*" >&2; }
+die() {
+	printf 'images: error: %s\n' "$*" >&2
+	exit 1
+}
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+sha256() { sha256sum "$1" | cut -d' ' -f1; }
+mib() {
+	local t=$((($1 * 10 + 524288) / 1048576))
+	echo "$((t / 10)).$((t % 10)) MiB"
+}
+# quietly CMD...: run CMD with its output in a log file; show the end of the
+# log if it fails, and return its status.
+quietly() {
+	local out=$CACHE_DIR/last-command.log rc=0
+	"$@" >"$out" 2>&1 || rc=$?
+	[ "$rc" -eq 0 ] || tail -n 20 "$out" | sed 's/^/  | /' >&2
+	return "$rc"
+}
+
+# apt options: as root, download without the _apt sandbox user (which cannot
+# write into a root-owned cache directory and only produces a warning).
+APT_OPTS=()
+if is_root; then
+	APT_OPTS=(-o APT::Sandbox::User=root)
+fi
+
+# ---------------------------------------------------------------------------
+# Package resolution (apt metadata only; nothing is downloaded here)
+# ---------------------------------------------------------------------------
+
+candidate() {
+	local v
+	v=$(apt-cache policy "$1" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }')
+	if [ -z "$v" ] || [ "$v" = "(none)" ]; then
+		return 1
+	fi
+	printf '%s\n' "$v"
+}
+
+# Field $3 of the package record $1=$2.
+field() {
+	apt-cache show "$1=$2" 2>/dev/null | awk -v f="$3" '
+		index($0, f ": ") == 1 { print substr($0, length(f) + 3); exit }'
+}
+
+# apt-get update, at most once per run. Returns 1 (with a message) on failure.
+APT_UPDATED=0
+apt_update() {
+	[ "$APT_UPDATED" -eq 0 ] || return 0
+	APT_UPDATED=1
+	if ! is_root; then
+		warn "apt-get update is needed but needs root"
+		return 1
+	fi
+	log "apt-get update"
+	if ! quietly apt-get "${APT_OPTS[@]}" -q update; then
+		warn "command failed: apt-get update"
+		return 1
+	fi
+}
+
+# Sets META_VER KERNEL_PKG KERNEL_VER KERNEL_SHA BB_VER BB_SHA; or returns 1.
+resolve_from_apt() {
+	command -v apt-cache >/dev/null || return 1
+	if ! candidate "$KERNEL_META" >/dev/null; then
+		log "apt shows no $KERNEL_META"
+		apt_update || return 1
+	fi
+	META_VER=${SPECVM_KERNEL_VERSION:-}
+	if [ -z "$META_VER" ]; then
+		META_VER=$(candidate "$KERNEL_META") || return 1
+	fi
+	local dep
+	dep=$(field "$KERNEL_META" "$META_VER" Depends)
+	[ -n "$dep" ] || die "apt knows no $KERNEL_META version $META_VER"
+	# Depends: linux-image-6.1.0-48-cloud-amd64 (= 6.1.172-1)
+	KERNEL_PKG=$(grep -oE 'linux-image-[0-9][^ ,|()]*-cloud-amd64' <<<"$dep" | head -n1) ||
+		die "$KERNEL_META $META_VER: no linux-image-*-cloud-amd64 in Depends: $dep"
+	KERNEL_VER=$(sed -nE "s/.*$KERNEL_PKG \(= ([^)]+)\).*/\1/p" <<<"$dep")
+	if [ -z "$KERNEL_VER" ]; then
+		KERNEL_VER=$(candidate "$KERNEL_PKG") || die "apt has no candidate for $KERNEL_PKG"
+	fi
+	KERNEL_SHA=$(field "$KERNEL_PKG" "$KERNEL_VER" SHA256)
+	[ -n "$KERNEL_SHA" ] || die "apt knows no $KERNEL_PKG version $KERNEL_VER"
+	BB_VER=$(candidate "$BUSYBOX_PKG") || die "apt has no candidate for $BUSYBOX_PKG"
+	BB_SHA=$(field "$BUSYBOX_PKG" "$BB_VER" SHA256)
+	[ -n "$BB_SHA" ] || die "apt shows no SHA256 for $BUSYBOX_PKG $BB_VER"
+}
+
+# apt-get download's file name: NAME_VERSION_ARCH.deb, ':' (epoch) as %3a.
+deb_path() { printf '%s/%s_%s_amd64.deb\n' "$CACHE_DIR" "$1" "${2//:/%3a}"; }
+
+# apt-cache takes ~0.4 s per call here. The last resolution is kept in
+# cache/resolved together with a key of apt's state (package lists, sources,
+# pinning, requested version); while the key matches, apt is not asked again.
+RESOLVED=$CACHE_DIR/resolved
+apt_state_key() {
+	{
+		echo "$KERNEL_META ${SPECVM_KERNEL_VERSION:-candidate} $BUSYBOX_PKG"
+		stat -c '%n %s %Y' /var/lib/apt/lists/*_* /etc/apt/sources.list \
+			/etc/apt/sources.list.d/* /etc/apt/preferences \
+			/etc/apt/preferences.d/* 2>/dev/null || true
+	} | sha256sum | cut -d' ' -f1
+}
+
+save_resolution() {
+	printf '%s\n' "$1" "$META_VER" "$KERNEL_PKG" "$KERNEL_VER" "$KERNEL_SHA" \
+		"$BB_VER" "$BB_SHA" >"$RESOLVED.tmp"
+	mv "$RESOLVED.tmp" "$RESOLVED"
+}
+
+# Loads cache/resolved; sets RESOLVED_KEY and the package variables.
+load_resolution() {
+	[ -f "$RESOLVED" ] || return 1
+	{
+		read -r RESOLVED_KEY && read -r META_VER && read -r KERNEL_PKG &&
+			read -r KERNEL_VER && read -r KERNEL_SHA && read -r BB_VER &&
+			read -r BB_SHA
+	} <"$RESOLVED"
+}
+
+# ---------------------------------------------------------------------------
+# Start
+# ---------------------------------------------------------------------------
+
+[ -f "$INIT_SRC" ] || die "missing $INIT_SRC"
+mkdir -p "$CACHE_DIR" "$OUT_DIR"
+
+# One build at a time per checkout.
+if command -v flock >/dev/null; then
+	exec 9>"$CACHE_DIR/.lock"
+	flock 9
+fi
+
+if command -v dpkg >/dev/null; then
+	arch=$(dpkg --print-architecture)
+	[ "$arch" = amd64 ] || die "host architecture is $arch; this script needs a Debian amd64 host"
+else
+	die "dpkg not found: this script needs a Debian (bookworm) amd64 host"
+fi
+
+APT_KEY=$(apt_state_key)
+if load_resolution && [ "$RESOLVED_KEY" = "$APT_KEY" ]; then
+	: # apt's state is unchanged since the last resolution
+elif resolve_from_apt; then
+	save_resolution "$(apt_state_key)" # apt-get update may have run
+elif load_resolution &&
+	{ [ -z "${SPECVM_KERNEL_VERSION:-}" ] || [ "$SPECVM_KERNEL_VERSION" = "$META_VER" ]; } &&
+	[ -f "$(deb_path "$KERNEL_PKG" "$KERNEL_VER")" ] &&
+	[ -f "$(deb_path "$BUSYBOX_PKG" "$BB_VER")" ]; then
+	# apt cannot answer (no lists, no network): use the last run's packages.
+	warn "apt could not resolve $KERNEL_META; using the cached packages of the last run"
+else
+	die "cannot resolve $KERNEL_META through apt (see messages above)"
+fi
+
+# Optional guest agent.
+AGENT=
+if [ -n "${SPECVM_GUEST_AGENT:-}" ]; then
+	[ -f "$SPECVM_GUEST_AGENT" ] || die "SPECVM_GUEST_AGENT=$SPECVM_GUEST_AGENT: no such file"
+	AGENT=$(cd "$(dirname "$SPECVM_GUEST_AGENT")" && pwd)/$(basename "$SPECVM_GUEST_AGENT")
+elif [ -f "$IMAGES_DIR/extra/bin/spec" ]; then
+	AGENT=$IMAGES_DIR/extra/bin/spec
+fi
+AGENT_SHA=none
+[ -z "$AGENT" ] || AGENT_SHA=$(sha256 "$AGENT")
+
+MODULES=$(tr -s ' \t\n-' '   _' <<<"$MODULES" | sed -E 's/^ +| +$//g')
+
+STAMP=$(
+	{
+		echo "build.sh $(sha256 "$SCRIPT")"
+		echo "init $(sha256 "$INIT_SRC")"
+		echo "$KERNEL_META $META_VER"
+		echo "$KERNEL_PKG $KERNEL_VER $KERNEL_SHA"
+		echo "$BUSYBOX_PKG $BB_VER $BB_SHA"
+		echo "modules $MODULES"
+		echo "agent $AGENT_SHA"
+		echo "epoch $SOURCE_DATE_EPOCH"
+	} | sha256sum | cut -d' ' -f1
+)
+
+OUTPUTS=(bzImage vmlinux initramfs.cpio config manifest.txt)
+up_to_date() {
+	[ "$FORCE" -eq 0 ] || return 1
+	[ -f "$OUT_DIR/stamp" ] && [ "$(cat "$OUT_DIR/stamp")" = "$STAMP" ] || return 1
+	local f
+	for f in "${OUTPUTS[@]}"; do
+		[ -s "$OUT_DIR/$f" ] || return 1
+	done
+}
+if up_to_date; then
+	log "up to date ($OUT_DIR)"
+	exit 0
+fi
+
+log "building: $KERNEL_PKG $KERNEL_VER (via $KERNEL_META $META_VER), $BUSYBOX_PKG $BB_VER${AGENT:+, agent $AGENT}"
+
+# ---------------------------------------------------------------------------
+# Host tools
+# ---------------------------------------------------------------------------
+
+# need_tool COMMAND PACKAGE: install PACKAGE with apt-get if COMMAND is missing.
+need_tool() {
+	command -v "$1" >/dev/null && return 0
+	is_root || die "'$1' is missing; install Debian package '$2' (or run this script as root)"
+	log "installing host package $2 (for '$1')"
+	if ! quietly env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" -q -y \
+		--no-install-recommends install "$2"; then
+		apt_update || die "command failed: apt-get install $2 (needed for '$1')"
+		quietly env DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" -q -y \
+			--no-install-recommends install "$2" ||
+			die "command failed: apt-get install $2 (needed for '$1')"
+	fi
+	command -v "$1" >/dev/null || die "package $2 installed but '$1' still not found"
+}
+
+need_tool dpkg-deb dpkg
+need_tool lz4 lz4
+need_tool cpio cpio
+need_tool od coreutils
+need_tool dd coreutils
+
+# ---------------------------------------------------------------------------
+# Downloads
+# ---------------------------------------------------------------------------
+
+# fetch PKG VER SHA256: make sure the .deb is in the cache with that hash.
+fetch() {
+	local pkg=$1 ver=$2 want=$3 deb
+	deb=$(deb_path "$pkg" "$ver")
+	if [ -f "$deb" ] && [ "$(sha256 "$deb")" = "$want" ]; then
+		log "cached $pkg $ver"
+		return 0
+	fi
+	rm -f "$deb"
+	log "downloading $pkg $ver"
+	(cd "$CACHE_DIR" && quietly apt-get "${APT_OPTS[@]}" -q download "$pkg=$ver") ||
+		die "command failed: apt-get download $pkg=$ver"
+	[ -f "$deb" ] || die "apt-get download $pkg=$ver did not produce $deb"
+	local got
+	got=$(sha256 "$deb")
+	[ "$got" = "$want" ] || die "$deb: sha256 $got, apt expects $want"
+	# Drop other versions of the same package.
+	local old
+	for old in "$CACHE_DIR/${pkg}_"*.deb; do
+		[ "$old" = "$deb" ] || rm -f "$old"
+	done
+}
+
+fetch "$KERNEL_PKG" "$KERNEL_VER" "$KERNEL_SHA"
+fetch "$BUSYBOX_PKG" "$BB_VER" "$BB_SHA"
+KERNEL_DEB=$(deb_path "$KERNEL_PKG" "$KERNEL_VER")
+BB_DEB=$(deb_path "$BUSYBOX_PKG" "$BB_VER")
+
+# ---------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------
+
+WORK=$(mktemp -d "$CACHE_DIR/work.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+STAGE=$WORK/out
+ROOT=$WORK/rootfs
+mkdir -p "$STAGE" "$ROOT"
+
+log "extracting $KERNEL_PKG"
+dpkg-deb -x "$KERNEL_DEB" "$WORK/kernel" || die "command failed: dpkg-deb -x $KERNEL_DEB"
+log "extracting $BUSYBOX_PKG"
+dpkg-deb -x "$BB_DEB" "$WORK/busybox" || die "command failed: dpkg-deb -x $BB_DEB"
+
+kvers=("$WORK"/kernel/lib/modules/*/)
+if [ "${#kvers[@]}" -ne 1 ] || [ ! -d "${kvers[0]}" ]; then
+	die "$KERNEL_PKG: expected one lib/modules/<version>, found: ${kvers[*]}"
+fi
+KVER=$(basename "${kvers[0]}")
+MODDIR=$WORK/kernel/lib/modules/$KVER
+BZIMAGE=$WORK/kernel/boot/vmlinuz-$KVER
+[ -f "$BZIMAGE" ] || die "$KERNEL_PKG: no boot/vmlinuz-$KVER"
+BUSYBOX=$WORK/busybox/bin/busybox
+[ -x "$BUSYBOX" ] || die "$BUSYBOX_PKG: no bin/busybox"
+
+cp "$BZIMAGE" "$STAGE/bzImage"
+cp "$WORK/kernel/boot/config-$KVER" "$STAGE/config"
+
+# ---------------------------------------------------------------------------
+# vmlinux: the ELF inside the bzImage
+# ---------------------------------------------------------------------------
+# x86 boot protocol (Documentation/x86/boot.rst): setup_sects at 0x1f1, "HdrS"
+# at 0x202, version at 0x206, payload_offset at 0x248 and payload_length at
+# 0x24c (protocol >= 2.08), both relative to the protected-mode code, which
+# starts at (setup_sects + 1) * 512. The payload is the compressed vmlinux
+# (an ELF, plus the relocation table for KASLR) followed by its uncompressed
+# size as a little-endian u32.
+
+u8() { od -An -v -t u1 -j "$2" -N 1 "$1" | tr -d ' '; }
+u16() { od -An -v -t u2 -j "$2" -N 2 "$1" | tr -d ' '; }
+u32() { od -An -v -t u4 -j "$2" -N 4 "$1" | tr -d ' '; }
+u64x() { od -An -v -t x8 -j "$2" -N 8 "$1" | tr -d ' '; }
+hex() { od -An -v -t x1 -j "$2" -N "$3" "$1" | tr -d ' \n'; }
+
+[ "$(hex "$BZIMAGE" $((0x202)) 4)" = 48647253 ] || die "$BZIMAGE: no HdrS boot header"
+proto=$(u16 "$BZIMAGE" $((0x206)))
+[ "$proto" -ge $((0x208)) ] || die "$BZIMAGE: boot protocol $(printf '%#x' "$proto") < 2.08, no payload fields"
+setup_sects=$(u8 "$BZIMAGE" $((0x1f1)))
+[ "$setup_sects" -ne 0 ] || setup_sects=4
+payload_off=$(($((setup_sects + 1)) * 512 + $(u32 "$BZIMAGE" $((0x248)))))
+payload_len=$(u32 "$BZIMAGE" $((0x24c)))
+magic=$(hex "$BZIMAGE" "$payload_off" 4)
+[ "$magic" = 02214c18 ] ||
+	die "$BZIMAGE: payload at $payload_off starts with $magic, not the LZ4 legacy magic 02214c18 (unsupported compression)"
+vmlinux_size=$(u32 "$BZIMAGE" $((payload_off + payload_len - 4)))
+
+log "extracting vmlinux ($(mib "$vmlinux_size")) from LZ4 payload at offset $payload_off ($(mib "$payload_len"))"
+# The size trailer is not LZ4 data: leave it out, or lz4 reports an error.
+dd if="$BZIMAGE" iflag=skip_bytes,count_bytes skip="$payload_off" \
+	count=$((payload_len - 4)) bs=1M status=none |
+	lz4 -dc >"$STAGE/vmlinux" || die "command failed: lz4 -dc (vmlinux payload of $BZIMAGE)"
+got_size=$(stat -c %s "$STAGE/vmlinux")
+[ "$got_size" -eq "$vmlinux_size" ] ||
+	die "vmlinux is $got_size bytes, the bzImage says $vmlinux_size"
+# ELF magic, ELFCLASS64, little endian, EM_X86_64 (0x3e).
+[ "$(hex "$STAGE/vmlinux" 0 6)" = 7f454c460201 ] || die "vmlinux: not a 64-bit little-endian ELF"
+[ "$(u16 "$STAGE/vmlinux" 18)" -eq 62 ] || die "vmlinux: ELF machine is not x86-64"
+ENTRY=0x$(u64x "$STAGE/vmlinux" 24)
+ENTRY=$(printf '%#x' "$ENTRY")
+
+# PVH entry: the Xen ELF note XEN_ELFNOTE_PHYS32_ENTRY (type 18 = 0x12).
+PVH_ENTRY=unknown
+if command -v readelf >/dev/null; then
+	PVH_ENTRY=$(readelf -n "$STAGE/vmlinux" | awk '
+		/^ *Xen / && /\(0x00000012\)/ { want = 1; next }
+		want && /description data:/ {
+			sub(/.*description data: */, "")
+			v = ""; for (i = NF; i >= 1; i--) v = v $i
+			print v; exit }')
+	[ -n "$PVH_ENTRY" ] || die "vmlinux: no PVH entry note (Xen note type 0x12)"
+	PVH_ENTRY=$(printf '%#x' "0x$PVH_ENTRY")
+else
+	warn "readelf not found (Debian package binutils): PVH entry note not checked"
+fi
+log "vmlinux: ELF x86-64, entry $ENTRY, PVH entry $PVH_ENTRY"
+
+# ---------------------------------------------------------------------------
+# Kernel modules
+# ---------------------------------------------------------------------------
+# Debian's package has no modules.dep (its postinst runs depmod on the
+# installed system), so make one here with the extracted busybox's depmod.
+
+"$BUSYBOX" depmod -b "$WORK/kernel" "$KVER" || die "command failed: busybox depmod -b ... $KVER"
+[ -f "$MODDIR/modules.dep" ] || die "busybox depmod wrote no modules.dep"
+
+# Module name of a .ko path, in MODNAME (no subshell: called thousands of times).
+modname() {
+	MODNAME=${1##*/}
+	MODNAME=${MODNAME%%.ko*}
+	MODNAME=${MODNAME//-/_}
+}
+
+declare -A MOD_PATH=() MOD_DEPS=() BUILTIN=() STATE=()
+while IFS= read -r line; do
+	path=${line%%:*}
+	modname "$path"
+	name=$MODNAME
+	MOD_PATH[$name]=$path
+	deps=
+	for d in ${line#*:}; do
+		modname "$d"
+		deps+=" $MODNAME"
+	done
+	MOD_DEPS[$name]=$deps
+done <"$MODDIR/modules.dep"
+if [ -f "$MODDIR/modules.builtin" ]; then
+	while IFS= read -r line; do
+		modname "$line"
+		BUILTIN[$MODNAME]=1
+	done <"$MODDIR/modules.builtin"
+fi
+
+ORDER=()
+visit() {
+	local m=$1 d
+	case ${STATE[$m]:-} in
+	loaded) return 0 ;;
+	visiting) die "module dependency cycle through $m" ;;
+	esac
+	if [ -n "${BUILTIN[$m]:-}" ]; then
+		log "module $m is built into the kernel"
+		STATE[$m]=loaded
+		return 0
+	fi
+	[ -n "${MOD_PATH[$m]:-}" ] || die "module $m: not in $KERNEL_PKG (neither loadable nor built in)"
+	STATE[$m]=visiting
+	for d in ${MOD_DEPS[$m]}; do
+		visit "$d"
+	done
+	STATE[$m]=loaded
+	ORDER+=("$m")
+}
+for m in $MODULES; do
+	visit "$m"
+done
+
+# ---------------------------------------------------------------------------
+# initramfs tree
+# ---------------------------------------------------------------------------
+
+log "assembling initramfs: busybox, ${#ORDER[@]} modules, /init${AGENT:+, /bin/spec}"
+mkdir -p "$ROOT"/{bin,dev,etc,lib/modules,proc,root,run,sys,tmp,usr}
+chmod 0700 "$ROOT/root"
+chmod 1777 "$ROOT/tmp"
+ln -s bin "$ROOT/sbin"
+ln -s ../bin "$ROOT/usr/bin"
+ln -s ../bin "$ROOT/usr/sbin"
+
+install -m 0755 "$BUSYBOX" "$ROOT/bin/busybox"
+applets=0
+for a in $("$BUSYBOX" --list); do
+	case $a in busybox | */* | "") continue ;; esac
+	ln -s busybox "$ROOT/bin/$a"
+	applets=$((applets + 1))
+done
+[ -e "$ROOT/bin/sh" ] || die "busybox has no 'sh' applet"
+log "busybox: $applets applet links"
+
+install -m 0755 "$INIT_SRC" "$ROOT/init"
+
+printf '%s\n' \
+	"proc /proc proc defaults 0 0" \
+	"sysfs /sys sysfs defaults 0 0" \
+	"devtmpfs /dev devtmpfs defaults 0 0" >"$ROOT/etc/fstab"
+echo "root:x:0:0:root:/root:/bin/sh" >"$ROOT/etc/passwd"
+echo "root:x:0:" >"$ROOT/etc/group"
+
+: >"$ROOT/lib/modules/order"
+for m in "${ORDER[@]}"; do
+	src=$MODDIR/${MOD_PATH[$m]}
+	dst=$ROOT/lib/modules/$m.ko
+	# Debian 12 ships plain .ko files; decompress here if that ever changes,
+	# so the guest's insmod never has to.
+	case $src in
+	*.ko) cp "$src" "$dst" ;;
+	*.ko.xz) need_tool xz xz-utils && xz -dc "$src" >"$dst" ;;
+	*.ko.zst) need_tool zstd zstd && zstd -q -dc "$src" >"$dst" ;;
+	*.ko.gz) gzip -dc "$src" >"$dst" ;;
+	*) die "module $m: unknown file type $src" ;;
+	esac
+	chmod 0644 "$dst"
+	echo "$m" >>"$ROOT/lib/modules/order"
+done
+log "modules (load order): ${ORDER[*]}"
+
+if [ -n "$AGENT" ]; then
+	install -m 0755 "$AGENT" "$ROOT/bin/spec"
+	if command -v file >/dev/null && file -L "$AGENT" | grep -q 'dynamically linked'; then
+		warn "$AGENT is dynamically linked; the initramfs has no libc or loader"
+	fi
+fi
+
+{
+	echo "kernel=$KVER"
+	echo "kernel_package=$KERNEL_PKG $KERNEL_VER"
+	echo "busybox_package=$BUSYBOX_PKG $BB_VER"
+	echo "stamp=$STAMP"
+} >"$ROOT/etc/specvm-release"
+
+# ---------------------------------------------------------------------------
+# initramfs archive: uncompressed newc. The guest kernel runs ~5000x slower
+# than native here; a compressed archive would be decompressed by it.
+# ---------------------------------------------------------------------------
+
+find "$ROOT" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+(cd "$ROOT" && find . -mindepth 1 -printf '%P\0' | LC_ALL=C sort -z |
+	cpio --quiet --null -o -H newc -R 0:0 --reproducible) >"$STAGE/initramfs.cpio" ||
+	die "command failed: cpio -o (initramfs)"
+log "initramfs.cpio: $(mib "$(stat -c %s "$STAGE/initramfs.cpio")"), $(cd "$ROOT" && find . -mindepth 1 | wc -l) entries"
+
+# ---------------------------------------------------------------------------
+# Manifest and install
+# ---------------------------------------------------------------------------
+
+{
+	echo "# specvm guest image, built by images/build.sh"
+	echo "stamp $STAMP"
+	echo "package $KERNEL_META $META_VER (meta-package; resolved only)"
+	echo "package $KERNEL_PKG $KERNEL_VER sha256=$KERNEL_SHA"
+	echo "package $BUSYBOX_PKG $BB_VER sha256=$BB_SHA"
+	echo "kernel-release $KVER"
+	echo "vmlinux-entry $ENTRY"
+	echo "vmlinux-pvh-entry $PVH_ENTRY"
+	echo "modules ${ORDER[*]}"
+	if [ -n "$AGENT" ]; then
+		echo "guest-agent /bin/spec sha256=$AGENT_SHA (from $AGENT)"
+	else
+		echo "guest-agent none"
+	fi
+	echo "# file size sha256"
+	for f in bzImage vmlinux initramfs.cpio config; do
+		echo "file $f $(stat -c %s "$STAGE/$f") $(sha256 "$STAGE/$f")"
+	done
+} >"$STAGE/manifest.txt"
+
+rm -f "$OUT_DIR/stamp"
+for f in "${OUTPUTS[@]}"; do
+	mv -f "$STAGE/$f" "$OUT_DIR/$f"
+done
+echo "$STAMP" >"$OUT_DIR/stamp"
+log "done: $OUT_DIR ($(cd "$OUT_DIR" && du -sh . | cut -f1))"
