@@ -14,6 +14,8 @@ pub mod abi;
 pub mod exit;
 #[cfg(target_arch = "x86_64")]
 pub mod hypercall;
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+pub mod linux;
 #[cfg(target_arch = "x86_64")]
 pub mod pio;
 #[cfg(target_arch = "x86_64")]

@@ -53,6 +53,9 @@ pub enum VmmError {
     /// A vCPU could not be created or configured.
     #[error("vCPU {0}: {1}: {2}")]
     Vcpu(u8, &'static str, kvm_ioctls::Error),
+    /// The control API could not start.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// A thread could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
@@ -73,6 +76,7 @@ pub struct Vmm {
     memory: MemoryTracker,
     devices: Vec<SharedDevice>,
     vm_id: u32,
+    api: Option<crate::api::ApiServer>,
     _ram: GuestRam,
 }
 
@@ -126,6 +130,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
             bare::setup_vcpu(&vcpus[0], entry, config.mem_size, *arg)?;
         }
     }
+    let api = match &config.api_sock {
+        Some(p) => Some(crate::api::start(p, tx.clone())?),
+        None => None,
+    };
     let ctx = VcpuContext {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
@@ -143,6 +151,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         memory,
         devices: vec![serial],
         vm_id: config.vm_id,
+        api,
         _ram: ram,
     })
 }
@@ -193,8 +202,10 @@ impl Vmm {
             memory,
             devices,
             vm_id,
+            api,
             _ram,
         } = self;
+        crate::signals::spawn_waiter(ctx.events.clone()).map_err(VmmError::Thread)?;
         let stop = ctx.stop.clone();
         let mut handles = Vec::new();
         for vcpu in vcpus {
@@ -221,6 +232,9 @@ impl Vmm {
         // word, the controller's receive fails rather than waiting forever.
         drop(ctx);
         let mut controller = Controller::new(vm.fd, handles, events, stop, memory, devices, vm_id);
+        if let Some(api) = &api {
+            controller.publish_to(api.events.clone());
+        }
         let r = controller.run();
         tracing::info!(stats = ?controller.stats, "speculation operations");
         r.map_err(|e| VmmError::Guest(e.to_string()))

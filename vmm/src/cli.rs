@@ -29,6 +29,19 @@ pub struct Cli {
 pub enum Command {
     /// Boot a VM and run it until the guest ends it.
     Run(RunArgs),
+    /// Send one request to a running VM's control API.
+    Ctl(CtlArgs),
+}
+
+/// Arguments of `specvm ctl`.
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// The VM's API socket (its `specvm run --api-sock`).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// The operation.
+    #[arg(value_enum)]
+    pub op: crate::api::Op,
 }
 
 /// Arguments of `specvm run`.
@@ -53,6 +66,9 @@ pub struct RunArgs {
     /// share a bridge need distinct ids.
     #[arg(long, value_name = "N")]
     pub id: Option<u32>,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
     /// Workarounds for hosts whose KVM is not hardware virtualization:
     /// auto (probe the host), on or off.
     #[arg(long, default_value = "auto", value_name = "MODE")]
@@ -72,6 +88,7 @@ impl RunArgs {
             serial: self.serial.parse::<SerialConfig>()?,
             host_compat: self.host_compat.parse::<HostCompatMode>()?,
             vm_id: self.id.unwrap_or_else(std::process::id),
+            api_sock: self.api_sock.clone(),
         })
     }
 }
@@ -89,7 +106,9 @@ mod tests {
                 .map(|a| if *a == "g" { exe.as_str() } else { a }),
         );
         let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-        let Command::Run(r) = cli.command;
+        let Command::Run(r) = cli.command else {
+            return Err("not a run command".into());
+        };
         r.to_config().map_err(|e| e.to_string())
     }
 

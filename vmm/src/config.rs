@@ -186,6 +186,8 @@ pub struct VmConfig {
     /// This VM's id, the high half of its speculation ids. Unique among
     /// the VMs that share a bridge.
     pub vm_id: u32,
+    /// Where the control API listens, if anywhere.
+    pub api_sock: Option<PathBuf>,
 }
 
 #[cfg(test)]

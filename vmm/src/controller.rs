@@ -15,6 +15,7 @@ use guest_agent::abi::{err, op, reason};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
+use crate::api::{EntryInfo, Op, Response, SpecEvent};
 use crate::devices::bus::{lock, SharedDevice};
 use crate::event::{EventReceiver, VcpuCmd, VcpuReply, VmEvent};
 use crate::spec::checkpoint::Checkpoint;
@@ -54,6 +55,8 @@ pub enum Outcome {
     Exit(u8),
     /// The guest reset or powered off.
     Reset,
+    /// The VMM was told to stop by this signal.
+    Signal(i32),
 }
 
 /// The controller's end of one vCPU thread.
@@ -115,6 +118,11 @@ pub struct Controller {
     stack: SpecStack<Checkpoint>,
     memory: MemoryTracker,
     devices: Vec<SharedDevice>,
+    vm_id: u32,
+    /// The host asked for the VM to stay paused.
+    user_paused: bool,
+    /// Where speculation events go (the API's `events` stream).
+    publish: Option<tokio::sync::broadcast::Sender<SpecEvent>>,
     /// Timings of served operations.
     pub stats: Stats,
 }
@@ -142,7 +150,28 @@ impl Controller {
             stack: SpecStack::new(vm_id, MAX_DEPTH),
             memory,
             devices,
+            vm_id,
+            user_paused: false,
+            publish: None,
             stats: Stats::default(),
+        }
+    }
+
+    /// Sends speculation events to `tx` from now on.
+    pub fn publish_to(&mut self, tx: tokio::sync::broadcast::Sender<SpecEvent>) {
+        self.publish = Some(tx);
+    }
+
+    fn emit(&self, event: &str, id: SpecId, caller: Option<u8>) {
+        if let Some(tx) = &self.publish {
+            let by = if caller.is_some() { "guest" } else { "host" };
+            // No subscriber is not an error.
+            let _ = tx.send(SpecEvent {
+                event: event.into(),
+                id: id.to_string(),
+                depth: self.stack.depth(),
+                by: by.into(),
+            });
         }
     }
 
@@ -165,6 +194,7 @@ impl Controller {
             match self.next_event()? {
                 VmEvent::GuestExit(code) => return Ok(Outcome::Exit(code)),
                 VmEvent::GuestReset => return Ok(Outcome::Reset),
+                VmEvent::Terminate(sig) => return Ok(Outcome::Signal(sig)),
                 VmEvent::Fatal(m) => return Err(ControlError::Vcpu(m)),
                 VmEvent::Hypercall { vcpu, op, arg } => {
                     self.mark_call(vcpu);
@@ -177,6 +207,10 @@ impl Controller {
                     self.resume_all();
                 }
                 VmEvent::Reply(i, r) => tracing::warn!(vcpu = i, "unexpected reply {r:?}"),
+                VmEvent::Api(call) => {
+                    let resp = self.api(call.op)?;
+                    let _ = call.reply.send(resp);
+                }
             }
         }
     }
@@ -219,8 +253,12 @@ impl Controller {
         Ok(())
     }
 
-    /// Lets every parked vCPU run on, except those whose hypercall waits.
+    /// Lets every parked vCPU run on, except those whose hypercall waits;
+    /// none while the host holds the VM paused.
     fn resume_all(&mut self) {
+        if self.user_paused {
+            return;
+        }
         for h in self
             .vcpus
             .iter_mut()
@@ -256,9 +294,18 @@ impl Controller {
         self.pause_all()?;
         let t = Instant::now();
         let result = match op {
-            op::SPECULATE => Some(self.speculate(Some(vcpu))?),
-            op::COMMIT => Some(self.commit()),
-            op::ABORT => self.abort_own(reason::ABORTED_BY_GUEST)?,
+            op::SPECULATE => Some(match self.speculate(Some(vcpu))? {
+                Ok(_) => [0, 0, 0],
+                Err(e) => [e, 0, 0],
+            }),
+            op::COMMIT => Some(match self.commit(Some(vcpu)) {
+                Ok(_) => [0, 0, 0],
+                Err(e) => [e, 0, 0],
+            }),
+            op::ABORT => self
+                .abort_own(reason::ABORTED_BY_GUEST, Some(vcpu))?
+                .err()
+                .map(|e| [e, 0, 0]),
             op::STATUS => {
                 let entries = self.stack.entries();
                 let own = entries.iter().filter(|e| e.explicit).count();
@@ -286,10 +333,10 @@ impl Controller {
     }
 
     /// Takes a checkpoint and pushes an explicit entry (rule 1). All vCPUs
-    /// must be parked. Returns the hypercall result registers.
-    pub fn speculate(&mut self, caller: Option<u8>) -> Result<[u64; 3], ControlError> {
+    /// must be parked. The inner error is a hypercall error code.
+    pub fn speculate(&mut self, caller: Option<u8>) -> Result<Result<SpecId, u64>, ControlError> {
         if let Err(StackError::TooDeep(_)) = self.stack.can_push() {
-            return Ok([err::TOO_DEEP, 0, 0]);
+            return Ok(Err(err::TOO_DEEP));
         }
         let cp = self.checkpoint(caller)?;
         let id = self
@@ -297,7 +344,8 @@ impl Controller {
             .speculate(cp)
             .map_err(|e| ControlError::Vcpu(e.to_string()))?;
         tracing::info!(%id, depth = self.stack.depth(), "speculate");
-        Ok([0, 0, 0])
+        self.emit("speculate", id, caller);
+        Ok(Ok(id))
     }
 
     /// Flushes memory into the newest checkpoint's undo log, then saves the
@@ -328,32 +376,41 @@ impl Controller {
         })
     }
 
-    /// Commits the innermost own speculation (rule 5).
-    pub fn commit(&mut self) -> [u64; 3] {
-        match self.stack.commit_own() {
-            Ok(id) => {
-                tracing::info!(%id, depth = self.stack.depth(), "commit");
-                [0, 0, 0]
-            }
-            Err(_) => [err::NO_SPECULATION, 0, 0],
-        }
+    /// Commits the innermost own speculation (rule 5). The error is a
+    /// hypercall error code.
+    pub fn commit(&mut self, caller: Option<u8>) -> Result<SpecId, u64> {
+        let id = self.stack.commit_own().map_err(|_| err::NO_SPECULATION)?;
+        tracing::info!(%id, depth = self.stack.depth(), "commit");
+        self.emit("commit", id, caller);
+        Ok(id)
     }
 
-    /// Aborts the innermost own speculation (rule 3). `None` when the VM
-    /// rolled back (the caller's registers are restored ones); otherwise
-    /// the error result.
-    pub fn abort_own(&mut self, why: u64) -> Result<Option<[u64; 3]>, ControlError> {
-        match self.stack.abort_own() {
-            Ok(rb) => {
-                self.rollback(rb, why)?;
-                Ok(None)
-            }
-            Err(_) => Ok(Some([err::NO_SPECULATION, 0, 0])),
-        }
+    /// Aborts the innermost own speculation (rule 3): the VM rolls back, and
+    /// the caller's registers become the checkpoint's. The inner error is a
+    /// hypercall error code.
+    pub fn abort_own(
+        &mut self,
+        why: u64,
+        caller: Option<u8>,
+    ) -> Result<Result<SpecId, u64>, ControlError> {
+        let Some(id) = self.stack.top_explicit() else {
+            return Ok(Err(err::NO_SPECULATION));
+        };
+        let rb = self
+            .stack
+            .abort_own()
+            .map_err(|e| ControlError::Vcpu(e.to_string()))?;
+        self.rollback(rb, why, caller)?;
+        Ok(Ok(id))
     }
 
     /// Puts memory, devices and vCPUs back to the last checkpoint of `rb`.
-    fn rollback(&mut self, rb: Rollback<Checkpoint>, why: u64) -> Result<(), ControlError> {
+    fn rollback(
+        &mut self,
+        rb: Rollback<Checkpoint>,
+        why: u64,
+        by: Option<u8>,
+    ) -> Result<(), ControlError> {
         let dirty = self.memory.take_dirty(&self.vm)?;
         self.memory
             .rollback(rb.checkpoints.iter().map(|c| &c.undo), &dirty)?;
@@ -374,7 +431,65 @@ impl Controller {
         }
         let ids: Vec<String> = rb.aborted.iter().map(SpecId::to_string).collect();
         tracing::info!(aborted = ?ids, depth = self.stack.depth(), "rollback");
+        for &id in &rb.aborted {
+            self.emit("abort", id, by);
+        }
         Ok(())
+    }
+
+    /// Serves a control API request, acting as the VM's owner (rule 8).
+    fn api(&mut self, op: Op) -> Result<Response, ControlError> {
+        let code = |e: u64| match e {
+            err::NO_SPECULATION => Response::error("the VM holds no speculation of its own"),
+            err::TOO_DEEP => Response::error(format!("the checkpoint stack is full ({MAX_DEPTH})")),
+            e => Response::error(format!("error {}", e as i64)),
+        };
+        let with_id = |id: SpecId| Response {
+            id: Some(id.to_string()),
+            ..Response::ok()
+        };
+        Ok(match op {
+            Op::Status => Response {
+                depth: Some(self.stack.depth()),
+                entries: Some(
+                    self.stack
+                        .entries()
+                        .iter()
+                        .map(|e| EntryInfo {
+                            id: e.id.to_string(),
+                            explicit: e.explicit,
+                        })
+                        .collect(),
+                ),
+                paused: Some(self.user_paused),
+                vm_id: Some(self.vm_id),
+                ..Response::ok()
+            },
+            Op::Pause => {
+                self.pause_all()?;
+                self.user_paused = true;
+                Response::ok()
+            }
+            Op::Resume => {
+                self.user_paused = false;
+                self.resume_all();
+                Response::ok()
+            }
+            Op::Speculate => {
+                self.pause_all()?;
+                let r = self.speculate(None)?;
+                self.resume_all();
+                r.map_or_else(code, with_id)
+            }
+            Op::Commit => self.commit(None).map_or_else(code, with_id),
+            Op::Abort => {
+                self.pause_all()?;
+                let r = self.abort_own(reason::ABORTED_BY_HOST, None)?;
+                self.resume_all();
+                r.map_or_else(code, with_id)
+            }
+            Op::Events => Response::error("events are served by the API server"),
+        })
     }
 
     /// Stops every vCPU thread: raises the stop flag, lets parked ones go,

@@ -30,6 +30,10 @@ pub enum VmEvent {
     Parked(u8),
     /// A parked vCPU's answer to a command.
     Reply(u8, VcpuReply),
+    /// The VMM received SIGINT or SIGTERM (the signal number).
+    Terminate(i32),
+    /// A request from the control API.
+    Api(crate::api::ApiCall),
 }
 
 /// A command to a parked vCPU.

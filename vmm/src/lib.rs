@@ -11,6 +11,7 @@
 //!
 //! The `specvm` binary (`src/main.rs`) is a thin command-line front end.
 
+pub mod api;
 pub mod arch;
 pub mod bare;
 pub mod builder;
@@ -20,5 +21,6 @@ pub mod controller;
 pub mod devices;
 pub mod event;
 pub mod host_compat;
+pub mod signals;
 pub mod spec;
 pub mod vstate;

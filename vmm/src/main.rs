@@ -8,6 +8,9 @@ use vmm::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = vmm::signals::block_termination() {
+        return fail(&format!("blocking SIGINT/SIGTERM: {e}"));
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level);
     let filter = match filter {
         Ok(f) => f,
@@ -18,6 +21,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Ctl(args) => {
+            match vmm::api::client(&args.api_sock, args.op, &mut std::io::stdout()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => fail(&e.to_string()),
+            }
+        }
         Command::Run(args) => {
             let config = match args.to_config() {
                 Ok(c) => c,
@@ -28,6 +38,10 @@ fn main() -> ExitCode {
                 Ok(Outcome::Reset) => {
                     eprintln!("specvm: the guest reset or powered off");
                     ExitCode::SUCCESS
+                }
+                Ok(Outcome::Signal(sig)) => {
+                    eprintln!("specvm: stopped by signal {sig}");
+                    ExitCode::from(128u8.wrapping_add(sig as u8))
                 }
                 Err(e) => fail(&e.to_string()),
             }
