@@ -77,6 +77,8 @@ pub struct Vmm {
     devices: Vec<SharedDevice>,
     vm_id: u32,
     api: Option<crate::api::ApiServer>,
+    print_stats: bool,
+    full_copy: bool,
     _ram: GuestRam,
 }
 
@@ -152,6 +154,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         devices: vec![serial],
         vm_id: config.vm_id,
         api,
+        print_stats: config.stats,
+        full_copy: config.full_copy,
         _ram: ram,
     })
 }
@@ -203,6 +207,8 @@ impl Vmm {
             devices,
             vm_id,
             api,
+            print_stats,
+            full_copy,
             _ram,
         } = self;
         crate::signals::spawn_waiter(ctx.events.clone()).map_err(VmmError::Thread)?;
@@ -235,8 +241,13 @@ impl Vmm {
         if let Some(api) = &api {
             controller.publish_to(api.events.clone());
         }
+        if full_copy {
+            controller.use_full_copy();
+        }
         let r = controller.run();
-        tracing::info!(stats = ?controller.stats, "speculation operations");
+        if print_stats {
+            eprintln!("specvm-stats {}", controller.stats.summary());
+        }
         r.map_err(|e| VmmError::Guest(e.to_string()))
     }
 }

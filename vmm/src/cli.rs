@@ -66,6 +66,15 @@ pub struct RunArgs {
     /// share a bridge need distinct ids.
     #[arg(long, value_name = "N")]
     pub id: Option<u32>,
+    /// Print speculation timings (JSON, one `specvm-stats` line on stderr)
+    /// when the VM ends.
+    #[arg(long)]
+    pub stats: bool,
+    /// How checkpoints hold memory: `cow` (copy-on-write, the default) or
+    /// `full-copy` (copy all of guest memory: the naive peer that the
+    /// benchmarks compare against).
+    #[arg(long, default_value = "cow", value_parser = ["cow", "full-copy"])]
+    pub checkpoint: String,
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -89,6 +98,8 @@ impl RunArgs {
             host_compat: self.host_compat.parse::<HostCompatMode>()?,
             vm_id: self.id.unwrap_or_else(std::process::id),
             api_sock: self.api_sock.clone(),
+            stats: self.stats,
+            full_copy: self.checkpoint == "full-copy",
         })
     }
 }

@@ -188,6 +188,10 @@ pub struct VmConfig {
     pub vm_id: u32,
     /// Where the control API listens, if anywhere.
     pub api_sock: Option<PathBuf>,
+    /// Print speculation timings on stderr when the VM ends.
+    pub stats: bool,
+    /// Checkpoint memory by copying all of it (the benchmarks' naive peer).
+    pub full_copy: bool,
 }
 
 #[cfg(test)]

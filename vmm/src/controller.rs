@@ -86,25 +86,36 @@ impl VcpuHandle {
     }
 }
 
-/// Counts and timings of speculation operations, for the benchmarks.
-#[derive(Debug, Default, Clone)]
+/// Timings of speculation operations, for `--stats` and the benchmarks:
+/// each operation's durations in microseconds, from the moment the
+/// controller has the request to the moment every vCPU may run again.
+#[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Stats {
-    /// Operations served, with their total time in microseconds and the
-    /// pages they moved: (name, count, total µs, total pages).
-    pub ops: Vec<(&'static str, u64, u64, u64)>,
+    /// Durations by operation name.
+    pub ops: std::collections::BTreeMap<&'static str, Vec<u64>>,
 }
 
 impl Stats {
-    fn record(&mut self, name: &'static str, t: Instant, pages: usize) {
-        let us = t.elapsed().as_micros() as u64;
-        match self.ops.iter_mut().find(|o| o.0 == name) {
-            Some(o) => {
-                o.1 += 1;
-                o.2 += us;
-                o.3 += pages as u64;
-            }
-            None => self.ops.push((name, 1, us, pages as u64)),
+    fn record(&mut self, name: &'static str, t: Instant) {
+        self.ops
+            .entry(name)
+            .or_default()
+            .push(t.elapsed().as_micros() as u64);
+    }
+
+    /// One JSON object: per operation, count, min, median and max in µs.
+    pub fn summary(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (name, v) in &self.ops {
+            let mut v = v.clone();
+            v.sort_unstable();
+            let med = v.get(v.len() / 2).copied().unwrap_or(0);
+            m.insert(
+                (*name).into(),
+                serde_json::json!({"count": v.len(), "min_us": v.first(), "median_us": med, "max_us": v.last()}),
+            );
         }
+        serde_json::Value::Object(m)
     }
 }
 
@@ -119,6 +130,8 @@ pub struct Controller {
     memory: MemoryTracker,
     devices: Vec<SharedDevice>,
     vm_id: u32,
+    /// Checkpoint memory by copying all of it (the naive peer).
+    full_copy: bool,
     /// The host asked for the VM to stay paused.
     user_paused: bool,
     /// Where speculation events go (the API's `events` stream).
@@ -151,10 +164,17 @@ impl Controller {
             memory,
             devices,
             vm_id,
+            full_copy: false,
             user_paused: false,
             publish: None,
             stats: Stats::default(),
         }
+    }
+
+    /// Checkpoints memory by copying all of it, as a naive VMM would: the
+    /// benchmarks' peer.
+    pub fn use_full_copy(&mut self) {
+        self.full_copy = true;
     }
 
     /// Sends speculation events to `tx` from now on.
@@ -253,6 +273,23 @@ impl Controller {
         Ok(())
     }
 
+    /// Waits until `vcpu`, which made a hypercall, has parked itself.
+    fn wait_parked(&mut self, vcpu: u8) -> Result<(), ControlError> {
+        let i = usize::from(vcpu);
+        while !self.vcpus[i].parked {
+            match self.events.recv().map_err(|_| ControlError::Gone)? {
+                VmEvent::Parked(j) => self.set_parked(j),
+                VmEvent::Fatal(m) => return Err(ControlError::Vcpu(m)),
+                e @ VmEvent::Hypercall { vcpu, .. } => {
+                    self.mark_call(vcpu);
+                    self.deferred.push_back(e);
+                }
+                e => self.deferred.push_back(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Lets every parked vCPU run on, except those whose hypercall waits;
     /// none while the host holds the VM paused.
     fn resume_all(&mut self) {
@@ -291,8 +328,14 @@ impl Controller {
 
     /// Serves a hypercall from `vcpu`, which is parked or parking.
     fn hypercall(&mut self, vcpu: u8, op: u32, arg: u64) -> Result<(), ControlError> {
-        self.pause_all()?;
         let t = Instant::now();
+        // Only checkpoints and rollbacks need every vCPU stopped; the other
+        // operations only read or rearrange the stack.
+        if matches!(op, op::SPECULATE | op::ABORT) {
+            self.pause_all()?;
+        } else {
+            self.wait_parked(vcpu)?;
+        }
         let result = match op {
             op::SPECULATE => Some(match self.speculate(Some(vcpu))? {
                 Ok(_) => [0, 0, 0],
@@ -328,7 +371,7 @@ impl Controller {
         }
         self.vcpus[i].pending_call = false;
         self.resume_all();
-        self.stats.record(op_name(op), t, 0);
+        self.stats.record(op_name(op), t);
         Ok(())
     }
 
@@ -351,9 +394,14 @@ impl Controller {
     /// Flushes memory into the newest checkpoint's undo log, then saves the
     /// machine state for a new checkpoint.
     fn checkpoint(&mut self, caller: Option<u8>) -> Result<Checkpoint, ControlError> {
-        let dirty = self.memory.take_dirty(&self.vm)?;
-        let undo = self.stack.top_mut().map(|c| &mut c.undo);
-        self.memory.flush(&dirty, undo)?;
+        let full_copy = if self.full_copy {
+            Some(self.memory.copy_all())
+        } else {
+            let dirty = self.memory.take_dirty(&self.vm)?;
+            let undo = self.stack.top_mut().map(|c| &mut c.undo);
+            self.memory.flush(&dirty, undo)?;
+            None
+        };
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for i in 0..self.vcpus.len() {
             match self.command(i, VcpuCmd::Save)? {
@@ -373,6 +421,7 @@ impl Controller {
             devices,
             caller,
             undo: Default::default(),
+            full_copy,
         })
     }
 
@@ -411,9 +460,14 @@ impl Controller {
         why: u64,
         by: Option<u8>,
     ) -> Result<(), ControlError> {
-        let dirty = self.memory.take_dirty(&self.vm)?;
-        self.memory
-            .rollback(rb.checkpoints.iter().map(|c| &c.undo), &dirty)?;
+        match rb.checkpoints.last().and_then(|c| c.full_copy.as_ref()) {
+            Some(copy) => self.memory.restore_all(copy)?,
+            None => {
+                let dirty = self.memory.take_dirty(&self.vm)?;
+                let undo = rb.checkpoints.iter().map(|c| &c.undo);
+                self.memory.rollback(undo, &dirty)?;
+            }
+        }
         let target = rb
             .checkpoints
             .into_iter()

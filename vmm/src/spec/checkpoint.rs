@@ -21,6 +21,9 @@ pub struct Checkpoint {
     pub caller: Option<u8>,
     /// Pre-images of the memory pages changed since this checkpoint.
     pub undo: UndoLog,
+    /// With `--checkpoint full-copy` (the naive peer of the benchmarks):
+    /// all of guest memory, copied.
+    pub full_copy: Option<Vec<u8>>,
 }
 
 impl Fold for Checkpoint {
