@@ -5,15 +5,16 @@
 //! the guest (or the VMM) wrote since the last flush is a private copy in
 //! the mapping, found through KVM's dirty log and vm-memory's bitmap.
 //!
-//! - **Flush** (at `speculate`): every dirty page is written into the file
-//!   and its private copy dropped with `MADV_DONTNEED`, so the next write
-//!   copies again. Before a page of the file is overwritten, its old
-//!   content goes to the undo log of the newest checkpoint, if that
-//!   checkpoint has no copy of the page yet.
+//! - **Flush** (at `speculate`): every dirty page is written into the file.
+//!   Before a page of the file is overwritten, its old content goes to the
+//!   undo log of the newest checkpoint, if that checkpoint has no copy of
+//!   the page yet. The private copy stays mapped: the guest writes on into
+//!   it, and the file keeps the checkpoint's content.
 //! - **Rollback** to checkpoint k: the undo logs from the newest down to k
 //!   are written back into the file (the oldest copy of a page wins), and
-//!   every page dirty since the last flush is dropped: the mapping then
-//!   reads the file, which now holds the state at k.
+//!   every page dirty since the last flush, or rewritten from a log, loses
+//!   its private copy (`MADV_DONTNEED`): the mapping then reads the file,
+//!   which now holds the state at k.
 //! - **Commit** folds an undo log into the one below (see
 //!   [`crate::spec::stack::Fold`]).
 //!
@@ -96,6 +97,9 @@ struct Region {
 /// Finds dirty pages and moves memory between checkpoints.
 pub struct MemoryTracker {
     file: File,
+    /// The whole file, mapped shared: copying a page through it costs a
+    /// memcpy, where `pwrite`/`pread` cost a system call per run or page.
+    view: vm_memory::MmapRegion,
     regions: Vec<Region>,
     mem: GuestMemoryMmap,
 }
@@ -120,11 +124,26 @@ impl MemoryTracker {
             });
             file_offset += r.len();
         }
+        let view = vm_memory::mmap::MmapRegionBuilder::new(file_offset as usize)
+            .with_file_offset(vm_memory::FileOffset::new(file.try_clone()?, 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(io::Error::other)?;
         Ok(Self {
             file: file.try_clone()?,
+            view,
             regions,
             mem: mem.clone(),
         })
+    }
+
+    /// The file's page `p`, through the shared view.
+    fn file_page(&self, p: u64) -> *mut u8 {
+        debug_assert!((p + 1) * PAGE <= self.view.size() as u64);
+        // SAFETY: every page number the tracker handles comes from a region
+        // of the file, which the view maps whole.
+        unsafe { self.view.as_ptr().add((p * PAGE) as usize) }
     }
 
     /// The pages (numbered in the file) written since the last call, by the
@@ -180,52 +199,59 @@ impl MemoryTracker {
         out
     }
 
-    /// Writes the dirty `pages` into the file and drops their private
-    /// copies. With `undo`, the file's old content of each page is saved
-    /// there first, unless the log already has that page.
+    /// Writes the dirty `pages` into the file. With `undo`, the file's old
+    /// content of each page is saved there first, unless the log already
+    /// has that page.
+    ///
+    /// The private copies stay: each now equals the file, and the guest's
+    /// next writes go to it and leave the file, the checkpoint, untouched.
+    /// The dirty log finds those writes; a rollback drops those pages, and
+    /// every page whose file content it changes.
     pub fn flush(&self, pages: &[u64], mut undo: Option<&mut UndoLog>) -> Result<(), CowError> {
         for (run, host) in self.host_runs(pages) {
             if let Some(u) = undo.as_deref_mut() {
                 for p in run.clone() {
                     if let std::collections::hash_map::Entry::Vacant(slot) = u.pages.entry(p) {
-                        let mut old = vec![0u8; PAGE_SIZE].into_boxed_slice();
-                        self.file
-                            .read_exact_at(&mut old, p * PAGE)
-                            .map_err(|e| CowError::File(p * PAGE, e))?;
-                        slot.insert(old);
+                        // SAFETY: the view's page is mapped and, with the
+                        // vCPUs paused, written by no one meanwhile.
+                        let old =
+                            unsafe { std::slice::from_raw_parts(self.file_page(p), PAGE_SIZE) };
+                        slot.insert(old.into());
                     }
                 }
             }
             let len = (run.end - run.start) * PAGE;
-            // SAFETY: the run lies inside one region's mapping, and the
-            // vCPUs are paused, so no one writes these pages meanwhile.
-            let data = unsafe { std::slice::from_raw_parts(host, len as usize) };
-            let off = run.start * PAGE;
-            self.file
-                .write_all_at(data, off)
-                .map_err(|e| CowError::File(off, e))?;
-            drop_private(host, len).map_err(|e| CowError::Madvise(off, e))?;
+            // SAFETY: the run lies inside one region's mapping and inside the
+            // view; the vCPUs are paused, so no one writes these pages
+            // meanwhile; and the view and the guest's private mapping never overlap.
+            unsafe { std::ptr::copy_nonoverlapping(host, self.file_page(run.start), len as usize) };
         }
         Ok(())
     }
 
     /// Rolls memory back: writes the `undo` logs into the file in order
     /// (newest first, so the oldest copy of each page lands last), then
-    /// drops the private copies of `dirty`, the pages written since the
-    /// last flush.
+    /// drops the private copies of `dirty` (the pages written since the last
+    /// flush) and of every page an undo log rewrote, so the mapping reads
+    /// the file again.
     pub fn rollback<'a>(
         &self,
         undo: impl IntoIterator<Item = &'a UndoLog>,
         dirty: &[u64],
     ) -> Result<(), CowError> {
+        let mut drop: Vec<u64> = dirty.to_vec();
         for log in undo {
             for (&p, data) in &log.pages {
-                self.file
-                    .write_all_at(data, p * PAGE)
-                    .map_err(|e| CowError::File(p * PAGE, e))?;
+                // SAFETY: the view's page is mapped; `data` is one page.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), self.file_page(p), PAGE_SIZE)
+                };
+                drop.push(p);
             }
         }
-        for (run, host) in self.host_runs(dirty) {
+        drop.sort_unstable();
+        drop.dedup();
+        for (run, host) in self.host_runs(&drop) {
             let len = (run.end - run.start) * PAGE;
             drop_private(host, len).map_err(|e| CowError::Madvise(run.start * PAGE, e))?;
         }
