@@ -1,4 +1,4 @@
-//! A polling writer for the 8250 UART at [`SERIAL_PORT`](crate::abi::SERIAL_PORT).
+//! A polling writer (and reader) for the 8250 UART at [`SERIAL_PORT`](crate::abi::SERIAL_PORT).
 //!
 //! It needs no interrupts and no buffer, so it works in a bare guest before
 //! anything else is set up. Each byte costs two port accesses (one `in` of
@@ -10,6 +10,8 @@ use crate::pio::{inb, outb};
 
 /// Offset of the line status register from the UART's base port.
 const LSR_OFFSET: u16 = 5;
+/// LSR bit 0: data ready, a received byte waits in the receive buffer.
+const LSR_DR: u8 = 1;
 /// LSR bit 5: the transmit holding register is empty.
 const LSR_THRE: u8 = 1 << 5;
 /// How many times to poll the LSR before writing anyway. A VMM that never
@@ -43,6 +45,27 @@ impl Serial {
             core::hint::spin_loop();
         }
         outb(self.base, byte);
+    }
+
+    /// The next received byte, if one is waiting (LSR data ready); reads
+    /// it from the receive buffer register. Assumes DLAB is clear, as it is
+    /// unless the program set it.
+    pub fn try_read_byte(&self) -> Option<u8> {
+        match inb(self.base + LSR_OFFSET) & LSR_DR {
+            0 => None,
+            _ => Some(inb(self.base)),
+        }
+    }
+
+    /// Waits, polling LSR, until a byte arrives, and returns it. Never
+    /// returns if no input ever comes.
+    pub fn read_byte(&self) -> u8 {
+        loop {
+            if let Some(b) = self.try_read_byte() {
+                return b;
+            }
+            core::hint::spin_loop();
+        }
     }
 
     /// Writes every byte of `bytes`, in order.

@@ -20,9 +20,10 @@
 //! line to `<target>/test-skips.txt`, which CI prints and counts. A skipped
 //! test is never a silent pass.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::Receiver;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -314,6 +315,140 @@ fn exit_code(status: ExitStatus) -> i32 {
         (None, Some(signal)) => 128 + signal,
         (None, None) => -1,
     }
+}
+
+/// A `specvm` running in the background with its stdin piped, for tests
+/// that talk to the guest's console or watch the process while it runs.
+/// Dropping it kills the process (by its PID) if it is still running.
+pub struct Spawned {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<Vec<u8>>>,
+}
+
+/// Starts `specvm` with `args`, stdin, stdout and stderr piped.
+pub fn spawn_specvm(args: &[&str]) -> Spawned {
+    let bin = specvm_bin();
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        // A read error ends the output, as in `drain`.
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text = String::from_utf8_lossy(&line);
+            if tx.send(text.trim_end_matches('\n').to_owned()).is_err() {
+                return;
+            }
+            line.clear();
+        }
+    });
+    Spawned {
+        stdin: child.stdin.take(),
+        stderr: Some(drain(child.stderr.take().expect("stderr is piped"))),
+        child,
+        lines,
+        seen: Vec::new(),
+    }
+}
+
+impl Spawned {
+    /// The process id of the running `specvm`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for a stdout line containing `needle` and
+    /// returns it; on a timeout or the end of the output, an error with
+    /// the output so far.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Ok(line);
+                    }
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "no line with {needle:?} ({e}); stdout so far:\n{}",
+                        self.seen.join("\n")
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Writes `bytes` to the process's stdin (the guest's serial input).
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let stdin = self.stdin.as_mut().ok_or(std::io::ErrorKind::BrokenPipe)?;
+        stdin.write_all(bytes)?;
+        stdin.flush()
+    }
+
+    /// Closes stdin, waits up to `timeout` for the process to end (killing
+    /// it after that), and returns the whole run's outcome.
+    pub fn finish(mut self, timeout: Duration) -> RunResult {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + timeout;
+        let (status, timed_out) = loop {
+            match self.child.try_wait().expect("wait for specvm") {
+                Some(status) => break (status, false),
+                None if Instant::now() >= deadline => {
+                    let _ = self.child.kill();
+                    break (self.child.wait().expect("wait for the killed specvm"), true);
+                }
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        // The pipe closed with the process, so the reader ends.
+        self.seen.extend(self.lines.iter());
+        let mut stdout = self.seen.join("\n");
+        if !stdout.is_empty() {
+            stdout.push('\n');
+        }
+        RunResult {
+            status: if timed_out { -1 } else { exit_code(status) },
+            timed_out,
+            stdout,
+            stderr: join(self.stderr.take().expect("stderr is drained once")),
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The resident set size of process `pid` in KiB (`VmRSS` in
+/// `/proc/<pid>/status`).
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The number of open file descriptors of process `pid` (entries of
+/// `/proc/<pid>/fd`).
+pub fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
 #[cfg(test)]
