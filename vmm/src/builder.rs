@@ -79,6 +79,7 @@ pub struct Vmm {
     api: Option<crate::api::ApiServer>,
     print_stats: bool,
     full_copy: bool,
+    start_paused: bool,
     _ram: GuestRam,
 }
 
@@ -156,6 +157,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         api,
         print_stats: config.stats,
         full_copy: config.full_copy,
+        start_paused: config.start_paused,
         _ram: ram,
     })
 }
@@ -209,6 +211,7 @@ impl Vmm {
             api,
             print_stats,
             full_copy,
+            start_paused,
             _ram,
         } = self;
         crate::signals::spawn_waiter(ctx.events.clone()).map_err(VmmError::Thread)?;
@@ -244,7 +247,7 @@ impl Vmm {
         if full_copy {
             controller.use_full_copy();
         }
-        let r = controller.run();
+        let r = controller.run(start_paused);
         if print_stats {
             eprintln!("specvm-stats {}", controller.stats.summary());
         }

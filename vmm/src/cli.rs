@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// benchmarks compare against).
     #[arg(long, default_value = "cow", value_parser = ["cow", "full-copy"])]
     pub checkpoint: String,
+    /// Start with every vCPU paused, until `specvm ctl resume` (needs
+    /// --api-sock).
+    #[arg(long, requires = "api_sock")]
+    pub start_paused: bool,
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -100,6 +104,7 @@ impl RunArgs {
             api_sock: self.api_sock.clone(),
             stats: self.stats,
             full_copy: self.checkpoint == "full-copy",
+            start_paused: self.start_paused,
         })
     }
 }

@@ -192,6 +192,8 @@ pub struct VmConfig {
     pub stats: bool,
     /// Checkpoint memory by copying all of it (the benchmarks' naive peer).
     pub full_copy: bool,
+    /// Hold the vCPUs until the control API says `resume`.
+    pub start_paused: bool,
 }
 
 #[cfg(test)]

@@ -195,9 +195,17 @@ impl Controller {
         }
     }
 
-    /// Serves events until the VM ends, then stops every vCPU thread.
-    pub fn run(&mut self) -> Result<Outcome, ControlError> {
-        let r = self.serve();
+    /// Serves events until the VM ends, then stops every vCPU thread. With
+    /// `paused`, the vCPUs are parked first and wait for the API's `resume`.
+    pub fn run(&mut self, paused: bool) -> Result<Outcome, ControlError> {
+        let r = if paused {
+            self.pause_all().and_then(|()| {
+                self.user_paused = true;
+                self.serve()
+            })
+        } else {
+            self.serve()
+        };
         self.stop_all();
         r
     }
