@@ -1,0 +1,178 @@
+//! The control API end to end: `specvm run --api-sock` and `specvm ctl`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use specvm_tests::{bare_guest, run_specvm, skip_without_kvm, spawn_specvm, Spawned};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A private directory for one test's sockets, removed at the end.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("specvm-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("creating a temp dir");
+        Self(d)
+    }
+    fn sock(&self) -> String {
+        self.0
+            .join("api.sock")
+            .to_str()
+            .expect("UTF-8 path")
+            .to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start(guest: &str, sock: &str, extra: &[&str]) -> Spawned {
+    let g = bare_guest(guest);
+    let mut args = vec![
+        "run",
+        "--bare",
+        g.to_str().expect("UTF-8 path"),
+        "--memory",
+        "64M",
+        "--api-sock",
+        sock,
+    ];
+    args.extend_from_slice(extra);
+    let vm = spawn_specvm(&args);
+    for _ in 0..400 {
+        if std::path::Path::new(sock).exists() {
+            return vm;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the API socket {sock} never appeared");
+}
+
+/// Runs `specvm ctl --api-sock SOCK OP`; returns (exit status, stdout).
+fn ctl(sock: &str, op: &str) -> (i32, String) {
+    let r = run_specvm(&["ctl", "--api-sock", sock, op], TIMEOUT);
+    (r.status, r.stdout)
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn host_speculates_commits_and_aborts() {
+    skip_without_kvm!();
+    let dir = Dir::new("ops");
+    let sock = dir.sock();
+    let vm = start("spin", &sock, &["--id", "42"]);
+    let (st, out) = ctl(&sock, "status");
+    assert_eq!(st, 0, "{out}");
+    assert!(
+        out.contains(r#""depth":0"#) && out.contains(r#""vm_id":42"#),
+        "{out}"
+    );
+    assert_eq!(
+        ctl(&sock, "speculate"),
+        (0, "{\"ok\":true,\"id\":\"42:1\"}\n".into())
+    );
+    assert_eq!(ctl(&sock, "speculate").1, "{\"ok\":true,\"id\":\"42:2\"}\n");
+    let (_, out) = ctl(&sock, "status");
+    assert!(
+        out.contains(r#"{"id":"42:1","explicit":true},{"id":"42:2","explicit":true}"#),
+        "{out}"
+    );
+    assert_eq!(ctl(&sock, "commit").1, "{\"ok\":true,\"id\":\"42:2\"}\n");
+    assert_eq!(ctl(&sock, "abort").1, "{\"ok\":true,\"id\":\"42:1\"}\n");
+    let (st, out) = ctl(&sock, "abort");
+    assert_eq!(st, 1, "abort with nothing to abort fails: {out}");
+    assert!(out.contains("no speculation of its own"), "{out}");
+    assert_eq!(ctl(&sock, "pause").0, 0);
+    assert!(ctl(&sock, "status").1.contains(r#""paused":true"#));
+    assert_eq!(ctl(&sock, "resume").0, 0);
+    drop(vm);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn host_abort_makes_the_guests_speculate_return_2_and_events_stream() {
+    skip_without_kvm!();
+    let dir = Dir::new("demo");
+    let sock = dir.sock();
+    let mut vm = start("spec_demo", &sock, &["--id", "1", "--start-paused"]);
+    let mut events = spawn_specvm(&["ctl", "--api-sock", &sock, "events"]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(ctl(&sock, "resume").0, 0);
+    vm.wait_for_line("waiting for the host", TIMEOUT)
+        .expect("the demo reached its wait");
+    assert_eq!(ctl(&sock, "abort").1, "{\"ok\":true,\"id\":\"1:3\"}\n");
+    vm.wait_for_line("speculate() = 2: the host aborted, balance 70", TIMEOUT)
+        .expect("speculate returned 2 with the committed balance");
+    let r = vm.finish(TIMEOUT);
+    r.assert_status(0);
+    for (i, want) in [
+        r#"{"event":"speculate","id":"1:1","depth":1,"by":"guest"}"#,
+        r#"{"event":"abort","id":"1:1","depth":0,"by":"guest"}"#,
+        r#"{"event":"speculate","id":"1:2","depth":1,"by":"guest"}"#,
+        r#"{"event":"commit","id":"1:2","depth":0,"by":"guest"}"#,
+        r#"{"event":"speculate","id":"1:3","depth":1,"by":"guest"}"#,
+        r#"{"event":"abort","id":"1:3","depth":0,"by":"host"}"#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let got = events
+            .wait_for_line("event", TIMEOUT)
+            .unwrap_or_else(|e| panic!("event {i}: {e}"));
+        assert_eq!(got.trim(), *want, "event {i}");
+    }
+    drop(events);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn bad_requests_get_errors_and_the_socket_is_removed_on_sigterm() {
+    skip_without_kvm!();
+    use std::io::{BufRead, BufReader, Write};
+    let dir = Dir::new("bad");
+    let sock = dir.sock();
+    let vm = start("spin", &sock, &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut rd = BufReader::new(s.try_clone().expect("clone"));
+    for req in ["{\"op\":\"explode\"}\n", "not json\n", "{}\n"] {
+        s.write_all(req.as_bytes()).expect("write");
+        let mut line = String::new();
+        rd.read_line(&mut line).expect("read");
+        assert!(
+            line.starts_with(r#"{"ok":false,"error":"bad request"#),
+            "{req:?} -> {line}"
+        );
+    }
+    // The connection still serves good requests afterwards.
+    s.write_all(b"{\"op\":\"status\"}\n").expect("write");
+    let mut line = String::new();
+    rd.read_line(&mut line).expect("read");
+    assert!(line.starts_with(r#"{"ok":true"#), "{line}");
+    // SIGTERM to the VMM this test started, by its PID.
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &vm.pid().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(killed.success());
+    let r = vm.finish(TIMEOUT);
+    assert_eq!(r.status, 128 + 15, "{r}");
+    assert!(r.stderr.contains("stopped by signal 15"), "{r}");
+    assert!(!std::path::Path::new(&sock).exists(), "socket left behind");
+}
+
+#[test]
+fn ctl_without_a_vm_is_a_clear_error() {
+    let r = run_specvm(
+        &["ctl", "--api-sock", "/nonexistent/api.sock", "status"],
+        TIMEOUT,
+    );
+    r.assert_status(1);
+    r.assert_stderr_contains("/nonexistent/api.sock");
+}
