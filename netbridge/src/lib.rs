@@ -1,7 +1,25 @@
 //! netbridge: the virtual switch between specvm guests.
 //!
-//! It will read the IPOPT_SPEC option on IPv4 packets that cross it, make
-//! receivers join the speculations they depend on, and carry COMMIT and
-//! ABORT to every member (see `shared/design/SPECULATIONS.md`, rules 2, 4,
-//! 6, 7 and 9-12). This crate is a placeholder until the bridge issue: it
-//! holds no code yet, so nothing here pretends to work.
+//! It reads the IPOPT_SPEC option on IPv4 packets that cross it, learns who
+//! owns and who joined every speculation, carries COMMIT and ABORT to every
+//! member, drops frames of aborted speculations, and holds tagged frames
+//! for ports that cannot roll back until their speculations commit (see
+//! `shared/design/SPECULATIONS.md`, rules 2, 4, 6, 7 and 9-12, and
+//! `docs/netbridge.md`).
+//!
+//! - [`codec`]: reads, strips and writes IPOPT_SPEC on Ethernet frames
+//!   (`docs/wire-format.md`);
+//! - [`protocol`]: the messages between a VMM port and the bridge;
+//! - [`registry`]: owners, members and outcomes of speculations;
+//! - [`bridge`]: switching decisions, queues, output commit, anti-messages;
+//! - [`server`]: the tokio I/O around them, and the `netbridge` binary.
+//!
+//! Not yet: the VMM side (tagging every guest frame, joining on receive)
+//! and a TAP uplink port.
+
+pub mod bridge;
+pub mod codec;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+pub mod tags;

@@ -1,0 +1,542 @@
+//! The bridge's state and decisions, free of I/O: MAC learning, flooding,
+//! per-port queues, output commit for ports that cannot roll back, and
+//! anti-messages on abort. The server (`server.rs`) moves bytes; this
+//! decides where they go.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::protocol::{Control, Id, Outcome};
+use crate::registry::{Notice, PortId, Registry};
+
+/// Frames queued for one port before new ones are dropped (and counted).
+pub const QUEUE_MAX: usize = 1024;
+/// Frames held for output commit on one port before new ones are dropped
+/// (and counted): the sender's speculation must resolve to free room.
+pub const HELD_MAX: usize = 4096;
+
+/// Reads the speculation tags of a frame. The bridge is built with the
+/// codec's parser; tests substitute their own.
+pub type TagReader = fn(&[u8]) -> Result<Vec<Id>, String>;
+/// Removes the tag of a frame before it leaves for a port that cannot roll
+/// back.
+pub type TagStripper = fn(&[u8]) -> Result<Vec<u8>, String>;
+
+/// Per-port counters.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames received from the port.
+    pub rx: u64,
+    /// Frames queued to the port.
+    pub tx: u64,
+    /// Frames dropped because their tag held an aborted id (rule 10).
+    pub dropped_aborted: u64,
+    /// Frames dropped because the queue or the hold buffer was full.
+    pub dropped_full: u64,
+    /// Frames dropped because their IPv4 header or tag was malformed.
+    pub dropped_malformed: u64,
+    /// Frames held for output commit so far (rule 11).
+    pub held: u64,
+    /// Held frames released after every id in their tag committed.
+    pub released: u64,
+}
+
+#[derive(Debug)]
+struct Queued {
+    frame: Vec<u8>,
+    tags: Vec<Id>,
+}
+
+#[derive(Debug)]
+struct Port {
+    speculative: bool,
+    queue: VecDeque<Queued>,
+    held: VecDeque<Queued>,
+    counters: Counters,
+    next_seq: u64,
+    unacked: BTreeMap<u64, Id>,
+}
+
+/// Something the server must send besides frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Send {
+    /// A control message to a port.
+    Control(PortId, Control),
+}
+
+/// An event for the bridge's event stream.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Event {
+    /// `started`, `joined`, `committed`, `aborted`, `acked`, `port-up`,
+    /// `port-down`, `refused`.
+    pub event: &'static str,
+    /// The speculation, as `vm:seq`, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The port concerned.
+    pub port: PortId,
+}
+
+fn show(id: Id) -> String {
+    format!("{}:{}", id >> 32, id & 0xffff_ffff)
+}
+
+/// The bridge.
+pub struct Bridge {
+    ports: BTreeMap<PortId, Port>,
+    macs: HashMap<[u8; 6], PortId>,
+    registry: Registry,
+    read_tags: TagReader,
+    strip_tag: TagStripper,
+    /// Events since the last [`Bridge::take_events`].
+    events: Vec<Event>,
+}
+
+impl Bridge {
+    /// An empty bridge using `read_tags` and `strip_tag` on frames.
+    pub fn new(read_tags: TagReader, strip_tag: TagStripper) -> Self {
+        Self {
+            ports: BTreeMap::new(),
+            macs: HashMap::new(),
+            registry: Registry::new(),
+            read_tags,
+            strip_tag,
+            events: Vec::new(),
+        }
+    }
+
+    fn event(&mut self, event: &'static str, id: Option<Id>, port: PortId) {
+        self.events.push(Event {
+            event,
+            id: id.map(show),
+            port,
+        });
+    }
+
+    /// The events recorded since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Adds a port for VM `vm`. A non-speculative port (the uplink, or a
+    /// VM with speculation off) gets tagged frames only after commit.
+    pub fn add_port(&mut self, port: PortId, vm: u32, speculative: bool) {
+        self.registry.add_port(port, vm);
+        self.ports.insert(
+            port,
+            Port {
+                speculative,
+                queue: VecDeque::new(),
+                held: VecDeque::new(),
+                counters: Counters::default(),
+                next_seq: 1,
+                unacked: BTreeMap::new(),
+            },
+        );
+        self.event("port-up", None, port);
+    }
+
+    /// The port is gone (rule 9). Returns the control messages to send.
+    pub fn remove_port(&mut self, port: PortId) -> Vec<Send> {
+        self.ports.remove(&port);
+        self.macs.retain(|_, p| *p != port);
+        self.event("port-down", None, port);
+        let (aborted, notices) = self.registry.port_gone(port);
+        for &id in &aborted {
+            self.event("aborted", Some(id), port);
+            self.purge(id);
+        }
+        self.notify(notices)
+    }
+
+    /// Takes the next frame queued for `port`.
+    pub fn pop(&mut self, port: PortId) -> Option<Vec<u8>> {
+        self.ports
+            .get_mut(&port)?
+            .queue
+            .pop_front()
+            .map(|q| q.frame)
+    }
+
+    /// The port's counters.
+    pub fn counters(&self, port: PortId) -> Option<Counters> {
+        self.ports.get(&port).map(|p| p.counters.clone())
+    }
+
+    /// Control messages sent to `port` and not acknowledged yet.
+    pub fn unacked(&self, port: PortId) -> usize {
+        self.ports.get(&port).map_or(0, |p| p.unacked.len())
+    }
+
+    /// A frame from `from`. Returns the ports that got something queued.
+    pub fn ingress(&mut self, from: PortId, frame: Vec<u8>) -> Vec<PortId> {
+        let Some(p) = self.ports.get_mut(&from) else {
+            return Vec::new();
+        };
+        p.counters.rx += 1;
+        let tags = match (self.read_tags)(&frame) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(port = from, "malformed frame dropped: {e}");
+                p.counters.dropped_malformed += 1;
+                return Vec::new();
+            }
+        };
+        if tags
+            .iter()
+            .any(|&t| self.registry.outcome(t) == Some(Outcome::Abort))
+        {
+            p.counters.dropped_aborted += 1;
+            return Vec::new();
+        }
+        if frame.len() >= 12 {
+            let mut src = [0u8; 6];
+            src.copy_from_slice(&frame[6..12]);
+            if src[0] & 1 == 0 {
+                self.macs.insert(src, from);
+            }
+        }
+        let dsts: Vec<PortId> = match frame.get(0..6).and_then(|d| <[u8; 6]>::try_from(d).ok()) {
+            Some(dst) if dst[0] & 1 == 0 => match self.macs.get(&dst) {
+                Some(&p) if p != from => vec![p],
+                Some(_) => Vec::new(),
+                None => self.ports.keys().copied().filter(|&p| p != from).collect(),
+            },
+            _ => self.ports.keys().copied().filter(|&p| p != from).collect(),
+        };
+        dsts.into_iter()
+            .filter(|&d| self.deliver(d, frame.clone(), tags.clone()))
+            .collect()
+    }
+
+    /// Queues or holds a frame for `port`. True if something was queued.
+    fn deliver(&mut self, port: PortId, frame: Vec<u8>, tags: Vec<Id>) -> bool {
+        let committed = tags
+            .iter()
+            .all(|&t| self.registry.outcome(t) == Some(Outcome::Commit));
+        let strip = self.strip_tag;
+        let Some(p) = self.ports.get_mut(&port) else {
+            return false;
+        };
+        if p.speculative || tags.is_empty() {
+            return push(p, Queued { frame, tags });
+        }
+        if committed {
+            match strip(&frame) {
+                Ok(f) => {
+                    return push(
+                        p,
+                        Queued {
+                            frame: f,
+                            tags: Vec::new(),
+                        },
+                    )
+                }
+                Err(_) => {
+                    p.counters.dropped_malformed += 1;
+                    return false;
+                }
+            }
+        }
+        if p.held.len() >= HELD_MAX {
+            p.counters.dropped_full += 1;
+            return false;
+        }
+        p.counters.held += 1;
+        p.held.push_back(Queued { frame, tags });
+        false
+    }
+
+    /// A control message from `port`. Returns the messages to send and the
+    /// ports whose queues changed.
+    pub fn control(&mut self, port: PortId, c: Control) -> (Vec<Send>, Vec<PortId>) {
+        match c {
+            Control::Started { id } => {
+                self.registry.started(id);
+                self.event("started", Some(id), port);
+                (Vec::new(), Vec::new())
+            }
+            Control::Joined { ids } => {
+                for &id in &ids {
+                    self.event("joined", Some(id), port);
+                }
+                let late = self.registry.joined(port, &ids);
+                (self.notify(late), Vec::new())
+            }
+            Control::Resolved { id, outcome } => match self.registry.resolved(port, id, outcome) {
+                Ok(notices) => {
+                    let name = if outcome == Outcome::Commit {
+                        "committed"
+                    } else {
+                        "aborted"
+                    };
+                    self.event(name, Some(id), port);
+                    let woke = match outcome {
+                        Outcome::Abort => {
+                            self.purge(id);
+                            Vec::new()
+                        }
+                        Outcome::Commit => self.release(),
+                    };
+                    (self.notify(notices), woke)
+                }
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    self.event("refused", Some(id), port);
+                    (Vec::new(), Vec::new())
+                }
+            },
+            Control::Ack { seq } => {
+                if let Some(id) = self
+                    .ports
+                    .get_mut(&port)
+                    .and_then(|p| p.unacked.remove(&seq))
+                {
+                    self.event("acked", Some(id), port);
+                }
+                (Vec::new(), Vec::new())
+            }
+            Control::Hello { .. } | Control::Decided { .. } => {
+                tracing::warn!(port, "unexpected control message {c:?}");
+                (Vec::new(), Vec::new())
+            }
+        }
+    }
+
+    /// Turns notices into Decided messages, remembering them until acked.
+    fn notify(&mut self, notices: Vec<Notice>) -> Vec<Send> {
+        let mut out = Vec::new();
+        for n in notices {
+            if let Some(p) = self.ports.get_mut(&n.port) {
+                let seq = p.next_seq;
+                p.next_seq += 1;
+                p.unacked.insert(seq, n.id);
+                out.push(Send::Control(
+                    n.port,
+                    Control::Decided {
+                        id: n.id,
+                        outcome: n.outcome,
+                        seq,
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// Rule 10: drops every queued or held frame whose tag holds `id`.
+    fn purge(&mut self, id: Id) {
+        for p in self.ports.values_mut() {
+            let before = p.queue.len() + p.held.len();
+            p.queue.retain(|q| !q.tags.contains(&id));
+            p.held.retain(|q| !q.tags.contains(&id));
+            p.counters.dropped_aborted += (before - p.queue.len() - p.held.len()) as u64;
+        }
+    }
+
+    /// Rule 11: releases held frames whose every id has committed, in
+    /// order, stripped of their tag. Returns the ports that got frames.
+    fn release(&mut self) -> Vec<PortId> {
+        let registry = &self.registry;
+        let strip = self.strip_tag;
+        let mut woke = Vec::new();
+        for (&id, p) in self.ports.iter_mut() {
+            let mut keep = VecDeque::new();
+            let mut any = false;
+            while let Some(q) = p.held.pop_front() {
+                if q.tags
+                    .iter()
+                    .all(|&t| registry.outcome(t) == Some(Outcome::Commit))
+                {
+                    if let Ok(frame) = strip(&q.frame) {
+                        p.counters.released += 1;
+                        any |= push(
+                            p,
+                            Queued {
+                                frame,
+                                tags: Vec::new(),
+                            },
+                        );
+                    }
+                } else {
+                    keep.push_back(q);
+                }
+            }
+            p.held = keep;
+            if any {
+                woke.push(id);
+            }
+        }
+        woke
+    }
+
+    /// Open speculations and their members, for status.
+    pub fn speculations(&self) -> Vec<(String, Vec<PortId>)> {
+        self.registry
+            .snapshot()
+            .into_iter()
+            .map(|(id, m)| (show(id), m))
+            .collect()
+    }
+}
+
+fn push(p: &mut Port, q: Queued) -> bool {
+    if p.queue.len() >= QUEUE_MAX {
+        p.counters.dropped_full += 1;
+        return false;
+    }
+    p.counters.tx += 1;
+    p.queue.push_back(q);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test frames: dst(6) src(6) then a tag list as text "t:1,2".
+    fn frame(dst: u8, src: u8, tags: &[Id]) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, dst, 2, 0, 0, 0, 0, src];
+        let t: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+        f.extend_from_slice(format!("t:{}", t.join(",")).as_bytes());
+        f
+    }
+
+    fn read(f: &[u8]) -> Result<Vec<Id>, String> {
+        let s = std::str::from_utf8(f.get(12..).unwrap_or_default()).map_err(|e| e.to_string())?;
+        let list = s.strip_prefix("t:").ok_or("no tag list")?;
+        list.split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().map_err(|_| "bad id".to_string()))
+            .collect()
+    }
+
+    fn strip(f: &[u8]) -> Result<Vec<u8>, String> {
+        let mut v = f[..12].to_vec();
+        v.extend_from_slice(b"t:");
+        Ok(v)
+    }
+
+    const S: Id = (1 << 32) | 1; // VM 1's first speculation
+
+    fn bridge() -> Bridge {
+        let mut b = Bridge::new(read, strip);
+        b.add_port(1, 1, true);
+        b.add_port(2, 2, true);
+        b.add_port(3, 3, false); // an uplink
+        b
+    }
+
+    #[test]
+    fn learns_macs_and_floods_unknown() {
+        let mut b = bridge();
+        assert_eq!(b.ingress(1, frame(9, 1, &[])), vec![2, 3], "unknown: flood");
+        assert_eq!(b.ingress(2, frame(1, 2, &[])), vec![1], "learned");
+        assert_eq!(b.pop(1), Some(frame(1, 2, &[])));
+        assert_eq!(b.counters(1).unwrap().rx, 1);
+    }
+
+    #[test]
+    fn output_commit_holds_until_commit() {
+        let mut b = bridge();
+        b.ingress(3, frame(3, 3, &[])); // learn the uplink's MAC
+        assert!(b.ingress(1, frame(3, 1, &[S])).is_empty(), "held");
+        assert_eq!(b.pop(3), None);
+        let (sends, woke) = b.control(
+            1,
+            Control::Resolved {
+                id: S,
+                outcome: Outcome::Commit,
+            },
+        );
+        assert!(sends.is_empty());
+        assert_eq!(woke, vec![3]);
+        assert_eq!(
+            b.pop(3),
+            Some(strip(&frame(3, 1, &[S])).unwrap()),
+            "released stripped"
+        );
+        assert_eq!(b.counters(3).unwrap().released, 1);
+    }
+
+    #[test]
+    fn abort_drops_queued_and_held_frames_and_later_ones() {
+        let mut b = bridge();
+        b.ingress(1, frame(9, 1, &[S])); // flood: queued to 2, held for 3
+        b.control(2, Control::Joined { ids: vec![S] });
+        let (sends, _) = b.control(
+            1,
+            Control::Resolved {
+                id: S,
+                outcome: Outcome::Abort,
+            },
+        );
+        assert_eq!(
+            sends,
+            vec![Send::Control(
+                2,
+                Control::Decided {
+                    id: S,
+                    outcome: Outcome::Abort,
+                    seq: 1
+                }
+            )]
+        );
+        assert_eq!(b.pop(2), None, "anti-message: the queued frame is gone");
+        assert_eq!(b.counters(3).unwrap().dropped_aborted, 1);
+        assert!(
+            b.ingress(1, frame(9, 1, &[S])).is_empty(),
+            "late frames of an aborted id are dropped"
+        );
+        assert_eq!(b.unacked(2), 1);
+        b.control(2, Control::Ack { seq: 1 });
+        assert_eq!(b.unacked(2), 0);
+    }
+
+    #[test]
+    fn a_non_owner_cannot_decide() {
+        let mut b = bridge();
+        b.control(2, Control::Joined { ids: vec![S] });
+        let (sends, _) = b.control(
+            2,
+            Control::Resolved {
+                id: S,
+                outcome: Outcome::Abort,
+            },
+        );
+        assert!(sends.is_empty());
+        assert_eq!(b.speculations(), vec![("1:1".to_string(), vec![2])]);
+    }
+
+    #[test]
+    fn owner_disconnect_aborts_and_tells_members() {
+        let mut b = bridge();
+        b.control(2, Control::Joined { ids: vec![S] });
+        let sends = b.remove_port(1);
+        assert_eq!(
+            sends,
+            vec![Send::Control(
+                2,
+                Control::Decided {
+                    id: S,
+                    outcome: Outcome::Abort,
+                    seq: 1
+                }
+            )]
+        );
+        let ev = b.take_events();
+        assert!(ev
+            .iter()
+            .any(|e| e.event == "aborted" && e.id.as_deref() == Some("1:1")));
+    }
+
+    #[test]
+    fn malformed_frames_are_counted() {
+        let mut b = bridge();
+        let mut f = frame(9, 1, &[]);
+        f.truncate(12);
+        assert!(b.ingress(1, f).is_empty());
+        assert_eq!(b.counters(1).unwrap().dropped_malformed, 1);
+    }
+}

@@ -1,0 +1,91 @@
+//! `netbridge`: the virtual switch between specvm guests.
+//!
+//! ```text
+//! netbridge --listen /run/specvm/bridge.sock [--events PATH] [--quiet]
+//! ```
+//!
+//! VMMs connect to `--listen` as ports (see `docs/netbridge.md`). Every
+//! speculation event is printed as a JSON line on stdout (unless `--quiet`)
+//! and streamed to clients of `--events`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use netbridge::bridge::Bridge;
+use netbridge::server::{self, Shared};
+
+/// The speculation-aware virtual switch for specvm guests.
+#[derive(Debug, Parser)]
+#[command(name = "netbridge", version, about)]
+struct Args {
+    /// The Unix socket VMMs connect to.
+    #[arg(long, value_name = "PATH")]
+    listen: PathBuf,
+    /// A Unix socket that streams events as JSON lines.
+    #[arg(long, value_name = "PATH")]
+    events: Option<PathBuf>,
+    /// Do not print events on stdout.
+    #[arg(long)]
+    quiet: bool,
+    /// Log filter for stderr.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(f) => f,
+        Err(e) => return fail(&format!("invalid --log-level '{}': {e}", args.log_level)),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("starting the runtime: {e}")),
+    };
+    let r = rt.block_on(run(&args));
+    for p in std::iter::once(&args.listen).chain(args.events.as_ref()) {
+        let _ = std::fs::remove_file(p);
+    }
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+async fn run(args: &Args) -> Result<(), String> {
+    let shared = Shared::new(Bridge::new(netbridge::tags::read, netbridge::tags::strip));
+    if !args.quiet {
+        let mut rx = shared.subscribe();
+        tokio::spawn(async move {
+            while let Ok(e) = rx.recv().await {
+                println!("{}", serde_json::to_string(&e).unwrap_or_default());
+            }
+        });
+    }
+    let ports = server::bind(&args.listen).map_err(|e| e.to_string())?;
+    if let Some(p) = &args.events {
+        let events = server::bind(p).map_err(|e| e.to_string())?;
+        tokio::spawn(server::serve_events(events, shared.clone()));
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        () = server::serve(ports, shared) => Ok(()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("netbridge: error: {msg}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,193 @@
+//! The port protocol between a VMM and the bridge.
+//!
+//! A VMM connects to the bridge's Unix stream socket. Each message is a
+//! 4-byte little-endian length, then that many bytes, the first of which
+//! says what the message is:
+//! - `0x00` then an Ethernet frame;
+//! - `0x01` then one control message, JSON ([`Control`]).
+//!
+//! The first message of a connection must be a [`Control::Hello`].
+//! See `docs/netbridge.md`.
+
+use serde::{Deserialize, Serialize};
+
+/// Kind byte of a frame message.
+pub const KIND_FRAME: u8 = 0;
+/// Kind byte of a control message.
+pub const KIND_CONTROL: u8 = 1;
+/// Largest message: a kind byte and a 64 KiB frame, with room to spare.
+/// A longer length prefix is a protocol error that closes the port.
+pub const MAX_MESSAGE: usize = 65_600;
+
+/// A speculation id as the bridge carries it: `(vm << 32) | seq`.
+pub type Id = u64;
+
+/// How a speculation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Kept.
+    Commit,
+    /// Rolled back.
+    Abort,
+}
+
+/// A control message, in either direction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Control {
+    /// VMM → bridge, first: who this port is. A port that cannot roll back
+    /// (`speculative: false`) gets tagged frames only once every id in the
+    /// tag has committed (output commit, rule 11).
+    Hello {
+        /// The VM's id (the high half of its speculation ids).
+        vm: u32,
+        /// Whether the port's VM takes part in speculations.
+        speculative: bool,
+    },
+    /// VMM → bridge: the VM started speculation `id` (it is the owner).
+    Started {
+        /// The speculation.
+        id: Id,
+    },
+    /// VMM → bridge: the VM joined these speculations (rule 2).
+    Joined {
+        /// The speculations.
+        ids: Vec<Id>,
+    },
+    /// VMM → bridge: the owner decided (rules 3, 5, 8).
+    Resolved {
+        /// The speculation.
+        id: Id,
+        /// Its outcome.
+        outcome: Outcome,
+    },
+    /// Bridge → VMM: a speculation the VM joined has ended (rules 4, 6).
+    /// The VMM answers with [`Control::Ack`] once it has acted.
+    Decided {
+        /// The speculation.
+        id: Id,
+        /// Its outcome.
+        outcome: Outcome,
+        /// Sequence number to acknowledge.
+        seq: u64,
+    },
+    /// VMM → bridge: a [`Control::Decided`] was carried out.
+    Ack {
+        /// Its sequence number.
+        seq: u64,
+    },
+}
+
+/// Errors decoding a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// An empty message.
+    #[error("empty message")]
+    Empty,
+    /// The kind byte is unknown.
+    #[error("unknown message kind {0:#04x}")]
+    Kind(u8),
+    /// The control message is not valid JSON of a known type.
+    #[error("bad control message: {0}")]
+    Control(String),
+}
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// An Ethernet frame.
+    Frame(Vec<u8>),
+    /// A control message.
+    Control(Control),
+}
+
+/// Decodes one received message.
+pub fn decode(msg: &[u8]) -> Result<Message, ProtocolError> {
+    match msg.split_first() {
+        None => Err(ProtocolError::Empty),
+        Some((&KIND_FRAME, f)) => Ok(Message::Frame(f.to_vec())),
+        Some((&KIND_CONTROL, c)) => serde_json::from_slice(c)
+            .map(Message::Control)
+            .map_err(|e| ProtocolError::Control(e.to_string())),
+        Some((&k, _)) => Err(ProtocolError::Kind(k)),
+    }
+}
+
+/// Encodes a frame message, without its length prefix.
+pub fn encode_frame(frame: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(frame.len() + 1);
+    v.push(KIND_FRAME);
+    v.extend_from_slice(frame);
+    v
+}
+
+/// Encodes a control message, without its length prefix.
+pub fn encode_control(c: &Control) -> Vec<u8> {
+    let mut v = vec![KIND_CONTROL];
+    // Serializing these plain enums cannot fail.
+    v.extend(serde_json::to_vec(c).unwrap_or_default());
+    v
+}
+
+/// Prefixes a message with its length, ready to write.
+pub fn framed(msg: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(msg.len() + 4);
+    v.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    v.extend_from_slice(msg);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let f = vec![1, 2, 3];
+        assert_eq!(decode(&encode_frame(&f)), Ok(Message::Frame(f)));
+        for c in [
+            Control::Hello {
+                vm: 3,
+                speculative: true,
+            },
+            Control::Started { id: 7 },
+            Control::Joined { ids: vec![1, 2] },
+            Control::Resolved {
+                id: 9,
+                outcome: Outcome::Abort,
+            },
+            Control::Decided {
+                id: 9,
+                outcome: Outcome::Commit,
+                seq: 4,
+            },
+            Control::Ack { seq: 4 },
+        ] {
+            assert_eq!(decode(&encode_control(&c)), Ok(Message::Control(c)));
+        }
+    }
+
+    #[test]
+    fn bad_messages_are_errors() {
+        assert_eq!(decode(&[]), Err(ProtocolError::Empty));
+        assert_eq!(decode(&[7, 1]), Err(ProtocolError::Kind(7)));
+        assert!(matches!(
+            decode(b"\x01{\"type\":\"nope\"}"),
+            Err(ProtocolError::Control(_))
+        ));
+        assert!(matches!(
+            decode(b"\x01not json"),
+            Err(ProtocolError::Control(_))
+        ));
+    }
+
+    #[test]
+    fn wire_form_is_readable() {
+        let v = encode_control(&Control::Resolved {
+            id: 1,
+            outcome: Outcome::Commit,
+        });
+        assert_eq!(&v[1..], br#"{"type":"resolved","id":1,"outcome":"commit"}"#);
+    }
+}

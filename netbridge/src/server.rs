@@ -1,0 +1,232 @@
+//! The bridge's I/O: a tokio server on a Unix socket, one reader and one
+//! writer task per port, around the shared [`Bridge`] state.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc, Notify};
+
+use crate::bridge::{Bridge, Event, Send};
+use crate::protocol::{
+    decode, encode_control, encode_frame, framed, Control, Message, MAX_MESSAGE,
+};
+use crate::registry::PortId;
+
+/// Errors of the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A socket could not be bound.
+    #[error("binding {0}: {1}")]
+    Bind(PathBuf, std::io::Error),
+}
+
+/// What the writer task of a port waits on.
+struct PortLink {
+    control: mpsc::UnboundedSender<Control>,
+    frames: Arc<Notify>,
+}
+
+/// The shared server state.
+pub struct Shared {
+    bridge: Mutex<Bridge>,
+    links: Mutex<HashMap<PortId, PortLink>>,
+    events: broadcast::Sender<Event>,
+    next_port: Mutex<PortId>,
+}
+
+impl Shared {
+    /// Server state around `bridge`.
+    pub fn new(bridge: Bridge) -> Arc<Self> {
+        let (events, _) = broadcast::channel(4096);
+        Arc::new(Self {
+            bridge: Mutex::new(bridge),
+            links: Mutex::new(HashMap::new()),
+            events,
+            next_port: Mutex::new(1),
+        })
+    }
+
+    /// Subscribes to the bridge's events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn bridge(&self) -> std::sync::MutexGuard<'_, Bridge> {
+        self.bridge.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, HashMap<PortId, PortLink>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Carries out what a bridge operation asked for: control messages,
+    /// writer wake-ups, and events.
+    fn dispatch(&self, sends: Vec<Send>, woke: Vec<PortId>) {
+        let events = self.bridge().take_events();
+        let links = self.links();
+        for Send::Control(port, c) in sends {
+            if let Some(l) = links.get(&port) {
+                let _ = l.control.send(c);
+            }
+        }
+        for port in woke {
+            if let Some(l) = links.get(&port) {
+                l.frames.notify_one();
+            }
+        }
+        for e in events {
+            let _ = self.events.send(e);
+        }
+    }
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file. Needs a
+/// tokio runtime.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    if path.exists() {
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|e| ServerError::Bind(path.into(), e))
+}
+
+/// Serves ports on `listener` until the task is dropped.
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let port = {
+            let mut n = shared.next_port.lock().unwrap_or_else(|e| e.into_inner());
+            *n += 1;
+            *n - 1
+        };
+        tokio::spawn(run_port(port, stream, shared.clone()));
+    }
+}
+
+/// Reads one length-prefixed message.
+async fn read_message(rd: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    rd.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::other(format!(
+            "message of {len} bytes is longer than {MAX_MESSAGE}"
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    rd.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
+    let (mut rd, wr) = stream.into_split();
+    let hello = match read_message(&mut rd).await.map(|m| decode(&m)) {
+        Ok(Ok(Message::Control(Control::Hello { vm, speculative }))) => (vm, speculative),
+        other => {
+            tracing::warn!(
+                port,
+                "port closed: the first message must be a hello, got {other:?}"
+            );
+            return;
+        }
+    };
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let frames = Arc::new(Notify::new());
+    shared.links().insert(
+        port,
+        PortLink {
+            control: ctl_tx,
+            frames: frames.clone(),
+        },
+    );
+    shared.bridge().add_port(port, hello.0, hello.1);
+    shared.dispatch(Vec::new(), Vec::new());
+    tracing::info!(port, vm = hello.0, speculative = hello.1, "port up");
+    let writer = tokio::spawn(write_port(port, wr, ctl_rx, frames, shared.clone()));
+    loop {
+        let msg = match read_message(&mut rd).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::info!(port, "port down: {e}");
+                break;
+            }
+        };
+        let (sends, woke) = match decode(&msg) {
+            Ok(Message::Frame(f)) => (Vec::new(), shared.bridge().ingress(port, f)),
+            Ok(Message::Control(c)) => shared.bridge().control(port, c),
+            Err(e) => {
+                tracing::warn!(port, "port closed on a bad message: {e}");
+                break;
+            }
+        };
+        shared.dispatch(sends, woke);
+    }
+    writer.abort();
+    shared.links().remove(&port);
+    let sends = shared.bridge().remove_port(port);
+    shared.dispatch(sends, Vec::new());
+}
+
+async fn write_port(
+    port: PortId,
+    mut wr: OwnedWriteHalf,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    frames: Arc<Notify>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        // Control first: an abort must reach the member before frames that
+        // it would make moot.
+        tokio::select! {
+            biased;
+            c = control.recv() => {
+                let Some(c) = c else { return };
+                if wr.write_all(&framed(&encode_control(&c))).await.is_err() {
+                    return;
+                }
+            }
+            () = frames.notified() => {
+                loop {
+                    let next = shared.bridge().pop(port);
+                    let Some(f) = next else { break };
+                    if wr.write_all(&framed(&encode_frame(&f))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Streams events as JSON lines to clients of `listener`.
+pub async fn serve_events(listener: UnixListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let mut rx = shared.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let line = match rx.recv().await {
+                    Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        format!("{{\"event\":\"lagged\",\"dropped\":{n}}}")
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if stream
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,206 @@
+//! The `netbridge` binary end to end, with fake VMM ports on its socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use netbridge::codec::{self, SpecId};
+use netbridge::protocol::{
+    decode, encode_control, encode_frame, framed, Control, Message, Outcome,
+};
+
+/// The bridge process and its directory, cleaned up on drop.
+struct Bridge {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Bridge {
+    fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("netbridge-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_netbridge"))
+            .arg("--listen")
+            .arg(dir.join("bridge.sock"))
+            .arg("--quiet")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..500 {
+            if dir.join("bridge.sock").exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, dir }
+    }
+
+    fn connect(&self, vm: u32, speculative: bool) -> Port {
+        let s = UnixStream::connect(self.dir.join("bridge.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut p = Port(s);
+        p.control(&Control::Hello { vm, speculative });
+        p
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Port(UnixStream);
+
+impl Port {
+    fn send(&mut self, msg: &[u8]) {
+        self.0.write_all(&framed(msg)).unwrap();
+    }
+    fn control(&mut self, c: &Control) {
+        self.send(&encode_control(c));
+    }
+    fn frame(&mut self, f: &[u8]) {
+        self.send(&encode_frame(f));
+    }
+    /// The next message, or None after the read timeout.
+    fn recv(&mut self) -> Option<Message> {
+        let mut len = [0u8; 4];
+        self.0.read_exact(&mut len).ok()?;
+        let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+        self.0.read_exact(&mut buf).ok()?;
+        Some(decode(&buf).unwrap())
+    }
+}
+
+fn mac(n: u8) -> [u8; 6] {
+    [2, 0, 0, 0, 0, n]
+}
+
+/// A UDP/IPv4 frame from host `src` to host `dst`, tagged with `tags`.
+fn udp(src: u8, dst: u8, tags: &[SpecId]) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(mac(src), mac(dst))
+        .ipv4([10, 0, 0, src], [10, 0, 0, dst], 64)
+        .udp(1000, 2000);
+    let payload = b"speculative hello";
+    let mut f = Vec::new();
+    b.write(&mut f, payload).unwrap();
+    codec::retag(&f, tags).unwrap()
+}
+
+const S: SpecId = SpecId { vm: 1, seq: 1 };
+
+fn settle() {
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+#[test]
+fn forwards_learns_and_carries_outcomes() {
+    let bridge = Bridge::start("outcomes");
+    let mut a = bridge.connect(1, true);
+    let mut b = bridge.connect(2, true);
+    settle();
+    // Unknown destination: flooded to b, tagged as a sent it.
+    let f = udp(1, 2, &[S]);
+    a.frame(&f);
+    assert_eq!(b.recv(), Some(Message::Frame(f.clone())));
+    // b joins S; a (the owner) aborts; b hears it and acknowledges.
+    b.control(&Control::Joined {
+        ids: vec![S.to_u64()],
+    });
+    settle();
+    a.control(&Control::Resolved {
+        id: S.to_u64(),
+        outcome: Outcome::Abort,
+    });
+    let Some(Message::Control(Control::Decided { id, outcome, seq })) = b.recv() else {
+        panic!("b was not told");
+    };
+    assert_eq!((id, outcome), (S.to_u64(), Outcome::Abort));
+    b.control(&Control::Ack { seq });
+    // Anti-messages: frames tagged with the aborted id go nowhere now.
+    a.frame(&udp(1, 2, &[S]));
+    assert_eq!(b.recv(), None);
+    // Untagged traffic still flows, both ways (b's MAC was learned).
+    a.frame(&udp(1, 2, &[]));
+    assert!(matches!(b.recv(), Some(Message::Frame(_))));
+    b.frame(&udp(2, 1, &[]));
+    assert!(matches!(a.recv(), Some(Message::Frame(_))));
+}
+
+#[test]
+fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
+    let bridge = Bridge::start("hold");
+    let mut a = bridge.connect(1, true);
+    let mut up = bridge.connect(9, false);
+    settle();
+    let tagged = udp(1, 9, &[S]);
+    a.frame(&tagged);
+    assert_eq!(up.recv(), None, "held while S is open");
+    a.control(&Control::Resolved {
+        id: S.to_u64(),
+        outcome: Outcome::Commit,
+    });
+    let Some(Message::Frame(got)) = up.recv() else {
+        panic!("not released on commit")
+    };
+    assert_eq!(
+        got,
+        codec::strip(&tagged).unwrap(),
+        "released without its tag"
+    );
+    // A second speculation that aborts: its held frame is dropped.
+    let s2 = SpecId { vm: 1, seq: 2 };
+    a.frame(&udp(1, 9, &[s2]));
+    a.control(&Control::Resolved {
+        id: s2.to_u64(),
+        outcome: Outcome::Abort,
+    });
+    assert_eq!(up.recv(), None, "dropped on abort");
+}
+
+#[test]
+fn owner_disconnect_aborts_its_speculations() {
+    let bridge = Bridge::start("failure");
+    let a = bridge.connect(1, true);
+    let mut b = bridge.connect(2, true);
+    let mut c = bridge.connect(3, true);
+    settle();
+    b.control(&Control::Joined {
+        ids: vec![S.to_u64()],
+    });
+    let c_spec = SpecId { vm: 3, seq: 1 };
+    b.control(&Control::Joined {
+        ids: vec![c_spec.to_u64()],
+    });
+    settle();
+    drop(a); // the owner's VMM dies
+    let Some(Message::Control(Control::Decided { id, outcome, .. })) = b.recv() else {
+        panic!("member not told of the owner's death");
+    };
+    assert_eq!((id, outcome), (S.to_u64(), Outcome::Abort));
+    // A member's death aborts nothing: c's speculation lives on.
+    drop(b);
+    settle();
+    c.control(&Control::Resolved {
+        id: c_spec.to_u64(),
+        outcome: Outcome::Commit,
+    });
+    assert_eq!(c.recv(), None, "nobody left to tell, nothing sent back");
+}
+
+#[test]
+fn a_port_that_skips_hello_is_closed() {
+    let bridge = Bridge::start("nohello");
+    let mut s = UnixStream::connect(bridge.dir.join("bridge.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.write_all(&framed(&encode_frame(&udp(1, 2, &[]))))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(s.read(&mut buf).unwrap(), 0, "closed by the bridge");
+}
