@@ -34,22 +34,31 @@ Usage as a module (stdlib only, Python 3.11):
     from qemu_peer import measure
     r = measure(1024, filled=True, reps=3)   # dict, or None if QEMU is unusable
 
-CLI:
+CLI (zero guests by default; --filled for filled ones only, --both for both):
 
     python3 benches/qemu_peer.py --mem 256 1024 4096 [--filled | --both] [--reps 3]
+                                 [--json out.json] [-v]
+
+The first savevm/loadvm of a guest is much slower than the later ones (see
+measure()); the table shows it apart.
 
 Only one QEMU runs at a time. The QEMU process is killed by its PID and the
 temporary directory (qcow2 image, memory file, sockets, logs) is removed in a
-`finally` block, whatever happens.
+`finally` block, also on Ctrl-C and (from the CLI) SIGTERM. If this process
+is SIGKILLed, QEMU still dies (PR_SET_PDEATHSIG) but the directory
+($TMPDIR/qemu_peer.*) is left behind. Disk use: the memory file plus one
+snapshot, about 2x the guest's RAM for a filled guest.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -111,6 +120,8 @@ class QMP:
                 time.sleep(0.05)
         self.file = self.sock.makefile("rwb")
         self.events: list[dict] = []
+        self.stray: list[dict] = []  # replies that matched no command (expected: none)
+        self._next_id = 0
         self.sock.settimeout(timeout_s)
         self.greeting = self._read()
         self.command("qmp_capabilities")
@@ -123,7 +134,8 @@ class QMP:
 
     def command(self, name: str, timeout_s: float = 30.0, **arguments):
         """Execute one QMP command and return its "return" value."""
-        msg = {"execute": name}
+        self._next_id += 1
+        msg = {"execute": name, "id": self._next_id}
         if arguments:
             msg["arguments"] = arguments
         self.sock.settimeout(timeout_s)
@@ -134,14 +146,20 @@ class QMP:
             if "event" in reply:
                 self.events.append(reply)
                 continue
+            if reply.get("id") != self._next_id:
+                self.stray.append(reply)  # not the answer to this command
+                continue
             if "error" in reply:
                 raise QMPError(f"{name}: {reply['error'].get('desc', reply['error'])}")
             return reply.get("return")
 
     def hmp(self, command_line: str, timeout_s: float = 30.0) -> str:
         """Run an HMP command; return its output text."""
-        return self.command("human-monitor-command", timeout_s=timeout_s,
-                            **{"command-line": command_line})
+        out = self.command("human-monitor-command", timeout_s=timeout_s,
+                           **{"command-line": command_line})
+        if not isinstance(out, str):
+            raise QMPError(f"{command_line}: unexpected reply {out!r}")
+        return out
 
     def close(self) -> None:
         try:
@@ -182,6 +200,9 @@ def _fill_file(path: str, mem_mib: int) -> None:
     (RAM migration without compression or XBZRLE, qcow2 without compression)
     looks for repeated content, only for zero pages, and this keeps the
     preparation of a 4 GiB guest to a few seconds.
+
+    The file is fsync()ed, so that the kernel's writeback of these dirty
+    pages does not run during (and slow down) the timed commands.
     """
     block = os.urandom(16 * MIB)
     left = mem_mib * MIB
@@ -190,6 +211,8 @@ def _fill_file(path: str, mem_mib: int) -> None:
             n = min(left, len(block))
             f.write(block[:n])
             left -= n
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _vm_state_mib(qmp: QMP, tag: str) -> float | None:
@@ -206,6 +229,16 @@ def _vm_state_mib(qmp: QMP, tag: str) -> float | None:
             scale = {"B": 1 / MIB, "KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "TiB": 1024 ** 2}
             return round(value * scale.get(cols[3], float("nan")), 2)
     return None
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child, before exec: ask Linux to SIGKILL it if this Python
+    process dies without running its `finally` blocks (e.g. SIGKILL)."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _wait_bios_idle(log_path: str, proc: subprocess.Popen, timeout_s: float) -> float | None:
@@ -269,6 +302,12 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
     keeps the qcow2 image from growing by a guest's RAM per rep). If one
     savevm takes longer than slow_s, no more reps are made for this guest and
     "note" says so; the lists may then be shorter than reps.
+
+    Element 0 of each list is the cold case and is usually several times
+    slower than the rest: it is the first time QEMU reads the guest's RAM
+    mapping, the qcow2 file grows to hold the state (later reps reuse the
+    clusters that delvm freed), and, for a filled guest, loadvm takes a
+    copy-on-write fault on every page of the private file mapping.
     """
     host = _check_host()
     if host is None:
@@ -297,7 +336,7 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
         cmd = qemu_command(qemu, tmp, mem_mib, filled, cpu, cache)
         log = open(os.path.join(tmp, "qemu.log"), "wb")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         say(f"started QEMU, PID {proc.pid}")
         try:
             qmp = QMP(os.path.join(tmp, "qmp.sock"), proc)
@@ -362,7 +401,7 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
                 raise QMPError(f"delvm {tag}: {out.strip()}")
 
             if save_ms > slow_s * 1e3:
-                result["note"] = (f"savevm took {save_ms / 1e3:.1f} s > {slow_s:.0f} s; "
+                result["note"] = (f"savevm took {save_ms / 1e3:.1f} s > {slow_s:g} s; "
                                   f"stopped after {rep + 1} rep(s)")
                 break
         return result
@@ -387,27 +426,37 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fmt(values: list[float]) -> str:
-    """'median (min-max)' of a list of milliseconds."""
-    if not values:
+def _first(values: list[float]) -> str:
+    return f"{values[0]:.1f}" if values else "-"
+
+
+def _later(values: list[float]) -> str:
+    """'median (min-max)' of the reps after the first one."""
+    rest = values[1:]
+    if not rest:
         return "-"
-    med = statistics.median(values)
-    if len(values) == 1:
+    med = statistics.median(rest)
+    if len(rest) == 1:
         return f"{med:.1f}"
-    return f"{med:.1f} ({min(values):.1f}-{max(values):.1f})"
+    return f"{med:.1f} ({min(rest):.1f}-{max(rest):.1f})"
 
 
 def print_table(results: list[dict]) -> None:
-    rows = [("MiB", "guest RAM", "snapshot MiB", "savevm ms, median (min-max)",
-             "loadvm ms, median (min-max)", "note")]
+    """One row per guest. The first rep is shown apart from the others: it
+    pays one-time costs (QEMU's first touch of the guest RAM mapping, the
+    growth of the qcow2 file, the guest's copy-on-write of its file-backed
+    pages in loadvm), while the later reps reuse what the first allocated."""
+    rows = [("MiB", "guest RAM", "snapshot MiB",
+             "savevm ms: 1st", "later: median (min-max)",
+             "loadvm ms: 1st", "later: median (min-max)", "note")]
     for r in results:
         sizes = [s for s in r.get("vm_state_mib", []) if s is not None]
         rows.append((
             str(r["mem_mib"]),
             "filled" if r["filled"] else "zero",
             f"{max(sizes):.1f}" if sizes else "?",
-            _fmt(r["savevm_ms"]),
-            _fmt(r["loadvm_ms"]),
+            _first(r["savevm_ms"]), _later(r["savevm_ms"]),
+            _first(r["loadvm_ms"]), _later(r["loadvm_ms"]),
             r.get("note", ""),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -442,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="progress on stderr")
     args = ap.parse_args(argv)
 
+    # Turn SIGTERM (e.g. a harness's timeout) into SystemExit, so that the
+    # `finally` in measure() kills QEMU and removes the temporary directory.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    if _check_host() is None:
+        return 0  # QEMU not installed: skipped (the reason is printed), not failed
     kinds = [False, True] if args.both else [args.filled]
     results = []
     for filled in kinds:
@@ -449,9 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(mem, filled, args.reps, cpu=args.cpu, cache=args.cache,
                         slow_s=args.slow, tmp_parent=args.tmpdir, verbose=args.verbose)
             if r is None:
-                if _check_host() is None:
-                    return 0  # QEMU not installed: skipped, not failed
-                continue
+                continue  # the reason is printed
             results.append(r)
             if r["savevm_ms"] and max(r["savevm_ms"]) > args.slow * 1e3:
                 bigger = [m for m in args.mem if m > mem]

@@ -153,30 +153,13 @@ impl Vcpu {
                 ))),
                 // Completion started another access (a string I/O
                 // instruction): serve it like any other, then try again.
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    ctx.pio.write(u64::from(port), data);
-                    Some(Ok(()))
-                }
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    if !ctx.pio.read(u64::from(port), data) {
-                        data.fill(0xff);
-                    }
-                    Some(Ok(()))
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    ctx.mmio.write(addr, data);
-                    Some(Ok(()))
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    if !ctx.mmio.read(addr, data) {
-                        data.fill(0xff);
-                    }
-                    Some(Ok(()))
-                }
-                Ok(other) => Some(Err(format!(
-                    "vCPU {}: unexpected exit {other:?} while parking",
-                    self.index
-                ))),
+                Ok(mut exit) => match serve_access(ctx, &mut exit) {
+                    Some(_) => Some(Ok(())),
+                    None => Some(Err(format!(
+                        "vCPU {}: unexpected exit {exit:?} while parking",
+                        self.index
+                    ))),
+                },
             };
             self.fd.set_kvm_immediate_exit(0);
             match next {
@@ -189,52 +172,31 @@ impl Vcpu {
 
     fn run_once(&mut self, ctx: &VcpuContext) -> Result<Next, String> {
         let idx = self.index;
-        let deferred = match self.fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                if !ctx.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                }
-                return Ok(Next::Continue);
+        let mut exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(Next::Continue)
             }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                return Ok(match ctx.pio.write(u64::from(port), data) {
-                    WriteResult::Done => Next::Continue,
-                    WriteResult::Unclaimed => {
-                        tracing::debug!(port, len = data.len(), "unclaimed port write");
-                        Next::Continue
-                    }
-                    WriteResult::Trap(t) => self.trap(ctx, t),
-                });
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                if !ctx.mmio.read(addr, data) {
-                    data.fill(0xff);
-                }
-                return Ok(Next::Continue);
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                return Ok(match ctx.mmio.write(addr, data) {
-                    WriteResult::Done => Next::Continue,
-                    WriteResult::Unclaimed => {
-                        tracing::debug!(addr, len = data.len(), "unclaimed MMIO write");
-                        Next::Continue
-                    }
-                    WriteResult::Trap(t) => self.trap(ctx, t),
-                });
-            }
-            Ok(VcpuExit::SystemEvent(kind, _)) if kind == KVM_SYSTEM_EVENT_SHUTDOWN || kind == KVM_SYSTEM_EVENT_RESET => {
+            Err(e) => return Err(format!("vCPU {idx}: KVM_RUN failed: {e}")),
+        };
+        if let Some(r) = serve_access(ctx, &mut exit) {
+            return Ok(match r {
+                WriteResult::Done | WriteResult::Unclaimed => Next::Continue,
+                WriteResult::Trap(t) => self.trap(ctx, t),
+            });
+        }
+        let deferred = match exit {
+            VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_SHUTDOWN || kind == KVM_SYSTEM_EVENT_RESET => {
                 let _ = ctx.events.send(VmEvent::GuestReset);
                 return Ok(Next::Stop);
             }
-            Ok(VcpuExit::Shutdown) => Deferred::Shutdown,
-            Ok(VcpuExit::InternalError) => Deferred::InternalError,
-            Ok(VcpuExit::Hlt) => Deferred::Fatal("halted with interrupts off (KVM_EXIT_HLT)".into()),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+            VcpuExit::Shutdown => Deferred::Shutdown,
+            VcpuExit::InternalError => Deferred::InternalError,
+            VcpuExit::Hlt => Deferred::Fatal("halted with interrupts off (KVM_EXIT_HLT)".into()),
+            VcpuExit::FailEntry(reason, cpu) => {
                 Deferred::Fatal(format!("VM entry failed (KVM_EXIT_FAIL_ENTRY), hardware reason {reason:#x} on host CPU {cpu}"))
             }
-            Ok(other) => Deferred::Fatal(format!("unexpected exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(Next::Continue),
-            Err(e) => Deferred::Fatal(format!("KVM_RUN failed: {e}")),
+            other => Deferred::Fatal(format!("unexpected exit {other:?}")),
         };
         let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
         tracing::debug!(regs = ?self.fd.get_regs(), sregs = ?self.fd.get_sregs(), "exit needing attention");
@@ -329,6 +291,28 @@ impl Vcpu {
             }
         }
         (internal.suberror, insn)
+    }
+}
+
+/// Serves a port or MMIO access on its bus: unclaimed reads see all ones,
+/// unclaimed writes are dropped. `None` if `exit` is not an access.
+fn serve_access(ctx: &VcpuContext, exit: &mut VcpuExit<'_>) -> Option<WriteResult> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.pio.read(u64::from(*port), data) {
+                data.fill(0xff);
+            }
+            Some(WriteResult::Done)
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio.read(*addr, data) {
+                data.fill(0xff);
+            }
+            Some(WriteResult::Done)
+        }
+        VcpuExit::IoOut(port, data) => Some(ctx.pio.write(u64::from(*port), data)),
+        VcpuExit::MmioWrite(addr, data) => Some(ctx.mmio.write(*addr, data)),
+        _ => None,
     }
 }
 
