@@ -23,7 +23,7 @@ pub const BARE_FREE_BASE: u64 = 0x100_0000;
 /// An address in the MMIO gap below 4 GiB where no device answers: reads
 /// return all ones and writes are dropped. Tests use it to reach the
 /// VMM's MMIO path with no device behind it.
-pub const UNCLAIMED_MMIO: u64 = 0xd000_0000;
+pub const UNCLAIMED_MMIO: u64 = 0xdf00_0000;
 
 /// The hypercall port. A guest writes the operation number with
 /// `out dx, eax` (4 bytes); the argument goes in RDI. The VMM puts the

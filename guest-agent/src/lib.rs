@@ -20,3 +20,5 @@ pub mod linux;
 pub mod pio;
 #[cfg(target_arch = "x86_64")]
 pub mod serial;
+#[cfg(target_arch = "x86_64")]
+pub mod virtio_net;

@@ -11,10 +11,14 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::controller::{Controller, VcpuHandle};
+use crate::devices::virtio::net::{new_net, new_net_with_backend, NetBackendSpec, NetHandle};
+use crate::devices::virtio::{mmio_slot_base, virtio_gsi, VIRTIO_MMIO_SIZE};
 use crate::spec::hypercall::HypercallDevice;
+use crate::spec::link::{BridgeLink, SharedDeps, SpecHook};
 use crate::spec::memory::MemoryTracker;
 use crate::vstate::vcpu::VcpuLink;
 use crate::vstate::vcpu_state::StateCaps;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::cpuid::set_vcpu_identity;
 use crate::bare::{self, BareError};
@@ -56,6 +60,9 @@ pub enum VmmError {
     /// The control API could not start.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    /// A network device could not be set up.
+    #[error("network device: {0}")]
+    Net(String),
     /// A thread could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
@@ -80,7 +87,66 @@ pub struct Vmm {
     print_stats: bool,
     full_copy: bool,
     start_paused: bool,
+    network: Network,
     _ram: GuestRam,
+}
+
+/// The VM's network devices, its port on the bridge, and the dependency
+/// set their hooks read.
+#[derive(Default)]
+struct Network {
+    nets: Vec<NetHandle>,
+    link: Option<BridgeLink>,
+    deps: Arc<Mutex<SharedDeps>>,
+}
+
+/// Creates the `--net` devices on the MMIO bus, with their interrupts, and
+/// connects `bridge=` ones to the bridge with the speculation hook.
+fn attach_nets(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &crate::vstate::memory::GuestMemoryMmap,
+    mmio: &mut Bus,
+    devices: &mut Vec<SharedDevice>,
+    events: &crate::event::EventSender,
+) -> Result<Network, VmmError> {
+    let mut network = Network::default();
+    for (slot, cfg) in config.nets.iter().enumerate() {
+        let slot = slot as u32;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::Net(e.to_string()))?;
+        vm.fd
+            .register_irqfd(&irq, virtio_gsi(slot))
+            .map_err(|e| VmError::Ioctl("KVM_IRQFD (virtio)", e))?;
+        let mac = cfg.mac_or_default(config.vm_id, slot as u8);
+        let (dev, handle) = match &cfg.backend {
+            NetBackendSpec::Bridge(path) => {
+                if network.link.is_some() {
+                    return Err(VmmError::Net("only one bridge= device per VM".into()));
+                }
+                let (link, backend) = BridgeLink::connect(path, config.vm_id, events.clone())
+                    .map_err(|e| VmmError::Net(e.to_string()))?;
+                network.link = Some(link);
+                let (dev, handle) = new_net_with_backend(backend, mac, cfg.mtu, mem.clone(), irq)
+                    .map_err(|e| VmmError::Net(e.to_string()))?;
+                let stats = Arc::default();
+                handle.set_hook(Box::new(SpecHook::new(
+                    network.deps.clone(),
+                    events.clone(),
+                    stats,
+                )));
+                (dev, handle)
+            }
+            _ => {
+                let mut c = cfg.clone();
+                c.mac = Some(mac);
+                new_net(c, mem.clone(), irq).map_err(|e| VmmError::Net(e.to_string()))?
+            }
+        };
+        mmio.insert(dev.clone(), mmio_slot_base(slot), VIRTIO_MMIO_SIZE)?;
+        devices.push(dev);
+        network.nets.push(handle);
+    }
+    Ok(network)
 }
 
 /// Builds a VM from `config`: memory, the VM, devices, vCPUs, and the guest.
@@ -105,8 +171,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| VmError::Ioctl("KVM_IRQFD (COM1)", e))?;
     let mut pio = Bus::new();
-    // No MMIO devices yet; virtio-mmio devices will live here.
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
     let serial: SharedDevice = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_LEN.into())?;
     let exit: SharedDevice = Arc::new(Mutex::new(ExitDevice::new(tx.clone())));
@@ -133,6 +198,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
             bare::setup_vcpu(&vcpus[0], entry, config.mem_size, *arg)?;
         }
     }
+    let mut devices = vec![serial];
+    let network = attach_nets(config, &vm, &ram.mem, &mut mmio, &mut devices, &tx)?;
     let api = match &config.api_sock {
         Some(p) => Some(crate::api::start(p, tx.clone())?),
         None => None,
@@ -152,12 +219,13 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         events: rx,
         vm,
         memory,
-        devices: vec![serial],
+        devices,
         vm_id: config.vm_id,
         api,
         print_stats: config.stats,
         full_copy: config.full_copy,
         start_paused: config.start_paused,
+        network,
         _ram: ram,
     })
 }
@@ -212,6 +280,7 @@ impl Vmm {
             print_stats,
             full_copy,
             start_paused,
+            network,
             _ram,
         } = self;
         crate::signals::spawn_waiter(ctx.events.clone()).map_err(VmmError::Thread)?;
@@ -244,6 +313,7 @@ impl Vmm {
         if let Some(api) = &api {
             controller.publish_to(api.events.clone());
         }
+        controller.attach_network(network.nets, network.link, network.deps);
         if full_copy {
             controller.use_full_copy();
         }

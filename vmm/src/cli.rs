@@ -79,6 +79,12 @@ pub struct RunArgs {
     /// --api-sock).
     #[arg(long, requires = "api_sock")]
     pub start_paused: bool,
+    /// A network device: `bridge=PATH` (a port on netbridge, speculation
+    /// across VMs), `socket=PATH` (SOCK_SEQPACKET, a frame per message) or
+    /// `tap=NAME`, then optionally `,mac=02:..` and `,mtu=N` (default 1460,
+    /// leaving room for the speculation tag). Repeatable.
+    #[arg(long = "net", value_name = "SPEC")]
+    pub net: Vec<String>,
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -105,7 +111,16 @@ impl RunArgs {
             stats: self.stats,
             full_copy: self.checkpoint == "full-copy",
             start_paused: self.start_paused,
+            nets: self.nets()?,
         })
+    }
+
+    fn nets(&self) -> Result<Vec<crate::devices::virtio::net::NetConfig>, ConfigError> {
+        use crate::devices::virtio::VIRTIO_MAX_SLOTS;
+        if self.net.len() > VIRTIO_MAX_SLOTS as usize {
+            return Err(ConfigError::TooManyNets(VIRTIO_MAX_SLOTS));
+        }
+        self.net.iter().map(|s| Ok(s.parse()?)).collect()
     }
 }
 

@@ -40,6 +40,12 @@ pub enum ConfigError {
         /// Why it cannot be used.
         err: String,
     },
+    /// A `--net` specification is invalid.
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetConfigError),
+    /// Too many devices.
+    #[error("at most {0} network devices")]
+    TooManyNets(u32),
     /// A host-compat mode could not be parsed.
     #[error("invalid host-compat mode '{0}': expected auto, on or off")]
     BadHostCompat(String),
@@ -194,6 +200,8 @@ pub struct VmConfig {
     pub full_copy: bool,
     /// Hold the vCPUs until the control API says `resume`.
     pub start_paused: bool,
+    /// Network devices, in slot order.
+    pub nets: Vec<crate::devices::virtio::net::NetConfig>,
 }
 
 #[cfg(test)]

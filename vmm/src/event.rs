@@ -32,6 +32,14 @@ pub enum VmEvent {
     Reply(u8, VcpuReply),
     /// The VMM received SIGINT or SIGTERM (the signal number).
     Terminate(i32),
+    /// The net device's hook needs the VM to join these speculations before
+    /// the tagged frame it holds reaches the guest (rule 2).
+    Join {
+        /// The ids, `(vm << 32) | seq`.
+        ids: Vec<u64>,
+    },
+    /// A message from the bridge, or its loss.
+    Bridge(crate::spec::link::BridgeEvent),
     /// A request from the control API.
     Api(crate::api::ApiCall),
 }

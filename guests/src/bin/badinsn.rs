@@ -12,14 +12,14 @@
 mod rt;
 
 /// An address in the MMIO hole with no device behind it.
-const UNBACKED_MMIO: u64 = 0xd000_0000;
+const UNBACKED_MMIO: u64 = guest_agent::abi::UNCLAIMED_MMIO;
 
 fn main(_mem_size: u64, _free_base: u64, _arg: u64) -> u32 {
     rt::print!("badinsn: about to fault\n");
     let count: u64;
     // SAFETY: the VMM identity-maps 3..4 GiB for MMIO, so the read is
     // mapped; it has no effect on this program's memory. The address goes
-    // through a register: as a 32-bit displacement 0xd0000000 would be
+    // through a register: as a 32-bit displacement an address above 2 GiB would be
     // sign-extended to 0xffffffffd0000000. Encoding: f3 48 0f b8 00.
     unsafe {
         core::arch::asm!(

@@ -37,6 +37,8 @@ pub enum DeviceState {
     Stateless,
     /// The 8250 UART's registers and receive FIFO.
     Serial(vm_superio::serial::SerialState),
+    /// A virtio-net device and its transport.
+    Net(Box<crate::devices::virtio::net::NetState>),
 }
 
 /// A request a device makes of the vCPU whose access reached it.

@@ -7,5 +7,6 @@
 
 pub mod checkpoint;
 pub mod hypercall;
+pub mod link;
 pub mod memory;
 pub mod stack;

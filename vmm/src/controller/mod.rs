@@ -15,7 +15,12 @@ use guest_agent::abi::{err, op, reason};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
-use crate::api::{EntryInfo, Op, Response, SpecEvent};
+use crate::api::SpecEvent;
+use crate::devices::virtio::net::NetHandle;
+use crate::spec::link::{BridgeLink, SharedDeps};
+
+mod api;
+mod network;
 use crate::devices::bus::{lock, SharedDevice};
 use crate::event::{EventReceiver, VcpuCmd, VcpuReply, VmEvent};
 use crate::spec::checkpoint::Checkpoint;
@@ -136,6 +141,13 @@ pub struct Controller {
     user_paused: bool,
     /// Where speculation events go (the API's `events` stream).
     publish: Option<tokio::sync::broadcast::Sender<SpecEvent>>,
+    /// The port on netbridge, if the VM has one.
+    link: Option<BridgeLink>,
+    /// The dependency set as the net devices' hooks read it.
+    deps: Arc<std::sync::Mutex<SharedDeps>>,
+    /// The net devices, whose receive must hold while checkpoints are
+    /// taken or restored.
+    nets: Vec<NetHandle>,
     /// Timings of served operations.
     pub stats: Stats,
 }
@@ -167,6 +179,9 @@ impl Controller {
             full_copy: false,
             user_paused: false,
             publish: None,
+            link: None,
+            deps: Arc::default(),
+            nets: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -177,14 +192,30 @@ impl Controller {
         self.full_copy = true;
     }
 
+    /// Gives the controller the VM's net devices, its bridge port, and the
+    /// dependency set their hooks read.
+    pub fn attach_network(
+        &mut self,
+        nets: Vec<NetHandle>,
+        link: Option<BridgeLink>,
+        deps: Arc<std::sync::Mutex<SharedDeps>>,
+    ) {
+        self.nets = nets;
+        self.link = link;
+        self.deps = deps;
+    }
+
     /// Sends speculation events to `tx` from now on.
     pub fn publish_to(&mut self, tx: tokio::sync::broadcast::Sender<SpecEvent>) {
         self.publish = Some(tx);
     }
 
     fn emit(&self, event: &str, id: SpecId, caller: Option<u8>) {
+        self.emit_by(event, id, if caller.is_some() { "guest" } else { "host" });
+    }
+
+    fn emit_by(&self, event: &str, id: SpecId, by: &str) {
         if let Some(tx) = &self.publish {
-            let by = if caller.is_some() { "guest" } else { "host" };
             // No subscriber is not an error.
             let _ = tx.send(SpecEvent {
                 event: event.into(),
@@ -235,6 +266,8 @@ impl Controller {
                     self.resume_all();
                 }
                 VmEvent::Reply(i, r) => tracing::warn!(vcpu = i, "unexpected reply {r:?}"),
+                VmEvent::Join { ids } => self.join(ids)?,
+                VmEvent::Bridge(ev) => self.bridge_event(ev)?,
                 VmEvent::Api(call) => {
                     let resp = self.api(call.op)?;
                     let _ = call.reply.send(resp);
@@ -255,8 +288,12 @@ impl Controller {
         }
     }
 
-    /// Parks every vCPU at a clean instruction boundary.
+    /// Parks every vCPU at a clean instruction boundary, and holds the
+    /// net devices' receive (their threads write guest memory).
     fn pause_all(&mut self) -> Result<(), ControlError> {
+        for n in &self.nets {
+            n.pause_rx();
+        }
         for h in self.vcpus.iter().filter(|h| !h.parked && !h.pending_call) {
             h.attention.store(true, Ordering::Release);
             let _ = h.thread.kill(SIGRTMIN());
@@ -303,6 +340,9 @@ impl Controller {
     fn resume_all(&mut self) {
         if self.user_paused {
             return;
+        }
+        for n in &self.nets {
+            n.resume_rx();
         }
         for h in self
             .vcpus
@@ -396,6 +436,8 @@ impl Controller {
             .map_err(|e| ControlError::Vcpu(e.to_string()))?;
         tracing::info!(%id, depth = self.stack.depth(), "speculate");
         self.emit("speculate", id, caller);
+        self.tell_bridge(netbridge::protocol::Control::Started { id: id.to_u64() });
+        self.sync_deps();
         Ok(Ok(id))
     }
 
@@ -439,6 +481,7 @@ impl Controller {
         let id = self.stack.commit_own().map_err(|_| err::NO_SPECULATION)?;
         tracing::info!(%id, depth = self.stack.depth(), "commit");
         self.emit("commit", id, caller);
+        self.resolved(id, netbridge::protocol::Outcome::Commit);
         Ok(id)
     }
 
@@ -495,63 +538,10 @@ impl Controller {
         tracing::info!(aborted = ?ids, depth = self.stack.depth(), "rollback");
         for &id in &rb.aborted {
             self.emit("abort", id, by);
+            self.resolved(id, netbridge::protocol::Outcome::Abort);
         }
+        self.sync_deps();
         Ok(())
-    }
-
-    /// Serves a control API request, acting as the VM's owner (rule 8).
-    fn api(&mut self, op: Op) -> Result<Response, ControlError> {
-        let code = |e: u64| match e {
-            err::NO_SPECULATION => Response::error("the VM holds no speculation of its own"),
-            err::TOO_DEEP => Response::error(format!("the checkpoint stack is full ({MAX_DEPTH})")),
-            e => Response::error(format!("error {}", e as i64)),
-        };
-        let with_id = |id: SpecId| Response {
-            id: Some(id.to_string()),
-            ..Response::ok()
-        };
-        Ok(match op {
-            Op::Status => Response {
-                depth: Some(self.stack.depth()),
-                entries: Some(
-                    self.stack
-                        .entries()
-                        .iter()
-                        .map(|e| EntryInfo {
-                            id: e.id.to_string(),
-                            explicit: e.explicit,
-                        })
-                        .collect(),
-                ),
-                paused: Some(self.user_paused),
-                vm_id: Some(self.vm_id),
-                ..Response::ok()
-            },
-            Op::Pause => {
-                self.pause_all()?;
-                self.user_paused = true;
-                Response::ok()
-            }
-            Op::Resume => {
-                self.user_paused = false;
-                self.resume_all();
-                Response::ok()
-            }
-            Op::Speculate => {
-                self.pause_all()?;
-                let r = self.speculate(None)?;
-                self.resume_all();
-                r.map_or_else(code, with_id)
-            }
-            Op::Commit => self.commit(None).map_or_else(code, with_id),
-            Op::Abort => {
-                self.pause_all()?;
-                let r = self.abort_own(reason::ABORTED_BY_HOST, None)?;
-                self.resume_all();
-                r.map_or_else(code, with_id)
-            }
-            Op::Events => Response::error("events are served by the API server"),
-        })
     }
 
     /// Stops every vCPU thread: raises the stop flag, lets parked ones go,

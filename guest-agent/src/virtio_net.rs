@@ -1,0 +1,502 @@
+//! A polling virtio-net driver for bare guests: virtio-mmio version 2, one
+//! receive and one transmit queue, no interrupts, no offloads.
+//!
+//! The driver needs two things from its caller:
+//! - the device's register window, through [`Mmio`] ([`PhysMmio`] in a bare
+//!   guest, which identity-maps the MMIO hole: the first virtio slot is at
+//!   [`FIRST_SLOT_BASE`]);
+//! - [`DMA_SIZE`] bytes of memory that the device can reach, through
+//!   [`Dma`]: where the driver writes them and the guest-physical address
+//!   the device sees (the same number in a bare guest).
+//!
+//! It accepts VIRTIO_F_VERSION_1, and VIRTIO_NET_F_MAC and VIRTIO_NET_F_MTU
+//! when offered. Each queue has [`QUEUE_SIZE`] entries, each buffer is
+//! [`BUFFER_SIZE`] bytes, so frames of up to [`MAX_FRAME`] bytes fit. The
+//! memory holds, from its start: one page of rings per queue (descriptor
+//! table at 0, available ring at 0x100, used ring at 0x200), then the
+//! receive buffers, then the transmit buffers.
+
+use core::fmt;
+use core::sync::atomic::{fence, Ordering};
+
+/// The guest-physical base of the first virtio-mmio slot of specvm.
+pub const FIRST_SLOT_BASE: u64 = 0xd000_0000;
+/// Entries per queue.
+pub const QUEUE_SIZE: u16 = 16;
+/// Bytes per buffer (header and frame).
+pub const BUFFER_SIZE: usize = 4096;
+/// The virtio-net header (`virtio_net_hdr_v1`) before every frame.
+pub const NET_HDR_LEN: usize = 12;
+/// The longest frame the buffers hold.
+pub const MAX_FRAME: usize = BUFFER_SIZE - NET_HDR_LEN;
+/// Bytes of rings for one queue.
+const RING_AREA: usize = 4096;
+const QSIZE: usize = QUEUE_SIZE as usize;
+/// Bytes of memory the driver needs.
+pub const DMA_SIZE: usize = 2 * RING_AREA + 2 * QSIZE * BUFFER_SIZE;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const DESC_OFFSET: usize = 0;
+const AVAIL_OFFSET: usize = 0x100;
+const USED_OFFSET: usize = 0x200;
+
+// Registers (virtio 1.x, 4.2.2).
+const REG_MAGIC: usize = 0x000;
+const REG_VERSION: usize = 0x004;
+const REG_DEVICE_ID: usize = 0x008;
+const REG_DEVICE_FEATURES: usize = 0x010;
+const REG_DEVICE_FEATURES_SEL: usize = 0x014;
+const REG_DRIVER_FEATURES: usize = 0x020;
+const REG_DRIVER_FEATURES_SEL: usize = 0x024;
+const REG_QUEUE_SEL: usize = 0x030;
+const REG_QUEUE_NUM_MAX: usize = 0x034;
+const REG_QUEUE_NUM: usize = 0x038;
+const REG_QUEUE_READY: usize = 0x044;
+const REG_QUEUE_NOTIFY: usize = 0x050;
+const REG_STATUS: usize = 0x070;
+const REG_QUEUE_DESC: usize = 0x080;
+const REG_QUEUE_AVAIL: usize = 0x090;
+const REG_QUEUE_USED: usize = 0x0a0;
+const REG_CONFIG_GENERATION: usize = 0x0fc;
+const REG_CONFIG: usize = 0x100;
+
+const MAGIC: u32 = 0x7472_6976;
+const NET_DEVICE_ID: u32 = 1;
+const S_ACKNOWLEDGE: u32 = 1;
+const S_DRIVER: u32 = 2;
+const S_DRIVER_OK: u32 = 4;
+const S_FEATURES_OK: u32 = 8;
+const S_NEEDS_RESET: u32 = 0x40;
+const F_VERSION_1: u64 = 1 << 32;
+const F_MAC: u64 = 1 << 5;
+const F_MTU: u64 = 1 << 3;
+const DESC_F_WRITE: u16 = 2;
+/// VRING_AVAIL_F_NO_INTERRUPT: this driver polls.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// How often `send` polls for a free transmit buffer before giving up.
+const TX_SPIN_LIMIT: u32 = 1 << 20;
+
+/// Why the driver could not set up the device or send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// No virtio-mmio device: the magic value read back.
+    BadMagic(u32),
+    /// Not virtio-mmio version 2.
+    BadVersion(u32),
+    /// A virtio device, but not a network card: its device id.
+    NotNet(u32),
+    /// The device does not offer VIRTIO_F_VERSION_1.
+    NoVersion1,
+    /// The device refused the features (FEATURES_OK did not stick).
+    FeaturesRefused,
+    /// A queue is missing or smaller than [`QUEUE_SIZE`].
+    QueueTooSmall {
+        /// The queue.
+        queue: u16,
+        /// Its maximum size.
+        max: u32,
+    },
+    /// The device asks for a reset (status bit DEVICE_NEEDS_RESET).
+    NeedsReset,
+    /// A frame longer than [`MAX_FRAME`].
+    FrameTooLong(usize),
+    /// No transmit buffer came back in time.
+    TxFull,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadMagic(v) => write!(f, "no virtio-mmio device (magic {v:#x})"),
+            Self::BadVersion(v) => write!(f, "virtio-mmio version {v}, not 2"),
+            Self::NotNet(id) => write!(f, "virtio device type {id}, not a network card"),
+            Self::NoVersion1 => f.write_str("device does not offer VIRTIO_F_VERSION_1"),
+            Self::FeaturesRefused => f.write_str("device refused the features"),
+            Self::QueueTooSmall { queue, max } => {
+                write!(f, "queue {queue} holds {max} entries, {QUEUE_SIZE} needed")
+            }
+            Self::NeedsReset => f.write_str("device needs a reset"),
+            Self::FrameTooLong(n) => write!(f, "frame of {n} bytes (max {MAX_FRAME})"),
+            Self::TxFull => f.write_str("no transmit buffer came back"),
+        }
+    }
+}
+
+/// 32-bit and 8-bit access to a device's register window (offsets from its
+/// base).
+pub trait Mmio {
+    /// Reads the 32-bit register at `offset`.
+    fn read32(&self, offset: usize) -> u32;
+    /// Writes the 32-bit register at `offset`.
+    fn write32(&self, offset: usize, value: u32);
+    /// Reads one byte (of the configuration space) at `offset`.
+    fn read8(&self, offset: usize) -> u8;
+}
+
+/// A register window at an identity-mapped physical address.
+#[derive(Debug, Clone, Copy)]
+pub struct PhysMmio {
+    base: usize,
+}
+
+impl PhysMmio {
+    /// The window at `base`.
+    ///
+    /// # Safety
+    /// `base..base + 0x1000` must be mapped at the same virtual address and
+    /// belong to a device (or be a hole whose accesses the VMM handles):
+    /// the driver reads and writes it.
+    pub const unsafe fn new(base: u64) -> Self {
+        Self {
+            base: base as usize,
+        }
+    }
+}
+
+impl Mmio for PhysMmio {
+    fn read32(&self, offset: usize) -> u32 {
+        // SAFETY: `new`'s contract makes the window accessible; offsets
+        // come from this module and stay inside it.
+        unsafe { ((self.base + offset) as *const u32).read_volatile() }
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        // SAFETY: as for `read32`.
+        unsafe { ((self.base + offset) as *mut u32).write_volatile(value) }
+    }
+
+    fn read8(&self, offset: usize) -> u8 {
+        // SAFETY: as for `read32`.
+        unsafe { ((self.base + offset) as *const u8).read_volatile() }
+    }
+}
+
+/// Memory shared with the device: where the driver sees it and where the
+/// device does.
+#[derive(Debug)]
+pub struct Dma {
+    virt: *mut u8,
+    phys: u64,
+}
+
+impl Dma {
+    /// [`DMA_SIZE`] bytes at `virt`, which the device sees at `phys`.
+    ///
+    /// # Safety
+    /// `virt..virt + DMA_SIZE` must be valid for reads and writes, used by
+    /// nothing but this driver and the device while the driver lives, and
+    /// be what the device reaches at `phys..phys + DMA_SIZE`. Both
+    /// addresses must be page-aligned (4096).
+    pub const unsafe fn new(virt: *mut u8, phys: u64) -> Self {
+        Self { virt, phys }
+    }
+
+    /// Identity-mapped memory at `addr` (bare guests).
+    ///
+    /// # Safety
+    /// As for [`Dma::new`] with `virt` = `phys` = `addr`.
+    pub const unsafe fn identity(addr: u64) -> Self {
+        Self {
+            virt: addr as *mut u8,
+            phys: addr,
+        }
+    }
+
+    fn write<T: Copy>(&self, offset: usize, value: T) {
+        debug_assert!(offset + core::mem::size_of::<T>() <= DMA_SIZE);
+        // SAFETY: the constructor's contract covers DMA_SIZE bytes, and
+        // every offset this module computes lies inside them, aligned for T.
+        unsafe { self.virt.add(offset).cast::<T>().write_volatile(value) }
+    }
+
+    fn read<T: Copy>(&self, offset: usize) -> T {
+        debug_assert!(offset + core::mem::size_of::<T>() <= DMA_SIZE);
+        // SAFETY: as for `write`.
+        unsafe { self.virt.add(offset).cast::<T>().read_volatile() }
+    }
+}
+
+/// Where things are in the DMA memory.
+const fn ring(queue: usize) -> usize {
+    queue * RING_AREA
+}
+
+const fn buffer(queue: usize, index: usize) -> usize {
+    2 * RING_AREA + (queue * QSIZE + index) * BUFFER_SIZE
+}
+
+/// A virtio-net device, set up and running.
+pub struct VirtioNet<M: Mmio> {
+    mmio: M,
+    dma: Dma,
+    features: u64,
+    mac: [u8; 6],
+    mtu: Option<u16>,
+    rx_used: u16,
+    rx_avail: u16,
+    tx_used: u16,
+    tx_avail: u16,
+    tx_busy: u32,
+}
+
+impl<M: Mmio> VirtioNet<M> {
+    /// Resets the device behind `mmio`, negotiates, sets up both queues in
+    /// `dma`, posts every receive buffer and starts the device.
+    pub fn new(mmio: M, dma: Dma) -> Result<Self, Error> {
+        probe(&mmio)?;
+        mmio.write32(REG_STATUS, 0);
+        mmio.write32(REG_STATUS, S_ACKNOWLEDGE);
+        mmio.write32(REG_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+        let features = negotiate(&mmio)?;
+        for offset in (0..DMA_SIZE).step_by(8) {
+            dma.write(offset, 0u64);
+        }
+        let mut dev = Self {
+            mmio,
+            dma,
+            features,
+            mac: [0; 6],
+            mtu: None,
+            rx_used: 0,
+            rx_avail: 0,
+            tx_used: 0,
+            tx_avail: 0,
+            tx_busy: 0,
+        };
+        dev.setup_queue(RX)?;
+        dev.setup_queue(TX)?;
+        for i in 0..QUEUE_SIZE {
+            dev.post_rx(i);
+        }
+        let status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
+        dev.mmio.write32(REG_STATUS, status);
+        if dev.needs_reset() {
+            return Err(Error::NeedsReset);
+        }
+        dev.mmio.write32(REG_QUEUE_NOTIFY, RX as u32);
+        dev.read_config();
+        Ok(dev)
+    }
+
+    /// The device's MAC address (zeros if it offers none).
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The MTU the device offers, if it does.
+    pub fn mtu(&self) -> Option<u16> {
+        self.mtu
+    }
+
+    /// The features both sides agreed on.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Whether the device asks for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.mmio.read32(REG_STATUS) & S_NEEDS_RESET != 0
+    }
+
+    fn setup_queue(&mut self, queue: usize) -> Result<(), Error> {
+        let m = &self.mmio;
+        m.write32(REG_QUEUE_SEL, queue as u32);
+        let max = m.read32(REG_QUEUE_NUM_MAX);
+        if max < u32::from(QUEUE_SIZE) || m.read32(REG_QUEUE_READY) != 0 {
+            return Err(Error::QueueTooSmall {
+                queue: queue as u16,
+                max,
+            });
+        }
+        m.write32(REG_QUEUE_NUM, QUEUE_SIZE.into());
+        let base = self.dma.phys + ring(queue) as u64;
+        for (reg, offset) in [
+            (REG_QUEUE_DESC, DESC_OFFSET),
+            (REG_QUEUE_AVAIL, AVAIL_OFFSET),
+            (REG_QUEUE_USED, USED_OFFSET),
+        ] {
+            let addr = base + offset as u64;
+            m.write32(reg, addr as u32);
+            m.write32(reg + 4, (addr >> 32) as u32);
+        }
+        self.dma
+            .write(ring(queue) + AVAIL_OFFSET, AVAIL_F_NO_INTERRUPT);
+        m.write32(REG_QUEUE_READY, 1);
+        Ok(())
+    }
+
+    fn read_config(&mut self) {
+        // Retry while the configuration generation changes under us.
+        for _ in 0..8 {
+            let generation = self.mmio.read32(REG_CONFIG_GENERATION);
+            if self.features & F_MAC != 0 {
+                for (i, b) in self.mac.iter_mut().enumerate() {
+                    *b = self.mmio.read8(REG_CONFIG + i);
+                }
+            }
+            if self.features & F_MTU != 0 {
+                let lo = self.mmio.read8(REG_CONFIG + 10);
+                let hi = self.mmio.read8(REG_CONFIG + 11);
+                self.mtu = Some(u16::from_le_bytes([lo, hi]));
+            }
+            if self.mmio.read32(REG_CONFIG_GENERATION) == generation {
+                break;
+            }
+        }
+    }
+
+    /// Writes descriptor `index` of `queue`.
+    fn set_desc(&self, queue: usize, index: u16, len: u32, flags: u16) {
+        let at = ring(queue) + DESC_OFFSET + 16 * usize::from(index);
+        let addr = self.dma.phys + buffer(queue, usize::from(index)) as u64;
+        self.dma.write(at, addr);
+        self.dma.write(at + 8, len);
+        self.dma.write(at + 12, flags);
+        self.dma.write(at + 14, 0u16);
+    }
+
+    /// Makes descriptor `head` available on `queue` (without notifying).
+    fn publish(&mut self, queue: usize, head: u16) {
+        let idx = if queue == RX {
+            &mut self.rx_avail
+        } else {
+            &mut self.tx_avail
+        };
+        let slot = ring(queue) + AVAIL_OFFSET + 4 + 2 * usize::from(*idx % QUEUE_SIZE);
+        self.dma.write(slot, head);
+        *idx = idx.wrapping_add(1);
+        let new_idx = *idx;
+        // The ring entry (and the buffer before it) must be visible before
+        // the index that publishes them.
+        fence(Ordering::SeqCst);
+        self.dma.write(ring(queue) + AVAIL_OFFSET + 2, new_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    fn post_rx(&mut self, index: u16) {
+        self.set_desc(RX, index, BUFFER_SIZE as u32, DESC_F_WRITE);
+        self.publish(RX, index);
+    }
+
+    fn used_idx(&self, queue: usize) -> u16 {
+        let idx = self.dma.read(ring(queue) + USED_OFFSET + 2);
+        // Read the index before the element and buffer it covers.
+        fence(Ordering::SeqCst);
+        idx
+    }
+
+    /// The used element at position `pos`: (descriptor id, length).
+    fn used_elem(&self, queue: usize, pos: u16) -> (u32, u32) {
+        let at = ring(queue) + USED_OFFSET + 4 + 8 * usize::from(pos % QUEUE_SIZE);
+        (self.dma.read(at), self.dma.read(at + 4))
+    }
+
+    fn reclaim_tx(&mut self) {
+        let used = self.used_idx(TX);
+        while self.tx_used != used {
+            let (id, _) = self.used_elem(TX, self.tx_used);
+            if id < u32::from(QUEUE_SIZE) {
+                self.tx_busy &= !(1 << id);
+            }
+            self.tx_used = self.tx_used.wrapping_add(1);
+        }
+    }
+
+    fn free_tx_slot(&mut self) -> Result<u16, Error> {
+        for _ in 0..TX_SPIN_LIMIT {
+            self.reclaim_tx();
+            if let Some(i) = (0..QUEUE_SIZE).find(|i| self.tx_busy & (1 << i) == 0) {
+                return Ok(i);
+            }
+            if self.needs_reset() {
+                return Err(Error::NeedsReset);
+            }
+            core::hint::spin_loop();
+        }
+        Err(Error::TxFull)
+    }
+
+    /// Sends one frame (from the Ethernet header on).
+    pub fn send(&mut self, frame: &[u8]) -> Result<(), Error> {
+        if frame.len() > MAX_FRAME {
+            return Err(Error::FrameTooLong(frame.len()));
+        }
+        let slot = self.free_tx_slot()?;
+        let buf = buffer(TX, usize::from(slot));
+        for i in 0..NET_HDR_LEN {
+            self.dma.write(buf + i, 0u8);
+        }
+        for (i, b) in frame.iter().enumerate() {
+            self.dma.write(buf + NET_HDR_LEN + i, *b);
+        }
+        self.set_desc(TX, slot, (NET_HDR_LEN + frame.len()) as u32, 0);
+        self.tx_busy |= 1 << slot;
+        self.publish(TX, slot);
+        self.mmio.write32(REG_QUEUE_NOTIFY, TX as u32);
+        Ok(())
+    }
+
+    /// Takes the next received frame, if one is waiting: copies it into
+    /// `buf` (cut to its length) and returns the bytes copied. The buffer
+    /// goes back to the device at once.
+    pub fn recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+        while self.rx_used != self.used_idx(RX) {
+            let (id, len) = self.used_elem(RX, self.rx_used);
+            self.rx_used = self.rx_used.wrapping_add(1);
+            let Ok(id) = u16::try_from(id) else { continue };
+            if id >= QUEUE_SIZE {
+                continue;
+            }
+            let data = (len as usize).min(BUFFER_SIZE).saturating_sub(NET_HDR_LEN);
+            let n = data.min(buf.len());
+            let from = buffer(RX, usize::from(id)) + NET_HDR_LEN;
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = self.dma.read(from + i);
+            }
+            self.post_rx(id);
+            self.mmio.write32(REG_QUEUE_NOTIFY, RX as u32);
+            if data > 0 {
+                return Some(n);
+            }
+        }
+        None
+    }
+}
+
+fn probe(mmio: &impl Mmio) -> Result<(), Error> {
+    match mmio.read32(REG_MAGIC) {
+        MAGIC => {}
+        v => return Err(Error::BadMagic(v)),
+    }
+    match mmio.read32(REG_VERSION) {
+        2 => {}
+        v => return Err(Error::BadVersion(v)),
+    }
+    match mmio.read32(REG_DEVICE_ID) {
+        NET_DEVICE_ID => Ok(()),
+        id => Err(Error::NotNet(id)),
+    }
+}
+
+fn negotiate(mmio: &impl Mmio) -> Result<u64, Error> {
+    mmio.write32(REG_DEVICE_FEATURES_SEL, 0);
+    let lo = mmio.read32(REG_DEVICE_FEATURES);
+    mmio.write32(REG_DEVICE_FEATURES_SEL, 1);
+    let hi = mmio.read32(REG_DEVICE_FEATURES);
+    let offered = u64::from(hi) << 32 | u64::from(lo);
+    if offered & F_VERSION_1 == 0 {
+        return Err(Error::NoVersion1);
+    }
+    let wanted = offered & (F_VERSION_1 | F_MAC | F_MTU);
+    mmio.write32(REG_DRIVER_FEATURES_SEL, 0);
+    mmio.write32(REG_DRIVER_FEATURES, wanted as u32);
+    mmio.write32(REG_DRIVER_FEATURES_SEL, 1);
+    mmio.write32(REG_DRIVER_FEATURES, (wanted >> 32) as u32);
+    let status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK;
+    mmio.write32(REG_STATUS, status);
+    if mmio.read32(REG_STATUS) & S_FEATURES_OK == 0 {
+        return Err(Error::FeaturesRefused);
+    }
+    Ok(wanted)
+}

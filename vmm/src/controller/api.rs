@@ -1,0 +1,64 @@
+//! The controller's side of the control API.
+
+use guest_agent::abi::{err, reason};
+
+use super::{ControlError, Controller, MAX_DEPTH};
+use crate::api::{EntryInfo, Op, Response};
+use crate::spec::stack::SpecId;
+
+impl Controller {
+    /// Serves a control API request, acting as the VM's owner (rule 8).
+    pub(super) fn api(&mut self, op: Op) -> Result<Response, ControlError> {
+        let code = |e: u64| match e {
+            err::NO_SPECULATION => Response::error("the VM holds no speculation of its own"),
+            err::TOO_DEEP => Response::error(format!("the checkpoint stack is full ({MAX_DEPTH})")),
+            e => Response::error(format!("error {}", e as i64)),
+        };
+        let with_id = |id: SpecId| Response {
+            id: Some(id.to_string()),
+            ..Response::ok()
+        };
+        Ok(match op {
+            Op::Status => Response {
+                depth: Some(self.stack.depth()),
+                entries: Some(
+                    self.stack
+                        .entries()
+                        .iter()
+                        .map(|e| EntryInfo {
+                            id: e.id.to_string(),
+                            explicit: e.explicit,
+                        })
+                        .collect(),
+                ),
+                paused: Some(self.user_paused),
+                vm_id: Some(self.vm_id),
+                ..Response::ok()
+            },
+            Op::Pause => {
+                self.pause_all()?;
+                self.user_paused = true;
+                Response::ok()
+            }
+            Op::Resume => {
+                self.user_paused = false;
+                self.resume_all();
+                Response::ok()
+            }
+            Op::Speculate => {
+                self.pause_all()?;
+                let r = self.speculate(None)?;
+                self.resume_all();
+                r.map_or_else(code, with_id)
+            }
+            Op::Commit => self.commit(None).map_or_else(code, with_id),
+            Op::Abort => {
+                self.pause_all()?;
+                let r = self.abort_own(reason::ABORTED_BY_HOST, None)?;
+                self.resume_all();
+                r.map_or_else(code, with_id)
+            }
+            Op::Events => Response::error("events are served by the API server"),
+        })
+    }
+}
