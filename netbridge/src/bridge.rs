@@ -119,9 +119,16 @@ impl Bridge {
         std::mem::take(&mut self.events)
     }
 
-    /// Adds a port for VM `vm`. A non-speculative port (the uplink, or a
-    /// VM with speculation off) gets tagged frames only after commit.
-    pub fn add_port(&mut self, port: PortId, vm: u32, speculative: bool) {
+    /// Adds a port for VM `vm`, and returns the first sequence number the
+    /// VM may use. A non-speculative port (the uplink, or a VM with
+    /// speculation off) gets tagged frames only after commit. A second port
+    /// for a VM id that is connected already is refused: two VMs with one
+    /// id would both own its speculations (rule 8).
+    pub fn add_port(&mut self, port: PortId, vm: u32, speculative: bool) -> Result<u32, String> {
+        if self.registry.vm_connected(vm) {
+            self.event("refused", None, port);
+            return Err(format!("VM id {vm} is already connected"));
+        }
         self.registry.add_port(port, vm);
         self.ports.insert(
             port,
@@ -135,6 +142,7 @@ impl Bridge {
             },
         );
         self.event("port-up", None, port);
+        Ok(self.registry.next_seq(vm))
     }
 
     /// The port is gone (rule 9). Returns the control messages to send.
@@ -297,7 +305,7 @@ impl Bridge {
                 }
                 (Vec::new(), Vec::new())
             }
-            Control::Hello { .. } | Control::Decided { .. } => {
+            Control::Hello { .. } | Control::Decided { .. } | Control::Welcome { .. } => {
                 tracing::warn!(port, "unexpected control message {c:?}");
                 (Vec::new(), Vec::new())
             }
@@ -422,9 +430,10 @@ mod tests {
 
     fn bridge() -> Bridge {
         let mut b = Bridge::new(read, strip);
-        b.add_port(1, 1, true);
-        b.add_port(2, 2, true);
-        b.add_port(3, 3, false); // an uplink
+        assert_eq!(b.add_port(1, 1, true), Ok(1));
+        b.add_port(2, 2, true).unwrap();
+        b.add_port(3, 3, false).unwrap(); // an uplink
+        assert!(b.add_port(4, 1, true).is_err(), "VM 1 is connected already");
         b
     }
 

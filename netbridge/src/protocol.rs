@@ -45,6 +45,13 @@ pub enum Control {
         /// Whether the port's VM takes part in speculations.
         speculative: bool,
     },
+    /// Bridge → VMM, the answer to hello: the first sequence number the VM
+    /// may use for its speculation ids (past every id of its VM id that the
+    /// bridge has seen, so ids never repeat on this bridge).
+    Welcome {
+        /// The first sequence number.
+        next_seq: u32,
+    },
     /// VMM → bridge: the VM started speculation `id` (it is the owner).
     Started {
         /// The speculation.
@@ -151,6 +158,7 @@ mod tests {
                 vm: 3,
                 speculative: true,
             },
+            Control::Welcome { next_seq: 5 },
             Control::Started { id: 7 },
             Control::Joined { ids: vec![1, 2] },
             Control::Resolved {

@@ -62,6 +62,8 @@ pub struct Registry {
     active: HashMap<Id, Spec>,
     decided: HashMap<Id, Outcome>,
     order: VecDeque<Id>,
+    /// The highest sequence number seen per VM id.
+    max_seq: HashMap<u32, u32>,
 }
 
 impl Registry {
@@ -73,6 +75,23 @@ impl Registry {
     /// A port said hello as VM `vm`.
     pub fn add_port(&mut self, port: PortId, vm: u32) {
         self.ports.insert(port, vm);
+    }
+
+    /// Whether a port of VM `vm` is connected.
+    pub fn vm_connected(&self, vm: u32) -> bool {
+        self.ports.values().any(|&v| v == vm)
+    }
+
+    /// The first sequence number VM `vm` may use: past every one seen.
+    pub fn next_seq(&self, vm: u32) -> u32 {
+        self.max_seq.get(&vm).map_or(1, |s| s.saturating_add(1))
+    }
+
+    /// Notes that `id` exists, for [`Registry::next_seq`].
+    pub fn seen(&mut self, id: Id) {
+        let (vm, seq) = (owner_vm(id), id as u32);
+        let m = self.max_seq.entry(vm).or_insert(0);
+        *m = (*m).max(seq);
     }
 
     /// How `id` ended, if it has.
@@ -87,6 +106,7 @@ impl Registry {
 
     /// The owner started `id`.
     pub fn started(&mut self, id: Id) {
+        self.seen(id);
         if !self.decided.contains_key(&id) {
             self.active.entry(id).or_default();
         }
@@ -97,6 +117,7 @@ impl Registry {
     pub fn joined(&mut self, port: PortId, ids: &[Id]) -> Vec<Notice> {
         let mut late = Vec::new();
         for &id in ids {
+            self.seen(id);
             match self.decided.get(&id) {
                 Some(&outcome) => late.push(Notice { port, id, outcome }),
                 None => {
@@ -124,6 +145,7 @@ impl Registry {
                 owner: owner_vm(id),
             });
         }
+        self.seen(id);
         Ok(self.decide(id, outcome))
     }
 
@@ -224,6 +246,20 @@ mod tests {
             "decided once"
         );
         assert_eq!(r.outcome(s), Some(Outcome::Commit));
+    }
+
+    #[test]
+    fn sequence_numbers_continue_past_what_was_seen() {
+        let mut r = reg();
+        assert_eq!(r.next_seq(A), 1);
+        r.started(id(A, 1));
+        r.joined(20, &[id(A, 7)]);
+        assert_eq!(r.next_seq(A), 8);
+        assert_eq!(r.next_seq(B), 1);
+        assert!(r.vm_connected(A));
+        r.port_gone(10);
+        assert!(!r.vm_connected(A));
+        assert_eq!(r.next_seq(A), 8, "remembered after the VM left");
     }
 
     #[test]

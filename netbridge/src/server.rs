@@ -135,7 +135,18 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
             return;
         }
     };
+    let next_seq = shared.bridge().add_port(port, hello.0, hello.1);
+    let next_seq = match next_seq {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(port, "port refused: {e}");
+            shared.dispatch(Vec::new(), Vec::new());
+            return;
+        }
+    };
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    // The answer to hello goes first.
+    let _ = ctl_tx.send(Control::Welcome { next_seq });
     let frames = Arc::new(Notify::new());
     shared.links().insert(
         port,
@@ -144,7 +155,6 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
             frames: frames.clone(),
         },
     );
-    shared.bridge().add_port(port, hello.0, hello.1);
     shared.dispatch(Vec::new(), Vec::new());
     tracing::info!(port, vm = hello.0, speculative = hello.1, "port up");
     let writer = tokio::spawn(write_port(port, wr, ctl_rx, frames, shared.clone()));

@@ -44,6 +44,10 @@ impl Bridge {
             .unwrap();
         let mut p = Port(s);
         p.control(&Control::Hello { vm, speculative });
+        assert!(
+            matches!(p.recv(), Some(Message::Control(Control::Welcome { .. }))),
+            "no welcome"
+        );
         p
     }
 }
@@ -192,6 +196,36 @@ fn owner_disconnect_aborts_its_speculations() {
         outcome: Outcome::Commit,
     });
     assert_eq!(c.recv(), None, "nobody left to tell, nothing sent back");
+}
+
+#[test]
+fn a_second_port_with_a_taken_vm_id_is_refused_and_ids_continue() {
+    let bridge = Bridge::start("dupid");
+    let mut a = bridge.connect(1, true);
+    a.control(&Control::Started { id: S.to_u64() });
+    settle();
+    let s = UnixStream::connect(bridge.dir.join("bridge.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut dup = Port(s);
+    dup.control(&Control::Hello {
+        vm: 1,
+        speculative: true,
+    });
+    assert_eq!(dup.recv(), None, "refused: closed without a welcome");
+    drop(a);
+    settle();
+    // VM 1 again, after the first one left: its ids continue past 1:1.
+    let s = UnixStream::connect(bridge.dir.join("bridge.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut again = Port(s);
+    again.control(&Control::Hello {
+        vm: 1,
+        speculative: true,
+    });
+    assert_eq!(
+        again.recv(),
+        Some(Message::Control(Control::Welcome { next_seq: 2 }))
+    );
 }
 
 #[test]

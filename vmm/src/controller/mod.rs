@@ -193,13 +193,18 @@ impl Controller {
     }
 
     /// Gives the controller the VM's net devices, its bridge port, and the
-    /// dependency set their hooks read.
+    /// dependency set their hooks read. The bridge says where this VM's
+    /// speculation sequence numbers start, so they never repeat ids it has
+    /// seen from an earlier VM with the same id.
     pub fn attach_network(
         &mut self,
         nets: Vec<NetHandle>,
         link: Option<BridgeLink>,
         deps: Arc<std::sync::Mutex<SharedDeps>>,
     ) {
+        if let Some(l) = &link {
+            self.stack = SpecStack::with_first_seq(self.vm_id, MAX_DEPTH, l.first_seq());
+        }
         self.nets = nets;
         self.link = link;
         self.deps = deps;

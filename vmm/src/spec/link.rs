@@ -37,6 +37,9 @@ pub enum LinkError {
     /// The bridge's socket could not be reached.
     #[error("connecting to the bridge at {0}: {1}")]
     Connect(PathBuf, io::Error),
+    /// The bridge did not accept the VM.
+    #[error("the bridge at {0} did not accept this VM: {1}")]
+    Refused(PathBuf, io::Error),
     /// The socket pair or a thread could not be set up.
     #[error("setting up the bridge link: {0}")]
     Setup(io::Error),
@@ -61,6 +64,7 @@ pub enum BridgeEvent {
 /// The VMM's end of the bridge connection.
 pub struct BridgeLink {
     writer: Arc<Mutex<UnixStream>>,
+    first_seq: u32,
 }
 
 impl BridgeLink {
@@ -71,14 +75,19 @@ impl BridgeLink {
         vm: u32,
         events: EventSender,
     ) -> Result<(Self, Backend), LinkError> {
-        let stream = UnixStream::connect(path).map_err(|e| LinkError::Connect(path.into(), e))?;
+        let mut stream =
+            UnixStream::connect(path).map_err(|e| LinkError::Connect(path.into(), e))?;
         let writer = Arc::new(Mutex::new(stream.try_clone().map_err(LinkError::Setup)?));
-        let link = Self { writer };
+        let mut link = Self {
+            writer,
+            first_seq: 1,
+        };
         link.send(&Control::Hello {
             vm,
             speculative: true,
         })
         .map_err(LinkError::Setup)?;
+        link.first_seq = welcome(&mut stream).map_err(|e| LinkError::Refused(path.into(), e))?;
         let (device_end, our_end) = seqpacket_pair().map_err(LinkError::Setup)?;
         let backend = Backend::from_socket(device_end, &format!("bridge={}", path.display()))
             .map_err(|e| LinkError::Setup(io::Error::other(e.to_string())))?;
@@ -94,6 +103,11 @@ impl BridgeLink {
             .spawn(move || forward_from_bridge(stream, &ours_rx, &events))
             .map_err(LinkError::Setup)?;
         Ok((link, backend))
+    }
+
+    /// The first sequence number the bridge lets this VM use.
+    pub fn first_seq(&self) -> u32 {
+        self.first_seq
     }
 
     /// Sends a control message to the bridge.
@@ -169,6 +183,25 @@ fn forward_from_bridge(mut stream: UnixStream, ours: &UnixDatagram, events: &Eve
         }
     }
     let _ = events.send(VmEvent::Bridge(BridgeEvent::Gone));
+}
+
+/// Waits for the bridge's answer to hello: the first sequence number. A
+/// bridge that refuses the VM (its id is taken) closes the connection.
+fn welcome(s: &mut UnixStream) -> io::Result<u32> {
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let msg = read_message(s).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("no answer to hello ({e}); is this VM id already connected?"),
+        )
+    })?;
+    s.set_read_timeout(None)?;
+    match decode(&msg) {
+        Ok(Message::Control(Control::Welcome { next_seq })) => Ok(next_seq),
+        other => Err(io::Error::other(format!(
+            "expected a welcome, got {other:?}"
+        ))),
+    }
 }
 
 fn read_message(s: &mut UnixStream) -> io::Result<Vec<u8>> {

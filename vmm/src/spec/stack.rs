@@ -96,10 +96,19 @@ pub struct SpecStack<C> {
 
 impl<C: Fold> SpecStack<C> {
     /// An empty stack for VM `vm`, holding at most `max_frames` frames.
+    /// Sequence numbers start at 1.
     pub fn new(vm: u32, max_frames: usize) -> Self {
+        Self::with_first_seq(vm, max_frames, 1)
+    }
+
+    /// Like [`SpecStack::new`], with sequence numbers starting at `first`
+    /// (0 becomes 1). A VM on a bridge starts where the bridge says, so a
+    /// VM that reuses the id of one that ended does not reuse its
+    /// speculation ids, whose outcomes the bridge remembers.
+    pub fn with_first_seq(vm: u32, max_frames: usize, first: u32) -> Self {
         Self {
             vm,
-            next_seq: 1,
+            next_seq: first.max(1),
             max_frames,
             frames: Vec::new(),
         }
