@@ -99,6 +99,10 @@ pub fn setup_vcpu(vcpu: &Vcpu, e: BareEntry, mem_size: u64, arg: u64) -> Result<
     vcpu.fd.set_fpu(&default_fpu()).map_err(err)?;
     // The TSC frequency lets a guest turn `rdtsc` into time; 0 if unknown.
     let tsc_khz = vcpu.fd.get_tsc_khz().unwrap_or(0);
-    let regs = bare_regs(e.entry, BARE_STACK_TOP, [mem_size, BARE_FREE_BASE, arg, u64::from(tsc_khz)]);
+    let regs = bare_regs(
+        e.entry,
+        BARE_STACK_TOP,
+        [mem_size, BARE_FREE_BASE, arg, u64::from(tsc_khz)],
+    );
     vcpu.fd.set_regs(&regs).map_err(err)
 }

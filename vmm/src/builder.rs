@@ -24,7 +24,9 @@ use crate::devices::legacy::serial::SerialError;
 use crate::devices::legacy::{ExitDevice, SerialDevice};
 use crate::devices::{Bus, BusError};
 use crate::event::{self, EventReceiver, VmEvent};
-use crate::host_compat::{self, cpuid, HostCompat};
+use crate::host_compat::{self, cpuid, HostCompat, HostCompatError};
+use crate::linux::{self, LinuxError, LinuxSpec};
+use crate::progress::{self, Progress, ProgressError};
 use crate::vstate::memory::{create_guest_memory, GuestRam, MemoryError};
 use crate::vstate::vcpu::{enable_exit_on_emulation_failure, Vcpu, VcpuContext};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
@@ -53,6 +55,15 @@ pub enum VmmError {
     /// A vCPU could not be created or configured.
     #[error("vCPU {0}: {1}: {2}")]
     Vcpu(u8, &'static str, kvm_ioctls::Error),
+    /// The Linux boot could not be prepared.
+    #[error(transparent)]
+    Linux(#[from] LinuxError),
+    /// The host-compat layer could not be set up.
+    #[error(transparent)]
+    Compat(#[from] HostCompatError),
+    /// The progress monitor could not be started.
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
     /// A thread could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
@@ -85,7 +96,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         "host compat: {}",
         detection.reason
     );
-    let compat = detection.active.then(HostCompat::new);
+    let mut compat = detection.active.then(HostCompat::new);
 
     let ram = create_guest_memory(config.mem_size)?;
     let vm = Vm::new(&kvm, &ram.mem)?;
@@ -98,8 +109,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(|e| VmError::Ioctl("KVM_IRQFD (COM1)", e))?;
     let mut pio = Bus::new();
-    // No MMIO devices yet; virtio-mmio devices will live here.
-    let mmio = Bus::new();
+    // Virtio-mmio devices will live here.
+    let mut mmio = Bus::new();
     let serial: SharedDevice = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_LEN.into())?;
     let exit: SharedDevice = Arc::new(Mutex::new(ExitDevice::new(tx.clone())));
@@ -125,6 +136,25 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
             let entry = bare::load(&ram.mem, config.mem_size, program)?;
             bare::setup_vcpu(&vcpus[0], entry, config.mem_size, *arg)?;
         }
+        BootSource::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            linux::add_devices(&mut pio, &tx)?;
+            if let Some(c) = compat.as_mut() {
+                c.prepare_linux(&vm.fd, &ram.mem, &mut mmio)?;
+            }
+            let spec = LinuxSpec {
+                kernel,
+                initrd: initrd.as_deref(),
+                cmdline: cmdline.as_deref(),
+                mem_size: config.mem_size,
+                vcpus: config.vcpus,
+            };
+            let entry = linux::load(&ram.mem, &spec, compat.as_ref())?;
+            linux::setup_boot_cpu(&vcpus[0], &entry)?;
+        }
     }
     let ctx = VcpuContext {
         pio: Arc::new(pio),
@@ -134,6 +164,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         compat,
         mem: ram.mem.clone(),
         caps,
+        progress: Arc::new(Progress::new(config.vcpus)),
     };
     Ok(Vmm {
         vcpus,
@@ -196,6 +227,12 @@ impl Vmm {
             _ram,
         } = self;
         let stop = ctx.stop.clone();
+        progress::spawn_monitor(
+            ctx.progress.clone(),
+            ctx.compat.clone(),
+            stop.clone(),
+            kick_signal(),
+        )?;
         let mut handles = Vec::new();
         for vcpu in vcpus {
             let c = ctx.clone();
@@ -232,7 +269,10 @@ impl Vmm {
 fn run_guarded(vcpu: Vcpu, ctx: VcpuContext, link: VcpuLink) {
     let index = vcpu.index;
     let events = ctx.events.clone();
+    let progress = ctx.progress.clone();
+    progress.thread_started(index);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || vcpu.run(ctx, link)));
+    progress.thread_ending(index);
     if r.is_err() {
         let _ = events.send(VmEvent::Fatal(format!("vCPU {index}: thread panicked")));
     }
