@@ -22,6 +22,7 @@ use crate::config::{BootSource, VmConfig};
 use crate::devices::bus::SharedDevice;
 use crate::devices::legacy::serial::SerialError;
 use crate::devices::legacy::{ExitDevice, SerialDevice};
+use crate::devices::virtio::setup::{attach_net, SetupError};
 use crate::devices::{Bus, BusError};
 use crate::event::{self, EventReceiver, VmEvent};
 use crate::host_compat::{self, cpuid, HostCompat, HostCompatError};
@@ -61,6 +62,9 @@ pub enum VmmError {
     /// The host-compat layer could not be set up.
     #[error(transparent)]
     Compat(#[from] HostCompatError),
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Virtio(#[from] SetupError),
     /// The progress monitor could not be started.
     #[error(transparent)]
     Progress(#[from] ProgressError),
@@ -142,6 +146,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
             cmdline,
         } => {
             linux::add_devices(&mut pio, &tx)?;
+            let virtio = attach_net(&vm.fd, &ram.mem, &mut mmio, &config.net, config.vm_id)?;
             if let Some(c) = compat.as_mut() {
                 c.prepare_linux(&vm.fd, &ram.mem, &mut mmio)?;
             }
@@ -151,6 +156,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
                 cmdline: cmdline.as_deref(),
                 mem_size: config.mem_size,
                 vcpus: config.vcpus,
+                virtio: &virtio,
             };
             let entry = linux::load(&ram.mem, &spec, compat.as_ref())?;
             linux::setup_boot_cpu(&vcpus[0], &entry)?;

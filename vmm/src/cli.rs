@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{
     check_file, check_mem_size, check_vcpus, parse_size, BootSource, ConfigError, HostCompatMode,
-    SerialConfig, VmConfig,
+    NetConfig, SerialConfig, VmConfig,
 };
 
 /// specvm: a KVM virtual machine monitor whose guests can speculate.
@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// A number passed to a bare guest in RDX.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub guest_arg: u64,
+    /// A virtio-net card: socket=PATH or tap=NAME, with an optional
+    /// ,mac=XX:XX:XX:XX:XX:XX. Repeatable.
+    #[arg(long, value_name = "BACKEND", requires = "kernel")]
+    pub net: Vec<String>,
     /// Serial console backend: stdout, null, file=PATH or socket=PATH.
     #[arg(long, default_value = "stdout", value_name = "BACKEND")]
     pub serial: String,
@@ -82,6 +86,11 @@ impl RunArgs {
             vcpus: check_vcpus(self.cpus)?,
             boot: self.boot_source()?,
             serial: self.serial.parse::<SerialConfig>()?,
+            net: self
+                .net
+                .iter()
+                .map(|n| n.parse::<NetConfig>())
+                .collect::<Result<_, _>>()?,
             host_compat: self.host_compat.parse::<HostCompatMode>()?,
             vm_id: self.id.unwrap_or_else(std::process::id),
         })
@@ -105,6 +114,9 @@ impl RunArgs {
         }
         if self.cmdline.is_some() {
             return Err(ConfigError::KernelOnly("--cmdline"));
+        }
+        if !self.net.is_empty() {
+            return Err(ConfigError::KernelOnly("--net"));
         }
         let program = self.bare.as_deref().ok_or(ConfigError::NoBootSource)?;
         Ok(BootSource::Bare {
@@ -206,6 +218,12 @@ mod tests {
         assert!(e.contains("cannot be used with"), "{e}");
         let e = run_args(&["--bare", "g", "--initrd", "g"]).unwrap_err();
         assert!(e.contains("--kernel"), "{e}");
+        let e = run_args(&["--bare", "g", "--net", "tap=t0"]).unwrap_err();
+        assert!(e.contains("--kernel"), "{e}");
+        let c = run_args(&["--kernel", "g", "--net", "tap=t0", "--net", "socket=/s"]).unwrap();
+        assert_eq!(c.net.len(), 2);
+        let e = run_args(&["--kernel", "g", "--net", "udp=1"]).unwrap_err();
+        assert!(e.contains("udp=1"), "{e}");
         let e = run_args(&["--kernel", "/no/such/vmlinux"]).unwrap_err();
         assert!(e.contains("kernel /no/such/vmlinux"), "{e}");
     }

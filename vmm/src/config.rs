@@ -43,6 +43,9 @@ pub enum ConfigError {
     /// Neither a bare guest nor a kernel was given.
     #[error("nothing to boot: give --bare PROGRAM or --kernel PATH")]
     NoBootSource,
+    /// A network device specification could not be parsed.
+    #[error("invalid --net '{0}': expected socket=PATH or tap=NAME, optionally followed by ,mac=XX:XX:XX:XX:XX:XX")]
+    BadNet(String),
     /// A Linux-only flag was given without --kernel.
     #[error("{0} needs --kernel")]
     KernelOnly(&'static str),
@@ -164,6 +167,61 @@ impl std::str::FromStr for HostCompatMode {
     }
 }
 
+/// Where a network card's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// A Unix SOCK_SEQPACKET socket the VMM connects to; one frame per
+    /// message.
+    Socket(PathBuf),
+    /// A TAP interface on the host.
+    Tap(String),
+}
+
+/// One virtio-net card.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Its backend.
+    pub backend: NetBackendConfig,
+    /// Its MAC address; `None` picks one from the VM id and card index.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses a MAC address such as `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::BadNet(s.to_string());
+        let mut parts = s.split(',');
+        let backend = match parts.next().and_then(|p| p.split_once('=')) {
+            Some(("socket", p)) if !p.is_empty() => NetBackendConfig::Socket(p.into()),
+            Some(("tap", n)) if !n.is_empty() => NetBackendConfig::Tap(n.into()),
+            _ => return Err(bad()),
+        };
+        let mut mac = None;
+        for p in parts {
+            match p.split_once('=') {
+                Some(("mac", m)) => mac = Some(parse_mac(m).ok_or_else(bad)?),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(Self { backend, mac })
+    }
+}
+
 /// What the guest boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootSource {
@@ -197,6 +255,8 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// The serial console backend.
     pub serial: SerialConfig,
+    /// The network cards (Linux guests).
+    pub net: Vec<NetConfig>,
     /// Whether the host-KVM compatibility layer is used.
     pub host_compat: HostCompatMode,
     /// This VM's id, the high half of its speculation ids. Unique among
@@ -249,6 +309,28 @@ mod tests {
         assert!(check_vcpus(33).is_err());
         assert!(check_vcpus(300).is_err());
         assert_eq!(check_vcpus(2), Ok(2));
+    }
+
+    #[test]
+    fn net_specs() {
+        let n: NetConfig = "socket=/tmp/a.sock,mac=52:54:00:12:34:5f".parse().unwrap();
+        assert_eq!(n.backend, NetBackendConfig::Socket("/tmp/a.sock".into()));
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x5f]));
+        let n: NetConfig = "tap=tap0".parse().unwrap();
+        assert_eq!(
+            (n.backend, n.mac),
+            (NetBackendConfig::Tap("tap0".into()), None)
+        );
+        for s in [
+            "",
+            "tap=",
+            "udp=1",
+            "tap=t,mac=1:2:3",
+            "tap=t,mac=zz:00:00:00:00:00",
+            "tap=t,x=1",
+        ] {
+            assert!(s.parse::<NetConfig>().is_err(), "{s:?} was accepted");
+        }
     }
 
     #[test]

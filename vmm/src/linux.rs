@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use guest_agent::abi::SERIAL_PORT;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::arch::x86_64::acpi::{self, AcpiError, Machine, S5_SLEEP_TYPE};
+use crate::arch::x86_64::acpi::{self, AcpiError, Machine, VirtioMmioDesc, S5_SLEEP_TYPE};
 use crate::arch::x86_64::boot::{self, BootError, BootInfo, LoadedKernel};
 use crate::arch::x86_64::gdt::gdt_words;
 use crate::arch::x86_64::lapic::setup_lints;
@@ -91,6 +91,8 @@ pub struct LinuxSpec<'a> {
     pub mem_size: u64,
     /// Number of vCPUs.
     pub vcpus: u8,
+    /// The virtio-mmio devices, for the DSDT.
+    pub virtio: &'a [VirtioMmioDesc],
 }
 
 /// Where the boot CPU starts.
@@ -154,7 +156,7 @@ pub fn load(
     let line = cmdline(spec, compat);
     tracing::info!("kernel command line: {line}");
     let cmdline_len = boot::write_cmdline(mem, &line)?;
-    let rsdp = acpi::write_tables(mem, &machine(spec.vcpus))?;
+    let rsdp = acpi::write_tables(mem, &machine(spec.vcpus, spec.virtio))?;
     tracing::info!(
         rsdp = format_args!("{rsdp:#x}"),
         cpus = spec.vcpus,
@@ -196,13 +198,13 @@ fn load_initrd(
 }
 
 /// The machine the ACPI tables describe.
-fn machine(vcpus: u8) -> Machine {
+fn machine(vcpus: u8, virtio: &[VirtioMmioDesc]) -> Machine {
     Machine {
         vcpus,
         com1: (SERIAL_PORT, COM1_IRQ),
         sleep_port: POWER_PORT,
         reset: (POWER_PORT + power::RESET as u16, power::RESET_VALUE),
-        virtio: Vec::new(),
+        virtio: virtio.to_vec(),
     }
 }
 
@@ -244,6 +246,7 @@ mod tests {
             cmdline: None,
             mem_size: 256 << 20,
             vcpus: 1,
+            virtio: &[],
         };
         assert_eq!(cmdline(&spec, None), DEFAULT_CMDLINE);
         let c = cmdline(&spec, Some(&HostCompat::new()));

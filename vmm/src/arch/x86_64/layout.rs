@@ -22,7 +22,8 @@
 //! 0x0009_f000  ..0x10_0000: reserved (EBDA, VGA, BIOS); ACPI tables at 0xe_0000
 //! 0x0100_0000  the kernel (vmlinux's physical load address)
 //! 0xc000_0000  first page of the MMIO gap: host-compat doorbell
-//! 0xd000_0000  virtio-mmio devices, one 4 KiB window each
+//! 0xd000_0000  left unclaimed (guest_agent::abi::UNCLAIMED_MMIO)
+//! 0xd100_0000  virtio-mmio devices, one 4 KiB window each
 //! ```
 
 /// Guest address of the GDT.
@@ -69,7 +70,7 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// A guest-physical page with no RAM, for the host-compat doorbell.
 pub const COMPAT_DOORBELL_ADDR: u64 = MMIO_GAP_START;
 /// Base of the virtio-mmio device windows.
-pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_BASE: u64 = 0xd100_0000;
 /// Guest address of the I/O APIC.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Guest address of the local APICs.

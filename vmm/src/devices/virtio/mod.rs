@@ -7,6 +7,7 @@
 
 pub mod mmio;
 pub mod net;
+pub mod setup;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
