@@ -118,8 +118,10 @@ impl Progress {
         if let Some(c) = compat {
             let st = c.stats();
             s += &format!(
-                ", {} emulated instructions completed, {} MSR writes, {} system calls",
+                ", {} emulated instructions completed ({} int3/int n, {} clac/stac), {} MSR writes, {} system calls",
                 st.completed.load(Ordering::Relaxed),
+                st.int.load(Ordering::Relaxed),
+                st.clac_stac.load(Ordering::Relaxed),
                 st.msr_writes.load(Ordering::Relaxed),
                 st.syscalls.load(Ordering::Relaxed)
             );
@@ -172,7 +174,10 @@ mod tests {
         p.record_rip(0, 0xffff_ffff_8100_0000);
         p.count_exit();
         let l = p.line(Duration::from_secs(30), Some(&HostCompat::new()));
-        assert!(l.contains("30 s: 1 exits, 0 emulated"), "{l}");
+        assert!(
+            l.contains("30 s: 1 exits, 0 emulated instructions completed (0 int3"),
+            "{l}"
+        );
         assert!(l.contains("guest RIP 0xffffffff81000000 0x0"), "{l}");
     }
 }

@@ -56,6 +56,10 @@ pub enum HostCompatError {
 pub struct CompatStats {
     /// Instructions completed for the emulator.
     pub completed: AtomicU64,
+    /// Of those, `int3` and `int n` (each injects an event).
+    pub int: AtomicU64,
+    /// Of those, `clac` and `stac`.
+    pub clac_stac: AtomicU64,
     /// System calls carried into the kernel by the trampoline.
     pub syscalls: AtomicU64,
     /// Filtered MSR writes performed.
@@ -123,11 +127,17 @@ impl HostCompat {
     /// Completes the instruction `insn` that the host's emulator could not
     /// run, on `vcpu`. Returns false if it is not one this layer completes.
     pub fn complete(&self, vcpu: &VcpuFd, insn: &[u8]) -> Result<bool, kvm_ioctls::Error> {
-        let done = emulate::complete(vcpu, insn)?;
-        if done {
-            self.stats.completed.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(done)
+        let Some(done) = emulate::complete(vcpu, insn)? else {
+            return Ok(false);
+        };
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        let kind = match done {
+            emulate::Insn::Int3 | emulate::Insn::IntN(_) => &self.stats.int,
+            emulate::Insn::Clac | emulate::Insn::Stac => &self.stats.clac_stac,
+            emulate::Insn::Fwait => return Ok(true),
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// What the layer has done so far.
