@@ -7,7 +7,8 @@
 //! Without the image or without KVM it records itself as skipped.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -25,6 +26,72 @@ fn image(name: &str) -> Option<PathBuf> {
         .join("../images/out")
         .join(name);
     p.is_file().then_some(p)
+}
+
+/// A listening Unix SOCK_SEQPACKET socket: the far end of a `--net
+/// socket=PATH` card. It gathers the frames the guest sends.
+struct FrameListener {
+    fd: OwnedFd,
+}
+
+impl FrameListener {
+    fn bind(path: &Path) -> Self {
+        let _ = std::fs::remove_file(path);
+        // SAFETY: plain socket calls on a new descriptor; results checked.
+        unsafe {
+            let raw = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
+            assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
+            let fd = OwnedFd::from_raw_fd(raw);
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (d, s) in addr
+                .sun_path
+                .iter_mut()
+                .zip(path.as_os_str().as_encoded_bytes())
+            {
+                *d = *s as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            let a = (&addr as *const libc::sockaddr_un).cast();
+            assert_eq!(
+                libc::bind(fd.as_raw_fd(), a, len),
+                0,
+                "bind {}",
+                path.display()
+            );
+            assert_eq!(libc::listen(fd.as_raw_fd(), 1), 0);
+            Self { fd }
+        }
+    }
+
+    /// Accepts the VMM's connection and collects its frames on a thread.
+    fn collect(self) -> Receiver<Vec<u8>> {
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            // SAFETY: accept on our listening socket.
+            let raw = unsafe {
+                libc::accept(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+            if raw < 0 {
+                return;
+            }
+            // SAFETY: `raw` is the accepted descriptor, owned here.
+            let conn = unsafe { OwnedFd::from_raw_fd(raw) };
+            let mut buf = [0u8; 2048];
+            loop {
+                // SAFETY: `buf` is valid for writes of its length.
+                let n = unsafe { libc::read(conn.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 || tx.send(buf[..n as usize].to_vec()).is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
 }
 
 /// A running specvm whose console we read and type into.
@@ -113,6 +180,9 @@ fn debian_boots_to_ready_counts_cpus_and_reboots_cleanly() {
         return;
     };
     let (kernel, initrd) = (kernel.display().to_string(), initrd.display().to_string());
+    let sock = std::env::temp_dir().join(format!("specvm-linux-test-{}.sock", std::process::id()));
+    let frames = FrameListener::bind(&sock).collect();
+    let net = format!("socket={},mac=52:54:00:00:00:01", sock.display());
     let started = Instant::now();
     let mut c = Console::start(&[
         "--log-level",
@@ -126,6 +196,8 @@ fn debian_boots_to_ready_counts_cpus_and_reboots_cleanly() {
         "512M",
         "--cpus",
         "2",
+        "--net",
+        &net,
     ]);
     c.wait_for("SPECVM-READY", BOOT_TIMEOUT, |s| s.contains("SPECVM-READY"));
     eprintln!("SPECVM-READY after {:?}", started.elapsed());
@@ -133,6 +205,21 @@ fn debian_boots_to_ready_counts_cpus_and_reboots_cleanly() {
     c.wait_for("the CPU count", COMMAND_TIMEOUT, |s| {
         s.contains("CPUS=2\n") || s.contains("CPUS=2\r")
     });
+    c.send("echo NET=$(ls /sys/class/net | tr '\\n' ' ')");
+    c.wait_for("eth0", COMMAND_TIMEOUT, |s| {
+        s.lines()
+            .any(|l| l.starts_with("NET=") && l.contains("eth0"))
+    });
+    // An ARP request for the gateway is the first frame the guest sends.
+    c.send("ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; ping -c 1 -W 2 10.0.2.2; echo PING$((6*7))");
+    c.wait_for("the ping to end", COMMAND_TIMEOUT, |s| s.contains("PING42"));
+    let arp = frames
+        .try_iter()
+        .find(|f| f.len() >= 14 && f[12..14] == [0x08, 0x06]);
+    assert!(
+        arp.is_some(),
+        "no ARP frame from the guest reached the socket"
+    );
     c.send("reboot -f");
     let deadline = Instant::now() + COMMAND_TIMEOUT;
     let status = loop {
@@ -147,4 +234,5 @@ fn debian_boots_to_ready_counts_cpus_and_reboots_cleanly() {
         "specvm ended with {status} after reboot -f"
     );
     eprintln!("clean exit after {:?}", started.elapsed());
+    let _ = std::fs::remove_file(&sock);
 }
