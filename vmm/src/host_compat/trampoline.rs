@@ -95,6 +95,9 @@ pub enum TrampolineError {
         /// The entry found there.
         entry: u64,
     },
+    /// With 5-level paging, the top table has no entry for the kernel half.
+    #[error("system-call trampoline: CR3 {0:#x} (5-level paging) maps no kernel half")]
+    NoKernelHalf(u64),
     /// The doorbell rang before the kernel set LSTAR.
     #[error("system-call trampoline reached before the kernel set LSTAR (rip {0:#x})")]
     NoKernelEntry(u64),
@@ -164,6 +167,30 @@ pub fn install_msr_filter(vm: &VmFd) -> Result<(), TrampolineError> {
     };
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &[range])
         .map_err(|e| TrampolineError::Kvm("KVM_X86_SET_MSR_FILTER", e))
+}
+
+/// CR4.LA57: 5-level paging.
+const CR4_LA57: u64 = 1 << 12;
+
+/// The guest-physical address of the trampoline's entry in the table that
+/// translates bits 39..47 of [`TRAMPOLINE_VA`]: the CR3 table itself with
+/// 4-level paging, or the one its top entry points to with 5-level paging
+/// (Linux uses it when the CPU has LA57; every process shares that table).
+pub fn slot_address(
+    cr3: u64,
+    cr4: u64,
+    read: impl Fn(u64) -> Result<u64, TrampolineError>,
+) -> Result<u64, TrampolineError> {
+    let mut table = cr3 & ADDR_MASK;
+    if cr4 & CR4_LA57 != 0 {
+        let top = table + 8 * ((TRAMPOLINE_VA >> 48) & 0x1ff);
+        let entry = read(top)?;
+        if entry & PRESENT == 0 {
+            return Err(TrampolineError::NoKernelHalf(cr3));
+        }
+        table = entry & ADDR_MASK;
+    }
+    Ok(table + 8 * PGD_SLOT)
 }
 
 /// The registers after a `syscall` that entered the kernel properly: what
@@ -239,13 +266,18 @@ impl Trampoline {
         Ok(false)
     }
 
-    /// Writes the slot-401 entry into the top page table of `vcpu`'s CR3.
+    /// Writes the slot-401 entry into the 4-level top page table of
+    /// `vcpu`'s CR3.
     fn install(&self, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), TrampolineError> {
-        let cr3 = vcpu
+        let sregs = vcpu
             .get_sregs()
-            .map_err(|e| TrampolineError::Kvm("KVM_GET_SREGS", e))?
-            .cr3;
-        let slot = (cr3 & ADDR_MASK) + 8 * PGD_SLOT;
+            .map_err(|e| TrampolineError::Kvm("KVM_GET_SREGS", e))?;
+        let cr3 = sregs.cr3;
+        let read = |addr: u64| {
+            mem.read_obj::<u64>(GuestAddress(addr))
+                .map_err(|e| TrampolineError::Memory(addr, e))
+        };
+        let slot = slot_address(cr3, sregs.cr4, read)?;
         let entry: u64 = mem
             .read_obj(GuestAddress(slot))
             .map_err(|e| TrampolineError::Memory(slot, e))?;
@@ -337,6 +369,24 @@ mod tests {
         let mut c = [0u8; 11];
         mem.read_slice(&mut c, GuestAddress(CODE_ADDR)).unwrap();
         assert_eq!(c.to_vec(), code());
+    }
+
+    #[test]
+    fn slot_with_4_and_5_level_paging() {
+        let none = |_| -> Result<u64, TrampolineError> { panic!("no read expected") };
+        assert_eq!(
+            slot_address(0x2a1_0000 | 0x5, 0, none).unwrap(),
+            0x2a1_0000 + 8 * 401
+        );
+        let p4d = |a| {
+            assert_eq!(a, 0x10_0000 + 8 * 511);
+            Ok(0x20_0000 | TABLE)
+        };
+        assert_eq!(
+            slot_address(0x10_0000, CR4_LA57, p4d).unwrap(),
+            0x20_0000 + 8 * 401
+        );
+        assert!(slot_address(0x10_0000, CR4_LA57, |_| Ok(0)).is_err());
     }
 
     #[test]
