@@ -184,9 +184,12 @@ fn debian_boots_to_ready_counts_cpus_and_reboots_cleanly() {
     let frames = FrameListener::bind(&sock).collect();
     let net = format!("socket={},mac=52:54:00:00:00:01", sock.display());
     let started = Instant::now();
+    // SPECVM_TEST_LOG=info,vmm::host_compat::emulate=trace shows every
+    // completed instruction.
+    let log = std::env::var("SPECVM_TEST_LOG").unwrap_or_else(|_| "info".into());
     let mut c = Console::start(&[
         "--log-level",
-        "info",
+        &log,
         "run",
         "--kernel",
         &kernel,
