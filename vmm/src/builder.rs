@@ -20,6 +20,7 @@ use crate::vstate::vcpu::VcpuLink;
 use crate::vstate::vcpu_state::StateCaps;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::VirtioMmioDesc;
 use crate::arch::x86_64::cpuid::set_vcpu_identity;
 use crate::bare::{self, BareError};
 use crate::config::{BootSource, VmConfig};
@@ -28,7 +29,9 @@ use crate::devices::legacy::serial::SerialError;
 use crate::devices::legacy::{ExitDevice, SerialDevice};
 use crate::devices::{Bus, BusError};
 use crate::event::{self, EventReceiver, VmEvent};
-use crate::host_compat::{self, cpuid, HostCompat};
+use crate::host_compat::{self, cpuid, HostCompat, HostCompatError};
+use crate::linux::{self, LinuxError, LinuxSpec};
+use crate::progress::{self, Progress, ProgressError};
 use crate::vstate::memory::{create_guest_memory, GuestRam, MemoryError};
 use crate::vstate::vcpu::{enable_exit_on_emulation_failure, Vcpu, VcpuContext};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
@@ -60,6 +63,15 @@ pub enum VmmError {
     /// The control API could not start.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    /// The Linux boot could not be prepared.
+    #[error(transparent)]
+    Linux(#[from] LinuxError),
+    /// The host-compat layer could not be set up.
+    #[error(transparent)]
+    Compat(#[from] HostCompatError),
+    /// The progress monitor could not be started.
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
     /// A network device could not be set up.
     #[error("network device: {0}")]
     Net(String),
@@ -95,6 +107,8 @@ pub struct Vmm {
 /// set their hooks read.
 #[derive(Default)]
 struct Network {
+    /// The cards' windows and interrupts, for the ACPI tables.
+    descs: Vec<VirtioMmioDesc>,
     nets: Vec<NetHandle>,
     link: Option<BridgeLink>,
     deps: Arc<Mutex<SharedDeps>>,
@@ -143,6 +157,11 @@ fn attach_nets(
             }
         };
         mmio.insert(dev.clone(), mmio_slot_base(slot), VIRTIO_MMIO_SIZE)?;
+        network.descs.push(VirtioMmioDesc {
+            base: mmio_slot_base(slot) as u32,
+            size: VIRTIO_MMIO_SIZE as u32,
+            gsi: virtio_gsi(slot),
+        });
         devices.push(dev);
         network.nets.push(handle);
     }
@@ -158,7 +177,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         "host compat: {}",
         detection.reason
     );
-    let compat = detection.active.then(HostCompat::new);
+    let mut compat = detection.active.then(HostCompat::new);
 
     let ram = create_guest_memory(config.mem_size)?;
     let vm = Vm::new(&kvm, &ram.mem)?;
@@ -192,14 +211,34 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         "vCPU state to save"
     );
     let memory = MemoryTracker::new(&ram.mem, &ram.file).map_err(MemoryError::Memfd)?;
+    let mut devices = vec![serial];
+    let network = attach_nets(config, &vm, &ram.mem, &mut mmio, &mut devices, &tx)?;
     match &config.boot {
         BootSource::Bare { program, arg } => {
             let entry = bare::load(&ram.mem, config.mem_size, program)?;
             bare::setup_vcpu(&vcpus[0], entry, config.mem_size, *arg)?;
         }
+        BootSource::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            linux::add_devices(&mut pio, &tx)?;
+            if let Some(c) = compat.as_mut() {
+                c.prepare_linux(&vm.fd, &ram.mem, &mut mmio)?;
+            }
+            let spec = LinuxSpec {
+                kernel,
+                initrd: initrd.as_deref(),
+                cmdline: cmdline.as_deref(),
+                mem_size: config.mem_size,
+                vcpus: config.vcpus,
+                virtio: &network.descs,
+            };
+            let entry = linux::load(&ram.mem, &spec, compat.as_ref())?;
+            linux::setup_boot_cpu(&vcpus[0], &entry)?;
+        }
     }
-    let mut devices = vec![serial];
-    let network = attach_nets(config, &vm, &ram.mem, &mut mmio, &mut devices, &tx)?;
     let api = match &config.api_sock {
         Some(p) => Some(crate::api::start(p, tx.clone())?),
         None => None,
@@ -212,6 +251,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         compat,
         mem: ram.mem.clone(),
         caps,
+        progress: Arc::new(Progress::new(config.vcpus)),
     };
     Ok(Vmm {
         vcpus,
@@ -285,6 +325,12 @@ impl Vmm {
         } = self;
         crate::signals::spawn_waiter(ctx.events.clone()).map_err(VmmError::Thread)?;
         let stop = ctx.stop.clone();
+        progress::spawn_monitor(
+            ctx.progress.clone(),
+            ctx.compat.clone(),
+            stop.clone(),
+            kick_signal(),
+        )?;
         let mut handles = Vec::new();
         for vcpu in vcpus {
             let c = ctx.clone();
@@ -330,7 +376,10 @@ impl Vmm {
 fn run_guarded(vcpu: Vcpu, ctx: VcpuContext, link: VcpuLink) {
     let index = vcpu.index;
     let events = ctx.events.clone();
+    let progress = ctx.progress.clone();
+    progress.thread_started(index);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || vcpu.run(ctx, link)));
+    progress.thread_ending(index);
     if r.is_err() {
         let _ = events.send(VmEvent::Fatal(format!("vCPU {index}: thread panicked")));
     }

@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot a VM and run it until the guest ends it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send one request to a running VM's control API.
     Ctl(CtlArgs),
 }
@@ -48,8 +48,23 @@ pub struct CtlArgs {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// A freestanding 64-bit guest program (static ELF), started at CPL3.
-    #[arg(long, value_name = "PROGRAM")]
-    pub bare: PathBuf,
+    #[arg(
+        long,
+        value_name = "PROGRAM",
+        required_unless_present = "kernel",
+        conflicts_with = "kernel"
+    )]
+    pub bare: Option<PathBuf>,
+    /// A Linux kernel to boot: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// An initramfs for the Linux kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// The Linux kernel command line (default: a serial console and the
+    /// options tuned for boot time).
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    pub cmdline: Option<String>,
     /// Guest memory size, such as 256M or 1G.
     #[arg(long, default_value = "128M", value_name = "SIZE")]
     pub memory: String,
@@ -100,10 +115,7 @@ impl RunArgs {
         Ok(VmConfig {
             mem_size: check_mem_size(parse_size(&self.memory)?)?,
             vcpus: check_vcpus(self.cpus)?,
-            boot: BootSource::Bare {
-                program: check_file("bare guest program", &self.bare)?,
-                arg: self.guest_arg,
-            },
+            boot: self.boot_source()?,
             serial: self.serial.parse::<SerialConfig>()?,
             host_compat: self.host_compat.parse::<HostCompatMode>()?,
             vm_id: self.id.unwrap_or_else(std::process::id),
@@ -112,6 +124,32 @@ impl RunArgs {
             full_copy: self.checkpoint == "full-copy",
             start_paused: self.start_paused,
             nets: self.nets()?,
+        })
+    }
+
+    /// What to boot: clap has already made `--bare` and `--kernel`
+    /// mutually exclusive, and one of them required.
+    fn boot_source(&self) -> Result<BootSource, ConfigError> {
+        if let Some(kernel) = &self.kernel {
+            return Ok(BootSource::Linux {
+                kernel: check_file("kernel", kernel)?,
+                initrd: match &self.initrd {
+                    Some(p) => Some(check_file("initrd", p)?),
+                    None => None,
+                },
+                cmdline: self.cmdline.clone(),
+            });
+        }
+        if self.initrd.is_some() {
+            return Err(ConfigError::KernelOnly("--initrd"));
+        }
+        if self.cmdline.is_some() {
+            return Err(ConfigError::KernelOnly("--cmdline"));
+        }
+        let program = self.bare.as_deref().ok_or(ConfigError::NoBootSource)?;
+        Ok(BootSource::Bare {
+            program: check_file("bare guest program", program)?,
+            arg: self.guest_arg,
         })
     }
 
@@ -200,5 +238,29 @@ mod tests {
         let e = run_args(&["--bare", "/tmp"]).unwrap_err();
         assert!(e.contains("not a regular file"), "{e}");
         assert!(run_args(&["--bare", "g", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn kernel_flags() {
+        let c = run_args(&["--kernel", "g", "--initrd", "g", "--cmdline", "quiet"]).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(
+            c.boot,
+            BootSource::Linux {
+                kernel: exe.clone(),
+                initrd: Some(exe),
+                cmdline: Some("quiet".into())
+            }
+        );
+        let e = run_args(&["--kernel", "g", "--bare", "g"]).unwrap_err();
+        assert!(e.contains("cannot be used with"), "{e}");
+        let e = run_args(&["--bare", "g", "--initrd", "g"]).unwrap_err();
+        assert!(e.contains("--kernel"), "{e}");
+        let c = run_args(&["--kernel", "g", "--net", "tap=t0", "--net", "socket=/s"]).unwrap();
+        assert_eq!(c.nets.len(), 2);
+        let e = run_args(&["--kernel", "g", "--net", "udp=1"]).unwrap_err();
+        assert!(e.contains("udp"), "{e}");
+        let e = run_args(&["--kernel", "/no/such/vmlinux"]).unwrap_err();
+        assert!(e.contains("kernel /no/such/vmlinux"), "{e}");
     }
 }

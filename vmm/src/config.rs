@@ -40,6 +40,12 @@ pub enum ConfigError {
         /// Why it cannot be used.
         err: String,
     },
+    /// Neither a bare guest nor a kernel was given.
+    #[error("nothing to boot: give --bare PROGRAM or --kernel PATH")]
+    NoBootSource,
+    /// A Linux-only flag was given without --kernel.
+    #[error("{0} needs --kernel")]
+    KernelOnly(&'static str),
     /// A `--net` specification is invalid.
     #[error(transparent)]
     Net(#[from] crate::devices::virtio::net::NetConfigError),
@@ -173,6 +179,16 @@ pub enum BootSource {
         program: PathBuf,
         /// The value passed to the program in RDX.
         arg: u64,
+    },
+    /// A Linux kernel, booted at its 64-bit entry with boot parameters and
+    /// ACPI tables (see `arch::x86_64::boot`).
+    Linux {
+        /// The kernel: an ELF `vmlinux` or a bzImage.
+        kernel: PathBuf,
+        /// An initramfs, if any.
+        initrd: Option<PathBuf>,
+        /// The kernel command line; `None` means the default one.
+        cmdline: Option<String>,
     },
 }
 

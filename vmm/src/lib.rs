@@ -6,6 +6,8 @@
 //! - [`devices`]: the device bus and the device models;
 //! - [`host_compat`]: the one module that carries guests over the gaps of
 //!   hosts whose KVM is not hardware virtualization (see `HOST-KVM.md`);
+//! - [`linux`]: the Linux boot path and its platform devices;
+//! - [`progress`]: signs of life during long runs;
 //! - [`builder`] puts a VM together from a [`config::VmConfig`] and
 //!   [`builder::Vmm::run`] drives it to its end.
 //!
@@ -21,6 +23,8 @@ pub mod controller;
 pub mod devices;
 pub mod event;
 pub mod host_compat;
+pub mod linux;
+pub mod progress;
 pub mod signals;
 pub mod spec;
 pub mod vstate;

@@ -46,6 +46,9 @@ pub enum DeviceState {
 pub enum VcpuTrap {
     /// A speculation hypercall with this operation number.
     Hypercall(u32),
+    /// The host-compat system-call trampoline's doorbell: the vCPU must be
+    /// carried into the guest kernel (see `host_compat::trampoline`).
+    SyscallEntry,
 }
 
 /// The result of a write on the bus.

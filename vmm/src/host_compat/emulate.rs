@@ -94,11 +94,11 @@ pub fn apply(insn: Insn, regs: &kvm_regs) -> (kvm_regs, Option<Inject>) {
     (r, inject)
 }
 
-/// Completes `insn_bytes` on `vcpu`. Returns false if they are not an
-/// instruction this layer completes.
-pub fn complete(vcpu: &VcpuFd, insn_bytes: &[u8]) -> Result<bool, kvm_ioctls::Error> {
+/// Completes `insn_bytes` on `vcpu`. Returns the instruction, or `None`
+/// if they are not one this layer completes.
+pub fn complete(vcpu: &VcpuFd, insn_bytes: &[u8]) -> Result<Option<Insn>, kvm_ioctls::Error> {
     let Some(insn) = decode(insn_bytes) else {
-        return Ok(false);
+        return Ok(None);
     };
     let (regs, inject) = apply(insn, &vcpu.get_regs()?);
     vcpu.set_regs(&regs)?;
@@ -120,7 +120,7 @@ pub fn complete(vcpu: &VcpuFd, insn_bytes: &[u8]) -> Result<bool, kvm_ioctls::Er
         vcpu.set_vcpu_events(&ev)?;
     }
     tracing::trace!(?insn, rip = regs.rip, "completed instruction");
-    Ok(true)
+    Ok(Some(insn))
 }
 
 /// A short human name for the instruction at the start of `b`, for error

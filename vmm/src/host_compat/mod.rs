@@ -10,26 +10,67 @@
 //!   run (the host's `KVM_GET_SUPPORTED_CPUID` advertises it anyway);
 //! - [`emulate`]: completion, in the VMM, of instructions that end
 //!   `KVM_RUN` with an emulation failure (`int3`, `int n`, `clac`/`stac`,
-//!   `fwait`).
+//!   `fwait`);
+//! - [`cmdline`]: the Linux command-line options this host needs;
+//! - [`trampoline`]: the system-call trampoline that lets guest user mode
+//!   enter the kernel, which `syscall` alone does not do here.
 //!
 //! It is active when [`detect`] says so: `--host-compat on|off|auto`; auto
 //! turns it on for `kvm_pvm`, or when the CPU shows neither VMX nor SVM.
 
+pub mod cmdline;
 pub mod cpuid;
 pub mod emulate;
+pub mod trampoline;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 
+use crate::arch::x86_64::layout::COMPAT_DOORBELL_ADDR;
 use crate::config::HostCompatMode;
+use crate::devices::{Bus, BusError};
+use crate::vstate::memory::GuestMemoryMmap;
+use trampoline::{Doorbell, Trampoline, TrampolineError};
 
 pub use emulate::describe;
 
+/// Errors setting up or running the layer's workarounds.
+#[derive(Debug, thiserror::Error)]
+pub enum HostCompatError {
+    /// The system-call trampoline failed.
+    #[error(transparent)]
+    Trampoline(#[from] TrampolineError),
+    /// The doorbell could not be placed on the MMIO bus.
+    #[error("host compat: placing the trampoline doorbell: {0}")]
+    Bus(#[from] BusError),
+    /// A KVM call failed while completing an instruction.
+    #[error("host compat: {0}")]
+    Kvm(#[from] kvm_ioctls::Error),
+}
+
+/// Counts of what the layer did, for progress reports.
+#[derive(Debug, Default)]
+pub struct CompatStats {
+    /// Instructions completed for the emulator.
+    pub completed: AtomicU64,
+    /// Of those, `int3` and `int n` (each injects an event).
+    pub int: AtomicU64,
+    /// Of those, `clac` and `stac`.
+    pub clac_stac: AtomicU64,
+    /// System calls carried into the kernel by the trampoline.
+    pub syscalls: AtomicU64,
+    /// Filtered MSR writes performed.
+    pub msr_writes: AtomicU64,
+}
+
 /// The active compatibility layer.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct HostCompat {
-    _private: (),
+    trampoline: Option<Arc<Trampoline>>,
+    stats: Arc<CompatStats>,
 }
 
 /// Why the layer is on or off, for the log.
@@ -86,7 +127,79 @@ impl HostCompat {
     /// Completes the instruction `insn` that the host's emulator could not
     /// run, on `vcpu`. Returns false if it is not one this layer completes.
     pub fn complete(&self, vcpu: &VcpuFd, insn: &[u8]) -> Result<bool, kvm_ioctls::Error> {
-        emulate::complete(vcpu, insn)
+        let Some(done) = emulate::complete(vcpu, insn)? else {
+            return Ok(false);
+        };
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        let kind = match done {
+            emulate::Insn::Int3 | emulate::Insn::IntN(_) => &self.stats.int,
+            emulate::Insn::Clac | emulate::Insn::Stac => &self.stats.clac_stac,
+            emulate::Insn::Fwait => return Ok(true),
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// What the layer has done so far.
+    pub fn stats(&self) -> &CompatStats {
+        &self.stats
+    }
+
+    /// The Linux command line with the options this host needs added.
+    pub fn linux_cmdline(&self, cmdline: &str) -> String {
+        cmdline::apply(cmdline)
+    }
+
+    /// Prepares a Linux guest's system-call trampoline: its pages in guest
+    /// memory, the MSR filter that tells when to install it, and the
+    /// doorbell on the MMIO bus.
+    pub fn prepare_linux(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        mmio: &mut Bus,
+    ) -> Result<(), HostCompatError> {
+        trampoline::write_pages(mem)?;
+        trampoline::install_msr_filter(vm)?;
+        mmio.insert(Arc::new(Mutex::new(Doorbell)), COMPAT_DOORBELL_ADDR, 0x1000)?;
+        self.trampoline = Some(Arc::new(Trampoline::new()));
+        Ok(())
+    }
+
+    /// The guest's write of a filtered MSR (a `KVM_EXIT_X86_WRMSR`).
+    pub fn on_wrmsr(
+        &self,
+        vcpu: &VcpuFd,
+        mem: &GuestMemoryMmap,
+        index: u32,
+        data: u64,
+    ) -> Result<(), HostCompatError> {
+        let Some(t) = &self.trampoline else {
+            return Err(TrampolineError::Kvm(
+                "unexpected KVM_EXIT_X86_WRMSR without a trampoline",
+                kvm_ioctls::Error::new(libc::EINVAL),
+            )
+            .into());
+        };
+        self.stats.msr_writes.fetch_add(1, Ordering::Relaxed);
+        if t.on_wrmsr(vcpu, mem, index, data)? {
+            tracing::info!(
+                kernel_entry = format_args!("{data:#x}"),
+                "host compat: LSTAR points at the system-call trampoline"
+            );
+        }
+        Ok(())
+    }
+
+    /// The trampoline's doorbell rang on `vcpu`: enter the kernel.
+    pub fn enter_kernel(&self, vcpu: &VcpuFd) -> Result<(), HostCompatError> {
+        let Some(t) = &self.trampoline else {
+            return Ok(());
+        };
+        if self.stats.syscalls.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::info!("host compat: first system call from guest user mode");
+        }
+        Ok(t.enter_kernel(vcpu)?)
     }
 }
 

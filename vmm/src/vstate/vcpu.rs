@@ -17,6 +17,7 @@ use super::vcpu_state::{self, StateCaps};
 use crate::devices::{Bus, VcpuTrap, WriteResult};
 use crate::event::{EventSender, VcpuCmd, VcpuReply, VmEvent};
 use crate::host_compat::{self, HostCompat};
+use crate::progress::Progress;
 
 /// KVM_INTERNAL_ERROR_EMULATION: the instruction emulator gave up.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -40,6 +41,8 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     /// Which state this host's KVM can save.
     pub caps: Arc<StateCaps>,
+    /// Exit counts and RIP samples for progress reports.
+    pub progress: Arc<Progress>,
 }
 
 /// One vCPU.
@@ -63,6 +66,8 @@ enum Next {
     Continue,
     Park,
     Stop,
+    /// The host-compat trampoline must carry the vCPU into the kernel.
+    SyscallEntry,
 }
 
 /// Exits that need the vCPU again after the `kvm_run` borrow ends.
@@ -70,6 +75,8 @@ enum Deferred {
     Shutdown,
     InternalError,
     Fatal(String),
+    /// A filtered MSR write, for the host-compat layer: index and value.
+    Wrmsr(u32, u64),
 }
 
 impl Vcpu {
@@ -84,10 +91,11 @@ impl Vcpu {
             };
             let step = match step {
                 Ok(Next::Park) => self.park(&ctx, &link),
+                Ok(Next::SyscallEntry) => self.enter_kernel(&ctx),
                 other => other,
             };
             match step {
-                Ok(Next::Continue) | Ok(Next::Park) => {}
+                Ok(Next::Continue) | Ok(Next::Park) | Ok(Next::SyscallEntry) => {}
                 Ok(Next::Stop) => break,
                 Err(msg) => {
                     let _ = ctx.events.send(VmEvent::Fatal(msg));
@@ -172,7 +180,13 @@ impl Vcpu {
 
     fn run_once(&mut self, ctx: &VcpuContext) -> Result<Next, String> {
         let idx = self.index;
-        let mut exit = match self.fd.run() {
+        if ctx.progress.wants_sample(idx) {
+            ctx.progress
+                .record_rip(idx, self.fd.get_regs().map_or(0, |r| r.rip));
+        }
+        let r = self.fd.run();
+        ctx.progress.count_exit();
+        let mut exit = match r {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 return Ok(Next::Continue)
@@ -190,6 +204,7 @@ impl Vcpu {
                 let _ = ctx.events.send(VmEvent::GuestReset);
                 return Ok(Next::Stop);
             }
+            VcpuExit::X86Wrmsr(m) => Deferred::Wrmsr(m.index, m.data),
             VcpuExit::Shutdown => Deferred::Shutdown,
             VcpuExit::InternalError => Deferred::InternalError,
             VcpuExit::Hlt => Deferred::Fatal("halted with interrupts off (KVM_EXIT_HLT)".into()),
@@ -206,6 +221,15 @@ impl Vcpu {
             )),
             Deferred::Fatal(what) => Err(format!("vCPU {idx}: {what} at rip {rip:#x}")),
             Deferred::InternalError => self.emulation_failure(ctx, rip),
+            Deferred::Wrmsr(index, data) => match &ctx.compat {
+                Some(c) => c
+                    .on_wrmsr(&self.fd, &ctx.mem, index, data)
+                    .map(|()| Next::Continue)
+                    .map_err(|e| format!("vCPU {idx}: WRMSR {index:#x} at rip {rip:#x}: {e}")),
+                None => Err(format!(
+                    "vCPU {idx}: unexpected WRMSR exit for MSR {index:#x} at rip {rip:#x}"
+                )),
+            },
         }
     }
 
@@ -223,7 +247,19 @@ impl Vcpu {
                 });
                 Next::Park
             }
+            VcpuTrap::SyscallEntry => Next::SyscallEntry,
         }
+    }
+
+    /// Completes the trampoline's doorbell write, then lets the host-compat
+    /// layer carry the vCPU into the guest kernel.
+    fn enter_kernel(&mut self, ctx: &VcpuContext) -> Result<Next, String> {
+        self.complete_pending_io(ctx)?;
+        if let Some(c) = &ctx.compat {
+            c.enter_kernel(&self.fd)
+                .map_err(|e| format!("vCPU {}: {e}", self.index))?;
+        }
+        Ok(Next::Continue)
     }
 
     /// Handles KVM_EXIT_INTERNAL_ERROR: completes the instruction through the

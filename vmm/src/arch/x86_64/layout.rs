@@ -10,6 +10,21 @@
 //! 0xc000_0000  ..0x1_0000_0000: MMIO gap (no RAM)
 //! 0x1_0000_0000  RAM above the gap, when there is more than 3 GiB
 //! ```
+//!
+//! A Linux guest shares the GDT, TSS and page-table addresses above, and
+//! adds (all below 1 MiB, which no Linux allocation uses early):
+//!
+//! ```text
+//! 0x0000_7000  boot parameters (the "zero page")
+//! 0x0000_8ff0  boot stack top
+//! 0x0002_0000  kernel command line
+//! 0x0009_a000  ..0x9_f000: pages reserved for the host-compat layer
+//! 0x0009_f000  ..0x10_0000: reserved (EBDA, VGA, BIOS); ACPI tables at 0xe_0000
+//! 0x0100_0000  the kernel (vmlinux's physical load address)
+//! 0xc000_0000  first page of the MMIO gap: host-compat doorbell
+//! 0xd000_0000  virtio-mmio devices, one 4 KiB window each (devices::virtio)
+//! 0xdf00_0000  left unclaimed (guest_agent::abi::UNCLAIMED_MMIO)
+//! ```
 
 /// Guest address of the GDT.
 pub const GDT_ADDR: u64 = 0x500;
@@ -34,6 +49,30 @@ pub const PD_ADDR: u64 = 0x1_2000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the MMIO gap (4 GiB).
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+
+/// Guest address of the Linux boot parameters (zero page).
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Initial stack pointer of a Linux boot CPU.
+pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+/// Guest address of the Linux command line.
+pub const CMDLINE_ADDR: u64 = 0x2_0000;
+/// Most bytes of command line, with its NUL (x86 `COMMAND_LINE_SIZE`).
+pub const CMDLINE_MAX: usize = 2048;
+/// Pages kept out of the e820 RAM map for the host-compat layer.
+pub const COMPAT_PAGES_ADDR: u64 = 0x9_a000;
+/// Start of the reserved area below 1 MiB (EBDA, VGA, BIOS).
+pub const LOW_RESERVED_START: u64 = 0x9_f000;
+/// Guest address of the ACPI tables (RSDP first): in the BIOS area, where
+/// an OS also looks for the RSDP.
+pub const ACPI_TABLES_ADDR: u64 = 0xe_0000;
+/// Start of "high" memory, where the kernel and initrd go.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// A guest-physical page with no RAM, for the host-compat doorbell.
+pub const COMPAT_DOORBELL_ADDR: u64 = MMIO_GAP_START;
+/// Guest address of the I/O APIC.
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// Guest address of the local APICs.
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 
 /// The RAM ranges `(guest address, size)` for a guest of `mem_size` bytes:
 /// RAM fills the space below the MMIO gap, and the rest goes above 4 GiB.

@@ -2,7 +2,7 @@
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
-use super::gdt::{flat_segments, tss_segment, TSS_SEL, USER_CS, USER_DS};
+use super::gdt::{flat_segments, tss_segment, KERNEL_CS, KERNEL_DS, TSS_SEL, USER_CS, USER_DS};
 use super::layout::{GDT_ADDR, TSS_ADDR, TSS_LIMIT};
 
 const CR0_PE: u64 = 1 << 0;
@@ -47,6 +47,35 @@ pub fn user_mode_sregs(base: &kvm_sregs, cr3: u64) -> kvm_sregs {
     s
 }
 
+/// Long-mode control registers and segments for a vCPU that starts in
+/// 64-bit kernel mode (CPL0), as the Linux 64-bit boot protocol asks:
+/// flat code and data segments, paging on with `cr3`, interrupts off.
+pub fn kernel_mode_sregs(base: &kvm_sregs, cr3: u64) -> kvm_sregs {
+    let mut s = user_mode_sregs(base, cr3);
+    let segs = flat_segments();
+    s.cs = segs[1].kvm(KERNEL_CS);
+    let data = segs[2].kvm(KERNEL_DS);
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s
+}
+
+/// General registers for a Linux boot CPU at its 64-bit `entry`: RSI
+/// points at the boot parameters, interrupts are off.
+pub fn linux_boot_regs(entry: u64, zero_page: u64, stack: u64) -> kvm_regs {
+    kvm_regs {
+        rip: entry,
+        rsi: zero_page,
+        rsp: stack,
+        rbp: stack,
+        rflags: RFLAGS_FIXED,
+        ..Default::default()
+    }
+}
+
 /// General registers for a bare guest: entry point, stack, and the
 /// arguments in RDI, RSI, RDX and RCX (the SysV order).
 pub fn bare_regs(entry: u64, stack: u64, args: [u64; 4]) -> kvm_regs {
@@ -89,5 +118,15 @@ mod tests {
         let r = bare_regs(0x40_0000, 0x3f_fff8, [1, 2, 3, 4]);
         assert_eq!(r.rflags & RFLAGS_IOPL3, RFLAGS_IOPL3);
         assert_eq!((r.rdi, r.rsi, r.rdx, r.rcx), (1, 2, 3, 4));
+    }
+
+    #[test]
+    fn kernel_mode_is_cpl0_long_mode() {
+        let s = kernel_mode_sregs(&kvm_sregs::default(), 0x1000);
+        assert_eq!((s.cs.dpl, s.cs.selector, s.cs.l), (0, KERNEL_CS, 1));
+        assert_eq!((s.ss.dpl, s.ds.selector), (0, KERNEL_DS));
+        assert_ne!(s.efer & EFER_LMA, 0);
+        let r = linux_boot_regs(0x100_0000, 0x7000, 0x8ff0);
+        assert_eq!((r.rip, r.rsi, r.rflags), (0x100_0000, 0x7000, RFLAGS_FIXED));
     }
 }

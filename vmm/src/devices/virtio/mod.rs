@@ -86,9 +86,10 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// Size of one virtio-mmio slot (registers and configuration space).
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// The GSI of the first virtio-mmio slot; slot `i` uses `VIRTIO_GSI_BASE + i`.
-pub const VIRTIO_GSI_BASE: u32 = 5;
-/// How many slots the window has room for (GSIs 5..=23 of the IOAPIC).
-pub const VIRTIO_MAX_SLOTS: u32 = 19;
+/// Above the 16 ISA interrupts, so no line is shared with a legacy device.
+pub const VIRTIO_GSI_BASE: u32 = 16;
+/// How many slots there are: the IOAPIC's pins 16..=23.
+pub const VIRTIO_MAX_SLOTS: u32 = 8;
 
 /// The guest-physical base of virtio-mmio slot `slot`.
 pub const fn mmio_slot_base(slot: u32) -> u64 {
@@ -239,7 +240,7 @@ mod tests {
     fn slots_and_gsis() {
         assert_eq!(mmio_slot_base(0), 0xd000_0000);
         assert_eq!(mmio_slot_base(2), 0xd000_2000);
-        assert_eq!(virtio_gsi(0), 5);
+        assert_eq!(virtio_gsi(0), 16);
         assert_eq!(virtio_gsi(VIRTIO_MAX_SLOTS - 1), 23);
         assert_eq!(
             mmio_slot_base(0),

@@ -1,0 +1,113 @@
+//! Linux command-line options this host needs, added only when the layer
+//! is active.
+//!
+//! How each was found (HOST-KVM.md, measured with Debian's 6.1 kernel):
+//! - `KVM_SET_CPUID2` is only partly honoured on `kvm_pvm`: leaf 7 and
+//!   RDRAND came through unchanged. The kernel then patches in instructions
+//!   the emulator cannot run. `clearcpuid=` (6.1 takes feature names) and
+//!   `noxsave` hide them from the kernel itself: without `noxsave` and
+//!   hidden XSAVE the boot died in FPU init on `xrstor`; without CX16 hidden
+//!   it died in SLUB on `cmpxchg16b`.
+//! - `nosmap`: SMAP's `clac`/`stac` cannot be emulated (they are still
+//!   patched in, and completed by [`super::emulate`]); this keeps the
+//!   kernel from relying on SMAP.
+//! - `nokaslr`: the system-call trampoline ([`super::trampoline`]) takes a
+//!   fixed hole of the kernel's address space (PGD slot 401); with KASLR
+//!   the vmalloc, vmemmap and direct-map bases move.
+//! - `nopti`: with page-table isolation, user mode runs on a second top
+//!   table that lacks the trampoline's slot.
+
+/// Feature names hidden through `clearcpuid=`: every extension the
+/// emulator cannot run, or that leads the kernel to one it cannot.
+///
+/// Linux 6.1 copies the value of `clearcpuid=` into a 128-byte buffer and
+/// ignores the rest: a first boot in this VMM with the full list of 29
+/// names printed "Clearing CPUID bits: ... invpcid (unknown: xs)". So the
+/// list stays under [`CLEARCPUID_MAX`] bytes, most important first, and
+/// leaves out what the kernel clears by itself through its feature
+/// dependencies: `xsave` takes `xsaveopt`, `xsavec`, `xsaves` and `avx`
+/// with it, and `avx` takes `avx2`, `avx512f`, `fma`; `vaes`,
+/// `vpclmulqdq` and `gfni` are used only by AVX code.
+pub const CLEARED_FEATURES: &[&str] = &[
+    "xsave",
+    "cx16",
+    "popcnt",
+    "ssse3",
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "f16c",
+    "movbe",
+    "aes",
+    "pclmulqdq",
+    "rdrand",
+    "rdseed",
+    "bmi1",
+    "bmi2",
+    "adx",
+    "sha_ni",
+    "fsgsbase",
+    "invpcid",
+    "rdpid",
+];
+
+/// The longest `clearcpuid=` value Linux 6.1 reads (its buffer, less the
+/// NUL).
+pub const CLEARCPUID_MAX: usize = 127;
+
+/// Options added as they are.
+pub const FLAGS: &[&str] = &["noxsave", "nokaslr", "nosmap", "nopti"];
+
+/// The options to add to `cmdline`: those of [`FLAGS`] it lacks, and a
+/// `clearcpuid=` unless it has one (the user's then wins).
+pub fn additions(cmdline: &str) -> Vec<String> {
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    let mut add: Vec<String> = FLAGS
+        .iter()
+        .filter(|f| !words.contains(f))
+        .map(|f| f.to_string())
+        .collect();
+    if !words.iter().any(|w| w.starts_with("clearcpuid=")) {
+        add.push(format!("clearcpuid={}", CLEARED_FEATURES.join(",")));
+    }
+    add
+}
+
+/// `cmdline` with [`additions`] placed before any `--` (what follows it
+/// goes to init, not to the kernel).
+pub fn apply(cmdline: &str) -> String {
+    let add = additions(cmdline).join(" ");
+    if add.is_empty() {
+        return cmdline.to_string();
+    }
+    match cmdline.find(" -- ") {
+        Some(i) => format!("{} {add}{}", &cmdline[..i], &cmdline[i..]),
+        None if cmdline.trim().is_empty() => add,
+        None => format!("{} {add}", cmdline.trim_end()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adds_what_is_missing() {
+        let c = apply("console=ttyS0 nokaslr");
+        assert!(c.starts_with("console=ttyS0 nokaslr noxsave nosmap nopti clearcpuid="));
+        assert_eq!(c.matches("nokaslr").count(), 1);
+        assert!(c.contains("clearcpuid=xsave,cx16,"));
+    }
+
+    #[test]
+    fn clearcpuid_fits_the_kernels_buffer() {
+        assert!(CLEARED_FEATURES.join(",").len() <= CLEARCPUID_MAX);
+    }
+
+    #[test]
+    fn keeps_a_users_clearcpuid_and_init_args() {
+        let c = apply("clearcpuid=avx -- single");
+        assert_eq!(c, "clearcpuid=avx noxsave nokaslr nosmap nopti -- single");
+        assert!(apply("").starts_with("noxsave"));
+    }
+}
