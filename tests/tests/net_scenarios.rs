@@ -9,8 +9,10 @@
 //! The test waits on output lines and bridge events, never on fixed
 //! sleeps. Before reading a log after a rollback it waits for the VM's
 //! status to show the rollback done; then the `p` typed afterwards cannot
-//! race it. Tests run one at a time: each one's VMs spin on their devices,
-//! and CI has two cores.
+//! race it. Timings printed (`--nocapture`) count from the moment the
+//! test starts the `ctl` (or the kill): when `ctl` returned, and when each
+//! member's status showed the outcome applied. Tests run one at a time:
+//! each one's VMs spin on their devices, and CI has two cores.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -329,9 +331,10 @@ fn an_abort_at_the_owner_rolls_back_a_transitive_chain() {
     assert_eq!((b.log(), c.log()), ("[x]".into(), "[y]".into()));
     let t = Instant::now();
     a.ctl_id("abort", "1:1");
+    let ctl = t.elapsed();
     let tb = b.wait_depth(0, t);
     let tc = c.wait_depth(0, t);
-    println!("timing: ctl abort to depth 0: B {tb:?}, C {tc:?}");
+    println!("timing: abort: ctl done {ctl:?}, depth 0: B {tb:?}, C {tc:?}");
     assert_eq!(b.log(), "[]", "B is back to before x");
     assert_eq!(c.log(), "[]", "C is back to before y");
     assert_eq!(a.log(), "[]", "A is back to before its speculate");
@@ -372,8 +375,9 @@ fn a_member_keeps_its_own_speculation_and_what_came_before_the_join() {
     );
     let t = Instant::now();
     a.ctl_id("abort", "1:1");
+    let ctl = t.elapsed();
     let tb = b.wait_depth(1, t);
-    println!("timing: ctl abort to B's depth 1: {tb:?}");
+    println!("timing: abort: ctl done {ctl:?}, B depth 1 {tb:?}");
     assert_eq!(b.entries(), format!("[{}]", entry("2:1", true)));
     assert_eq!(b.log(), "[pre]");
     bridge.wait_event(&event("acked", "1:1"), 1);
@@ -409,15 +413,17 @@ fn aborting_a_nested_speculation_leaves_members_in_the_outer_one() {
     );
     let t = Instant::now();
     a.ctl_id("abort", "1:2");
+    let ctl = t.elapsed();
     let tb = b.wait_depth(1, t);
-    println!("timing: ctl abort (inner) to B's depth 1: {tb:?}");
+    println!("timing: inner abort: ctl done {ctl:?}, B depth 1 {tb:?}");
     assert_eq!(b.entries(), format!("[{}]", entry("1:1", false)));
     assert_eq!(b.log(), "[x]");
     assert_eq!(a.entries(), format!("[{}]", entry("1:1", true)));
     let t = Instant::now();
     a.ctl_id("commit", "1:1");
+    let ctl = t.elapsed();
     let tb = b.wait_depth(0, t);
-    println!("timing: ctl commit to B's depth 0: {tb:?}");
+    println!("timing: commit: ctl done {ctl:?}, B depth 0 {tb:?}");
     assert_eq!(b.log(), "[x]");
     bridge.wait_event(&event("aborted", "1:2"), 1);
     bridge.wait_event(&event("committed", "1:1"), 1);
@@ -447,7 +453,7 @@ fn the_owners_death_rolls_back_every_member() {
     a.kill();
     let tb = b.wait_depth(0, t);
     let tc = c.wait_depth(0, t);
-    println!("timing: SIGKILL of A to depth 0: B {tb:?}, C {tc:?}");
+    println!("timing: SIGKILL of A: depth 0: B {tb:?}, C {tc:?}");
     assert_eq!(b.log(), "[]");
     assert_eq!(c.log(), "[]");
     bridge.wait_event(r#""event":"port-down""#, 1);
@@ -482,8 +488,9 @@ fn a_members_death_aborts_nothing() {
     assert_eq!(c.entries(), format!("[{}]", entry("1:1", false)));
     let t = Instant::now();
     a.ctl_id("commit", "1:1");
+    let ctl = t.elapsed();
     let tc = c.wait_depth(0, t);
-    println!("timing: ctl commit to C's depth 0: {tc:?}");
+    println!("timing: commit: ctl done {ctl:?}, C depth 0 {tc:?}");
     assert_eq!(c.log(), "[x]");
     assert_eq!(a.entries(), "[]");
     bridge.wait_event(&event("committed", "1:1"), 1);

@@ -14,7 +14,7 @@ use crate::controller::{Controller, VcpuHandle};
 use crate::devices::virtio::net::{new_net, new_net_with_backend, NetBackendSpec, NetHandle};
 use crate::devices::virtio::{mmio_slot_base, virtio_gsi, VIRTIO_MMIO_SIZE};
 use crate::spec::hypercall::HypercallDevice;
-use crate::spec::link::{BridgeLink, SharedDeps, SpecHook};
+use crate::spec::link::{BridgeLink, SharedDeps, SpecHook, StripHook};
 use crate::spec::memory::MemoryTracker;
 use crate::vstate::vcpu::VcpuLink;
 use crate::vstate::vcpu_state::StateCaps;
@@ -153,7 +153,10 @@ fn attach_nets(
             _ => {
                 let mut c = cfg.clone();
                 c.mac = Some(mac);
-                new_net(c, mem.clone(), irq).map_err(|e| VmmError::Net(e.to_string()))?
+                let (dev, handle) =
+                    new_net(c, mem.clone(), irq).map_err(|e| VmmError::Net(e.to_string()))?;
+                handle.set_hook(Box::new(StripHook));
+                (dev, handle)
             }
         };
         mmio.insert(dev.clone(), mmio_slot_base(slot), VIRTIO_MMIO_SIZE)?;

@@ -335,3 +335,84 @@ impl FrameHook for SpecHook {
         RxVerdict::DeferUntilCheckpoint
     }
 }
+
+/// The frame hook of a net device that is not on the bridge (`socket=`,
+/// `tap=`): the VMM still owns the tag (rule 12), so it strips any
+/// IPOPT_SPEC the guest wrote before the frame leaves, and, since a tag is
+/// trusted only from the bridge, strips it from what arrives too. Frames
+/// whose IPv4 header is malformed are dropped.
+#[derive(Debug, Default)]
+pub struct StripHook;
+
+impl FrameHook for StripHook {
+    fn on_tx(&mut self, frame: Vec<u8>) -> Option<Vec<u8>> {
+        codec::strip(&frame).ok()
+    }
+
+    fn on_rx(&mut self, frame: &mut Vec<u8>) -> RxVerdict {
+        match codec::strip(frame) {
+            Ok(f) => {
+                *frame = f;
+                RxVerdict::Deliver
+            }
+            Err(_) => RxVerdict::Drop,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp(tags: &[WireId]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1, 2);
+        let mut f = Vec::new();
+        b.write(&mut f, b"x").unwrap();
+        codec::retag(&f, tags).unwrap()
+    }
+
+    #[test]
+    fn strip_hook_removes_forged_tags_both_ways() {
+        let forged = udp(&[WireId { vm: 99, seq: 7 }]);
+        let mut h = StripHook;
+        let out = h.on_tx(forged.clone()).unwrap();
+        assert_eq!(codec::parse_tags(&out).unwrap(), None);
+        let mut inbound = forged;
+        assert_eq!(h.on_rx(&mut inbound), RxVerdict::Deliver);
+        assert_eq!(codec::parse_tags(&inbound).unwrap(), None);
+    }
+
+    #[test]
+    fn spec_hook_tags_with_the_whole_set_and_asks_to_join() {
+        let deps = Arc::new(Mutex::new(SharedDeps {
+            ids: vec![(1 << 32) | 5],
+            refused: vec![],
+        }));
+        let (tx, rx) = crate::event::channel();
+        let mut h = SpecHook::new(deps.clone(), tx, Arc::default());
+        // A forged tag is replaced by the true set.
+        let out = h.on_tx(udp(&[WireId { vm: 99, seq: 7 }])).unwrap();
+        assert_eq!(
+            codec::parse_tags(&out).unwrap(),
+            Some(vec![WireId { vm: 1, seq: 5 }])
+        );
+        // A frame tagged with an id the VM does not hold waits for a join.
+        let mut f = udp(&[WireId { vm: 3, seq: 1 }]);
+        assert_eq!(h.on_rx(&mut f), RxVerdict::DeferUntilCheckpoint);
+        assert!(matches!(rx.try_recv(), Ok(VmEvent::Join { ids }) if ids == vec![(3 << 32) | 1]));
+        assert_eq!(h.on_rx(&mut f), RxVerdict::DeferUntilCheckpoint);
+        assert!(rx.try_recv().is_err(), "asks once per set");
+        deps.lock().unwrap().ids.push((3 << 32) | 1);
+        assert_eq!(h.on_rx(&mut f), RxVerdict::Deliver);
+        assert_eq!(
+            codec::parse_tags(&f).unwrap(),
+            None,
+            "delivered without its tag"
+        );
+        // Too many ids: dropped, never sent untagged.
+        deps.lock().unwrap().ids = (1..=5).map(|s| (1 << 32) | s).collect();
+        assert_eq!(h.on_tx(udp(&[])), None);
+    }
+}
