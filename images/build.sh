@@ -15,7 +15,9 @@
 #
 # Environment:
 #   SPECVM_GUEST_AGENT=PATH     copy PATH to /bin/spec in the initramfs
-#                               (default: images/extra/bin/spec, if present)
+#                               (default: images/extra/bin/spec, if present;
+#                               else the project's own `spec`, built static
+#                               from guest-agent/ when cargo is available)
 #   SPECVM_KERNEL_VERSION=VER   version of linux-image-cloud-amd64 to use
 #                               (default: apt's candidate)
 #   SPECVM_GUEST_MODULES="..."  modules to load in the guest, by name; their
@@ -219,6 +221,17 @@ if [ -n "${SPECVM_GUEST_AGENT:-}" ]; then
 	AGENT=$(cd "$(dirname "$SPECVM_GUEST_AGENT")" && pwd)/$(basename "$SPECVM_GUEST_AGENT")
 elif [ -f "$IMAGES_DIR/extra/bin/spec" ]; then
 	AGENT=$IMAGES_DIR/extra/bin/spec
+elif command -v cargo >/dev/null 2>&1; then
+	# The guest agent's `spec` command, static so the initramfs needs no C
+	# library, without symbols to keep the archive small.
+	log "building the guest agent (guest-agent/, static)"
+	ROOT=$(cd "$IMAGES_DIR/.." && pwd)
+	AGENT_TARGET=$ROOT/target/guest-agent
+	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+		cargo build --quiet --release --manifest-path "$ROOT/Cargo.toml" -p guest-agent \
+		--features std --bin spec --target x86_64-unknown-linux-gnu --target-dir "$AGENT_TARGET" ||
+		die "building the guest agent failed (cargo build -p guest-agent --features std --bin spec)"
+	AGENT=$AGENT_TARGET/x86_64-unknown-linux-gnu/release/spec
 fi
 AGENT_SHA=none
 [ -z "$AGENT" ] || AGENT_SHA=$(sha256 "$AGENT")

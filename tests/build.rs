@@ -77,6 +77,23 @@ fn detect_kvm() {
     }
 }
 
+/// Marks the build with `cfg(no_linux_image)` when the Linux guest image
+/// (`images/build.sh`) is not built, or when `SPECVM_SKIP_LINUX` is set:
+/// the Linux boot test (about 20 minutes on a `kvm_pvm` host) is then
+/// compiled as `#[ignore]`d with the reason, and counted as skipped.
+fn detect_linux_image(root: &Path) {
+    println!("cargo:rustc-check-cfg=cfg(no_linux_image)");
+    println!("cargo:rerun-if-env-changed=SPECVM_SKIP_LINUX");
+    let out = root.join("images/out");
+    for f in ["vmlinux", "initramfs.cpio"] {
+        println!("cargo:rerun-if-changed={}", out.join(f).display());
+    }
+    let built = out.join("vmlinux").is_file() && out.join("initramfs.cpio").is_file();
+    if !built || std::env::var_os("SPECVM_SKIP_LINUX").is_some() {
+        println!("cargo:rustc-cfg=no_linux_image");
+    }
+}
+
 fn main() {
     detect_kvm();
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));
@@ -84,6 +101,7 @@ fn main() {
         .parent()
         .expect("tests/ lies inside the workspace root")
         .to_path_buf();
+    detect_linux_image(&root);
     let guests = root.join("guests");
     for watched in [
         guests.join("src"),
