@@ -8,6 +8,7 @@
 //!   hosts whose KVM is not hardware virtualization (see `HOST-KVM.md`);
 //! - [`linux`]: the Linux boot path and its platform devices;
 //! - [`progress`]: signs of life during long runs;
+//! - [`snapshot`]: a VM saved to disk and restored;
 //! - [`builder`] puts a VM together from a [`config::VmConfig`] and
 //!   [`builder::Vmm::run`] drives it to its end.
 //!
@@ -26,5 +27,6 @@ pub mod host_compat;
 pub mod linux;
 pub mod progress;
 pub mod signals;
+pub mod snapshot;
 pub mod spec;
 pub mod vstate;

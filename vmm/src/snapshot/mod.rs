@@ -1,0 +1,238 @@
+//! Snapshots on disk: a VM's complete state, saved to a directory and
+//! restored into a new VMM process (`docs/snapshots.md`).
+//!
+//! A snapshot directory holds:
+//! - `state`: the versioned, checksummed state file ([`codec`]): the VM's
+//!   shape (memory size and layout, vCPU count), every vCPU's
+//!   [`VcpuState`], the [`VmState`] and every [`DeviceState`], saved by the
+//!   same code that takes speculation checkpoints;
+//! - `memory-<id>`: guest memory, named by the snapshot id the state file
+//!   records. The state file is the commit point: it is written under a
+//!   new name and renamed over the old one only once the memory file it
+//!   names is on disk, so a crash leaves the previous snapshot whole.
+//!
+//! A file that is truncated, corrupt, or of another format version is
+//! refused whole, before any VM is built.
+
+pub mod codec;
+pub mod files;
+pub mod state;
+
+use std::path::PathBuf;
+
+use crate::arch::x86_64::layout::ram_ranges;
+use crate::devices::bus::DeviceState;
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm_state::VmState;
+use codec::{Reader, Writer};
+
+/// Errors saving, reading or restoring a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The file is shorter than its header says.
+    #[error("snapshot state file is truncated: {found} bytes, expected {expected}")]
+    Truncated {
+        /// Bytes the header promises.
+        expected: u64,
+        /// Bytes present.
+        found: u64,
+    },
+    /// The file does not start with the magic.
+    #[error("not a specvm snapshot state file (bad magic)")]
+    BadMagic,
+    /// The file's format version is not this build's.
+    #[error(
+        "snapshot format version {found} is not supported (this specvm reads version {supported})"
+    )]
+    Version {
+        /// The file's version.
+        found: u32,
+        /// This build's version.
+        supported: u32,
+    },
+    /// The payload does not match its checksum.
+    #[error("snapshot state file is corrupt: CRC-32 {got:#010x}, header says {want:#010x}")]
+    Checksum {
+        /// The header's CRC.
+        want: u32,
+        /// The payload's CRC.
+        got: u32,
+    },
+    /// The payload is malformed.
+    #[error("snapshot state file is corrupt: {0}")]
+    Corrupt(String),
+    /// The snapshot does not fit the VM it is restored into.
+    #[error("snapshot does not match the VM: {0}")]
+    Mismatch(String),
+    /// A snapshot cannot be taken now.
+    #[error("snapshot refused: {0}")]
+    Refused(String),
+    /// Reading or writing a file failed.
+    #[error("{what} {path}: {err}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        err: std::io::Error,
+    },
+}
+
+/// Everything a snapshot's state file holds.
+pub struct VmSnapshot {
+    /// This snapshot's random id; it names the memory file.
+    pub id: u64,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// The guest memory ranges (guest address, size), in file order.
+    pub ranges: Vec<(u64, u64)>,
+    /// Whether the guest booted Linux (its platform devices are needed).
+    pub linux: bool,
+    /// The host's CLOCK_REALTIME when the state was saved, in ns: on
+    /// restore, the guest's clocks move forward by the time since.
+    pub saved_at_ns: u64,
+    /// Every vCPU's state, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// The irqchips, PIT and KVM clock.
+    pub vm: VmState,
+    /// The device models' state, in the VM's device order.
+    pub devices: Vec<DeviceState>,
+}
+
+impl VmSnapshot {
+    /// The whole state file: header and payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.u64(self.id);
+        w.u64(self.mem_size);
+        w.u32(self.ranges.len() as u32);
+        for &(base, size) in &self.ranges {
+            w.u64(base);
+            w.u64(size);
+        }
+        w.bool(self.linux);
+        w.u64(self.saved_at_ns);
+        w.u32(self.vcpus.len() as u32);
+        self.vcpus.iter().for_each(|v| state::put_vcpu(&mut w, v));
+        state::put_vm(&mut w, &self.vm);
+        w.u32(self.devices.len() as u32);
+        self.devices
+            .iter()
+            .for_each(|d| state::put_device(&mut w, d));
+        codec::seal(&w.buf)
+    }
+
+    /// Parses and checks a whole state file. Nothing is returned unless
+    /// every byte of it is valid and its memory layout is this build's.
+    pub fn decode(file: &[u8]) -> Result<Self, SnapshotError> {
+        let mut r = Reader::new(codec::open(file)?);
+        let id = r.u64("snapshot id")?;
+        let mem_size = r.u64("memory size")?;
+        crate::config::check_mem_size(mem_size)
+            .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+        let n = r.count(16, "memory range count")?;
+        let ranges = (0..n)
+            .map(|_| Ok((r.u64("range base")?, r.u64("range size")?)))
+            .collect::<Result<Vec<_>, SnapshotError>>()?;
+        let linux = r.bool("boot kind")?;
+        let saved_at_ns = r.u64("save time")?;
+        let n = r.count(64, "vCPU count")?;
+        if n == 0 || n > usize::from(crate::config::MAX_VCPUS) {
+            return Err(SnapshotError::Corrupt(format!("{n} vCPUs")));
+        }
+        let vcpus = (0..n)
+            .map(|_| state::get_vcpu(&mut r))
+            .collect::<Result<_, _>>()?;
+        let vm = state::get_vm(&mut r)?;
+        let n = r.count(1, "device count")?;
+        let devices = (0..n)
+            .map(|_| state::get_device(&mut r))
+            .collect::<Result<_, _>>()?;
+        r.finish()?;
+        let layout = ram_ranges(mem_size);
+        if ranges != layout {
+            return Err(SnapshotError::Corrupt(format!(
+                "memory ranges {ranges:x?} are not this build's layout for {mem_size:#x} bytes"
+            )));
+        }
+        Ok(Self {
+            id,
+            mem_size,
+            ranges,
+            linux,
+            saved_at_ns,
+            vcpus,
+            vm,
+            devices,
+        })
+    }
+
+    /// The name of the memory file within the snapshot directory.
+    pub fn memory_name(&self) -> String {
+        memory_name(self.id)
+    }
+}
+
+/// The memory file of snapshot `id`.
+pub fn memory_name(id: u64) -> String {
+    format!("memory-{id:016x}")
+}
+
+/// A fresh random snapshot id (never 0), from the kernel's generator.
+pub fn new_id() -> u64 {
+    let mut b = [0u8; 8];
+    loop {
+        // SAFETY: `b` is a writable buffer of the length passed.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        let id = u64::from_le_bytes(b);
+        if n == 8 && id != 0 {
+            return id;
+        }
+    }
+}
+
+/// The host's CLOCK_REALTIME in nanoseconds.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The pages (numbered in the memory file) written since the last snapshot
+/// this VM wrote or was restored from: every page the speculation
+/// tracker's dirty log reported, accumulated as a bitmap, because the
+/// tracker consumes the log at every checkpoint.
+#[derive(Default)]
+pub struct DirtyPages {
+    words: Vec<u64>,
+}
+
+impl DirtyPages {
+    /// Records `pages` as written.
+    pub fn note(&mut self, pages: &[u64]) {
+        for &p in pages {
+            let w = (p / 64) as usize;
+            if w >= self.words.len() {
+                self.words.resize(w + 1, 0);
+            }
+            self.words[w] |= 1 << (p % 64);
+        }
+    }
+
+    /// Every recorded page, sorted, and forgets them.
+    pub fn take(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in std::mem::take(&mut self.words).into_iter().enumerate() {
+            let mut bits = w;
+            while bits != 0 {
+                out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

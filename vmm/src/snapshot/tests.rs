@@ -1,0 +1,257 @@
+//! KVM-free tests of the state file: round trip and every refusal.
+
+use std::os::unix::fs::FileExt;
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_xcrs, kvm_xsave};
+use vm_superio::serial::SerialState;
+
+use super::codec::{self, HEADER_LEN};
+use super::files::{self, STATE};
+use super::*;
+use crate::devices::virtio::{NetState, SavedQueue, TransportState};
+
+fn vcpu(i: u64, xsave: bool) -> VcpuState {
+    let mut s = VcpuState {
+        mp_state: Default::default(),
+        regs: Default::default(),
+        sregs: Default::default(),
+        xsave: xsave.then(|| Box::new(kvm_xsave::default())),
+        fpu: (!xsave).then(|| kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        }),
+        xcrs: xsave.then(kvm_xcrs::default),
+        debugregs: Default::default(),
+        lapic: Default::default(),
+        msrs: vec![
+            kvm_msr_entry {
+                index: 0x10,
+                data: 12345,
+                ..Default::default()
+            };
+            3
+        ],
+        events: Default::default(),
+    };
+    s.regs.rip = 0x40_0000 + i;
+    s.regs.rax = i;
+    s.sregs.cr3 = 0x1000;
+    s.lapic.regs[0x20] = 1;
+    if let Some(x) = s.xsave.as_mut() {
+        x.region[5] = 0xabcd;
+    }
+    s
+}
+
+fn sample() -> VmSnapshot {
+    let mut vm = VmState {
+        irqchips: Default::default(),
+        pit: Default::default(),
+        clock: Default::default(),
+    };
+    vm.clock.clock = 999;
+    let net = NetState {
+        transport: TransportState {
+            status: 15,
+            device_features_sel: 1,
+            driver_features_sel: 0,
+            driver_features: 1 << 32,
+            queue_sel: 1,
+            interrupt_status: 1,
+            config_generation: 0,
+            queues: vec![
+                SavedQueue {
+                    regs: Default::default(),
+                    queue: Default::default(),
+                };
+                2
+            ],
+        },
+        mac: [2, 0, 0, 0, 0, 1],
+        mtu: 1460,
+    };
+    VmSnapshot {
+        id: 0x1234,
+        mem_size: 64 << 20,
+        ranges: ram_ranges(64 << 20),
+        linux: false,
+        saved_at_ns: 7,
+        vcpus: vec![vcpu(0, true), vcpu(1, false)],
+        vm,
+        devices: vec![
+            DeviceState::Serial(SerialState {
+                in_buffer: b"hi".to_vec(),
+                ..Default::default()
+            }),
+            DeviceState::Net(Box::new(net)),
+            DeviceState::Stateless,
+        ],
+    }
+}
+
+#[test]
+fn state_round_trips() {
+    let s = sample();
+    let bytes = s.encode();
+    let back = VmSnapshot::decode(&bytes).unwrap();
+    assert_eq!(back.encode(), bytes, "re-encoding gives the same file");
+    assert_eq!(back.vcpus[1].regs.rip, 0x40_0001);
+    assert_eq!(back.vcpus[0].xsave.as_ref().unwrap().region[5], 0xabcd);
+    assert_eq!(back.vcpus[1].fpu.unwrap().mxcsr, 0x1f80);
+    assert_eq!(back.vcpus[0].msrs.len(), 3);
+    assert_eq!(back.vm.clock.clock, 999);
+    assert_eq!(back.devices, s.devices);
+    assert_eq!(back.ranges, s.ranges);
+}
+
+#[test]
+fn every_truncation_is_refused() {
+    let bytes = sample().encode();
+    for n in (0..bytes.len()).step_by(97).chain([bytes.len() - 1]) {
+        let e = VmSnapshot::decode(&bytes[..n]).err().expect("truncated");
+        assert!(
+            matches!(e, SnapshotError::Truncated { .. }),
+            "{n} bytes: {e}"
+        );
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
+}
+
+#[test]
+fn corruption_is_refused() {
+    let bytes = sample().encode();
+    for at in [HEADER_LEN, HEADER_LEN + 100, bytes.len() - 1] {
+        let mut b = bytes.clone();
+        b[at] ^= 0x40;
+        let e = VmSnapshot::decode(&b).err().expect("corrupt");
+        assert!(matches!(e, SnapshotError::Checksum { .. }), "{e}");
+        assert!(e.to_string().contains("corrupt"), "{e}");
+    }
+    let mut b = bytes.clone();
+    b[0] = b'X';
+    assert!(matches!(
+        VmSnapshot::decode(&b),
+        Err(SnapshotError::BadMagic)
+    ));
+    let mut b = bytes;
+    b.push(0);
+    assert!(matches!(
+        VmSnapshot::decode(&b),
+        Err(SnapshotError::Corrupt(_))
+    ));
+}
+
+#[test]
+fn other_versions_are_refused() {
+    let mut b = sample().encode();
+    b[8..12].copy_from_slice(&(codec::FORMAT_VERSION + 1).to_le_bytes());
+    let e = VmSnapshot::decode(&b).err().expect("version");
+    assert!(
+        matches!(e, SnapshotError::Version { found, .. } if found == codec::FORMAT_VERSION + 1)
+    );
+    assert!(e.to_string().contains("version 2 is not supported"), "{e}");
+}
+
+#[test]
+fn a_valid_checksum_over_a_bad_payload_is_refused() {
+    // A payload that checks out but lies about its contents: an unknown
+    // device kind, and a layout that is not this build's.
+    let s = sample();
+    let mut w = codec::Writer::default();
+    w.u64(1);
+    w.u64(64 << 20);
+    w.u32(1);
+    w.u64(0);
+    w.u64(32 << 20);
+    let e = VmSnapshot::decode(&codec::seal(&w.buf)).err().unwrap();
+    assert!(matches!(e, SnapshotError::Corrupt(_)), "{e}");
+    let good = s.encode();
+    let mut payload = good[HEADER_LEN..].to_vec();
+    let last_dev = payload.len() - 1; // the Stateless tag
+    payload[last_dev] = 9;
+    let e = VmSnapshot::decode(&codec::seal(&payload)).err().unwrap();
+    assert!(e.to_string().contains("unknown device kind 9"), "{e}");
+}
+
+#[test]
+fn dirty_pages_accumulate_and_clear() {
+    let mut d = DirtyPages::default();
+    d.note(&[3, 200, 64]);
+    d.note(&[3, 1]);
+    assert_eq!(d.take(), vec![1, 3, 64, 200]);
+    assert!(d.take().is_empty());
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("specvm-snap-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn files_full_then_diff_keep_holes_and_replace_the_old() {
+    let dir = tmpdir("files");
+    let len = 64 * 4096;
+    let src = tempfile_in(&dir, "src", len);
+    src.write_all_at(&[1u8; 4096], 4096).unwrap();
+    src.write_all_at(&[2u8; 4096], 10 * 4096).unwrap();
+    let mut s = sample();
+    s.mem_size = len;
+    files::write_memory_full(&dir, &src, len, s.id).unwrap();
+    files::commit_state(&dir, &s).unwrap();
+    src.write_all_at(&[3u8; 4096], 20 * 4096).unwrap();
+    src.write_all_at(&[9u8; 4096], 30 * 4096).unwrap(); // not in the diff
+    files::write_memory_diff(&dir, &src, len, s.id, &[20], 0x5678).unwrap();
+    s.id = 0x5678;
+    files::commit_state(&dir, &s).unwrap();
+    assert!(
+        !dir.join(memory_name(0x1234)).exists(),
+        "old memory removed"
+    );
+    let dst = tempfile_in(&dir, "dst", len);
+    // load_memory checks the size against the state's.
+    s.mem_size = len;
+    files::load_memory(&dir, &s, &dst).unwrap();
+    let page = |p: u64| {
+        let mut b = [0u8; 1];
+        dst.read_exact_at(&mut b, p * 4096).unwrap();
+        b[0]
+    };
+    assert_eq!((page(1), page(10), page(20), page(30)), (1, 2, 3, 0));
+    // The state on disk is the last one committed.
+    let e = files::read_state(&dir)
+        .err()
+        .expect("64 pages is below the minimum");
+    assert!(e.to_string().contains("out of range"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn state_file_on_disk_is_read_back_and_damage_refused() {
+    let dir = tmpdir("state");
+    let s = sample();
+    files::commit_state(&dir, &s).unwrap();
+    assert_eq!(files::read_state(&dir).unwrap().id, s.id);
+    let p = dir.join(STATE);
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(
+        files::read_state(&dir),
+        Err(SnapshotError::Truncated { .. })
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_in(dir: &std::path::Path, name: &str, len: u64) -> std::fs::File {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join(name))
+        .unwrap();
+    f.set_len(len).unwrap();
+    f
+}
