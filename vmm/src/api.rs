@@ -41,6 +41,8 @@ pub enum Op {
     Abort,
     /// Stream speculation events.
     Events,
+    /// Save the VM to the snapshot directory `path` (`docs/snapshots.md`).
+    Snapshot,
 }
 
 /// A request line.
@@ -48,6 +50,9 @@ pub enum Op {
 pub struct Request {
     /// The operation.
     pub op: Op,
+    /// The snapshot directory, for `snapshot`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub path: Option<PathBuf>,
 }
 
 /// One entry of the checkpoint stack, as reported.
@@ -82,6 +87,16 @@ pub struct Response {
     /// The VM's id, for `status`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub vm_id: Option<u32>,
+    /// `full` or `diff`, for `snapshot`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kind: Option<String>,
+    /// Memory pages written into the snapshot's memory file by a diff
+    /// snapshot, for `snapshot`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pages: Option<u64>,
+    /// How long the VM was paused, in microseconds, for `snapshot`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub micros: Option<u64>,
 }
 
 impl Response {
@@ -121,6 +136,8 @@ pub struct SpecEvent {
 pub struct ApiCall {
     /// The operation (never `events`, which the server serves itself).
     pub op: Op,
+    /// The request's `path`, if it had one.
+    pub path: Option<PathBuf>,
     /// Where the controller answers.
     pub reply: oneshot::Sender<Response>,
 }
@@ -195,11 +212,11 @@ async fn serve_client(
     let mut lines = TokioBufReader::new(rd).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let resp = match parse(&line) {
-            Ok(Op::Events) => {
+            Ok(Request { op: Op::Events, .. }) => {
                 stream_events(&mut wr, events.subscribe()).await;
                 return;
             }
-            Ok(op) => call(&to_vm, op).await,
+            Ok(req) => call(&to_vm, req).await,
             Err(e) => Response::error(e),
         };
         if write_line(&mut wr, &resp).await.is_err() {
@@ -209,21 +226,24 @@ async fn serve_client(
 }
 
 /// Parses a request line, with a message for every way it can be wrong.
-pub fn parse(line: &str) -> Result<Op, String> {
+pub fn parse(line: &str) -> Result<Request, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!(
             "request of {} bytes is longer than {MAX_REQUEST}",
             line.len()
         ));
     }
-    serde_json::from_str::<Request>(line)
-        .map(|r| r.op)
-        .map_err(|e| format!("bad request: {e}"))
+    serde_json::from_str::<Request>(line).map_err(|e| format!("bad request: {e}"))
 }
 
-async fn call(to_vm: &EventSender, op: Op) -> Response {
+async fn call(to_vm: &EventSender, req: Request) -> Response {
     let (tx, rx) = oneshot::channel();
-    if to_vm.send(VmEvent::Api(ApiCall { op, reply: tx })).is_err() {
+    let c = ApiCall {
+        op: req.op,
+        path: req.path,
+        reply: tx,
+    };
+    if to_vm.send(VmEvent::Api(c)).is_err() {
         return Response::error("the VM has stopped");
     }
     rx.await
@@ -267,10 +287,16 @@ async fn write_line<T: Serialize>(
 /// for `events`, every event line until the VMM goes away) to `out`.
 /// Returns whether the answer was a success.
 pub fn client(path: &Path, op: Op, out: &mut impl Write) -> std::io::Result<bool> {
+    client_request(path, &Request { op, path: None }, out)
+}
+
+/// Like [`client`], for a whole request (one with a `path`).
+pub fn client_request(path: &Path, req: &Request, out: &mut impl Write) -> std::io::Result<bool> {
+    let op = req.op;
     let mut s = UnixStream::connect(path).map_err(|e| {
         std::io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display()))
     })?;
-    let mut req = serde_json::to_string(&Request { op }).map_err(std::io::Error::other)?;
+    let mut req = serde_json::to_string(req).map_err(std::io::Error::other)?;
     req.push('\n');
     s.write_all(req.as_bytes())?;
     let mut rd = BufReader::new(s);
@@ -295,8 +321,10 @@ mod tests {
 
     #[test]
     fn requests_parse_and_bad_ones_say_why() {
-        assert_eq!(parse(r#"{"op":"status"}"#), Ok(Op::Status));
-        assert_eq!(parse(r#"{"op":"abort"}"#), Ok(Op::Abort));
+        assert_eq!(parse(r#"{"op":"status"}"#).unwrap().op, Op::Status);
+        assert_eq!(parse(r#"{"op":"abort"}"#).unwrap().op, Op::Abort);
+        let r = parse(r#"{"op":"snapshot","path":"/tmp/s"}"#).unwrap();
+        assert_eq!((r.op, r.path), (Op::Snapshot, Some("/tmp/s".into())));
         assert!(parse(r#"{"op":"explode"}"#)
             .unwrap_err()
             .contains("bad request"));

@@ -32,6 +32,7 @@ use crate::event::{self, EventReceiver, VmEvent};
 use crate::host_compat::{self, cpuid, HostCompat, HostCompatError};
 use crate::linux::{self, LinuxError, LinuxSpec};
 use crate::progress::{self, Progress, ProgressError};
+use crate::snapshot::files;
 use crate::vstate::memory::{create_guest_memory, GuestRam, MemoryError};
 use crate::vstate::vcpu::{enable_exit_on_emulation_failure, Vcpu, VcpuContext};
 use crate::vstate::vm::{open_kvm, Vm, VmError};
@@ -78,6 +79,9 @@ pub enum VmmError {
     /// A thread could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    /// A snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// The guest ran into an error the VMM cannot continue from.
     #[error("{0}")]
     Guest(String),
@@ -100,6 +104,7 @@ pub struct Vmm {
     full_copy: bool,
     start_paused: bool,
     network: Network,
+    snapshots: crate::controller::SnapshotSetup,
     _ram: GuestRam,
 }
 
@@ -182,7 +187,16 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     );
     let mut compat = detection.active.then(HostCompat::new);
 
+    let t0 = std::time::Instant::now();
+    let snap = match &config.boot {
+        BootSource::Restore { dir } => Some((dir.clone(), files::read_state(dir)?)),
+        _ => None,
+    };
     let ram = create_guest_memory(config.mem_size)?;
+    if let Some((dir, s)) = &snap {
+        files::load_memory(dir, s, &ram.file)?;
+    }
+    let t_mem = t0.elapsed();
     let vm = Vm::new(&kvm, &ram.mem)?;
     enable_exit_on_emulation_failure(&vm.fd);
 
@@ -241,6 +255,30 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
             let entry = linux::load(&ram.mem, &spec, compat.as_ref())?;
             linux::setup_boot_cpu(&vcpus[0], &entry)?;
         }
+        BootSource::Restore { .. } => {}
+    }
+    let linux = match &snap {
+        Some((_, s)) => s.linux,
+        None => matches!(config.boot, BootSource::Linux { .. }),
+    };
+    let snapshots = restore_or_fresh(&vm, &vcpus, &devices, snap.as_ref(), &ram, config, linux)?;
+    if let Some(r) = restore_linux_devices(
+        snap.as_ref(),
+        &mut pio,
+        &tx,
+        compat.as_mut(),
+        &vm,
+        &ram,
+        &mut mmio,
+    ) {
+        r?;
+    }
+    if snap.is_some() {
+        tracing::info!(
+            memory_us = t_mem.as_micros() as u64,
+            total_us = t0.elapsed().as_micros() as u64,
+            "restored"
+        );
     }
     let api = match &config.api_sock {
         Some(p) => Some(crate::api::start(p, tx.clone())?),
@@ -269,8 +307,61 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         full_copy: config.full_copy,
         start_paused: config.start_paused,
         network,
+        snapshots,
         _ram: ram,
     })
+}
+
+/// With a snapshot, restores its machine state into the new VM; either
+/// way, what the controller needs to write snapshots of it.
+fn restore_or_fresh(
+    vm: &Vm,
+    vcpus: &[Vcpu],
+    devices: &[SharedDevice],
+    snap: Option<&(std::path::PathBuf, crate::snapshot::VmSnapshot)>,
+    ram: &GuestRam,
+    config: &VmConfig,
+    linux: bool,
+) -> Result<crate::controller::SnapshotSetup, VmmError> {
+    let base = match snap {
+        Some((dir, s)) => {
+            let fds: Vec<&kvm_ioctls::VcpuFd> = vcpus.iter().map(|v| &v.fd).collect();
+            crate::snapshot::restore::restore_machine(&vm.fd, &fds, devices, s)?;
+            dir.canonicalize().ok().map(|d| (d, s.id))
+        }
+        None => None,
+    };
+    Ok(crate::controller::SnapshotSetup {
+        file: ram.file.try_clone().map_err(MemoryError::Memfd)?,
+        mem_size: config.mem_size,
+        linux,
+        base,
+    })
+}
+
+/// A restored Linux guest gets its platform devices and host-compat
+/// trampoline again (the trampoline's pages are rewritten with the same
+/// content the snapshot holds).
+fn restore_linux_devices(
+    snap: Option<&(std::path::PathBuf, crate::snapshot::VmSnapshot)>,
+    pio: &mut Bus,
+    tx: &crate::event::EventSender,
+    compat: Option<&mut HostCompat>,
+    vm: &Vm,
+    ram: &GuestRam,
+    mmio: &mut Bus,
+) -> Option<Result<(), VmmError>> {
+    let (_, s) = snap?;
+    if !s.linux {
+        return None;
+    }
+    Some((|| {
+        linux::add_devices(pio, tx)?;
+        if let Some(c) = compat {
+            c.prepare_linux(&vm.fd, &ram.mem, mmio)?;
+        }
+        Ok(())
+    })())
 }
 
 fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>, VmmError> {
@@ -324,6 +415,7 @@ impl Vmm {
             full_copy,
             start_paused,
             network,
+            snapshots,
             _ram,
         } = self;
         crate::signals::spawn_waiter(ctx.events.clone()).map_err(VmmError::Thread)?;
@@ -366,6 +458,7 @@ impl Vmm {
         if full_copy {
             controller.use_full_copy();
         }
+        controller.enable_snapshots(snapshots);
         let r = controller.run(start_paused);
         if print_stats {
             eprintln!("specvm-stats {}", controller.stats.summary());

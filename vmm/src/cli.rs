@@ -42,6 +42,9 @@ pub struct CtlArgs {
     /// The operation.
     #[arg(value_enum)]
     pub op: crate::api::Op,
+    /// The snapshot directory, for `snapshot`.
+    #[arg(long, value_name = "DIR")]
+    pub path: Option<PathBuf>,
 }
 
 /// Arguments of `specvm run`.
@@ -51,13 +54,18 @@ pub struct RunArgs {
     #[arg(
         long,
         value_name = "PROGRAM",
-        required_unless_present = "kernel",
+        required_unless_present_any = ["kernel", "restore"],
         conflicts_with = "kernel"
     )]
     pub bare: Option<PathBuf>,
     /// A Linux kernel to boot: an ELF vmlinux or a bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Restore the VM saved in this snapshot directory (`specvm ctl
+    /// snapshot --path DIR`) instead of booting. Memory size and vCPU count
+    /// come from the snapshot; --net gives new backends for its cards.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["bare", "kernel"])]
+    pub restore: Option<PathBuf>,
     /// An initramfs for the Linux kernel.
     #[arg(long, value_name = "PATH", requires = "kernel")]
     pub initrd: Option<PathBuf>,
@@ -65,12 +73,13 @@ pub struct RunArgs {
     /// options tuned for boot time).
     #[arg(long, value_name = "STR", requires = "kernel")]
     pub cmdline: Option<String>,
-    /// Guest memory size, such as 256M or 1G.
-    #[arg(long, default_value = "128M", value_name = "SIZE")]
-    pub memory: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub cpus: u64,
+    /// Guest memory size, such as 256M or 1G (default 128M; with
+    /// --restore, the snapshot's, which it must equal if given).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Number of vCPUs (default 1; with --restore, the snapshot's).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u64>,
     /// A number passed to a bare guest in RDX.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub guest_arg: u64,
@@ -112,10 +121,18 @@ pub struct RunArgs {
 impl RunArgs {
     /// Validates the arguments and turns them into a VM configuration.
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
+        let (mem_size, vcpus, boot) = match &self.restore {
+            Some(dir) => self.restore_shape(dir)?,
+            None => (
+                check_mem_size(parse_size(self.memory.as_deref().unwrap_or("128M"))?)?,
+                check_vcpus(self.cpus.unwrap_or(1))?,
+                self.boot_source()?,
+            ),
+        };
         Ok(VmConfig {
-            mem_size: check_mem_size(parse_size(&self.memory)?)?,
-            vcpus: check_vcpus(self.cpus)?,
-            boot: self.boot_source()?,
+            mem_size,
+            vcpus,
+            boot,
             serial: self.serial.parse::<SerialConfig>()?,
             host_compat: self.host_compat.parse::<HostCompatMode>()?,
             vm_id: self.id.unwrap_or_else(std::process::id),
@@ -125,6 +142,34 @@ impl RunArgs {
             start_paused: self.start_paused,
             nets: self.nets()?,
         })
+    }
+
+    /// The memory size and vCPU count of the snapshot in `dir`, after
+    /// checking its state file whole; `--memory` and `--cpus`, if given,
+    /// must equal them.
+    fn restore_shape(&self, dir: &std::path::Path) -> Result<(u64, u8, BootSource), ConfigError> {
+        let snap = crate::snapshot::files::read_state(dir)
+            .map_err(|e| ConfigError::Snapshot(e.to_string()))?;
+        if let Some(m) = &self.memory {
+            let bytes = parse_size(m)?;
+            if bytes != snap.mem_size {
+                return Err(ConfigError::RestoreMismatch(format!(
+                    "--memory {m} ({bytes} bytes) differs from the snapshot's {} bytes; omit --memory",
+                    snap.mem_size
+                )));
+            }
+        }
+        let n = snap.vcpus.len() as u64;
+        if let Some(c) = self.cpus.filter(|&c| c != n) {
+            return Err(ConfigError::RestoreMismatch(format!(
+                "--cpus {c} differs from the snapshot's {n} vCPUs; omit --cpus"
+            )));
+        }
+        Ok((
+            snap.mem_size,
+            check_vcpus(n)?,
+            BootSource::Restore { dir: dir.into() },
+        ))
     }
 
     /// What to boot: clap has already made `--bare` and `--kernel`

@@ -52,6 +52,12 @@ pub enum ConfigError {
     /// Too many devices.
     #[error("at most {0} network devices")]
     TooManyNets(u32),
+    /// The snapshot to restore cannot be used.
+    #[error("--restore: {0}")]
+    Snapshot(String),
+    /// A flag contradicts the snapshot being restored.
+    #[error("--restore: {0}")]
+    RestoreMismatch(String),
     /// A host-compat mode could not be parsed.
     #[error("invalid host-compat mode '{0}': expected auto, on or off")]
     BadHostCompat(String),
@@ -189,6 +195,12 @@ pub enum BootSource {
         initrd: Option<PathBuf>,
         /// The kernel command line; `None` means the default one.
         cmdline: Option<String>,
+    },
+    /// A snapshot directory (`docs/snapshots.md`): the VM continues where
+    /// it was saved.
+    Restore {
+        /// The directory.
+        dir: PathBuf,
     },
 }
 

@@ -23,7 +23,11 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Ctl(args) => {
-            match vmm::api::client(&args.api_sock, args.op, &mut std::io::stdout()) {
+            let req = vmm::api::Request {
+                op: args.op,
+                path: args.path,
+            };
+            match vmm::api::client_request(&args.api_sock, &req, &mut std::io::stdout()) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => fail(&e.to_string()),

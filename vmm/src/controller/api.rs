@@ -8,7 +8,11 @@ use crate::spec::stack::SpecId;
 
 impl Controller {
     /// Serves a control API request, acting as the VM's owner (rule 8).
-    pub(super) fn api(&mut self, op: Op) -> Result<Response, ControlError> {
+    pub(super) fn api(
+        &mut self,
+        op: Op,
+        path: Option<std::path::PathBuf>,
+    ) -> Result<Response, ControlError> {
         let code = |e: u64| match e {
             err::NO_SPECULATION => Response::error("the VM holds no speculation of its own"),
             err::TOO_DEEP => Response::error(format!("the checkpoint stack is full ({MAX_DEPTH})")),
@@ -59,6 +63,7 @@ impl Controller {
                 r.map_or_else(code, with_id)
             }
             Op::Events => Response::error("events are served by the API server"),
+            Op::Snapshot => self.snapshot(path)?,
         })
     }
 }

@@ -21,6 +21,7 @@ use crate::spec::link::{BridgeLink, SharedDeps};
 
 mod api;
 mod network;
+mod snapshot;
 use crate::devices::bus::{lock, SharedDevice};
 use crate::event::{EventReceiver, VcpuCmd, VcpuReply, VmEvent};
 use crate::spec::checkpoint::Checkpoint;
@@ -28,6 +29,7 @@ use crate::spec::memory::{CowError, MemoryTracker};
 use crate::spec::stack::{Rollback, SpecId, SpecStack, StackError};
 use crate::vstate::vcpu_state::{StateError, VcpuState};
 use crate::vstate::vm_state;
+pub use snapshot::SnapshotSetup;
 
 /// How long to wait for a vCPU to park before kicking it again. A kick can
 /// be lost if it lands just before the thread enters KVM_RUN.
@@ -150,6 +152,10 @@ pub struct Controller {
     nets: Vec<NetHandle>,
     /// Timings of served operations.
     pub stats: Stats,
+    /// Where snapshots get guest memory from, if the VM can be saved.
+    snapshots: Option<SnapshotSetup>,
+    /// Pages written since the last snapshot (for diff snapshots).
+    dirty_since_snapshot: crate::snapshot::DirtyPages,
 }
 
 /// Most checkpoints one VM may hold at once.
@@ -183,6 +189,8 @@ impl Controller {
             deps: Arc::default(),
             nets: Vec::new(),
             stats: Stats::default(),
+            snapshots: None,
+            dirty_since_snapshot: Default::default(),
         }
     }
 
@@ -274,7 +282,7 @@ impl Controller {
                 VmEvent::Join { ids } => self.join(ids)?,
                 VmEvent::Bridge(ev) => self.bridge_event(ev)?,
                 VmEvent::Api(call) => {
-                    let resp = self.api(call.op)?;
+                    let resp = self.api(call.op, call.path)?;
                     let _ = call.reply.send(resp);
                 }
             }
@@ -453,6 +461,7 @@ impl Controller {
             Some(self.memory.copy_all())
         } else {
             let dirty = self.memory.take_dirty(&self.vm)?;
+            self.dirty_since_snapshot.note(&dirty);
             let undo = self.stack.top_mut().map(|c| &mut c.undo);
             self.memory.flush(&dirty, undo)?;
             None
@@ -520,6 +529,7 @@ impl Controller {
             Some(copy) => self.memory.restore_all(copy)?,
             None => {
                 let dirty = self.memory.take_dirty(&self.vm)?;
+                self.dirty_since_snapshot.note(&dirty);
                 let undo = rb.checkpoints.iter().map(|c| &c.undo);
                 self.memory.rollback(undo, &dirty)?;
             }

@@ -16,6 +16,7 @@
 
 pub mod codec;
 pub mod files;
+pub mod restore;
 pub mod state;
 
 use std::path::PathBuf;
@@ -67,6 +68,9 @@ pub enum SnapshotError {
     /// A snapshot cannot be taken now.
     #[error("snapshot refused: {0}")]
     Refused(String),
+    /// Reading or writing KVM state failed.
+    #[error(transparent)]
+    State(#[from] crate::vstate::vcpu_state::StateError),
     /// Reading or writing a file failed.
     #[error("{what} {path}: {err}")]
     Io {

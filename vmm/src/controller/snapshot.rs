@@ -1,0 +1,182 @@
+//! The controller's side of snapshots on disk: pause, save the machine
+//! through the checkpoint code, write the memory file (whole, or only the
+//! pages written since this VM's last snapshot in the same directory),
+//! commit the state file, resume. See `docs/snapshots.md`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::{ControlError, Controller};
+use crate::api::Response;
+use crate::snapshot::{files, new_id, now_ns, SnapshotError, VmSnapshot};
+
+/// What the controller needs to write snapshots of its VM.
+pub struct SnapshotSetup {
+    /// The guest memory file (the memfd), which holds all of guest memory
+    /// once the dirty pages are flushed into it.
+    pub file: File,
+    /// Guest memory size in bytes.
+    pub mem_size: u64,
+    /// Whether the guest booted Linux.
+    pub linux: bool,
+    /// The snapshot this VM's memory last matched: the directory (made
+    /// canonical) and the snapshot's id. A snapshot into the same directory,
+    /// while it still holds that snapshot, can be a diff.
+    pub base: Option<(PathBuf, u64)>,
+}
+
+/// What a snapshot wrote.
+struct Written {
+    id: u64,
+    diff_pages: Option<u64>,
+}
+
+impl Controller {
+    /// Lets the VM be saved with the `snapshot` API operation.
+    pub fn enable_snapshots(&mut self, setup: SnapshotSetup) {
+        self.snapshots = Some(setup);
+    }
+
+    /// Why a snapshot cannot be taken now, if it cannot.
+    fn snapshot_refusal(&self) -> Option<String> {
+        if self.snapshots.is_none() {
+            return Some("this VM was built without snapshot support".into());
+        }
+        if self.full_copy {
+            return Some(
+                "snapshots need copy-on-write checkpoints, not --checkpoint full-copy".into(),
+            );
+        }
+        if self.stack.depth() > 0 {
+            let ids: Vec<String> = self
+                .stack
+                .entries()
+                .iter()
+                .map(|e| e.id.to_string())
+                .collect();
+            return Some(format!(
+                "the VM holds {} speculation checkpoint(s) (entries {}); a snapshot \
+                 persists no checkpoint stack, so commit or abort them first",
+                self.stack.depth(),
+                ids.join(", ")
+            ));
+        }
+        if self.vcpus.iter().any(|h| h.pending_call) {
+            return Some("a vCPU's hypercall is being served; try again".into());
+        }
+        None
+    }
+
+    /// Serves the `snapshot` API operation: saves the VM into `dir`.
+    pub(super) fn snapshot(&mut self, dir: Option<PathBuf>) -> Result<Response, ControlError> {
+        let Some(dir) = dir else {
+            return Ok(Response::error(
+                "snapshot needs a path (the snapshot directory)",
+            ));
+        };
+        if let Some(why) = self.snapshot_refusal() {
+            return Ok(Response::error(format!("snapshot refused: {why}")));
+        }
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return Ok(Response::error(format!(
+                "creating the snapshot directory {}: {e}",
+                dir.display()
+            )));
+        }
+        let t = Instant::now();
+        self.pause_all()?;
+        let r = self.write_snapshot(&dir);
+        self.resume_all();
+        self.stats.record("snapshot", t);
+        let micros = t.elapsed().as_micros() as u64;
+        Ok(match r? {
+            Ok(w) => {
+                tracing::info!(dir = %dir.display(), id = w.id, diff = ?w.diff_pages, micros, "snapshot");
+                Response {
+                    id: Some(format!("{:016x}", w.id)),
+                    kind: Some(
+                        if w.diff_pages.is_some() {
+                            "diff"
+                        } else {
+                            "full"
+                        }
+                        .into(),
+                    ),
+                    pages: w.diff_pages,
+                    micros: Some(micros),
+                    ..Response::ok()
+                }
+            }
+            Err(e) => {
+                // The pages taken for this snapshot are gone from the
+                // dirty set: the next snapshot must be a full one.
+                if let Some(s) = self.snapshots.as_mut() {
+                    s.base = None;
+                }
+                Response::error(e.to_string())
+            }
+        })
+    }
+
+    /// Saves the paused VM into `dir`. The outer error ends the VM (the
+    /// machine state could not be read); the inner one fails the request.
+    fn write_snapshot(
+        &mut self,
+        dir: &Path,
+    ) -> Result<Result<Written, SnapshotError>, ControlError> {
+        // The checkpoint code flushes every dirty page into the memory file
+        // (the stack is empty, so no undo log is kept) and saves vCPUs,
+        // in-kernel devices and device models: one mechanism for both.
+        let cp = self.checkpoint(None)?;
+        let pages = self.dirty_since_snapshot.take();
+        let Some(setup) = self.snapshots.as_mut() else {
+            return Ok(Err(SnapshotError::Refused("no snapshot support".into())));
+        };
+        let canon = match dir.canonicalize() {
+            Ok(c) => c,
+            Err(err) => {
+                return Ok(Err(SnapshotError::Io {
+                    what: "resolving the snapshot directory",
+                    path: dir.into(),
+                    err,
+                }))
+            }
+        };
+        let prev = setup
+            .base
+            .as_ref()
+            .filter(|(d, _)| *d == canon)
+            .map(|&(_, id)| id)
+            .filter(|&id| on_disk_is(dir, id, setup.mem_size));
+        let id = new_id();
+        let written = match prev {
+            Some(p) => files::write_memory_diff(dir, &setup.file, setup.mem_size, p, &pages, id)
+                .map(|()| Some(pages.len() as u64)),
+            None => files::write_memory_full(dir, &setup.file, setup.mem_size, id).map(|()| None),
+        };
+        let snap = VmSnapshot {
+            id,
+            mem_size: setup.mem_size,
+            ranges: crate::arch::x86_64::layout::ram_ranges(setup.mem_size),
+            linux: setup.linux,
+            saved_at_ns: now_ns(),
+            vcpus: cp.vcpus.into_iter().map(|b| *b).collect(),
+            vm: cp.vm,
+            devices: cp.devices,
+        };
+        let r = written.and_then(|diff_pages| {
+            files::commit_state(dir, &snap)?;
+            Ok(Written { id, diff_pages })
+        });
+        if r.is_ok() {
+            setup.base = Some((canon, id));
+        }
+        Ok(r)
+    }
+}
+
+/// Whether `dir` holds, committed, snapshot `id` of a VM of `mem_size`.
+fn on_disk_is(dir: &Path, id: u64, mem_size: u64) -> bool {
+    matches!(files::read_state(dir), Ok(s) if s.id == id && s.mem_size == mem_size)
+}
