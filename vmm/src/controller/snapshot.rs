@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::{ControlError, Controller};
 use crate::api::Response;
-use crate::snapshot::{files, new_id, now_ns, SnapshotError, VmSnapshot};
+use crate::snapshot::{files, new_id, now_ns, SnapshotError, VmSnapshot, MAX_LAYERS};
 
 /// What the controller needs to write snapshots of its VM.
 pub struct SnapshotSetup {
@@ -147,16 +147,24 @@ impl Controller {
             .base
             .as_ref()
             .filter(|(d, _)| *d == canon)
-            .map(|&(_, id)| id)
-            .filter(|&id| on_disk_is(dir, id, setup.mem_size));
+            .and_then(|&(_, id)| on_disk(dir, id, setup.mem_size))
+            .filter(|layers| layers.len() < MAX_LAYERS);
         let id = new_id();
-        let written = match prev {
-            Some(p) => files::write_memory_diff(dir, &setup.file, setup.mem_size, p, &pages, id)
-                .map(|()| Some(pages.len() as u64)),
-            None => files::write_memory_full(dir, &setup.file, setup.mem_size, id).map(|()| None),
+        let (written, layers) = match prev {
+            Some(mut layers) => {
+                layers.push(id);
+                let w = files::write_memory_diff(dir, &setup.file, setup.mem_size, &pages, id)
+                    .map(|()| Some(pages.len() as u64));
+                (w, layers)
+            }
+            None => {
+                let w = files::write_memory_full(dir, &setup.file, setup.mem_size, id);
+                (w.map(|()| None), vec![id])
+            }
         };
         let snap = VmSnapshot {
             id,
+            layers,
             mem_size: setup.mem_size,
             ranges: crate::arch::x86_64::layout::ram_ranges(setup.mem_size),
             linux: setup.linux,
@@ -176,7 +184,11 @@ impl Controller {
     }
 }
 
-/// Whether `dir` holds, committed, snapshot `id` of a VM of `mem_size`.
-fn on_disk_is(dir: &Path, id: u64, mem_size: u64) -> bool {
-    matches!(files::read_state(dir), Ok(s) if s.id == id && s.mem_size == mem_size)
+/// The memory layers of snapshot `id` of a VM of `mem_size`, if `dir`
+/// holds it, committed.
+fn on_disk(dir: &Path, id: u64, mem_size: u64) -> Option<Vec<u64>> {
+    files::read_state(dir)
+        .ok()
+        .filter(|s| s.id == id && s.mem_size == mem_size)
+        .map(|s| s.layers)
 }

@@ -2,10 +2,10 @@
 //! the order of writes that keeps the previous snapshot intact through a
 //! crash at any point.
 //!
-//! A new snapshot first writes its memory file under a name no earlier
+//! A new snapshot first writes its memory layer under a name no earlier
 //! snapshot used (`memory-<new id>`), then `state.new`, each synced; then
 //! renames `state.new` over `state` (the commit point) and syncs the
-//! directory; then deletes the memory files no state names any more.
+//! directory; then deletes the memory files the state no longer names.
 //!
 //! Copies skip holes (`SEEK_DATA`/`SEEK_HOLE`): guest memory never touched
 //! is a hole in the memfd, and stays one in the snapshot and in the memfd
@@ -67,25 +67,20 @@ pub fn write_memory_full(dir: &Path, src: &File, len: u64, id: u64) -> Result<()
         .map_err(io_err("syncing the snapshot memory file", &path))
 }
 
-/// Writes `dir/memory-<id>` as a copy of the previous snapshot's memory
-/// file `dir/memory-<prev>` with the `pages` of `src` written over it, and
-/// syncs it. The previous file is only read.
+/// Writes the diff layer `dir/memory-<id>`: a sparse file of `len` bytes
+/// holding only the `pages` of `src`, and syncs it. Earlier layers are
+/// not touched, so its cost follows the number of pages.
 pub fn write_memory_diff(
     dir: &Path,
     src: &File,
     len: u64,
-    prev: u64,
     pages: &[u64],
     id: u64,
 ) -> Result<(), SnapshotError> {
-    let prev_path = dir.join(memory_name(prev));
-    let base =
-        File::open(&prev_path).map_err(io_err("opening the previous memory file", &prev_path))?;
     let path = dir.join(memory_name(id));
     let out = create_new(&path)?;
     out.set_len(len)
         .map_err(io_err("sizing the snapshot memory file", &path))?;
-    copy_data(&base, &out, len).map_err(io_err("copying the previous memory file", &path))?;
     let mut buf = vec![0u8; CHUNK];
     for run in runs(pages) {
         let mut p = run.start;
@@ -106,7 +101,7 @@ pub fn write_memory_diff(
 
 /// Commits `snap` as the snapshot in `dir`: writes and syncs `state.new`,
 /// renames it to `state`, syncs the directory, then removes every memory
-/// file but the one `snap` names.
+/// file but the layers `snap` names.
 pub fn commit_state(dir: &Path, snap: &VmSnapshot) -> Result<(), SnapshotError> {
     let new = dir.join(STATE_NEW);
     let mut f = OpenOptions::new()
@@ -124,20 +119,21 @@ pub fn commit_state(dir: &Path, snap: &VmSnapshot) -> Result<(), SnapshotError> 
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("syncing the snapshot directory", dir))?;
-    remove_stale_memory(dir, &snap.memory_name());
+    let keep: Vec<String> = snap.layers.iter().map(|&l| memory_name(l)).collect();
+    remove_stale_memory(dir, &keep);
     Ok(())
 }
 
 /// Deletes the memory files of snapshots no longer committed (the
 /// previous one, or one whose commit a crash interrupted).
-fn remove_stale_memory(dir: &Path, keep: &str) {
+fn remove_stale_memory(dir: &Path, keep: &[String]) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("memory-") && name != keep {
+        if name.starts_with("memory-") && !keep.iter().any(|k| *k == name) {
             if let Err(err) = std::fs::remove_file(e.path()) {
                 tracing::warn!("removing the stale snapshot file {name}: {err}");
             }
@@ -145,23 +141,32 @@ fn remove_stale_memory(dir: &Path, keep: &str) {
     }
 }
 
-/// Copies the memory file of `snap` in `dir` into `dst`, which must be
-/// `snap.mem_size` bytes of holes (a fresh memfd).
+/// Copies the memory layers of `snap` in `dir`, oldest first, into `dst`,
+/// which must be `snap.mem_size` bytes of holes (a fresh memfd). Every
+/// layer is opened and checked before any is copied.
 pub fn load_memory(dir: &Path, snap: &VmSnapshot, dst: &File) -> Result<(), SnapshotError> {
-    let path = dir.join(snap.memory_name());
-    let src = File::open(&path).map_err(io_err("opening the snapshot memory file", &path))?;
-    let len = src
-        .metadata()
-        .map_err(io_err("reading the snapshot memory file", &path))?
-        .len();
-    if len != snap.mem_size {
-        return Err(SnapshotError::Corrupt(format!(
-            "{} is {len} bytes, the state says {}",
-            path.display(),
-            snap.mem_size
-        )));
+    let mut layers = Vec::with_capacity(snap.layers.len());
+    for &l in &snap.layers {
+        let path = dir.join(memory_name(l));
+        let src = File::open(&path).map_err(io_err("opening the snapshot memory file", &path))?;
+        let len = src
+            .metadata()
+            .map_err(io_err("reading the snapshot memory file", &path))?
+            .len();
+        if len != snap.mem_size {
+            return Err(SnapshotError::Corrupt(format!(
+                "{} is {len} bytes, the state says {}",
+                path.display(),
+                snap.mem_size
+            )));
+        }
+        layers.push((path, src));
     }
-    copy_data(&src, dst, len).map_err(io_err("reading the snapshot memory file", &path))
+    for (path, src) in layers {
+        copy_data(&src, dst, snap.mem_size)
+            .map_err(io_err("reading the snapshot memory file", &path))?;
+    }
+    Ok(())
 }
 
 fn create_new(path: &PathBuf) -> Result<File, SnapshotError> {

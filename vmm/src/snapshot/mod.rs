@@ -6,10 +6,16 @@
 //!   shape (memory size and layout, vCPU count), every vCPU's
 //!   [`VcpuState`], the [`VmState`] and every [`DeviceState`], saved by the
 //!   same code that takes speculation checkpoints;
-//! - `memory-<id>`: guest memory, named by the snapshot id the state file
-//!   records. The state file is the commit point: it is written under a
-//!   new name and renamed over the old one only once the memory file it
-//!   names is on disk, so a crash leaves the previous snapshot whole.
+//! - `memory-<id>`: guest memory in layers, each named by the id of the
+//!   snapshot that wrote it. A full snapshot writes one layer, all of
+//!   memory; a diff snapshot adds a layer holding only the pages written
+//!   since the previous snapshot (a sparse file: other pages are holes).
+//!   The state file lists the layers, oldest first; a restore applies them
+//!   in order. Past [`MAX_LAYERS`] layers, the next snapshot is a full one.
+//!
+//! The state file is the commit point: it is written under a new name and
+//! renamed over the old one only once every layer it names is on disk, so
+//! a crash leaves the previous snapshot whole.
 //!
 //! A file that is truncated, corrupt, or of another format version is
 //! refused whole, before any VM is built.
@@ -26,6 +32,10 @@ use crate::devices::bus::DeviceState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm_state::VmState;
 use codec::{Reader, Writer};
+
+/// Most memory layers a snapshot may have; a diff snapshot that would add
+/// one more is written as a full one instead, so restores stay quick.
+pub const MAX_LAYERS: usize = 16;
 
 /// Errors saving, reading or restoring a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +95,11 @@ pub enum SnapshotError {
 
 /// Everything a snapshot's state file holds.
 pub struct VmSnapshot {
-    /// This snapshot's random id; it names the memory file.
+    /// This snapshot's random id.
     pub id: u64,
+    /// The ids of the memory layers, oldest (the full one) first; the last
+    /// is this snapshot's own.
+    pub layers: Vec<u64>,
     /// Guest memory size in bytes.
     pub mem_size: u64,
     /// The guest memory ranges (guest address, size), in file order.
@@ -109,6 +122,8 @@ impl VmSnapshot {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::default();
         w.u64(self.id);
+        w.u32(self.layers.len() as u32);
+        self.layers.iter().for_each(|&l| w.u64(l));
         w.u64(self.mem_size);
         w.u32(self.ranges.len() as u32);
         for &(base, size) in &self.ranges {
@@ -132,6 +147,15 @@ impl VmSnapshot {
     pub fn decode(file: &[u8]) -> Result<Self, SnapshotError> {
         let mut r = Reader::new(codec::open(file)?);
         let id = r.u64("snapshot id")?;
+        let n = r.count(8, "memory layer count")?;
+        let layers = (0..n)
+            .map(|_| r.u64("memory layer"))
+            .collect::<Result<Vec<_>, _>>()?;
+        if n == 0 || n > MAX_LAYERS || layers.last() != Some(&id) {
+            return Err(SnapshotError::Corrupt(format!(
+                "memory layers {layers:x?} for snapshot {id:x}"
+            )));
+        }
         let mem_size = r.u64("memory size")?;
         crate::config::check_mem_size(mem_size)
             .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
@@ -162,6 +186,7 @@ impl VmSnapshot {
         }
         Ok(Self {
             id,
+            layers,
             mem_size,
             ranges,
             linux,
@@ -171,14 +196,9 @@ impl VmSnapshot {
             devices,
         })
     }
-
-    /// The name of the memory file within the snapshot directory.
-    pub fn memory_name(&self) -> String {
-        memory_name(self.id)
-    }
 }
 
-/// The memory file of snapshot `id`.
+/// The memory layer file written by snapshot `id`.
 pub fn memory_name(id: u64) -> String {
     format!("memory-{id:016x}")
 }

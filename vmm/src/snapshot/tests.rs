@@ -73,6 +73,7 @@ fn sample() -> VmSnapshot {
     };
     VmSnapshot {
         id: 0x1234,
+        layers: vec![0x1000, 0x1234],
         mem_size: 64 << 20,
         ranges: ram_ranges(64 << 20),
         linux: false,
@@ -191,7 +192,7 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
 }
 
 #[test]
-fn files_full_then_diff_keep_holes_and_replace_the_old() {
+fn files_full_then_diff_layers_keep_holes_and_load_in_order() {
     let dir = tmpdir("files");
     let len = 64 * 4096;
     let src = tempfile_in(&dir, "src", len);
@@ -199,16 +200,27 @@ fn files_full_then_diff_keep_holes_and_replace_the_old() {
     src.write_all_at(&[2u8; 4096], 10 * 4096).unwrap();
     let mut s = sample();
     s.mem_size = len;
+    s.layers = vec![s.id];
     files::write_memory_full(&dir, &src, len, s.id).unwrap();
     files::commit_state(&dir, &s).unwrap();
+    std::fs::write(dir.join(memory_name(0x9999)), b"stale").unwrap();
     src.write_all_at(&[3u8; 4096], 20 * 4096).unwrap();
     src.write_all_at(&[9u8; 4096], 30 * 4096).unwrap(); // not in the diff
-    files::write_memory_diff(&dir, &src, len, s.id, &[20], 0x5678).unwrap();
+    files::write_memory_diff(&dir, &src, len, &[20], 0x5678).unwrap();
     s.id = 0x5678;
+    s.layers.push(s.id);
     files::commit_state(&dir, &s).unwrap();
+    assert!(dir.join(memory_name(0x1234)).exists(), "base layer kept");
     assert!(
-        !dir.join(memory_name(0x1234)).exists(),
-        "old memory removed"
+        !dir.join(memory_name(0x9999)).exists(),
+        "stale file removed"
+    );
+    let diff_blocks = std::os::unix::fs::MetadataExt::blocks(
+        &std::fs::metadata(dir.join(memory_name(0x5678))).unwrap(),
+    );
+    assert!(
+        diff_blocks <= 8 * 2,
+        "the diff layer holds one page: {diff_blocks} blocks"
     );
     let dst = tempfile_in(&dir, "dst", len);
     // load_memory checks the size against the state's.
