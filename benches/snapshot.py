@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Snapshot benchmark: restore time against guest memory size, and snapshot
+create time, full and diff, next to QEMU's savevm/loadvm in the same run.
+
+    python3 benches/snapshot.py [--quick] [--no-qemu] [--out docs/benchmarks/snapshot.md]
+
+The guest is `counter` (guests/src/bin/counter.rs): it first writes one
+word in every page of FILL MiB of its memory (so the snapshot has that much
+memory to carry), then counts and prints every ~100 ms. Two fills per size:
+`idle` (nothing written: only the guest's program, stack and page tables)
+and `filled` (all memory but the first 32 MiB written).
+
+Our figures:
+- create: the VMM's own timing in the `snapshot` answer (`micros`), from
+  the pause to the resume, files synced;
+- diff: a second snapshot into the same directory ~0.3 s later;
+- restore: the VMM's `restored` log line (`total_us`: reading and checking
+  the state file, building memory from the layers, creating the VM and
+  its vCPUs and devices, restoring their state) and, from the client side,
+  the time from exec to the guest's first line after the restore.
+
+The page cache is warm (the snapshot was just written); nothing drops it,
+since other work shares this machine.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECVM = os.path.join(ROOT, "target", "release", "specvm")
+GUEST = os.path.join(ROOT, "target", "bare-guests", "counter")
+RESERVED_MIB = 32  # the bare guest's fixed layout and program, below its free area
+
+SIZES = [("256M", 256), ("1G", 1024), ("4G", 4096)]
+
+
+def build():
+    """Builds the release VMM and the bare guests."""
+    subprocess.run(["cargo", "build", "--release", "-p", "vmm", "--quiet"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "-p", "specvm-tests", "--quiet"], cwd=ROOT, check=True)
+
+
+def wait_for(path, pattern, timeout, after=0):
+    """Waits until the file at `path` has a line matching `pattern` past
+    byte `after`; returns (match, time)."""
+    deadline = time.monotonic() + timeout
+    rx = re.compile(pattern)
+    while time.monotonic() < deadline:
+        try:
+            with open(path, "rb") as f:
+                f.seek(after)
+                for line in f.read().decode(errors="replace").splitlines():
+                    m = rx.search(line)
+                    if m:
+                        return m, time.perf_counter()
+        except FileNotFoundError:
+            pass
+        time.sleep(0.002)
+    raise RuntimeError(f"no line matching {pattern!r} in {path} after {timeout} s")
+
+
+def ctl(sock, op, path=None):
+    cmd = [SPECVM, "ctl", "--api-sock", sock, op] + (["--path", path] if path else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    resp = json.loads(p.stdout)
+    if not resp.get("ok"):
+        raise RuntimeError(f"{op}: {resp}")
+    return resp
+
+
+def create(tmp, mem, fill_mib):
+    """Boots the counter, takes a full then a diff snapshot; returns the
+    two answers."""
+    sock, out, snap = (os.path.join(tmp, n) for n in ("api.sock", "boot.out", "snap"))
+    cmd = [SPECVM, "run", "--bare", GUEST, "--memory", mem, "--guest-arg", str(fill_mib),
+           "--serial", f"file={out}", "--api-sock", sock]
+    vm = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out, r"^counter: \d+$", 600)
+        full = ctl(sock, "snapshot", snap)
+        time.sleep(0.3)
+        diff = ctl(sock, "snapshot", snap)
+    finally:
+        vm.kill()
+        vm.wait()
+    return full, diff, snap
+
+
+def restore(tmp, snap, i):
+    """Restores `snap`; returns (VMM's restore µs, exec-to-first-line ms)."""
+    out, err = os.path.join(tmp, f"r{i}.out"), os.path.join(tmp, f"r{i}.err")
+    t0 = time.perf_counter()
+    with open(err, "w") as e:
+        vm = subprocess.Popen([SPECVM, "run", "--restore", snap, "--serial", f"file={out}",
+                               "--log-level", "info"], stderr=e)
+    try:
+        _, t1 = wait_for(out, r"^counter: \d+$", 120)
+    finally:
+        vm.kill()
+        vm.wait()
+    m, _ = wait_for(err, r"restored memory_us=(\d+) total_us=(\d+)", 5)
+    return int(m.group(2)), (t1 - t0) * 1e3, int(m.group(1))
+
+
+def du_mib(path):
+    return sum(os.stat(os.path.join(path, f)).st_blocks * 512 for f in os.listdir(path)) / 2**20
+
+
+def measure(mem, mib, fill_mib, reps):
+    tmp = tempfile.mkdtemp(prefix="specvm-snapbench.")
+    try:
+        full, diff, snap = create(tmp, mem, fill_mib)
+        disk = du_mib(snap)
+        rs = [restore(tmp, snap, i) for i in range(reps)]
+        return {
+            "mem_mib": mib, "fill_mib": fill_mib,
+            "full_ms": full["micros"] / 1e3, "diff_ms": diff["micros"] / 1e3,
+            "diff_pages": diff.get("pages"), "disk_mib": disk,
+            "restore_ms": statistics.median(r[0] for r in rs) / 1e3,
+            "restore_mem_ms": statistics.median(r[2] for r in rs) / 1e3,
+            "first_line_ms": statistics.median(r[1] for r in rs),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def qemu(sizes):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import qemu_peer
+    except ImportError as e:
+        print(f"snapshot: no QEMU peer: {e}", file=sys.stderr)
+        return {}
+    out = {}
+    for _, mib in sizes:
+        r = qemu_peer.measure(mib, filled=True, reps=2)
+        if r:
+            out[mib] = r
+    return out
+
+
+def table(rows, q):
+    lines = [
+        "| memory | written by guest | full create | diff create (pages) | on disk | restore (VMM) | of which memory | exec to first guest line | QEMU savevm | QEMU loadvm |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        qr = q.get(r["mem_mib"]) if r["fill_mib"] else None
+        sv = f"{min(qr['savevm_ms']):.0f} ms" if qr and qr.get("savevm_ms") else "–"
+        lv = f"{min(qr['loadvm_ms']):.0f} ms" if qr and qr.get("loadvm_ms") else "–"
+        lines.append(
+            f"| {r['mem_mib']} MiB | {r['fill_mib']} MiB | {r['full_ms']:.1f} ms | "
+            f"{r['diff_ms']:.1f} ms ({r['diff_pages']}) | {r['disk_mib']:.0f} MiB | "
+            f"{r['restore_ms']:.1f} ms | {r['restore_mem_ms']:.1f} ms | {r['first_line_ms']:.0f} ms | {sv} | {lv} |")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="256 MiB and 1 GiB only, one restore each")
+    ap.add_argument("--no-qemu", action="store_true", help="skip the QEMU peer")
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--out", help="write a markdown report here")
+    a = ap.parse_args()
+    if not a.no_build:
+        build()
+    sizes = SIZES[:2] if a.quick else SIZES
+    reps = 1 if a.quick else 3
+    rows = []
+    for mem, mib in sizes:
+        for fill in (0, mib - RESERVED_MIB):
+            r = measure(mem, mib, fill, reps)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    q = {} if a.no_qemu else qemu(sizes)
+    for mib, r in q.items():
+        print(f"qemu {mib} MiB filled: savevm {r['savevm_ms']} ms, loadvm {r['loadvm_ms']} ms",
+              flush=True)
+    lines = table(rows, q)
+    print("\n".join(lines))
+    base = {r["mem_mib"]: r for r in rows if r["fill_mib"] == 0}
+    ratios = []
+    for r in rows:
+        if r["fill_mib"] and r["mem_mib"] in q and q[r["mem_mib"]].get("loadvm_ms"):
+            ratios.append(f"{r['mem_mib']} MiB filled: QEMU loadvm / specvm restore = "
+                          f"{min(q[r['mem_mib']]['loadvm_ms']) / r['restore_ms']:.1f}x, "
+                          f"savevm / full create = "
+                          f"{min(q[r['mem_mib']]['savevm_ms']) / r['full_ms']:.1f}x")
+    small = base.get(sizes[0][1])
+    for mib, r in base.items():
+        if small and mib != small["mem_mib"]:
+            ratios.append(f"idle restore {mib} MiB / {small['mem_mib']} MiB = "
+                          f"{r['restore_ms'] / small['restore_ms']:.2f}x")
+    print("\n".join(ratios))
+    if a.out:
+        host = f"{platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()}"
+        with open(a.out, "w") as f:
+            f.write(f"<!-- generated by benches/snapshot.py on {datetime.date.today()}, {host} -->\n")
+            f.write("\n".join(lines) + "\n\n" + "\n".join(f"- {x}" for x in ratios) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
