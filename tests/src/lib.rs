@@ -451,6 +451,66 @@ pub fn open_fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
+/// A `netbridge` of a test's own, in a private directory (its socket
+/// `br.sock`, its event log `events.log`, and whatever else the test puts
+/// there). Dropping it kills the bridge (by its PID) and removes the
+/// directory, also when the test fails.
+pub struct NetBridge {
+    child: Child,
+    /// The private directory.
+    pub dir: PathBuf,
+}
+
+impl NetBridge {
+    /// Starts a bridge in a new directory named after `name`.
+    pub fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("specvm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the bridge's directory");
+        let bin = specvm_bin().with_file_name("netbridge");
+        assert!(
+            bin.exists(),
+            "{} missing: build the workspace first",
+            bin.display()
+        );
+        let events = std::fs::File::create(dir.join("events.log")).expect("creating the event log");
+        let child = Command::new(bin)
+            .arg("--listen")
+            .arg(dir.join("br.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(events))
+            .spawn()
+            .expect("starting netbridge");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dir.join("br.sock").exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the bridge socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Self { child, dir }
+    }
+
+    /// The `--net` argument for a VM on this bridge.
+    pub fn net_arg(&self) -> String {
+        format!("bridge={}", self.dir.join("br.sock").display())
+    }
+
+    /// The bridge's events so far, one JSON object a line.
+    pub fn events(&self) -> String {
+        std::fs::read_to_string(self.dir.join("events.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NetBridge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,68 +1,16 @@
 //! Speculation across VMs: two bare guests on `netbridge`, the receiver
 //! joining the sender's speculation implicitly and rolling back with it.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use specvm_tests::{bare_guest, skip_without_kvm, spawn_specvm};
+use specvm_tests::{bare_guest, skip_without_kvm, spawn_specvm, NetBridge};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A netbridge process with its socket, and its event log, cleaned up on drop.
-struct Bridge {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Bridge {
-    fn start(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("specvm-net-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let bin = specvm_tests::specvm_bin().with_file_name("netbridge");
-        assert!(
-            bin.exists(),
-            "{} missing: build the workspace first",
-            bin.display()
-        );
-        let events = std::fs::File::create(dir.join("events.log")).expect("event log");
-        let child = Command::new(bin)
-            .arg("--listen")
-            .arg(dir.join("br.sock"))
-            .stdout(Stdio::from(events))
-            .spawn()
-            .expect("starting netbridge");
-        for _ in 0..500 {
-            if dir.join("br.sock").exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, dir }
-    }
-
-    fn net_arg(&self) -> String {
-        format!("bridge={}", self.dir.join("br.sock").display())
-    }
-
-    fn events(&self) -> String {
-        std::fs::read_to_string(self.dir.join("events.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Runs the receiver (VM 2) and then the sender (VM 1, role `sender_arg`);
 /// returns both outputs and the bridge's events.
 fn exchange(name: &str, sender_arg: &str) -> (String, String, String) {
-    let bridge = Bridge::start(name);
+    let bridge = NetBridge::start(&format!("net-{name}"));
     let net = bridge.net_arg();
     let guest = bare_guest("net_spec");
     let guest = guest.to_str().expect("UTF-8 path");

@@ -18,11 +18,13 @@ use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use specvm_tests::{bare_guest, run_specvm, skip_without_kvm, spawn_specvm, RunResult, Spawned};
+use specvm_tests::{
+    bare_guest, run_specvm, skip_without_kvm, spawn_specvm, NetBridge, RunResult, Spawned,
+};
 
 /// The longest any one wait may take.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -38,48 +40,27 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// A netbridge with its directory (bridge socket, event log, the VMs' API
-/// sockets). Dropping it kills the bridge and removes the directory.
+/// sockets), counting the ports that connected.
 struct Bridge {
-    child: Child,
-    dir: PathBuf,
+    inner: NetBridge,
     /// Ports that connected so far.
     ports: usize,
 }
 
+impl std::ops::Deref for Bridge {
+    type Target = NetBridge;
+
+    fn deref(&self) -> &NetBridge {
+        &self.inner
+    }
+}
+
 impl Bridge {
     fn start(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("specvm-nsc-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let bin = specvm_tests::specvm_bin().with_file_name("netbridge");
-        assert!(
-            bin.exists(),
-            "{} missing: build the workspace first",
-            bin.display()
-        );
-        let events = std::fs::File::create(dir.join("events.log")).expect("event log");
-        let child = Command::new(bin)
-            .arg("--listen")
-            .arg(dir.join("br.sock"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(events))
-            .spawn()
-            .expect("starting netbridge");
-        let bridge = Self {
-            child,
-            dir,
+        Self {
+            inner: NetBridge::start(&format!("nsc-{name}")),
             ports: 0,
-        };
-        wait_until("the bridge socket", || bridge.dir.join("br.sock").exists());
-        bridge
-    }
-
-    fn net_arg(&self) -> String {
-        format!("bridge={}", self.dir.join("br.sock").display())
-    }
-
-    fn events(&self) -> String {
-        std::fs::read_to_string(self.dir.join("events.log")).unwrap_or_default()
+        }
     }
 
     /// Event lines containing `needle`.
@@ -101,14 +82,6 @@ impl Bridge {
     fn assert_no_event(&self, needle: &str) {
         let ev = self.events();
         assert!(!ev.contains(needle), "unexpected {needle} in:\n{ev}");
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
