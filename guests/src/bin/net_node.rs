@@ -180,7 +180,7 @@ fn serve(net: &mut Net, st: &mut State) -> u32 {
         let mut busy = false;
         while let Some(n) = net.recv(&mut st.frame) {
             busy = true;
-            if let Some(payload) = udp_payload(&st.frame[..n]) {
+            if let Some(payload) = rt::udp::udp_payload(&st.frame[..n], PORT) {
                 st.log.push(payload);
                 console.write_bytes(b"net_node: got ");
                 put_text(&console, payload);
@@ -269,7 +269,7 @@ fn forged_tag() -> [u8; 12] {
 /// Prints the error and returns false if it cannot.
 fn send(net: &mut Net, options: &[u8], payload: &[u8]) -> bool {
     let mut f = [0u8; TX_FRAME_MAX];
-    let Some(len) = build_frame(&mut f, net.mac(), options, payload) else {
+    let Some(len) = rt::udp::build_frame(&mut f, net.mac(), PORT, options, payload) else {
         rt::println!("net_node: ?");
         return false;
     };
@@ -280,66 +280,4 @@ fn send(net: &mut Net, options: &[u8], payload: &[u8]) -> bool {
             false
         }
     }
-}
-
-/// Writes the frame into `f`; returns its length, or None if it does not
-/// fit or the options are malformed.
-fn build_frame(f: &mut [u8], mac: [u8; 6], options: &[u8], payload: &[u8]) -> Option<usize> {
-    if !options.len().is_multiple_of(4) || options.len() > 40 {
-        return None;
-    }
-    let ip_len = 20 + options.len();
-    let udp_at = 14 + ip_len;
-    let total = udp_at + 8 + payload.len();
-    if total > f.len() {
-        return None;
-    }
-    f[0..6].copy_from_slice(&[0xff; 6]);
-    f[6..12].copy_from_slice(&mac);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[14..udp_at];
-    ip[0] = 0x40 | (ip_len / 4) as u8;
-    ip[2..4].copy_from_slice(&((total - 14) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&[10, 0, 0, mac[5]]);
-    ip[16..20].copy_from_slice(&[10, 0, 0, 255]);
-    ip[20..].copy_from_slice(options);
-    let sum = checksum(ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let udp = &mut f[udp_at..udp_at + 8];
-    udp[0..2].copy_from_slice(&PORT.to_be_bytes());
-    udp[2..4].copy_from_slice(&PORT.to_be_bytes());
-    udp[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    f[udp_at + 8..total].copy_from_slice(payload);
-    Some(total)
-}
-
-/// The Internet checksum of `h` (an even number of bytes).
-fn checksum(h: &[u8]) -> u16 {
-    let mut s: u32 = h
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
-/// The payload of a UDP/IPv4 frame to [`PORT`], IPv4 options allowed.
-fn udp_payload(f: &[u8]) -> Option<&[u8]> {
-    if f.len() < 14 + 20 || f[12..14] != [0x08, 0x00] || f[14] >> 4 != 4 || f[23] != 17 {
-        return None;
-    }
-    let ihl = usize::from(f[14] & 0xf) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    let udp = f.get(14 + ihl..)?;
-    if udp.len() < 8 || udp[2..4] != PORT.to_be_bytes() {
-        return None;
-    }
-    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-    udp.get(8..len.max(8))
 }

@@ -105,7 +105,7 @@ fn receiver(net: &mut VirtioNet<PhysMmio>) -> u32 {
             core::hint::spin_loop();
             continue;
         };
-        let Some(payload) = udp_payload(&buf[..n]) else {
+        let Some(payload) = rt::udp::udp_payload(&buf[..n], PORT) else {
             continue;
         };
         let num = payload.last().map_or(0, |d| d.wrapping_sub(b'0'));
@@ -135,50 +135,11 @@ fn receiver(net: &mut VirtioNet<PhysMmio>) -> u32 {
 /// A UDP/IPv4 broadcast to PORT carrying `payload`.
 fn send(net: &mut VirtioNet<PhysMmio>, payload: &[u8]) {
     let mut f = [0u8; 128];
-    let total = 14 + 20 + 8 + payload.len();
-    f[0..6].copy_from_slice(&[0xff; 6]);
-    f[6..12].copy_from_slice(&net.mac());
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + 8 + payload.len()) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&[10, 0, 0, net.mac()[5]]);
-    ip[16..20].copy_from_slice(&[10, 0, 0, 255]);
-    let sum = checksum(ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let udp = &mut f[34..42];
-    udp[0..2].copy_from_slice(&PORT.to_be_bytes());
-    udp[2..4].copy_from_slice(&PORT.to_be_bytes());
-    udp[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    f[42..total].copy_from_slice(payload);
-    if let Err(e) = net.send(&f[..total]) {
+    let Some(len) = rt::udp::build_frame(&mut f, net.mac(), PORT, &[], payload) else {
+        rt::println!("net_spec: payload too long");
+        return;
+    };
+    if let Err(e) = net.send(&f[..len]) {
         rt::println!("net_spec: send: {e}");
     }
-}
-
-fn checksum(h: &[u8]) -> u16 {
-    let mut s: u32 = h
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
-/// The payload of a UDP/IPv4 frame to PORT, options allowed.
-fn udp_payload(f: &[u8]) -> Option<&[u8]> {
-    if f.len() < 14 + 20 || f[12..14] != [0x08, 0x00] || f[23] != 17 {
-        return None;
-    }
-    let ihl = usize::from(f[14] & 0xf) * 4;
-    let udp = f.get(14 + ihl..)?;
-    if udp.len() < 8 || udp[2..4] != PORT.to_be_bytes() {
-        return None;
-    }
-    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-    udp.get(8..len.max(8))
 }

@@ -15,6 +15,7 @@
 #![allow(dead_code, unused_macros, unused_imports)]
 
 mod mem;
+pub mod udp;
 
 use core::fmt::Write;
 use guest_agent::serial::Serial;
