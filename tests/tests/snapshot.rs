@@ -243,3 +243,49 @@ fn a_speculating_vm_is_not_snapshotted() {
     let (st, out) = ctl(&sock, "snapshot", Some(&snap));
     assert_eq!(st, 0, "{out}");
 }
+
+/// Every memory file in `snap`, with its content.
+fn memory_files(snap: &str) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(snap)
+        .expect("snapshot dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("memory-"))
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).expect("memory file"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn a_restored_vm_speculates_without_touching_the_snapshot() {
+    skip_without_kvm!();
+    let d = Dir::new("respec");
+    let snap = make_snapshot(&d);
+    let before = memory_files(&snap);
+    let sock = d.path("restored.sock");
+    let mut vm = restore(&snap, &["--api-sock", &sock]);
+    wait_for_socket(&sock);
+    let first = next_count(&mut vm);
+    // The first checkpoint gives the VM a memory file of its own; the
+    // rollback then writes into that one, never into the snapshot's.
+    assert_eq!(ctl(&sock, "speculate", None).0, 0);
+    next_count(&mut vm);
+    assert_eq!(ctl(&sock, "abort", None).0, 0);
+    let after_abort = next_count(&mut vm);
+    assert!(after_abort > first, "{after_abort} after {first}");
+    assert!(
+        memory_files(&snap) == before,
+        "the snapshot's memory changed"
+    );
+    drop(vm);
+    let mut again = restore(&snap, &[]);
+    let n = next_count(&mut again);
+    assert!(
+        n < after_abort,
+        "a second restore starts from the snapshot ({n}), not from the first restore's state"
+    );
+}

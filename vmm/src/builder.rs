@@ -193,9 +193,10 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         _ => None,
     };
     let ram = create_guest_memory(config.mem_size)?;
-    if let Some((dir, s)) = &snap {
-        files::load_memory(dir, s, &ram.file)?;
-    }
+    let lazy_base = match &snap {
+        Some((dir, s)) => Some(crate::snapshot::memory::restore_memory(dir, s, &ram.mem)?),
+        None => None,
+    };
     let t_mem = t0.elapsed();
     let vm = Vm::new(&kvm, &ram.mem)?;
     enable_exit_on_emulation_failure(&vm.fd);
@@ -261,7 +262,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         Some((_, s)) => s.linux,
         None => matches!(config.boot, BootSource::Linux { .. }),
     };
-    let snapshots = restore_or_fresh(&vm, &vcpus, &devices, snap.as_ref(), &ram, config, linux)?;
+    let mut snapshots =
+        restore_or_fresh(&vm, &vcpus, &devices, snap.as_ref(), &ram, config, linux)?;
+    snapshots.lazy_base = lazy_base;
     if let Some(r) = restore_linux_devices(
         snap.as_ref(),
         &mut pio,
@@ -336,6 +339,8 @@ fn restore_or_fresh(
         mem_size: config.mem_size,
         linux,
         base,
+        mem: ram.mem.clone(),
+        lazy_base: None,
     })
 }
 

@@ -53,6 +53,9 @@ pub enum ControlError {
     /// Restoring a device failed.
     #[error("restoring device state: {0}")]
     Device(String),
+    /// A restored VM's memory could not be given a file of its own.
+    #[error("restored memory: {0}")]
+    Snapshot(String),
 }
 
 /// How the VM ended.
@@ -457,6 +460,7 @@ impl Controller {
     /// Flushes memory into the newest checkpoint's undo log, then saves the
     /// machine state for a new checkpoint.
     fn checkpoint(&mut self, caller: Option<u8>) -> Result<Checkpoint, ControlError> {
+        self.materialize()?;
         let full_copy = if self.full_copy {
             Some(self.memory.copy_all())
         } else {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::{ControlError, Controller};
 use crate::api::Response;
 use crate::snapshot::{files, new_id, now_ns, SnapshotError, VmSnapshot, MAX_LAYERS};
+use crate::vstate::memory::GuestMemoryMmap;
 
 /// What the controller needs to write snapshots of its VM.
 pub struct SnapshotSetup {
@@ -20,6 +21,12 @@ pub struct SnapshotSetup {
     pub mem_size: u64,
     /// Whether the guest booted Linux.
     pub linux: bool,
+    /// All of guest memory, for remapping a restored VM's regions.
+    pub mem: GuestMemoryMmap,
+    /// For a VM restored from a snapshot, until its first checkpoint: the
+    /// snapshot's base memory layer, which guest memory still maps (see
+    /// [`crate::snapshot::memory`]).
+    pub lazy_base: Option<File>,
     /// The snapshot this VM's memory last matched: the directory (made
     /// canonical) and the snapshot's id. A snapshot into the same directory,
     /// while it still holds that snapshot, can be a diff.
@@ -36,6 +43,35 @@ impl Controller {
     /// Lets the VM be saved with the `snapshot` API operation.
     pub fn enable_snapshots(&mut self, setup: SnapshotSetup) {
         self.snapshots = Some(setup);
+    }
+
+    /// Gives a restored VM, whose memory still maps the snapshot, a memory
+    /// file of its own before its first checkpoint: the speculation tracker
+    /// writes into that file, and must never write into a snapshot.
+    /// All vCPUs are paused.
+    pub(super) fn materialize(&mut self) -> Result<(), ControlError> {
+        let Some(setup) = self.snapshots.as_mut() else {
+            return Ok(());
+        };
+        let Some(base) = setup.lazy_base.take() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let (memory, vm, since) = (&self.memory, &self.vm, &mut self.dirty_since_snapshot);
+        let flush = || {
+            let dirty = memory.take_dirty(vm).map_err(|e| e.to_string())?;
+            memory.flush(&dirty, None).map_err(|e| e.to_string())?;
+            since.note(&dirty);
+            Ok(())
+        };
+        crate::snapshot::memory::materialize(&setup.mem, &base, &setup.file, setup.mem_size, flush)
+            .map_err(ControlError::Snapshot)?;
+        tracing::info!(
+            micros = t.elapsed().as_micros() as u64,
+            "restored memory materialized"
+        );
+        self.stats.record("materialize", t);
+        Ok(())
     }
 
     /// Why a snapshot cannot be taken now, if it cannot.

@@ -145,6 +145,16 @@ fn remove_stale_memory(dir: &Path, keep: &[String]) {
 /// which must be `snap.mem_size` bytes of holes (a fresh memfd). Every
 /// layer is opened and checked before any is copied.
 pub fn load_memory(dir: &Path, snap: &VmSnapshot, dst: &File) -> Result<(), SnapshotError> {
+    for (path, src) in open_layers(dir, snap)? {
+        copy_data(&src, dst, snap.mem_size)
+            .map_err(io_err("reading the snapshot memory file", &path))?;
+    }
+    Ok(())
+}
+
+/// Opens every memory layer of `snap` in `dir`, oldest first, checking
+/// that each is there and of the memory's size.
+pub fn open_layers(dir: &Path, snap: &VmSnapshot) -> Result<Vec<(PathBuf, File)>, SnapshotError> {
     let mut layers = Vec::with_capacity(snap.layers.len());
     for &l in &snap.layers {
         let path = dir.join(memory_name(l));
@@ -162,11 +172,7 @@ pub fn load_memory(dir: &Path, snap: &VmSnapshot, dst: &File) -> Result<(), Snap
         }
         layers.push((path, src));
     }
-    for (path, src) in layers {
-        copy_data(&src, dst, snap.mem_size)
-            .map_err(io_err("reading the snapshot memory file", &path))?;
-    }
-    Ok(())
+    Ok(layers)
 }
 
 fn create_new(path: &PathBuf) -> Result<File, SnapshotError> {
@@ -180,27 +186,37 @@ fn create_new(path: &PathBuf) -> Result<File, SnapshotError> {
 
 /// Copies the data of `src`'s first `len` bytes to the same offsets of
 /// `dst`, skipping holes.
-fn copy_data(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
+pub fn copy_data(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
+    for (start, n) in data_runs(src, len)? {
+        let mut p = start;
+        while p < start + n {
+            let k = ((start + n - p) as usize).min(CHUNK);
+            src.read_exact_at(&mut buf[..k], p)?;
+            dst.write_all_at(&buf[..k], p)?;
+            p += k as u64;
+        }
+    }
+    Ok(())
+}
+
+/// The runs of data (offset, length) in `f`'s first `len` bytes: what
+/// `SEEK_DATA`/`SEEK_HOLE` report, so holes are never read.
+pub fn data_runs(f: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
     let mut off = 0u64;
     while off < len {
-        let Some(data) = seek(src, off, libc::SEEK_DATA)? else {
+        let Some(data) = seek(f, off, libc::SEEK_DATA)? else {
             break;
         };
         if data >= len {
             break;
         }
-        let hole = seek(src, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        let mut p = data;
-        while p < hole {
-            let n = ((hole - p) as usize).min(CHUNK);
-            src.read_exact_at(&mut buf[..n], p)?;
-            dst.write_all_at(&buf[..n], p)?;
-            p += n as u64;
-        }
+        let hole = seek(f, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        out.push((data, hole - data));
         off = hole;
     }
-    Ok(())
+    Ok(out)
 }
 
 /// `lseek(fd, off, whence)`; `None` where SEEK_DATA finds no more data.

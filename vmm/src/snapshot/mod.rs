@@ -22,6 +22,7 @@
 
 pub mod codec;
 pub mod files;
+pub mod memory;
 pub mod restore;
 pub mod state;
 

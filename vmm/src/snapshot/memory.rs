@@ -1,0 +1,191 @@
+//! Guest memory of a restored VM: the snapshot's memory file mapped
+//! copy-on-write, so a restore does not copy guest memory.
+//!
+//! The VM is built as usual, on an empty memfd; then every region is
+//! mapped again, at the same host address, `MAP_PRIVATE` onto the
+//! snapshot's base layer, and the pages of the diff layers are written over
+//! it (through vm-memory, so its dirty bitmap sees them). The guest reads
+//! the snapshot's pages straight from the page cache, and VMs restored from
+//! one snapshot share them until they write.
+//!
+//! The speculation tracker needs a memory file of the VM's own that it may
+//! write (its flushes), which the snapshot's must never be. So the first
+//! time the VM checkpoints (speculates or is snapshotted), the controller
+//! *materializes* its memory ([`materialize`]): it copies the base layer
+//! into the memfd, flushes every page written since the restore into it,
+//! and maps the regions back onto the memfd. Only VMs that speculate or
+//! snapshot pay that copy, and only once.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::files::{copy_data, open_layers};
+use super::{SnapshotError, VmSnapshot};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Maps every region of `mem` again, at the same address, `MAP_PRIVATE`
+/// onto `file` at increasing offsets (the layout of the memory file).
+/// Private copies the regions held are dropped.
+pub fn remap(mem: &GuestMemoryMmap, file: &File) -> io::Result<()> {
+    let mut off = 0u64;
+    for r in mem.iter() {
+        let host = r.as_ptr();
+        let len = r.len() as usize;
+        // SAFETY: `host..host+len` is exactly one region's mapping, owned by
+        // `mem`, which stays alive and unmaps this range when dropped;
+        // MAP_FIXED replaces that mapping in place with one of the same
+        // size and protection, so every pointer into it stays valid. The
+        // file is at least `off + len` bytes long (checked by the caller),
+        // and KVM's MMU notifier drops its own mappings of the old pages.
+        let p = unsafe {
+            libc::mmap(
+                host.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                off as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        off += len as u64;
+    }
+    Ok(())
+}
+
+/// Maps the snapshot's memory as `mem`'s backing: the base layer
+/// copy-on-write, the diff layers' pages written over it. Returns the base
+/// layer file, which the controller copies from when it materializes.
+pub fn restore_memory(
+    dir: &Path,
+    snap: &VmSnapshot,
+    mem: &GuestMemoryMmap,
+) -> Result<File, SnapshotError> {
+    let mut layers = open_layers(dir, snap)?.into_iter();
+    let Some((base_path, base)) = layers.next() else {
+        return Err(SnapshotError::Corrupt("no memory layer".into()));
+    };
+    remap(mem, &base).map_err(|err| SnapshotError::Io {
+        what: "mapping the snapshot memory file",
+        path: base_path,
+        err,
+    })?;
+    for (path, f) in layers {
+        apply_layer(&f, snap, mem).map_err(|err| SnapshotError::Io {
+            what: "reading the snapshot memory file",
+            path,
+            err,
+        })?;
+    }
+    Ok(base)
+}
+
+/// Writes the data (not the holes) of a diff layer into guest memory.
+fn apply_layer(f: &File, snap: &VmSnapshot, mem: &GuestMemoryMmap) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    for (off, len) in super::files::data_runs(f, snap.mem_size)? {
+        let mut p = off;
+        while p < off + len {
+            let n = ((off + len - p) as usize).min(buf.len());
+            f.read_exact_at(&mut buf[..n], p)?;
+            let gpa = file_to_guest(&snap.ranges, p)
+                .ok_or_else(|| io::Error::other(format!("offset {p:#x} is past guest memory")))?;
+            write_split(mem, &snap.ranges, &buf[..n], p, gpa)?;
+            p += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `data`, which sits at file offset `off` (guest address `gpa`),
+/// splitting it where a memory range ends.
+fn write_split(
+    mem: &GuestMemoryMmap,
+    ranges: &[(u64, u64)],
+    data: &[u8],
+    off: u64,
+    gpa: u64,
+) -> io::Result<()> {
+    let mut start = 0usize;
+    let mut file_off = off;
+    let mut addr = gpa;
+    while start < data.len() {
+        let (base, size) = ranges
+            .iter()
+            .copied()
+            .find(|&(b, s)| (b..b + s).contains(&addr))
+            .ok_or_else(|| io::Error::other(format!("guest address {addr:#x} is not RAM")))?;
+        let n = ((base + size - addr) as usize).min(data.len() - start);
+        mem.write_slice(&data[start..start + n], GuestAddress(addr))
+            .map_err(io::Error::other)?;
+        start += n;
+        file_off += n as u64;
+        addr = file_to_guest(ranges, file_off).unwrap_or(addr + n as u64);
+    }
+    Ok(())
+}
+
+/// The guest address of memory file offset `off`.
+fn file_to_guest(ranges: &[(u64, u64)], off: u64) -> Option<u64> {
+    let mut start = 0u64;
+    for &(base, size) in ranges {
+        if off < start + size {
+            return Some(base + (off - start));
+        }
+        start += size;
+    }
+    None
+}
+
+/// Gives a restored VM a memory file of its own: copies the snapshot's
+/// base layer into the (empty) memfd `own`, lets `flush_dirty` write every
+/// page changed since the restore into it, and maps `mem` onto it. All
+/// vCPUs must be paused.
+pub fn materialize(
+    mem: &GuestMemoryMmap,
+    base: &File,
+    own: &File,
+    mem_size: u64,
+    flush_dirty: impl FnOnce() -> Result<(), String>,
+) -> Result<(), String> {
+    copy_data(base, own, mem_size).map_err(|e| format!("copying the snapshot memory: {e}"))?;
+    flush_dirty()?;
+    remap(mem, own).map_err(|e| format!("mapping the guest memory file: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_offsets_map_across_the_gap() {
+        let r = [(0, 3 << 30), (4 << 30, 1 << 30)];
+        assert_eq!(file_to_guest(&r, 0x1000), Some(0x1000));
+        assert_eq!(file_to_guest(&r, 3 << 30), Some(4 << 30));
+        assert_eq!(file_to_guest(&r, 4 << 30), None);
+    }
+
+    #[test]
+    fn regions_remap_onto_another_file_in_place() {
+        let ram = crate::vstate::memory::create_guest_memory(32 << 20).unwrap();
+        ram.mem.write_obj(7u32, GuestAddress(0x3000)).unwrap();
+        let other = crate::vstate::memory::create_guest_memory(32 << 20)
+            .unwrap()
+            .file;
+        other.write_all_at(&9u32.to_le_bytes(), 0x5000).unwrap();
+        remap(&ram.mem, &other).unwrap();
+        assert_eq!(ram.mem.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 9);
+        assert_eq!(
+            ram.mem.read_obj::<u32>(GuestAddress(0x3000)).unwrap(),
+            0,
+            "the private copy went with the old mapping"
+        );
+    }
+}
