@@ -187,17 +187,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     );
     let mut compat = detection.active.then(HostCompat::new);
 
-    let t0 = std::time::Instant::now();
-    let snap = match &config.boot {
-        BootSource::Restore { dir } => Some((dir.clone(), files::read_state(dir)?)),
-        _ => None,
-    };
     let ram = create_guest_memory(config.mem_size)?;
-    let lazy_base = match &snap {
-        Some((dir, s)) => Some(crate::snapshot::memory::restore_memory(dir, s, &ram.mem)?),
-        None => None,
-    };
-    let t_mem = t0.elapsed();
+    let restoring = open_restore(config, &ram)?;
     let vm = Vm::new(&kvm, &ram.mem)?;
     enable_exit_on_emulation_failure(&vm.fd);
 
@@ -256,33 +247,17 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
             let entry = linux::load(&ram.mem, &spec, compat.as_ref())?;
             linux::setup_boot_cpu(&vcpus[0], &entry)?;
         }
-        BootSource::Restore { .. } => {}
+        BootSource::Restore { .. } => restore_linux_devices(
+            restoring.as_ref(),
+            &mut pio,
+            &tx,
+            compat.as_mut(),
+            &vm,
+            &ram,
+            &mut mmio,
+        )?,
     }
-    let linux = match &snap {
-        Some((_, s)) => s.linux,
-        None => matches!(config.boot, BootSource::Linux { .. }),
-    };
-    let mut snapshots =
-        restore_or_fresh(&vm, &vcpus, &devices, snap.as_ref(), &ram, config, linux)?;
-    snapshots.lazy_base = lazy_base;
-    if let Some(r) = restore_linux_devices(
-        snap.as_ref(),
-        &mut pio,
-        &tx,
-        compat.as_mut(),
-        &vm,
-        &ram,
-        &mut mmio,
-    ) {
-        r?;
-    }
-    if snap.is_some() {
-        tracing::info!(
-            memory_us = t_mem.as_micros() as u64,
-            total_us = t0.elapsed().as_micros() as u64,
-            "restored"
-        );
-    }
+    let snapshots = restore_or_fresh(&vm, &vcpus, &devices, restoring, &ram, config)?;
     let api = match &config.api_sock {
         Some(p) => Some(crate::api::start(p, tx.clone())?),
         None => None,
@@ -315,58 +290,87 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     })
 }
 
+/// A snapshot being restored: its state, and its base memory layer, which
+/// guest memory maps until the VM's first checkpoint.
+struct Restoring {
+    dir: std::path::PathBuf,
+    snap: crate::snapshot::VmSnapshot,
+    base: std::fs::File,
+    started: std::time::Instant,
+    memory_us: u64,
+}
+
+/// With `--restore`, reads and checks the snapshot and maps guest memory
+/// onto it (copy-on-write).
+fn open_restore(config: &VmConfig, ram: &GuestRam) -> Result<Option<Restoring>, VmmError> {
+    let BootSource::Restore { dir } = &config.boot else {
+        return Ok(None);
+    };
+    let started = std::time::Instant::now();
+    let snap = files::read_state(dir)?;
+    let base = crate::snapshot::memory::restore_memory(dir, &snap, &ram.mem)?;
+    Ok(Some(Restoring {
+        dir: dir.clone(),
+        snap,
+        base,
+        started,
+        memory_us: started.elapsed().as_micros() as u64,
+    }))
+}
+
 /// With a snapshot, restores its machine state into the new VM; either
 /// way, what the controller needs to write snapshots of it.
 fn restore_or_fresh(
     vm: &Vm,
     vcpus: &[Vcpu],
     devices: &[SharedDevice],
-    snap: Option<&(std::path::PathBuf, crate::snapshot::VmSnapshot)>,
+    restoring: Option<Restoring>,
     ram: &GuestRam,
     config: &VmConfig,
-    linux: bool,
 ) -> Result<crate::controller::SnapshotSetup, VmmError> {
-    let base = match snap {
-        Some((dir, s)) => {
-            let fds: Vec<&kvm_ioctls::VcpuFd> = vcpus.iter().map(|v| &v.fd).collect();
-            crate::snapshot::restore::restore_machine(&vm.fd, &fds, devices, s)?;
-            dir.canonicalize().ok().map(|d| (d, s.id))
-        }
-        None => None,
-    };
-    Ok(crate::controller::SnapshotSetup {
+    let mut setup = crate::controller::SnapshotSetup {
         file: ram.file.try_clone().map_err(MemoryError::Memfd)?,
         mem_size: config.mem_size,
-        linux,
-        base,
+        linux: matches!(config.boot, BootSource::Linux { .. }),
+        base: None,
         mem: ram.mem.clone(),
         lazy_base: None,
-    })
+    };
+    if let Some(r) = restoring {
+        let fds: Vec<&kvm_ioctls::VcpuFd> = vcpus.iter().map(|v| &v.fd).collect();
+        crate::snapshot::restore::restore_machine(&vm.fd, &fds, devices, &r.snap)?;
+        setup.linux = r.snap.linux;
+        setup.base = r.dir.canonicalize().ok().map(|d| (d, r.snap.id));
+        setup.lazy_base = Some(r.base);
+        tracing::info!(
+            memory_us = r.memory_us,
+            total_us = r.started.elapsed().as_micros() as u64,
+            "restored"
+        );
+    }
+    Ok(setup)
 }
 
 /// A restored Linux guest gets its platform devices and host-compat
 /// trampoline again (the trampoline's pages are rewritten with the same
 /// content the snapshot holds).
 fn restore_linux_devices(
-    snap: Option<&(std::path::PathBuf, crate::snapshot::VmSnapshot)>,
+    restoring: Option<&Restoring>,
     pio: &mut Bus,
     tx: &crate::event::EventSender,
     compat: Option<&mut HostCompat>,
     vm: &Vm,
     ram: &GuestRam,
     mmio: &mut Bus,
-) -> Option<Result<(), VmmError>> {
-    let (_, s) = snap?;
-    if !s.linux {
-        return None;
+) -> Result<(), VmmError> {
+    if !restoring.is_some_and(|r| r.snap.linux) {
+        return Ok(());
     }
-    Some((|| {
-        linux::add_devices(pio, tx)?;
-        if let Some(c) = compat {
-            c.prepare_linux(&vm.fd, &ram.mem, mmio)?;
-        }
-        Ok(())
-    })())
+    linux::add_devices(pio, tx)?;
+    if let Some(c) = compat {
+        c.prepare_linux(&vm.fd, &ram.mem, mmio)?;
+    }
+    Ok(())
 }
 
 fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>, VmmError> {
