@@ -176,6 +176,81 @@ fn attach_nets(
     Ok(network)
 }
 
+/// The port I/O devices every VM has: the serial console (with its
+/// interrupt), the exit device and the hypercall device. Returns the bus
+/// and the serial device, whose state checkpoints save.
+fn port_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    tx: &crate::event::EventSender,
+) -> Result<(Bus, SharedDevice), VmmError> {
+    let serial = SerialDevice::new(&config.serial)?;
+    let serial_irq = serial.interrupt_evt().map_err(SerialError::EventFd)?;
+    vm.fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| VmError::Ioctl("KVM_IRQFD (COM1)", e))?;
+    let mut pio = Bus::new();
+    let serial: SharedDevice = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_LEN.into())?;
+    let exit: SharedDevice = Arc::new(Mutex::new(ExitDevice::new(tx.clone())));
+    pio.insert(exit, EXIT_PORT.into(), EXIT_PORT_LEN.into())?;
+    let hypercall: SharedDevice = Arc::new(Mutex::new(HypercallDevice));
+    pio.insert(hypercall, HYPERCALL_PORT.into(), HYPERCALL_PORT_LEN.into())?;
+    Ok((pio, serial))
+}
+
+/// What loading a guest touches besides the guest itself.
+struct Platform<'a> {
+    vm: &'a Vm,
+    ram: &'a GuestRam,
+    pio: &'a mut Bus,
+    mmio: &'a mut Bus,
+    tx: &'a crate::event::EventSender,
+}
+
+/// Puts the guest in place: a bare program, a Linux kernel with its
+/// platform devices and ACPI tables, or (for a restore) the devices a
+/// restored Linux guest needs.
+fn load_guest(
+    p: Platform<'_>,
+    config: &VmConfig,
+    boot_cpu: &Vcpu,
+    virtio: &[VirtioMmioDesc],
+    mut compat: Option<&mut HostCompat>,
+    restoring: Option<&Restoring>,
+) -> Result<(), VmmError> {
+    match &config.boot {
+        BootSource::Bare { program, arg } => {
+            let entry = bare::load(&p.ram.mem, config.mem_size, program)?;
+            bare::setup_vcpu(boot_cpu, entry, config.mem_size, *arg)?;
+        }
+        BootSource::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            linux::add_devices(p.pio, p.tx)?;
+            if let Some(c) = compat.as_deref_mut() {
+                c.prepare_linux(&p.vm.fd, &p.ram.mem, p.mmio)?;
+            }
+            let spec = LinuxSpec {
+                kernel,
+                initrd: initrd.as_deref(),
+                cmdline: cmdline.as_deref(),
+                mem_size: config.mem_size,
+                vcpus: config.vcpus,
+                virtio,
+            };
+            let entry = linux::load(&p.ram.mem, &spec, compat.as_deref())?;
+            linux::setup_boot_cpu(boot_cpu, &entry)?;
+        }
+        BootSource::Restore { .. } => {
+            restore_linux_devices(restoring, p.pio, p.tx, compat, p.vm, p.ram, p.mmio)?
+        }
+    }
+    Ok(())
+}
+
 /// Builds a VM from `config`: memory, the VM, devices, vCPUs, and the guest.
 pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     let kvm = open_kvm()?;
@@ -193,23 +268,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     enable_exit_on_emulation_failure(&vm.fd);
 
     let (tx, rx) = event::channel();
-    let serial = SerialDevice::new(&config.serial)?;
-    let serial_irq = serial.interrupt_evt().map_err(SerialError::EventFd)?;
-    vm.fd
-        .register_irqfd(&serial_irq, COM1_IRQ)
-        .map_err(|e| VmError::Ioctl("KVM_IRQFD (COM1)", e))?;
-    let mut pio = Bus::new();
+    let (mut pio, serial) = port_devices(config, &vm, &tx)?;
     let mut mmio = Bus::new();
-    let serial: SharedDevice = Arc::new(Mutex::new(serial));
-    pio.insert(serial.clone(), SERIAL_PORT.into(), SERIAL_PORT_LEN.into())?;
-    let exit: SharedDevice = Arc::new(Mutex::new(ExitDevice::new(tx.clone())));
-    pio.insert(exit, EXIT_PORT.into(), EXIT_PORT_LEN.into())?;
-
-    pio.insert(
-        Arc::new(Mutex::new(HypercallDevice)),
-        HYPERCALL_PORT.into(),
-        HYPERCALL_PORT_LEN.into(),
-    )?;
 
     let vcpus = create_vcpus(&kvm, &vm, config.vcpus, compat.is_some())?;
     let caps = Arc::new(StateCaps::probe(&kvm, &vcpus[0].fd));
@@ -222,41 +282,21 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     let memory = MemoryTracker::new(&ram.mem, &ram.file).map_err(MemoryError::Memfd)?;
     let mut devices = vec![serial];
     let network = attach_nets(config, &vm, &ram.mem, &mut mmio, &mut devices, &tx)?;
-    match &config.boot {
-        BootSource::Bare { program, arg } => {
-            let entry = bare::load(&ram.mem, config.mem_size, program)?;
-            bare::setup_vcpu(&vcpus[0], entry, config.mem_size, *arg)?;
-        }
-        BootSource::Linux {
-            kernel,
-            initrd,
-            cmdline,
-        } => {
-            linux::add_devices(&mut pio, &tx)?;
-            if let Some(c) = compat.as_mut() {
-                c.prepare_linux(&vm.fd, &ram.mem, &mut mmio)?;
-            }
-            let spec = LinuxSpec {
-                kernel,
-                initrd: initrd.as_deref(),
-                cmdline: cmdline.as_deref(),
-                mem_size: config.mem_size,
-                vcpus: config.vcpus,
-                virtio: &network.descs,
-            };
-            let entry = linux::load(&ram.mem, &spec, compat.as_ref())?;
-            linux::setup_boot_cpu(&vcpus[0], &entry)?;
-        }
-        BootSource::Restore { .. } => restore_linux_devices(
-            restoring.as_ref(),
-            &mut pio,
-            &tx,
-            compat.as_mut(),
-            &vm,
-            &ram,
-            &mut mmio,
-        )?,
-    }
+    let platform = Platform {
+        vm: &vm,
+        ram: &ram,
+        pio: &mut pio,
+        mmio: &mut mmio,
+        tx: &tx,
+    };
+    load_guest(
+        platform,
+        config,
+        &vcpus[0],
+        &network.descs,
+        compat.as_mut(),
+        restoring.as_ref(),
+    )?;
     let snapshots = restore_or_fresh(&vm, &vcpus, &devices, restoring, &ram, config)?;
     let api = match &config.api_sock {
         Some(p) => Some(crate::api::start(p, tx.clone())?),
