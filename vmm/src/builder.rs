@@ -135,33 +135,11 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         "vCPU state to save"
     );
     let memory = MemoryTracker::new(&ram.mem, &ram.file).map_err(MemoryError::Memfd)?;
-    match &config.boot {
-        BootSource::Bare { program, arg } => {
-            let entry = bare::load(&ram.mem, config.mem_size, program)?;
-            bare::setup_vcpu(&vcpus[0], entry, config.mem_size, *arg)?;
-        }
-        BootSource::Linux {
-            kernel,
-            initrd,
-            cmdline,
-        } => {
-            linux::add_devices(&mut pio, &tx)?;
-            let virtio = attach_net(&vm.fd, &ram.mem, &mut mmio, &config.net, config.vm_id)?;
-            if let Some(c) = compat.as_mut() {
-                c.prepare_linux(&vm.fd, &ram.mem, &mut mmio)?;
-            }
-            let spec = LinuxSpec {
-                kernel,
-                initrd: initrd.as_deref(),
-                cmdline: cmdline.as_deref(),
-                mem_size: config.mem_size,
-                vcpus: config.vcpus,
-                virtio: &virtio,
-            };
-            let entry = linux::load(&ram.mem, &spec, compat.as_ref())?;
-            linux::setup_boot_cpu(&vcpus[0], &entry)?;
-        }
-    }
+    let mut buses = Buses {
+        pio: &mut pio,
+        mmio: &mut mmio,
+    };
+    load_guest(config, &vm, &ram, &vcpus, &mut buses, &tx, &mut compat)?;
     let ctx = VcpuContext {
         pio: Arc::new(pio),
         mmio: Arc::new(mmio),
@@ -182,6 +160,53 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         vm_id: config.vm_id,
         _ram: ram,
     })
+}
+
+/// The two device buses, while devices are being placed.
+struct Buses<'a> {
+    pio: &'a mut Bus,
+    mmio: &'a mut Bus,
+}
+
+/// Loads what `config` boots, with the devices only that guest kind
+/// needs, and puts the boot vCPU at its entry.
+fn load_guest(
+    config: &VmConfig,
+    vm: &Vm,
+    ram: &GuestRam,
+    vcpus: &[Vcpu],
+    buses: &mut Buses,
+    events: &event::EventSender,
+    compat: &mut Option<HostCompat>,
+) -> Result<(), VmmError> {
+    match &config.boot {
+        BootSource::Bare { program, arg } => {
+            let entry = bare::load(&ram.mem, config.mem_size, program)?;
+            bare::setup_vcpu(&vcpus[0], entry, config.mem_size, *arg)?;
+        }
+        BootSource::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            linux::add_devices(buses.pio, events)?;
+            let virtio = attach_net(&vm.fd, &ram.mem, buses.mmio, &config.net, config.vm_id)?;
+            if let Some(c) = compat.as_mut() {
+                c.prepare_linux(&vm.fd, &ram.mem, buses.mmio)?;
+            }
+            let spec = LinuxSpec {
+                kernel,
+                initrd: initrd.as_deref(),
+                cmdline: cmdline.as_deref(),
+                mem_size: config.mem_size,
+                vcpus: config.vcpus,
+                virtio: &virtio,
+            };
+            let entry = linux::load(&ram.mem, &spec, compat.as_ref())?;
+            linux::setup_boot_cpu(&vcpus[0], &entry)?;
+        }
+    }
+    Ok(())
 }
 
 fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>, VmmError> {
