@@ -213,6 +213,12 @@ impl Vcpu {
             }
             other => Deferred::Fatal(format!("unexpected exit {other:?}")),
         };
+        self.handle_deferred(ctx, deferred)
+    }
+
+    /// Handles an exit that needs the vCPU's registers or ioctls.
+    fn handle_deferred(&mut self, ctx: &VcpuContext, deferred: Deferred) -> Result<Next, String> {
+        let idx = self.index;
         let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
         tracing::debug!(regs = ?self.fd.get_regs(), sregs = ?self.fd.get_sregs(), "exit needing attention");
         match deferred {

@@ -363,6 +363,38 @@ mod tests {
         assert!(write_cmdline(&m, "a\0b").is_err());
     }
 
+    /// The built guest image file `name`, or `None` (with the reason
+    /// printed) when `images/build.sh` has not run.
+    fn image(name: &str) -> Option<PathBuf> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../images/out")
+            .join(name);
+        if !p.is_file() {
+            eprintln!("SKIPPED: {} is missing (run images/build.sh)", p.display());
+            return None;
+        }
+        Some(p)
+    }
+
+    #[test]
+    fn debian_vmlinux_and_bzimage_load() {
+        let m = mem(256 << 20);
+        if let Some(p) = image("vmlinux") {
+            let k = load_kernel(&m, &p).unwrap();
+            assert_eq!(k.entry, 0x100_0000);
+            assert!(k.header.is_none());
+            assert!(k.end > k.entry);
+        }
+        if let Some(p) = image("bzImage") {
+            let k = load_kernel(&m, &p).unwrap();
+            let h = k.header.unwrap();
+            assert_eq!({ h.header }, HDRS_MAGIC);
+            assert_eq!(k.entry, u64::from(h.code32_start) + BZIMAGE_ENTRY_64);
+            // 64-bit entry supported (XLF_KERNEL_64).
+            assert_ne!({ h.xloadflags } & 1, 0);
+        }
+    }
+
     #[test]
     fn a_non_kernel_is_refused_with_its_name() {
         let m = mem(32 << 20);
