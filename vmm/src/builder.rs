@@ -496,6 +496,7 @@ impl Vmm {
                 }
             }
         }
+        let ctx_compat_active = ctx.compat.is_some();
         // Only the vCPU threads hold senders now: if they all end without a
         // word, the controller's receive fails rather than waiting forever.
         drop(ctx);
@@ -504,6 +505,9 @@ impl Vmm {
             controller.publish_to(api.events.clone());
         }
         controller.attach_network(network.nets, network.link, network.deps);
+        if ctx_compat_active {
+            controller.use_shadow_paging_reset();
+        }
         if full_copy {
             controller.use_full_copy();
         }

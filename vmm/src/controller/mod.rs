@@ -142,6 +142,9 @@ pub struct Controller {
     vm_id: u32,
     /// Checkpoint memory by copying all of it (the naive peer).
     full_copy: bool,
+    /// KVM shadows the guest's page tables (the host-compat layer is
+    /// active): a rollback must drop its shadow pages.
+    shadow_paging: bool,
     /// The host asked for the VM to stay paused.
     user_paused: bool,
     /// Where speculation events go (the API's `events` stream).
@@ -186,6 +189,7 @@ impl Controller {
             devices,
             vm_id,
             full_copy: false,
+            shadow_paging: false,
             user_paused: false,
             publish: None,
             link: None,
@@ -219,6 +223,12 @@ impl Controller {
         self.nets = nets;
         self.link = link;
         self.deps = deps;
+    }
+
+    /// Tells the controller that KVM shadows the guest's page tables, so
+    /// rollbacks drop its shadow pages (`host_compat::shadow`).
+    pub fn use_shadow_paging_reset(&mut self) {
+        self.shadow_paging = true;
     }
 
     /// Sends speculation events to `tx` from now on.
@@ -537,6 +547,10 @@ impl Controller {
                 let undo = rb.checkpoints.iter().map(|c| &c.undo);
                 self.memory.rollback(undo, &dirty)?;
             }
+        }
+        if self.shadow_paging {
+            crate::host_compat::shadow::drop_shadow_pages(&self.vm, &self.memory.slots())
+                .map_err(|e| ControlError::Vcpu(format!("re-registering guest memory: {e}")))?;
         }
         let target = rb
             .checkpoints

@@ -21,6 +21,7 @@
 pub mod cmdline;
 pub mod cpuid;
 pub mod emulate;
+pub mod shadow;
 pub mod trampoline;
 
 use std::path::Path;

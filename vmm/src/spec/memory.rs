@@ -89,9 +89,24 @@ impl Fold for UndoLog {
 /// One memory region as the tracker sees it.
 struct Region {
     slot: u32,
+    gpa: u64,
     host: *mut u8,
     size: u64,
     file_offset: u64,
+}
+
+/// A KVM memory slot of guest RAM: slot number, guest address, size and
+/// host address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// The slot number.
+    pub slot: u32,
+    /// Its guest-physical base.
+    pub gpa: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its host address.
+    pub host: u64,
 }
 
 /// Finds dirty pages and moves memory between checkpoints.
@@ -118,6 +133,7 @@ impl MemoryTracker {
         for (slot, r) in mem.iter().enumerate() {
             regions.push(Region {
                 slot: slot as u32,
+                gpa: r.start_addr().0,
                 host: r.as_ptr(),
                 size: r.len(),
                 file_offset,
@@ -136,6 +152,19 @@ impl MemoryTracker {
             regions,
             mem: mem.clone(),
         })
+    }
+
+    /// The memory slots, for re-registering them with KVM.
+    pub fn slots(&self) -> Vec<SlotInfo> {
+        self.regions
+            .iter()
+            .map(|r| SlotInfo {
+                slot: r.slot,
+                gpa: r.gpa,
+                size: r.size,
+                host: r.host as u64,
+            })
+            .collect()
     }
 
     /// The file's page `p`, through the shared view.
