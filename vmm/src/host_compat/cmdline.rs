@@ -19,12 +19,12 @@
 //!   the vmalloc, vmemmap and direct-map bases move.
 //! - `nopti`: with page-table isolation, user mode runs on a second top
 //!   table that lacks the trampoline's slot.
-//! - `clocksource=kvm-clock`: a boot with 2 vCPUs stopped for good at the
-//!   point where a 1-vCPU boot switched its clocksource from kvm-clock to
-//!   tsc (a switch done under `stop_machine`): vCPU 0 spun at one RIP with
-//!   no exits and no interrupts, vCPU 1 sat halted in KVM. Keeping
-//!   kvm-clock avoids that switch. The cause (a wake-up IPI lost on this
-//!   host?) is not known yet.
+//! - `nopcid`: with PCIDs, Linux switches address spaces without flushing
+//!   when its own records say an ASID's TLB entries are current. After a
+//!   speculation rollback those records are the checkpoint's, while the
+//!   TLB (this host's shadow roots for the guest) may hold translations of
+//!   the discarded timeline: a rolled-back guest ran `ls` on corrupted
+//!   memory. Without PCIDs every address-space switch flushes.
 
 /// Feature names hidden through `clearcpuid=`: every extension the
 /// emulator cannot run, or that leads the kernel to one it cannot.
@@ -66,18 +66,15 @@ pub const CLEARED_FEATURES: &[&str] = &[
 pub const CLEARCPUID_MAX: usize = 127;
 
 /// Options added as they are.
-pub const FLAGS: &[&str] = &["noxsave", "nokaslr", "nopti", "clocksource=kvm-clock"];
+pub const FLAGS: &[&str] = &["noxsave", "nokaslr", "nopti", "nopcid"];
 
-/// The options to add to `cmdline`: those of [`FLAGS`] it lacks (by name:
-/// a user's `clocksource=tsc` stays), and a `clearcpuid=` unless it has one
-/// (the user's then wins).
+/// The options to add to `cmdline`: those of [`FLAGS`] it lacks, and a
+/// `clearcpuid=` unless it has one (the user's then wins).
 pub fn additions(cmdline: &str) -> Vec<String> {
     let words: Vec<&str> = cmdline.split_whitespace().collect();
-    // A `key=value` option the user set, to any value, is theirs.
-    let key = |w: &str| w.split('=').next().unwrap_or_default().to_string();
     let mut add: Vec<String> = FLAGS
         .iter()
-        .filter(|f| !words.iter().any(|w| key(w) == key(f)))
+        .filter(|f| !words.contains(f))
         .map(|f| f.to_string())
         .collect();
     if !words.iter().any(|w| w.starts_with("clearcpuid=")) {
@@ -107,11 +104,8 @@ mod tests {
     #[test]
     fn adds_what_is_missing() {
         let c = apply("console=ttyS0 nokaslr");
-        assert!(
-            c.starts_with("console=ttyS0 nokaslr noxsave nopti clocksource=kvm-clock clearcpuid=")
-        );
+        assert!(c.starts_with("console=ttyS0 nokaslr noxsave nopti nopcid clearcpuid="));
         assert_eq!(c.matches("nokaslr").count(), 1);
-        assert!(!apply("clocksource=tsc").contains("kvm-clock"));
         assert!(c.contains("clearcpuid=xsave,cx16,smap,"));
     }
 
@@ -123,10 +117,7 @@ mod tests {
     #[test]
     fn keeps_a_users_clearcpuid_and_init_args() {
         let c = apply("clearcpuid=avx -- single");
-        assert_eq!(
-            c,
-            "clearcpuid=avx noxsave nokaslr nopti clocksource=kvm-clock -- single"
-        );
+        assert_eq!(c, "clearcpuid=avx noxsave nokaslr nopti nopcid -- single");
         assert!(apply("").starts_with("noxsave"));
     }
 }
