@@ -180,6 +180,15 @@ fn ctl(sock: &Path, op: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The first complete line (ended by a newline: the console arrives byte
+/// by byte) of `s` that contains `marker`.
+fn full_line(s: &str, marker: &str) -> Option<String> {
+    let start = s.find(marker)?;
+    let line_start = s[..start].rfind('\n').map_or(0, |i| i + 1);
+    let end = start + s[start..].find('\n')?;
+    Some(s[line_start..end].trim_end_matches('\r').to_string())
+}
+
 /// Issue 4's Linux test, by the guest: a shell script speculates with the
 /// `spec` command, changes tmpfs, and aborts; after the rollback the first
 /// file is back, the second gone, and the script took the else branch.
@@ -190,7 +199,7 @@ fn guest_speculation(c: &mut Console) {
          echo FILES$((3+4))=$(ls /tmp | tr '\\n' ' ')",
     );
     c.wait_for("the script's end", COMMAND_TIMEOUT, |s| {
-        s.contains("FILES7=")
+        full_line(s, "FILES7=").is_some()
     });
     assert!(
         c.seen.contains("ELSE5=1"),
@@ -202,12 +211,7 @@ fn guest_speculation(c: &mut Console) {
         "abort returned:\n{}",
         c.seen
     );
-    let files = c
-        .seen
-        .lines()
-        .find(|l| l.contains("FILES7="))
-        .unwrap_or_default()
-        .to_string();
+    let files = full_line(&c.seen, "FILES7=").unwrap_or_default();
     assert!(files.contains("one") && !files.contains("two"), "{files}");
 }
 
@@ -221,13 +225,10 @@ fn host_speculation(c: &mut Console, api: &Path) {
     let r = ctl(api, "abort");
     assert!(r.contains(r#""ok":true"#), "{r}");
     c.send("echo AFTER$((5+5))=$(ls /tmp | tr '\\n' ' ')");
-    c.wait_for("the listing", COMMAND_TIMEOUT, |s| s.contains("AFTER10="));
-    let files = c
-        .seen
-        .lines()
-        .find(|l| l.contains("AFTER10="))
-        .unwrap_or_default()
-        .to_string();
+    c.wait_for("the listing", COMMAND_TIMEOUT, |s| {
+        full_line(s, "AFTER10=").is_some()
+    });
+    let files = full_line(&c.seen, "AFTER10=").unwrap_or_default();
     assert!(files.contains("one") && !files.contains("three"), "{files}");
     let r = ctl(api, "status");
     assert!(r.contains(r#""depth":0"#), "{r}");
