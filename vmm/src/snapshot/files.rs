@@ -236,14 +236,4 @@ fn seek(f: &File, off: u64, whence: libc::c_int) -> std::io::Result<Option<u64>>
     }
 }
 
-/// Contiguous runs of a sorted page list.
-fn runs(pages: &[u64]) -> Vec<std::ops::Range<u64>> {
-    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
-    for &p in pages {
-        match out.last_mut() {
-            Some(r) if r.end == p => r.end += 1,
-            _ => out.push(p..p + 1),
-        }
-    }
-    out
-}
+use crate::spec::memory::runs;

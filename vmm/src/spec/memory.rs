@@ -319,7 +319,7 @@ impl MemoryTracker {
 }
 
 /// Contiguous runs of a sorted page list.
-fn runs(pages: &[u64]) -> Vec<std::ops::Range<u64>> {
+pub fn runs(pages: &[u64]) -> Vec<std::ops::Range<u64>> {
     let mut out: Vec<std::ops::Range<u64>> = Vec::new();
     for &p in pages {
         match out.last_mut() {
