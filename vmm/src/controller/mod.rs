@@ -26,6 +26,7 @@ use crate::devices::bus::{lock, SharedDevice};
 use crate::event::{EventReceiver, VcpuCmd, VcpuReply, VmEvent};
 use crate::spec::checkpoint::Checkpoint;
 use crate::spec::memory::{CowError, MemoryTracker};
+use crate::spec::verify::VerifyMode;
 use crate::spec::stack::{Rollback, SpecId, SpecStack, StackError};
 use crate::vstate::vcpu_state::{StateError, VcpuState};
 use crate::vstate::vm_state;
@@ -162,6 +163,9 @@ pub struct Controller {
     snapshots: Option<SnapshotSetup>,
     /// Pages written since the last snapshot (for diff snapshots).
     dirty_since_snapshot: crate::snapshot::DirtyPages,
+    /// Check dirty tracking after every flush and rollback
+    /// (`SPECVM_VERIFY_MEMORY`, [`crate::spec::verify`]).
+    verify: Option<VerifyMode>,
 }
 
 /// Most checkpoints one VM may hold at once.
@@ -198,6 +202,7 @@ impl Controller {
             stats: Stats::default(),
             snapshots: None,
             dirty_since_snapshot: Default::default(),
+            verify: VerifyMode::from_env(),
         }
     }
 
@@ -478,6 +483,7 @@ impl Controller {
             self.dirty_since_snapshot.note(&dirty);
             let undo = self.stack.top_mut().map(|c| &mut c.undo);
             self.memory.flush(&dirty, undo)?;
+            self.verify_memory("checkpoint")?;
             None
         };
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
@@ -546,6 +552,7 @@ impl Controller {
                 self.dirty_since_snapshot.note(&dirty);
                 let undo = rb.checkpoints.iter().map(|c| &c.undo);
                 self.memory.rollback(undo, &dirty)?;
+                self.verify_memory("rollback")?;
             }
         }
         if self.shadow_paging {
@@ -574,6 +581,44 @@ impl Controller {
             self.resolved(id, netbridge::protocol::Outcome::Abort);
         }
         self.sync_deps();
+        Ok(())
+    }
+
+    /// With `SPECVM_VERIFY_MEMORY`, looks for guest pages written without
+    /// being reported dirty, right after a flush or a rollback (`when`),
+    /// and logs them; in repair mode, makes them right: a checkpoint
+    /// flushes them, a rollback drops them.
+    fn verify_memory(&mut self, when: &str) -> Result<(), ControlError> {
+        let Some(mode) = self.verify else {
+            return Ok(());
+        };
+        let missed = self
+            .memory
+            .unreported_pages()
+            .map_err(|e| ControlError::Vcpu(format!("verifying guest memory: {e}")))?;
+        if missed.is_empty() {
+            tracing::info!(when, "verify: every written page was reported dirty");
+            return Ok(());
+        }
+        let first: Vec<String> = missed
+            .iter()
+            .take(32)
+            .map(|p| format!("{:#x}", self.memory.file_page_to_gpa(*p)))
+            .collect();
+        tracing::warn!(
+            when,
+            pages = missed.len(),
+            gpas = ?first,
+            "verify: pages written without being reported dirty"
+        );
+        if mode == VerifyMode::Repair {
+            if when == "checkpoint" {
+                let undo = self.stack.top_mut().map(|c| &mut c.undo);
+                self.memory.flush(&missed, undo)?;
+            } else {
+                self.memory.drop_pages(&missed)?;
+            }
+        }
         Ok(())
     }
 

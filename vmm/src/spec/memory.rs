@@ -289,6 +289,45 @@ impl MemoryTracker {
 }
 
 impl MemoryTracker {
+    /// The pages (numbered in the file) whose private copy differs from
+    /// the file: writes that dirty tracking did not report. Right after a
+    /// flush or a rollback there must be none (see [`crate::spec::verify`]).
+    pub fn unreported_pages(&self) -> io::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for r in &self.regions {
+            let base = r.file_offset / PAGE;
+            // SAFETY: the region's mapping is live (held by `mem`), the view
+            // maps the whole file, and the caller has paused the vCPUs.
+            let pages = unsafe {
+                crate::spec::verify::differing_private_pages(r.host, r.size, |i| {
+                    self.file_page(base + i).cast_const()
+                })
+            }?;
+            out.extend(pages.into_iter().map(|p| base + p));
+        }
+        Ok(out)
+    }
+
+    /// The guest-physical address of the file's page `p`.
+    pub fn file_page_to_gpa(&self, p: u64) -> u64 {
+        let off = p * PAGE;
+        self.regions
+            .iter()
+            .find(|r| (r.file_offset..r.file_offset + r.size).contains(&off))
+            .map_or(u64::MAX, |r| r.gpa + off - r.file_offset)
+    }
+
+    /// Drops the private copies of `pages`, so the mapping reads the file.
+    pub fn drop_pages(&self, pages: &[u64]) -> Result<(), CowError> {
+        for (run, host) in self.host_runs(pages) {
+            let len = (run.end - run.start) * PAGE;
+            drop_private(host, len).map_err(|e| CowError::Madvise(run.start * PAGE, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl MemoryTracker {
     /// The naive checkpoint, for comparison in benchmarks: a copy of all of
     /// guest memory.
     pub fn copy_all(&self) -> Vec<u8> {
@@ -352,6 +391,29 @@ mod tests {
     fn runs_of_pages() {
         assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), vec![1..4, 7..8, 9..11]);
         assert!(runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_verifier_finds_exactly_the_unreported_writes() {
+        use vm_memory::{Bytes, GuestAddress};
+        let ram = crate::vstate::memory::create_guest_memory(64 << 20).unwrap();
+        let t = MemoryTracker::new(&ram.mem, &ram.file).unwrap();
+        // Page 5 is written as the VMM writes (reported through the bitmap),
+        // page 9 behind the tracker's back, page 12 is only read.
+        ram.mem.write_obj(0x1111u64, GuestAddress(5 * PAGE)).unwrap();
+        let host = ram.mem.get_host_address(GuestAddress(9 * PAGE)).unwrap();
+        // SAFETY: a page inside the guest mapping, which `ram` keeps alive.
+        unsafe { host.cast::<u64>().write(0x2222) };
+        let _: u64 = ram.mem.read_obj(GuestAddress(12 * PAGE)).unwrap();
+        t.flush(&[5], None).unwrap();
+        assert_eq!(t.unreported_pages().unwrap(), vec![9]);
+        assert_eq!(t.file_page_to_gpa(9), 9 * PAGE);
+        t.drop_pages(&[9]).unwrap();
+        assert!(t.unreported_pages().unwrap().is_empty());
+        let v: u64 = ram.mem.read_obj(GuestAddress(9 * PAGE)).unwrap();
+        assert_eq!(v, 0, "the dropped page reads the file again");
+        let v: u64 = ram.mem.read_obj(GuestAddress(5 * PAGE)).unwrap();
+        assert_eq!(v, 0x1111, "the flushed page keeps its content");
     }
 
     #[test]

@@ -10,3 +10,4 @@ pub mod hypercall;
 pub mod link;
 pub mod memory;
 pub mod stack;
+pub mod verify;
