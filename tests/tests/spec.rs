@@ -53,6 +53,19 @@ fn spec_basic_restores_1000_pages() {
     assert_line(&r, "spec_basic: 1000 pages and registers restored, ok");
 }
 
+/// A page-table entry the guest rewrote while speculating is rolled back,
+/// and so is the translation through it (on a shadow-paging KVM, only if
+/// the VMM drops KVM's shadow pages; with `--host-compat off` on such a
+/// host this guest reads the speculative frame: exit 7).
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn a_rollback_restores_the_guests_address_translation() {
+    skip_without_kvm!();
+    let r = run_bare("spec_pagetable", &["--memory", "128M"]);
+    r.assert_status(0);
+    assert_line(&r, "spec_pagetable: translation rolled back, ok");
+}
+
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn spec_basic_with_1g_of_memory() {

@@ -26,8 +26,9 @@ use crate::devices::bus::{lock, SharedDevice};
 use crate::event::{EventReceiver, VcpuCmd, VcpuReply, VmEvent};
 use crate::spec::checkpoint::Checkpoint;
 use crate::spec::memory::{CowError, MemoryTracker};
-use crate::spec::verify::VerifyMode;
 use crate::spec::stack::{Rollback, SpecId, SpecStack, StackError};
+use crate::host_compat::shadow::ShadowReset;
+use crate::spec::verify::VerifyMode;
 use crate::vstate::vcpu_state::{StateError, VcpuState};
 use crate::vstate::vm_state;
 pub use snapshot::SnapshotSetup;
@@ -146,6 +147,9 @@ pub struct Controller {
     /// KVM shadows the guest's page tables (the host-compat layer is
     /// active): a rollback must drop its shadow pages.
     shadow_paging: bool,
+    /// The memory slot through which it drops them, made at the first
+    /// rollback.
+    shadow_reset: Option<ShadowReset>,
     /// The host asked for the VM to stay paused.
     user_paused: bool,
     /// Where speculation events go (the API's `events` stream).
@@ -194,6 +198,7 @@ impl Controller {
             vm_id,
             full_copy: false,
             shadow_paging: false,
+            shadow_reset: None,
             user_paused: false,
             publish: None,
             link: None,
@@ -556,8 +561,13 @@ impl Controller {
             }
         }
         if self.shadow_paging {
-            crate::host_compat::shadow::drop_shadow_pages(&self.vm, &self.memory.slots())
-                .map_err(|e| ControlError::Vcpu(format!("re-registering guest memory: {e}")))?;
+            let shadow_err = |e| ControlError::Vcpu(format!("dropping shadow page tables: {e}"));
+            if self.shadow_reset.is_none() {
+                self.shadow_reset = Some(ShadowReset::new(&self.vm).map_err(shadow_err)?);
+            }
+            if let Some(r) = &self.shadow_reset {
+                r.drop_shadow_pages(&self.vm).map_err(shadow_err)?;
+            }
         }
         let target = rb
             .checkpoints

@@ -6,41 +6,71 @@
 //! guest memory from the host side: the pages go back to the memory file
 //! (`MADV_DONTNEED`), which zaps the mappings *of* those pages, not the
 //! shadow pages built *from* them. A rolled-back guest page table would
-//! then still be translated through the shadow of its newer content. Found
-//! in this project's Linux test: after a speculation that ran processes
-//! and was rolled back, a new `ls` ran with corrupted memory (`ls:
-//! %s%s%s: No such file or directory`), while bare guests, whose page
-//! tables never change, rolled back cleanly.
+//! then still be translated through the shadow of its newer content.
 //!
-//! Deleting a memory slot makes KVM free every shadow page of it; the slot
-//! is then registered again as it was, with dirty logging. The cost grows
-//! with the shadow pages KVM holds and the slot's size (KVM reallocates its
-//! per-page metadata), so it is done only where shadow paging is in use:
-//! with hardware nested paging the hardware walks the guest's tables itself.
+//! KVM has no ioctl to drop shadow pages by guest address. Deleting a
+//! memory slot does it: x86 KVM then makes every shadow page obsolete at
+//! once (`kvm_mmu_zap_all_fast`, the default behaviour, the
+//! `KVM_X86_QUIRK_SLOT_ZAP_ALL` quirk), and rebuilds the shadow tables from
+//! the guest's tables as the guest runs on. So the VM gets one extra slot
+//! of a single page, outside guest RAM, whose only job is to be deleted
+//! and created again after each rollback. Deleting a RAM slot instead
+//! would cost in proportion to guest memory (KVM frees and reallocates the
+//! slot's per-page metadata and dirty bitmap: 2-6 ms at 4 GiB, measured
+//! with `benches/checkpoint.py`); this one page costs the same at any
+//! memory size.
+//!
+//! This is only needed where KVM shadows the guest's page tables: with
+//! hardware nested paging (EPT/NPT) the hardware walks the guest's tables
+//! itself, and a rollback needs nothing more than the memory.
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::MmapRegion;
 
-use crate::spec::memory::SlotInfo;
+use crate::arch::x86_64::layout::SHADOW_RESET_ADDR;
 
-/// Deletes and re-creates every slot of `slots`, so KVM rebuilds its shadow
-/// page tables from the guest's (restored) page tables.
-pub fn drop_shadow_pages(vm: &VmFd, slots: &[SlotInfo]) -> Result<(), kvm_ioctls::Error> {
-    for s in slots {
-        let mut r = kvm_userspace_memory_region {
-            slot: s.slot,
-            flags: KVM_MEM_LOG_DIRTY_PAGES,
-            guest_phys_addr: s.gpa,
-            memory_size: 0,
-            userspace_addr: s.host,
-        };
-        // SAFETY: a zero-size region deletes the slot; KVM no longer
-        // touches the mapping through it.
-        unsafe { vm.set_user_memory_region(r) }?;
-        r.memory_size = s.size;
-        // SAFETY: the same mapping as before, which the VMM keeps mapped
-        // for the VM's lifetime.
-        unsafe { vm.set_user_memory_region(r) }?;
+/// The slot number of the reset page: far above the RAM slots (one per
+/// RAM region, numbered from 0).
+pub const SHADOW_RESET_SLOT: u32 = 511;
+
+/// The one-page memory slot whose deletion drops every shadow page.
+pub struct ShadowReset {
+    page: MmapRegion,
+}
+
+impl ShadowReset {
+    /// Maps the page and registers its slot with `vm`.
+    pub fn new(vm: &VmFd) -> Result<Self, kvm_ioctls::Error> {
+        let page = MmapRegionBuilder::new(4096)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|_| kvm_ioctls::Error::new(libc::ENOMEM))?;
+        let s = Self { page };
+        s.set(vm, 4096)?;
+        Ok(s)
     }
-    Ok(())
+
+    fn set(&self, vm: &VmFd, size: u64) -> Result<(), kvm_ioctls::Error> {
+        let r = kvm_userspace_memory_region {
+            slot: SHADOW_RESET_SLOT,
+            flags: 0,
+            guest_phys_addr: SHADOW_RESET_ADDR,
+            memory_size: size,
+            userspace_addr: self.page.as_ptr() as u64,
+        };
+        // SAFETY: the page is mapped for as long as `self` lives, and the
+        // slot is deleted or replaced only through `self`; KVM reads the
+        // page only through the slot. A zero size deletes the slot.
+        unsafe { vm.set_user_memory_region(r) }
+    }
+
+    /// Deletes the slot and creates it again: KVM drops every shadow page,
+    /// and rebuilds them from the guest's (restored) page tables.
+    pub fn drop_shadow_pages(&self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+        self.set(vm, 0)?;
+        self.set(vm, 4096)
+    }
 }

@@ -95,20 +95,6 @@ struct Region {
     file_offset: u64,
 }
 
-/// A KVM memory slot of guest RAM: slot number, guest address, size and
-/// host address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SlotInfo {
-    /// The slot number.
-    pub slot: u32,
-    /// Its guest-physical base.
-    pub gpa: u64,
-    /// Its size in bytes.
-    pub size: u64,
-    /// Its host address.
-    pub host: u64,
-}
-
 /// Finds dirty pages and moves memory between checkpoints.
 pub struct MemoryTracker {
     file: File,
@@ -152,19 +138,6 @@ impl MemoryTracker {
             regions,
             mem: mem.clone(),
         })
-    }
-
-    /// The memory slots, for re-registering them with KVM.
-    pub fn slots(&self) -> Vec<SlotInfo> {
-        self.regions
-            .iter()
-            .map(|r| SlotInfo {
-                slot: r.slot,
-                gpa: r.gpa,
-                size: r.size,
-                host: r.host as u64,
-            })
-            .collect()
     }
 
     /// The file's page `p`, through the shared view.
@@ -400,7 +373,9 @@ mod tests {
         let t = MemoryTracker::new(&ram.mem, &ram.file).unwrap();
         // Page 5 is written as the VMM writes (reported through the bitmap),
         // page 9 behind the tracker's back, page 12 is only read.
-        ram.mem.write_obj(0x1111u64, GuestAddress(5 * PAGE)).unwrap();
+        ram.mem
+            .write_obj(0x1111u64, GuestAddress(5 * PAGE))
+            .unwrap();
         let host = ram.mem.get_host_address(GuestAddress(9 * PAGE)).unwrap();
         // SAFETY: a page inside the guest mapping, which `ram` keeps alive.
         unsafe { host.cast::<u64>().write(0x2222) };

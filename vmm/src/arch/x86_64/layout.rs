@@ -69,6 +69,10 @@ pub const ACPI_TABLES_ADDR: u64 = 0xe_0000;
 pub const HIMEM_START: u64 = 0x10_0000;
 /// A guest-physical page with no RAM, for the host-compat doorbell.
 pub const COMPAT_DOORBELL_ADDR: u64 = MMIO_GAP_START;
+/// A page of the MMIO gap that the host-compat layer registers as a memory
+/// slot of its own, only to delete it after a rollback
+/// (`host_compat::shadow`). No device and no RAM is there.
+pub const SHADOW_RESET_ADDR: u64 = MMIO_GAP_START + 0x1000;
 /// Guest address of the I/O APIC.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Guest address of the local APICs.
