@@ -87,7 +87,9 @@ fn main(mem_size: u64, _free_base: u64, _arg: u64) -> u32 {
     }
     let seen = window();
     if seen != MARK_A {
-        rt::println!("spec_pagetable: stale translation after rollback: the window reads {seen:#x}");
+        rt::println!(
+            "spec_pagetable: stale translation after rollback: the window reads {seen:#x}"
+        );
         return 7;
     }
     rt::println!("spec_pagetable: translation rolled back, ok");
