@@ -263,7 +263,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     let mut compat = detection.active.then(HostCompat::new);
 
     let ram = create_guest_memory(config.mem_size)?;
-    let restoring = open_restore(config, &ram)?;
+    let restoring = open_restore(config, &ram, compat.is_some())?;
     let vm = Vm::new(&kvm, &ram.mem)?;
     enable_exit_on_emulation_failure(&vm.fd);
 
@@ -297,7 +297,15 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         compat.as_mut(),
         restoring.as_ref(),
     )?;
-    let snapshots = restore_or_fresh(&vm, &vcpus, &devices, restoring, &ram, config)?;
+    let snapshots = restore_or_fresh(
+        &vm,
+        &vcpus,
+        &devices,
+        restoring,
+        &ram,
+        config,
+        compat.as_ref(),
+    )?;
     let api = match &config.api_sock {
         Some(p) => Some(crate::api::start(p, tx.clone())?),
         None => None,
@@ -340,14 +348,20 @@ struct Restoring {
     memory_us: u64,
 }
 
-/// With `--restore`, reads and checks the snapshot and maps guest memory
-/// onto it (copy-on-write).
-fn open_restore(config: &VmConfig, ram: &GuestRam) -> Result<Option<Restoring>, VmmError> {
+/// With `--restore`, reads and checks the snapshot (also against whether
+/// the host-compat layer is active) and maps guest memory onto it
+/// (copy-on-write).
+fn open_restore(
+    config: &VmConfig,
+    ram: &GuestRam,
+    compat_active: bool,
+) -> Result<Option<Restoring>, VmmError> {
     let BootSource::Restore { dir } = &config.boot else {
         return Ok(None);
     };
     let started = std::time::Instant::now();
     let snap = files::read_state(dir)?;
+    crate::snapshot::restore::check_host_compat(&snap, compat_active)?;
     let base = crate::snapshot::memory::restore_memory(dir, &snap, &ram.mem)?;
     Ok(Some(Restoring {
         dir: dir.clone(),
@@ -367,11 +381,13 @@ fn restore_or_fresh(
     restoring: Option<Restoring>,
     ram: &GuestRam,
     config: &VmConfig,
+    compat: Option<&HostCompat>,
 ) -> Result<crate::controller::SnapshotSetup, VmmError> {
     let mut setup = crate::controller::SnapshotSetup {
         file: ram.file.try_clone().map_err(MemoryError::Memfd)?,
         mem_size: config.mem_size,
         linux: matches!(config.boot, BootSource::Linux { .. }),
+        compat: compat.cloned(),
         base: None,
         mem: ram.mem.clone(),
         lazy_base: None,
@@ -393,7 +409,10 @@ fn restore_or_fresh(
 
 /// A restored Linux guest gets its platform devices and host-compat
 /// trampoline again (the trampoline's pages are rewritten with the same
-/// content the snapshot holds).
+/// content the snapshot holds), and the trampoline gets the kernel's MSR
+/// values the snapshot saved, before any vCPU runs. `open_restore` has
+/// checked that host compat is active exactly when the snapshot has
+/// trampoline state.
 fn restore_linux_devices(
     restoring: Option<&Restoring>,
     pio: &mut Bus,
@@ -409,6 +428,9 @@ fn restore_linux_devices(
     linux::add_devices(pio, tx)?;
     if let Some(c) = compat {
         c.prepare_linux(&vm.fd, &ram.mem, mmio)?;
+        if let Some(t) = restoring.and_then(|r| r.snap.trampoline.as_ref()) {
+            c.restore_trampoline(t);
+        }
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::{ControlError, Controller};
 use crate::api::Response;
+use crate::host_compat::HostCompat;
 use crate::snapshot::{files, new_id, now_ns, SnapshotError, VmSnapshot, MAX_LAYERS};
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -21,6 +22,9 @@ pub struct SnapshotSetup {
     pub mem_size: u64,
     /// Whether the guest booted Linux.
     pub linux: bool,
+    /// The host-compat layer, when active: a snapshot saves its system-call
+    /// trampoline's state.
+    pub compat: Option<HostCompat>,
     /// All of guest memory, for remapping a restored VM's regions.
     pub mem: GuestMemoryMmap,
     /// For a VM restored from a snapshot, until its first checkpoint: the
@@ -204,6 +208,8 @@ impl Controller {
             mem_size: setup.mem_size,
             ranges: crate::arch::x86_64::layout::ram_ranges(setup.mem_size),
             linux: setup.linux,
+            // The vCPUs are paused: the kernel writes no MSR meanwhile.
+            trampoline: setup.compat.as_ref().and_then(HostCompat::save_trampoline),
             saved_at_ns: now_ns(),
             vcpus: cp.vcpus.into_iter().map(|b| *b).collect(),
             vm: cp.vm,

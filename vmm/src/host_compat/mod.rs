@@ -34,7 +34,7 @@ use crate::arch::x86_64::layout::COMPAT_DOORBELL_ADDR;
 use crate::config::HostCompatMode;
 use crate::devices::{Bus, BusError};
 use crate::vstate::memory::GuestMemoryMmap;
-use trampoline::{Doorbell, Trampoline, TrampolineError};
+use trampoline::{Doorbell, Trampoline, TrampolineError, TrampolineState};
 
 pub use emulate::describe;
 
@@ -165,6 +165,24 @@ impl HostCompat {
         mmio.insert(Arc::new(Mutex::new(Doorbell)), COMPAT_DOORBELL_ADDR, 0x1000)?;
         self.trampoline = Some(Arc::new(Trampoline::new()));
         Ok(())
+    }
+
+    /// The system-call trampoline's state, for a snapshot: None unless
+    /// [`HostCompat::prepare_linux`] set the trampoline up.
+    pub fn save_trampoline(&self) -> Option<TrampolineState> {
+        self.trampoline.as_ref().map(|t| t.save())
+    }
+
+    /// Gives the trampoline, set up by [`HostCompat::prepare_linux`], the
+    /// state a snapshot saved. Returns false if there is no trampoline.
+    pub fn restore_trampoline(&self, s: &TrampolineState) -> bool {
+        match &self.trampoline {
+            Some(t) => {
+                t.restore(s);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The guest's write of a filtered MSR (a `KVM_EXIT_X86_WRMSR`).

@@ -111,6 +111,27 @@ pub struct Trampoline {
     sfmask: AtomicU64,
 }
 
+/// The trampoline's state, as a snapshot saves it: the values the guest
+/// kernel wrote to LSTAR, STAR and SFMASK. KVM's own LSTAR holds
+/// [`TRAMPOLINE_VA`], so the kernel's entry point exists only here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrampolineState {
+    /// The kernel's 64-bit system-call entry point; 0 until it sets LSTAR.
+    pub kernel_lstar: u64,
+    /// The kernel's STAR.
+    pub star: u64,
+    /// The kernel's SFMASK.
+    pub sfmask: u64,
+}
+
+impl TrampolineState {
+    /// Whether the kernel has set LSTAR, so that the guest's LSTAR points
+    /// at the trampoline.
+    pub fn installed(&self) -> bool {
+        self.kernel_lstar != 0
+    }
+}
+
 /// The instruction in the code page: `movabs %al, DOORBELL_VA` (a2 + the
 /// 64-bit address), then `ud2` should anything ever run past it.
 pub fn code() -> Vec<u8> {
@@ -239,6 +260,25 @@ impl Trampoline {
     /// A trampoline that has seen no MSR write yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The MSR values the kernel wrote so far. The vCPUs must be paused,
+    /// so that no write is under way.
+    pub fn save(&self) -> TrampolineState {
+        TrampolineState {
+            kernel_lstar: self.kernel_lstar.load(Ordering::Acquire),
+            star: self.star.load(Ordering::Acquire),
+            sfmask: self.sfmask.load(Ordering::Acquire),
+        }
+    }
+
+    /// Takes the values a snapshot saved, before any vCPU runs. The
+    /// trampoline's page-table entry is in the restored guest memory, and
+    /// the vCPUs' LSTAR (restored with their MSRs) already points at it.
+    pub fn restore(&self, s: &TrampolineState) {
+        self.star.store(s.star, Ordering::Release);
+        self.sfmask.store(s.sfmask, Ordering::Release);
+        self.kernel_lstar.store(s.kernel_lstar, Ordering::Release);
     }
 
     /// The guest wrote `data` to the filtered MSR `index`: perform it, and
@@ -387,6 +427,21 @@ mod tests {
             0x20_0000 + 8 * 401
         );
         assert!(slot_address(0x10_0000, CR4_LA57, |_| Ok(0)).is_err());
+    }
+
+    #[test]
+    fn state_saves_and_restores() {
+        let t = Trampoline::new();
+        assert_eq!(t.save(), TrampolineState::default());
+        assert!(!t.save().installed());
+        let s = TrampolineState {
+            kernel_lstar: 0xffff_ffff_81a0_0080,
+            star: (0x23u64 << 48) | (0x10 << 32),
+            sfmask: 0x47700,
+        };
+        t.restore(&s);
+        assert_eq!(t.save(), s);
+        assert!(t.save().installed());
     }
 
     #[test]

@@ -15,7 +15,8 @@ use super::SnapshotError;
 pub const MAGIC: [u8; 8] = *b"SPECVMSS";
 /// The payload format this build writes and reads. Bump it on any change to
 /// the payload's layout: an older or newer file is then refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the host-compat system-call trampoline's state.
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes before the payload: magic, version, reserved, length, CRC, pad.
 pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 4 + 4;
 /// The largest payload accepted: far above any real state (a few hundred

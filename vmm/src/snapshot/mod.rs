@@ -3,9 +3,10 @@
 //!
 //! A snapshot directory holds:
 //! - `state`: the versioned, checksummed state file ([`codec`]): the VM's
-//!   shape (memory size and layout, vCPU count), every vCPU's
-//!   [`VcpuState`], the [`VmState`] and every [`DeviceState`], saved by the
-//!   same code that takes speculation checkpoints;
+//!   shape (memory size and layout, vCPU count), the host-compat
+//!   system-call trampoline's [`TrampolineState`] for a Linux guest, every
+//!   vCPU's [`VcpuState`], the [`VmState`] and every [`DeviceState`], saved
+//!   by the same code that takes speculation checkpoints;
 //! - `memory-<id>`: guest memory in layers, each named by the id of the
 //!   snapshot that wrote it. A full snapshot writes one layer, all of
 //!   memory; a diff snapshot adds a layer holding only the pages written
@@ -30,6 +31,7 @@ use std::path::PathBuf;
 
 use crate::arch::x86_64::layout::ram_ranges;
 use crate::devices::bus::DeviceState;
+use crate::host_compat::trampoline::TrampolineState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm_state::VmState;
 use codec::{Reader, Writer};
@@ -107,6 +109,11 @@ pub struct VmSnapshot {
     pub ranges: Vec<(u64, u64)>,
     /// Whether the guest booted Linux (its platform devices are needed).
     pub linux: bool,
+    /// The host-compat system-call trampoline's state: Some for a Linux
+    /// guest run with host compat on (its `kernel_lstar` is 0 if the kernel
+    /// had not set LSTAR yet), None for a bare guest or with host compat
+    /// off. A restore refuses to change which it is.
+    pub trampoline: Option<TrampolineState>,
     /// The host's CLOCK_REALTIME when the state was saved, in ns: on
     /// restore, the guest's clocks move forward by the time since.
     pub saved_at_ns: u64,
@@ -132,6 +139,7 @@ impl VmSnapshot {
             w.u64(size);
         }
         w.bool(self.linux);
+        state::put_trampoline(&mut w, self.trampoline.as_ref());
         w.u64(self.saved_at_ns);
         w.u32(self.vcpus.len() as u32);
         self.vcpus.iter().for_each(|v| state::put_vcpu(&mut w, v));
@@ -165,6 +173,12 @@ impl VmSnapshot {
             .map(|_| Ok((r.u64("range base")?, r.u64("range size")?)))
             .collect::<Result<Vec<_>, SnapshotError>>()?;
         let linux = r.bool("boot kind")?;
+        let trampoline = state::get_trampoline(&mut r)?;
+        if trampoline.is_some() && !linux {
+            return Err(SnapshotError::Corrupt(
+                "a bare guest's snapshot holds system-call trampoline state".into(),
+            ));
+        }
         let saved_at_ns = r.u64("save time")?;
         let n = r.count(64, "vCPU count")?;
         if n == 0 || n > usize::from(crate::config::MAX_VCPUS) {
@@ -191,6 +205,7 @@ impl VmSnapshot {
             mem_size,
             ranges,
             linux,
+            trampoline,
             saved_at_ns,
             vcpus,
             vm,

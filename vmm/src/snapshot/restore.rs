@@ -45,6 +45,37 @@ pub fn restore_machine(
     Ok(())
 }
 
+/// Refuses to restore a Linux guest into a VMM whose host-compat layer is
+/// not in the state the guest was saved in. A guest saved with it has its
+/// LSTAR at the system-call trampoline, which only the layer serves, and
+/// was booted with the layer's CPUID and command line; a guest saved
+/// without it would bypass the trampoline, since its kernel does not write
+/// LSTAR again. Bare guests use no trampoline and may go either way.
+pub fn check_host_compat(snap: &VmSnapshot, compat_active: bool) -> Result<(), SnapshotError> {
+    if !snap.linux {
+        return Ok(());
+    }
+    match (&snap.trampoline, compat_active) {
+        (Some(t), false) if t.installed() => Err(SnapshotError::Mismatch(format!(
+            "the guest's LSTAR points at the host-compat system-call trampoline \
+             (kernel entry {:#x}), and host compat is off now, so its system calls \
+             would fail; restore with --host-compat on",
+            t.kernel_lstar
+        ))),
+        (Some(_), false) => Err(SnapshotError::Mismatch(
+            "the Linux guest was saved with host compat on (its CPUID and command line \
+             are the layer's), and host compat is off now; restore with --host-compat on"
+                .into(),
+        )),
+        (None, true) => Err(SnapshotError::Mismatch(
+            "the Linux guest was saved with host compat off, and host compat is on now: \
+             its system calls would bypass the trampoline; restore with --host-compat off"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a snapshot whose vCPUs or devices differ from the VM's.
 fn check_fits(
     vcpus: usize,

@@ -1,6 +1,7 @@
 //! Encoding of the machine state that speculation checkpoints also save:
-//! [`VcpuState`], [`VmState`] and every [`DeviceState`]. The structures are
-//! the checkpoint's own; this file only turns them into bytes and back.
+//! [`VcpuState`], [`VmState`] and every [`DeviceState`]; and of the
+//! host-compat [`TrampolineState`]. The structures are their owners'; this
+//! file only turns them into bytes and back.
 
 use kvm_bindings::kvm_fpu;
 use virtio_queue::QueueState;
@@ -10,6 +11,7 @@ use super::codec::{Reader, Writer};
 use super::SnapshotError;
 use crate::devices::bus::DeviceState;
 use crate::devices::virtio::{NetState, QueueRegs, SavedQueue, TransportState};
+use crate::host_compat::trampoline::TrampolineState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm_state::VmState;
 
@@ -17,6 +19,29 @@ use crate::vstate::vm_state::VmState;
 const DEV_STATELESS: u8 = 0;
 const DEV_SERIAL: u8 = 1;
 const DEV_NET: u8 = 2;
+
+/// Appends the system-call trampoline's state, if any: a presence flag,
+/// then the kernel's LSTAR, STAR and SFMASK.
+pub fn put_trampoline(w: &mut Writer, t: Option<&TrampolineState>) {
+    w.bool(t.is_some());
+    if let Some(t) = t {
+        w.u64(t.kernel_lstar);
+        w.u64(t.star);
+        w.u64(t.sfmask);
+    }
+}
+
+/// Reads what [`put_trampoline`] wrote.
+pub fn get_trampoline(r: &mut Reader<'_>) -> Result<Option<TrampolineState>, SnapshotError> {
+    if !r.bool("has trampoline state")? {
+        return Ok(None);
+    }
+    Ok(Some(TrampolineState {
+        kernel_lstar: r.u64("trampoline kernel LSTAR")?,
+        star: r.u64("trampoline STAR")?,
+        sfmask: r.u64("trampoline SFMASK")?,
+    }))
+}
 
 /// Appends one vCPU's state.
 pub fn put_vcpu(w: &mut Writer, s: &VcpuState) {

@@ -7,6 +7,7 @@ use vm_superio::serial::SerialState;
 
 use super::codec::{self, HEADER_LEN};
 use super::files::{self, STATE};
+use super::restore::check_host_compat;
 use super::*;
 use crate::devices::virtio::{NetState, SavedQueue, TransportState};
 
@@ -77,6 +78,7 @@ fn sample() -> VmSnapshot {
         mem_size: 64 << 20,
         ranges: ram_ranges(64 << 20),
         linux: false,
+        trampoline: None,
         saved_at_ns: 7,
         vcpus: vec![vcpu(0, true), vcpu(1, false)],
         vm,
@@ -151,7 +153,89 @@ fn other_versions_are_refused() {
     assert!(
         matches!(e, SnapshotError::Version { found, .. } if found == codec::FORMAT_VERSION + 1)
     );
-    assert!(e.to_string().contains("version 2 is not supported"), "{e}");
+    let want = format!(
+        "format version {} is not supported (this specvm reads version {})",
+        codec::FORMAT_VERSION + 1,
+        codec::FORMAT_VERSION
+    );
+    assert!(e.to_string().contains(&want), "{e}");
+}
+
+#[test]
+fn version_1_files_without_trampoline_state_are_refused() {
+    let mut b = sample().encode();
+    b[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let e = VmSnapshot::decode(&b).err().expect("version 1");
+    assert!(
+        e.to_string()
+            .contains("format version 1 is not supported (this specvm reads version 2)"),
+        "{e}"
+    );
+}
+
+fn linux_sample(kernel_lstar: u64) -> VmSnapshot {
+    let mut s = sample();
+    s.linux = true;
+    s.trampoline = Some(TrampolineState {
+        kernel_lstar,
+        star: (0x23u64 << 48) | (0x10 << 32),
+        sfmask: 0x47700,
+    });
+    s
+}
+
+#[test]
+fn trampoline_state_round_trips() {
+    for lstar in [0, 0xffff_ffff_81a0_0080] {
+        let s = linux_sample(lstar);
+        let bytes = s.encode();
+        let back = VmSnapshot::decode(&bytes).unwrap();
+        assert_eq!(back.trampoline, s.trampoline);
+        assert!(back.linux);
+        assert_eq!(back.encode(), bytes);
+    }
+    let mut s = linux_sample(1);
+    s.trampoline = None;
+    assert_eq!(VmSnapshot::decode(&s.encode()).unwrap().trampoline, None);
+}
+
+#[test]
+fn trampoline_state_in_a_bare_guest_is_refused() {
+    let mut s = linux_sample(0xffff_ffff_81a0_0080);
+    s.linux = false;
+    let e = VmSnapshot::decode(&s.encode())
+        .err()
+        .expect("bare + trampoline");
+    assert!(matches!(e, SnapshotError::Corrupt(_)), "{e}");
+    assert!(e.to_string().contains("trampoline"), "{e}");
+}
+
+#[test]
+fn restore_refuses_a_change_of_host_compat_for_linux_guests() {
+    let installed = linux_sample(0xffff_ffff_81a0_0080);
+    check_host_compat(&installed, true).unwrap();
+    let e = check_host_compat(&installed, false).unwrap_err();
+    assert!(matches!(e, SnapshotError::Mismatch(_)), "{e}");
+    assert!(
+        e.to_string().contains("LSTAR points at the host-compat"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("0xffffffff81a00080"), "{e}");
+    assert!(e.to_string().contains("--host-compat on"), "{e}");
+    // Saved with the layer on before the kernel set LSTAR: its CPUID and
+    // command line are still the layer's.
+    let early = linux_sample(0);
+    check_host_compat(&early, true).unwrap();
+    let e = check_host_compat(&early, false).unwrap_err();
+    assert!(e.to_string().contains("--host-compat on"), "{e}");
+    let mut without = linux_sample(0);
+    without.trampoline = None;
+    check_host_compat(&without, false).unwrap();
+    let e = check_host_compat(&without, true).unwrap_err();
+    assert!(e.to_string().contains("--host-compat off"), "{e}");
+    // Bare guests use no trampoline: either way is fine.
+    check_host_compat(&sample(), true).unwrap();
+    check_host_compat(&sample(), false).unwrap();
 }
 
 #[test]
