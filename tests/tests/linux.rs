@@ -285,9 +285,20 @@ fn images(test: &str) -> Option<(String, String)> {
     }
 }
 
+/// A snapshot to use instead of booting (`SPECVM_LINUX_SNAPSHOT=DIR`, for
+/// working on the scenarios: a snapshot that an earlier run left in
+/// `<target>/tmp/linux-snapshot`, or one taken by hand with `specvm ctl
+/// snapshot`). With it the boot test reports itself skipped.
+fn given_snapshot() -> Option<PathBuf> {
+    std::env::var_os("SPECVM_LINUX_SNAPSHOT").map(PathBuf::from)
+}
+
 /// The booted guest's snapshot, booting it if no test has yet.
 fn booted(kernel: &str, initrd: &str) -> &'static Booted {
     let r = BOOTED.get_or_init(|| {
+        if let Some(snapshot) = given_snapshot() {
+            return Ok(Booted { snapshot });
+        }
         std::panic::catch_unwind(|| boot_and_snapshot(kernel, initrd)).map_err(|e| {
             e.downcast_ref::<String>()
                 .cloned()
@@ -442,6 +453,13 @@ fn debian_boots_snapshots_and_reboots_cleanly() {
     let Some((kernel, initrd)) = images("linux::debian_boots_snapshots_and_reboots_cleanly") else {
         return;
     };
+    if let Some(dir) = given_snapshot() {
+        record_skip(
+            "linux::debian_boots_snapshots_and_reboots_cleanly",
+            &format!("SPECVM_LINUX_SNAPSHOT={} given: no boot", dir.display()),
+        );
+        return;
+    }
     let b = booted(&kernel, &initrd);
     assert!(b.snapshot.join("state").is_file());
 }

@@ -25,7 +25,7 @@ use crate::arch::x86_64::cpuid::set_vcpu_identity;
 use crate::bare::{self, BareError};
 use crate::config::{BootSource, VmConfig};
 use crate::devices::bus::SharedDevice;
-use crate::devices::legacy::serial::SerialError;
+use crate::devices::legacy::serial::{InputGate, SerialError};
 use crate::devices::legacy::{ExitDevice, SerialDevice};
 use crate::devices::{Bus, BusError};
 use crate::event::{self, EventReceiver, VmEvent};
@@ -183,8 +183,9 @@ fn port_devices(
     config: &VmConfig,
     vm: &Vm,
     tx: &crate::event::EventSender,
-) -> Result<(Bus, SharedDevice), VmmError> {
+) -> Result<(Bus, SharedDevice, InputGate), VmmError> {
     let serial = SerialDevice::new(&config.serial)?;
+    let gate = serial.input_gate();
     let serial_irq = serial.interrupt_evt().map_err(SerialError::EventFd)?;
     vm.fd
         .register_irqfd(&serial_irq, COM1_IRQ)
@@ -196,7 +197,7 @@ fn port_devices(
     pio.insert(exit, EXIT_PORT.into(), EXIT_PORT_LEN.into())?;
     let hypercall: SharedDevice = Arc::new(Mutex::new(HypercallDevice));
     pio.insert(hypercall, HYPERCALL_PORT.into(), HYPERCALL_PORT_LEN.into())?;
-    Ok((pio, serial))
+    Ok((pio, serial, gate))
 }
 
 /// What loading a guest touches besides the guest itself.
@@ -268,7 +269,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     enable_exit_on_emulation_failure(&vm.fd);
 
     let (tx, rx) = event::channel();
-    let (mut pio, serial) = port_devices(config, &vm, &tx)?;
+    let (mut pio, serial, serial_input) = port_devices(config, &vm, &tx)?;
     let mut mmio = Bus::new();
 
     let vcpus = create_vcpus(&kvm, &vm, config.vcpus, compat.is_some())?;
@@ -306,6 +307,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         config,
         compat.as_ref(),
     )?;
+    // The machine is whole now (a restore has put the UART's FIFO back):
+    // console input may flow.
+    serial_input.open();
     let api = match &config.api_sock {
         Some(p) => Some(crate::api::start(p, tx.clone())?),
         None => None,

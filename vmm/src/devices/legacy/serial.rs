@@ -114,11 +114,37 @@ pub type Uart = Serial<IrqTrigger, NoEvents, SerialOut>;
 /// The serial device as the bus sees it.
 pub struct SerialDevice {
     uart: Arc<Mutex<Uart>>,
+    gate: InputGate,
+}
+
+/// Holds console input back until the VM is ready for it: a restore
+/// replaces the UART's receive FIFO with the snapshot's, so a byte queued
+/// before it would be lost. The input thread reads its source, then waits
+/// here before the first byte goes into the FIFO.
+#[derive(Clone, Default)]
+pub struct InputGate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl InputGate {
+    /// Lets input through from now on.
+    pub fn open(&self) {
+        let (open, cv) = &*self.0;
+        *open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    fn wait(&self) {
+        let (open, cv) = &*self.0;
+        let mut g = open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*g {
+            g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 impl SerialDevice {
     /// Creates the UART for `config`, and starts the input thread that feeds
-    /// it, if the backend has input.
+    /// it, if the backend has input. Input reaches the UART once
+    /// [`SerialDevice::input_gate`] is opened.
     pub fn new(config: &SerialConfig) -> Result<Self, SerialError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let (out, input) = match config {
@@ -142,8 +168,14 @@ impl SerialDevice {
             }
         };
         let uart = Arc::new(Mutex::new(Serial::new(IrqTrigger(evt), out)));
-        input.spawn(uart.clone());
-        Ok(Self { uart })
+        let gate = InputGate::default();
+        input.spawn(uart.clone(), gate.clone());
+        Ok(Self { uart, gate })
+    }
+
+    /// The gate to open when the VM is built (and restored) and runs.
+    pub fn input_gate(&self) -> InputGate {
+        self.gate.clone()
     }
 
     /// The eventfd that signals the UART's interrupt.
@@ -171,18 +203,18 @@ enum Input {
 }
 
 impl Input {
-    fn spawn(self, uart: Arc<Mutex<Uart>>) {
+    fn spawn(self, uart: Arc<Mutex<Uart>>, gate: InputGate) {
         match self {
             Input::None => {}
             Input::Stdin => {
                 let _ = thread::Builder::new()
                     .name("serial-stdin".into())
-                    .spawn(move || pump(io::stdin(), &uart));
+                    .spawn(move || pump(io::stdin(), &uart, &gate));
             }
             Input::Socket(listener, console) => {
                 let _ = thread::Builder::new()
                     .name("serial-socket".into())
-                    .spawn(move || accept_clients(listener, console, uart));
+                    .spawn(move || accept_clients(listener, console, uart, gate));
             }
         }
     }
@@ -194,6 +226,7 @@ fn accept_clients(
     listener: UnixListener,
     console: Arc<Mutex<SocketConsole>>,
     uart: Arc<Mutex<Uart>>,
+    gate: InputGate,
 ) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
@@ -216,20 +249,21 @@ fn accept_clients(
             }
             c.client = Some(stream);
         }
-        pump(reader, &uart);
+        pump(reader, &uart, &gate);
     }
 }
 
 /// Copies input bytes into the UART's receive FIFO until the source ends.
 /// When the FIFO is full the guest has not read it yet: wait and retry, so
 /// no input byte is lost.
-fn pump(mut src: impl Read, uart: &Mutex<Uart>) {
+fn pump(mut src: impl Read, uart: &Mutex<Uart>, gate: &InputGate) {
     let mut buf = [0u8; 256];
     loop {
         let n = match src.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        gate.wait();
         let mut pending = &buf[..n];
         while !pending.is_empty() {
             let taken = lock_uart(uart).enqueue_raw_bytes(pending).unwrap_or(0);
@@ -342,9 +376,17 @@ mod tests {
         let mut got = [0u8; 5];
         client.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"early");
+        // Input sent before the VM is ready (here: before a restore puts
+        // the UART's state back) is held, not lost to the restore.
+        let saved = dev.save_state();
         client.write_all(b"x").unwrap();
+        thread::sleep(Duration::from_millis(100));
         // Line status register bit 0: data ready.
         let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 0, "input must wait for the gate");
+        dev.restore_state(&saved).unwrap();
+        dev.input_gate().open();
         for _ in 0..500 {
             dev.read(5, &mut lsr);
             if lsr[0] & 1 == 1 {
