@@ -363,7 +363,11 @@ fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
     assert_eq!(line, want, "the guest's CPU count");
     let line = run(&mut c, "echo NET$((1+1))= /sys/class/net/*", "NET2=");
     assert!(line.contains("/sys/class/net/eth0"), "{line}");
-    let r = ctl(&api, "snapshot", &["--path", &snapshot.display().to_string()]);
+    let r = ctl(
+        &api,
+        "snapshot",
+        &["--path", &snapshot.display().to_string()],
+    );
     assert!(r.contains(r#""ok":true"#), "snapshot: {r}");
     eprintln!("snapshot at {:?}: {r}", started.elapsed());
     // An ARP request for the gateway is the first frame the guest sends.
@@ -405,10 +409,8 @@ struct Restored {
 
 impl Restored {
     fn start(b: &Booted, name: &str, id: u32, net: &str) -> Self {
-        let api = std::env::temp_dir().join(format!(
-            "specvm-linux-{name}-{}.sock",
-            std::process::id()
-        ));
+        let api =
+            std::env::temp_dir().join(format!("specvm-linux-{name}-{}.sock", std::process::id()));
         let started = Instant::now();
         let log = log_filter();
         let console = Console::start(&[
@@ -427,7 +429,10 @@ impl Restored {
         let mut r = Self { console, api };
         // The restored shell is waiting at its prompt.
         run(&mut r.console, "echo UP$((2*21))", "UP42");
-        eprintln!("{name}: restored and answering after {:?}", started.elapsed());
+        eprintln!(
+            "{name}: restored and answering after {:?}",
+            started.elapsed()
+        );
         r
     }
 
@@ -491,7 +496,10 @@ fn a_restored_linux_guest_speculates_and_rolls_back() {
     );
     assert_eq!(line, "ROLLED2=5");
     let line = run(&mut vm.console, LIST_TMP, "FILES7=");
-    assert!(line.contains("/tmp/one") && !line.contains("/tmp/r"), "{line}");
+    assert!(
+        line.contains("/tmp/one") && !line.contains("/tmp/r"),
+        "{line}"
+    );
     let _ = std::fs::remove_file(&sock);
 }
 
@@ -501,10 +509,10 @@ fn a_restored_linux_guest_speculates_and_rolls_back() {
     all(not(no_kvm), no_linux_image),
     ignore = "no Linux guest image (run images/build.sh), or SPECVM_SKIP_LINUX set"
 )]
-fn two_linux_guests_ping_through_the_bridge_and_share_a_speculation() {
+fn two_linux_guests_ping_and_a_receiver_rolls_back_with_the_sender() {
     skip_without_kvm!();
     let Some((kernel, initrd)) =
-        images("linux::two_linux_guests_ping_through_the_bridge_and_share_a_speculation")
+        images("linux::two_linux_guests_ping_and_a_receiver_rolls_back_with_the_sender")
     else {
         return;
     };
@@ -527,23 +535,52 @@ fn two_linux_guests_ping_through_the_bridge_and_share_a_speculation() {
     let ping = "if ping -c 1 -W 20 10.0.0.2 > /dev/null; then echo PING$((1+1))=ok; else echo PING$((1+1))=lost; fi";
     assert_eq!(run(&mut a.console, ping, "PING2="), "PING2=ok");
 
-    // A speculates and pings B: B joins A's speculation (rules 7, 10).
+    // B listens with busybox nc (TCP), writing what it receives to a file.
+    // (TCP's handshake through two emulated kernels takes ~10 s here, hence
+    // nc's 60 s timeout.)
+    run(
+        &mut bb.console,
+        "nc -l -p 9000 > /tmp/got & echo LISTEN$((1+1))",
+        "LISTEN2",
+    );
+    let got = "echo GOT$((1+1))= $(cat /tmp/got)";
+    // A speculates and sends to B: B joins A's speculation when the first
+    // tagged packet arrives (rules 2, 7), and its nc writes the file.
     assert_eq!(
-        run(&mut a.console, "spec speculate; echo SPEC$((1+1))=$?", "SPEC2="),
+        run(
+            &mut a.console,
+            "spec speculate; echo SPEC$((1+1))=$?",
+            "SPEC2="
+        ),
         "SPEC2=0"
     );
-    assert_eq!(run(&mut a.console, ping, "PING2="), "PING2=ok");
+    assert_eq!(
+        run(
+            &mut a.console,
+            "echo hello | nc -w 60 10.0.0.2 9000; echo SENT$((1+1))=$?",
+            "SENT2="
+        ),
+        "SENT2=0"
+    );
     let st = bb.status();
     assert!(
-        st.contains(r#""depth":1"#) && st.contains(r#""id":"11:"#) && st.contains(r#""explicit":false"#),
+        st.contains(r#""depth":1"#)
+            && st.contains(r#""id":"11:"#)
+            && st.contains(r#""explicit":false"#),
         "B did not join A's speculation: {st}"
     );
+    assert_eq!(run(&mut bb.console, got, "GOT2="), "GOT2= hello");
     // A aborts: A's shell is back at `spec speculate`, now with status 1,
-    // and B rolls back too (rule 4).
+    // and B rolls back to just before the first packet (rule 4): its file
+    // is empty again and its nc listens again.
     a.console.send("spec abort");
-    a.console
-        .wait_for("the rollback", COMMAND_TIMEOUT, |s| full_line(s, "SPEC2=").is_some());
-    assert_eq!(full_line(&a.console.seen, "SPEC2=").as_deref(), Some("SPEC2=1"));
+    a.console.wait_for("the rollback", COMMAND_TIMEOUT, |s| {
+        full_line(s, "SPEC2=").is_some()
+    });
+    assert_eq!(
+        full_line(&a.console.seen, "SPEC2=").as_deref(),
+        Some("SPEC2=1")
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let st = bb.status();
@@ -553,6 +590,18 @@ fn two_linux_guests_ping_through_the_bridge_and_share_a_speculation() {
         assert!(Instant::now() < deadline, "B did not roll back: {st}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    assert_eq!(run(&mut bb.console, got, "GOT2="), "GOT2=");
+    // Outside any speculation the same send lands for good.
+    assert_eq!(
+        run(
+            &mut a.console,
+            "echo again | nc -w 60 10.0.0.2 9000; echo SENT$((1+1))=$?",
+            "SENT2="
+        ),
+        "SENT2=0"
+    );
+    assert_eq!(run(&mut bb.console, got, "GOT2="), "GOT2= again");
+    assert!(bb.status().contains(r#""depth":0"#));
     let events = bridge.events();
     assert!(events.contains(r#""event":"aborted""#), "{events}");
     // Both go on: the rolled-back pair still talks.
