@@ -264,6 +264,9 @@ fn host_speculation(c: &mut Console, api: &Path) {
 struct Booted {
     /// The snapshot taken at the ready line.
     snapshot: PathBuf,
+    /// The last sequence number the guest's background `ping` had printed
+    /// just before the snapshot (0 when the snapshot was given).
+    seq_before: u64,
 }
 
 /// The one boot, shared by every test of this binary: `Err` (with the
@@ -297,7 +300,10 @@ fn given_snapshot() -> Option<PathBuf> {
 fn booted(kernel: &str, initrd: &str) -> &'static Booted {
     let r = BOOTED.get_or_init(|| {
         if let Some(snapshot) = given_snapshot() {
-            return Ok(Booted { snapshot });
+            return Ok(Booted {
+                snapshot,
+                seq_before: 0,
+            });
         }
         std::panic::catch_unwind(|| boot_and_snapshot(kernel, initrd)).map_err(|e| {
             e.downcast_ref::<String>()
@@ -363,6 +369,16 @@ fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
     assert_eq!(line, want, "the guest's CPU count");
     let line = run(&mut c, "echo NET$((1+1))= /sys/class/net/*", "NET2=");
     assert!(line.contains("/sys/class/net/eth0"), "{line}");
+    // A process that runs across the snapshot: a ping of the loopback
+    // every second, whose sequence numbers each restored VM must carry on.
+    run(
+        &mut c,
+        "ip link set lo up; ping -i 1 127.0.0.1 > /tmp/pings & echo PINGER$((1+1))",
+        "PINGER2",
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let seq_before = ping_seq(&mut c);
+    assert!(seq_before > 0, "the background ping does not run");
     let r = ctl(
         &api,
         "snapshot",
@@ -398,7 +414,20 @@ fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
     );
     eprintln!("clean exit after {:?}", started.elapsed());
     let _ = std::fs::remove_file(&sock);
-    Booted { snapshot }
+    Booted {
+        snapshot,
+        seq_before,
+    }
+}
+
+/// The last `seq=N` the guest's background ping wrote to /tmp/pings.
+fn ping_seq(c: &mut Console) -> u64 {
+    let line = run(c, "echo SEQ$((1+1))= $(tail -n 1 /tmp/pings)", "SEQ2=");
+    line.split("seq=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no sequence number in {line:?}"))
 }
 
 /// A VM restored from the boot's snapshot, with its console and API socket.
@@ -433,6 +462,17 @@ impl Restored {
             "{name}: restored and answering after {:?}",
             started.elapsed()
         );
+        // The ping started before the snapshot goes on counting in every
+        // restored VM, from where it was.
+        let first = ping_seq(&mut r.console);
+        assert!(
+            first >= b.seq_before,
+            "{name}: ping at seq {first}, before the snapshot's {}",
+            b.seq_before
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        let later = ping_seq(&mut r.console);
+        assert!(later > first, "{name}: the ping stopped at seq {first}");
         r
     }
 
