@@ -275,9 +275,7 @@ impl MemoryTracker {
             // of the run without a private copy gets one here (a write to a
             // private mapping), holding the file's content: the same bytes
             // the mapping read before.
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.file_page(run.start), host, len as usize)
-            };
+            unsafe { std::ptr::copy_nonoverlapping(self.file_page(run.start), host, len as usize) };
         }
         Ok(())
     }
