@@ -55,7 +55,7 @@ fn main(mem_size: u64, _free_base: u64, _arg: u64) -> u32 {
         ((FRAME_B * TWO_MIB) as *mut u64).write_volatile(MARK_B);
         // The window has not been touched yet, so no translation of it is
         // cached anywhere.
-        pde(WINDOW).write_volatile(FRAME_A * TWO_MIB | FLAGS);
+        pde(WINDOW).write_volatile((FRAME_A * TWO_MIB) | FLAGS);
     }
     if window() != MARK_A {
         rt::println!("spec_pagetable: the window does not map frame A");
@@ -64,7 +64,7 @@ fn main(mem_size: u64, _free_base: u64, _arg: u64) -> u32 {
     match speculate() {
         Ok(0) => {
             // SAFETY: as above.
-            unsafe { pde(WINDOW).write_volatile(FRAME_B * TWO_MIB | FLAGS) };
+            unsafe { pde(WINDOW).write_volatile((FRAME_B * TWO_MIB) | FLAGS) };
             // Read through the new entry, so its translation is built.
             let seen = window();
             rt::println!("spec_pagetable: speculating, the window reads {seen:#x}");
@@ -81,7 +81,7 @@ fn main(mem_size: u64, _free_base: u64, _arg: u64) -> u32 {
     // SAFETY: as above.
     // The processor (or KVM's walker) sets the accessed and dirty bits.
     let entry = unsafe { pde(WINDOW).read_volatile() } & !ACCESSED_DIRTY;
-    if entry != FRAME_A * TWO_MIB | FLAGS {
+    if entry != (FRAME_A * TWO_MIB) | FLAGS {
         rt::println!("spec_pagetable: directory entry not restored: {entry:#x}");
         return 6;
     }
