@@ -540,7 +540,57 @@ fn a_restored_linux_guest_speculates_and_rolls_back() {
         line.contains("/tmp/one") && !line.contains("/tmp/r"),
         "{line}"
     );
+    // The ACPI power-off path ends the VMM cleanly (the boot test checks
+    // the i8042 reset).
+    vm.console.send("poweroff -f");
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        if let Some(st) = vm.console.child.try_wait().expect("wait for specvm") {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no clean exit after poweroff -f");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        status.success(),
+        "specvm ended with {status} after poweroff -f"
+    );
     let _ = std::fs::remove_file(&sock);
+}
+
+/// The bzImage path: the same kernel as a bzImage, which decompresses
+/// itself in the guest (about 90 s here) and starts. Run beside the shared
+/// boot; it stops at the kernel's first console line.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+#[cfg_attr(
+    all(not(no_kvm), no_linux_image),
+    ignore = "no Linux guest image (run images/build.sh), or SPECVM_SKIP_LINUX set"
+)]
+fn a_bzimage_decompresses_and_starts() {
+    skip_without_kvm!();
+    const NAME: &str = "linux::a_bzimage_decompresses_and_starts";
+    if images(NAME).is_none() {
+        return;
+    }
+    let Some(bz) = image("bzImage") else {
+        record_skip(NAME, "images/out/bzImage missing: run images/build.sh");
+        return;
+    };
+    let started = Instant::now();
+    let mut c = Console::start(&[
+        "--log-level",
+        "info",
+        "run",
+        "--kernel",
+        &bz.display().to_string(),
+        "--memory",
+        "256M",
+    ]);
+    c.wait_for("the kernel's banner", BOOT_TIMEOUT, |s| {
+        s.contains("Linux version")
+    });
+    eprintln!("bzImage: \"Linux version\" after {:?}", started.elapsed());
 }
 
 #[test]
