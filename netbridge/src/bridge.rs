@@ -40,6 +40,9 @@ pub struct Counters {
     pub held: u64,
     /// Held frames released after every id in their tag committed.
     pub released: u64,
+    /// Frames from a port with no VM behind it (the TAP uplink) whose
+    /// IPOPT_SPEC was stripped as forged before switching (rule 12).
+    pub forged: u64,
 }
 
 #[derive(Debug)]
@@ -51,6 +54,9 @@ struct Queued {
 #[derive(Debug)]
 struct Port {
     speculative: bool,
+    /// Whether tags on the port's frames are believed: true for VMM ports,
+    /// whose VMM writes the true set (rule 12); false for the uplink.
+    trusts_tags: bool,
     queue: VecDeque<Queued>,
     held: VecDeque<Queued>,
     counters: Counters,
@@ -130,10 +136,26 @@ impl Bridge {
             return Err(format!("VM id {vm} is already connected"));
         }
         self.registry.add_port(port, vm);
+        self.insert_port(port, speculative, true);
+        Ok(self.registry.next_seq(vm))
+    }
+
+    /// Adds a port with no VM behind it: the TAP uplink to the host. It
+    /// cannot roll back, so tagged frames reach it only after commit (rule
+    /// 11); it owns and joins no speculation, so it takes no VM id from the
+    /// VMs; and a tag on a frame it sends is forged, since nothing it says
+    /// depends on an open speculation: the tag is stripped and the frame
+    /// switched as the untagged frame it truly is (rule 12).
+    pub fn add_uplink(&mut self, port: PortId) {
+        self.insert_port(port, false, false);
+    }
+
+    fn insert_port(&mut self, port: PortId, speculative: bool, trusts_tags: bool) {
         self.ports.insert(
             port,
             Port {
                 speculative,
+                trusts_tags,
                 queue: VecDeque::new(),
                 held: VecDeque::new(),
                 counters: Counters::default(),
@@ -142,7 +164,6 @@ impl Bridge {
             },
         );
         self.event("port-up", None, port);
-        Ok(self.registry.next_seq(vm))
     }
 
     /// The port is gone (rule 9). Returns the control messages to send.
@@ -178,12 +199,12 @@ impl Bridge {
     }
 
     /// A frame from `from`. Returns the ports that got something queued.
-    pub fn ingress(&mut self, from: PortId, frame: Vec<u8>) -> Vec<PortId> {
+    pub fn ingress(&mut self, from: PortId, mut frame: Vec<u8>) -> Vec<PortId> {
         let Some(p) = self.ports.get_mut(&from) else {
             return Vec::new();
         };
         p.counters.rx += 1;
-        let tags = match (self.read_tags)(&frame) {
+        let mut tags = match (self.read_tags)(&frame) {
             Ok(t) => t,
             Err(e) => {
                 tracing::debug!(port = from, "malformed frame dropped: {e}");
@@ -191,6 +212,21 @@ impl Bridge {
                 return Vec::new();
             }
         };
+        if !p.trusts_tags && !tags.is_empty() {
+            match (self.strip_tag)(&frame) {
+                Ok(f) => {
+                    tracing::debug!(port = from, "forged tag {tags:x?} stripped");
+                    p.counters.forged += 1;
+                    frame = f;
+                    tags.clear();
+                }
+                Err(e) => {
+                    tracing::debug!(port = from, "malformed frame dropped: {e}");
+                    p.counters.dropped_malformed += 1;
+                    return Vec::new();
+                }
+            }
+        }
         if tags
             .iter()
             .any(|&t| self.registry.outcome(t) == Some(Outcome::Abort))
@@ -538,6 +574,27 @@ mod tests {
         assert!(ev
             .iter()
             .any(|e| e.event == "aborted" && e.id.as_deref() == Some("1:1")));
+    }
+
+    #[test]
+    fn the_uplink_takes_no_vm_id_and_its_tags_are_stripped_as_forged() {
+        let mut b = bridge();
+        b.add_uplink(5);
+        b.add_uplink(6);
+        assert_eq!(b.speculations(), vec![], "an uplink joins nothing");
+        // A tag from the host is forged: stripped, then switched untagged.
+        assert_eq!(b.ingress(5, frame(9, 5, &[S])), vec![1, 2, 3, 6]);
+        assert_eq!(b.pop(1), Some(strip(&frame(9, 5, &[S])).unwrap()));
+        assert_eq!(b.pop(6), Some(strip(&frame(9, 5, &[S])).unwrap()));
+        let c = b.counters(5).unwrap();
+        assert_eq!((c.rx, c.forged, c.dropped_malformed), (1, 1, 0));
+        // A VMM port's tag is believed: held for the uplinks (rule 11).
+        assert_eq!(b.ingress(1, frame(9, 1, &[S])), vec![2]);
+        assert_eq!(b.counters(5).unwrap().held, 1);
+        assert_eq!(b.counters(1).unwrap().forged, 0);
+        // The uplink going away aborts nothing.
+        assert!(b.remove_port(5).is_empty());
+        assert_eq!(b.pop(5), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use crate::bridge::{Bridge, Event, Send};
+use crate::bridge::{Bridge, Counters, Event, Send};
 use crate::protocol::{
     decode, encode_control, encode_frame, framed, Control, Message, MAX_MESSAGE,
 };
@@ -63,6 +63,58 @@ impl Shared {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A fresh port number.
+    fn next_port(&self) -> PortId {
+        let mut n = self.next_port.lock().unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        *n - 1
+    }
+
+    /// Adds the TAP uplink as a port with no VM behind it (see
+    /// [`Bridge::add_uplink`]). Returns its port number and what its
+    /// writer waits on: a notification whenever frames are queued for it.
+    pub fn add_uplink(&self) -> (PortId, Arc<Notify>) {
+        let port = self.next_port();
+        self.bridge().add_uplink(port);
+        // The uplink joins nothing, so no control message is ever meant for
+        // it; the receiver is dropped and anything sent is discarded.
+        let (control, _) = mpsc::unbounded_channel();
+        let frames = Arc::new(Notify::new());
+        self.links().insert(
+            port,
+            PortLink {
+                control,
+                frames: frames.clone(),
+            },
+        );
+        self.dispatch(Vec::new(), Vec::new());
+        (port, frames)
+    }
+
+    /// A frame received from `port`: switches it and wakes the writers of
+    /// the ports it was queued for.
+    pub fn ingress(&self, port: PortId, frame: Vec<u8>) {
+        let woke = self.bridge().ingress(port, frame);
+        self.dispatch(Vec::new(), woke);
+    }
+
+    /// Takes the next frame queued for `port`.
+    pub fn pop(&self, port: PortId) -> Option<Vec<u8>> {
+        self.bridge().pop(port)
+    }
+
+    /// The port is gone: forgets it and tells the bridge (rule 9).
+    pub fn remove_port(&self, port: PortId) {
+        self.links().remove(&port);
+        let sends = self.bridge().remove_port(port);
+        self.dispatch(sends, Vec::new());
+    }
+
+    /// The counters of `port`, while it is connected.
+    pub fn counters(&self, port: PortId) -> Option<Counters> {
+        self.bridge().counters(port)
+    }
+
     /// Carries out what a bridge operation asked for: control messages,
     /// writer wake-ups, and events.
     fn dispatch(&self, sends: Vec<Send>, woke: Vec<PortId>) {
@@ -99,11 +151,7 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let port = {
-            let mut n = shared.next_port.lock().unwrap_or_else(|e| e.into_inner());
-            *n += 1;
-            *n - 1
-        };
+        let port = shared.next_port();
         tokio::spawn(run_port(port, stream, shared.clone()));
     }
 }
@@ -166,20 +214,20 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
                 break;
             }
         };
-        let (sends, woke) = match decode(&msg) {
-            Ok(Message::Frame(f)) => (Vec::new(), shared.bridge().ingress(port, f)),
-            Ok(Message::Control(c)) => shared.bridge().control(port, c),
+        match decode(&msg) {
+            Ok(Message::Frame(f)) => shared.ingress(port, f),
+            Ok(Message::Control(c)) => {
+                let (sends, woke) = shared.bridge().control(port, c);
+                shared.dispatch(sends, woke);
+            }
             Err(e) => {
                 tracing::warn!(port, "port closed on a bad message: {e}");
                 break;
             }
-        };
-        shared.dispatch(sends, woke);
+        }
     }
     writer.abort();
-    shared.links().remove(&port);
-    let sends = shared.bridge().remove_port(port);
-    shared.dispatch(sends, Vec::new());
+    shared.remove_port(port);
 }
 
 async fn write_port(
@@ -202,7 +250,7 @@ async fn write_port(
             }
             () = frames.notified() => {
                 loop {
-                    let next = shared.bridge().pop(port);
+                    let next = shared.pop(port);
                     let Some(f) = next else { break };
                     if wr.write_all(&framed(&encode_frame(&f))).await.is_err() {
                         return;
