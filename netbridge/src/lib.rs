@@ -12,10 +12,11 @@
 //! - [`protocol`]: the messages between a VMM port and the bridge;
 //! - [`registry`]: owners, members and outcomes of speculations;
 //! - [`bridge`]: switching decisions, queues, output commit, anti-messages;
-//! - [`server`]: the tokio I/O around them, and the `netbridge` binary.
+//! - [`server`]: the tokio I/O around them, and the `netbridge` binary;
+//! - [`uplink`]: the TAP port to the host (`--uplink tap=NAME`).
 //!
-//! Not yet: the VMM side (tagging every guest frame, joining on receive)
-//! and a TAP uplink port.
+//! The VMM side (tagging every guest frame, joining on receive) is
+//! `vmm/src/spec/link.rs`.
 
 pub mod bridge;
 pub mod codec;
@@ -23,3 +24,4 @@ pub mod protocol;
 pub mod registry;
 pub mod server;
 pub mod tags;
+pub mod uplink;

@@ -1,12 +1,15 @@
 //! `netbridge`: the virtual switch between specvm guests.
 //!
 //! ```text
-//! netbridge --listen /run/specvm/bridge.sock [--events PATH] [--quiet]
+//! netbridge --listen /run/specvm/bridge.sock [--uplink tap=NAME]
+//!           [--events PATH] [--quiet]
 //! ```
 //!
-//! VMMs connect to `--listen` as ports (see `docs/netbridge.md`). Every
-//! speculation event is printed as a JSON line on stdout (unless `--quiet`)
-//! and streamed to clients of `--events`.
+//! VMMs connect to `--listen` as ports (see `docs/netbridge.md`). With
+//! `--uplink tap=NAME` the TAP interface NAME (created if missing) is a port
+//! too, to the host's network stack, which gets tagged frames only once
+//! they commit. Every speculation event is printed as a JSON line on stdout
+//! (unless `--quiet`) and streamed to clients of `--events`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +17,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use netbridge::bridge::Bridge;
 use netbridge::server::{self, Shared};
+use netbridge::uplink::{Tap, Uplink, UplinkSpec};
 
 /// The speculation-aware virtual switch for specvm guests.
 #[derive(Debug, Parser)]
@@ -22,6 +26,12 @@ struct Args {
     /// The Unix socket VMMs connect to.
     #[arg(long, value_name = "PATH")]
     listen: PathBuf,
+    /// A port to the host: `tap=NAME` attaches the TAP interface NAME,
+    /// creating it if it does not exist (needs CAP_NET_ADMIN). The host
+    /// cannot roll back, so a speculative frame reaches it only once its
+    /// speculations commit, untagged, and never if one aborts.
+    #[arg(long, value_name = "tap=NAME")]
+    uplink: Option<UplinkSpec>,
     /// A Unix socket that streams events as JSON lines.
     #[arg(long, value_name = "PATH")]
     events: Option<PathBuf>,
@@ -71,7 +81,22 @@ async fn run(args: &Args) -> Result<(), String> {
             }
         });
     }
+    // The TAP first: its errors (no /dev/net/tun, no permission) are the
+    // likeliest, and nothing is bound yet when they stop the bridge.
+    let tap = match &args.uplink {
+        Some(UplinkSpec::Tap(name)) => Some(Tap::open(name).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let ports = server::bind(&args.listen).map_err(|e| e.to_string())?;
+    if let Some(tap) = tap {
+        let uplink = Uplink::attach(tap, shared.clone()).map_err(|e| e.to_string())?;
+        // Losing the uplink does not stop the bridge: the VMs on it keep
+        // their speculations and their traffic with each other.
+        tokio::spawn(async move {
+            let e = uplink.run().await;
+            tracing::error!("uplink lost, the bridge runs on without it: {e}");
+        });
+    }
     if let Some(p) = &args.events {
         let events = server::bind(p).map_err(|e| e.to_string())?;
         tokio::spawn(server::serve_events(events, shared.clone()));
