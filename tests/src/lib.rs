@@ -7,8 +7,9 @@
 //! - the `specvm` binary of the same profile. An integration test only gets
 //!   the binaries of its own package built, so the harness runs
 //!   `cargo build -p vmm --bin specvm` itself, once per test process, before
-//!   the first use ([`specvm_bin`]). Cargo makes that a no-op when the binary
-//!   is up to date, and it never runs a stale one. Set `SPECVM_BIN` to use a
+//!   the first use ([`specvm_bin`]); `netbridge` likewise
+//!   ([`netbridge_bin`]). Cargo makes that a no-op when the binary is up to
+//!   date, and it never runs a stale one. Set `SPECVM_BIN` to use a
 //!   given binary instead (then nothing is built).
 //!
 //! So `cargo test --workspace` (or `cargo test -p specvm-tests`) is all it
@@ -63,6 +64,27 @@ fn find_or_build_specvm() -> Result<PathBuf, String> {
             false => Err(format!("SPECVM_BIN={} is not a file", bin.display())),
         };
     }
+    build_bin("vmm", "specvm")
+}
+
+/// The `netbridge` binary: beside `SPECVM_BIN` when that is set, else the
+/// one of the tests' profile, which cargo builds (once per test process,
+/// a no-op when up to date) as it does `specvm`.
+pub fn netbridge_bin() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = BIN.get_or_init(|| match std::env::var_os("SPECVM_BIN") {
+        Some(specvm) => Ok(PathBuf::from(specvm).with_file_name("netbridge")),
+        None => build_bin("netbridge", "netbridge"),
+    });
+    match found {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Builds binary `bin` of package `package` in the tests' own profile and
+/// target folder, and returns its path.
+fn build_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
     // The test executable is <target>/[<triple>/]<profile>/deps/<test>-<hash>.
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the test executable: {e}"))?;
@@ -70,29 +92,29 @@ fn find_or_build_specvm() -> Result<PathBuf, String> {
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| format!("unexpected test executable path {}", exe.display()))?;
-    let bin = profile_dir.join("specvm");
-    build_specvm(profile_dir).map_err(|e| {
+    let path = profile_dir.join(bin);
+    cargo_build(profile_dir, package, bin).map_err(|e| {
         format!(
-            "{e}\nthe tests need the specvm binary at {}: build it with \
-             `cargo build -p vmm --bin specvm` (same profile as the tests), \
-             or point SPECVM_BIN at one",
-            bin.display()
+            "{e}\nthe tests need the {bin} binary at {}: build it with \
+             `cargo build -p {package} --bin {bin}` (same profile as the tests), \
+             or point SPECVM_BIN at specvm",
+            path.display()
         )
     })?;
-    match bin.is_file() {
-        true => Ok(bin),
+    match path.is_file() {
+        true => Ok(path),
         false => Err(format!(
-            "cargo built vmm, but {} does not exist; build it with \
-             `cargo build -p vmm --bin specvm`, or point SPECVM_BIN at one",
-            bin.display()
+            "cargo built {package}, but {} does not exist; build it with \
+             `cargo build -p {package} --bin {bin}`, or point SPECVM_BIN at specvm",
+            path.display()
         )),
     }
 }
 
-/// Runs `cargo build -p vmm --bin specvm` for the profile whose output folder
-/// is `profile_dir`. Cargo releases its build lock before it runs tests, so
-/// this does not wait on the `cargo test` that started us.
-fn build_specvm(profile_dir: &Path) -> Result<(), String> {
+/// Runs `cargo build -p PACKAGE --bin BIN` for the profile whose output
+/// folder is `profile_dir`. Cargo releases its build lock before it runs
+/// tests, so this does not wait on the `cargo test` that started us.
+fn cargo_build(profile_dir: &Path, package: &str, bin: &str) -> Result<(), String> {
     let profile_name = profile_dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -112,9 +134,9 @@ fn build_specvm(profile_dir: &Path) -> Result<(), String> {
         "build",
         "--quiet",
         "-p",
-        "vmm",
+        package,
         "--bin",
-        "specvm",
+        bin,
         "--profile",
         profile,
     ])
@@ -139,7 +161,7 @@ fn build_specvm(profile_dir: &Path) -> Result<(), String> {
     match output.status.success() {
         true => Ok(()),
         false => Err(format!(
-            "`cargo build -p vmm --bin specvm` failed ({}):\n{}",
+            "`cargo build -p {package} --bin {bin}` failed ({}):\n{}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         )),
@@ -467,12 +489,7 @@ impl NetBridge {
         let dir = std::env::temp_dir().join(format!("specvm-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the bridge's directory");
-        let bin = specvm_bin().with_file_name("netbridge");
-        assert!(
-            bin.exists(),
-            "{} missing: build the workspace first",
-            bin.display()
-        );
+        let bin = netbridge_bin();
         let events = std::fs::File::create(dir.join("events.log")).expect("creating the event log");
         let child = Command::new(bin)
             .arg("--listen")
