@@ -443,6 +443,23 @@ mod tests {
         codec::retag(&f, tags).unwrap()
     }
 
+    /// The test's directory, removed on drop, also when the test fails.
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!("netbridge-uplink-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// A fake VMM port on the bridge's socket.
     struct Port(UnixStream);
 
@@ -468,9 +485,8 @@ mod tests {
     /// output commit, and the uplink port's counters.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn carries_frames_both_ways_with_output_commit() {
-        let dir = std::env::temp_dir().join(format!("netbridge-uplink-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("br.sock");
+        let dir = TempDir::new();
+        let sock = dir.0.join("br.sock");
         let shared = Shared::new(Bridge::new(crate::tags::read, crate::tags::strip));
         let listener = server::bind(&sock).unwrap();
         tokio::spawn(server::serve(listener, shared.clone()));
@@ -536,6 +552,5 @@ mod tests {
             "{err}"
         );
         assert_eq!(shared.counters(up), None);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
