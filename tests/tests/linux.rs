@@ -159,6 +159,20 @@ impl Console {
         }
     }
 
+    /// Waits for specvm to end after the guest ran `what`, and checks that
+    /// it ended with status 0.
+    fn wait_clean_exit(&mut self, what: &str) {
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait for specvm") {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "no clean exit after {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(status.success(), "specvm ended with {status} after {what}");
+    }
+
     fn send(&mut self, line: &str) {
         self.seen.clear();
         self.stdin
@@ -412,18 +426,7 @@ fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
         "no ARP frame from the guest reached the socket"
     );
     c.send("reboot -f");
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
-    let status = loop {
-        if let Some(st) = c.child.try_wait().expect("wait for specvm") {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "no clean exit after reboot -f");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(
-        status.success(),
-        "specvm ended with {status} after reboot -f"
-    );
+    c.wait_clean_exit("reboot -f");
     eprintln!("clean exit after {:?}", started.elapsed());
     let _ = std::fs::remove_file(&sock);
     Booted {
@@ -557,18 +560,7 @@ fn a_restored_linux_guest_speculates_and_rolls_back() {
     // The ACPI power-off path ends the VMM cleanly (the boot test checks
     // the i8042 reset).
     vm.console.send("poweroff -f");
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
-    let status = loop {
-        if let Some(st) = vm.console.child.try_wait().expect("wait for specvm") {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "no clean exit after poweroff -f");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    assert!(
-        status.success(),
-        "specvm ended with {status} after poweroff -f"
-    );
+    vm.console.wait_clean_exit("poweroff -f");
     let _ = std::fs::remove_file(&sock);
 }
 
