@@ -25,6 +25,28 @@
 //!   TLB (this host's shadow roots for the guest) may hold translations of
 //!   the discarded timeline: a rolled-back guest ran `ls` on corrupted
 //!   memory. Without PCIDs every address-space switch flushes.
+//! - [`GLIBC_TUNABLES`], which the kernel hands to init as an environment
+//!   variable, so every process inherits it: glibc in the guest must not
+//!   use AVX. Guest user code runs natively here, so its `cpuid` and
+//!   `xgetbv` see the host CPU as it is: AVX, AVX2, AVX-512 and XCR0 =
+//!   0xe7 (a 1 KB static probe in a restored guest). glibc then picks its
+//!   AVX2/EVEX string functions. But the kernel runs with `noxsave`, so a
+//!   context switch saves only what FXSAVE holds, the low 128 bits of
+//!   XMM0-15: the upper halves of the YMM registers pass from one process
+//!   to the next (a probe holding a pattern in YMM registers across
+//!   `sched_yield`, three copies at once, saw them change in its first
+//!   round). A `memcpy` whose store faults on a fresh page and is
+//!   preempted there stores another process's register contents, or zeros
+//!   after its `vzeroupper`. That was the "busybox dies at start-up"
+//!   fault: glibc's copy of the TLS image into the new heap lost a
+//!   pointer, and `__ctype_init` read 0 through it (`segfault at 0 ip
+//!   4a4d02`), more often the busier the host and mostly in pipelines,
+//!   where new processes start side by side. On VMX or SVM the guest's
+//!   CR4.OSXSAVE would be clear and AVX would raise #UD; `kvm_pvm` keeps
+//!   the host's CR4 and XCR0 for guest user code (setting the guest's
+//!   CR4.OSXSAVE and an XCR0 of 1 through KVM changed nothing the guest
+//!   could see), so the hint has to reach glibc itself. Programs that use
+//!   AVX without asking glibc are not covered.
 
 /// Feature names hidden through `clearcpuid=`: every extension the
 /// emulator cannot run, or that leads the kernel to one it cannot.
@@ -68,8 +90,16 @@ pub const CLEARCPUID_MAX: usize = 127;
 /// Options added as they are.
 pub const FLAGS: &[&str] = &["noxsave", "nokaslr", "nopti", "nopcid"];
 
-/// The options to add to `cmdline`: those of [`FLAGS`] it lacks, and a
-/// `clearcpuid=` unless it has one (the user's then wins).
+/// The glibc tunable that keeps guest processes off AVX (see the module
+/// comment). Disabling AVX alone is not enough in glibc 2.36: its EVEX and
+/// AVX2 string functions are chosen from the AVX2, AVX-512 and
+/// `AVX_Fast_Unaligned_Load` bits, so each is turned off.
+pub const GLIBC_TUNABLES: &str = "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,\
+-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
+
+/// The options to add to `cmdline`: those of [`FLAGS`] it lacks, a
+/// `clearcpuid=` and a `GLIBC_TUNABLES=` unless it has its own (the user's
+/// then wins).
 pub fn additions(cmdline: &str) -> Vec<String> {
     let words: Vec<&str> = cmdline.split_whitespace().collect();
     let mut add: Vec<String> = FLAGS
@@ -79,6 +109,9 @@ pub fn additions(cmdline: &str) -> Vec<String> {
         .collect();
     if !words.iter().any(|w| w.starts_with("clearcpuid=")) {
         add.push(format!("clearcpuid={}", CLEARED_FEATURES.join(",")));
+    }
+    if !words.iter().any(|w| w.starts_with("GLIBC_TUNABLES=")) {
+        add.push(GLIBC_TUNABLES.to_string());
     }
     add
 }
@@ -116,8 +149,34 @@ mod tests {
 
     #[test]
     fn keeps_a_users_clearcpuid_and_init_args() {
-        let c = apply("clearcpuid=avx -- single");
-        assert_eq!(c, "clearcpuid=avx noxsave nokaslr nopti nopcid -- single");
+        let c = apply("clearcpuid=avx GLIBC_TUNABLES=x -- single");
+        assert_eq!(
+            c,
+            "clearcpuid=avx GLIBC_TUNABLES=x noxsave nokaslr nopti nopcid -- single"
+        );
         assert!(apply("").starts_with("noxsave"));
+    }
+
+    #[test]
+    fn the_glibc_tunable_reaches_init_as_one_word() {
+        let c = apply("console=ttyS0");
+        let w: Vec<&str> = c
+            .split_whitespace()
+            .filter(|w| w.starts_with("GLIBC_TUNABLES="))
+            .collect();
+        assert_eq!(w, [GLIBC_TUNABLES]);
+        // Linux passes an unknown `name=value` to init's environment only
+        // when the name has no dot (dotted names are module parameters).
+        let name = GLIBC_TUNABLES.split('=').next().unwrap();
+        assert!(!name.contains('.'));
+        for f in [
+            "-AVX,",
+            "-AVX2,",
+            "-AVX512F,",
+            "-AVX512VL,",
+            "-AVX_Fast_Unaligned_Load",
+        ] {
+            assert!(GLIBC_TUNABLES.contains(f), "{f}");
+        }
     }
 }
