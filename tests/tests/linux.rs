@@ -383,10 +383,11 @@ fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
     let api_arg = api.display().to_string();
     let snapshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-snapshot");
     let _ = std::fs::remove_dir_all(&snapshot);
-    // One vCPU by default: two-vCPU boots here have stalled after the
-    // clocksource switch when the host's two cores were shared with other
-    // guests (docs/linux-boot.md). SPECVM_LINUX_CPUS=2 runs the SMP check.
-    let cpus = std::env::var("SPECVM_LINUX_CPUS").unwrap_or_else(|_| "1".into());
+    // Two vCPUs, so the boot checks SMP bring-up through ACPI and every
+    // restored scenario runs an SMP guest; SPECVM_LINUX_CPUS=1 boots a
+    // uniprocessor guest instead (docs/linux-boot.md has the history of
+    // two-vCPU boots here).
+    let cpus = std::env::var("SPECVM_LINUX_CPUS").unwrap_or_else(|_| "2".into());
     let started = Instant::now();
     let log = log_filter();
     let mut c = Console::start(&[
