@@ -485,8 +485,14 @@ ln -s ../bin "$ROOT/usr/sbin"
 
 install -m 0755 "$BUSYBOX" "$ROOT/bin/busybox"
 applets=0
+# No modprobe: /init loads the modules with insmod, and this image has no
+# modules.dep for modprobe to read. Without /sbin/modprobe the kernel's own
+# module requests (crypto, protocol families) fail at once instead of
+# starting a process that cannot help; such kernel-started helpers also miss
+# init's environment, with the glibc tunable of specvm's host-compat layer
+# (vmm/src/host_compat/cmdline.rs), and crashed at start-up on kvm_pvm.
 for a in $("$BUSYBOX" --list); do
-	case $a in busybox | */* | "") continue ;; esac
+	case $a in busybox | modprobe | */* | "") continue ;; esac
 	ln -s busybox "$ROOT/bin/$a"
 	applets=$((applets + 1))
 done
