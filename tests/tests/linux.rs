@@ -214,27 +214,29 @@ fn full_line(s: &str, marker: &str) -> Option<String> {
 /// Markers are built with shell arithmetic (`X$((1+1))` prints `X2`), so
 /// the console's echo of the command never matches them.
 ///
-/// On this project's `kvm_pvm` hosts a new busybox process now and then
-/// dies in glibc's start-up code, before `main`, on a thread-local pointer
-/// that reads 0 (docs/linux-boot.md, "User-space faults on this host").
-/// Such a process has done nothing yet, so the command line is sent again,
-/// at most [`RETRIES`] more times, and each retry is reported on stderr.
-/// Every command given here may run twice: set-up that is idempotent, or
-/// queries.
+/// A guard, not a cure: on this project's `kvm_pvm` hosts new busybox
+/// processes used to die in glibc's start-up code, before `main`, when
+/// glibc used AVX registers that the guest kernel cannot save. The
+/// host-compat layer's glibc tunable ended that (docs/speculation.md,
+/// "User-space faults on this host"), but a process that dies there has
+/// done nothing yet, so the command line is sent again, at most
+/// [`RETRIES`] more times, and each retry is reported on stderr. Every
+/// command given here may run more than once: set-up that is idempotent,
+/// or queries.
 fn run(c: &mut Console, line: &str, marker: &str) -> String {
-    for attempt in 0..=RETRIES {
+    let mut attempt = 0;
+    loop {
         c.send(line);
         c.wait_for(marker, COMMAND_TIMEOUT, |s| full_line(s, marker).is_some());
-        let out = full_line(&c.seen, marker).unwrap_or_default();
         if !c.seen.contains("Segmentation fault") || attempt == RETRIES {
-            return out;
+            return full_line(&c.seen, marker).unwrap_or_default();
         }
+        attempt += 1;
         eprintln!(
-            "a guest process died at start-up (segfault, a fault of this host: \
-             docs/linux-boot.md); sending `{line}` again"
+            "a guest process died at start-up (segfault; docs/speculation.md, \
+             \"User-space faults on this host\"); sending `{line}` again"
         );
     }
-    unreachable!("the last attempt returns")
 }
 
 /// How many times [`run`] sends a command line again after a guest process
@@ -243,12 +245,11 @@ const RETRIES: usize = 3;
 
 /// The files in the guest's /tmp, listed by the shell itself.
 ///
-/// A shell glob rather than `ls`: on this project's `kvm_pvm` hosts a new
-/// `ls` in a pipeline now and then prints `ls: %s%s%s: No such file or
-/// directory` instead of the listing, with or without any speculation (it
-/// was seen in a boot that never speculated, and with
-/// `SPECVM_VERIFY_MEMORY` reporting every written page tracked); see
-/// docs/linux-boot.md. The scenarios test rollback, not that glitch.
+/// A shell glob rather than `ls`: no new process. On this project's
+/// `kvm_pvm` hosts a new `ls` in a pipeline used to print `ls: %s%s%s: No
+/// such file or directory` now and then, one face of the AVX-register
+/// fault the host-compat layer's glibc tunable fixed (docs/speculation.md,
+/// "User-space faults on this host"). The scenarios test rollback.
 const LIST_TMP: &str = "echo FILES$((3+4))= /tmp/*";
 
 /// Issue 4's Linux test, by the guest: a shell script speculates with the
@@ -311,10 +312,10 @@ struct Booted {
 /// again.
 static BOOTED: OnceLock<Result<Booted, String>> = OnceLock::new();
 
-/// One scenario at a time after the boot: on this project's hosts user
-/// programs in a guest crash more often the busier the host is
-/// (docs/speculation.md, "User-space faults on this host"), so the
-/// scenarios do not pile VMs onto the two cores.
+/// One scenario at a time after the boot: every guest emulates its kernel
+/// on the host's two cores, so the scenarios do not pile 2-vCPU VMs onto
+/// them (a busier host made the start-up faults of docs/speculation.md,
+/// "User-space faults on this host", more frequent before their fix).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Takes the scenario lock (a failed scenario does not block the others).
