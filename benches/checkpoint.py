@@ -116,7 +116,9 @@ def main():
             f"{r['speculate'] / c['speculate']:.0f}x | {r['abort'] / c['abort']:.0f}x |")
         print(lines[-1], flush=True)
 
-    if not args.no_qemu:
+    if args.no_qemu:
+        out("\nQEMU peer not run (--no-qemu).")
+    else:
         qemu_section(sizes, cow, lines)
 
     header = [
@@ -136,15 +138,26 @@ def main():
 
 
 def qemu_section(sizes, cow, lines):
-    """QEMU's savevm/loadvm on a guest of the same memory size."""
+    """QEMU's savevm/loadvm on a guest of the same memory size.
+
+    QEMU comes from benches/install-peer.sh (through qemu_peer.missing()).
+    Without it, the section says "QEMU peer missing: <reason>" instead of
+    leaving the QEMU columns out without a word.
+    """
     out = lines.append
+    out("\n## The peer: QEMU savevm / loadvm, same memory size, guest RAM filled with data\n")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     try:
         import qemu_peer
     except ImportError as e:
-        out(f"\nQEMU peer not run: {e}")
+        out(f"QEMU peer missing: benches/qemu_peer.py cannot be imported: {e}")
+        print(lines[-1], flush=True)
         return
-    out("\n## The peer: QEMU savevm / loadvm, same memory size, guest RAM filled with data\n")
+    reason = qemu_peer.missing()
+    if reason is not None:
+        out(f"QEMU peer missing: {reason}")
+        print(lines[-1], flush=True)
+        return
     out("Warm runs (the median of repetitions after the first, which pays one-time costs; the first is shown too).\n")
     out("| memory | QEMU savevm | QEMU loadvm | first savevm / loadvm | savevm / specvm speculate | loadvm / specvm abort |")
     out("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -152,7 +165,9 @@ def qemu_section(sizes, cow, lines):
     for mem, mib in sizes:
         r = qemu_peer.measure(mib, filled=True, reps=3)
         if r is None:
-            out(f"| {mem} | not measured (see above) | | | | |")
+            why = str(qemu_peer.last_error).replace("|", "\\|")
+            out(f"| {mem} | not measured: {why} | | | | |")
+            print(lines[-1], flush=True)
             continue
         save_us = statistics.median(r["savevm_ms"][1:]) * 1000
         load_us = statistics.median(r["loadvm_ms"][1:]) * 1000

@@ -20,7 +20,13 @@ TCG_TIMEOUT=${2:-120}
 for f in vmlinux initramfs.cpio; do
 	[ -s "$OUT/$f" ] || { echo "missing $OUT/$f: run images/build.sh" >&2; exit 1; }
 done
-command -v qemu-system-x86_64 >/dev/null || { echo "qemu-system-x86_64 missing (apt-get install qemu-system-x86)" >&2; exit 1; }
+# QEMU comes from benches/install-peer.sh, the one place that installs the
+# peer (a matching qemu-system-x86 / qemu-utils pair; it may need root).
+# QEMU_PEER_INSTALL=0 only checks. Without a peer there is nothing to
+# measure: its "QEMU peer missing: <reason>" line is the output, exit 1.
+PEER_ARGS=()
+[ "${QEMU_PEER_INSTALL:-1}" != 0 ] || PEER_ARGS=(--check)
+"$ROOT/benches/install-peer.sh" "${PEER_ARGS[@]}" >&2 || exit 1
 TMP=$(mktemp -d)
 QPID=
 cleanup() { [ -z "$QPID" ] || kill "$QPID" 2>/dev/null || true; rm -rf "$TMP"; }

@@ -31,8 +31,17 @@ model is used (qemu64 with pni off, which this KVM does not offer).
 
 Usage as a module (stdlib only, Python 3.11):
 
-    from qemu_peer import measure
+    from qemu_peer import measure, missing
+    reason = missing()                       # None, or why there is no peer
     r = measure(1024, filled=True, reps=3)   # dict, or None if QEMU is unusable
+                                             # (then last_error says why)
+
+QEMU itself comes from benches/install-peer.sh, the one place that installs
+the peer: missing() runs it once per process. It installs qemu-system-x86
+and qemu-utils of one version (Debian 12's 7.2) when they are absent or do
+not match, which needs root; QEMU_PEER_INSTALL=0 in the environment makes it
+only check. When there is no usable peer, "QEMU peer missing: <reason>" is
+printed, and the benchmarks write that line into their tables too.
 
 CLI (zero guests by default; --filled for filled ones only, --both for both):
 
@@ -68,7 +77,17 @@ import time
 
 QEMU = "qemu-system-x86_64"
 QEMU_IMG = "qemu-img"
-INSTALL_HINT = "apt-get install -y qemu-system-x86 qemu-utils"
+# Installs (or, with --check, only looks for) qemu-system-x86_64 and qemu-img
+# of one QEMU version; see the comment at its top for why a plain
+# `apt-get install qemu-system-x86 qemu-utils` is not enough here.
+INSTALL_PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "install-peer.sh")
+MISSING = "QEMU peer missing: "
+
+# Why the last measure() returned None (None after a measure() that worked).
+last_error: str | None = None
+# missing()'s answer, computed once per process.
+_missing_checked = False
+_missing_reason: str | None = None
 
 # A named CPU model that works with -accel kvm on kvm_pvm. `-cpu host` aborts
 # (MSR 0x10a); qemu64 works, and pni=off only silences QEMU's warning that
@@ -178,19 +197,53 @@ def qemu_version(qemu: str) -> str:
     return m.group(1).strip() if m else first.strip()
 
 
+def _install_peer() -> str | None:
+    """Run benches/install-peer.sh (with --check if QEMU_PEER_INSTALL=0);
+    None if it reports a matching pair, else its one-line reason."""
+    cmd = ["bash", INSTALL_PEER]
+    if os.environ.get("QEMU_PEER_INSTALL", "1") == "0":
+        cmd.append("--check")
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{INSTALL_PEER} could not run: {e}"
+    # Its progress (what it installed, the versions), and apt's output if
+    # apt failed, go to our stderr; the benchmarks' stdout stays theirs.
+    for line in (p.stdout + p.stderr).splitlines():
+        if line and not line.startswith(MISSING):
+            print(f"qemu_peer: {line}", file=sys.stderr)
+    if p.returncode == 0:
+        return None
+    reasons = [l[len(MISSING):] for l in p.stderr.splitlines() if l.startswith(MISSING)]
+    return reasons[-1] if reasons else f"{INSTALL_PEER} exited with status {p.returncode}"
+
+
+def missing() -> str | None:
+    """None when the QEMU peer can run here, else the reason, as one line.
+
+    The first call runs benches/install-peer.sh (which may install QEMU) and
+    prints "QEMU peer missing: <reason>" on stderr if there is no peer; later
+    calls return the same answer without doing anything.
+    """
+    global _missing_checked, _missing_reason
+    if not _missing_checked:
+        reason = _install_peer()
+        if reason is None and (shutil.which(QEMU) is None or shutil.which(QEMU_IMG) is None):
+            reason = f"{QEMU} or {QEMU_IMG} is not in PATH ({os.environ.get('PATH', '')})"
+        if reason is None and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            reason = "/dev/kvm is missing or not accessible (the peer runs QEMU with -accel kvm)"
+        if reason is not None:
+            print(f"qemu_peer: {MISSING}{reason}", file=sys.stderr)
+        _missing_checked, _missing_reason = True, reason
+    return _missing_reason
+
+
 def _check_host() -> tuple[str, str] | None:
-    """Paths of qemu-system-x86_64 and qemu-img, or None (with a message)."""
-    qemu, qemu_img = shutil.which(QEMU), shutil.which(QEMU_IMG)
-    if qemu is None or qemu_img is None:
-        missing = QEMU if qemu is None else QEMU_IMG
-        print(f"qemu_peer: {missing} is not installed; skipping the QEMU peer "
-              f"(install with: {INSTALL_HINT})", file=sys.stderr)
+    """Paths of qemu-system-x86_64 and qemu-img, or None (the reason is in
+    missing() and was printed)."""
+    if missing() is not None:
         return None
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        print("qemu_peer: /dev/kvm is missing or not accessible; skipping the QEMU peer",
-              file=sys.stderr)
-        return None
-    return qemu, qemu_img
+    return shutil.which(QEMU), shutil.which(QEMU_IMG)
 
 
 def _fill_file(path: str, mem_mib: int) -> None:
@@ -296,7 +349,8 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
     Returns {"mem_mib", "filled", "savevm_ms": [...], "loadvm_ms": [...],
     "qemu_version"} plus some context ("vm_state_mib": snapshot sizes as QEMU
     reports them, "cpu", "cache", "bios_idle_s", "note"), or None (with the
-    reason printed on stderr) when QEMU is missing or unusable.
+    reason printed on stderr and kept in `last_error`) when QEMU is missing
+    or unusable.
 
     Each rep is: savevm pN (timed), loadvm pN (timed), delvm pN (not timed;
     keeps the qcow2 image from growing by a guest's RAM per rep). If one
@@ -309,8 +363,11 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
     clusters that delvm freed), and, for a filled guest, loadvm takes a
     copy-on-write fault on every page of the private file mapping.
     """
+    global last_error
+    last_error = None
     host = _check_host()
     if host is None:
+        last_error = f"{MISSING}{missing()}"
         return None
     qemu, qemu_img = host
     version = qemu_version(qemu)
@@ -349,6 +406,7 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
                 out = f.read().decode(errors="replace").strip()
             print(f"qemu_peer: QEMU is unusable here: {e}\n  command: {' '.join(cmd)}"
                   + (f"\n  QEMU said: {out}" if out else ""), file=sys.stderr)
+            last_error = f"QEMU is unusable here: {e}"
             return None
 
         # Let SeaBIOS reach its idle halt before the first savevm.
@@ -409,6 +467,7 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
         # socket.timeout is an OSError: a command past HARD_TIMEOUT_S ends here.
         print(f"qemu_peer: measurement of {mem_mib} MiB "
               f"({'filled' if filled else 'zero'}) failed: {e}", file=sys.stderr)
+        last_error = f"measurement failed: {e}"
         return None
     finally:
         if qmp is not None:
@@ -495,8 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     # `finally` in measure() kills QEMU and removes the temporary directory.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    if _check_host() is None:
-        return 0  # QEMU not installed: skipped (the reason is printed), not failed
+    if missing() is not None:
+        # No peer (QEMU not installable here, no /dev/kvm): skipped, not
+        # failed; "QEMU peer missing: <reason>" is printed on stderr.
+        return 0
     kinds = [False, True] if args.both else [args.filled]
     results = []
     for filled in kinds:
