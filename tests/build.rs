@@ -129,6 +129,9 @@ fn main() {
     }
     println!("cargo:rustc-env=BARE_GUESTS_DIR={}", out.display());
     println!("cargo:rustc-env=SPECVM_TARGET_DIR={}", target.display());
+    // The triple compiled for: the name of cargo's per-triple folder in a
+    // `--target` build, which the harness needs to find the target root.
+    println!("cargo:rustc-env=SPECVM_BUILD_TRIPLE={}", env("TARGET").to_string_lossy());
 }
 
 fn env(name: &str) -> OsString {

@@ -142,18 +142,11 @@ fn cargo_build(profile_dir: &Path, package: &str, bin: &str) -> Result<(), Strin
     ])
     .arg("--manifest-path")
     .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
-    // A target root holds cargo's CACHEDIR.TAG; otherwise `parent` is the
-    // <triple> folder of a `--target` build, inside the target root.
-    if parent.join("CACHEDIR.TAG").is_file() {
-        cmd.arg("--target-dir").arg(parent);
-    } else {
-        let triple = parent
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        let root = parent.parent().unwrap_or(parent);
-        cmd.args(["--target", triple]).arg("--target-dir").arg(root);
+    let (target, root) = target_layout(parent, BUILD_TRIPLE);
+    if let Some(triple) = target {
+        cmd.args(["--target", triple]);
     }
+    cmd.arg("--target-dir").arg(root);
     let output = cmd
         .stdin(Stdio::null())
         .output()
@@ -165,6 +158,25 @@ fn cargo_build(profile_dir: &Path, package: &str, bin: &str) -> Result<(), Strin
             output.status,
             String::from_utf8_lossy(&output.stderr)
         )),
+    }
+}
+
+/// The triple the tests were compiled for (`TARGET` of `build.rs`).
+const BUILD_TRIPLE: &str = env!("SPECVM_BUILD_TRIPLE");
+
+/// Where cargo put the test executable's profile folder, whose parent is
+/// `parent`: either the target root (`<root>/<profile>`), or, for a
+/// `--target TRIPLE` build, the triple's folder inside it
+/// (`<root>/<triple>/<profile>`). Cargo names that folder after the triple
+/// the code was compiled for, which the build script knows, so the layout is
+/// read from the name, not guessed from the folder's contents (an earlier
+/// guess looked for cargo's `CACHEDIR.TAG`, which is missing when something
+/// else created `target/` first, as `images/build.sh` does on a fresh
+/// clone). Returns the `--target` to pass, if any, and the target root.
+pub fn target_layout<'a>(parent: &'a Path, triple: &'a str) -> (Option<&'a str>, &'a Path) {
+    match (parent.file_name(), parent.parent()) {
+        (Some(name), Some(root)) if name == triple => (Some(triple), root),
+        _ => (None, parent),
     }
 }
 
@@ -574,5 +586,45 @@ mod tests {
     #[test]
     fn finds_built_guests() {
         assert!(bare_guest("hello").is_file());
+    }
+
+    /// The fresh-clone case: `images/build.sh` made `target/` (for the
+    /// guest agent) before cargo did, so it holds no `CACHEDIR.TAG`; the
+    /// profile folder's parent is still the target root, and no `--target`
+    /// may be passed (cargo read `--target target` as a triple and failed).
+    #[test]
+    fn target_root_made_by_someone_else_is_the_root() {
+        let tmp = std::env::temp_dir().join(format!("specvm-layout-{}", std::process::id()));
+        let target = tmp.join("target");
+        std::fs::create_dir_all(target.join("guest-agent")).unwrap();
+        std::fs::create_dir_all(target.join("debug/deps")).unwrap();
+        let triple = "x86_64-unknown-linux-gnu";
+        let r = target_layout(&target, triple);
+        let cross = target.join(triple);
+        let c = target_layout(&cross, triple);
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert!(!target.join("CACHEDIR.TAG").exists());
+        assert_eq!(r, (None, target.as_path()));
+        // A `--target` build: <root>/<triple>/<profile>.
+        assert_eq!(c, (Some(triple), target.as_path()));
+    }
+
+    /// The layout this very test binary was built in resolves to the
+    /// target folder that `build.rs` computed (when no `--target-dir` was
+    /// given on the command line, which `build.rs` cannot see).
+    #[test]
+    fn this_build_resolves_to_its_target_folder() {
+        let exe = std::env::current_exe().unwrap();
+        let parent = exe.parent().and_then(Path::parent).and_then(Path::parent).unwrap();
+        let (_, root) = target_layout(parent, BUILD_TRIPLE);
+        let want = Path::new(TARGET_DIR);
+        if want.canonicalize().ok() != root.canonicalize().ok() {
+            record_skip(
+                "tests::this_build_resolves_to_its_target_folder",
+                "built with a --target-dir that build.rs cannot see",
+            );
+            return;
+        }
+        assert!(root.join("bare-guests").is_dir(), "{}", root.display());
     }
 }
