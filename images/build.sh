@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build the specvm Linux guest image from Debian 12 (bookworm) packages only.
+# Build the specvm Linux guest image from Debian 12 (bookworm) packages only,
+# at the exact versions and SHA-256s pinned in images/packages.lock.
 #
 # Outputs, in images/out/:
 #   bzImage          the kernel exactly as Debian ships it
@@ -11,17 +12,26 @@
 #   manifest.txt     Debian package versions, kernel facts, output hashes
 #   stamp            hash of every input; a matching stamp means up to date
 #
-# Usage: images/build.sh [--force]
+# Usage: images/build.sh [--force] [--update]
+#   --force    rebuild even if the stamp matches
+#   --update   apt-get update, pin the versions apt offers now in the lock
+#              (the kernel through linux-image-cloud-amd64), then build
 #
 # Environment:
 #   SPECVM_GUEST_AGENT=PATH     copy PATH to /bin/spec in the initramfs
 #                               (default: images/extra/bin/spec, if present;
 #                               else the project's own `spec`, built static
 #                               from guest-agent/ when cargo is available)
-#   SPECVM_KERNEL_VERSION=VER   version of linux-image-cloud-amd64 to use
-#                               (default: apt's candidate)
+#   SPECVM_KERNEL_VERSION=VER   with --update: the version of
+#                               linux-image-cloud-amd64 to pin (default:
+#                               apt's candidate); without it: must match the
+#                               lock's
 #   SPECVM_GUEST_MODULES="..."  modules to load in the guest, by name; their
 #                               dependencies are added automatically
+#   SPECVM_IMAGES_LOCK=FILE     the lock file (default: images/packages.lock)
+#   SPECVM_IMAGES_CACHE=DIR     downloaded .debs and scratch space
+#                               (default: images/cache)
+#   SPECVM_IMAGES_OUT=DIR       where the outputs go (default: images/out)
 #
 # See docs/images.md.
 set -euo pipefail
@@ -29,21 +39,41 @@ set -euo pipefail
 IMAGES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SCRIPT=$IMAGES_DIR/$(basename "${BASH_SOURCE[0]}")
 INIT_SRC=$IMAGES_DIR/init
-CACHE_DIR=$IMAGES_DIR/cache
-OUT_DIR=$IMAGES_DIR/out
+REPO=$(cd "$IMAGES_DIR/.." && pwd)
+
+# An absolute path for $1 (apt-get download runs in another directory).
+abspath() {
+	case $1 in
+	/*) printf '%s\n' "$1" ;;
+	*) printf '%s/%s\n' "$PWD" "$1" ;;
+	esac
+}
+LOCK=$(abspath "${SPECVM_IMAGES_LOCK:-$IMAGES_DIR/packages.lock}")
+CACHE_DIR=$(abspath "${SPECVM_IMAGES_CACHE:-$IMAGES_DIR/cache}")
+OUT_DIR=$(abspath "${SPECVM_IMAGES_OUT:-$IMAGES_DIR/out}")
+# The lock as messages name it: relative to the checkout when inside it.
+LOCK_NAME=${LOCK#"$REPO"/}
 
 KERNEL_META=linux-image-cloud-amd64
-BUSYBOX_PKG=busybox-static
 DEFAULT_MODULES="virtio virtio_ring virtio_mmio failover net_failover virtio_net virtio_blk"
 MODULES=${SPECVM_GUEST_MODULES:-$DEFAULT_MODULES}
 # Fixed timestamp for the files in the initramfs, so the archive is
 # byte-for-byte reproducible.
 SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 
+# The pinned packages, by role. In fetch order: the small ones first, so a
+# bad lock fails before the 27 MB kernel download.
+ROLES=(lz4 cpio busybox kernel)
+# The package of each role; the kernel's is whatever linux-image-cloud-amd64
+# depends on (linux-image-6.1.0-N-cloud-amd64).
+declare -A ROLE_PKG=([lz4]=lz4 [cpio]=cpio [busybox]=busybox-static)
+
 FORCE=0
+UPDATE=0
 for arg in "$@"; do
 	case $arg in
 	--force) FORCE=1 ;;
+	--update) UPDATE=1 ;;
 	-h | --help)
 		sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$SCRIPT"
 		exit 0
@@ -77,6 +107,13 @@ quietly() {
 	return "$rc"
 }
 
+# Temporary directories, removed on exit however the script ends.
+CLEANUP=()
+cleanup() {
+	[ "${#CLEANUP[@]}" -eq 0 ] || rm -rf "${CLEANUP[@]}"
+}
+trap cleanup EXIT
+
 # apt options: as root, download without the _apt sandbox user (which cannot
 # write into a root-owned cache directory and only produces a warning).
 APT_OPTS=()
@@ -85,7 +122,7 @@ if is_root; then
 fi
 
 # ---------------------------------------------------------------------------
-# Package resolution (apt metadata only; nothing is downloaded here)
+# apt (only for downloads and for --update)
 # ---------------------------------------------------------------------------
 
 candidate() {
@@ -97,10 +134,16 @@ candidate() {
 	printf '%s\n' "$v"
 }
 
-# Field $3 of the package record $1=$2.
+# Field $3 of the package record $1=$2 (the first record that has it).
 field() {
 	apt-cache show "$1=$2" 2>/dev/null | awk -v f="$3" '
 		index($0, f ": ") == 1 { print substr($0, length(f) + 3); exit }'
+}
+
+# Whether apt can download $1=$2: a record with a Filename (an installed
+# package's status record has none).
+apt_offers() {
+	[ -n "$(field "$1" "$2" Filename)" ]
 }
 
 # apt-get update, at most once per run. Returns 1 (with a message) on failure.
@@ -119,64 +162,108 @@ apt_update() {
 	fi
 }
 
-# Sets META_VER KERNEL_PKG KERNEL_VER KERNEL_SHA BB_VER BB_SHA; or returns 1.
+# --update: sets PKG, VER, SHA and META_VER to what apt offers now.
 resolve_from_apt() {
-	command -v apt-cache >/dev/null || return 1
-	if ! candidate "$KERNEL_META" >/dev/null; then
-		log "apt shows no $KERNEL_META"
-		apt_update || return 1
-	fi
+	local role dep
 	META_VER=${SPECVM_KERNEL_VERSION:-}
 	if [ -z "$META_VER" ]; then
-		META_VER=$(candidate "$KERNEL_META") || return 1
+		META_VER=$(candidate "$KERNEL_META") || die "apt has no candidate for $KERNEL_META"
 	fi
-	local dep
 	dep=$(field "$KERNEL_META" "$META_VER" Depends)
 	[ -n "$dep" ] || die "apt knows no $KERNEL_META version $META_VER"
 	# Depends: linux-image-6.1.0-48-cloud-amd64 (= 6.1.172-1)
-	KERNEL_PKG=$(grep -oE 'linux-image-[0-9][^ ,|()]*-cloud-amd64' <<<"$dep" | head -n1) ||
+	PKG[kernel]=$(grep -oE 'linux-image-[0-9][^ ,|()]*-cloud-amd64' <<<"$dep" | head -n1) ||
 		die "$KERNEL_META $META_VER: no linux-image-*-cloud-amd64 in Depends: $dep"
-	KERNEL_VER=$(sed -nE "s/.*$KERNEL_PKG \(= ([^)]+)\).*/\1/p" <<<"$dep")
-	if [ -z "$KERNEL_VER" ]; then
-		KERNEL_VER=$(candidate "$KERNEL_PKG") || die "apt has no candidate for $KERNEL_PKG"
+	VER[kernel]=$(sed -nE "s/.*${PKG[kernel]} \(= ([^)]+)\).*/\1/p" <<<"$dep")
+	if [ -z "${VER[kernel]}" ]; then
+		VER[kernel]=$(candidate "${PKG[kernel]}") || die "apt has no candidate for ${PKG[kernel]}"
 	fi
-	KERNEL_SHA=$(field "$KERNEL_PKG" "$KERNEL_VER" SHA256)
-	[ -n "$KERNEL_SHA" ] || die "apt knows no $KERNEL_PKG version $KERNEL_VER"
-	BB_VER=$(candidate "$BUSYBOX_PKG") || die "apt has no candidate for $BUSYBOX_PKG"
-	BB_SHA=$(field "$BUSYBOX_PKG" "$BB_VER" SHA256)
-	[ -n "$BB_SHA" ] || die "apt shows no SHA256 for $BUSYBOX_PKG $BB_VER"
+	for role in lz4 cpio busybox; do
+		PKG[$role]=${ROLE_PKG[$role]}
+		VER[$role]=$(candidate "${PKG[$role]}") || die "apt has no candidate for ${PKG[$role]}"
+	done
+	for role in "${ROLES[@]}"; do
+		SHA[$role]=$(field "${PKG[$role]}" "${VER[$role]}" SHA256)
+		[ -n "${SHA[$role]}" ] || die "apt shows no SHA256 for ${PKG[$role]} ${VER[$role]}"
+	done
 }
 
-# apt-get download's file name: NAME_VERSION_ARCH.deb, ':' (epoch) as %3a.
-deb_path() { printf '%s/%s_%s_amd64.deb\n' "$CACHE_DIR" "$1" "${2//:/%3a}"; }
+# ---------------------------------------------------------------------------
+# The lock file
+# ---------------------------------------------------------------------------
+# One line per package: ROLE PACKAGE VERSION SHA256, and one line
+# "meta linux-image-cloud-amd64 VERSION" (the meta-package the kernel was
+# resolved through; it is never downloaded). '#' starts a comment.
 
-# apt-cache takes ~0.4 s per call here. The last resolution is kept in
-# cache/resolved together with a key of apt's state (package lists, sources,
-# pinning, requested version); while the key matches, apt is not asked again.
-RESOLVED=$CACHE_DIR/resolved
-apt_state_key() {
+declare -A PKG=() VER=() SHA=()
+META_VER=
+
+read_lock() {
+	[ -f "$LOCK" ] || die "no lock file $LOCK: run images/build.sh --update to create it"
+	local n=0 line role pkg ver sha rest where
+	PKG=() VER=() SHA=() META_VER=
+	while IFS= read -r line || [ -n "$line" ]; do
+		n=$((n + 1))
+		line=${line%%#*}
+		read -r role pkg ver sha rest <<<"$line" || true
+		[ -n "$role" ] || continue
+		where="$LOCK line $n"
+		[ -z "$rest" ] || die "$where: more than 4 fields"
+		[[ $pkg =~ ^[a-z0-9][a-z0-9.+-]+$ ]] || die "$where: bad package name '$pkg'"
+		[[ $ver =~ ^[0-9A-Za-z.+~:-]+$ ]] || die "$where: bad version '$ver'"
+		case $role in
+		meta)
+			if [ "$pkg" != "$KERNEL_META" ] || [ -n "$sha" ]; then
+				die "$where: expected 'meta $KERNEL_META VERSION'"
+			fi
+			META_VER=$ver
+			continue
+			;;
+		kernel)
+			[[ $pkg =~ ^linux-image-[0-9].*-cloud-amd64$ ]] ||
+				die "$where: the kernel package must be linux-image-*-cloud-amd64, not '$pkg'"
+			;;
+		lz4 | cpio | busybox)
+			[ "$pkg" = "${ROLE_PKG[$role]}" ] ||
+				die "$where: the $role package must be ${ROLE_PKG[$role]}, not '$pkg'"
+			;;
+		*) die "$where: unknown role '$role' (expected meta, ${ROLES[*]})" ;;
+		esac
+		[ -z "${PKG[$role]:-}" ] || die "$where: a second '$role' line"
+		[[ $sha =~ ^[0-9a-f]{64}$ ]] ||
+			die "$where: '$sha' is not a SHA-256 (64 lowercase hex digits)"
+		PKG[$role]=$pkg
+		VER[$role]=$ver
+		SHA[$role]=$sha
+	done <"$LOCK"
+	for role in "${ROLES[@]}"; do
+		[ -n "${PKG[$role]:-}" ] || die "$LOCK: no '$role' line (run images/build.sh --update)"
+	done
+	[ -n "$META_VER" ] || die "$LOCK: no 'meta' line (run images/build.sh --update)"
+}
+
+# Writes PKG, VER, SHA and META_VER to the lock durably: a temporary file in
+# the same directory, fsync'd, renamed over the lock, then the directory
+# fsync'd, so a crash leaves the old lock or the new one, never half of one.
+write_lock() {
+	local tmp role
+	tmp=$(mktemp "$LOCK.tmp.XXXXXX") || die "cannot create a temporary file next to $LOCK"
+	CLEANUP+=("$tmp")
 	{
-		echo "$KERNEL_META ${SPECVM_KERNEL_VERSION:-candidate} $BUSYBOX_PKG"
-		stat -c '%n %s %Y' /var/lib/apt/lists/*_* /etc/apt/sources.list \
-			/etc/apt/sources.list.d/* /etc/apt/preferences \
-			/etc/apt/preferences.d/* 2>/dev/null || true
-	} | sha256sum | cut -d' ' -f1
-}
-
-save_resolution() {
-	printf '%s\n' "$1" "$META_VER" "$KERNEL_PKG" "$KERNEL_VER" "$KERNEL_SHA" \
-		"$BB_VER" "$BB_SHA" >"$RESOLVED.tmp"
-	mv "$RESOLVED.tmp" "$RESOLVED"
-}
-
-# Loads cache/resolved; sets RESOLVED_KEY and the package variables.
-load_resolution() {
-	[ -f "$RESOLVED" ] || return 1
-	{
-		read -r RESOLVED_KEY && read -r META_VER && read -r KERNEL_PKG &&
-			read -r KERNEL_VER && read -r KERNEL_SHA && read -r BB_VER &&
-			read -r BB_SHA
-	} <"$RESOLVED"
+		echo "# The exact Debian packages images/build.sh builds the guest image from."
+		echo "# Every .deb is checked against its SHA256 here before it is used."
+		echo "# Written by \`images/build.sh --update\`; see docs/images.md."
+		echo "#"
+		printf '# %-6s %-34s %-24s %s\n' ROLE PACKAGE VERSION SHA256
+		printf '%-8s %-34s %s\n' meta "$KERNEL_META" "$META_VER"
+		for role in kernel busybox lz4 cpio; do
+			printf '%-8s %-34s %-24s %s\n' "$role" "${PKG[$role]}" "${VER[$role]}" "${SHA[$role]}"
+		done
+	} >"$tmp" || die "cannot write $tmp"
+	chmod 0644 "$tmp"
+	sync "$tmp" || die "command failed: sync $tmp"
+	mv -f "$tmp" "$LOCK" || die "command failed: mv $tmp $LOCK"
+	sync "$(dirname "$LOCK")" || warn "command failed: sync $(dirname "$LOCK")"
 }
 
 # ---------------------------------------------------------------------------
@@ -186,7 +273,7 @@ load_resolution() {
 [ -f "$INIT_SRC" ] || die "missing $INIT_SRC"
 mkdir -p "$CACHE_DIR" "$OUT_DIR"
 
-# One build at a time per checkout.
+# One build at a time per cache directory.
 if command -v flock >/dev/null; then
 	exec 9>"$CACHE_DIR/.lock"
 	flock 9
@@ -198,21 +285,43 @@ if command -v dpkg >/dev/null; then
 else
 	die "dpkg not found: this script needs a Debian (bookworm) amd64 host"
 fi
+command -v dpkg-deb >/dev/null || die "dpkg-deb not found (Debian package dpkg)"
+# Left by the versions of this script that resolved through apt on every run.
+rm -f "$CACHE_DIR/resolved"
 
-APT_KEY=$(apt_state_key)
-if load_resolution && [ "$RESOLVED_KEY" = "$APT_KEY" ]; then
-	: # apt's state is unchanged since the last resolution
-elif resolve_from_apt; then
-	save_resolution "$(apt_state_key)" # apt-get update may have run
-elif load_resolution &&
-	{ [ -z "${SPECVM_KERNEL_VERSION:-}" ] || [ "$SPECVM_KERNEL_VERSION" = "$META_VER" ]; } &&
-	[ -f "$(deb_path "$KERNEL_PKG" "$KERNEL_VER")" ] &&
-	[ -f "$(deb_path "$BUSYBOX_PKG" "$BB_VER")" ]; then
-	# apt cannot answer (no lists, no network): use the last run's packages.
-	warn "apt could not resolve $KERNEL_META; using the cached packages of the last run"
-else
-	die "cannot resolve $KERNEL_META through apt (see messages above)"
+if [ "$UPDATE" -eq 1 ]; then
+	command -v apt-get >/dev/null || die "--update needs apt-get"
+	is_root || die "--update runs apt-get update, which needs root"
+	apt_update || die "--update: apt-get update failed (see above)"
+	declare -A OLD=()
+	if [ -f "$LOCK" ] && (read_lock) 2>/dev/null; then
+		read_lock
+		for role in "${ROLES[@]}"; do
+			OLD[$role]="${PKG[$role]} ${VER[$role]}"
+		done
+	elif [ -f "$LOCK" ]; then
+		warn "$LOCK does not parse; replacing it"
+	fi
+	resolve_from_apt
+	for role in "${ROLES[@]}"; do
+		if [ "${OLD[$role]:-}" = "${PKG[$role]} ${VER[$role]}" ]; then
+			log "lock: $role ${PKG[$role]} ${VER[$role]} (unchanged)"
+		else
+			log "lock: $role ${PKG[$role]} ${VER[$role]} (was: ${OLD[$role]:-none})"
+		fi
+	done
+	write_lock
+	log "wrote $LOCK"
 fi
+
+read_lock
+if [ -n "${SPECVM_KERNEL_VERSION:-}" ] && [ "$SPECVM_KERNEL_VERSION" != "$META_VER" ]; then
+	die "SPECVM_KERNEL_VERSION=$SPECVM_KERNEL_VERSION, but $LOCK_NAME pins $KERNEL_META $META_VER; run SPECVM_KERNEL_VERSION=$SPECVM_KERNEL_VERSION images/build.sh --update to pin it"
+fi
+KERNEL_PKG=${PKG[kernel]}
+KERNEL_VER=${VER[kernel]}
+BUSYBOX_PKG=${PKG[busybox]}
+BB_VER=${VER[busybox]}
 
 # Optional guest agent.
 AGENT=
@@ -223,12 +332,24 @@ elif [ -f "$IMAGES_DIR/extra/bin/spec" ]; then
 	AGENT=$IMAGES_DIR/extra/bin/spec
 elif command -v cargo >/dev/null 2>&1; then
 	# The guest agent's `spec` command, static so the initramfs needs no C
-	# library, without symbols to keep the archive small.
+	# library, without symbols to keep the archive small. The checkout's and
+	# cargo's directories are remapped in the paths the binary keeps (panic
+	# locations), so every clone builds the same bytes wherever it lies.
 	log "building the guest agent (guest-agent/, static)"
-	ROOT=$(cd "$IMAGES_DIR/.." && pwd)
-	AGENT_TARGET=$ROOT/target/guest-agent
-	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
-		cargo build --quiet --release --manifest-path "$ROOT/Cargo.toml" -p guest-agent \
+	AGENT_TARGET=$REPO/target/guest-agent
+	agent_flags=(
+		-C target-feature=+crt-static
+		-C strip=symbols
+		"--remap-path-prefix=$REPO=/specvm"
+		"--remap-path-prefix=${CARGO_HOME:-${HOME:-/root}/.cargo}=/cargo"
+	)
+	# CARGO_ENCODED_RUSTFLAGS (0x1f-separated): the paths may hold spaces.
+	CARGO_ENCODED_RUSTFLAGS=$(
+		IFS=$'\x1f'
+		echo "${agent_flags[*]}"
+	)
+	env -u RUSTFLAGS CARGO_ENCODED_RUSTFLAGS="$CARGO_ENCODED_RUSTFLAGS" \
+		cargo build --quiet --release --manifest-path "$REPO/Cargo.toml" -p guest-agent \
 		--features std --bin spec --target x86_64-unknown-linux-gnu --target-dir "$AGENT_TARGET" ||
 		die "building the guest agent failed (cargo build -p guest-agent --features std --bin spec)"
 	AGENT=$AGENT_TARGET/x86_64-unknown-linux-gnu/release/spec
@@ -243,8 +364,9 @@ STAMP=$(
 		echo "build.sh $(sha256 "$SCRIPT")"
 		echo "init $(sha256 "$INIT_SRC")"
 		echo "$KERNEL_META $META_VER"
-		echo "$KERNEL_PKG $KERNEL_VER $KERNEL_SHA"
-		echo "$BUSYBOX_PKG $BB_VER $BB_SHA"
+		for role in "${ROLES[@]}"; do
+			echo "$role ${PKG[$role]} ${VER[$role]} ${SHA[$role]}"
+		done
 		echo "modules $MODULES"
 		echo "agent $AGENT_SHA"
 		echo "epoch $SOURCE_DATE_EPOCH"
@@ -265,13 +387,11 @@ if up_to_date; then
 	exit 0
 fi
 
-log "building: $KERNEL_PKG $KERNEL_VER (via $KERNEL_META $META_VER), $BUSYBOX_PKG $BB_VER${AGENT:+, agent $AGENT}"
-
-# ---------------------------------------------------------------------------
-# Host tools
-# ---------------------------------------------------------------------------
+log "building: $KERNEL_PKG $KERNEL_VER (via $KERNEL_META $META_VER), $BUSYBOX_PKG $BB_VER, lz4 ${VER[lz4]}, cpio ${VER[cpio]}${AGENT:+, agent $AGENT}"
 
 # need_tool COMMAND PACKAGE: install PACKAGE with apt-get if COMMAND is missing.
+# Only for tools that do not shape the image's bytes (od, dd) or that this
+# kernel never needs (module decompressors); lz4 and cpio are pinned below.
 need_tool() {
 	command -v "$1" >/dev/null && return 0
 	is_root || die "'$1' is missing; install Debian package '$2' (or run this script as root)"
@@ -286,53 +406,103 @@ need_tool() {
 	command -v "$1" >/dev/null || die "package $2 installed but '$1' still not found"
 }
 
-need_tool dpkg-deb dpkg
-need_tool lz4 lz4
-need_tool cpio cpio
 need_tool od coreutils
 need_tool dd coreutils
 
 # ---------------------------------------------------------------------------
-# Downloads
+# Downloads: exactly the locked versions, checked against the lock's SHA256
 # ---------------------------------------------------------------------------
 
-# fetch PKG VER SHA256: make sure the .deb is in the cache with that hash.
-fetch() {
-	local pkg=$1 ver=$2 want=$3 deb
-	deb=$(deb_path "$pkg" "$ver")
-	if [ -f "$deb" ] && [ "$(sha256 "$deb")" = "$want" ]; then
-		log "cached $pkg $ver"
-		return 0
+# apt-get download's file name: NAME_VERSION_ARCH.deb, ':' (epoch) as %3a.
+deb_path() { printf '%s/%s_%s_amd64.deb\n' "$CACHE_DIR" "$1" "${2//:/%3a}"; }
+
+# cannot_fetch PKG VER WHY: the pinned version is gone; say what to do.
+cannot_fetch() {
+	die "$1 $2 cannot be fetched: $3; $LOCK_NAME pins that version and no other is taken: run images/build.sh --update to move the lock to the versions apt offers now"
+}
+
+# download PKG VER: apt-get download PKG=VER into a fresh directory under the
+# cache; sets DL_FILE. Runs apt-get update once if apt does not offer that
+# version (no package lists yet, or lists older than the lock).
+download() {
+	local pkg=$1 ver=$2 dir
+	command -v apt-get >/dev/null ||
+		die "$pkg $ver is not in $CACHE_DIR and apt-get is not here to download it"
+	if ! apt_offers "$pkg" "$ver"; then
+		log "apt offers no $pkg $ver; updating its package lists"
+		apt_update || true
+		apt_offers "$pkg" "$ver" || cannot_fetch "$pkg" "$ver" "apt offers no such version (after apt-get update)"
 	fi
-	rm -f "$deb"
+	dir=$(mktemp -d "$CACHE_DIR/download.XXXXXX")
+	CLEANUP+=("$dir")
 	log "downloading $pkg $ver"
-	(cd "$CACHE_DIR" && quietly apt-get "${APT_OPTS[@]}" -q download "$pkg=$ver") ||
-		die "command failed: apt-get download $pkg=$ver"
-	[ -f "$deb" ] || die "apt-get download $pkg=$ver did not produce $deb"
-	local got
-	got=$(sha256 "$deb")
-	[ "$got" = "$want" ] || die "$deb: sha256 $got, apt expects $want"
+	(cd "$dir" && quietly apt-get "${APT_OPTS[@]}" -q download "$pkg=$ver") ||
+		cannot_fetch "$pkg" "$ver" "apt-get download $pkg=$ver failed (its output is above)"
+	DL_FILE=$dir/$(basename "$(deb_path "$pkg" "$ver")")
+	[ -f "$DL_FILE" ] || die "apt-get download $pkg=$ver did not produce $(basename "$DL_FILE")"
+}
+
+# fetch ROLE: the locked .deb of ROLE, in the cache, with the locked SHA256.
+# A file that does not match is never extracted nor kept.
+fetch() {
+	local role=$1 pkg=${PKG[$1]} ver=${VER[$1]} want=${SHA[$1]} deb got old
+	deb=$(deb_path "$pkg" "$ver")
+	if [ -f "$deb" ]; then
+		got=$(sha256 "$deb")
+		if [ "$got" = "$want" ]; then
+			log "cached $pkg $ver"
+			return 0
+		fi
+		warn "cached $(basename "$deb") has sha256 $got, the lock says $want: downloading it again"
+		rm -f "$deb"
+	fi
+	download "$pkg" "$ver"
+	got=$(sha256 "$DL_FILE")
+	if [ "$got" != "$want" ]; then
+		rm -f "$DL_FILE"
+		die "$pkg $ver: wrong sha256, refused: expected $want ($LOCK_NAME), got $got"
+	fi
+	mv -f "$DL_FILE" "$deb"
 	# Drop other versions of the same package.
-	local old
 	for old in "$CACHE_DIR/${pkg}_"*.deb; do
 		[ "$old" = "$deb" ] || rm -f "$old"
 	done
 }
 
-fetch "$KERNEL_PKG" "$KERNEL_VER" "$KERNEL_SHA"
-fetch "$BUSYBOX_PKG" "$BB_VER" "$BB_SHA"
-KERNEL_DEB=$(deb_path "$KERNEL_PKG" "$KERNEL_VER")
-BB_DEB=$(deb_path "$BUSYBOX_PKG" "$BB_VER")
+declare -A DEB=()
+for role in "${ROLES[@]}"; do
+	fetch "$role"
+	DEB[$role]=$(deb_path "${PKG[$role]}" "${VER[$role]}")
+done
+KERNEL_DEB=${DEB[kernel]}
+BB_DEB=${DEB[busybox]}
 
 # ---------------------------------------------------------------------------
 # Extraction
 # ---------------------------------------------------------------------------
 
 WORK=$(mktemp -d "$CACHE_DIR/work.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+CLEANUP+=("$WORK")
 STAGE=$WORK/out
 ROOT=$WORK/rootfs
 mkdir -p "$STAGE" "$ROOT"
+
+# The host tools that shape the image's bytes run from their pinned .debs,
+# not from the host: lz4 (vmlinux) and cpio (initramfs.cpio). Both need only
+# libc.so.6 (readelf -d: Debian's lz4 binary carries its own LZ4 code despite
+# its Depends on liblz4-1), so the host's glibc is the one thing they take
+# from the host; bookworm's binaries need glibc >= 2.34. dpkg-deb, which
+# unpacks everything, is the host's (it is what installs packages at all).
+log "extracting lz4 and cpio"
+for role in lz4 cpio; do
+	dpkg-deb -x "${DEB[$role]}" "$WORK/tools" || die "command failed: dpkg-deb -x ${DEB[$role]}"
+done
+LZ4=$WORK/tools/usr/bin/lz4
+CPIO=$WORK/tools/bin/cpio
+[ -x "$LZ4" ] || die "${PKG[lz4]} ${VER[lz4]}: no usr/bin/lz4"
+[ -x "$CPIO" ] || die "${PKG[cpio]} ${VER[cpio]}: no bin/cpio"
+"$LZ4" --version >/dev/null 2>&1 || die "the pinned lz4 ($LZ4) does not run on this host"
+"$CPIO" --version >/dev/null 2>&1 || die "the pinned cpio ($CPIO) does not run on this host"
 
 log "extracting $KERNEL_PKG"
 dpkg-deb -x "$KERNEL_DEB" "$WORK/kernel" || die "command failed: dpkg-deb -x $KERNEL_DEB"
@@ -385,7 +555,7 @@ log "extracting vmlinux ($(mib "$vmlinux_size")) from LZ4 payload at offset $pay
 # The size trailer is not LZ4 data: leave it out, or lz4 reports an error.
 dd if="$BZIMAGE" iflag=skip_bytes,count_bytes skip="$payload_off" \
 	count=$((payload_len - 4)) bs=1M status=none |
-	lz4 -dc >"$STAGE/vmlinux" || die "command failed: lz4 -dc (vmlinux payload of $BZIMAGE)"
+	"$LZ4" -dc >"$STAGE/vmlinux" || die "command failed: lz4 -dc (vmlinux payload of $BZIMAGE)"
 got_size=$(stat -c %s "$STAGE/vmlinux")
 [ "$got_size" -eq "$vmlinux_size" ] ||
 	die "vmlinux is $got_size bytes, the bzImage says $vmlinux_size"
@@ -547,7 +717,7 @@ fi
 
 find "$ROOT" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 (cd "$ROOT" && find . -mindepth 1 -printf '%P\0' | LC_ALL=C sort -z |
-	cpio --quiet --null -o -H newc -R 0:0 --reproducible) >"$STAGE/initramfs.cpio" ||
+	"$CPIO" --quiet --null -o -H newc -R 0:0 --reproducible) >"$STAGE/initramfs.cpio" ||
 	die "command failed: cpio -o (initramfs)"
 log "initramfs.cpio: $(mib "$(stat -c %s "$STAGE/initramfs.cpio")"), $(cd "$ROOT" && find . -mindepth 1 | wc -l) entries"
 
@@ -559,14 +729,15 @@ log "initramfs.cpio: $(mib "$(stat -c %s "$STAGE/initramfs.cpio")"), $(cd "$ROOT
 	echo "# specvm guest image, built by images/build.sh"
 	echo "stamp $STAMP"
 	echo "package $KERNEL_META $META_VER (meta-package; resolved only)"
-	echo "package $KERNEL_PKG $KERNEL_VER sha256=$KERNEL_SHA"
-	echo "package $BUSYBOX_PKG $BB_VER sha256=$BB_SHA"
+	for role in kernel busybox lz4 cpio; do
+		echo "package ${PKG[$role]} ${VER[$role]} sha256=${SHA[$role]}"
+	done
 	echo "kernel-release $KVER"
 	echo "vmlinux-entry $ENTRY"
 	echo "vmlinux-pvh-entry $PVH_ENTRY"
 	echo "modules ${ORDER[*]}"
 	if [ -n "$AGENT" ]; then
-		echo "guest-agent /bin/spec sha256=$AGENT_SHA (from $AGENT)"
+		echo "guest-agent /bin/spec sha256=$AGENT_SHA (from ${AGENT#"$REPO"/})"
 	else
 		echo "guest-agent none"
 	fi
