@@ -50,6 +50,13 @@ pub mod op {
     /// (VM id << 32 | sequence), RDX = 1 if explicit, 0 if joined; or
     /// RAX = [`super::err::BAD_ARG`] past the end.
     pub const ENTRY: u32 = 5;
+    /// The guest has booted and is ready for work (its init says so once,
+    /// at the point a restored copy should start from). RAX = 0. A VMM
+    /// started with a boot cache saves the whole VM here the first time, so
+    /// later starts of the same image restore this moment instead of
+    /// booting; a restored copy returns from this same call. Elsewhere it
+    /// does nothing.
+    pub const READY: u32 = 6;
 }
 
 /// Why `speculate()` returned a second time.

@@ -98,6 +98,15 @@ pub fn speculate() -> Result<u64, Error> {
     }
 }
 
+/// Tells the VMM that the guest is booted and ready for work
+/// ([`op::READY`]): with a boot cache, the VMM saves the VM at this call.
+pub fn ready() -> Result<(), Error> {
+    match raw(op::READY, 0).rax {
+        0 => Ok(()),
+        e => Err(Error::from_raw(e)),
+    }
+}
+
 /// Commits the innermost speculation of this VM.
 pub fn commit() -> Result<(), Error> {
     match raw(op::COMMIT, 0).rax {

@@ -107,6 +107,8 @@ struct Console {
     stdin: ChildStdin,
     chunks: Receiver<Vec<u8>>,
     seen: String,
+    /// The VMM's own lines on stderr (also echoed to ours).
+    errs: Receiver<String>,
 }
 
 impl Console {
@@ -115,11 +117,21 @@ impl Console {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start specvm");
         let stdin = child.stdin.take().expect("stdin is piped");
         let mut out = child.stdout.take().expect("stdout is piped");
+        let err = child.stderr.take().expect("stderr is piped");
+        let (etx, errs) = channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                let _ = etx.send(line);
+            }
+        });
         let (tx, chunks) = channel();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -137,6 +149,21 @@ impl Console {
             stdin,
             chunks,
             seen: String::new(),
+            errs,
+        }
+    }
+
+    /// Waits for the VMM's first stderr line that contains `needle`, and
+    /// returns it; panics on timeout or when the VMM ends first.
+    fn wait_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.errs.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no stderr line with {needle:?} ({e:?})"),
+            }
         }
     }
 
@@ -305,6 +332,10 @@ struct Booted {
     /// just before the snapshot (`None` for a given snapshot, which may
     /// have no such ping).
     seq_before: Option<u64>,
+    /// The boot cache's entry for this boot (`None` for a given snapshot).
+    entry: Option<PathBuf>,
+    /// The vCPU count booted.
+    cpus: String,
 }
 
 /// The one boot, shared by every test of this binary: `Err` (with the
@@ -352,6 +383,8 @@ fn booted(kernel: &str, initrd: &str) -> &'static Booted {
             return Ok(Booted {
                 snapshot,
                 seq_before: None,
+                entry: None,
+                cpus: linux_cpus(),
             });
         }
         std::panic::catch_unwind(|| boot_and_snapshot(kernel, initrd)).map_err(|e| {
@@ -373,27 +406,24 @@ fn log_filter() -> String {
     std::env::var("SPECVM_TEST_LOG").unwrap_or_else(|_| "info".into())
 }
 
-/// Boots Debian, checks the CPUs and the network card, snapshots it at the
-/// shell prompt, then sends a frame and reboots it: a clean exit.
-fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
-    let tmp = std::env::temp_dir();
-    let sock = tmp.join(format!("specvm-linux-test-{}.sock", std::process::id()));
-    let frames = FrameListener::bind(&sock).collect();
-    let net = format!("socket={},mac=52:54:00:00:00:01", sock.display());
-    let api = tmp.join(format!("specvm-linux-api-{}.sock", std::process::id()));
-    let api_arg = api.display().to_string();
-    let snapshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-snapshot");
-    let _ = std::fs::remove_dir_all(&snapshot);
-    // Two vCPUs, so the boot checks SMP bring-up through ACPI and every
-    // restored scenario runs an SMP guest; SPECVM_LINUX_CPUS=1 boots a
-    // uniprocessor guest instead (docs/linux-boot.md has the history of
-    // two-vCPU boots here).
-    let cpus = std::env::var("SPECVM_LINUX_CPUS").unwrap_or_else(|_| "2".into());
-    let started = Instant::now();
-    let log = log_filter();
-    let mut c = Console::start(&[
+/// The vCPU count of the boot: two, so the boot checks SMP bring-up
+/// through ACPI and every restored scenario runs an SMP guest;
+/// SPECVM_LINUX_CPUS=1 boots a uniprocessor guest instead
+/// (docs/linux-boot.md has the history of two-vCPU boots here).
+fn linux_cpus() -> String {
+    std::env::var("SPECVM_LINUX_CPUS").unwrap_or_else(|_| "2".into())
+}
+
+/// The MAC of the boot's network card. It is part of the boot cache's key,
+/// so `scripts/demo` uses the same one and shares the entry.
+const BOOT_MAC: &str = "52:54:00:00:00:01";
+
+/// `specvm run` arguments for the boot's configuration: the boot cache
+/// keys on them (with the files' contents), and `extra` may change them.
+fn boot_args(kernel: &str, initrd: &str, cpus: &str, net: &str, api: &str) -> Vec<String> {
+    [
         "--log-level",
-        &log,
+        &log_filter(),
         "run",
         "--kernel",
         kernel,
@@ -402,14 +432,62 @@ fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
         "--memory",
         "512M",
         "--cpus",
-        &cpus,
+        cpus,
         "--net",
-        &net,
+        net,
         "--api-sock",
-        &api_arg,
-    ]);
+        api,
+        "--boot-cache",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The entry folder that the VMM's boot-cache line names.
+fn entry_of(line: &str) -> PathBuf {
+    let path = if let Some(rest) = line.split("saving the ready guest to ").nth(1) {
+        rest.trim()
+    } else if let Some(rest) = line.split("restoring the ready guest from ").nth(1) {
+        rest.split(" (").next().unwrap_or(rest).trim_end_matches("/snapshot")
+    } else {
+        panic!("no entry in the boot-cache line {line:?}")
+    };
+    PathBuf::from(path)
+}
+
+/// Boots Debian through the boot cache (a cold cache boots and saves the
+/// ready guest; a warm one restores it), checks the CPUs and the network
+/// card, snapshots it at the shell prompt, then sends a frame and reboots
+/// it: a clean exit.
+fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
+    let tmp = std::env::temp_dir();
+    let sock = tmp.join(format!("specvm-linux-test-{}.sock", std::process::id()));
+    let frames = FrameListener::bind(&sock).collect();
+    let net = format!("socket={},mac={BOOT_MAC}", sock.display());
+    let api = tmp.join(format!("specvm-linux-api-{}.sock", std::process::id()));
+    let api_arg = api.display().to_string();
+    let snapshot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-snapshot");
+    let _ = std::fs::remove_dir_all(&snapshot);
+    let cpus = linux_cpus();
+    let started = Instant::now();
+    let args = boot_args(kernel, initrd, &cpus, &net, &api_arg);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = Console::start(&args);
+    let line = c.wait_stderr("specvm: boot cache:", Duration::from_secs(120));
+    let cold = line.contains("saving the ready guest to");
+    let entry = entry_of(&line);
     c.wait_for("SPECVM-READY", BOOT_TIMEOUT, |s| s.contains("SPECVM-READY"));
-    eprintln!("SPECVM-READY after {:?}", started.elapsed());
+    eprintln!(
+        "SPECVM-READY after {:?} ({})",
+        started.elapsed(),
+        if cold { "booted" } else { "restored from the boot cache" }
+    );
+    if cold {
+        // The guest's `spec ready` made the VMM save it before the ready line.
+        c.wait_stderr("boot cache: saved the ready guest", Duration::from_secs(60));
+        assert!(entry.join("entry.json").is_file(), "{}", entry.display());
+    }
     let want = format!("NCPU2={cpus}");
     let line = run(
         &mut c,
@@ -465,6 +543,8 @@ fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
     Booted {
         snapshot,
         seq_before: Some(seq_before),
+        entry: Some(entry),
+        cpus,
     }
 }
 
@@ -744,4 +824,179 @@ fn two_linux_guests_ping_and_a_receiver_rolls_back_with_the_sender() {
     assert!(events.contains(r#""event":"aborted""#), "{events}");
     // Both go on: the rolled-back pair still talks.
     assert_eq!(run(&mut a.console, ping, "PING2="), "PING2=ok");
+}
+
+/// The cache folder that holds `entry` (`<root>/boot/<digest>`).
+fn cache_root_of(entry: &Path) -> PathBuf {
+    entry
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("{} is not in a cache", entry.display()))
+        .to_path_buf()
+}
+
+/// The warm path: a second start of the same image and configuration
+/// restores the ready guest that the boot saved (or that an earlier run
+/// saved, on a warm cache), and it answers at its prompt.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+#[cfg_attr(
+    all(not(no_kvm), no_linux_image),
+    ignore = "no Linux guest image (run images/build.sh), or SPECVM_SKIP_LINUX set"
+)]
+fn the_boot_cache_restores_the_ready_guest() {
+    skip_without_kvm!();
+    const NAME: &str = "linux::the_boot_cache_restores_the_ready_guest";
+    let Some((kernel, initrd)) = images(NAME) else {
+        return;
+    };
+    let b = booted(&kernel, &initrd);
+    let Some(entry) = &b.entry else {
+        record_skip(NAME, "SPECVM_LINUX_SNAPSHOT given: no boot, so no cache entry");
+        return;
+    };
+    let _one = one_at_a_time();
+    let tmp = std::env::temp_dir();
+    let sock = tmp.join(format!("specvm-linux-warm-{}.sock", std::process::id()));
+    let _frames = FrameListener::bind(&sock).collect();
+    let net = format!("socket={},mac={BOOT_MAC}", sock.display());
+    let api = tmp.join(format!("specvm-linux-warm-api-{}.sock", std::process::id()));
+    let mut args = boot_args(&kernel, &initrd, &b.cpus, &net, &api.display().to_string());
+    args.push("--boot-cache-dir".into());
+    args.push(cache_root_of(entry).display().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let mut c = Console::start(&args);
+    let line = c.wait_stderr("specvm: boot cache:", Duration::from_secs(120));
+    assert!(
+        line.contains("restoring the ready guest from")
+            && entry_of(&line).canonicalize().ok() == entry.canonicalize().ok(),
+        "not a restore of {}: {line}",
+        entry.display()
+    );
+    c.wait_for("SPECVM-READY", COMMAND_TIMEOUT, |s| s.contains("SPECVM-READY"));
+    run(&mut c, "echo UP$((2*21))", "UP42");
+    eprintln!("warm start: answering after {:?}", started.elapsed());
+    let line = run(
+        &mut c,
+        "echo NCPU$((1+1))=$(grep -c ^processor /proc/cpuinfo)",
+        "NCPU2=",
+    );
+    assert_eq!(line, format!("NCPU2={}", b.cpus));
+    c.send("poweroff -f");
+    c.wait_clean_exit("poweroff -f");
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&api);
+}
+
+/// A private copy of cache entry `entry` under `root`: hard links to its
+/// snapshot files (a copy where linking fails), a copy of its record.
+fn copy_entry(entry: &Path, root: &Path) -> PathBuf {
+    let dest = root.join("boot").join(entry.file_name().expect("an entry name"));
+    std::fs::create_dir_all(dest.join("snapshot")).unwrap();
+    std::fs::copy(entry.join("entry.json"), dest.join("entry.json")).unwrap();
+    for f in std::fs::read_dir(entry.join("snapshot")).unwrap().flatten() {
+        let to = dest.join("snapshot").join(f.file_name());
+        if std::fs::hard_link(f.path(), &to).is_err() {
+            std::fs::copy(f.path(), &to).unwrap();
+        }
+    }
+    dest
+}
+
+/// A changed initramfs (one byte), a changed command line, another memory
+/// size and a damaged entry each make the VMM boot instead of restoring,
+/// with the reason on one line. Each VMM is stopped as soon as it has
+/// started booting; the entries are private copies (hard links) of the
+/// boot's, never the user's cache.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+#[cfg_attr(
+    all(not(no_kvm), no_linux_image),
+    ignore = "no Linux guest image (run images/build.sh), or SPECVM_SKIP_LINUX set"
+)]
+fn a_changed_image_or_configuration_boots_again_and_says_why() {
+    skip_without_kvm!();
+    const NAME: &str = "linux::a_changed_image_or_configuration_boots_again_and_says_why";
+    let Some((kernel, initrd)) = images(NAME) else {
+        return;
+    };
+    let b = booted(&kernel, &initrd);
+    let Some(entry) = &b.entry else {
+        record_skip(NAME, "SPECVM_LINUX_SNAPSHOT given: no boot, so no cache entry");
+        return;
+    };
+    let _one = one_at_a_time();
+    let tmp = std::env::temp_dir().join(format!("specvm-linux-bc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(tmp.clone());
+    let root = tmp.join("cache");
+    let copy = copy_entry(entry, &root);
+    let sock = tmp.join("net.sock");
+    let _frames = FrameListener::bind(&sock).collect();
+    let net = format!("socket={},mac={BOOT_MAC}", sock.display());
+    let api = tmp.join("api.sock").display().to_string();
+
+    // The files are the same: the copy is a hit, which the VMM restores.
+    // (Checked first, so every miss below is a miss of a good entry.)
+    let attempt = |initrd: &str, extra: &[&str], want: &[&str]| {
+        let mut args = boot_args(&kernel, initrd, &b.cpus, &net, &api);
+        args.push("--boot-cache-dir".into());
+        args.push(root.display().to_string());
+        // `extra` is flag/value pairs, replacing the boot's own.
+        for pair in extra.chunks(2) {
+            match args.iter().position(|a| a == pair[0]) {
+                Some(i) => args[i + 1] = pair[1].to_string(),
+                None => args.extend(pair.iter().map(|s| s.to_string())),
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut c = Console::start(&args);
+        let line = c.wait_stderr("specvm: boot cache:", Duration::from_secs(120));
+        for w in want {
+            assert!(line.contains(w), "expected {w:?} in: {line}");
+        }
+        line
+        // Dropping `c` kills this VMM, by its PID.
+    };
+    attempt(&initrd, &[], &["restoring the ready guest from"]);
+
+    let changed = tmp.join("initramfs.cpio");
+    let mut bytes = std::fs::read(&initrd).unwrap();
+    bytes.push(0);
+    std::fs::write(&changed, &bytes).unwrap();
+    attempt(
+        &changed.display().to_string(),
+        &[],
+        &["differs in: initrd (its content changed)", "booting"],
+    );
+    attempt(
+        &initrd,
+        &["--cmdline", "console=ttyS0 reboot=k panic=-1 quiet"],
+        &["differs in: command line", "booting"],
+    );
+    attempt(
+        &initrd,
+        &["--memory", "256M"],
+        &["differs in: memory (268435456 now, 536870912 saved)", "booting"],
+    );
+
+    // Damage: one byte of the saved state file (a copy, not a link).
+    let state = copy.join("snapshot/state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    std::fs::remove_file(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&state, &bytes).unwrap();
+    attempt(
+        &initrd,
+        &[],
+        &["damaged entry", "state changed since it was saved", "booting"],
+    );
 }

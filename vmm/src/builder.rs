@@ -103,6 +103,7 @@ pub struct Vmm {
     print_stats: bool,
     full_copy: bool,
     start_paused: bool,
+    boot_cache: Option<crate::boot_cache::PendingSave>,
     network: Network,
     snapshots: crate::controller::SnapshotSetup,
     _ram: GuestRam,
@@ -338,6 +339,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         start_paused: config.start_paused,
         network,
         snapshots,
+        boot_cache: config.boot_cache.clone(),
         _ram: ram,
     })
 }
@@ -491,6 +493,7 @@ impl Vmm {
             start_paused,
             network,
             snapshots,
+            boot_cache,
             _ram,
         } = self;
         crate::signals::spawn_waiter(ctx.events.clone()).map_err(VmmError::Thread)?;
@@ -540,6 +543,9 @@ impl Vmm {
         controller.enable_snapshots(snapshots);
         let r = controller.run(start_paused);
         if print_stats {
+        if let Some(save) = boot_cache {
+            controller.save_when_ready(save);
+        }
             eprintln!("specvm-stats {}", controller.stats.summary());
         }
         r.map_err(|e| VmmError::Guest(e.to_string()))

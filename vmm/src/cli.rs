@@ -112,6 +112,16 @@ pub struct RunArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Start from the boot cache: restore the ready guest saved by an
+    /// earlier boot of the same image and configuration, or boot and save
+    /// it when its init says it is ready (`spec ready`). See
+    /// docs/boot-cache.md.
+    #[arg(long, conflicts_with = "restore")]
+    pub boot_cache: bool,
+    /// The boot cache's folder (default: SPECVM_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/specvm, else ~/.cache/specvm).
+    #[arg(long, value_name = "DIR", requires = "boot_cache")]
+    pub boot_cache_dir: Option<PathBuf>,
     /// Workarounds for hosts whose KVM is not hardware virtualization:
     /// auto (probe the host), on or off.
     #[arg(long, default_value = "auto", value_name = "MODE")]
@@ -141,6 +151,7 @@ impl RunArgs {
             full_copy: self.checkpoint == "full-copy",
             start_paused: self.start_paused,
             nets: self.nets()?,
+            boot_cache: None,
         })
     }
 

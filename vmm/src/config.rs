@@ -230,6 +230,9 @@ pub struct VmConfig {
     pub start_paused: bool,
     /// Network devices, in slot order.
     pub nets: Vec<crate::devices::virtio::net::NetConfig>,
+    /// Save the guest into the boot cache when it says it is ready
+    /// (`--boot-cache` on a miss; [`crate::boot_cache`]).
+    pub boot_cache: Option<crate::boot_cache::PendingSave>,
 }
 
 #[cfg(test)]

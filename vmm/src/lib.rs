@@ -9,6 +9,7 @@
 //! - [`linux`]: the Linux boot path and its platform devices;
 //! - [`progress`]: signs of life during long runs;
 //! - [`snapshot`]: a VM saved to disk and restored;
+//! - [`boot_cache`]: the ready guest saved once per image, restored after;
 //! - [`builder`] puts a VM together from a [`config::VmConfig`] and
 //!   [`builder::Vmm::run`] drives it to its end.
 //!
@@ -17,6 +18,7 @@
 pub mod api;
 pub mod arch;
 pub mod bare;
+pub mod boot_cache;
 pub mod builder;
 pub mod cli;
 pub mod config;

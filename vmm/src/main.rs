@@ -34,10 +34,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => {
-            let config = match args.to_config() {
+            let mut config = match args.to_config() {
                 Ok(c) => c,
                 Err(e) => return fail(&e.to_string()),
             };
+            if args.boot_cache {
+                if let Err(e) = vmm::boot_cache::apply(&mut config, args.boot_cache_dir.as_deref()) {
+                    return fail(&e.to_string());
+                }
+            }
             match builder::build(&config).and_then(|vmm| vmm.run()) {
                 Ok(Outcome::Exit(code)) => ExitCode::from(code),
                 Ok(Outcome::Reset) => {

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use guest_agent::hypercall::{self, Error};
 use guest_agent::linux;
 
-const USAGE: &str = "usage: spec speculate|commit|abort|status";
+const USAGE: &str = "usage: spec speculate|commit|abort|status|ready";
 
 fn error_code(e: Error) -> ExitCode {
     eprintln!("spec: {}", describe(e));
@@ -60,6 +60,12 @@ fn main() -> ExitCode {
             Err(e) => error_code(e),
         },
         "abort" => error_code(hypercall::abort()),
+        // The init script says this once, when the guest is ready for work:
+        // a VMM with a boot cache saves the VM here (docs/boot-cache.md).
+        "ready" => match hypercall::ready() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => error_code(e),
+        },
         "status" => {
             let s = hypercall::status();
             println!("depth {} deps {} own {}", s.depth, s.deps, s.own);

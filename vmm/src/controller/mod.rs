@@ -170,6 +170,8 @@ pub struct Controller {
     /// Check dirty tracking after every flush and rollback
     /// (`SPECVM_VERIFY_MEMORY`, [`crate::spec::verify`]).
     verify: Option<VerifyMode>,
+    /// Save the VM into the boot cache when the guest says it is ready.
+    boot_cache: Option<crate::boot_cache::PendingSave>,
 }
 
 /// Most checkpoints one VM may hold at once.
@@ -208,6 +210,7 @@ impl Controller {
             snapshots: None,
             dirty_since_snapshot: Default::default(),
             verify: VerifyMode::from_env(),
+            boot_cache: None,
         }
     }
 
@@ -265,6 +268,18 @@ impl Controller {
     /// Serves events until the VM ends, then stops every vCPU thread. With
     /// `paused`, the vCPUs are parked first and wait for the API's `resume`.
     pub fn run(&mut self, paused: bool) -> Result<Outcome, ControlError> {
+        let r = self.run_inner(paused);
+        if let Some(save) = &self.boot_cache {
+            eprintln!(
+                "specvm: boot cache: the guest never said it was ready (`spec ready`), \
+                 so nothing was saved to {}",
+                save.entry_dir().display()
+            );
+        }
+        r
+    }
+
+    fn run_inner(&mut self, paused: bool) -> Result<Outcome, ControlError> {
         let r = if paused {
             self.pause_all().and_then(|()| {
                 self.user_paused = true;
@@ -415,7 +430,8 @@ impl Controller {
         let t = Instant::now();
         // Only checkpoints and rollbacks need every vCPU stopped; the other
         // operations only read or rearrange the stack.
-        if matches!(op, op::SPECULATE | op::ABORT) {
+        let saving = op == op::READY && self.boot_cache.is_some();
+        if matches!(op, op::SPECULATE | op::ABORT) || saving {
             self.pause_all()?;
         } else {
             self.wait_parked(vcpu)?;
@@ -442,6 +458,10 @@ impl Controller {
                 Some(e) => [e.id.to_u64(), u64::from(e.explicit), 0],
                 None => [err::BAD_ARG, 0, 0],
             }),
+            op::READY => {
+                self.ready(vcpu)?;
+                Some([0, 0, 0])
+            }
             _ => {
                 tracing::debug!(vcpu, op, "unknown hypercall");
                 Some([err::BAD_OP, 0, 0])
@@ -662,6 +682,7 @@ fn op_name(op: u32) -> &'static str {
         op::ABORT => "abort",
         op::STATUS => "status",
         op::ENTRY => "entry",
+        op::READY => "ready",
         _ => "bad-op",
     }
 }

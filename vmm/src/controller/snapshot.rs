@@ -226,6 +226,87 @@ impl Controller {
     }
 }
 
+impl Controller {
+    /// Saves the VM into the boot cache (`save`) when the guest makes the
+    /// `READY` hypercall.
+    pub fn save_when_ready(&mut self, save: crate::boot_cache::PendingSave) {
+        self.boot_cache = Some(save);
+    }
+
+    /// Serves `READY` from `vcpu`: the first time, with a boot cache to
+    /// fill, saves the whole VM (every vCPU is paused) so that a restored
+    /// copy returns from this very call with RAX = 0. A failure to save is
+    /// reported and the VM runs on: the cache is an optimisation.
+    pub(super) fn ready(&mut self, vcpu: u8) -> Result<(), ControlError> {
+        let Some(save) = self.boot_cache.take() else {
+            tracing::debug!(vcpu, "the guest says it is ready");
+            return Ok(());
+        };
+        if let Some(why) = self.cache_refusal(vcpu) {
+            eprintln!("specvm: boot cache: not saved: {why}");
+            return Ok(());
+        }
+        // The restored copy resumes after the hypercall: give it the result
+        // now, as the saved registers hold it.
+        self.command(usize::from(vcpu), super::VcpuCmd::SetResult([0, 0, 0]))?;
+        let t = Instant::now();
+        let staging = match save.staging() {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("specvm: {e}; nothing saved");
+                return Ok(());
+            }
+        };
+        let written = self.write_snapshot(&staging.join("snapshot"))?;
+        let r = match written {
+            Ok(_) => save
+                .finish(&staging, None)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        // The snapshot's directory was renamed: a later snapshot by the API
+        // starts a full one.
+        if let Some(s) = self.snapshots.as_mut() {
+            s.base = None;
+        }
+        match r {
+            Ok(dir) => eprintln!(
+                "specvm: boot cache: saved the ready guest after a {} boot to {} ({} ms)",
+                crate::boot_cache::human(save.elapsed()),
+                dir.display(),
+                t.elapsed().as_millis()
+            ),
+            Err(e) => {
+                eprintln!("specvm: boot cache: saving the ready guest failed: {e}");
+                if let Err(e) = std::fs::remove_dir_all(&staging) {
+                    tracing::warn!("removing {}: {e}", staging.display());
+                }
+            }
+        }
+        self.stats.record("boot-cache-save", t);
+        Ok(())
+    }
+
+    /// Why the ready guest cannot be saved now, if it cannot.
+    fn cache_refusal(&self, caller: u8) -> Option<String> {
+        if self.stack.depth() > 0 {
+            return Some(format!(
+                "the guest said it was ready inside {} speculation(s)",
+                self.stack.depth()
+            ));
+        }
+        if self
+            .vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, h)| i != usize::from(caller) && h.pending_call)
+        {
+            return Some("another vCPU's hypercall was being served".into());
+        }
+        None
+    }
+}
+
 /// The memory layers of snapshot `id` of a VM of `mem_size`, if `dir`
 /// holds it, committed.
 fn on_disk(dir: &Path, id: u64, mem_size: u64) -> Option<Vec<u64>> {
