@@ -184,8 +184,9 @@ fn port_devices(
     config: &VmConfig,
     vm: &Vm,
     tx: &crate::event::EventSender,
+    progress: &Progress,
 ) -> Result<(Bus, SharedDevice, InputGate), VmmError> {
-    let serial = SerialDevice::new(&config.serial)?;
+    let serial = SerialDevice::new(&config.serial, progress.console_watch())?;
     let gate = serial.input_gate();
     let serial_irq = serial.interrupt_evt().map_err(SerialError::EventFd)?;
     vm.fd
@@ -270,7 +271,8 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     enable_exit_on_emulation_failure(&vm.fd);
 
     let (tx, rx) = event::channel();
-    let (mut pio, serial, serial_input) = port_devices(config, &vm, &tx)?;
+    let progress = Arc::new(Progress::for_vm(config));
+    let (mut pio, serial, serial_input) = port_devices(config, &vm, &tx, &progress)?;
     let mut mmio = Bus::new();
 
     let vcpus = create_vcpus(&kvm, &vm, config.vcpus, compat.is_some())?;
@@ -323,7 +325,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         compat,
         mem: ram.mem.clone(),
         caps,
-        progress: Arc::new(Progress::new(config.vcpus)),
+        progress,
     };
     Ok(Vmm {
         vcpus,
@@ -498,7 +500,7 @@ impl Vmm {
         } = self;
         crate::signals::spawn_waiter(ctx.events.clone()).map_err(VmmError::Thread)?;
         let stop = ctx.stop.clone();
-        progress::spawn_monitor(
+        let _monitor = progress::spawn_monitor(
             ctx.progress.clone(),
             ctx.compat.clone(),
             stop.clone(),

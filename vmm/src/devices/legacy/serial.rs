@@ -1,6 +1,7 @@
 //! The COM1 serial console: vm-superio's 8250 model on the bus, with its
 //! output and input connected to a backend (stdout/stdin, a file, a Unix
-//! socket, or nothing).
+//! socket, or nothing). During a Linux boot, the transmitted bytes also go
+//! to a [`ConsoleWatch`], which recognises the boot's milestones.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -18,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::SerialConfig;
 use crate::devices::bus::DeviceState;
 use crate::devices::BusDevice;
+use crate::progress::{self, ConsoleWatch};
 
 /// Most console output kept for a socket client that has not connected yet.
 /// Past this, the oldest bytes are dropped, and the client is told how many.
@@ -74,11 +76,11 @@ impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Self::Stdout(s) => {
-                // The console is line-oriented for a person watching; flush
-                // so a slow guest's progress shows at once.
-                let n = s.write(buf)?;
-                s.flush()?;
-                Ok(n)
+                // The console is line-oriented for a person watching; it is
+                // flushed so a slow guest's progress shows at once (in
+                // whole lines while a progress bar shares the terminal).
+                progress::write_console(s, buf)?;
+                Ok(buf.len())
             }
             Self::Null => Ok(buf.len()),
             Self::File(f) => f.write(buf),
@@ -108,8 +110,40 @@ impl Write for SerialOut {
     }
 }
 
+/// What the UART writes to: the backend, and the boot's console watcher.
+pub struct ConsoleOut {
+    backend: SerialOut,
+    watch: Option<ConsoleWatch>,
+}
+
+impl ConsoleOut {
+    fn new(backend: SerialOut, watch: Option<ConsoleWatch>) -> Self {
+        Self { backend, watch }
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.backend.write(buf);
+        if let Some(w) = self.watch.as_mut() {
+            // The guest sent what the backend took; after an error the
+            // UART does not send again (but does after an interruption).
+            match &r {
+                Ok(n) => w.feed(&buf[..*n]),
+                Err(e) if e.kind() != io::ErrorKind::Interrupted => w.feed(buf),
+                Err(_) => {}
+            }
+        }
+        r
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.backend.flush()
+    }
+}
+
 /// The 8250 model with its backend.
-pub type Uart = Serial<IrqTrigger, NoEvents, SerialOut>;
+pub type Uart = Serial<IrqTrigger, NoEvents, ConsoleOut>;
 
 /// The serial device as the bus sees it.
 pub struct SerialDevice {
@@ -144,8 +178,9 @@ impl InputGate {
 impl SerialDevice {
     /// Creates the UART for `config`, and starts the input thread that feeds
     /// it, if the backend has input. Input reaches the UART once
-    /// [`SerialDevice::input_gate`] is opened.
-    pub fn new(config: &SerialConfig) -> Result<Self, SerialError> {
+    /// [`SerialDevice::input_gate`] is opened. What the guest transmits
+    /// also goes to `watch`, if any.
+    pub fn new(config: &SerialConfig, watch: Option<ConsoleWatch>) -> Result<Self, SerialError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let (out, input) = match config {
             SerialConfig::Stdout => (SerialOut::Stdout(io::stdout()), Input::Stdin),
@@ -167,6 +202,7 @@ impl SerialDevice {
                 )
             }
         };
+        let out = ConsoleOut::new(out, watch);
         let uart = Arc::new(Mutex::new(Serial::new(IrqTrigger(evt), out)));
         let gate = InputGate::default();
         input.spawn(uart.clone(), gate.clone());
@@ -296,8 +332,8 @@ impl BusDevice for SerialDevice {
     }
 
     /// Restores the registers and the receive FIFO. The output backend
-    /// stays as it is: bytes already sent to the console cannot be taken
-    /// back.
+    /// (and the console watcher) stay as they are: bytes already sent to
+    /// the console cannot be taken back.
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
         let DeviceState::Serial(st) = state else {
             return Err(format!("serial: cannot restore from {state:?}"));
@@ -312,7 +348,10 @@ impl BusDevice for SerialDevice {
         let (placeholder, kept) = (evt()?, evt()?);
         let old = std::mem::replace(
             &mut *g,
-            Serial::new(IrqTrigger(placeholder), SerialOut::Null),
+            Serial::new(
+                IrqTrigger(placeholder),
+                ConsoleOut::new(SerialOut::Null, None),
+            ),
         );
         let out = old.into_writer();
         *g = Serial::from_state(st, IrqTrigger(kept), NoEvents, out)
@@ -331,7 +370,7 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("out.txt");
         let _ = std::fs::remove_file(&path);
-        let mut dev = SerialDevice::new(&SerialConfig::File(path.clone())).unwrap();
+        let mut dev = SerialDevice::new(&SerialConfig::File(path.clone()), None).unwrap();
         for b in b"hi\n" {
             dev.write(0, &[*b]);
         }
@@ -342,7 +381,7 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_keeps_the_backend() {
-        let mut dev = SerialDevice::new(&SerialConfig::Null).unwrap();
+        let mut dev = SerialDevice::new(&SerialConfig::Null, None).unwrap();
         dev.write(3, &[0x83]); // LCR: DLAB on, 8 bits
         let saved = dev.save_state();
         dev.write(3, &[0x03]);
@@ -354,9 +393,42 @@ mod tests {
     }
 
     #[test]
+    fn transmitted_bytes_reach_the_console_watch() {
+        let p = crate::progress::Progress::booting(1);
+        let mut dev = SerialDevice::new(&SerialConfig::Null, p.console_watch()).unwrap();
+        let send = |dev: &mut SerialDevice, s: &[u8]| {
+            for b in s {
+                dev.write(0, &[*b]);
+            }
+        };
+        let reached = |p: &crate::progress::Progress| -> Vec<String> {
+            p.boot_times().milestones.into_iter().map(|m| m.0).collect()
+        };
+        send(&mut dev, b"[    0.000000] Linux version 6.1.0\r\n");
+        assert_eq!(reached(&p), ["kernel started"]);
+        // With the divisor latch on, offset 0 is the divisor, not THR.
+        dev.write(3, &[0x83]);
+        send(&mut dev, b"smp: Brought up 1 node, 2 CPUs\n");
+        dev.write(3, &[0x03]);
+        // In loopback mode (MCR bit 4) nothing is transmitted.
+        dev.write(4, &[0x10]);
+        send(&mut dev, b"PCI: x\n");
+        dev.write(4, &[0x00]);
+        assert_eq!(reached(&p), ["kernel started"]);
+        // A restore (as a speculation's abort does) keeps the watcher.
+        let saved = dev.save_state();
+        dev.restore_state(&saved).unwrap();
+        send(&mut dev, b"SPECVM-READY\r\n");
+        assert_eq!(reached(&p), ["kernel started", "ready"]);
+        assert!(p.boot_times().total_secs.is_some());
+    }
+
+    #[test]
     fn missing_directory_is_a_clear_error() {
         let p = PathBuf::from("/nonexistent-dir/serial.txt");
-        let e = SerialDevice::new(&SerialConfig::File(p)).err().unwrap();
+        let e = SerialDevice::new(&SerialConfig::File(p), None)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("/nonexistent-dir/serial.txt"));
     }
 
@@ -365,7 +437,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("specvm-sock-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let path = dir.join("console.sock");
-        let mut dev = SerialDevice::new(&SerialConfig::Socket(path.clone())).unwrap();
+        let mut dev = SerialDevice::new(&SerialConfig::Socket(path.clone()), None).unwrap();
         for b in b"early" {
             dev.write(0, &[*b]);
         }
