@@ -339,9 +339,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         print_stats: config.stats,
         full_copy: config.full_copy,
         start_paused: config.start_paused,
+        boot_cache: config.boot_cache.clone(),
         network,
         snapshots,
-        boot_cache: config.boot_cache.clone(),
         _ram: ram,
     })
 }
@@ -493,9 +493,9 @@ impl Vmm {
             print_stats,
             full_copy,
             start_paused,
+            boot_cache,
             network,
             snapshots,
-            boot_cache,
             _ram,
         } = self;
         crate::signals::spawn_waiter(ctx.events.clone()).map_err(VmmError::Thread)?;
@@ -543,11 +543,11 @@ impl Vmm {
             controller.use_full_copy();
         }
         controller.enable_snapshots(snapshots);
-        let r = controller.run(start_paused);
-        if print_stats {
         if let Some(save) = boot_cache {
             controller.save_when_ready(save);
         }
+        let r = controller.run(start_paused);
+        if print_stats {
             eprintln!("specvm-stats {}", controller.stats.summary());
         }
         r.map_err(|e| VmmError::Guest(e.to_string()))
