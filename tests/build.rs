@@ -131,7 +131,10 @@ fn main() {
     println!("cargo:rustc-env=SPECVM_TARGET_DIR={}", target.display());
     // The triple compiled for: the name of cargo's per-triple folder in a
     // `--target` build, which the harness needs to find the target root.
-    println!("cargo:rustc-env=SPECVM_BUILD_TRIPLE={}", env("TARGET").to_string_lossy());
+    println!(
+        "cargo:rustc-env=SPECVM_BUILD_TRIPLE={}",
+        env("TARGET").to_string_lossy()
+    );
 }
 
 fn env(name: &str) -> OsString {

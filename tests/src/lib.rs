@@ -615,7 +615,11 @@ mod tests {
     #[test]
     fn this_build_resolves_to_its_target_folder() {
         let exe = std::env::current_exe().unwrap();
-        let parent = exe.parent().and_then(Path::parent).and_then(Path::parent).unwrap();
+        let parent = exe
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .unwrap();
         let (_, root) = target_layout(parent, BUILD_TRIPLE);
         let want = Path::new(TARGET_DIR);
         if want.canonicalize().ok() != root.canonicalize().ok() {

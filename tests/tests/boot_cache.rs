@@ -172,7 +172,12 @@ fn a_damaged_entry_is_refused_and_replaced() {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("memory-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("memory-")
+        })
         .expect("a memory layer");
 
     // One bit of guest memory: the program's own page at 4 MiB.
@@ -208,7 +213,12 @@ fn a_damaged_entry_is_refused_and_replaced() {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("memory-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("memory-")
+        })
         .expect("a memory layer");
     std::fs::remove_file(&memory).unwrap();
     let r = run(g, &cache, &["--memory", "64M"]);
@@ -257,10 +267,7 @@ fn bad_combinations_are_refused_with_one_line() {
     );
     r.assert_failed();
     r.assert_stderr_contains("specvm: error: boot cache: --boot-cache saves a snapshot");
-    let r = run_specvm(
-        &["run", "--restore", cache.str(), "--boot-cache"],
-        TIMEOUT,
-    );
+    let r = run_specvm(&["run", "--restore", cache.str(), "--boot-cache"], TIMEOUT);
     r.assert_failed();
     r.assert_stderr_contains("cannot be used with");
     let r = run_specvm(

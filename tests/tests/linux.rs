@@ -449,7 +449,10 @@ fn entry_of(line: &str) -> PathBuf {
     let path = if let Some(rest) = line.split("saving the ready guest to ").nth(1) {
         rest.trim()
     } else if let Some(rest) = line.split("restoring the ready guest from ").nth(1) {
-        rest.split(" (").next().unwrap_or(rest).trim_end_matches("/snapshot")
+        rest.split(" (")
+            .next()
+            .unwrap_or(rest)
+            .trim_end_matches("/snapshot")
     } else {
         panic!("no entry in the boot-cache line {line:?}")
     };
@@ -481,7 +484,11 @@ fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
     eprintln!(
         "SPECVM-READY after {:?} ({})",
         started.elapsed(),
-        if cold { "booted" } else { "restored from the boot cache" }
+        if cold {
+            "booted"
+        } else {
+            "restored from the boot cache"
+        }
     );
     if cold {
         // The guest's `spec ready` made the VMM save it before the ready line.
@@ -852,7 +859,10 @@ fn the_boot_cache_restores_the_ready_guest() {
     };
     let b = booted(&kernel, &initrd);
     let Some(entry) = &b.entry else {
-        record_skip(NAME, "SPECVM_LINUX_SNAPSHOT given: no boot, so no cache entry");
+        record_skip(
+            NAME,
+            "SPECVM_LINUX_SNAPSHOT given: no boot, so no cache entry",
+        );
         return;
     };
     let _one = one_at_a_time();
@@ -874,7 +884,9 @@ fn the_boot_cache_restores_the_ready_guest() {
         "not a restore of {}: {line}",
         entry.display()
     );
-    c.wait_for("SPECVM-READY", COMMAND_TIMEOUT, |s| s.contains("SPECVM-READY"));
+    c.wait_for("SPECVM-READY", COMMAND_TIMEOUT, |s| {
+        s.contains("SPECVM-READY")
+    });
     run(&mut c, "echo UP$((2*21))", "UP42");
     eprintln!("warm start: answering after {:?}", started.elapsed());
     let line = run(
@@ -892,7 +904,9 @@ fn the_boot_cache_restores_the_ready_guest() {
 /// A private copy of cache entry `entry` under `root`: hard links to its
 /// snapshot files (a copy where linking fails), a copy of its record.
 fn copy_entry(entry: &Path, root: &Path) -> PathBuf {
-    let dest = root.join("boot").join(entry.file_name().expect("an entry name"));
+    let dest = root
+        .join("boot")
+        .join(entry.file_name().expect("an entry name"));
     std::fs::create_dir_all(dest.join("snapshot")).unwrap();
     std::fs::copy(entry.join("entry.json"), dest.join("entry.json")).unwrap();
     for f in std::fs::read_dir(entry.join("snapshot")).unwrap().flatten() {
@@ -923,7 +937,10 @@ fn a_changed_image_or_configuration_boots_again_and_says_why() {
     };
     let b = booted(&kernel, &initrd);
     let Some(entry) = &b.entry else {
-        record_skip(NAME, "SPECVM_LINUX_SNAPSHOT given: no boot, so no cache entry");
+        record_skip(
+            NAME,
+            "SPECVM_LINUX_SNAPSHOT given: no boot, so no cache entry",
+        );
         return;
     };
     let _one = one_at_a_time();
@@ -984,7 +1001,10 @@ fn a_changed_image_or_configuration_boots_again_and_says_why() {
     attempt(
         &initrd,
         &["--memory", "256M"],
-        &["differs in: memory (268435456 now, 536870912 saved)", "booting"],
+        &[
+            "differs in: memory (268435456 now, 536870912 saved)",
+            "booting",
+        ],
     );
 
     // Damage: one byte of the saved state file (a copy, not a link).
@@ -997,6 +1017,10 @@ fn a_changed_image_or_configuration_boots_again_and_says_why() {
     attempt(
         &initrd,
         &[],
-        &["damaged entry", "state changed since it was saved", "booting"],
+        &[
+            "damaged entry",
+            "state changed since it was saved",
+            "booting",
+        ],
     );
 }

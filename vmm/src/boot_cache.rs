@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::{BootSource, VmConfig};
+use crate::progress::BootTimes;
 use crate::snapshot::files;
 
 /// Version of the entry layout (`entry.json` and the folder around it).
@@ -139,7 +140,10 @@ impl CacheKey {
                         None => "none".into(),
                     },
                 );
-                put("cmdline", effective_cmdline(cmdline.as_deref(), compat_active));
+                put(
+                    "cmdline",
+                    effective_cmdline(cmdline.as_deref(), compat_active),
+                );
             }
             BootSource::Bare { program, arg } => {
                 put("guest", "bare".into());
@@ -211,7 +215,11 @@ fn describe_difference(name: &str, entry: Option<&String>, now: Option<&String>)
     let show = |v: Option<&String>| v.map_or("(none)".to_string(), |v| v.clone());
     match name {
         "kernel" | "initrd" | "program" => format!("{name} (its content changed)"),
-        "cmdline" => format!("command line ({:?} now, {:?} saved)", show(now), show(entry)),
+        "cmdline" => format!(
+            "command line ({:?} now, {:?} saved)",
+            show(now),
+            show(entry)
+        ),
         _ => format!("{name} ({} now, {} saved)", show(now), show(entry)),
     }
 }
@@ -290,7 +298,7 @@ pub struct Entry {
     pub saved_unix: u64,
     /// The boot's milestones, for the next boot's progress estimate.
     #[serde(default)]
-    pub boot_times: Option<serde_json::Value>,
+    pub boot_times: Option<BootTimes>,
 }
 
 /// What a lookup found.
@@ -305,8 +313,10 @@ pub enum Lookup {
         /// How long checking its files took.
         check: Duration,
     },
-    /// None to use, and why, in words for the user.
-    Miss(String),
+    /// None to use, and why, in words for the user, with the boot times
+    /// of the nearest entry (a damaged one's, or one of another
+    /// configuration), to estimate this boot's progress from.
+    Miss(String, Option<BootTimes>),
 }
 
 /// The folder of entries in cache folder `root`.
@@ -316,7 +326,10 @@ fn boot_dir(root: &Path) -> PathBuf {
 
 /// Whether `name` is an entry's folder name (32 lowercase hex digits).
 fn is_entry_name(name: &str) -> bool {
-    name.len() == 32 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    name.len() == 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Reads an entry's record.
@@ -363,7 +376,10 @@ fn check_files(dir: &Path, entry: &Entry) -> Result<(), String> {
         }
         let (_, sum) = hash_sparse(&path).map_err(|e| e.to_string())?;
         if sum != f.xxh3 {
-            return Err(format!("{} changed since it was saved (content hash)", f.name));
+            return Err(format!(
+                "{} changed since it was saved (content hash)",
+                f.name
+            ));
         }
     }
     files::read_state(&snap).map_err(|e| e.to_string())?;
@@ -374,23 +390,33 @@ fn check_files(dir: &Path, entry: &Entry) -> Result<(), String> {
 pub fn lookup(root: &Path, key: &CacheKey) -> Lookup {
     let dir = boot_dir(root).join(key.digest());
     if !dir.exists() {
-        return Lookup::Miss(nearest(root, key));
+        let (why, times) = nearest(root, key);
+        return Lookup::Miss(why, times);
     }
     let entry = match read_entry(&dir) {
         Ok(e) => e,
-        Err(e) => return Lookup::Miss(format!("damaged entry {}: {e}", dir.display())),
+        Err(e) => {
+            let (_, times) = nearest(root, key);
+            return Lookup::Miss(format!("damaged entry {}: {e}", dir.display()), times);
+        }
     };
     if entry.key != *key {
         let d = key.differences(&entry.key);
-        return Lookup::Miss(format!(
-            "stale entry {}: it was saved for another configuration ({})",
-            dir.display(),
-            d.join(", ")
-        ));
+        return Lookup::Miss(
+            format!(
+                "stale entry {}: it was saved for another configuration ({})",
+                dir.display(),
+                d.join(", ")
+            ),
+            entry.boot_times,
+        );
     }
     let t = Instant::now();
     if let Err(e) = check_files(&dir, &entry) {
-        return Lookup::Miss(format!("damaged entry {}: {e}", dir.display()));
+        return Lookup::Miss(
+            format!("damaged entry {}: {e}", dir.display()),
+            entry.boot_times,
+        );
     }
     let check = t.elapsed();
     // Most recently used last: eviction goes by this time.
@@ -404,23 +430,32 @@ pub fn lookup(root: &Path, key: &CacheKey) -> Lookup {
     }
 }
 
-/// Why there is no entry: the nearest one and how it differs, if any.
-fn nearest(root: &Path, key: &CacheKey) -> String {
+/// Why there is no entry: the nearest one and how it differs, if any;
+/// with the boot times of the nearest entry that has some.
+fn nearest(root: &Path, key: &CacheKey) -> (String, Option<BootTimes>) {
     let mut best: Option<(usize, Vec<String>)> = None;
+    let mut times: Option<(usize, BootTimes)> = None;
     for (dir, _) in entries(root) {
         let Ok(e) = read_entry(&dir) else { continue };
         let d = key.differences(&e.key);
+        if let Some(t) = e.boot_times.filter(|t| t.total_secs.is_some()) {
+            if times.as_ref().is_none_or(|(n, _)| d.len() < *n) {
+                times = Some((d.len(), t));
+            }
+        }
         if best.as_ref().is_none_or(|(n, _)| d.len() < *n) {
             best = Some((d.len(), d));
         }
     }
-    match best {
+    let why = match best {
         None => format!("no entry in {}", boot_dir(root).display()),
+        Some((_, d)) if d.is_empty() => "no usable entry".to_string(),
         Some((_, d)) => format!(
             "no entry for this configuration; the nearest differs in: {}",
             d.join(", ")
         ),
-    }
+    };
+    (why, times.map(|(_, t)| t))
 }
 
 /// The entries in `root`, with their last-use times.
@@ -440,18 +475,30 @@ fn entries(root: &Path) -> Vec<(PathBuf, SystemTime)> {
 }
 
 /// A boot whose ready guest is to be saved as an entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PendingSave {
     root: PathBuf,
     key: CacheKey,
     started: Instant,
+    previous: Option<BootTimes>,
 }
 
 impl PendingSave {
     /// A save of `key`'s guest into cache folder `root`, for a boot that
     /// started at `started`.
     pub fn new(root: PathBuf, key: CacheKey, started: Instant) -> Self {
-        Self { root, key, started }
+        Self {
+            root,
+            key,
+            started,
+            previous: None,
+        }
+    }
+
+    /// The boot times of the nearest entry, if a lookup found one: the
+    /// estimate for this boot's progress.
+    pub fn previous_times(&self) -> Option<&BootTimes> {
+        self.previous.as_ref()
     }
 
     /// The entry's folder.
@@ -492,7 +539,7 @@ impl PendingSave {
     pub fn finish(
         &self,
         staging: &Path,
-        boot_times: Option<serde_json::Value>,
+        boot_times: Option<BootTimes>,
     ) -> Result<PathBuf, BootCacheError> {
         let snap = staging.join(SNAPSHOT_DIR);
         let mut sums = Vec::new();
@@ -569,8 +616,14 @@ fn sweep_staging(boot: &Path) {
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if gone {
             match std::fs::remove_dir_all(e.path()) {
-                Ok(()) => tracing::info!(folder = name, "boot cache: removed a dead VMM's staging folder"),
-                Err(err) => tracing::warn!(folder = name, "boot cache: removing a staging folder: {err}"),
+                Ok(()) => tracing::info!(
+                    folder = name,
+                    "boot cache: removed a dead VMM's staging folder"
+                ),
+                Err(err) => tracing::warn!(
+                    folder = name,
+                    "boot cache: removing a staging folder: {err}"
+                ),
             }
         }
     }
@@ -616,8 +669,12 @@ fn evict(root: &Path, keep: &Path) {
     let excess = all.len() - MAX_ENTRIES;
     for (dir, _) in all.into_iter().filter(|(d, _)| d != keep).take(excess) {
         match std::fs::remove_dir_all(&dir) {
-            Ok(()) => tracing::info!(entry = %dir.display(), "boot cache: removed the least recently used entry"),
-            Err(e) => tracing::warn!(entry = %dir.display(), "boot cache: removing an old entry: {e}"),
+            Ok(()) => {
+                tracing::info!(entry = %dir.display(), "boot cache: removed the least recently used entry")
+            }
+            Err(e) => {
+                tracing::warn!(entry = %dir.display(), "boot cache: removing an old entry: {e}")
+            }
         }
     }
 }
@@ -651,8 +708,9 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
             );
             config.boot = BootSource::Restore { dir: snapshot };
         }
-        Lookup::Miss(why) => {
-            let save = PendingSave::new(root, key, started);
+        Lookup::Miss(why, previous) => {
+            let mut save = PendingSave::new(root, key, started);
+            save.previous = previous;
             eprintln!(
                 "specvm: boot cache: {why}; booting, and saving the ready guest to {}",
                 save.entry_dir().display()
@@ -696,8 +754,14 @@ mod tests {
     fn root_follows_flag_then_variables() {
         let s = |v: &str| Some(std::ffi::OsString::from(v));
         let flag = Path::new("/f");
-        assert_eq!(root_from(Some(flag), s("/a"), s("/x"), s("/h")).unwrap(), flag);
-        assert_eq!(root_from(None, s("/a"), s("/x"), s("/h")).unwrap(), Path::new("/a"));
+        assert_eq!(
+            root_from(Some(flag), s("/a"), s("/x"), s("/h")).unwrap(),
+            flag
+        );
+        assert_eq!(
+            root_from(None, s("/a"), s("/x"), s("/h")).unwrap(),
+            Path::new("/a")
+        );
         assert_eq!(
             root_from(None, s(""), s("/x"), s("/h")).unwrap(),
             Path::new("/x/specvm")
@@ -773,12 +837,12 @@ mod tests {
         assert_eq!(e.key, k);
         assert_eq!(e.files.len(), 1);
         match lookup(&root, &k) {
-            Lookup::Miss(why) => assert!(why.contains("damaged entry"), "{why}"),
+            Lookup::Miss(why, _) => assert!(why.contains("damaged entry"), "{why}"),
             h => panic!("{h:?}"),
         }
         std::fs::write(dest.join("snapshot/state"), b"not a state filE").unwrap();
         match lookup(&root, &k) {
-            Lookup::Miss(why) => {
+            Lookup::Miss(why, _) => {
                 assert!(why.contains("state changed since it was saved"), "{why}")
             }
             h => panic!("{h:?}"),
@@ -786,7 +850,7 @@ mod tests {
         // Another key: the miss names what differs.
         let other = key(&[("guest", "bare"), ("memory", "128")]);
         match lookup(&root, &other) {
-            Lookup::Miss(why) => assert!(why.contains("memory (128 now, 64 saved)"), "{why}"),
+            Lookup::Miss(why, _) => assert!(why.contains("memory (128 now, 64 saved)"), "{why}"),
             h => panic!("{h:?}"),
         }
         // A second save of the same key replaces the damaged entry.
@@ -825,7 +889,10 @@ mod tests {
             std::fs::write(staging.join("snapshot/state"), b"x").unwrap();
             let d = save.finish(&staging, None).unwrap();
             // Distinct last-use times, oldest first.
-            let f = File::options().write(true).open(d.join(ENTRY_FILE)).unwrap();
+            let f = File::options()
+                .write(true)
+                .open(d.join(ENTRY_FILE))
+                .unwrap();
             f.set_modified(UNIX_EPOCH + Duration::from_secs(1000 + i as u64))
                 .unwrap();
             dirs.push(d);

@@ -272,6 +272,11 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
 
     let (tx, rx) = event::channel();
     let progress = Arc::new(Progress::for_vm(config));
+    // A boot for the boot cache estimates its progress from the times of
+    // the nearest entry's boot.
+    if let Some(t) = config.boot_cache.as_ref().and_then(|s| s.previous_times()) {
+        progress.set_previous(t.clone());
+    }
     let (mut pio, serial, serial_input) = port_devices(config, &vm, &tx, &progress)?;
     let mut mmio = Bus::new();
 
@@ -528,6 +533,7 @@ impl Vmm {
             }
         }
         let ctx_compat_active = ctx.compat.is_some();
+        let progress = ctx.progress.clone();
         // Only the vCPU threads hold senders now: if they all end without a
         // word, the controller's receive fails rather than waiting forever.
         drop(ctx);
@@ -544,7 +550,7 @@ impl Vmm {
         }
         controller.enable_snapshots(snapshots);
         if let Some(save) = boot_cache {
-            controller.save_when_ready(save);
+            controller.save_when_ready(save, progress);
         }
         let r = controller.run(start_paused);
         if print_stats {

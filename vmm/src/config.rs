@@ -205,7 +205,7 @@ pub enum BootSource {
 }
 
 /// Everything needed to build and run one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VmConfig {
     /// Guest memory size in bytes.
     pub mem_size: u64,

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(vmm::progress::log_writer)
         .init();
     match cli.command {
         Command::Ctl(args) => {
@@ -39,7 +39,8 @@ fn main() -> ExitCode {
                 Err(e) => return fail(&e.to_string()),
             };
             if args.boot_cache {
-                if let Err(e) = vmm::boot_cache::apply(&mut config, args.boot_cache_dir.as_deref()) {
+                if let Err(e) = vmm::boot_cache::apply(&mut config, args.boot_cache_dir.as_deref())
+                {
                     return fail(&e.to_string());
                 }
             }

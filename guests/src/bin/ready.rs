@@ -46,7 +46,10 @@ fn main(mem_size: u64, free_base: u64, arg: u64) -> u32 {
         // SAFETY: as above.
         let v = unsafe { ((free_base + i * 8) as *const u64).read_volatile() };
         if v != pattern(token, i) {
-            rt::println!("ready: word {i} is {v:#x}, expected {:#x}", pattern(token, i));
+            rt::println!(
+                "ready: word {i} is {v:#x}, expected {:#x}",
+                pattern(token, i)
+            );
             return 4;
         }
     }

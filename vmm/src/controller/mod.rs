@@ -171,7 +171,10 @@ pub struct Controller {
     /// (`SPECVM_VERIFY_MEMORY`, [`crate::spec::verify`]).
     verify: Option<VerifyMode>,
     /// Save the VM into the boot cache when the guest says it is ready.
-    boot_cache: Option<crate::boot_cache::PendingSave>,
+    boot_cache: Option<(
+        crate::boot_cache::PendingSave,
+        Arc<crate::progress::Progress>,
+    )>,
 }
 
 /// Most checkpoints one VM may hold at once.
@@ -269,7 +272,7 @@ impl Controller {
     /// `paused`, the vCPUs are parked first and wait for the API's `resume`.
     pub fn run(&mut self, paused: bool) -> Result<Outcome, ControlError> {
         let r = self.run_inner(paused);
-        if let Some(save) = &self.boot_cache {
+        if let Some((save, _)) = &self.boot_cache {
             eprintln!(
                 "specvm: boot cache: the guest never said it was ready (`spec ready`), \
                  so nothing was saved to {}",

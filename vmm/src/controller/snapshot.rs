@@ -229,8 +229,14 @@ impl Controller {
 impl Controller {
     /// Saves the VM into the boot cache (`save`) when the guest makes the
     /// `READY` hypercall.
-    pub fn save_when_ready(&mut self, save: crate::boot_cache::PendingSave) {
-        self.boot_cache = Some(save);
+    /// `progress` gives the boot's milestone times, which the entry keeps
+    /// for the next boot's estimate.
+    pub fn save_when_ready(
+        &mut self,
+        save: crate::boot_cache::PendingSave,
+        progress: std::sync::Arc<crate::progress::Progress>,
+    ) {
+        self.boot_cache = Some((save, progress));
     }
 
     /// Serves `READY` from `vcpu`: the first time, with a boot cache to
@@ -238,7 +244,7 @@ impl Controller {
     /// copy returns from this very call with RAX = 0. A failure to save is
     /// reported and the VM runs on: the cache is an optimisation.
     pub(super) fn ready(&mut self, vcpu: u8) -> Result<(), ControlError> {
-        let Some(save) = self.boot_cache.take() else {
+        let Some((save, progress)) = self.boot_cache.take() else {
             tracing::debug!(vcpu, "the guest says it is ready");
             return Ok(());
         };
@@ -259,9 +265,11 @@ impl Controller {
         };
         let written = self.write_snapshot(&staging.join("snapshot"))?;
         let r = match written {
-            Ok(_) => save
-                .finish(&staging, None)
-                .map_err(|e| e.to_string()),
+            Ok(_) => {
+                progress.ready();
+                save.finish(&staging, Some(progress.boot_times()))
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         };
         // The snapshot's directory was renamed: a later snapshot by the API
