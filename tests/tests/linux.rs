@@ -13,14 +13,13 @@
 //! `cargo test --release -p specvm-tests --test linux -- --nocapture`.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use specvm_tests::{record_skip, skip_without_kvm, specvm_bin};
+use specvm_tests::{record_skip, skip_without_kvm, specvm_bin, FrameListener};
 
 /// Time to the init script's ready line; ~21 min measured here.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(45 * 60);
@@ -33,72 +32,6 @@ fn image(name: &str) -> Option<PathBuf> {
         .join("../images/out")
         .join(name);
     p.is_file().then_some(p)
-}
-
-/// A listening Unix SOCK_SEQPACKET socket: the far end of a `--net
-/// socket=PATH` card. It gathers the frames the guest sends.
-struct FrameListener {
-    fd: OwnedFd,
-}
-
-impl FrameListener {
-    fn bind(path: &Path) -> Self {
-        let _ = std::fs::remove_file(path);
-        // SAFETY: plain socket calls on a new descriptor; results checked.
-        unsafe {
-            let raw = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
-            assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
-            let fd = OwnedFd::from_raw_fd(raw);
-            let mut addr: libc::sockaddr_un = std::mem::zeroed();
-            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-            for (d, s) in addr
-                .sun_path
-                .iter_mut()
-                .zip(path.as_os_str().as_encoded_bytes())
-            {
-                *d = *s as libc::c_char;
-            }
-            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            let a = (&addr as *const libc::sockaddr_un).cast();
-            assert_eq!(
-                libc::bind(fd.as_raw_fd(), a, len),
-                0,
-                "bind {}",
-                path.display()
-            );
-            assert_eq!(libc::listen(fd.as_raw_fd(), 1), 0);
-            Self { fd }
-        }
-    }
-
-    /// Accepts the VMM's connection and collects its frames on a thread.
-    fn collect(self) -> Receiver<Vec<u8>> {
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            // SAFETY: accept on our listening socket.
-            let raw = unsafe {
-                libc::accept(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                )
-            };
-            if raw < 0 {
-                return;
-            }
-            // SAFETY: `raw` is the accepted descriptor, owned here.
-            let conn = unsafe { OwnedFd::from_raw_fd(raw) };
-            let mut buf = [0u8; 2048];
-            loop {
-                // SAFETY: `buf` is valid for writes of its length.
-                let n = unsafe { libc::read(conn.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 || tx.send(buf[..n as usize].to_vec()).is_err() {
-                    return;
-                }
-            }
-        });
-        rx
-    }
 }
 
 /// A running specvm whose console we read and type into.

@@ -14,7 +14,7 @@ use crate::controller::{Controller, VcpuHandle};
 use crate::devices::virtio::net::{new_net, new_net_with_backend, NetBackendSpec, NetHandle};
 use crate::devices::virtio::{mmio_slot_base, virtio_gsi, VIRTIO_MMIO_SIZE};
 use crate::spec::hypercall::HypercallDevice;
-use crate::spec::link::{BridgeLink, SharedDeps, SpecHook, StripHook};
+use crate::spec::link::{BridgeLink, OutputCommitHook, SharedDeps, SpecHook};
 use crate::spec::memory::MemoryTracker;
 use crate::vstate::vcpu::VcpuLink;
 use crate::vstate::vcpu_state::StateCaps;
@@ -121,7 +121,9 @@ struct Network {
 }
 
 /// Creates the `--net` devices on the MMIO bus, with their interrupts, and
-/// connects `bridge=` ones to the bridge with the speculation hook.
+/// connects `bridge=` ones to the bridge with the speculation hook; the
+/// others (`socket=`, `tap=`) leave the speculation domain and get the
+/// output-commit hook.
 fn attach_nets(
     config: &VmConfig,
     vm: &Vm,
@@ -161,7 +163,10 @@ fn attach_nets(
                 c.mac = Some(mac);
                 let (dev, handle) =
                     new_net(c, mem.clone(), irq).map_err(|e| VmmError::Net(e.to_string()))?;
-                handle.set_hook(Box::new(StripHook));
+                handle.set_hook(Box::new(OutputCommitHook::new(
+                    slot as usize,
+                    network.deps.clone(),
+                )));
                 (dev, handle)
             }
         };
@@ -173,6 +178,18 @@ fn attach_nets(
         });
         devices.push(dev);
         network.nets.push(handle);
+    }
+    let holds_output = config
+        .nets
+        .iter()
+        .any(|c| !matches!(c.backend, NetBackendSpec::Bridge(_)));
+    if holds_output {
+        crate::spec::link::spawn_releaser(
+            network.deps.clone(),
+            network.nets.iter().map(NetHandle::backend).collect(),
+            network.nets.iter().map(NetHandle::tx_waker).collect(),
+        )
+        .map_err(VmmError::Thread)?;
     }
     Ok(network)
 }

@@ -607,6 +607,7 @@ impl Controller {
             }
             self.command(i, VcpuCmd::Restore(s))?;
         }
+        self.drop_held(&rb.aborted);
         let ids: Vec<String> = rb.aborted.iter().map(SpecId::to_string).collect();
         tracing::info!(aborted = ?ids, depth = self.stack.depth(), "rollback");
         for &id in &rb.aborted {

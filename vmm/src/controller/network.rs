@@ -11,10 +11,52 @@ use crate::spec::stack::SpecId;
 
 impl Controller {
     /// Publishes the dependency set to the net devices' hooks, which tag
-    /// every frame the guest sends with it (rule 7).
+    /// every frame the guest sends with it (rule 7), and sends the output
+    /// that waited only for speculations that have now left the set: they
+    /// committed (an abort drops its frames first, in `rollback`; rule 11).
     pub(super) fn sync_deps(&self) {
-        let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
-        d.ids = self.stack.deps().iter().map(|id| id.to_u64()).collect();
+        let ids = self.stack.deps().iter().map(|id| id.to_u64()).collect();
+        let (released, held) = {
+            let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
+            (d.set_ids(ids), d.held.len())
+        };
+        if released.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            released = released.len(),
+            held,
+            "output commit: frames released"
+        );
+        for (card, frame) in &released {
+            if let Some(n) = self.nets.get(*card) {
+                if let Err(e) = n.send_to_backend(frame) {
+                    tracing::warn!(card, "output commit: sending a released frame: {e}");
+                }
+            }
+        }
+        // Transmit may have waited for room in the hold.
+        for n in &self.nets {
+            n.resume_tx();
+        }
+    }
+
+    /// Drops the held output of the speculations a rollback took back.
+    pub(super) fn drop_held(&self, aborted: &[SpecId]) {
+        let ids: Vec<u64> = aborted.iter().map(|id| id.to_u64()).collect();
+        let n = {
+            let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
+            d.held.drop_aborted(&ids)
+        };
+        if n > 0 {
+            tracing::debug!(
+                frames = n,
+                "output commit: frames of aborted speculations dropped"
+            );
+            for n in &self.nets {
+                n.resume_tx();
+            }
+        }
     }
 
     /// Sends a control message to the bridge, if the VM has one.

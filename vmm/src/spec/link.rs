@@ -224,6 +224,147 @@ pub struct SharedDeps {
     /// Ids the VM could not join (its checkpoint stack was full): frames
     /// tagged with them are dropped, never delivered unprotected.
     pub refused: Vec<u64>,
+    /// Output held until the speculations it depends on commit.
+    pub held: HeldOutput,
+}
+
+impl SharedDeps {
+    /// Sets the dependency set to `ids` and releases the held frames that
+    /// no longer depend on anything: every id that left the set without
+    /// being dropped by [`HeldOutput::drop_aborted`] first was committed
+    /// (rules 5, 6, 11). They go to the release thread, in order; without
+    /// one (a VM with no card that holds output) they are returned, oldest
+    /// first, with their card, for the caller to send.
+    pub fn set_ids(&mut self, ids: Vec<u64>) -> Vec<(usize, Vec<u8>)> {
+        self.ids = ids;
+        let out = self.held.release(&self.ids);
+        match &self.held.releaser {
+            Some(_) => {
+                for (card, frame) in out {
+                    self.held.hand_to_releaser(card, frame);
+                }
+                Vec::new()
+            }
+            None => out,
+        }
+    }
+}
+
+/// Most frames held for output commit, over all the VM's cards.
+pub const HELD_MAX_FRAMES: usize = 1024;
+/// Most bytes held for output commit, over all the VM's cards.
+pub const HELD_MAX_BYTES: usize = 2 << 20;
+
+/// One frame held for output commit.
+#[derive(Debug)]
+struct Held {
+    /// The card (slot) it was sent on.
+    card: usize,
+    /// The speculations it still waits for.
+    pending: Vec<u64>,
+    frame: Vec<u8>,
+}
+
+/// Frames sent through cards that leave the speculation domain (`socket=`,
+/// `tap=`) while the VM depended on open speculations: the outside world
+/// must never see output that a rollback would take back (output commit,
+/// rule 11). Each frame waits for the ids the VM held when it was sent; it
+/// goes out once all of them committed, and is dropped as soon as one
+/// aborts. Bounded: when full, [`OutputCommitHook::tx_ready`] says no and
+/// the guest's transmit queue waits.
+#[derive(Debug, Default)]
+pub struct HeldOutput {
+    frames: std::collections::VecDeque<Held>,
+    bytes: usize,
+    /// The release thread's queue ([`spawn_releaser`]).
+    releaser: Option<std::sync::mpsc::Sender<(usize, Vec<u8>)>>,
+    /// Frames (and bytes) released and not yet sent by that thread: new
+    /// output queues behind them, so nothing overtakes what a commit let
+    /// go, and they count against the bound.
+    in_flight: usize,
+    in_flight_bytes: usize,
+}
+
+impl HeldOutput {
+    /// Frames held.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether one more frame fits.
+    pub fn has_room(&self) -> bool {
+        self.frames.len() + self.in_flight < HELD_MAX_FRAMES
+            && self.bytes + self.in_flight_bytes < HELD_MAX_BYTES
+    }
+
+    /// Frames released and not sent yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Hands a frame to the release thread.
+    fn hand_to_releaser(&mut self, card: usize, frame: Vec<u8>) {
+        let len = frame.len();
+        if let Some(tx) = &self.releaser {
+            if tx.send((card, frame)).is_ok() {
+                self.in_flight += 1;
+                self.in_flight_bytes += len;
+            }
+        }
+    }
+
+    /// The release thread sent (or gave up on) a frame of `len` bytes.
+    fn sent(&mut self, len: usize) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(len);
+    }
+
+    fn push(&mut self, card: usize, pending: Vec<u64>, frame: Vec<u8>) {
+        self.bytes += frame.len();
+        self.frames.push_back(Held {
+            card,
+            pending,
+            frame,
+        });
+    }
+
+    /// Drops every frame that waits for one of `aborted`: the rollback took
+    /// back the state that sent it (rule 4). Returns how many.
+    pub fn drop_aborted(&mut self, aborted: &[u64]) -> usize {
+        let before = self.frames.len();
+        self.frames
+            .retain(|h| !h.pending.iter().any(|p| aborted.contains(p)));
+        self.bytes = self.frames.iter().map(|h| h.frame.len()).sum();
+        before - self.frames.len()
+    }
+
+    /// Forgets the ids that are no longer in `ids` (committed), and takes
+    /// out the frames left waiting for nothing, in the order they were sent.
+    fn release(&mut self, ids: &[u64]) -> Vec<(usize, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut keep = std::collections::VecDeque::with_capacity(self.frames.len());
+        for mut h in self.frames.drain(..) {
+            h.pending.retain(|p| ids.contains(p));
+            if h.pending.is_empty() {
+                self.bytes -= h.frame.len();
+                out.push((h.card, h.frame));
+            } else {
+                keep.push_back(h);
+            }
+        }
+        self.frames = keep;
+        out
+    }
 }
 
 /// Counters of the hook.
@@ -337,10 +478,131 @@ impl FrameHook for SpecHook {
 }
 
 /// The frame hook of a net device that is not on the bridge (`socket=`,
-/// `tap=`): the VMM still owns the tag (rule 12), so it strips any
-/// IPOPT_SPEC the guest wrote before the frame leaves, and, since a tag is
-/// trusted only from the bridge, strips it from what arrives too. Frames
-/// whose IPv4 header is malformed are dropped.
+/// `tap=`): such a card leaves the speculation domain, so what the guest
+/// sends while it depends on open speculations is held until they commit
+/// and dropped if one aborts ([`HeldOutput`], rule 11); what it sends with
+/// no open speculation goes out at once. The VMM owns the tag (rule 12): it
+/// strips any IPOPT_SPEC the guest wrote before a frame leaves, and, since
+/// a tag is trusted only from the bridge, strips it from what arrives too.
+/// Frames whose IPv4 header is malformed are dropped.
+pub struct OutputCommitHook {
+    card: usize,
+    deps: Arc<Mutex<SharedDeps>>,
+}
+
+impl OutputCommitHook {
+    /// The hook of card (slot) `card`, reading the dependency set and
+    /// holding output in `deps`.
+    pub fn new(card: usize, deps: Arc<Mutex<SharedDeps>>) -> Self {
+        Self { card, deps }
+    }
+}
+
+impl FrameHook for OutputCommitHook {
+    fn on_tx(&mut self, frame: Vec<u8>) -> Option<Vec<u8>> {
+        let frame = codec::strip(&frame).ok()?;
+        // One lock for the set and the hold: the controller changes both
+        // under it, so a frame never waits for an id decided meanwhile.
+        let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
+        if d.ids.is_empty() {
+            if d.held.in_flight == 0 || d.held.releaser.is_none() {
+                return Some(frame);
+            }
+            // Behind the released frames still on their way.
+            d.held.hand_to_releaser(self.card, frame);
+            return None;
+        }
+        let pending = d.ids.clone();
+        d.held.push(self.card, pending, frame);
+        None
+    }
+
+    fn on_rx(&mut self, frame: &mut Vec<u8>) -> RxVerdict {
+        StripHook.on_rx(frame)
+    }
+
+    fn tx_ready(&mut self) -> bool {
+        let d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
+        (d.ids.is_empty() && d.held.in_flight == 0) || d.held.has_room()
+    }
+}
+
+/// How long the release thread waits for a peer to take one frame before
+/// it drops it (and says so): a peer that stops reading does not hold the
+/// VM's output forever.
+const RELEASE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Starts the thread that sends released output (frames a commit let go)
+/// through the cards' backends, in order. Unlike the device's own
+/// transmit, which drops a frame when the peer's buffer is full, it waits
+/// for the peer (up to [`RELEASE_PATIENCE`] a frame): a commit can release
+/// a thousand frames at once, and none of them may be lost. `backends` and
+/// `wakers` are indexed by card (slot).
+pub fn spawn_releaser(
+    deps: Arc<Mutex<SharedDeps>>,
+    backends: Vec<Arc<Backend>>,
+    wakers: Vec<crate::devices::virtio::net::TxWaker>,
+) -> io::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<u8>)>();
+    deps.lock().unwrap_or_else(|e| e.into_inner()).held.releaser = Some(tx);
+    std::thread::Builder::new()
+        .name("net-release".into())
+        .spawn(move || {
+            let mut since_wake = 0;
+            while let Ok(first) = rx.recv() {
+                let mut next = Some(first);
+                while let Some((card, frame)) = next {
+                    if let Some(b) = backends.get(card) {
+                        send_patiently(b, &frame);
+                    }
+                    deps.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .held
+                        .sent(frame.len());
+                    since_wake += 1;
+                    // Room in the hold: a stalled transmit may go on.
+                    if since_wake >= 32 {
+                        since_wake = 0;
+                        wakers.iter().for_each(|w| w.wake());
+                    }
+                    next = rx.try_recv().ok();
+                }
+                since_wake = 0;
+                wakers.iter().for_each(|w| w.wake());
+            }
+        })?;
+    Ok(())
+}
+
+/// Sends `frame`, waiting while the peer's buffer is full.
+fn send_patiently(b: &Backend, frame: &[u8]) {
+    let deadline = std::time::Instant::now() + RELEASE_PATIENCE;
+    loop {
+        match b.send(frame) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() || !matches!(b.wait_writable(left), Ok(true)) {
+                    tracing::warn!(
+                        "output commit: {} took no frame for {RELEASE_PATIENCE:?}; a released frame is dropped",
+                        b.name()
+                    );
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "output commit: sending a released frame to {}: {e}",
+                    b.name()
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Strips IPOPT_SPEC both ways, holding nothing: the receive side of
+/// [`OutputCommitHook`], and a hook for tests.
 #[derive(Debug, Default)]
 pub struct StripHook;
 
@@ -388,7 +650,7 @@ mod tests {
     fn spec_hook_tags_with_the_whole_set_and_asks_to_join() {
         let deps = Arc::new(Mutex::new(SharedDeps {
             ids: vec![(1 << 32) | 5],
-            refused: vec![],
+            ..Default::default()
         }));
         let (tx, rx) = crate::event::channel();
         let mut h = SpecHook::new(deps.clone(), tx, Arc::default());
@@ -414,5 +676,88 @@ mod tests {
         // Too many ids: dropped, never sent untagged.
         deps.lock().unwrap().ids = (1..=5).map(|s| (1 << 32) | s).collect();
         assert_eq!(h.on_tx(udp(&[])), None);
+    }
+
+    fn payload(f: &[u8]) -> u8 {
+        *f.last().unwrap()
+    }
+
+    fn udp_with(byte: u8) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1, 2);
+        let mut f = Vec::new();
+        b.write(&mut f, &[byte]).unwrap();
+        f
+    }
+
+    /// Rule 11 on a card that leaves the speculation domain: output with
+    /// no open speculation goes at once; output under speculations waits
+    /// for all of them, goes in order at their commit, and dies with an
+    /// abort of any of them.
+    #[test]
+    fn output_commit_holds_releases_and_drops() {
+        let deps = Arc::new(Mutex::new(SharedDeps::default()));
+        let mut h = OutputCommitHook::new(0, deps.clone());
+        let forged = codec::retag(&udp_with(1), &[WireId { vm: 99, seq: 7 }]).unwrap();
+        let out = h.on_tx(forged).expect("no speculation: sent at once");
+        assert_eq!(
+            codec::parse_tags(&out).unwrap(),
+            None,
+            "the tag is the VMM's"
+        );
+
+        let (a, b) = ((1u64 << 32) | 1, (1u64 << 32) | 2);
+        assert!(deps.lock().unwrap().set_ids(vec![a]).is_empty());
+        assert_eq!(h.on_tx(udp_with(2)), None);
+        assert!(deps.lock().unwrap().set_ids(vec![a, b]).is_empty());
+        assert_eq!(h.on_tx(udp_with(3)), None);
+        assert_eq!(h.on_tx(udp_with(4)), None);
+        assert_eq!(deps.lock().unwrap().held.len(), 3);
+        // b aborts: the frames sent under it go; a's stays.
+        assert_eq!(deps.lock().unwrap().held.drop_aborted(&[b]), 2);
+        assert!(deps.lock().unwrap().set_ids(vec![a]).is_empty());
+        assert_eq!(h.on_tx(udp_with(5)), None);
+        // a commits: both of its frames, in order (no release thread here,
+        // so they come back to the caller).
+        let out = deps.lock().unwrap().set_ids(vec![]);
+        let got: Vec<(usize, u8)> = out.iter().map(|(c, f)| (*c, payload(f))).collect();
+        assert_eq!(got, vec![(0, 2), (0, 5)]);
+        assert!(deps.lock().unwrap().held.is_empty());
+        assert_eq!(deps.lock().unwrap().held.bytes(), 0);
+    }
+
+    /// A frame sent under a joined id that its owner commits, while the
+    /// VM's own speculation stays open, still waits for the own one.
+    #[test]
+    fn output_waits_for_every_id_it_depends_on() {
+        let deps = Arc::new(Mutex::new(SharedDeps::default()));
+        let mut h = OutputCommitHook::new(1, deps.clone());
+        let (own, joined) = ((1u64 << 32) | 1, (7u64 << 32) | 3);
+        deps.lock().unwrap().set_ids(vec![own, joined]);
+        assert_eq!(h.on_tx(udp_with(9)), None);
+        assert!(deps.lock().unwrap().set_ids(vec![own]).is_empty());
+        let out = deps.lock().unwrap().set_ids(vec![]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, 1);
+    }
+
+    /// The hold is bounded: when it is full the hook asks the device to
+    /// stop taking frames (back-pressure), never drops them.
+    #[test]
+    fn a_full_hold_pushes_back() {
+        let deps = Arc::new(Mutex::new(SharedDeps::default()));
+        let mut h = OutputCommitHook::new(0, deps.clone());
+        deps.lock().unwrap().set_ids(vec![1]);
+        let mut sent = 0;
+        while h.tx_ready() {
+            assert_eq!(h.on_tx(udp_with(0)), None);
+            sent += 1;
+            assert!(sent <= HELD_MAX_FRAMES, "no bound");
+        }
+        assert_eq!(sent, HELD_MAX_FRAMES);
+        let out = deps.lock().unwrap().set_ids(vec![]);
+        assert_eq!(out.len(), HELD_MAX_FRAMES, "nothing lost");
+        assert!(h.tx_ready());
     }
 }

@@ -243,6 +243,24 @@ impl Backend {
         }
     }
 
+    /// Waits up to `timeout` until a [`Backend::send`] would not block;
+    /// `Ok(false)` if it still would.
+    pub fn wait_writable(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one pollfd we own, for a descriptor we own.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        match n {
+            n if n < 0 => Err(io::Error::last_os_error()),
+            0 => Ok(false),
+            _ => Ok(true),
+        }
+    }
+
     /// Receives one frame into `buf` without blocking. `Ok(None)`: nothing
     /// is waiting. `Ok(Some(n))` with `n > buf.len()` (sockets) or `n ==
     /// buf.len()` (tap) means the frame did not fit and was cut.

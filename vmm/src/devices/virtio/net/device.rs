@@ -104,6 +104,9 @@ pub struct NetStats {
     pub tx_invalid: u64,
     /// Frames the hook dropped (or kept) on transmit.
     pub tx_hook_dropped: u64,
+    /// Times transmit stopped because the hook could take no more frames
+    /// (back-pressure from output commit).
+    pub tx_stalls: u64,
     /// Frames the backend did not take (full or gone).
     pub tx_backend_dropped: u64,
     /// Frames written into the guest's buffers.
@@ -131,6 +134,9 @@ pub struct Net {
     hook: Box<dyn FrameHook>,
     pending: VecDeque<Vec<u8>>,
     rx_held: bool,
+    /// Transmit stopped on the hook's back-pressure: chains wait in the
+    /// queue until the next backend event finds the hook ready.
+    tx_stalled: bool,
     stats: NetStats,
     tx_error_logged: bool,
 }
@@ -158,6 +164,7 @@ impl Net {
             hook: Box::new(PassThrough),
             pending: VecDeque::new(),
             rx_held: false,
+            tx_stalled: false,
             stats: NetStats::default(),
             tx_error_logged: false,
         }
@@ -251,10 +258,21 @@ impl Net {
         };
         let max = NET_HDR_LEN + self.max_frame();
         let mut used = 0u32;
+        self.tx_stalled = false;
         // Only the chains available now: later ones come with their own
         // notification, and a bound keeps a racing driver from holding the
         // device forever.
         while used < u32::from(q.size()) {
+            if !self.hook.tx_ready() {
+                // Back-pressure: the chains stay available, and the next
+                // backend event (NetHandle::resume_tx) comes back for them.
+                let avail = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+                if avail.0 != q.next_avail() {
+                    self.tx_stalled = true;
+                    self.stats.tx_stalls += 1;
+                }
+                break;
+            }
             let Some(chain) = q.iter(mem)?.next() else {
                 break;
             };
@@ -520,7 +538,14 @@ impl VirtioDevice for Net {
     }
 
     fn process_backend(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), VirtioError> {
-        self.deliver_pending(ctx)
+        self.deliver_pending(ctx)?;
+        // Not while receive is held: that is how the controller keeps the
+        // device out of guest memory while it takes or restores a
+        // checkpoint; resume_rx comes back here.
+        if self.tx_stalled && !self.rx_held {
+            self.process_tx(ctx)?;
+        }
+        Ok(())
     }
 
     fn bus_state(

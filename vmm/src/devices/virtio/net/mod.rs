@@ -82,6 +82,14 @@ pub trait FrameHook: Send {
     /// [`RxVerdict::DeferUntilCheckpoint`]; edits made before deferring
     /// stay. Frames longer than the MTU after this call are dropped.
     fn on_rx(&mut self, frame: &mut Vec<u8>) -> RxVerdict;
+
+    /// Whether the hook can take another frame from the guest now. While
+    /// it says no, the device leaves the guest's transmit queue alone (the
+    /// guest sees back-pressure, as from a busy card) until
+    /// [`NetHandle::resume_tx`] is called and the hook says yes again.
+    fn tx_ready(&mut self) -> bool {
+        true
+    }
 }
 
 /// The hook that passes every frame through unchanged.
@@ -161,6 +169,18 @@ pub fn new_net_with_backend(
     Ok((shared, handle))
 }
 
+/// Takes a device's transmit up again after its hook held it back.
+#[derive(Clone)]
+pub struct TxWaker(NetTransport);
+
+impl TxWaker {
+    /// As [`NetHandle::resume_tx`]. Must not be called with the device
+    /// locked (from a hook).
+    pub fn wake(&self) {
+        lock_transport(&self.0).process_backend_event();
+    }
+}
+
 /// The VMM's side of a net device: receive control, the hook, counters.
 /// Dropping it stops the receive thread.
 pub struct NetHandle {
@@ -208,6 +228,25 @@ impl NetHandle {
         let mut t = lock_transport(&self.transport);
         t.device_mut().enqueue_rx(frame);
         t.process_backend_event();
+    }
+
+    /// The backend, for a sender of frames outside the device (output
+    /// commit's releases).
+    pub fn backend(&self) -> Arc<Backend> {
+        self.backend.clone()
+    }
+
+    /// Something that can call [`NetHandle::resume_tx`] from another
+    /// thread.
+    pub fn tx_waker(&self) -> TxWaker {
+        TxWaker(self.transport.clone())
+    }
+
+    /// Takes transmit up again after the hook held it back
+    /// ([`FrameHook::tx_ready`]): the frames the guest queued meanwhile go
+    /// through the hook now.
+    pub fn resume_tx(&self) {
+        lock_transport(&self.transport).process_backend_event();
     }
 
     /// Sends `frame` straight to the backend, past the hook (for frames the
