@@ -119,3 +119,87 @@ fn bad_cpu_count_is_refused() {
     r.assert_failed();
     r.assert_stderr_contains("vCPU count 0");
 }
+
+/// A copy of the `hello` guest with `patch` applied to its bytes, in a
+/// temporary file that the returned guard removes.
+struct Patched(std::path::PathBuf);
+
+impl Patched {
+    fn new(name: &str, patch: impl FnOnce(&mut Vec<u8>)) -> Self {
+        let mut bytes = std::fs::read(bare_guest("hello")).unwrap();
+        patch(&mut bytes);
+        let p = std::env::temp_dir().join(format!("specvm-elf-{name}-{}", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        Self(p)
+    }
+    fn run(&self, extra: &[&str]) -> RunResult {
+        let mut args = vec!["run", "--bare", self.0.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        run_specvm(&args, TIMEOUT)
+    }
+}
+
+impl Drop for Patched {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The offset of the first PT_LOAD program header in an ELF-64 file.
+fn first_load(b: &[u8]) -> usize {
+    let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
+    let size = usize::from(u16::from_le_bytes([b[54], b[55]]));
+    let n = usize::from(u16::from_le_bytes([b[56], b[57]]));
+    (0..n)
+        .map(|i| phoff + i * size)
+        .find(|&o| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) == 1)
+        .expect("a PT_LOAD")
+}
+
+#[test]
+fn programs_outside_the_bare_contract_are_refused_with_the_reason() {
+    let cases: Vec<(&str, Patched)> = vec![
+        ("32-bit", Patched::new("class", |b| b[4] = 1)),
+        (
+            "not x86-64",
+            Patched::new("machine", |b| {
+                b[18..20].copy_from_slice(&3u16.to_le_bytes())
+            }),
+        ),
+        (
+            "not a static executable",
+            Patched::new("dyn", |b| b[16..18].copy_from_slice(&3u16.to_le_bytes())),
+        ),
+        (
+            "below 0x400000",
+            Patched::new("low", |b| {
+                let o = first_load(b);
+                b[o + 24..o + 32].copy_from_slice(&0x1000u64.to_le_bytes());
+            }),
+        ),
+        (
+            "past the guest's low RAM",
+            Patched::new("big", |b| {
+                let o = first_load(b);
+                b[o + 40..o + 48].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            }),
+        ),
+        ("not an ELF", Patched::new("magic", |b| b[1] = b'X')),
+    ];
+    for (why, p) in &cases {
+        let r = p.run(&["--memory", "64M"]);
+        r.assert_failed();
+        assert_error_line(&r);
+        r.assert_stderr_contains(why);
+    }
+}
+
+/// The documented maximum, 64 GiB, runs a bare guest (its identity map
+/// covers the RAM above the MMIO gap).
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn the_largest_memory_runs_a_bare_guest() {
+    skip_without_kvm!();
+    let r = run_bare("hello", &["--memory", "64G"]);
+    r.assert_status(0);
+}

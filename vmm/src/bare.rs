@@ -34,6 +34,9 @@ pub enum BareError {
         "bare guest program {0}: not a loadable x86-64 ELF at {BARE_LOAD_ADDR:#x} or above: {1}"
     )]
     Load(PathBuf, linux_loader::loader::Error),
+    /// The program breaks the bare-guest contract (docs/guest-abi.md).
+    #[error("bare guest program {0}: {1}")]
+    Contract(PathBuf, String),
     /// Page tables could not be built.
     #[error("bare guest page tables: {0}")]
     Paging(#[from] PagingError),
@@ -57,6 +60,7 @@ pub struct BareEntry {
 /// Loads `program` into `mem` and builds the GDT and page tables it needs.
 pub fn load(mem: &GuestMemoryMmap, mem_size: u64, program: &Path) -> Result<BareEntry, BareError> {
     let mut f = File::open(program).map_err(|e| BareError::Open(program.into(), e))?;
+    check_contract(&f, mem_size).map_err(|m| BareError::Contract(program.into(), m))?;
     let res = Elf::load(mem, None, &mut f, Some(GuestAddress(BARE_LOAD_ADDR)))
         .map_err(|e| BareError::Load(program.into(), e))?;
     for (i, w) in gdt_words(TSS_ADDR, TSS_LIMIT).iter().enumerate() {
@@ -69,6 +73,96 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, program: &Path) -> Result<Bare
         entry: res.kernel_load.0,
         cr3,
     })
+}
+
+/// ELF constants (the ELF-64 object file format).
+const ELFCLASS64: u8 = 2;
+const ELFDATA2LSB: u8 = 1;
+const ET_EXEC: u16 = 2;
+const EM_X86_64: u16 = 62;
+const PT_LOAD: u32 = 1;
+const PT_INTERP: u32 = 3;
+const PT_DYNAMIC: u32 = 2;
+/// Most program headers read.
+const MAX_PHDRS: u16 = 256;
+
+/// Checks what linux-loader's ELF loader leaves to its caller: it loads any
+/// class, machine and type, and segments anywhere in guest memory (a kernel
+/// loader trusts its kernel). A bare guest must be a static 64-bit x86-64
+/// executable (`ET_EXEC`, no interpreter, no dynamic section) whose
+/// segments lie in RAM at or above [`BARE_LOAD_ADDR`]; anything else is
+/// refused with the reason, before a byte is loaded. The headers are read
+/// here by hand because the loader does not expose its parsed ones.
+fn check_contract(f: &File, mem_size: u64) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let mut eh = [0u8; 64];
+    f.read_exact_at(&mut eh, 0)
+        .map_err(|e| format!("reading the ELF header: {e}"))?;
+    if eh[..4] != *b"\x7fELF" {
+        return Err("not an ELF file".into());
+    }
+    if eh[4] != ELFCLASS64 || eh[5] != ELFDATA2LSB {
+        return Err(
+            "not a 64-bit little-endian ELF (32-bit programs cannot be bare guests)".into(),
+        );
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+    let (e_type, machine) = (u16_at(&eh, 16), u16_at(&eh, 18));
+    if machine != EM_X86_64 {
+        return Err(format!("ELF machine {machine}, not x86-64 ({EM_X86_64})"));
+    }
+    if e_type != ET_EXEC {
+        return Err(format!(
+            "ELF type {e_type}, not a static executable (ET_EXEC): position-independent \
+             and shared objects are not loaded"
+        ));
+    }
+    let (phoff, phentsize, phnum) = (u64_at(&eh, 32), u16_at(&eh, 54), u16_at(&eh, 56));
+    if phnum == 0 || phnum > MAX_PHDRS || usize::from(phentsize) < 56 {
+        return Err(format!("{phnum} program headers of {phentsize} bytes"));
+    }
+    let mut loads = 0;
+    for i in 0..u64::from(phnum) {
+        let mut ph = [0u8; 56];
+        let off = phoff
+            .checked_add(i * u64::from(phentsize))
+            .ok_or("program header offset overflows")?;
+        f.read_exact_at(&mut ph, off)
+            .map_err(|e| format!("reading program header {i}: {e}"))?;
+        let p_type = u32_at(&ph, 0);
+        if p_type == PT_INTERP || p_type == PT_DYNAMIC {
+            return Err("a dynamically linked program (PT_INTERP or PT_DYNAMIC)".into());
+        }
+        if p_type != PT_LOAD {
+            continue;
+        }
+        loads += 1;
+        let (paddr, filesz, memsz) = (u64_at(&ph, 24), u64_at(&ph, 32), u64_at(&ph, 40));
+        if filesz > memsz {
+            return Err(format!(
+                "segment {i}: file size {filesz:#x} > memory size {memsz:#x}"
+            ));
+        }
+        let end = paddr
+            .checked_add(memsz)
+            .ok_or_else(|| format!("segment {i}: {paddr:#x} + {memsz:#x} overflows"))?;
+        if paddr < BARE_LOAD_ADDR {
+            return Err(format!(
+                "segment {i} at {paddr:#x}, below {BARE_LOAD_ADDR:#x} where the VMM's structures are"
+            ));
+        }
+        if end > mem_size.min(crate::arch::x86_64::layout::MMIO_GAP_START) {
+            return Err(format!(
+                "segment {i} ({paddr:#x}..{end:#x}) is past the guest's low RAM (--memory {mem_size:#x})"
+            ));
+        }
+    }
+    if loads == 0 {
+        return Err("no loadable segment".into());
+    }
+    Ok(())
 }
 
 /// Writes the TSS with an I/O permission bitmap that allows every port.

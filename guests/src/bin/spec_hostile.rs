@@ -1,7 +1,7 @@
 //! Garbage hypercalls get error results, never crash the VMM, and never
 //! corrupt a checkpoint.
 //!
-//! - unknown operations (0, 6, 0xffffffff, 0xdeadbeef, ...) return BAD_OP;
+//! - unknown operations (0, 7, 0x106, 0xffffffff, 0xdeadbeef, ...) return BAD_OP;
 //! - ENTRY past the end (up to u64::MAX) returns BAD_ARG;
 //! - COMMIT and ABORT with no speculation return NO_SPECULATION;
 //! - every operation is also issued with random garbage in every other
@@ -46,8 +46,8 @@ const ROUNDS: usize = 16;
 /// would take them for SPECULATE.
 const BAD_OPS: [u32; 10] = [
     0,
-    6,
     7,
+    0x106,
     0xff,
     0x101,
     0x1_0001,

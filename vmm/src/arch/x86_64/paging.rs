@@ -11,8 +11,11 @@ const HUGE: u64 = 1 << 7;
 const GIB: u64 = 1 << 30;
 const TWO_MIB: u64 = 2 << 20;
 
-/// Most GiB one PDPT, with the PDs that follow it, may map here.
-pub const MAX_MAPPED_GIB: u64 = 64;
+/// Most GiB one PDPT, with the PDs that follow it, may map here: the
+/// largest guest (64 GiB of RAM, `config::MAX_MEM_SIZE`) plus the 1 GiB
+/// MMIO gap below 4 GiB that pushes its RAM up. The PDs, one page per GiB
+/// from `PD_ADDR`, end at 0x53000, below everything a bare guest uses.
+pub const MAX_MAPPED_GIB: u64 = 65;
 
 /// Errors while writing page tables.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +82,6 @@ mod tests {
     fn refuses_too_much() {
         let mem: GuestMemoryMmap =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        assert!(setup_identity_map(&mem, 65 * GIB, false).is_err());
+        assert!(setup_identity_map(&mem, 66 * GIB, false).is_err());
     }
 }
