@@ -13,7 +13,9 @@
 //! - [`registry`]: owners, members and outcomes of speculations;
 //! - [`bridge`]: switching decisions, queues, output commit, anti-messages;
 //! - [`server`]: the tokio I/O around them, and the `netbridge` binary;
-//! - [`uplink`]: the TAP port to the host (`--uplink tap=NAME`).
+//! - [`uplink`]: the TAP port to the host (`--uplink tap=NAME`);
+//! - [`sock`]: listening Unix sockets that replace no one else's file
+//!   (shared with specvm).
 //!
 //! The VMM side (tagging every guest frame, joining on receive) is
 //! `vmm/src/spec/link.rs`.
@@ -23,5 +25,6 @@ pub mod codec;
 pub mod protocol;
 pub mod registry;
 pub mod server;
+pub mod sock;
 pub mod tags;
 pub mod uplink;
