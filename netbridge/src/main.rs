@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! netbridge --listen /run/specvm/bridge.sock [--uplink tap=NAME]
-//!           [--events PATH] [--quiet]
+//!           [--events PATH] [--group GROUP] [--quiet]
 //! ```
 //!
 //! VMMs connect to `--listen` as ports (see `docs/netbridge.md`). With
@@ -10,6 +10,10 @@
 //! too, to the host's network stack, which gets tagged frames only once
 //! they commit. Every speculation event is printed as a JSON line on stdout
 //! (unless `--quiet`) and streamed to clients of `--events`.
+//!
+//! Both sockets are mode 0600 (0660 with `--group`), replace only a stale
+//! socket, and are removed at exit only while they are still the bridge's
+//! own ([`netbridge::sock`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,6 +21,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use netbridge::bridge::Bridge;
 use netbridge::server::{self, Shared};
+use netbridge::sock::Access;
 use netbridge::uplink::{Tap, Uplink, UplinkSpec};
 
 /// The speculation-aware virtual switch for specvm guests.
@@ -35,6 +40,10 @@ struct Args {
     /// A Unix socket that streams events as JSON lines.
     #[arg(long, value_name = "PATH")]
     events: Option<PathBuf>,
+    /// Let this group (a name or a number) connect to the sockets too:
+    /// mode 0660 instead of 0600.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
     /// Do not print events on stdout.
     #[arg(long)]
     quiet: bool,
@@ -62,9 +71,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(&format!("starting the runtime: {e}")),
     };
     let r = rt.block_on(run(&args));
-    for p in std::iter::once(&args.listen).chain(args.events.as_ref()) {
-        let _ = std::fs::remove_file(p);
-    }
+    // The sockets' files go with the tasks that hold them, and only if
+    // they are still ours: a bridge that failed to start removes nothing.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
@@ -87,7 +96,13 @@ async fn run(args: &Args) -> Result<(), String> {
         Some(UplinkSpec::Tap(name)) => Some(Tap::open(name).map_err(|e| e.to_string())?),
         None => None,
     };
-    let ports = server::bind(&args.listen).map_err(|e| e.to_string())?;
+    let access = Access {
+        group: match &args.group {
+            Some(g) => Some(netbridge::sock::group_id(g)?),
+            None => None,
+        },
+    };
+    let ports = server::bind_with(&args.listen, &access).map_err(|e| e.to_string())?;
     if let Some(tap) = tap {
         let uplink = Uplink::attach(tap, shared.clone()).map_err(|e| e.to_string())?;
         // Losing the uplink does not stop the bridge: the VMs on it keep
@@ -98,7 +113,7 @@ async fn run(args: &Args) -> Result<(), String> {
         });
     }
     if let Some(p) = &args.events {
-        let events = server::bind(p).map_err(|e| e.to_string())?;
+        let events = server::bind_with(p, &access).map_err(|e| e.to_string())?;
         tokio::spawn(server::serve_events(events, shared.clone()));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

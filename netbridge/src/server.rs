@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -15,6 +16,7 @@ use crate::protocol::{
     decode, encode_control, encode_frame, framed, Control, Message, MAX_MESSAGE,
 };
 use crate::registry::PortId;
+use crate::sock::{self, Access, SockError, SocketFile};
 
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +24,16 @@ pub enum ServerError {
     /// A socket could not be bound.
     #[error("binding {0}: {1}")]
     Bind(PathBuf, std::io::Error),
+    /// The socket's path is taken, or cannot be used.
+    #[error(transparent)]
+    Sock(#[from] SockError),
 }
+
+/// How long a new port has to say hello before it is closed.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an event line may wait for a client that does not read before
+/// the client is dropped.
+pub const EVENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the writer task of a port waits on.
 struct PortLink {
@@ -136,21 +147,38 @@ impl Shared {
     }
 }
 
-/// Binds a Unix socket at `path`, replacing a stale socket file. Needs a
-/// tokio runtime.
-pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
-    if path.exists() {
-        let _ = std::fs::remove_file(path);
-    }
-    UnixListener::bind(path).map_err(|e| ServerError::Bind(path.into(), e))
+/// A listening socket and its file, which goes away with it (see
+/// [`crate::sock`]).
+pub struct Bound {
+    listener: UnixListener,
+    _file: SocketFile,
 }
 
-/// Serves ports on `listener` until the task is dropped.
-pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+/// Binds a private Unix socket at `path` (mode 0600); see [`bind_with`].
+pub fn bind(path: &Path) -> Result<Bound, ServerError> {
+    bind_with(path, &Access::default())
+}
+
+/// Binds a Unix socket at `path` for `access`. Only a stale socket is
+/// replaced; a live one, or any other file, is an error that leaves it be.
+/// The file appears once it accepts, and is removed when the [`Bound`]
+/// is dropped, if it is still ours. Needs a tokio runtime.
+pub fn bind_with(path: &Path, access: &Access) -> Result<Bound, ServerError> {
+    let (listener, file) = sock::listen(path, access)?;
+    let listener = listener
+        .set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(listener))
+        .map_err(|e| ServerError::Bind(path.into(), e))?;
+    Ok(Bound {
+        listener,
+        _file: file,
+    })
+}
+
+/// Serves ports on `bound` until the task is dropped.
+pub async fn serve(bound: Bound, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let stream = sock::accept(&bound.listener).await;
         let port = shared.next_port();
         tokio::spawn(run_port(port, stream, shared.clone()));
     }
@@ -173,8 +201,23 @@ async fn read_message(rd: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
 
 async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
     let (mut rd, wr) = stream.into_split();
-    let hello = match read_message(&mut rd).await.map(|m| decode(&m)) {
+    // A client that connects and says nothing must not hold a descriptor
+    // for ever.
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut rd)).await {
+        Ok(m) => m,
+        Err(_) => {
+            tracing::info!(port, "port closed: no hello within {HELLO_TIMEOUT:?}");
+            return;
+        }
+    };
+    let hello = match first.map(|m| decode(&m)) {
         Ok(Ok(Message::Control(Control::Hello { vm, speculative }))) => (vm, speculative),
+        // A client that left without a word, such as a check whether the
+        // socket is live (crate::sock).
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            tracing::info!(port, "port closed before its hello");
+            return;
+        }
         other => {
             tracing::warn!(
                 port,
@@ -261,12 +304,11 @@ async fn write_port(
     }
 }
 
-/// Streams events as JSON lines to clients of `listener`.
-pub async fn serve_events(listener: UnixListener, shared: Arc<Shared>) {
+/// Streams events as JSON lines to clients of `bound`. A client that
+/// stops reading for [`EVENT_WRITE_TIMEOUT`] is dropped.
+pub async fn serve_events(bound: Bound, shared: Arc<Shared>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let mut stream = sock::accept(&bound.listener).await;
         let mut rx = shared.subscribe();
         tokio::spawn(async move {
             loop {
@@ -277,11 +319,12 @@ pub async fn serve_events(listener: UnixListener, shared: Arc<Shared>) {
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                if stream
-                    .write_all(format!("{line}\n").as_bytes())
-                    .await
-                    .is_err()
-                {
+                let line = format!("{line}\n");
+                let write = stream.write_all(line.as_bytes());
+                if !matches!(
+                    tokio::time::timeout(EVENT_WRITE_TIMEOUT, write).await,
+                    Ok(Ok(()))
+                ) {
                     return;
                 }
             }
