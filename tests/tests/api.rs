@@ -141,13 +141,20 @@ fn bad_requests_get_errors_and_the_socket_is_removed_on_sigterm() {
     let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
     s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
     let mut rd = BufReader::new(s.try_clone().expect("clone"));
-    for req in ["{\"op\":\"explode\"}\n", "not json\n", "{}\n"] {
-        s.write_all(req.as_bytes()).expect("write");
+    let not_utf8: &[u8] = b"{\"op\":\"st\xffatus\"}\n";
+    for req in [
+        &b"{\"op\":\"explode\"}\n"[..],
+        b"not json\n",
+        b"{}\n",
+        not_utf8,
+    ] {
+        s.write_all(req).expect("write");
         let mut line = String::new();
         rd.read_line(&mut line).expect("read");
         assert!(
             line.starts_with(r#"{"ok":false,"error":"bad request"#),
-            "{req:?} -> {line}"
+            "{:?} -> {line}",
+            String::from_utf8_lossy(req)
         );
     }
     // The connection still serves good requests afterwards.
@@ -175,4 +182,34 @@ fn ctl_without_a_vm_is_a_clear_error() {
     );
     r.assert_status(1);
     r.assert_stderr_contains("/nonexistent/api.sock");
+}
+
+/// clap's own parse errors print the one `specvm: error:` line and exit 1,
+/// as every other error does; help and version still exit 0.
+#[test]
+fn command_line_errors_are_one_line() {
+    for args in [
+        &["run", "--bare", "/bin/true", "--memory", "-1"][..],
+        &["run", "--bare", "/bin/true", "--cpus", "x"],
+        &["run", "--bogus"],
+        &["ctl", "status"],
+        &[],
+    ] {
+        let r = run_specvm(args, TIMEOUT);
+        r.assert_status(1);
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("specvm: error: "),
+            "{args:?}: {r}"
+        );
+    }
+    let r = run_specvm(&["--help"], TIMEOUT);
+    r.assert_status(0);
+    assert!(r.stdout.contains("Usage: specvm"), "{r}");
+    let r = run_specvm(&["run", "--help"], TIMEOUT);
+    r.assert_status(0);
+    assert!(r.stdout.contains("--api-sock-group"), "{r}");
+    let r = run_specvm(&["--version"], TIMEOUT);
+    r.assert_status(0);
+    assert!(r.stdout.starts_with("specvm "), "{r}");
 }

@@ -7,14 +7,19 @@
 //! The protocol is documented in `docs/control-api.md`.
 //!
 //! The server runs on a tokio runtime of its own thread; requests reach the
-//! controller as [`VmEvent::Api`] and are answered through a oneshot.
+//! controller as [`VmEvent::Api`] and are answered through a oneshot. No
+//! client can block it or grow it: lines are limited while they are read,
+//! idle clients and clients that do not read are dropped after a timeout
+//! ([`Limits`]), and accept errors (out of descriptors) are waited out.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
 
+use netbridge::sock::{Access, SockError, SocketFile};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream as TokioUnixStream};
 use tokio::sync::{broadcast, oneshot};
 
@@ -145,36 +150,71 @@ pub struct ApiCall {
 /// Errors starting the API.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The socket could not be bound.
-    #[error("binding the API socket {0}: {1}")]
-    Bind(PathBuf, std::io::Error),
+    /// The socket's path is taken (a live socket, a file that is not a
+    /// socket), or the socket could not be made.
+    #[error("the API socket: {0}")]
+    Socket(#[from] SockError),
     /// The runtime or its thread could not start.
     #[error("starting the API server: {0}")]
     Start(std::io::Error),
 }
 
-/// The running API server. Dropping it removes the socket file.
+/// How the server bounds what one client may cost it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest request line, in bytes, checked while reading.
+    pub max_request: usize,
+    /// How long a client may take to send its next request.
+    pub idle: Duration,
+    /// How long one answer or event line may wait for a client that does
+    /// not read.
+    pub write: Duration,
+}
+
+/// The server's limits.
+pub const LIMITS: Limits = Limits {
+    max_request: MAX_REQUEST,
+    idle: Duration::from_secs(60),
+    write: Duration::from_secs(30),
+};
+
+/// The group that may use the API socket besides its owner
+/// (`--api-sock-group`); set before [`start`].
+static SOCKET_GROUP: OnceLock<u32> = OnceLock::new();
+
+/// Lets group `gid` connect to the API socket too (mode 0660, not 0600).
+/// Call it before [`start`]; only the first call counts.
+pub fn set_socket_group(gid: u32) {
+    let _ = SOCKET_GROUP.set(gid);
+}
+
+/// The running API server. Dropping it removes the socket file, if the path
+/// still names it.
 pub struct ApiServer {
-    path: PathBuf,
+    _file: SocketFile,
     /// Where the controller publishes events for `events` clients.
     pub events: broadcast::Sender<SpecEvent>,
 }
 
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
+/// Starts the API server on `path`, sending calls to the controller via
+/// `to_vm`. The socket is mode 0600 (0660 with [`set_socket_group`]),
+/// replaces only a stale socket, and appears once it accepts
+/// ([`netbridge::sock`]).
+pub fn start(path: &Path, to_vm: EventSender) -> Result<ApiServer, ApiError> {
+    let access = Access {
+        group: SOCKET_GROUP.get().copied(),
+    };
+    start_with(path, &access, LIMITS, to_vm)
 }
 
-/// Starts the API server on `path`, sending calls to the controller via
-/// `to_vm`.
-pub fn start(path: &Path, to_vm: EventSender) -> Result<ApiServer, ApiError> {
-    if path.exists() {
-        // A socket left by a VMM that died; binding would fail otherwise.
-        let _ = std::fs::remove_file(path);
-    }
-    let std_listener =
-        std::os::unix::net::UnixListener::bind(path).map_err(|e| ApiError::Bind(path.into(), e))?;
+/// [`start`], with the socket's access and the limits given.
+pub fn start_with(
+    path: &Path,
+    access: &Access,
+    limits: Limits,
+    to_vm: EventSender,
+) -> Result<ApiServer, ApiError> {
+    let (std_listener, file) = netbridge::sock::listen(path, access)?;
     std_listener
         .set_nonblocking(true)
         .map_err(ApiError::Start)?;
@@ -188,17 +228,23 @@ pub fn start(path: &Path, to_vm: EventSender) -> Result<ApiServer, ApiError> {
         .name("api".into())
         .spawn(move || {
             rt.block_on(async move {
-                let Ok(listener) = UnixListener::from_std(std_listener) else {
-                    return;
+                let listener = match UnixListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("the API server cannot listen: {e}");
+                        return;
+                    }
                 };
-                while let Ok((stream, _)) = listener.accept().await {
-                    tokio::spawn(serve_client(stream, to_vm.clone(), ev.clone()));
+                // Accept errors (out of descriptors) never end the loop.
+                loop {
+                    let stream = netbridge::sock::accept(&listener).await;
+                    tokio::spawn(serve_client(stream, to_vm.clone(), ev.clone(), limits));
                 }
             })
         })
         .map_err(ApiError::Start)?;
     Ok(ApiServer {
-        path: path.into(),
+        _file: file,
         events,
     })
 }
@@ -207,33 +253,100 @@ async fn serve_client(
     stream: TokioUnixStream,
     to_vm: EventSender,
     events: broadcast::Sender<SpecEvent>,
+    limits: Limits,
 ) {
     let (rd, mut wr) = stream.into_split();
-    let mut lines = TokioBufReader::new(rd).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut rd = TokioBufReader::new(rd);
+    loop {
+        let read = tokio::time::timeout(limits.idle, read_line(&mut rd, limits.max_request));
+        let line = match read.await {
+            Ok(Ok(Line::Full(line))) => line,
+            Ok(Ok(Line::TooLong)) => {
+                let e = format!(
+                    "bad request: a line longer than {} bytes; closing",
+                    limits.max_request
+                );
+                let _ = write_line(&mut wr, &Response::error(e), limits.write).await;
+                return;
+            }
+            Ok(Ok(Line::End) | Err(_)) => return,
+            Err(_) => {
+                let e = format!("no request for {:?}; closing", limits.idle);
+                let _ = write_line(&mut wr, &Response::error(e), limits.write).await;
+                return;
+            }
+        };
         let resp = match parse(&line) {
             Ok(Request { op: Op::Events, .. }) => {
-                stream_events(&mut wr, events.subscribe()).await;
+                stream_events(&mut wr, events.subscribe(), limits.write).await;
                 return;
             }
             Ok(req) => call(&to_vm, req).await,
             Err(e) => Response::error(e),
         };
-        if write_line(&mut wr, &resp).await.is_err() {
+        if write_line(&mut wr, &resp, limits.write).await.is_err() {
             return;
         }
     }
 }
 
+/// What [`read_line`] read.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line, without its newline (or the last bytes before the end).
+    Full(Vec<u8>),
+    /// More than the limit without a newline: the rest is not read.
+    TooLong,
+    /// The client closed the connection.
+    End,
+}
+
+/// Reads one line of at most `max` bytes, never holding more than that
+/// (and the reader's buffer): the limit is checked while reading, not
+/// after.
+async fn read_line<R: AsyncBufRead + Unpin>(rd: &mut R, max: usize) -> std::io::Result<Line> {
+    let mut line = Vec::new();
+    loop {
+        let buf = rd.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(match line.is_empty() {
+                true => Line::End,
+                false => Line::Full(line),
+            });
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > max {
+            return Ok(Line::TooLong);
+        }
+        line.extend_from_slice(&buf[..take]);
+        rd.consume(take + usize::from(done));
+        if done {
+            return Ok(Line::Full(line));
+        }
+    }
+}
+
 /// Parses a request line, with a message for every way it can be wrong.
-pub fn parse(line: &str) -> Result<Request, String> {
+pub fn parse(line: &[u8]) -> Result<Request, String> {
     if line.len() > MAX_REQUEST {
         return Err(format!(
-            "request of {} bytes is longer than {MAX_REQUEST}",
+            "bad request: a line of {} bytes is longer than {MAX_REQUEST}",
             line.len()
         ));
     }
-    serde_json::from_str::<Request>(line).map_err(|e| format!("bad request: {e}"))
+    let text = std::str::from_utf8(line).map_err(|e| format!("bad request: not UTF-8: {e}"))?;
+    let req = serde_json::from_str::<Request>(text).map_err(|e| format!("bad request: {e}"))?;
+    if let Some(p) = req.path.as_ref().filter(|p| !p.is_absolute()) {
+        return Err(format!(
+            "bad request: path {} is relative, and the VMM does not know the \
+             caller's directory; send an absolute path (specvm ctl does)",
+            p.display()
+        ));
+    }
+    Ok(req)
 }
 
 async fn call(to_vm: &EventSender, req: Request) -> Response {
@@ -253,11 +366,12 @@ async fn call(to_vm: &EventSender, req: Request) -> Response {
 async fn stream_events(
     wr: &mut tokio::net::unix::OwnedWriteHalf,
     mut rx: broadcast::Receiver<SpecEvent>,
+    timeout: Duration,
 ) {
     loop {
         match rx.recv().await {
             Ok(ev) => {
-                if write_line(wr, &ev).await.is_err() {
+                if write_line(wr, &ev, timeout).await.is_err() {
                     return;
                 }
             }
@@ -265,7 +379,7 @@ async fn stream_events(
                 let note = Response::error(format!(
                     "{n} events were dropped: the client read too slowly"
                 ));
-                if write_line(wr, &note).await.is_err() {
+                if write_line(wr, &note, timeout).await.is_err() {
                     return;
                 }
             }
@@ -274,34 +388,77 @@ async fn stream_events(
     }
 }
 
+/// Writes one JSON line, giving up after `timeout` on a client that does
+/// not read.
 async fn write_line<T: Serialize>(
     wr: &mut tokio::net::unix::OwnedWriteHalf,
     v: &T,
+    timeout: Duration,
 ) -> std::io::Result<()> {
     let mut s = serde_json::to_string(v).map_err(std::io::Error::other)?;
     s.push('\n');
-    wr.write_all(s.as_bytes()).await
+    match tokio::time::timeout(timeout, wr.write_all(s.as_bytes())).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// How long `specvm ctl` waits for an answer by default: a snapshot writes
+/// all of guest memory (about 10 s for 4 GiB here), so it gets longer.
+/// For `events`, the wait covers connecting and sending the request only.
+pub fn default_timeout(op: Op) -> Duration {
+    match op {
+        Op::Snapshot => Duration::from_secs(600),
+        _ => Duration::from_secs(30),
+    }
 }
 
 /// The client side, for `specvm ctl`: sends `op` and prints the answer (or,
 /// for `events`, every event line until the VMM goes away) to `out`.
 /// Returns whether the answer was a success.
 pub fn client(path: &Path, op: Op, out: &mut impl Write) -> std::io::Result<bool> {
-    client_request(path, &Request { op, path: None }, out)
+    let req = Request { op, path: None };
+    client_request(path, &req, Some(default_timeout(op)), out)
 }
 
-/// Like [`client`], for a whole request (one with a `path`).
-pub fn client_request(path: &Path, req: &Request, out: &mut impl Write) -> std::io::Result<bool> {
+/// Like [`client`], for a whole request (one with a `path`, which is sent
+/// absolute, resolved against this process's directory), waiting at most
+/// `timeout` (`None`: for ever) to connect and for the answer.
+pub fn client_request(
+    path: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+    out: &mut impl Write,
+) -> std::io::Result<bool> {
     let op = req.op;
-    let mut s = UnixStream::connect(path).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("connecting to {}: {e}", path.display()))
-    })?;
-    let mut req = serde_json::to_string(req).map_err(std::io::Error::other)?;
-    req.push('\n');
-    s.write_all(req.as_bytes())?;
+    let req = Request {
+        op,
+        path: req.path.as_deref().map(std::path::absolute).transpose()?,
+    };
+    let context = |what: &str, e: std::io::Error| {
+        let e = match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "no answer within {:?}; is the VM stuck? (--timeout)",
+                timeout.unwrap_or_default()
+            ),
+            _ => e.to_string(),
+        };
+        std::io::Error::other(format!("{what} {}: {e}", path.display()))
+    };
+    let mut s = netbridge::sock::connect(path, timeout).map_err(|e| context("connecting to", e))?;
+    s.set_write_timeout(timeout)
+        .and_then(|()| s.set_read_timeout(timeout))
+        .map_err(|e| context("setting up", e))?;
+    let mut line = serde_json::to_string(&req).map_err(std::io::Error::other)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())
+        .map_err(|e| context("sending to", e))?;
     let mut rd = BufReader::new(s);
     let mut line = String::new();
     if op == Op::Events {
+        rd.get_ref()
+            .set_read_timeout(None)
+            .map_err(|e| context("setting up", e))?;
         while rd.read_line(&mut line)? > 0 {
             out.write_all(line.as_bytes())?;
             out.flush()?;
@@ -309,7 +466,16 @@ pub fn client_request(path: &Path, req: &Request, out: &mut impl Write) -> std::
         }
         return Ok(true);
     }
-    rd.read_line(&mut line)?;
+    if rd
+        .read_line(&mut line)
+        .map_err(|e| context("reading from", e))?
+        == 0
+    {
+        return Err(context(
+            "reading from",
+            std::io::Error::other("the VMM closed the connection without an answer"),
+        ));
+    }
     out.write_all(line.as_bytes())?;
     let resp: Response = serde_json::from_str(&line).map_err(std::io::Error::other)?;
     Ok(resp.ok)
@@ -317,21 +483,70 @@ pub fn client_request(path: &Path, req: &Request, out: &mut impl Write) -> std::
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+    use std::os::unix::net::{UnixListener as StdListener, UnixStream};
+
     use super::*;
+
+    /// A private directory, removed on drop, also when the test fails.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("specvm-api-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Self(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A server on `dir/api.sock` with `limits`, and a fake controller
+    /// that answers every call with its depth set to 3.
+    fn serve(dir: &TempDir, limits: Limits) -> (ApiServer, PathBuf) {
+        let path = dir.0.join("api.sock");
+        let (tx, rx) = crate::event::channel();
+        let server = start_with(&path, &Access::default(), limits, tx).unwrap();
+        std::thread::spawn(move || {
+            while let Ok(VmEvent::Api(c)) = rx.recv() {
+                let _ = c.reply.send(Response {
+                    ok: true,
+                    depth: Some(3),
+                    ..Default::default()
+                });
+            }
+        });
+        (server, path)
+    }
+
+    fn read_answer(rd: &mut impl BufRead) -> String {
+        let mut line = String::new();
+        rd.read_line(&mut line).unwrap();
+        line
+    }
 
     #[test]
     fn requests_parse_and_bad_ones_say_why() {
-        assert_eq!(parse(r#"{"op":"status"}"#).unwrap().op, Op::Status);
-        assert_eq!(parse(r#"{"op":"abort"}"#).unwrap().op, Op::Abort);
-        let r = parse(r#"{"op":"snapshot","path":"/tmp/s"}"#).unwrap();
+        assert_eq!(parse(br#"{"op":"status"}"#).unwrap().op, Op::Status);
+        assert_eq!(parse(br#"{"op":"abort"}"#).unwrap().op, Op::Abort);
+        let r = parse(br#"{"op":"snapshot","path":"/tmp/s"}"#).unwrap();
         assert_eq!((r.op, r.path), (Op::Snapshot, Some("/tmp/s".into())));
-        assert!(parse(r#"{"op":"explode"}"#)
+        assert!(parse(br#"{"op":"explode"}"#)
             .unwrap_err()
             .contains("bad request"));
-        assert!(parse("not json").is_err());
-        assert!(parse(&"x".repeat(MAX_REQUEST + 1))
+        assert!(parse(b"not json").is_err());
+        assert!(parse("x".repeat(MAX_REQUEST + 1).as_bytes())
             .unwrap_err()
             .contains("longer"));
+        let e = parse(b"{\"op\":\"status\xff\"}").unwrap_err();
+        assert!(e.starts_with("bad request: not UTF-8"), "{e}");
+        let e = parse(br#"{"op":"snapshot","path":"rel/dir"}"#).unwrap_err();
+        assert!(e.contains("rel/dir is relative"), "{e}");
     }
 
     #[test]
@@ -342,30 +557,144 @@ mod tests {
         assert_eq!(s, r#"{"ok":false,"error":"no"}"#);
     }
 
+    #[tokio::test]
+    async fn lines_are_read_within_the_limit() {
+        let mut rd: &[u8] = b"ab\ncd";
+        assert_eq!(
+            read_line(&mut rd, 4).await.unwrap(),
+            Line::Full(b"ab".to_vec())
+        );
+        assert_eq!(
+            read_line(&mut rd, 4).await.unwrap(),
+            Line::Full(b"cd".to_vec())
+        );
+        assert_eq!(read_line(&mut rd, 4).await.unwrap(), Line::End);
+        let mut rd: &[u8] = b"abcd\nabcde\n";
+        assert_eq!(
+            read_line(&mut rd, 4).await.unwrap(),
+            Line::Full(b"abcd".to_vec())
+        );
+        assert_eq!(read_line(&mut rd, 4).await.unwrap(), Line::TooLong);
+    }
+
     #[test]
-    fn server_answers_and_streams() {
-        let dir = std::env::temp_dir().join(format!("specvm-api-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("api.sock");
-        let (tx, rx) = crate::event::channel();
-        let server = start(&path, tx).unwrap();
-        // A fake controller answering one call.
-        let ctl = std::thread::spawn(move || {
-            if let Ok(VmEvent::Api(c)) = rx.recv() {
-                assert_eq!(c.op, Op::Status);
-                let _ = c.reply.send(Response {
-                    ok: true,
-                    depth: Some(3),
-                    ..Default::default()
-                });
-            }
-        });
+    fn server_answers_and_removes_its_socket() {
+        let dir = TempDir::new("answers");
+        let (server, path) = serve(&dir, LIMITS);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
         let mut out = Vec::new();
         assert!(client(&path, Op::Status, &mut out).unwrap());
         assert!(String::from_utf8(out).unwrap().contains(r#""depth":3"#));
-        ctl.join().unwrap();
         drop(server);
         assert!(!path.exists(), "socket removed on drop");
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_regular_file_is_not_replaced() {
+        let dir = TempDir::new("file");
+        let path = dir.0.join("notes.txt");
+        std::fs::write(&path, "notes").unwrap();
+        let (tx, _rx) = crate::event::channel();
+        let e = start(&path, tx).err().expect("refused");
+        assert!(
+            e.to_string()
+                .contains("notes.txt exists and is a regular file"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "notes");
+    }
+
+    /// A line without a newline is cut off at the limit, not buffered
+    /// until the newline comes.
+    #[test]
+    fn a_long_line_is_refused_while_it_is_read() {
+        let dir = TempDir::new("long");
+        let (_server, path) = serve(&dir, LIMITS);
+        let s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 64 << 10];
+            // Ends when the server closes the connection.
+            for _ in 0..256 {
+                if w.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut rd = BufReader::new(s);
+        let line = read_answer(&mut rd);
+        assert!(line.contains("longer than 4096 bytes"), "{line}");
+        assert_eq!(read_answer(&mut rd), "", "the connection is closed");
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_gets_an_answer() {
+        let dir = TempDir::new("utf8");
+        let (_server, path) = serve(&dir, LIMITS);
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rd = BufReader::new(s.try_clone().unwrap());
+        s.write_all(b"{\"op\":\"\xc3\x28\"}\n").unwrap();
+        let line = read_answer(&mut rd);
+        assert!(
+            line.starts_with(r#"{"ok":false,"error":"bad request: not UTF-8"#),
+            "{line}"
+        );
+        s.write_all(b"{\"op\":\"status\"}\n").unwrap();
+        assert!(read_answer(&mut rd).contains(r#""depth":3"#));
+    }
+
+    #[test]
+    fn an_idle_client_is_dropped() {
+        let dir = TempDir::new("idle");
+        let limits = Limits {
+            idle: Duration::from_millis(200),
+            ..LIMITS
+        };
+        let (_server, path) = serve(&dir, limits);
+        let s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rd = BufReader::new(s);
+        assert!(read_answer(&mut rd).contains("no request for"));
+        assert_eq!(read_answer(&mut rd), "");
+    }
+
+    #[test]
+    fn the_client_gives_up_on_a_silent_server_and_sends_absolute_paths() {
+        let dir = TempDir::new("silent");
+        let path = dir.0.join("api.sock");
+        let listener = StdListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = String::new();
+            BufReader::new(s.try_clone().unwrap())
+                .read_line(&mut req)
+                .unwrap();
+            // Say nothing until the client has gone.
+            let _ = s.read(&mut [0u8; 1]);
+            req
+        });
+        let req = Request {
+            op: Op::Snapshot,
+            path: Some("snap".into()),
+        };
+        let t = std::time::Instant::now();
+        let e = client_request(
+            &path,
+            &req,
+            Some(Duration::from_millis(300)),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no answer within 300ms"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let sent: Request = serde_json::from_str(&server.join().unwrap()).unwrap();
+        let want = std::env::current_dir().unwrap().join("snap");
+        assert_eq!(sent.path, Some(want));
     }
 }

@@ -42,9 +42,27 @@ pub struct CtlArgs {
     /// The operation.
     #[arg(value_enum)]
     pub op: crate::api::Op,
-    /// The snapshot directory, for `snapshot`.
+    /// The snapshot directory, for `snapshot` (a relative one is sent
+    /// resolved against this directory).
     #[arg(long, value_name = "DIR")]
     pub path: Option<PathBuf>,
+    /// Give up after this many seconds without an answer (0: wait for
+    /// ever). Default 30, 600 for `snapshot`; for `events`, only connecting
+    /// and sending are timed.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+}
+
+impl CtlArgs {
+    /// How long to wait for the VM: `--timeout`, or the operation's
+    /// default; `None` waits for ever.
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        match self.timeout {
+            Some(0) => None,
+            Some(s) => Some(std::time::Duration::from_secs(s)),
+            None => Some(crate::api::default_timeout(self.op)),
+        }
+    }
 }
 
 /// Arguments of `specvm run`.
@@ -75,13 +93,18 @@ pub struct RunArgs {
     pub cmdline: Option<String>,
     /// Guest memory size, such as 256M or 1G (default 128M; with
     /// --restore, the snapshot's, which it must equal if given).
-    #[arg(long, value_name = "SIZE")]
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true)]
     pub memory: Option<String>,
     /// Number of vCPUs (default 1; with --restore, the snapshot's).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub cpus: Option<u64>,
     /// A number passed to a bare guest in RDX.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
     pub guest_arg: u64,
     /// Serial console backend: stdout, null, file=PATH or socket=PATH.
     #[arg(long, default_value = "stdout", value_name = "BACKEND")]
@@ -109,9 +132,15 @@ pub struct RunArgs {
     /// leaving room for the speculation tag). Repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     pub net: Vec<String>,
-    /// Serve the control API on this Unix socket.
+    /// Serve the control API on this Unix socket (mode 0600: only this
+    /// user may connect). The path may be new or a stale socket; a live
+    /// socket or any other file is refused.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Let this group (a name or a number) use the API socket too: mode
+    /// 0660 instead of 0600.
+    #[arg(long, value_name = "GROUP", requires = "api_sock")]
+    pub api_sock_group: Option<String>,
     /// Start from the boot cache: restore the ready guest saved by an
     /// earlier boot of the same image and configuration, or boot and save
     /// it when its init says it is ready (`spec ready`). See
@@ -126,6 +155,20 @@ pub struct RunArgs {
     /// auto (probe the host), on or off.
     #[arg(long, default_value = "auto", value_name = "MODE")]
     pub host_compat: String,
+}
+
+/// A command-line error of clap's as one line, for `specvm: error: ...`:
+/// its first paragraph (without the usage and tips that follow), its lines
+/// joined.
+pub fn error_line(e: &clap::Error) -> String {
+    if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        // clap's text is the whole help.
+        return "no command given: `specvm --help` lists them".into();
+    }
+    let text = e.render().to_string();
+    let text = text.trim_start().strip_prefix("error:").unwrap_or(&text);
+    let first = text.split("\n\n").next().unwrap_or_default();
+    first.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl RunArgs {
@@ -294,6 +337,61 @@ mod tests {
         let e = run_args(&["--bare", "/tmp"]).unwrap_err();
         assert!(e.contains("not a regular file"), "{e}");
         assert!(run_args(&["--bare", "g", "--bogus"]).is_err());
+    }
+
+    fn clap_error(args: &[&str]) -> clap::Error {
+        Cli::try_parse_from(args).expect_err("a parse error")
+    }
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let e = clap_error(&["specvm", "run", "--bare", "g", "--cpus", "x"]);
+        let line = error_line(&e);
+        assert!(line.starts_with("invalid value 'x' for '--cpus"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+        let e = clap_error(&["specvm", "run", "--bare", "g", "--bogus"]);
+        assert_eq!(error_line(&e), "unexpected argument '--bogus' found");
+        let e = clap_error(&["specvm", "ctl", "status"]);
+        let line = error_line(&e);
+        assert!(
+            line.contains("required arguments were not provided") && line.contains("--api-sock"),
+            "{line}"
+        );
+        assert_eq!(
+            error_line(&clap_error(&["specvm"])),
+            "no command given: `specvm --help` lists them"
+        );
+        // Help and version are not errors: main prints them on stdout.
+        assert!(!clap_error(&["specvm", "--help"]).use_stderr());
+        assert!(!clap_error(&["specvm", "--version"]).use_stderr());
+    }
+
+    #[test]
+    fn negative_numbers_reach_the_value_checks() {
+        let e = run_args(&["--bare", "g", "--memory", "-1"]).unwrap_err();
+        assert!(e.contains("-1"), "{e}");
+        let e = run_args(&["--bare", "g", "--cpus", "-1"]).unwrap_err();
+        assert!(e.contains("invalid value '-1' for '--cpus"), "{e}");
+    }
+
+    #[test]
+    fn ctl_timeouts() {
+        let ctl = |args: &[&str]| {
+            let mut argv = vec!["specvm", "ctl", "--api-sock", "/s"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Command::Ctl(c) => c.timeout(),
+                Command::Run(_) => unreachable!(),
+            }
+        };
+        use std::time::Duration;
+        assert_eq!(ctl(&["status"]), Some(Duration::from_secs(30)));
+        assert_eq!(ctl(&["snapshot"]), Some(Duration::from_secs(600)));
+        assert_eq!(
+            ctl(&["status", "--timeout", "2"]),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(ctl(&["events", "--timeout", "0"]), None);
     }
 
     #[test]

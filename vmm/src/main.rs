@@ -7,9 +7,21 @@ use vmm::builder::{self, Outcome};
 use vmm::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Err(e) = vmm::signals::block_termination() {
-        return fail(&format!("blocking SIGINT/SIGTERM: {e}"));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version: clap prints them on stdout.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(&vmm::cli::error_line(&e)),
+    };
+    // Only `run` handles SIGINT and SIGTERM itself (vmm::signals); `ctl`
+    // keeps their default action, so Ctrl-C ends it.
+    if matches!(cli.command, Command::Run(_)) {
+        if let Err(e) = vmm::signals::install() {
+            return fail(&format!("handling SIGINT/SIGTERM: {e}"));
+        }
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level);
     let filter = match filter {
@@ -23,17 +35,24 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Ctl(args) => {
+            let timeout = args.timeout();
             let req = vmm::api::Request {
                 op: args.op,
                 path: args.path,
             };
-            match vmm::api::client_request(&args.api_sock, &req, &mut std::io::stdout()) {
+            match vmm::api::client_request(&args.api_sock, &req, timeout, &mut std::io::stdout()) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => fail(&e.to_string()),
             }
         }
         Command::Run(args) => {
+            if let Some(group) = &args.api_sock_group {
+                match netbridge::sock::group_id(group) {
+                    Ok(gid) => vmm::api::set_socket_group(gid),
+                    Err(e) => return fail(&format!("--api-sock-group: {e}")),
+                }
+            }
             let mut config = match args.to_config() {
                 Ok(c) => c,
                 Err(e) => return fail(&e.to_string()),
