@@ -84,6 +84,18 @@ pub struct RunArgs {
     /// come from the snapshot; --net gives new backends for its cards.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["bare", "kernel"])]
     pub restore: Option<PathBuf>,
+    /// With --restore: when to check the snapshot's base memory layer
+    /// against its checksums: `before-start` (the default: before any vCPU
+    /// runs) or `background` (beside the running guest; damage ends the
+    /// VMM). Diff layers are always checked before the guest starts.
+    #[arg(
+        long,
+        value_name = "WHEN",
+        requires = "restore",
+        num_args = 0..=1,
+        default_missing_value = "before-start"
+    )]
+    pub verify: Option<crate::snapshot::verify::Verify>,
     /// An initramfs for the Linux kernel.
     #[arg(long, value_name = "PATH", requires = "kernel")]
     pub initrd: Option<PathBuf>,
@@ -175,7 +187,10 @@ impl RunArgs {
     /// Validates the arguments and turns them into a VM configuration.
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
         let (mem_size, vcpus, boot) = match &self.restore {
-            Some(dir) => self.restore_shape(dir)?,
+            Some(dir) => {
+                crate::snapshot::verify::set_mode(self.verify.unwrap_or_default());
+                self.restore_shape(dir)?
+            }
             None => (
                 check_mem_size(parse_size(self.memory.as_deref().unwrap_or("128M"))?)?,
                 check_vcpus(self.cpus.unwrap_or(1))?,

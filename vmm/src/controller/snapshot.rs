@@ -1,7 +1,8 @@
-//! The controller's side of snapshots on disk: pause, save the machine
-//! through the checkpoint code, write the memory file (whole, or only the
-//! pages written since this VM's last snapshot in the same directory),
-//! commit the state file, resume. See `docs/snapshots.md`.
+//! The controller's side of snapshots on disk: lock the directory and
+//! journal the new snapshot's files, pause, save the machine through the
+//! checkpoint code, write the memory file (whole, or only the pages written
+//! since this VM's last snapshot in the same directory), commit the state
+//! file, resume. See `docs/snapshots.md`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,8 @@ use std::time::Instant;
 use super::{ControlError, Controller};
 use crate::api::Response;
 use crate::host_compat::HostCompat;
-use crate::snapshot::{files, new_id, now_ns, SnapshotError, VmSnapshot, MAX_LAYERS};
+use crate::snapshot::writer::DirWriter;
+use crate::snapshot::{new_id, now_ns, Layer, SnapshotError, VmSnapshot, MAX_LAYERS};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// What the controller needs to write snapshots of its VM.
@@ -124,9 +126,16 @@ impl Controller {
                 dir.display()
             )));
         }
+        // Locked and journaled before the pause: a second writer is refused
+        // without stopping the VM, and the VM does not wait for the
+        // journal's sync.
+        let p = match prepare(&dir) {
+            Ok(p) => p,
+            Err(e) => return Ok(Response::error(e.to_string())),
+        };
         let t = Instant::now();
         self.pause_all()?;
-        let r = self.write_snapshot(&dir);
+        let r = self.write_into(p);
         self.resume_all();
         self.stats.record("snapshot", t);
         let micros = t.elapsed().as_micros() as u64;
@@ -165,6 +174,15 @@ impl Controller {
         &mut self,
         dir: &Path,
     ) -> Result<Result<Written, SnapshotError>, ControlError> {
+        match prepare(dir) {
+            Ok(p) => self.write_into(p),
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// Saves the paused VM as the snapshot `p` prepared.
+    fn write_into(&mut self, p: Prepared) -> Result<Result<Written, SnapshotError>, ControlError> {
+        let Prepared { mut w, id, canon } = p;
         // The checkpoint code flushes every dirty page into the memory file
         // (the stack is empty, so no undo log is kept) and saves vCPUs,
         // in-kernel devices and device models: one mechanism for both.
@@ -173,35 +191,23 @@ impl Controller {
         let Some(setup) = self.snapshots.as_mut() else {
             return Ok(Err(SnapshotError::Refused("no snapshot support".into())));
         };
-        let canon = match dir.canonicalize() {
-            Ok(c) => c,
-            Err(err) => {
-                return Ok(Err(SnapshotError::Io {
-                    what: "resolving the snapshot directory",
-                    path: dir.into(),
-                    err,
-                }))
-            }
-        };
         let prev = setup
             .base
             .as_ref()
             .filter(|(d, _)| *d == canon)
-            .and_then(|&(_, id)| on_disk(dir, id, setup.mem_size))
+            .and_then(|&(_, id)| on_disk(w.committed(), id, setup.mem_size))
             .filter(|layers| layers.len() < MAX_LAYERS);
-        let id = new_id();
-        let (written, layers) = match prev {
-            Some(mut layers) => {
-                layers.push(id);
-                let w = files::write_memory_diff(dir, &setup.file, setup.mem_size, &pages, id)
-                    .map(|()| Some(pages.len() as u64));
-                (w, layers)
-            }
-            None => {
-                let w = files::write_memory_full(dir, &setup.file, setup.mem_size, id);
-                (w.map(|()| None), vec![id])
-            }
+        let layer = match &prev {
+            Some(_) => w.write_diff(&setup.file, setup.mem_size, &pages, id),
+            None => w.write_full(&setup.file, setup.mem_size, id),
         };
+        let layer = match layer {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
+        let diff_pages = prev.is_some().then_some(pages.len() as u64);
+        let mut layers = prev.unwrap_or_default();
+        layers.push(layer);
         let snap = VmSnapshot {
             id,
             layers,
@@ -214,11 +220,9 @@ impl Controller {
             vcpus: cp.vcpus.into_iter().map(|b| *b).collect(),
             vm: cp.vm,
             devices: cp.devices,
+            memory_check: Default::default(),
         };
-        let r = written.and_then(|diff_pages| {
-            files::commit_state(dir, &snap)?;
-            Ok(Written { id, diff_pages })
-        });
+        let r = w.commit(&snap).map(|()| Written { id, diff_pages });
         if r.is_ok() {
             setup.base = Some((canon, id));
         }
@@ -315,11 +319,35 @@ impl Controller {
     }
 }
 
-/// The memory layers of snapshot `id` of a VM of `mem_size`, if `dir`
-/// holds it, committed.
-fn on_disk(dir: &Path, id: u64, mem_size: u64) -> Option<Vec<u64>> {
-    files::read_state(dir)
-        .ok()
+/// A snapshot directory made ready for a new snapshot.
+struct Prepared {
+    /// The directory, locked, with the new snapshot's files journaled.
+    w: DirWriter,
+    /// The new snapshot's id.
+    id: u64,
+    /// The directory's canonical path, for the diff rule.
+    canon: PathBuf,
+}
+
+/// Locks `dir` for a new snapshot and journals its files, under a new id.
+/// Nothing is paused yet, and nothing is taken from the VM: a refusal
+/// (another writer, a state file that is not specvm's) costs it nothing.
+fn prepare(dir: &Path) -> Result<Prepared, SnapshotError> {
+    let canon = dir.canonicalize().map_err(|err| SnapshotError::Io {
+        what: "resolving the snapshot directory",
+        path: dir.into(),
+        err,
+    })?;
+    let mut w = DirWriter::open(dir)?;
+    let id = new_id();
+    w.begin(id)?;
+    Ok(Prepared { w, id, canon })
+}
+
+/// The memory layers of snapshot `id` of a VM of `mem_size`, if it is the
+/// directory's committed snapshot.
+fn on_disk(committed: Option<&VmSnapshot>, id: u64, mem_size: u64) -> Option<Vec<Layer>> {
+    committed
         .filter(|s| s.id == id && s.mem_size == mem_size)
-        .map(|s| s.layers)
+        .map(|s| s.layers.clone())
 }

@@ -4,9 +4,11 @@
 //! The VM is built as usual, on an empty memfd; then every region is
 //! mapped again, at the same host address, `MAP_PRIVATE` onto the
 //! snapshot's base layer, and the pages of the diff layers are written over
-//! it (through vm-memory, so its dirty bitmap sees them). The guest reads
+//! it (through vm-memory, so its dirty bitmap sees them), each piece
+//! checked against its checksum before it is written. The guest reads
 //! the snapshot's pages straight from the page cache, and VMs restored from
-//! one snapshot share them until they write.
+//! one snapshot share them until they write; the base layer is checked
+//! on a thread of its own ([`super::verify`]).
 //!
 //! The speculation tracker needs a memory file of the VM's own that it may
 //! write (its flushes), which the snapshot's must never be. So the first
@@ -19,7 +21,6 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -61,47 +62,47 @@ pub fn remap(mem: &GuestMemoryMmap, file: &File) -> io::Result<()> {
 }
 
 /// Maps the snapshot's memory as `mem`'s backing: the base layer
-/// copy-on-write, the diff layers' pages written over it. Returns the base
-/// layer file, which the controller copies from when it materializes.
+/// copy-on-write, the diff layers' pages written over it, each piece
+/// checked against its checksum first. Starts the check of the base layer
+/// ([`super::verify`]), which [`super::restore::restore_machine`] waits
+/// for. Returns the base layer file, which the controller copies from when
+/// it materializes.
 pub fn restore_memory(
     dir: &Path,
     snap: &VmSnapshot,
     mem: &GuestMemoryMmap,
 ) -> Result<File, SnapshotError> {
-    let mut layers = open_layers(dir, snap)?.into_iter();
-    let Some((base_path, base)) = layers.next() else {
+    let size: u64 = mem.iter().map(|r| r.len()).sum();
+    if size != snap.mem_size {
+        return Err(SnapshotError::Mismatch(format!(
+            "the VM has {size} bytes of memory, the snapshot {}",
+            snap.mem_size
+        )));
+    }
+    let mut layers = open_layers(dir, snap)?.into_iter().zip(&snap.layers);
+    let Some(((base_path, base), base_layer)) = layers.next() else {
         return Err(SnapshotError::Corrupt("no memory layer".into()));
     };
     remap(mem, &base).map_err(|err| SnapshotError::Io {
         what: "mapping the snapshot memory file",
-        path: base_path,
+        path: base_path.clone(),
         err,
     })?;
-    for (path, f) in layers {
-        apply_layer(&f, snap, mem).map_err(|err| SnapshotError::Io {
-            what: "reading the snapshot memory file",
-            path,
-            err,
+    let for_check = base.try_clone().map_err(|err| SnapshotError::Io {
+        what: "opening the snapshot memory file",
+        path: base_path.clone(),
+        err,
+    })?;
+    snap.memory_check
+        .start(for_check, base_path, base_layer.clone(), snap.mem_size)?;
+    for ((path, f), layer) in layers {
+        layer.apply_checked(&f, &path, |off, b| {
+            let gpa = file_to_guest(&snap.ranges, off)
+                .ok_or_else(|| io::Error::other(format!("offset {off:#x} is past guest memory")))?;
+            write_split(mem, &snap.ranges, b, off, gpa)
         })?;
     }
     Ok(base)
-}
-
-/// Writes the data (not the holes) of a diff layer into guest memory.
-fn apply_layer(f: &File, snap: &VmSnapshot, mem: &GuestMemoryMmap) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    for (off, len) in super::files::data_runs(f, snap.mem_size)? {
-        let mut p = off;
-        while p < off + len {
-            let n = ((off + len - p) as usize).min(buf.len());
-            f.read_exact_at(&mut buf[..n], p)?;
-            let gpa = file_to_guest(&snap.ranges, p)
-                .ok_or_else(|| io::Error::other(format!("offset {p:#x} is past guest memory")))?;
-            write_split(mem, &snap.ranges, &buf[..n], p, gpa)?;
-            p += n as u64;
-        }
-    }
-    Ok(())
 }
 
 /// Writes `data`, which sits at file offset `off` (guest address `gpa`),
@@ -171,6 +172,8 @@ mod tests {
         assert_eq!(file_to_guest(&r, 3 << 30), Some(4 << 30));
         assert_eq!(file_to_guest(&r, 4 << 30), None);
     }
+
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn regions_remap_onto_another_file_in_place() {

@@ -11,21 +11,29 @@
 //!   snapshot that wrote it. A full snapshot writes one layer, all of
 //!   memory; a diff snapshot adds a layer holding only the pages written
 //!   since the previous snapshot (a sparse file: other pages are holes).
-//!   The state file lists the layers, oldest first; a restore applies them
-//!   in order. Past [`MAX_LAYERS`] layers, the next snapshot is a full one.
+//!   The state file lists the layers, oldest first, with where each holds
+//!   data and a checksum per 64 KiB of it ([`layer`]); a restore checks
+//!   them ([`verify`]) and applies the layers in order. Past [`MAX_LAYERS`]
+//!   layers, the next snapshot is a full one;
+//! - `lock`: held by the one process writing a snapshot, and its journal
+//!   of the files it may leave behind ([`writer`]).
 //!
 //! The state file is the commit point: it is written under a new name and
 //! renamed over the old one only once every layer it names is on disk, so
-//! a crash leaves the previous snapshot whole.
+//! a crash leaves the previous snapshot whole. specvm deletes only files
+//! its own state or journal names.
 //!
 //! A file that is truncated, corrupt, or of another format version is
 //! refused whole, before any VM is built.
 
 pub mod codec;
 pub mod files;
+pub mod layer;
 pub mod memory;
 pub mod restore;
 pub mod state;
+pub mod verify;
+pub mod writer;
 
 use std::path::PathBuf;
 
@@ -35,6 +43,7 @@ use crate::host_compat::trampoline::TrampolineState;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm_state::VmState;
 use codec::{Reader, Writer};
+pub use layer::Layer;
 
 /// Most memory layers a snapshot may have; a diff snapshot that would add
 /// one more is written as a full one instead, so restores stay quick.
@@ -64,13 +73,39 @@ pub enum SnapshotError {
         /// This build's version.
         supported: u32,
     },
-    /// The payload does not match its checksum.
-    #[error("snapshot state file is corrupt: CRC-32 {got:#010x}, header says {want:#010x}")]
+    /// The header and payload do not match their checksum.
+    #[error(
+        "snapshot state file is corrupt: its checksum (XXH3-64) is {got:016x}, the header says {want:016x}"
+    )]
     Checksum {
-        /// The header's CRC.
-        want: u32,
-        /// The payload's CRC.
-        got: u32,
+        /// The header's checksum.
+        want: u64,
+        /// The checksum of the file's contents.
+        got: u64,
+    },
+    /// A memory layer does not hold what the state file recorded.
+    #[error("snapshot memory file {path} is damaged: {what}")]
+    Layer {
+        /// The layer file.
+        path: PathBuf,
+        /// Where, and how.
+        what: String,
+    },
+    /// A file of the snapshot is not a regular file.
+    #[error("{path} is {kind}; a snapshot's files must be regular files in its directory")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        kind: String,
+    },
+    /// Another process is writing a snapshot into the directory.
+    #[error(
+        "another specvm is writing a snapshot into {dir} (it holds {dir}/lock); try again when it is done"
+    )]
+    Busy {
+        /// The snapshot directory.
+        dir: PathBuf,
     },
     /// The payload is malformed.
     #[error("snapshot state file is corrupt: {0}")]
@@ -100,9 +135,9 @@ pub enum SnapshotError {
 pub struct VmSnapshot {
     /// This snapshot's random id.
     pub id: u64,
-    /// The ids of the memory layers, oldest (the full one) first; the last
-    /// is this snapshot's own.
-    pub layers: Vec<u64>,
+    /// The memory layers, oldest (the full one) first; the last is this
+    /// snapshot's own.
+    pub layers: Vec<Layer>,
     /// Guest memory size in bytes.
     pub mem_size: u64,
     /// The guest memory ranges (guest address, size), in file order.
@@ -123,6 +158,9 @@ pub struct VmSnapshot {
     pub vm: VmState,
     /// The device models' state, in the VM's device order.
     pub devices: Vec<DeviceState>,
+    /// The check of the base memory layer that a restore started, which
+    /// it finishes before the machine state is restored (not saved).
+    pub memory_check: verify::MemoryCheck,
 }
 
 impl VmSnapshot {
@@ -131,7 +169,7 @@ impl VmSnapshot {
         let mut w = Writer::default();
         w.u64(self.id);
         w.u32(self.layers.len() as u32);
-        self.layers.iter().for_each(|&l| w.u64(l));
+        self.layers.iter().for_each(|l| l.put(&mut w));
         w.u64(self.mem_size);
         w.u32(self.ranges.len() as u32);
         for &(base, size) in &self.ranges {
@@ -156,18 +194,31 @@ impl VmSnapshot {
     pub fn decode(file: &[u8]) -> Result<Self, SnapshotError> {
         let mut r = Reader::new(codec::open(file)?);
         let id = r.u64("snapshot id")?;
-        let n = r.count(8, "memory layer count")?;
+        let n = r.count(16, "memory layer count")?;
+        // The layers' extents are checked against the memory size, which
+        // comes after them: read them against the largest, then check.
         let layers = (0..n)
-            .map(|_| r.u64("memory layer"))
+            .map(|_| Layer::get(&mut r, crate::config::MAX_MEM_SIZE))
             .collect::<Result<Vec<_>, _>>()?;
-        if n == 0 || n > MAX_LAYERS || layers.last() != Some(&id) {
+        let ids: Vec<u64> = layers.iter().map(|l| l.id).collect();
+        let unique = ids.iter().enumerate().all(|(i, a)| !ids[..i].contains(a));
+        if n == 0 || n > MAX_LAYERS || ids.last() != Some(&id) || !unique {
             return Err(SnapshotError::Corrupt(format!(
-                "memory layers {layers:x?} for snapshot {id:x}"
+                "memory layers {ids:x?} for snapshot {id:x}"
             )));
         }
         let mem_size = r.u64("memory size")?;
         crate::config::check_mem_size(mem_size)
             .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+        if let Some(&(off, len)) = layers
+            .iter()
+            .filter_map(|l| l.extents.last())
+            .find(|&&(o, n)| o + n > mem_size)
+        {
+            return Err(SnapshotError::Corrupt(format!(
+                "memory layer extent {off:#x}+{len:#x} is past the memory size {mem_size:#x}"
+            )));
+        }
         let n = r.count(16, "memory range count")?;
         let ranges = (0..n)
             .map(|_| Ok((r.u64("range base")?, r.u64("range size")?)))
@@ -210,6 +261,7 @@ impl VmSnapshot {
             vcpus,
             vm,
             devices,
+            memory_check: Default::default(),
         })
     }
 }
@@ -274,5 +326,7 @@ impl DirtyPages {
     }
 }
 
+#[cfg(test)]
+mod dir_tests;
 #[cfg(test)]
 mod tests;

@@ -19,6 +19,8 @@ use crate::vstate::vm_state;
 /// whose vCPUs have not run, and whose devices were built as the
 /// snapshot's were (network backends may differ).
 ///
+/// First it waits for the check of the base memory layer (unless that
+/// runs in the background), so no vCPU runs on memory that was not checked.
 /// Order: the in-kernel irqchips and PIT first, so the local APIC state
 /// the vCPUs restore meets its interrupt controllers; then the KVM clock;
 /// then each vCPU (whose own order is explained in `vcpu_state::restore`)
@@ -29,6 +31,7 @@ pub fn restore_machine(
     devices: &[SharedDevice],
     snap: &VmSnapshot,
 ) -> Result<(), SnapshotError> {
+    snap.memory_check.wait()?;
     check_fits(vcpus.len(), devices, snap)?;
     let elapsed = now_ns().saturating_sub(snap.saved_at_ns);
     vm_state::restore(vm, &snap.vm)?;

@@ -1,12 +1,9 @@
 //! KVM-free tests of the state file: round trip and every refusal.
 
-use std::os::unix::fs::FileExt;
-
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_xcrs, kvm_xsave};
 use vm_superio::serial::SerialState;
 
 use super::codec::{self, HEADER_LEN};
-use super::files::{self, STATE};
 use super::restore::check_host_compat;
 use super::*;
 use crate::devices::virtio::{NetState, SavedQueue, TransportState};
@@ -45,7 +42,7 @@ fn vcpu(i: u64, xsave: bool) -> VcpuState {
     s
 }
 
-fn sample() -> VmSnapshot {
+pub(super) fn sample() -> VmSnapshot {
     let mut vm = VmState {
         irqchips: Default::default(),
         pit: Default::default(),
@@ -74,7 +71,18 @@ fn sample() -> VmSnapshot {
     };
     VmSnapshot {
         id: 0x1234,
-        layers: vec![0x1000, 0x1234],
+        layers: vec![
+            Layer {
+                id: 0x1000,
+                extents: vec![(0, 0x3000), (0x10_0000, 0x2_0000)],
+                sums: vec![1, 2, 3],
+            },
+            Layer {
+                id: 0x1234,
+                extents: vec![],
+                sums: vec![],
+            },
+        ],
         mem_size: 64 << 20,
         ranges: ram_ranges(64 << 20),
         linux: false,
@@ -90,6 +98,7 @@ fn sample() -> VmSnapshot {
             DeviceState::Net(Box::new(net)),
             DeviceState::Stateless,
         ],
+        memory_check: Default::default(),
     }
 }
 
@@ -129,7 +138,7 @@ fn corruption_is_refused() {
         b[at] ^= 0x40;
         let e = VmSnapshot::decode(&b).err().expect("corrupt");
         assert!(matches!(e, SnapshotError::Checksum { .. }), "{e}");
-        assert!(e.to_string().contains("corrupt"), "{e}");
+        assert!(e.to_string().contains("corrupt: its checksum"), "{e}");
     }
     let mut b = bytes.clone();
     b[0] = b'X';
@@ -162,15 +171,40 @@ fn other_versions_are_refused() {
 }
 
 #[test]
-fn version_1_files_without_trampoline_state_are_refused() {
+fn older_versions_are_refused() {
+    for v in [1u32, 2] {
+        let mut b = sample().encode();
+        b[8..12].copy_from_slice(&v.to_le_bytes());
+        let e = VmSnapshot::decode(&b).err().expect("old version");
+        let want = format!("format version {v} is not supported (this specvm reads version 3)");
+        assert!(e.to_string().contains(&want), "{e}");
+    }
+}
+
+#[test]
+fn the_reserved_header_word_must_be_zero() {
     let mut b = sample().encode();
-    b[8..12].copy_from_slice(&1u32.to_le_bytes());
-    let e = VmSnapshot::decode(&b).err().expect("version 1");
+    b[12] = 0x80;
+    let e = VmSnapshot::decode(&b).err().expect("reserved");
     assert!(
-        e.to_string()
-            .contains("format version 1 is not supported (this specvm reads version 2)"),
+        e.to_string().contains("reserved header word is 0x80"),
         "{e}"
     );
+}
+
+#[test]
+fn layer_records_must_fit_the_memory_and_name_unique_files() {
+    let mut s = sample();
+    s.layers[0].extents[1] = (s.mem_size, 0x1000);
+    s.layers[0].sums.pop();
+    let e = VmSnapshot::decode(&s.encode()).err().expect("past memory");
+    assert!(e.to_string().contains("past the memory size"), "{e}");
+    let mut s = sample();
+    s.layers[0].id = s.id;
+    let e = VmSnapshot::decode(&s.encode())
+        .err()
+        .expect("same id twice");
+    assert!(e.to_string().contains("memory layers"), "{e}");
 }
 
 fn linux_sample(kernel_lstar: u64) -> VmSnapshot {
@@ -266,88 +300,4 @@ fn dirty_pages_accumulate_and_clear() {
     d.note(&[3, 1]);
     assert_eq!(d.take(), vec![1, 3, 64, 200]);
     assert!(d.take().is_empty());
-}
-
-fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("specvm-snap-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-#[test]
-fn files_full_then_diff_layers_keep_holes_and_load_in_order() {
-    let dir = tmpdir("files");
-    let len = 64 * 4096;
-    let src = tempfile_in(&dir, "src", len);
-    src.write_all_at(&[1u8; 4096], 4096).unwrap();
-    src.write_all_at(&[2u8; 4096], 10 * 4096).unwrap();
-    let mut s = sample();
-    s.mem_size = len;
-    s.layers = vec![s.id];
-    files::write_memory_full(&dir, &src, len, s.id).unwrap();
-    files::commit_state(&dir, &s).unwrap();
-    std::fs::write(dir.join(memory_name(0x9999)), b"stale").unwrap();
-    src.write_all_at(&[3u8; 4096], 20 * 4096).unwrap();
-    src.write_all_at(&[9u8; 4096], 30 * 4096).unwrap(); // not in the diff
-    files::write_memory_diff(&dir, &src, len, &[20], 0x5678).unwrap();
-    s.id = 0x5678;
-    s.layers.push(s.id);
-    files::commit_state(&dir, &s).unwrap();
-    assert!(dir.join(memory_name(0x1234)).exists(), "base layer kept");
-    assert!(
-        !dir.join(memory_name(0x9999)).exists(),
-        "stale file removed"
-    );
-    let diff_blocks = std::os::unix::fs::MetadataExt::blocks(
-        &std::fs::metadata(dir.join(memory_name(0x5678))).unwrap(),
-    );
-    assert!(
-        diff_blocks <= 8 * 2,
-        "the diff layer holds one page: {diff_blocks} blocks"
-    );
-    let dst = tempfile_in(&dir, "dst", len);
-    // load_memory checks the size against the state's.
-    s.mem_size = len;
-    files::load_memory(&dir, &s, &dst).unwrap();
-    let page = |p: u64| {
-        let mut b = [0u8; 1];
-        dst.read_exact_at(&mut b, p * 4096).unwrap();
-        b[0]
-    };
-    assert_eq!((page(1), page(10), page(20), page(30)), (1, 2, 3, 0));
-    // The state on disk is the last one committed.
-    let e = files::read_state(&dir)
-        .err()
-        .expect("64 pages is below the minimum");
-    assert!(e.to_string().contains("out of range"), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[test]
-fn state_file_on_disk_is_read_back_and_damage_refused() {
-    let dir = tmpdir("state");
-    let s = sample();
-    files::commit_state(&dir, &s).unwrap();
-    assert_eq!(files::read_state(&dir).unwrap().id, s.id);
-    let p = dir.join(STATE);
-    let bytes = std::fs::read(&p).unwrap();
-    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(matches!(
-        files::read_state(&dir),
-        Err(SnapshotError::Truncated { .. })
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempfile_in(dir: &std::path::Path, name: &str, len: u64) -> std::fs::File {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dir.join(name))
-        .unwrap();
-    f.set_len(len).unwrap();
-    f
 }

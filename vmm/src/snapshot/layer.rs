@@ -1,0 +1,352 @@
+//! What the state file records of each memory layer, and the checks made
+//! against it: where the layer holds data (its *extents*), and an XXH3-64
+//! checksum of every *piece* of them, a piece being the part of an extent
+//! inside one aligned [`SUM_CHUNK`] window of the file.
+//!
+//! A base (full) layer is mapped as guest memory, so the guest sees all of
+//! it: its extents must hold exactly the recorded bytes, and everything else
+//! must read as zeros (a hole, or data that is all zero). A diff layer is
+//! applied by copying its extents over the base; nothing else in it is ever
+//! read. Checksums per 64 KiB chunk, not per file, so a check reads only
+//! what the guest wrote (holes are skipped), the state file grows by 8
+//! bytes per 64 KiB of written memory (128 KiB for 1 GiB), and an error
+//! names the damaged 64 KiB.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::codec::{Reader, Writer};
+use super::files::data_runs;
+use super::SnapshotError;
+use crate::vstate::memory::PAGE_SIZE;
+
+/// Bytes covered by one checksum at most: the window size, in file
+/// offsets, that pieces are cut at.
+pub const SUM_CHUNK: u64 = 64 << 10;
+/// Bytes read per system call when checking or copying a layer (a multiple
+/// of [`SUM_CHUNK`]).
+pub const IO_CHUNK: usize = 1 << 20;
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// One memory layer as the state file records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// The id of the snapshot that wrote it (its file is
+    /// [`super::memory_name`] of it).
+    pub id: u64,
+    /// Where it holds data: (file offset, length), page-aligned, sorted,
+    /// not overlapping.
+    pub extents: Vec<(u64, u64)>,
+    /// XXH3-64 of every piece of the extents, in file order.
+    pub sums: Vec<u64>,
+}
+
+/// The pieces of `extents`: each extent cut where a [`SUM_CHUNK`] window
+/// ends.
+pub fn pieces(extents: &[(u64, u64)]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    extents.iter().flat_map(|&(start, len)| {
+        let end = start + len;
+        let mut p = start;
+        std::iter::from_fn(move || {
+            if p >= end {
+                return None;
+            }
+            let e = ((p / SUM_CHUNK + 1) * SUM_CHUNK).min(end);
+            let piece = (p, e - p);
+            p = e;
+            Some(piece)
+        })
+    })
+}
+
+/// Calls `f(offset, bytes)` for every piece of `extents` in `file`, in
+/// order, reading up to [`IO_CHUNK`] bytes per call.
+pub fn read_pieces(
+    file: &File,
+    extents: &[(u64, u64)],
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
+    on_io: impl Fn(io::Error) -> SnapshotError,
+) -> Result<(), SnapshotError> {
+    let mut buf = vec![0u8; IO_CHUNK];
+    for &(start, len) in extents {
+        let end = start + len;
+        let mut p = start;
+        while p < end {
+            // End the read at a window boundary, so that it holds whole
+            // pieces.
+            let stop = ((p + IO_CHUNK as u64) / SUM_CHUNK * SUM_CHUNK).min(end);
+            let b = &mut buf[..(stop - p) as usize];
+            file.read_exact_at(b, p).map_err(&on_io)?;
+            for (off, n) in pieces(&[(p, stop - p)]) {
+                f(off, &b[(off - p) as usize..(off - p + n) as usize])?;
+            }
+            p = stop;
+        }
+    }
+    Ok(())
+}
+
+impl Layer {
+    /// Appends the record to a payload.
+    pub fn put(&self, w: &mut Writer) {
+        w.u64(self.id);
+        w.u32(self.extents.len() as u32);
+        for &(off, len) in &self.extents {
+            w.u64(off);
+            w.u64(len);
+        }
+        w.u32(self.sums.len() as u32);
+        self.sums.iter().for_each(|&s| w.u64(s));
+    }
+
+    /// Reads a record that [`Layer::put`] wrote, for memory of `mem_size`
+    /// bytes, and checks that its extents are well-formed and that it has
+    /// one checksum per piece.
+    pub fn get(r: &mut Reader<'_>, mem_size: u64) -> Result<Self, SnapshotError> {
+        let id = r.u64("memory layer id")?;
+        let n = r.count(16, "memory layer extent count")?;
+        let mut extents = Vec::with_capacity(n);
+        let mut prev_end = 0;
+        for _ in 0..n {
+            let (off, len) = (r.u64("extent offset")?, r.u64("extent length")?);
+            let end = off.checked_add(len).filter(|&e| e <= mem_size);
+            let aligned = off % PAGE == 0 && len % PAGE == 0;
+            if end.is_none() || !aligned || len == 0 || off < prev_end {
+                return Err(SnapshotError::Corrupt(format!(
+                    "memory layer {id:016x}: extent {off:#x}+{len:#x} is not page-aligned, \
+                     in order and inside {mem_size:#x} bytes"
+                )));
+            }
+            prev_end = off + len;
+            extents.push((off, len));
+        }
+        let n = r.count(8, "memory layer checksum count")?;
+        let want = pieces(&extents).count();
+        if n != want {
+            return Err(SnapshotError::Corrupt(format!(
+                "memory layer {id:016x}: {n} checksums for {want} pieces"
+            )));
+        }
+        let sums = (0..n)
+            .map(|_| r.u64("memory layer checksum"))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { id, extents, sums })
+    }
+
+    /// Bytes of data the layer holds.
+    pub fn data_bytes(&self) -> u64 {
+        self.extents.iter().map(|&(_, n)| n).sum()
+    }
+
+    /// Checks every piece of a diff layer as it is read, and hands it to
+    /// `apply(offset, bytes)` only once it matches: damaged data never
+    /// reaches guest memory.
+    pub fn apply_checked(
+        &self,
+        file: &File,
+        path: &Path,
+        mut apply: impl FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> Result<(), SnapshotError> {
+        let mut sums = self.sums.iter();
+        read_pieces(
+            file,
+            &self.extents,
+            |off, b| {
+                check_piece(path, off, b, sums.next().copied())?;
+                apply(off, b).map_err(|err| SnapshotError::Io {
+                    what: "writing a snapshot memory layer into guest memory",
+                    path: path.into(),
+                    err,
+                })
+            },
+            io_err(path),
+        )
+    }
+
+    /// Checks a base layer whole, as the guest would see it through the
+    /// mapping: every piece against its checksum, and every byte outside
+    /// the extents that the file holds as data (not as a hole) is zero.
+    pub fn check_base(&self, file: &File, path: &Path, mem_size: u64) -> Result<(), SnapshotError> {
+        let mut sums = self.sums.iter();
+        read_pieces(
+            file,
+            &self.extents,
+            |off, b| check_piece(path, off, b, sums.next().copied()),
+            io_err(path),
+        )?;
+        let runs = data_runs(file, mem_size).map_err(io_err(path))?;
+        let outside = subtract(&runs, &self.extents);
+        read_pieces(
+            file,
+            &outside,
+            |off, b| match b.iter().position(|&x| x != 0) {
+                None => Ok(()),
+                Some(i) => Err(damaged(
+                    path,
+                    format!(
+                        "it holds data at {:#x}, where the snapshot recorded none",
+                        off + i as u64
+                    ),
+                )),
+            },
+            io_err(path),
+        )
+    }
+}
+
+/// Builds a layer's record while it is written: feed it every piece, in
+/// order.
+pub struct LayerBuilder {
+    layer: Layer,
+}
+
+impl LayerBuilder {
+    /// A record for layer `id` holding `extents`.
+    pub fn new(id: u64, extents: Vec<(u64, u64)>) -> Self {
+        Self {
+            layer: Layer {
+                id,
+                extents,
+                sums: Vec::new(),
+            },
+        }
+    }
+
+    /// Records the checksum of the next piece.
+    pub fn piece(&mut self, bytes: &[u8]) {
+        self.layer.sums.push(xxh3_64(bytes));
+    }
+
+    /// The finished record.
+    pub fn finish(self) -> Layer {
+        self.layer
+    }
+}
+
+fn check_piece(path: &Path, off: u64, b: &[u8], want: Option<u64>) -> Result<(), SnapshotError> {
+    let got = xxh3_64(b);
+    if want == Some(got) {
+        return Ok(());
+    }
+    Err(damaged(
+        path,
+        format!(
+            "bytes {off:#x}..{:#x} have checksum {got:016x}, the state file recorded {}",
+            off + b.len() as u64,
+            want.map_or("none".into(), |w| format!("{w:016x}"))
+        ),
+    ))
+}
+
+fn damaged(path: &Path, what: String) -> SnapshotError {
+    SnapshotError::Layer {
+        path: path.into(),
+        what,
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> SnapshotError + '_ {
+    move |err| SnapshotError::Io {
+        what: "reading the snapshot memory file",
+        path: path.into(),
+        err,
+    }
+}
+
+/// The parts of the sorted ranges `a` that no range of the sorted `b`
+/// covers.
+pub fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut bi = 0;
+    for &(start, len) in a {
+        let end = start + len;
+        let mut p = start;
+        while bi < b.len() && b[bi].0 + b[bi].1 <= p {
+            bi += 1;
+        }
+        let mut j = bi;
+        while p < end {
+            match b.get(j) {
+                Some(&(bs, bl)) if bs < end => {
+                    if bs > p {
+                        out.push((p, bs - p));
+                    }
+                    p = p.max(bs + bl);
+                    j += 1;
+                }
+                _ => {
+                    out.push((p, end - p));
+                    p = end;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_windows() {
+        let c = SUM_CHUNK;
+        let got: Vec<_> =
+            pieces(&[(0x1000, 0x1000), (c - 0x1000, 0x3000), (4 * c, 2 * c)]).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x1000, 0x1000),
+                (c - 0x1000, 0x1000),
+                (c, 0x2000),
+                (4 * c, c),
+                (5 * c, c)
+            ]
+        );
+    }
+
+    #[test]
+    fn subtract_leaves_what_is_uncovered() {
+        let a = [(0, 100), (200, 100)];
+        let b = [(10, 10), (50, 170), (290, 5)];
+        assert_eq!(
+            subtract(&a, &b),
+            vec![(0, 10), (20, 30), (220, 70), (295, 5)]
+        );
+        assert_eq!(subtract(&a, &[]), a.to_vec());
+        assert!(subtract(&a, &[(0, 400)]).is_empty());
+    }
+
+    #[test]
+    fn records_round_trip_and_bad_ones_are_refused() {
+        let l = Layer {
+            id: 7,
+            extents: vec![(0, 0x2000), (SUM_CHUNK, SUM_CHUNK + 0x1000)],
+            sums: vec![1, 2, 3],
+        };
+        let mut w = Writer::default();
+        l.put(&mut w);
+        assert_eq!(Layer::get(&mut Reader::new(&w.buf), 1 << 30).unwrap(), l);
+        let bad = |l: &Layer, mem: u64| {
+            let mut w = Writer::default();
+            l.put(&mut w);
+            Layer::get(&mut Reader::new(&w.buf), mem)
+                .unwrap_err()
+                .to_string()
+        };
+        let mut short = l.clone();
+        short.sums.pop();
+        assert!(bad(&short, 1 << 30).contains("2 checksums for 3 pieces"));
+        assert!(bad(&l, SUM_CHUNK).contains("inside"));
+        let mut unaligned = l.clone();
+        unaligned.extents[0].1 = 0x1800;
+        assert!(bad(&unaligned, 1 << 30).contains("page-aligned"));
+        let mut overlapping = l;
+        overlapping.extents[1].0 = 0x1000;
+        assert!(bad(&overlapping, 1 << 30).contains("in order"));
+    }
+}

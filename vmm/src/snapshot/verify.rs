@@ -1,0 +1,126 @@
+//! When a restore checks the base memory layer against its checksums.
+//!
+//! The base layer is mapped as guest memory, and the guest reads its pages
+//! straight from the page cache: no VMM code runs when it first touches
+//! one (userfaultfd serves only anonymous and shmem mappings, not a private
+//! mapping of a file on disk), so pages cannot be checked one by one as
+//! they are first touched. So the check reads the whole layer's data, on a
+//! thread of its own that starts as soon as the layer is mapped, while the
+//! VM, its vCPUs and devices are built:
+//! - [`Verify::BeforeStart`] (the default): the restore waits for it before
+//!   it restores the machine state, so no vCPU ever runs on memory that was
+//!   not checked; a damaged layer refuses the restore.
+//! - [`Verify::Background`] (`--verify background`): the guest starts at
+//!   once and the check goes on beside it; if it finds damage, the VMM
+//!   prints the error and exits with status 1. The guest may have run on
+//!   the damaged memory until then.
+//!
+//! The diff layers are checked in both modes before the guest starts: the
+//! restore copies their data into guest memory anyway, and checks each
+//! piece before it writes it.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use super::{Layer, SnapshotError};
+
+/// When the base layer is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Verify {
+    /// Before any vCPU runs (the default).
+    #[default]
+    BeforeStart,
+    /// Beside the running guest; damage ends the VMM.
+    Background,
+}
+
+/// Set once by the command line, before the VM is built.
+static BACKGROUND: AtomicBool = AtomicBool::new(false);
+
+/// Chooses when restores in this process check the base layer.
+pub fn set_mode(v: Verify) {
+    BACKGROUND.store(v == Verify::Background, Ordering::Relaxed);
+}
+
+fn mode() -> Verify {
+    if BACKGROUND.load(Ordering::Relaxed) {
+        Verify::Background
+    } else {
+        Verify::BeforeStart
+    }
+}
+
+type Outcome = Result<u64, SnapshotError>;
+
+/// The check of a restore's base layer, while it runs.
+#[derive(Default)]
+pub struct MemoryCheck(Mutex<Option<JoinHandle<Outcome>>>);
+
+impl MemoryCheck {
+    /// Starts checking `layer` (the file at `path`, of `mem_size` bytes),
+    /// in the mode the command line chose.
+    pub fn start(
+        &self,
+        file: File,
+        path: PathBuf,
+        layer: Layer,
+        mem_size: u64,
+    ) -> Result<(), SnapshotError> {
+        let started = Instant::now();
+        let background = mode() == Verify::Background;
+        let what = path.clone();
+        let h = std::thread::Builder::new()
+            .name("snapshot-check".into())
+            .spawn(move || {
+                let r = layer
+                    .check_base(&file, &path, mem_size)
+                    .map(|()| started.elapsed().as_micros() as u64);
+                if background {
+                    report_in_background(&r);
+                }
+                r
+            })
+            .map_err(|err| SnapshotError::Io {
+                what: "starting the thread that checks",
+                path: what,
+                err,
+            })?;
+        if !background {
+            *self.lock() = Some(h);
+        }
+        Ok(())
+    }
+
+    /// Waits for the check, if one runs before the guest starts, and
+    /// returns its verdict.
+    pub fn wait(&self) -> Result<(), SnapshotError> {
+        let Some(h) = self.lock().take() else {
+            return Ok(());
+        };
+        let micros = h
+            .join()
+            .map_err(|_| SnapshotError::Corrupt("the memory check panicked".into()))??;
+        tracing::info!(micros, "snapshot memory checked before start");
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<JoinHandle<Outcome>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// In background mode, the check's thread reports its own verdict: the
+/// time it took, or the damage, which ends the VMM.
+fn report_in_background(r: &Outcome) {
+    match r {
+        Ok(micros) => tracing::info!(micros, "snapshot memory checked in the background"),
+        Err(e) => {
+            eprintln!("specvm: error: {e} (found by the background check; the VM is stopped)");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! Writing a snapshot directory, the way a database writes its files.
+//!
+//! - **One writer.** A writer holds an exclusive `flock` on `DIR/lock` from
+//!   before it reads the committed state until it has committed or cleaned
+//!   up; a second one gets [`SnapshotError::Busy`] at once.
+//! - **New names, then a rename.** Each snapshot writes its memory layer
+//!   under a name no earlier snapshot used (`memory-<new id>`) and its state
+//!   under `state-<new id>.new`, syncs both, renames the state over `state`
+//!   (the commit point) and syncs the directory. The layer needs no rename
+//!   of its own: until the state that names it is committed, nothing reads
+//!   it, and the directory sync that makes the new `state` durable makes
+//!   the layer's name durable too.
+//! - **Delete only what the manifest names.** The committed state lists the
+//!   layers it owns. Before it creates a file, a writer records in the lock
+//!   file (its *journal*) every name it will create and every layer the
+//!   commit may make unused, synced; after a crash, the next writer deletes
+//!   those of them that the committed state does not name. No other file is
+//!   ever deleted, whatever its name.
+//! - **Failures leave nothing.** A failed write (a full disk) removes the
+//!   files it created before it returns the error; the previous snapshot
+//!   stays whole.
+//!
+//! The lock file is the one file written in place, under a fixed name: a
+//! lock must keep its name and inode, or two writers could lock two files.
+//! Its journal is checksummed, and is written before the files it names
+//! exist, so a torn journal names nothing that was created.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::files::{data_runs, io_err, open_regular, read_state_bytes, STATE};
+use super::layer::{read_pieces, Layer, LayerBuilder};
+use super::{codec, memory_name, SnapshotError, VmSnapshot};
+use crate::vstate::memory::PAGE_SIZE;
+
+/// The lock file's name in a snapshot directory.
+pub const LOCK: &str = "lock";
+const JOURNAL_HEAD: &str = "specvm snapshot journal 1";
+const PAGE: u64 = PAGE_SIZE as u64;
+
+/// The committed snapshot a writer found in the directory.
+pub struct Committed {
+    /// The state, if it is one this build can restore.
+    pub snap: Option<VmSnapshot>,
+    /// The files it owns, if it is a specvm state file whose layer list
+    /// can be read (this format version or the previous one); None for
+    /// none or a damaged one, whose files are then never deleted.
+    names: Option<Vec<String>>,
+}
+
+/// A snapshot directory, locked for writing one snapshot.
+pub struct DirWriter {
+    dir: PathBuf,
+    lock: File,
+    committed: Committed,
+    /// Names from a crashed writer's journal that could not be settled
+    /// (the committed state was unreadable): kept in the journal.
+    leftover: Vec<String>,
+    /// Files this writer created and has not committed: removed if it
+    /// fails.
+    created: Vec<PathBuf>,
+    /// The snapshot id whose names the journal holds.
+    journaled: Option<u64>,
+}
+
+impl DirWriter {
+    /// Locks `dir` (which must exist) for writing, settles what a crashed
+    /// writer left, and reads the committed state. Refuses a directory
+    /// whose `state` is not a specvm state file: specvm does not replace
+    /// files it did not write.
+    pub fn open(dir: &Path) -> Result<Self, SnapshotError> {
+        let lock = lock(dir)?;
+        let committed = committed(dir)?;
+        let mut w = Self {
+            dir: dir.into(),
+            lock,
+            committed,
+            leftover: Vec::new(),
+            created: Vec::new(),
+            journaled: None,
+        };
+        let journal = read_journal(&w.lock);
+        match &w.committed.names {
+            Some(names) => {
+                for n in journal.iter().filter(|n| !names.contains(n)) {
+                    remove_own(&w.dir.join(n));
+                }
+            }
+            None => w.leftover = journal,
+        }
+        Ok(w)
+    }
+
+    /// The committed snapshot, if this build can read it.
+    pub fn committed(&self) -> Option<&VmSnapshot> {
+        self.committed.snap.as_ref()
+    }
+
+    /// Writes `src`'s first `len` bytes (the guest memory file) as the
+    /// full layer of snapshot `id`, holes left as holes, synced.
+    pub fn write_full(&mut self, src: &File, len: u64, id: u64) -> Result<Layer, SnapshotError> {
+        let runs = data_runs(src, len).map_err(io_err("reading guest memory", &self.dir))?;
+        // Whole pages (the memfd's runs are, on tmpfs), merged where the
+        // rounding makes them meet.
+        let mut extents: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+        for (s, n) in runs {
+            let (start, end) = (s / PAGE * PAGE, (s + n).div_ceil(PAGE) * PAGE);
+            match extents.last_mut() {
+                Some((ps, pn)) if *ps + *pn >= start => *pn = end.max(*ps + *pn) - *ps,
+                _ => extents.push((start, end - start)),
+            }
+        }
+        self.write_layer(src, len, id, extents)
+    }
+
+    /// Writes the diff layer of snapshot `id`: a sparse file of `len` bytes
+    /// holding only the `pages` (sorted) of `src`, synced. Earlier layers
+    /// are not touched, so its cost follows the number of pages.
+    pub fn write_diff(
+        &mut self,
+        src: &File,
+        len: u64,
+        pages: &[u64],
+        id: u64,
+    ) -> Result<Layer, SnapshotError> {
+        let extents = crate::spec::memory::runs(pages)
+            .into_iter()
+            .map(|r| (r.start * PAGE, (r.end - r.start) * PAGE))
+            .collect();
+        self.write_layer(src, len, id, extents)
+    }
+
+    fn write_layer(
+        &mut self,
+        src: &File,
+        len: u64,
+        id: u64,
+        extents: Vec<(u64, u64)>,
+    ) -> Result<Layer, SnapshotError> {
+        self.begin(id)?;
+        let path = self.dir.join(memory_name(id));
+        let out = self.create(&path, "creating the snapshot memory file")?;
+        out.set_len(len)
+            .map_err(io_err("sizing the snapshot memory file", &path))?;
+        let mut b = LayerBuilder::new(id, extents.clone());
+        read_pieces(
+            src,
+            &extents,
+            |off, bytes| {
+                b.piece(bytes);
+                out.write_all_at(bytes, off)
+                    .map_err(io_err("writing the snapshot memory file", &path))
+            },
+            |err| SnapshotError::Io {
+                what: "reading guest memory",
+                path: path.clone(),
+                err,
+            },
+        )?;
+        out.sync_all()
+            .map_err(io_err("syncing the snapshot memory file", &path))?;
+        Ok(b.finish())
+    }
+
+    /// Commits `snap` as the directory's snapshot: writes and syncs
+    /// `state-<id>.new`, renames it to `state`, syncs the directory, then
+    /// deletes the layers the replaced state owned that `snap` does not.
+    pub fn commit(mut self, snap: &VmSnapshot) -> Result<(), SnapshotError> {
+        self.begin(snap.id)?;
+        let new = self.dir.join(state_new_name(snap.id));
+        let mut f = self.create(&new, "creating the snapshot state file")?;
+        f.write_all(&snap.encode())
+            .map_err(io_err("writing the snapshot state file", &new))?;
+        f.sync_all()
+            .map_err(io_err("syncing the snapshot state file", &new))?;
+        let state = self.dir.join(STATE);
+        std::fs::rename(&new, &state)
+            .map_err(io_err("renaming the snapshot state file", &state))?;
+        // Committed (in memory at least): the new files belong to `state`
+        // now, and must not be removed even if the sync below fails.
+        self.created.clear();
+        sync_dir(&self.dir)?;
+        let keep: Vec<String> = snap.layers.iter().map(|l| memory_name(l.id)).collect();
+        for n in self.committed.names.iter().flatten() {
+            if !keep.contains(n) {
+                remove_own(&self.dir.join(n));
+            }
+        }
+        // A journal left in place is harmless (the next writer deletes
+        // only what the state does not name, and finds the rest gone), so
+        // clearing it needs no sync.
+        let clear = if self.leftover.is_empty() {
+            self.lock.set_len(0)
+        } else {
+            write_journal(&self.lock, &self.leftover)
+        };
+        if let Err(e) = clear {
+            tracing::warn!(
+                "clearing the snapshot journal in {}: {e}",
+                self.dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Records, synced, every name snapshot `id` may leave behind: its own
+    /// files, the layers the committed state owns (a commit may make them
+    /// unused), and the leftovers of a crashed writer. Done once per id,
+    /// before any of its files is created; the controller calls it before
+    /// it pauses the VM, so the VM does not wait for this sync.
+    pub fn begin(&mut self, id: u64) -> Result<(), SnapshotError> {
+        if self.journaled == Some(id) {
+            return Ok(());
+        }
+        let mut names = self.leftover.clone();
+        names.extend(self.committed.names.iter().flatten().cloned());
+        names.push(memory_name(id));
+        names.push(state_new_name(id));
+        names.sort();
+        names.dedup();
+        let lock = self.dir.join(LOCK);
+        write_journal(&self.lock, &names)
+            .and_then(|()| self.lock.sync_data())
+            .map_err(io_err("writing the snapshot journal", &lock))?;
+        self.journaled = Some(id);
+        Ok(())
+    }
+
+    /// Creates `path`, which must not exist, and remembers it for removal
+    /// if the snapshot fails.
+    fn create(&mut self, path: &Path, what: &'static str) -> Result<File, SnapshotError> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(path)
+            .map_err(io_err(what, path))?;
+        self.created.push(path.into());
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+impl DirWriter {
+    /// Ends the writer as a crash would: its files stay, its lock goes.
+    pub(super) fn crash(mut self) {
+        self.created.clear();
+    }
+}
+
+impl Drop for DirWriter {
+    /// A writer that did not commit removes what it created: a partial
+    /// layer of a full disk must not fill it further, nor stay behind.
+    fn drop(&mut self) {
+        for p in self.created.drain(..) {
+            if let Err(e) = std::fs::remove_file(&p) {
+                tracing::warn!("removing the unfinished snapshot file {}: {e}", p.display());
+            }
+        }
+    }
+}
+
+/// `state-<id>.new`: the state file of snapshot `id` before its commit.
+fn state_new_name(id: u64) -> String {
+    format!("state-{id:016x}.new")
+}
+
+/// Whether `name` is one specvm gives the files it writes and deletes:
+/// `memory-<16 hex digits>` or `state-<16 hex digits>.new`. A journal
+/// naming anything else is not one specvm wrote.
+fn is_own_name(name: &str) -> bool {
+    let hex = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    name.strip_prefix("memory-").is_some_and(hex)
+        || name
+            .strip_prefix("state-")
+            .and_then(|s| s.strip_suffix(".new"))
+            .is_some_and(hex)
+}
+
+/// Deletes `path`, a file specvm's journal or manifest names, if it is a
+/// regular file (never a directory, nor through a symbolic link).
+fn remove_own(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.is_file() => {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!("removing the stale snapshot file {}: {e}", path.display());
+            }
+        }
+        Ok(_) => tracing::warn!(
+            "not removing {}: it is not a regular file, so not specvm's",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+}
+
+/// Opens (creating it if needed) and locks `dir/lock`.
+fn lock(dir: &Path) -> Result<File, SnapshotError> {
+    let path = dir.join(LOCK);
+    let open = |create_new: bool| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create_new)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+    };
+    let f = match open(true) {
+        Ok(f) => {
+            // The journal it will hold must survive a crash.
+            sync_dir(dir)?;
+            f
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Not followed if it is a link, nor blocked on if a FIFO.
+            open_regular(&path, "opening the snapshot lock file")?;
+            open(false).map_err(io_err("opening the snapshot lock file", &path))?
+        }
+        Err(e) => return Err(io_err("creating the snapshot lock file", &path)(e)),
+    };
+    if !f
+        .metadata()
+        .map_err(io_err("opening the snapshot lock file", &path))?
+        .is_file()
+    {
+        return Err(SnapshotError::NotRegular {
+            path,
+            kind: "not a regular file".into(),
+        });
+    }
+    // SAFETY: flock on a descriptor we own; it takes no pointers.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(SnapshotError::Busy { dir: dir.into() });
+        }
+        return Err(io_err("locking the snapshot directory", &path)(err));
+    }
+    Ok(f)
+}
+
+/// The committed state of `dir`, and the names it owns.
+fn committed(dir: &Path) -> Result<Committed, SnapshotError> {
+    let path = dir.join(STATE);
+    let bytes = match read_state_bytes(&path) {
+        Ok(b) => b,
+        Err(SnapshotError::Io { err, .. }) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Committed {
+                snap: None,
+                names: Some(Vec::new()),
+            })
+        }
+        Err(SnapshotError::Corrupt(_)) => {
+            return Err(foreign(&path, "it is larger than any state file"))
+        }
+        Err(e @ SnapshotError::NotRegular { .. }) => return Err(foreign(&path, &e.to_string())),
+        Err(e) => return Err(e),
+    };
+    if !bytes.starts_with(&codec::MAGIC) {
+        return Err(foreign(&path, "it is not a specvm snapshot state file"));
+    }
+    let names = codec::manifest_layers(&bytes)
+        .map(|ids| ids.into_iter().map(memory_name).collect::<Vec<_>>());
+    if names.is_none() {
+        tracing::warn!(
+            "{} is a damaged specvm state file: it is replaced, and the memory files it named are left in place",
+            path.display()
+        );
+    }
+    Ok(Committed {
+        snap: VmSnapshot::decode(&bytes).ok(),
+        names,
+    })
+}
+
+fn foreign(path: &Path, why: &str) -> SnapshotError {
+    SnapshotError::Refused(format!(
+        "{} is in the way: {why}; specvm replaces only a state file it wrote",
+        path.display()
+    ))
+}
+
+/// The names in the journal of `lock`: none if it is empty, torn or not
+/// one specvm wrote.
+fn read_journal(lock: &File) -> Vec<String> {
+    let mut buf = Vec::new();
+    let len = lock.metadata().map_or(0, |m| m.len());
+    if len == 0 || len > 1 << 20 {
+        return buf;
+    }
+    let mut text = vec![0u8; len as usize];
+    if lock.read_exact_at(&mut text, 0).is_err() {
+        return buf;
+    }
+    let Ok(text) = String::from_utf8(text) else {
+        return buf;
+    };
+    let Some((body, sum)) = text.trim_end_matches('\n').rsplit_once('\n') else {
+        return buf;
+    };
+    let body = format!("{body}\n");
+    if sum != format!("xxh3 {:016x}", xxh3_64(body.as_bytes())) {
+        tracing::warn!("the snapshot journal is torn or not specvm's; ignored");
+        return buf;
+    }
+    let mut lines = body.lines();
+    if lines.next() != Some(JOURNAL_HEAD) {
+        return buf;
+    }
+    for l in lines {
+        if !is_own_name(l) {
+            tracing::warn!("the snapshot journal names {l:?}, not a specvm file; ignored");
+            return Vec::new();
+        }
+        buf.push(l.to_string());
+    }
+    buf
+}
+
+/// Writes `names` as the journal in `lock`, in place.
+fn write_journal(lock: &File, names: &[String]) -> std::io::Result<()> {
+    let mut body = format!("{JOURNAL_HEAD}\n");
+    for n in names {
+        body.push_str(n);
+        body.push('\n');
+    }
+    let text = format!("{body}xxh3 {:016x}\n", xxh3_64(body.as_bytes()));
+    lock.write_all_at(text.as_bytes(), 0)?;
+    lock.set_len(text.len() as u64)
+}
+
+/// Syncs `dir`, so the names created, renamed or removed in it last.
+pub fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing the snapshot directory", dir))
+}
