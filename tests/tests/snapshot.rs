@@ -1,6 +1,10 @@
 //! Snapshots end to end: `specvm ctl snapshot --path DIR` on a running
 //! `counter` guest, and `specvm run --restore DIR` (docs/snapshots.md).
+//! The second half tests the snapshot directory's own guarantees: one
+//! writer, deleting only specvm's files, checked memory layers, a full
+//! disk, and files that are not regular.
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -171,7 +175,7 @@ fn damaged_state_files_are_refused() {
     let snap = make_snapshot(&d);
     let state = Path::new(&snap).join("state");
     let good = std::fs::read(&state).expect("state file");
-    let cases: [(&str, Vec<u8>, &str); 3] = [
+    let cases: [(&str, Vec<u8>, &str); 4] = [
         ("truncated", good[..good.len() - 100].to_vec(), "truncated"),
         (
             "corrupt",
@@ -180,7 +184,16 @@ fn damaged_state_files_are_refused() {
                 b[200] ^= 1;
                 b
             },
-            "corrupt: CRC-32",
+            "corrupt: its checksum",
+        ),
+        (
+            "reserved",
+            {
+                let mut b = good.clone();
+                b[12] = 1;
+                b
+            },
+            "the reserved header word is 0x1, not 0",
         ),
         (
             "version",
@@ -288,4 +301,358 @@ fn a_restored_vm_speculates_without_touching_the_snapshot() {
         n < after_abort,
         "a second restore starts from the snapshot ({n}), not from the first restore's state"
     );
+}
+
+// The snapshot directory: every test below failed before the change that
+// made it pass (the issue's findings 1, 2, 4, 5 and 11).
+
+/// Starts a counter with 64 MiB that first fills `fill_mib` MiB.
+fn start_filled(sock: &str, fill_mib: u32) -> Spawned {
+    let g = bare_guest("counter");
+    let g = g.to_str().expect("UTF-8 path");
+    let fill = fill_mib.to_string();
+    let vm = spawn_specvm(&[
+        "run",
+        "--bare",
+        g,
+        "--memory",
+        "64M",
+        "--api-sock",
+        sock,
+        "--guest-arg",
+        &fill,
+    ]);
+    wait_for_socket(sock);
+    vm
+}
+
+/// The names in `dir`, sorted.
+fn names(dir: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("reading the snapshot dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The layer files `dir/state` names, sorted: its payload (after the
+/// 32-byte header) starts with the snapshot id and the layer count, then
+/// each layer's id, extents (16 bytes each) and checksums (8 bytes each).
+fn state_layers(dir: &str) -> Vec<String> {
+    let b = std::fs::read(Path::new(dir).join("state")).expect("state");
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("u32")) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("u64"));
+    let mut at = 32 + 8;
+    let n = u32_at(at);
+    at += 4;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(format!("memory-{:016x}", u64_at(at)));
+        at += 8;
+        at += 4 + 16 * u32_at(at);
+        at += 4 + 8 * u32_at(at);
+    }
+    out.sort();
+    out
+}
+
+/// A restore of `dir` that prints its counter.
+fn assert_restores(dir: &str) {
+    let mut vm = restore(dir, &["--serial", "stdout"]);
+    next_count(&mut vm);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn two_vms_snapshotting_into_one_directory_never_break_it() {
+    skip_without_kvm!();
+    let d = Dir::new("two-writers");
+    let snap = d.path("snap");
+    let socks = [d.path("a.sock"), d.path("b.sock")];
+    let _vms: Vec<Spawned> = socks.iter().map(|s| start_counter(s)).collect();
+    let mut refused = 0;
+    for round in 0..20 {
+        let answers: Vec<(i32, String)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = socks
+                .iter()
+                .map(|s| sc.spawn(|| ctl(s, "snapshot", Some(&snap))))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("ctl thread"))
+                .collect()
+        });
+        for (st, out) in &answers {
+            if *st != 0 {
+                assert!(
+                    out.contains("another specvm is writing a snapshot into"),
+                    "round {round}: {out}"
+                );
+                refused += 1;
+            }
+        }
+        assert!(
+            answers.iter().any(|(st, _)| *st == 0),
+            "round {round}: {answers:?}"
+        );
+        let n = names(&snap);
+        let files: Vec<String> = n
+            .iter()
+            .filter(|n| n.starts_with("memory-"))
+            .cloned()
+            .collect();
+        assert_eq!(files, state_layers(&snap), "round {round}: {n:?}");
+        assert!(
+            !n.iter().any(|n| n.ends_with(".new")),
+            "round {round}: {n:?}"
+        );
+        assert_restores(&snap);
+    }
+    eprintln!("{refused} of 40 snapshots found the other one writing");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn a_users_files_in_the_snapshot_directory_are_kept() {
+    skip_without_kvm!();
+    let d = Dir::new("users-files");
+    let snap = d.path("snap");
+    std::fs::create_dir_all(&snap).expect("mkdir");
+    let theirs = [
+        ("memory-notes.txt", "notes"),
+        ("memory-0123456789abcdef", "named like a layer"),
+        ("state.new", "also theirs"),
+    ];
+    for (n, text) in theirs {
+        std::fs::write(Path::new(&snap).join(n), text).expect("write");
+    }
+    let (sa, sb) = (d.path("a.sock"), d.path("b.sock"));
+    let mut a = start_counter(&sa);
+    let mut b = start_counter(&sb);
+    count_then_snapshot(&mut a, &sa, &snap);
+    let (_, out) = count_then_snapshot(&mut a, &sa, &snap);
+    assert!(out.contains(r#""kind":"diff""#), "{out}");
+    // Another VM's full snapshot replaces both of a's layers.
+    count_then_snapshot(&mut b, &sb, &snap);
+    for (n, text) in theirs {
+        let got = std::fs::read_to_string(Path::new(&snap).join(n));
+        assert_eq!(got.ok().as_deref(), Some(text), "{n}");
+    }
+    let layers = names(&snap)
+        .into_iter()
+        .filter(|n| n.starts_with("memory-"))
+        .count();
+    assert_eq!(layers, 3, "b's layer and the two files named like layers");
+    assert_restores(&snap);
+}
+
+/// The snapshot's layer files, largest data first (the full one, then the
+/// diff ones), with the first data offset of each.
+fn layers_by_data(snap: &str) -> Vec<(PathBuf, u64)> {
+    let mut v: Vec<(PathBuf, u64, u64)> = names(snap)
+        .into_iter()
+        .filter(|n| n.starts_with("memory-"))
+        .map(|n| {
+            let p = Path::new(snap).join(n);
+            let md = std::fs::metadata(&p).expect("layer");
+            let f = std::fs::File::open(&p).expect("layer");
+            // SAFETY: lseek on a descriptor we own.
+            let data =
+                unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&f), 0, libc::SEEK_DATA) };
+            assert!(data >= 0, "{} holds no data", p.display());
+            (p, std::os::unix::fs::MetadataExt::blocks(&md), data as u64)
+        })
+        .collect();
+    v.sort_by_key(|(_, blocks, _)| std::cmp::Reverse(*blocks));
+    v.into_iter().map(|(p, _, d)| (p, d)).collect()
+}
+
+fn rewrite(path: &Path, off: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    f.write_all_at(bytes, off).expect("rewrite");
+}
+
+/// The counter's entry point: its code, in guest memory and so in the
+/// base layer at that offset.
+fn entry_point() -> u64 {
+    let elf = std::fs::read(bare_guest("counter")).expect("counter ELF");
+    u64::from_le_bytes(elf[24..32].try_into().expect("e_entry"))
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn damaged_memory_layers_are_refused() {
+    skip_without_kvm!();
+    let d = Dir::new("layers");
+    let (sock, snap) = (d.path("api.sock"), d.path("snap"));
+    let mut vm = start_counter(&sock);
+    count_then_snapshot(&mut vm, &sock, &snap);
+    let (_, out) = count_then_snapshot(&mut vm, &sock, &snap);
+    assert!(out.contains(r#""kind":"diff""#), "{out}");
+    drop(vm);
+    let other_dir = Dir::new("layers-other");
+    let other = make_snapshot(&other_dir);
+    let layers = layers_by_data(&snap);
+    let (base, diff) = (layers[0].0.clone(), layers[1].clone());
+    let pristine = [
+        std::fs::read(&base).expect("base"),
+        std::fs::read(&diff.0).expect("diff"),
+    ];
+    let other_base = layers_by_data(&other)[0].0.clone();
+    let code = entry_point();
+    type Damage<'a> = Box<dyn Fn() + 'a>;
+    let cases: [(&str, Damage); 4] = [
+        (
+            "one rewritten word",
+            Box::new(|| rewrite(&base, code + 0x800, &0x1234_5678u64.to_le_bytes())),
+        ),
+        (
+            "a flipped byte of guest code",
+            Box::new(|| {
+                let b = pristine[0][code as usize + 0x10];
+                rewrite(&base, code + 0x10, &[b ^ 0x01]);
+            }),
+        ),
+        (
+            "a layer copied in from another snapshot",
+            Box::new(|| {
+                std::fs::copy(&other_base, &base).expect("copy");
+            }),
+        ),
+        (
+            "a rewritten page in a diff layer",
+            Box::new(|| rewrite(&diff.0, diff.1, &[0x55; 4096])),
+        ),
+    ];
+    for (what, damage) in cases {
+        damage();
+        eprintln!("{what}");
+        let r = run_specvm(&["run", "--restore", &snap, "--serial", "stdout"], TIMEOUT);
+        assert!(!r.timed_out, "{what}: the damaged snapshot ran: {r}");
+        r.assert_failed();
+        r.assert_stderr_contains("is damaged: bytes");
+        assert!(!r.stdout.contains("counter:"), "{what}: the guest ran: {r}");
+        std::fs::write(&base, &pristine[0]).expect("put back");
+        std::fs::write(&diff.0, &pristine[1]).expect("put back");
+    }
+    // In the background, the check ends a VM that already runs.
+    rewrite(&base, code + 0x800, &0x1234_5678u64.to_le_bytes());
+    let args = [
+        "run",
+        "--restore",
+        &snap,
+        "--verify",
+        "background",
+        "--serial",
+        "null",
+    ];
+    let r = run_specvm(&args, TIMEOUT);
+    assert!(!r.timed_out, "the damaged snapshot ran on: {r}");
+    r.assert_status(1);
+    r.assert_stderr_contains("found by the background check; the VM is stopped");
+    std::fs::write(&base, &pristine[0]).expect("put back");
+    assert_restores(&snap);
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct Tmpfs(Dir);
+
+impl Tmpfs {
+    fn mount(name: &str, size: &str) -> Result<Self, String> {
+        let d = Dir::new(name);
+        let dir = d.0.to_str().expect("UTF-8 path");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !st.success() {
+            return Err(format!("cannot mount a tmpfs on {dir} ({st}; not root?)"));
+        }
+        Ok(Self(d))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.0 .0)
+            .status();
+    }
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn a_full_disk_leaves_no_partial_layer_behind() {
+    skip_without_kvm!();
+    let disk = match Tmpfs::mount("full", "6m") {
+        Ok(t) => t,
+        Err(why) => {
+            specvm_tests::record_skip("a_full_disk_leaves_no_partial_layer_behind", &why);
+            return;
+        }
+    };
+    let snap = disk.0.path("snap");
+    let d = Dir::new("full-socks");
+    let (sa, sb, sc) = (d.path("a.sock"), d.path("b.sock"), d.path("c.sock"));
+    let mut small = start_counter(&sa);
+    count_then_snapshot(&mut small, &sa, &snap);
+    let before = names(&snap);
+    let mut big = start_filled(&sb, 8);
+    next_count(&mut big);
+    for attempt in 0..3 {
+        let (st, out) = ctl(&sb, "snapshot", Some(&snap));
+        assert_ne!(st, 0, "attempt {attempt}: 8 MiB fit in 6: {out}");
+        assert!(
+            out.contains("No space left on device"),
+            "attempt {attempt}: {out}"
+        );
+        assert_eq!(names(&snap), before, "attempt {attempt} left files");
+    }
+    // The previous snapshot is whole, and a snapshot that fits still does.
+    assert_restores(&snap);
+    let mut fits = start_filled(&sc, 2);
+    next_count(&mut fits);
+    let (st, out) = ctl(&sc, "snapshot", Some(&snap));
+    assert_eq!(st, 0, "{out}");
+    assert_restores(&snap);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn fifos_devices_and_links_out_of_the_directory_are_refused() {
+    skip_without_kvm!();
+    let d = Dir::new("special");
+    let snap = make_snapshot(&d);
+    let state = Path::new(&snap).join("state");
+    let good = std::fs::read(&state).expect("state");
+    let mkfifo = |p: &Path| {
+        let st = std::process::Command::new("mkfifo")
+            .arg(p)
+            .status()
+            .expect("mkfifo");
+        assert!(st.success());
+    };
+    std::fs::remove_file(&state).expect("rm");
+    mkfifo(&state);
+    assert_refused(&snap, &[], "state is a FIFO");
+    std::fs::remove_file(&state).expect("rm");
+    std::os::unix::fs::symlink("/dev/zero", &state).expect("link");
+    assert_refused(&snap, &[], "state is a symbolic link");
+    std::fs::remove_file(&state).expect("rm");
+    std::fs::write(&state, &good).expect("state");
+    let layer = layers_by_data(&snap)[0].0.clone();
+    let outside = d.0.join("layer-outside");
+    std::fs::rename(&layer, &outside).expect("mv");
+    std::os::unix::fs::symlink(&outside, &layer).expect("link");
+    assert_refused(&snap, &[], "is a symbolic link");
+    std::fs::remove_file(&layer).expect("rm");
+    mkfifo(&layer);
+    assert_refused(&snap, &[], "is a FIFO");
+    std::fs::remove_file(&layer).expect("rm");
+    std::fs::rename(&outside, &layer).expect("mv back");
+    assert_restores(&snap);
 }
