@@ -385,6 +385,33 @@ fn the_api_socket_is_private_under_umask_000() {
     assert_eq!((md.mode() & 0o777, md.gid().to_string()), (0o660, gid));
 }
 
+/// The snapshot folder the VMM makes holds all of guest memory: private
+/// whatever the umask.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn a_snapshot_folder_is_private_under_umask_000() {
+    skip_without_kvm!();
+    let dir = Dir::new("snap-mode");
+    let sock = dir.path("api.sock");
+    let mut vm = start_vm("umask 000", None, &sock, &[]);
+    wait_for_socket(&mut vm, &sock);
+    let snap = dir.path("snap/inner");
+    let r = specvm_tests::run_specvm(
+        &[
+            "ctl",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "snapshot",
+            "--path",
+            snap.to_str().unwrap(),
+        ],
+        TIMEOUT,
+    );
+    assert!(r.stdout.contains(r#""ok":true"#), "{r}");
+    assert_eq!(mode(&snap), 0o700);
+    assert_eq!(mode(&dir.path("snap")), 0o700);
+}
+
 #[test]
 fn the_bridge_sockets_are_private_under_umask_000() {
     let dir = Dir::new("bridge-mode");

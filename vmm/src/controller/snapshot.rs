@@ -120,7 +120,15 @@ impl Controller {
         if let Some(why) = self.snapshot_refusal() {
             return Ok(Response::error(format!("snapshot refused: {why}")));
         }
-        if let Err(e) = std::fs::create_dir_all(&dir) {
+        // Private whatever the umask: a snapshot holds all of guest memory.
+        let made = {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+        };
+        if let Err(e) = made {
             return Ok(Response::error(format!(
                 "creating the snapshot directory {}: {e}",
                 dir.display()
