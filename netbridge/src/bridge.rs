@@ -12,9 +12,18 @@ use crate::registry::{Notice, PortId, Registry};
 
 /// Frames queued for one port before new ones are dropped (and counted).
 pub const QUEUE_MAX: usize = 1024;
+/// Bytes of frames queued for one port before new ones are dropped (and
+/// counted). With the MTU the VMMs use (1,460), [`QUEUE_MAX`] frames fit;
+/// 64 KiB frames stop at 32, so a port that floods with them cannot make
+/// the bridge hold 64 MiB for each port that reads slowly.
+pub const QUEUE_BYTES_MAX: usize = 2 << 20;
 /// Frames held for output commit on one port before new ones are dropped
 /// (and counted): the sender's speculation must resolve to free room.
 pub const HELD_MAX: usize = 4096;
+/// Bytes of frames held for output commit on one port before new ones are
+/// dropped (and counted): [`HELD_MAX`] frames of the VMMs' MTU fit, 128
+/// frames of 64 KiB do.
+pub const HELD_BYTES_MAX: usize = 8 << 20;
 
 /// Reads the speculation tags of a frame. The bridge is built with the
 /// codec's parser; tests substitute their own.
@@ -32,7 +41,8 @@ pub struct Counters {
     pub tx: u64,
     /// Frames dropped because their tag held an aborted id (rule 10).
     pub dropped_aborted: u64,
-    /// Frames dropped because the queue or the hold buffer was full.
+    /// Frames dropped because the queue or the hold buffer was full, in
+    /// frames or in bytes.
     pub dropped_full: u64,
     /// Frames dropped because their IPv4 header or tag was malformed.
     pub dropped_malformed: u64,
@@ -58,10 +68,27 @@ struct Port {
     /// whose VMM writes the true set (rule 12); false for the uplink.
     trusts_tags: bool,
     queue: VecDeque<Queued>,
+    /// Bytes of the frames in `queue`.
+    queue_bytes: usize,
     held: VecDeque<Queued>,
+    /// Bytes of the frames in `held`.
+    held_bytes: usize,
     counters: Counters,
     next_seq: u64,
     unacked: BTreeMap<u64, Id>,
+}
+
+/// What one port's queue and hold buffer hold now.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Frames queued to the port.
+    pub queued: usize,
+    /// Their bytes.
+    pub queued_bytes: usize,
+    /// Frames held for output commit.
+    pub held: usize,
+    /// Their bytes.
+    pub held_bytes: usize,
 }
 
 /// Something the server must send besides frames.
@@ -157,7 +184,9 @@ impl Bridge {
                 speculative,
                 trusts_tags,
                 queue: VecDeque::new(),
+                queue_bytes: 0,
                 held: VecDeque::new(),
+                held_bytes: 0,
                 counters: Counters::default(),
                 next_seq: 1,
                 unacked: BTreeMap::new(),
@@ -181,11 +210,20 @@ impl Bridge {
 
     /// Takes the next frame queued for `port`.
     pub fn pop(&mut self, port: PortId) -> Option<Vec<u8>> {
-        self.ports
-            .get_mut(&port)?
-            .queue
-            .pop_front()
-            .map(|q| q.frame)
+        let p = self.ports.get_mut(&port)?;
+        let q = p.queue.pop_front()?;
+        p.queue_bytes -= q.frame.len();
+        Some(q.frame)
+    }
+
+    /// What `port`'s queue and hold buffer hold now.
+    pub fn usage(&self, port: PortId) -> Option<Usage> {
+        self.ports.get(&port).map(|p| Usage {
+            queued: p.queue.len(),
+            queued_bytes: p.queue_bytes,
+            held: p.held.len(),
+            held_bytes: p.held_bytes,
+        })
     }
 
     /// The port's counters.
@@ -283,11 +321,12 @@ impl Bridge {
                 }
             }
         }
-        if p.held.len() >= HELD_MAX {
+        if p.held.len() >= HELD_MAX || p.held_bytes + frame.len() > HELD_BYTES_MAX {
             p.counters.dropped_full += 1;
             return false;
         }
         p.counters.held += 1;
+        p.held_bytes += frame.len();
         p.held.push_back(Queued { frame, tags });
         false
     }
@@ -376,6 +415,8 @@ impl Bridge {
             p.queue.retain(|q| !q.tags.contains(&id));
             p.held.retain(|q| !q.tags.contains(&id));
             p.counters.dropped_aborted += (before - p.queue.len() - p.held.len()) as u64;
+            p.queue_bytes = p.queue.iter().map(|q| q.frame.len()).sum();
+            p.held_bytes = p.held.iter().map(|q| q.frame.len()).sum();
         }
     }
 
@@ -407,6 +448,7 @@ impl Bridge {
                     keep.push_back(q);
                 }
             }
+            p.held_bytes = keep.iter().map(|q| q.frame.len()).sum();
             p.held = keep;
             if any {
                 woke.push(id);
@@ -426,11 +468,12 @@ impl Bridge {
 }
 
 fn push(p: &mut Port, q: Queued) -> bool {
-    if p.queue.len() >= QUEUE_MAX {
+    if p.queue.len() >= QUEUE_MAX || p.queue_bytes + q.frame.len() > QUEUE_BYTES_MAX {
         p.counters.dropped_full += 1;
         return false;
     }
     p.counters.tx += 1;
+    p.queue_bytes += q.frame.len();
     p.queue.push_back(q);
     true
 }
@@ -595,6 +638,72 @@ mod tests {
         // The uplink going away aborts nothing.
         assert!(b.remove_port(5).is_empty());
         assert_eq!(b.pop(5), None);
+    }
+
+    /// A frame of `len` bytes: `frame`'s, padded with empty list entries.
+    fn big(dst: u8, src: u8, tags: &[Id], len: usize) -> Vec<u8> {
+        let mut f = frame(dst, src, tags);
+        f.resize(len, b',');
+        f
+    }
+
+    #[test]
+    fn queues_and_hold_buffers_are_bounded_in_bytes() {
+        let mut b = bridge();
+        b.ingress(2, frame(1, 2, &[])); // learn 2's MAC
+        b.ingress(3, frame(1, 3, &[])); // and the uplink's
+        while b.pop(2).is_some() {}
+        let sixty_four_k = 64 << 10;
+        for _ in 0..100 {
+            b.ingress(1, big(2, 1, &[], sixty_four_k));
+        }
+        let u = b.usage(2).unwrap();
+        assert_eq!(u.queued, QUEUE_BYTES_MAX / sixty_four_k);
+        assert_eq!(u.queued_bytes, u.queued * sixty_four_k);
+        assert_eq!(b.counters(2).unwrap().dropped_full, 100 - u.queued as u64);
+        // Held for output commit: bounded in bytes too.
+        for _ in 0..200 {
+            b.ingress(1, big(3, 1, &[S], sixty_four_k));
+        }
+        let u = b.usage(3).unwrap();
+        assert_eq!(u.held, HELD_BYTES_MAX / sixty_four_k);
+        assert_eq!(u.held_bytes, u.held * sixty_four_k);
+        assert_eq!(b.counters(3).unwrap().dropped_full, 200 - u.held as u64);
+        // Popping frees room; a commit moves held frames into the queue,
+        // as far as its byte budget goes.
+        while b.pop(2).is_some() {}
+        assert_eq!(b.usage(2).unwrap(), Usage::default());
+        b.control(
+            1,
+            Control::Resolved {
+                id: S,
+                outcome: Outcome::Commit,
+            },
+        );
+        let u = b.usage(3).unwrap();
+        assert_eq!((u.held, u.held_bytes), (0, 0));
+        // The test's strip() shortens frames to their header.
+        assert_eq!(u.queued, u.queued_bytes / 14);
+        assert_eq!(b.counters(3).unwrap().released, 128);
+    }
+
+    #[test]
+    fn purging_an_aborted_id_frees_its_bytes() {
+        let mut b = bridge();
+        b.ingress(3, frame(1, 3, &[]));
+        b.ingress(1, big(3, 1, &[S], 1000));
+        b.ingress(1, big(3, 1, &[], 500));
+        let u = b.usage(3).unwrap();
+        assert_eq!((u.held_bytes, u.queued_bytes), (1000, 500));
+        b.control(
+            1,
+            Control::Resolved {
+                id: S,
+                outcome: Outcome::Abort,
+            },
+        );
+        let u = b.usage(3).unwrap();
+        assert_eq!((u.held_bytes, u.queued_bytes), (0, 500));
     }
 
     #[test]

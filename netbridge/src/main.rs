@@ -15,14 +15,16 @@
 //! socket, and are removed at exit only while they are still the bridge's
 //! own ([`netbridge::sock`]).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use netbridge::bridge::Bridge;
+use netbridge::bridge::{Bridge, Event};
 use netbridge::server::{self, Shared};
 use netbridge::sock::Access;
 use netbridge::uplink::{Tap, Uplink, UplinkSpec};
+use tokio::sync::broadcast::{self, error::RecvError};
 
 /// The speculation-aware virtual switch for specvm guests.
 #[derive(Debug, Parser)]
@@ -53,13 +55,22 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        // --help and --version: clap prints them on stdout.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(&error_line(&e)),
+    };
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
         Ok(f) => f,
         Err(e) => return fail(&format!("invalid --log-level '{}': {e}", args.log_level)),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -83,12 +94,7 @@ fn main() -> ExitCode {
 async fn run(args: &Args) -> Result<(), String> {
     let shared = Shared::new(Bridge::new(netbridge::tags::read, netbridge::tags::strip));
     if !args.quiet {
-        let mut rx = shared.subscribe();
-        tokio::spawn(async move {
-            while let Ok(e) = rx.recv().await {
-                println!("{}", serde_json::to_string(&e).unwrap_or_default());
-            }
-        });
+        print_events(shared.subscribe()).map_err(|e| format!("starting the event printer: {e}"))?;
     }
     // The TAP first: its errors (no /dev/net/tun, no permission) are the
     // likeliest, and nothing is bound yet when they stop the bridge.
@@ -125,7 +131,74 @@ async fn run(args: &Args) -> Result<(), String> {
     }
 }
 
+/// Prints events on stdout, one JSON line each, from a thread of its own:
+/// a stdout nobody reads stalls that thread only (the events it misses are
+/// reported as a `lagged` line), never the bridge. Once stdout is gone (a
+/// closed pipe, as after `netbridge ... | head -1`) it says so once and
+/// stops printing; the bridge runs on.
+fn print_events(mut rx: broadcast::Receiver<Event>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("events-stdout".into())
+        .spawn(move || loop {
+            let line = match rx.blocking_recv() {
+                Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
+                Err(RecvError::Lagged(n)) => format!("{{\"event\":\"lagged\",\"dropped\":{n}}}"),
+                Err(RecvError::Closed) => return,
+            };
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                tracing::warn!("events are no longer printed: stdout: {e}");
+                return;
+            }
+        })
+        .map(drop)
+}
+
+/// clap's error as one line: its first paragraph, without the `error:`
+/// prefix, blanks folded (the usage and the `--help` hint are left out).
+fn error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let text = text.trim_start().strip_prefix("error:").unwrap_or(&text);
+    let first = text.split("\n\n").next().unwrap_or_default();
+    first.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 fn fail(msg: &str) -> ExitCode {
     eprintln!("netbridge: error: {msg}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clap_error(argv: &[&str]) -> clap::Error {
+        Args::try_parse_from(argv).expect_err("a parse error")
+    }
+
+    #[test]
+    fn parse_errors_are_one_line() {
+        let line = error_line(&clap_error(&["netbridge"]));
+        assert_eq!(
+            line,
+            "the following required arguments were not provided: --listen <PATH>"
+        );
+        let line = error_line(&clap_error(&["netbridge", "--listen", "s", "--bogus"]));
+        assert_eq!(line, "unexpected argument '--bogus' found");
+        let line = error_line(&clap_error(&[
+            "netbridge",
+            "--listen",
+            "s",
+            "--uplink",
+            "x",
+        ]));
+        assert!(
+            line.starts_with("invalid value 'x' for '--uplink"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'), "{line}");
+        // Help and version are not errors: main prints them on stdout.
+        assert!(!clap_error(&["netbridge", "--help"]).use_stderr());
+        assert!(!clap_error(&["netbridge", "--version"]).use_stderr());
+    }
 }

@@ -117,6 +117,16 @@ impl Shared {
     /// The port is gone: forgets it and tells the bridge (rule 9).
     pub fn remove_port(&self, port: PortId) {
         self.links().remove(&port);
+        if let Some(c) = self.counters(port) {
+            if c.dropped_full > 0 {
+                tracing::warn!(
+                    port,
+                    "{} frames for the port were dropped: its queue or hold buffer was full",
+                    c.dropped_full
+                );
+            }
+            tracing::info!(port, counters = ?c, "port removed");
+        }
         let sends = self.bridge().remove_port(port);
         self.dispatch(sends, Vec::new());
     }
@@ -184,6 +194,32 @@ pub async fn serve(bound: Bound, shared: Arc<Shared>) {
     }
 }
 
+/// The most of a client's text a log line quotes.
+const LOG_QUOTE: usize = 200;
+
+/// `what` as text, cut to [`LOG_QUOTE`] bytes: a client's message, or an
+/// error quoting it, cannot make a long log line.
+fn brief(what: &impl std::fmt::Display) -> String {
+    let s = what.to_string();
+    if s.len() <= LOG_QUOTE {
+        return s;
+    }
+    let mut end = LOG_QUOTE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &s[..end], s.len())
+}
+
+/// A received message for a log line: its kind and size, not its bytes.
+fn describe(m: &Result<Message, crate::protocol::ProtocolError>) -> String {
+    match m {
+        Ok(Message::Frame(f)) => format!("a frame of {} bytes", f.len()),
+        Ok(Message::Control(c)) => brief(&format!("{c:?}")),
+        Err(e) => brief(e),
+    }
+}
+
 /// Reads one length-prefixed message.
 async fn read_message(rd: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
@@ -218,10 +254,15 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
             tracing::info!(port, "port closed before its hello");
             return;
         }
-        other => {
+        Err(e) => {
+            tracing::warn!(port, "port closed before its hello: {}", brief(&e));
+            return;
+        }
+        Ok(other) => {
             tracing::warn!(
                 port,
-                "port closed: the first message must be a hello, got {other:?}"
+                "port closed: the first message must be a hello, got {}",
+                describe(&other)
             );
             return;
         }
@@ -264,7 +305,7 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
                 shared.dispatch(sends, woke);
             }
             Err(e) => {
-                tracing::warn!(port, "port closed on a bad message: {e}");
+                tracing::warn!(port, "port closed on a bad message: {}", brief(&e));
                 break;
             }
         }
@@ -329,5 +370,27 @@ pub async fn serve_events(bound: Bound, shared: Arc<Shared>) {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ProtocolError;
+
+    #[test]
+    fn log_lines_quote_little_of_a_message() {
+        let frame = Ok(Message::Frame(vec![7; 65_535]));
+        assert_eq!(describe(&frame), "a frame of 65535 bytes");
+        let ids = (0..8000).collect();
+        let joined = describe(&Ok(Message::Control(Control::Joined { ids })));
+        assert!(joined.len() < 300, "{joined}");
+        assert!(joined.starts_with("Joined { ids: [0, 1, 2"), "{joined}");
+        let e = Err(ProtocolError::Control("x".repeat(70_000)));
+        let e = describe(&e);
+        assert!(e.len() < 300 && e.ends_with("(70021 bytes in all)"), "{e}");
+        assert_eq!(brief(&"short"), "short");
+        // Cut on a character boundary.
+        assert!(brief(&"é".repeat(300)).starts_with(&"é".repeat(100)));
     }
 }
