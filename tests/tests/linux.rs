@@ -62,7 +62,10 @@ impl Console {
             use std::io::BufRead;
             for line in std::io::BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
-                eprintln!("{line}");
+                // Straight to stderr, past the test harness's capture (as
+                // the console goes to stdout), so a person watching sees
+                // the VMM's progress as it comes.
+                let _ = writeln!(std::io::stderr(), "{line}");
                 let _ = etx.send(line);
             }
         });
