@@ -49,6 +49,12 @@ pub use layer::Layer;
 /// one more is written as a full one instead, so restores stay quick.
 pub const MAX_LAYERS: usize = 16;
 
+/// Most device states a state file may hold: far more than any VM has (the
+/// serial console, the exit and hypercall devices, a Linux guest's platform
+/// devices, up to 8 virtio cards), few enough that a file of one-byte
+/// stateless devices cannot make the reader allocate 40 times its size.
+const MAX_DEVICES: usize = 256;
+
 /// Errors saving, reading or restoring a snapshot.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -195,6 +201,12 @@ impl VmSnapshot {
         let mut r = Reader::new(codec::open(file)?);
         let id = r.u64("snapshot id")?;
         let n = r.count(16, "memory layer count")?;
+        // Before the layers are read: the checks below are quadratic.
+        if n == 0 || n > MAX_LAYERS {
+            return Err(SnapshotError::Corrupt(format!(
+                "{n} memory layers for snapshot {id:x}"
+            )));
+        }
         // The layers' extents are checked against the memory size, which
         // comes after them: read them against the largest, then check.
         let layers = (0..n)
@@ -240,6 +252,9 @@ impl VmSnapshot {
             .collect::<Result<_, _>>()?;
         let vm = state::get_vm(&mut r)?;
         let n = r.count(1, "device count")?;
+        if n > MAX_DEVICES {
+            return Err(SnapshotError::Corrupt(format!("{n} devices")));
+        }
         let devices = (0..n)
             .map(|_| state::get_device(&mut r))
             .collect::<Result<_, _>>()?;
@@ -328,5 +343,7 @@ impl DirtyPages {
 
 #[cfg(test)]
 mod dir_tests;
+#[cfg(test)]
+mod fuzz_tests;
 #[cfg(test)]
 mod tests;

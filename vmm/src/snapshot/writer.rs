@@ -390,7 +390,7 @@ fn foreign(path: &Path, why: &str) -> SnapshotError {
 
 /// The names in the journal of `lock`: none if it is empty, torn or not
 /// one specvm wrote.
-fn read_journal(lock: &File) -> Vec<String> {
+pub(crate) fn read_journal(lock: &File) -> Vec<String> {
     let mut buf = Vec::new();
     let len = lock.metadata().map_or(0, |m| m.len());
     if len == 0 || len > 1 << 20 {
