@@ -2,16 +2,38 @@
 //! output and input connected to a backend (stdout/stdin, a file, a Unix
 //! socket, or nothing). During a Linux boot, the transmitted bytes also go
 //! to a [`ConsoleWatch`], which recognises the boot's milestones.
+//!
+//! The vCPU that writes the transmit register never waits on a console
+//! reader that does not read. Output for stdout and for a socket client goes
+//! into an [`Outbox`] of at most [`OUT_BUFFER`] bytes, which a writer thread
+//! empties into the reader:
+//! - a socket client that reads slowly or not at all, or no client, never
+//!   holds the vCPU: past the buffer the oldest bytes are dropped, counted,
+//!   and the client is told how many where the gap is; a client that takes
+//!   nothing for [`CLIENT_STALL`] is disconnected, so the next one can have
+//!   the console;
+//! - stdout keeps every byte as long as its reader takes some: with the
+//!   buffer full the vCPU waits for room, but once the reader has taken
+//!   nothing for [`STDOUT_STALL`] it counts as gone, and bytes are dropped
+//!   (counted, with a marker) until it reads again;
+//! - a file is written at once; a failing file is said once, and its lost
+//!   bytes counted.
+//!
+//! When the device goes (and, as a backstop, at process exit) the writer
+//! gets up to [`DRAIN_LIMIT`] to hand over what is buffered, and a count of
+//! everything dropped is logged once.
 
-use std::collections::VecDeque;
+mod outbox;
+
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use netbridge::sock::{self, SockError, SocketFile};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -19,11 +41,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::SerialConfig;
 use crate::devices::bus::DeviceState;
 use crate::devices::BusDevice;
-use crate::progress::{self, ConsoleWatch};
+use crate::progress::ConsoleWatch;
 
-/// Most console output kept for a socket client that has not connected yet.
-/// Past this, the oldest bytes are dropped, and the client is told how many.
-const SOCKET_BACKLOG: usize = 1 << 20;
+use outbox::{write_clients, write_stdout, Reader};
+pub use outbox::{Outbox, CLIENT_STALL, DRAIN_LIMIT, OUT_BUFFER, STDOUT_STALL};
 
 /// Errors setting up a serial backend.
 #[derive(Debug, thiserror::Error)]
@@ -31,12 +52,16 @@ pub enum SerialError {
     /// The output file could not be opened.
     #[error("opening serial output file {0}: {1}")]
     File(PathBuf, io::Error),
-    /// The socket could not be bound.
-    #[error("binding serial socket {0}: {1}")]
-    Socket(PathBuf, io::Error),
+    /// The socket's path is taken, or cannot be used (see
+    /// [`netbridge::sock`]).
+    #[error("serial console: {0}")]
+    SocketPath(#[from] SockError),
     /// The interrupt eventfd could not be created.
     #[error("creating the serial interrupt eventfd: {0}")]
     EventFd(io::Error),
+    /// A console thread could not be started.
+    #[error("starting the serial console's {0} thread: {1}")]
+    Thread(&'static str, io::Error),
 }
 
 /// Raises the serial interrupt by writing to an eventfd that KVM routes to
@@ -51,62 +76,74 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// A Unix-socket console: one client at a time; output queued while none is
-/// connected.
-#[derive(Default)]
-pub struct SocketConsole {
-    client: Option<UnixStream>,
-    backlog: VecDeque<u8>,
-    dropped: usize,
+/// A file backend: written at once; a failure is logged once, and the
+/// bytes lost are counted and logged when the device goes.
+pub struct FileOut {
+    file: File,
+    path: PathBuf,
+    failed: u64,
+}
+
+impl FileOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let e = match self.file.write(buf) {
+            Ok(0) => io::ErrorKind::WriteZero.into(),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Err(e),
+            Err(e) => e,
+        };
+        if self.failed == 0 {
+            tracing::warn!(
+                "serial: writing {}: {e}; console output that cannot be written is dropped \
+                 (the count is logged at exit)",
+                self.path.display()
+            );
+        }
+        self.failed += buf.len() as u64;
+        Ok(buf.len())
+    }
+}
+
+impl Drop for FileOut {
+    fn drop(&mut self) {
+        if self.failed > 0 {
+            tracing::warn!(
+                "serial: {} bytes of console output could not be written to {}",
+                self.failed,
+                self.path.display()
+            );
+        }
+    }
 }
 
 /// Where the UART's transmitted bytes go.
 pub enum SerialOut {
-    /// The VMM's stdout.
-    Stdout(io::Stdout),
+    /// The VMM's stdout, through a writer thread.
+    Stdout(Arc<Outbox>),
     /// Nowhere.
     Null,
     /// A file.
-    File(File),
-    /// A Unix-socket client.
-    Socket(Arc<Mutex<SocketConsole>>),
+    File(FileOut),
+    /// A Unix-socket client, through a writer thread.
+    Socket(Arc<Outbox>),
 }
 
 impl Write for SerialOut {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Self::Stdout(s) => {
-                // The console is line-oriented for a person watching; it is
-                // flushed so a slow guest's progress shows at once (in
-                // whole lines while a progress bar shares the terminal).
-                progress::write_console(s, buf)?;
+            Self::Stdout(o) | Self::Socket(o) => {
+                o.push(buf);
                 Ok(buf.len())
             }
             Self::Null => Ok(buf.len()),
             Self::File(f) => f.write(buf),
-            Self::Socket(c) => {
-                let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(client) = c.client.as_mut() {
-                    if client.write_all(buf).is_ok() {
-                        return Ok(buf.len());
-                    }
-                    c.client = None;
-                }
-                c.backlog.extend(buf);
-                let excess = c.backlog.len().saturating_sub(SOCKET_BACKLOG);
-                c.backlog.drain(..excess);
-                c.dropped += excess;
-                Ok(buf.len())
-            }
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Self::Stdout(s) => s.flush(),
-            Self::File(f) => f.flush(),
-            _ => Ok(()),
-        }
+        // The writer threads write as soon as bytes arrive; a file is not
+        // buffered.
+        Ok(())
     }
 }
 
@@ -149,6 +186,11 @@ pub type Uart = Serial<IrqTrigger, NoEvents, ConsoleOut>;
 pub struct SerialDevice {
     uart: Arc<Mutex<Uart>>,
     gate: InputGate,
+    /// The buffer of a stdout or socket console, finished when the device
+    /// goes.
+    outbox: Option<Arc<Outbox>>,
+    /// The console socket's file: removed with the device, if still ours.
+    _socket: Option<SocketFile>,
 }
 
 /// Holds console input back until the VM is ready for it: a restore
@@ -176,37 +218,68 @@ impl InputGate {
 }
 
 impl SerialDevice {
-    /// Creates the UART for `config`, and starts the input thread that feeds
-    /// it, if the backend has input. Input reaches the UART once
-    /// [`SerialDevice::input_gate`] is opened. What the guest transmits
-    /// also goes to `watch`, if any.
+    /// Creates the UART for `config`, and starts the threads that write its
+    /// output and feed it input, as the backend needs. Input reaches the
+    /// UART once [`SerialDevice::input_gate`] is opened. What the guest
+    /// transmits also goes to `watch`, if any.
     pub fn new(config: &SerialConfig, watch: Option<ConsoleWatch>) -> Result<Self, SerialError> {
+        Self::with_stall(config, watch, STDOUT_STALL)
+    }
+
+    fn with_stall(
+        config: &SerialConfig,
+        watch: Option<ConsoleWatch>,
+        stall: Duration,
+    ) -> Result<Self, SerialError> {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::EventFd)?;
+        let (mut outbox, mut socket) = (None, None);
         let (out, input) = match config {
-            SerialConfig::Stdout => (SerialOut::Stdout(io::stdout()), Input::Stdin),
+            SerialConfig::Stdout => {
+                let o = Outbox::new(Reader::Stdout, stall);
+                spawn("stdout", {
+                    let o = o.clone();
+                    move || write_stdout(o)
+                })?;
+                outbox = Some(o.clone());
+                (SerialOut::Stdout(o), Input::Stdin)
+            }
             SerialConfig::Null => (SerialOut::Null, Input::None),
             SerialConfig::File(p) => {
-                let f = File::options()
+                let file = File::options()
                     .create(true)
                     .append(true)
                     .open(p)
                     .map_err(|e| SerialError::File(p.clone(), e))?;
+                let path = p.clone();
+                let f = FileOut {
+                    file,
+                    path,
+                    failed: 0,
+                };
                 (SerialOut::File(f), Input::None)
             }
             SerialConfig::Socket(p) => {
-                let console = Arc::new(Mutex::new(SocketConsole::default()));
-                let listener = bind_socket(p)?;
-                (
-                    SerialOut::Socket(console.clone()),
-                    Input::Socket(listener, console),
-                )
+                let (listener, file) = sock::listen(p, &sock::Access::default())?;
+                socket = Some(file);
+                let o = Outbox::new(Reader::Socket, stall);
+                spawn("socket writer", {
+                    let o = o.clone();
+                    move || write_clients(o)
+                })?;
+                outbox = Some(o.clone());
+                (SerialOut::Socket(o.clone()), Input::Socket(listener, o))
             }
         };
         let out = ConsoleOut::new(out, watch);
         let uart = Arc::new(Mutex::new(Serial::new(IrqTrigger(evt), out)));
         let gate = InputGate::default();
-        input.spawn(uart.clone(), gate.clone());
-        Ok(Self { uart, gate })
+        input.spawn(uart.clone(), gate.clone())?;
+        Ok(Self {
+            uart,
+            gate,
+            outbox,
+            _socket: socket,
+        })
     }
 
     /// The gate to open when the VM is built (and restored) and runs.
@@ -220,12 +293,22 @@ impl SerialDevice {
     }
 }
 
-fn bind_socket(p: &Path) -> Result<UnixListener, SerialError> {
-    // A stale socket file from an earlier run would make bind fail.
-    if p.exists() {
-        let _ = std::fs::remove_file(p);
+impl Drop for SerialDevice {
+    /// Lets the reader take what is buffered, for a while, and tells the
+    /// count of dropped bytes; then the socket file goes.
+    fn drop(&mut self) {
+        if let Some(o) = &self.outbox {
+            o.finish();
+        }
     }
-    UnixListener::bind(p).map_err(|e| SerialError::Socket(p.to_path_buf(), e))
+}
+
+fn spawn(name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), SerialError> {
+    thread::Builder::new()
+        .name(format!("serial-{}", name.replace(' ', "-")))
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| SerialError::Thread(name, e))
 }
 
 fn lock_uart(u: &Mutex<Uart>) -> std::sync::MutexGuard<'_, Uart> {
@@ -235,57 +318,56 @@ fn lock_uart(u: &Mutex<Uart>) -> std::sync::MutexGuard<'_, Uart> {
 enum Input {
     None,
     Stdin,
-    Socket(UnixListener, Arc<Mutex<SocketConsole>>),
+    Socket(UnixListener, Arc<Outbox>),
 }
 
 impl Input {
-    fn spawn(self, uart: Arc<Mutex<Uart>>, gate: InputGate) {
+    fn spawn(self, uart: Arc<Mutex<Uart>>, gate: InputGate) -> Result<(), SerialError> {
         match self {
-            Input::None => {}
-            Input::Stdin => {
-                let _ = thread::Builder::new()
-                    .name("serial-stdin".into())
-                    .spawn(move || pump(io::stdin(), &uart, &gate));
-            }
-            Input::Socket(listener, console) => {
-                let _ = thread::Builder::new()
-                    .name("serial-socket".into())
-                    .spawn(move || accept_clients(listener, console, uart, gate));
-            }
+            Input::None => Ok(()),
+            Input::Stdin => spawn("stdin", move || pump(io::stdin(), &uart, &gate)),
+            Input::Socket(listener, outbox) => spawn("socket", move || {
+                accept_clients(&listener, &outbox, &uart, &gate)
+            }),
         }
     }
 }
 
-/// Serves socket clients one after another: each gets the backlog, then the
-/// live output, and its input goes to the UART.
-fn accept_clients(
-    listener: UnixListener,
-    console: Arc<Mutex<SocketConsole>>,
-    uart: Arc<Mutex<Uart>>,
-    gate: InputGate,
-) {
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let Ok(reader) = stream.try_clone() else {
-            continue;
-        };
-        {
-            let mut c = console.lock().unwrap_or_else(|e| e.into_inner());
-            if c.dropped > 0 {
-                let _ = writeln!(
-                    stream,
-                    "[specvm: {} bytes of console output were dropped]",
-                    c.dropped
-                );
-                c.dropped = 0;
+/// The first wait after a failed accept; it doubles up to a second.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+/// Serves socket clients one after another: each gets the output (what is
+/// buffered first), and its input goes to the UART until it closes its
+/// side. Accept errors (out of descriptors) are waited out, not spun on.
+fn accept_clients(listener: &UnixListener, outbox: &Outbox, uart: &Mutex<Uart>, gate: &InputGate) {
+    let mut delay = ACCEPT_BACKOFF;
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR)) => {
+                continue
             }
-            let backlog: Vec<u8> = c.backlog.drain(..).collect();
-            if stream.write_all(&backlog).is_err() {
+            Err(e) => {
+                if delay == ACCEPT_BACKOFF {
+                    tracing::warn!("serial: accepting a console client: {e}; trying again");
+                }
+                thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(1));
                 continue;
             }
-            c.client = Some(stream);
-        }
-        pump(reader, &uart, &gate);
+        };
+        delay = ACCEPT_BACKOFF;
+        let reader = match stream
+            .try_clone()
+            .and_then(|r| outbox.attach(stream).map(|()| r))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("serial: a console client: {e}");
+                continue;
+            }
+        };
+        pump(reader, uart, gate);
     }
 }
 
@@ -362,7 +444,9 @@ impl BusDevice for SerialDevice {
 
 #[cfg(test)]
 mod tests {
+    use super::outbox::CHUNK;
     use super::*;
+    use std::os::unix::net::UnixStream;
 
     #[test]
     fn file_backend_receives_transmitted_bytes() {
@@ -470,5 +554,119 @@ mod tests {
         dev.read(0, &mut rx);
         assert_eq!(rx, *b"x");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A directory of a test's own, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("specvm-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Self(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn send(dev: &mut SerialDevice, bytes: impl IntoIterator<Item = u8>) {
+        for b in bytes {
+            dev.write(0, &[b]);
+        }
+    }
+
+    /// Reads `client` until `end` ends what it got.
+    fn read_until(client: &mut UnixStream, end: &[u8]) -> Vec<u8> {
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        while !got.ends_with(end) {
+            let n = client.read(&mut buf).unwrap();
+            assert!(n > 0, "closed after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    }
+
+    #[test]
+    fn a_socket_client_that_never_reads_does_not_hold_the_vcpu() {
+        let dir = TempDir::new("serial-noread");
+        let path = dir.0.join("console.sock");
+        let mut dev = SerialDevice::new(&SerialConfig::Socket(path.clone()), None).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        // The vCPU's writes, on a thread of their own so that a hang fails
+        // the test instead of stopping it.
+        let total = 3 * OUT_BUFFER;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vcpu = thread::spawn(move || {
+            send(&mut dev, (0..total).map(|i| b'a' + (i % 26) as u8));
+            send(&mut dev, *b"END\n");
+            let _ = tx.send(());
+            dev
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("the vCPU was held by a client that does not read");
+        let dev = vcpu.join().unwrap();
+        let dropped = dev.outbox.as_ref().unwrap().dropped();
+        assert!(dropped >= (total - OUT_BUFFER - CHUNK) as u64, "{dropped}");
+        // The client reads at last: what the socket took, where the gap is
+        // a marker with its size, and the newest megabyte.
+        let got = read_until(&mut client, b"END\n");
+        let text = String::from_utf8(got).unwrap();
+        let (before, after) = text.split_once("[specvm: ").expect("a marker");
+        let (n, after) = after
+            .split_once(" bytes of console output were dropped]\n")
+            .unwrap();
+        assert_eq!(n.parse::<u64>().unwrap(), dropped);
+        assert_eq!(before.len() + after.len() + dropped as usize, total + 4);
+        assert!(after.len() >= OUT_BUFFER, "the newest bytes are kept");
+        drop(dev);
+        assert!(!path.exists(), "the socket file goes with the device");
+    }
+
+    #[test]
+    fn buffered_output_reaches_a_reading_client_when_the_device_goes() {
+        let dir = TempDir::new("serial-drain");
+        let path = dir.0.join("console.sock");
+        let mut dev = SerialDevice::new(&SerialConfig::Socket(path.clone()), None).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        let reader = thread::spawn(move || read_until(&mut client, b"END\n"));
+        let total = OUT_BUFFER / 2;
+        send(&mut dev, (0..total).map(|i| b'a' + (i % 26) as u8));
+        send(&mut dev, *b"END\n");
+        drop(dev);
+        assert_eq!(reader.join().unwrap().len(), total + 4, "nothing lost");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_regular_file_at_the_socket_path_is_refused_and_kept() {
+        let dir = TempDir::new("serial-file");
+        let notes = dir.0.join("notes.txt");
+        std::fs::write(&notes, "my notes").unwrap();
+        let e = SerialDevice::new(&SerialConfig::Socket(notes.clone()), None)
+            .err()
+            .expect("refused");
+        let want = format!("{} exists and is a regular file", notes.display());
+        assert!(e.to_string().contains(&want), "{e}");
+        assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes");
+    }
+
+    #[test]
+    fn a_failing_file_counts_its_lost_bytes() {
+        let mut dev = SerialDevice::new(&SerialConfig::File("/dev/full".into()), None).unwrap();
+        send(&mut dev, [b'x'; 100]);
+        let uart = lock_uart(&dev.uart);
+        let SerialOut::File(f) = &uart.writer().backend else {
+            panic!("a file backend");
+        };
+        assert_eq!(f.failed, 100);
     }
 }
