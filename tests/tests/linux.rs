@@ -601,7 +601,10 @@ fn a_restored_linux_guest_speculates_and_rolls_back() {
     };
     let b = booted(&kernel, &initrd);
     let _one = one_at_a_time();
-    let sock = std::env::temp_dir().join(format!("specvm-linux-spec-{}.sock", std::process::id()));
+    // Not `specvm-linux-spec-*.sock`: that is the API socket of the VM
+    // named "spec" (Restored::start), which must not take the card's path.
+    let sock =
+        std::env::temp_dir().join(format!("specvm-linux-spec-net-{}.sock", std::process::id()));
     let _frames = FrameListener::bind(&sock).collect();
     let net = format!("socket={}", sock.display());
     let mut vm = Restored::start(b, "spec", 21, &net);
