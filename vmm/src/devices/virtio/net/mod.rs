@@ -18,6 +18,8 @@ pub mod event_handler;
 pub mod persist;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;
 
 use std::io;
