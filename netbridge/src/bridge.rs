@@ -347,29 +347,44 @@ impl Bridge {
                 let late = self.registry.joined(port, &ids);
                 (self.notify(late), Vec::new())
             }
-            Control::Resolved { id, outcome } => match self.registry.resolved(port, id, outcome) {
-                Ok(notices) => {
-                    let name = if outcome == Outcome::Commit {
-                        "committed"
-                    } else {
-                        "aborted"
-                    };
-                    self.event(name, Some(id), port);
-                    let woke = match outcome {
-                        Outcome::Abort => {
-                            self.purge(id);
-                            Vec::new()
-                        }
-                        Outcome::Commit => self.release(),
-                    };
-                    (self.notify(notices), woke)
+            Control::Resolved { id, outcome } => {
+                // Rule 3: the owner decides once. A second `resolved` (a
+                // buggy or hostile owner's) changes nothing: no event, and
+                // no purge of frames that the first outcome released.
+                let first = self.registry.outcome(id);
+                match self.registry.resolved(port, id, outcome) {
+                    Ok(_) if first.is_some() => {
+                        tracing::warn!(
+                            port,
+                            ?outcome,
+                            ?first,
+                            "{id:#x} was already decided; ignored"
+                        );
+                        (Vec::new(), Vec::new())
+                    }
+                    Ok(notices) => {
+                        let name = if outcome == Outcome::Commit {
+                            "committed"
+                        } else {
+                            "aborted"
+                        };
+                        self.event(name, Some(id), port);
+                        let woke = match outcome {
+                            Outcome::Abort => {
+                                self.purge(id);
+                                Vec::new()
+                            }
+                            Outcome::Commit => self.release(),
+                        };
+                        (self.notify(notices), woke)
+                    }
+                    Err(e) => {
+                        tracing::warn!("{e}");
+                        self.event("refused", Some(id), port);
+                        (Vec::new(), Vec::new())
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    self.event("refused", Some(id), port);
-                    (Vec::new(), Vec::new())
-                }
-            },
+            }
             Control::Ack { seq } => {
                 if let Some(id) = self
                     .ports

@@ -265,7 +265,6 @@ fn bridge_core_under_hostile_ports() {
 /// nothing. The fix belongs in `netbridge/src/bridge.rs` (`Control::Resolved`):
 /// announce, purge and release only when the registry decided just now.
 #[test]
-#[ignore = "known bug in netbridge/src/bridge.rs: a second Resolved is announced and purges (docs/fuzzing.md)"]
 fn regression_a_second_resolved_changes_nothing() {
     let udp = Udp {
         src: 0,
