@@ -248,6 +248,41 @@ impl FrameListener {
     }
 }
 
+/// A private temporary folder for one test, removed when it is dropped,
+/// also when the test fails.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `<tmp>/specvm-<name>-<pid>`, empty.
+    pub fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("specvm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("creating a temp dir");
+        Self(d)
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The folder as a string (test paths are UTF-8).
+    pub fn str(&self) -> &str {
+        self.0.to_str().expect("UTF-8 path")
+    }
+
+    /// `name` inside the folder.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Checks that `/dev/kvm` can be opened for reading and writing.
 pub fn kvm_available() -> Result<(), String> {
     std::fs::OpenOptions::new()

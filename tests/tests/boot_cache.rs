@@ -9,30 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use specvm_tests::{bare_guest, run_specvm, skip_without_kvm, RunResult};
+use specvm_tests::{bare_guest, run_specvm, skip_without_kvm, RunResult, TempDir as Dir};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A private cache folder for one test, removed at the end.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("specvm-bc-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("creating a temp dir");
-        Self(d)
-    }
-    fn str(&self) -> &str {
-        self.0.to_str().expect("UTF-8 path")
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs the guest `program` with the boot cache in `cache`.
 fn run(program: &str, cache: &Dir, extra: &[&str]) -> RunResult {
@@ -77,7 +56,7 @@ fn assert_restored(r: &RunResult, saved_token: &str) {
 
 /// The one entry folder in `cache`.
 fn only_entry(cache: &Dir) -> PathBuf {
-    let entries: Vec<PathBuf> = std::fs::read_dir(cache.0.join("boot"))
+    let entries: Vec<PathBuf> = std::fs::read_dir(cache.join("boot"))
         .expect("the cache has a boot folder")
         .flatten()
         .map(|e| e.path())
@@ -91,7 +70,7 @@ fn only_entry(cache: &Dir) -> PathBuf {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn the_second_start_restores_the_ready_guest() {
     skip_without_kvm!();
-    let cache = Dir::new("warm");
+    let cache = Dir::new("bc-warm");
     let g = bare_guest("ready");
     let g = g.to_str().unwrap();
     let cold = run(g, &cache, &["--memory", "64M"]);
@@ -103,7 +82,7 @@ fn the_second_start_restores_the_ready_guest() {
     let again = run(g, &cache, &["--memory", "64M"]);
     assert_restored(&again, &saved);
     // A real boot gives another token: the restored one is the saved boot's.
-    let other = Dir::new("warm-other");
+    let other = Dir::new("bc-warm-other");
     let fresh = run(g, &other, &["--memory", "64M"]);
     assert_ne!(token(&fresh), saved, "two boots gave the same token");
 }
@@ -112,14 +91,14 @@ fn the_second_start_restores_the_ready_guest() {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn a_changed_program_memory_or_argument_boots_again_and_says_why() {
     skip_without_kvm!();
-    let cache = Dir::new("changes");
+    let cache = Dir::new("bc-changes");
     let g = bare_guest("ready");
     let g = g.to_str().unwrap();
     assert_booted_and_saved(&run(g, &cache, &["--memory", "64M"]), "no entry in");
 
     // One byte more at the end of the ELF file: the loader ignores it, the
     // cache does not.
-    let copy = cache.0.join("ready-copy");
+    let copy = cache.join("ready-copy");
     let mut bytes = std::fs::read(g).unwrap();
     bytes.push(0);
     std::fs::write(&copy, &bytes).unwrap();
@@ -144,6 +123,21 @@ fn a_changed_program_memory_or_argument_boots_again_and_says_why() {
     }
 }
 
+/// The memory layer in snapshot folder `snap`.
+fn memory_layer(snap: &Path) -> PathBuf {
+    std::fs::read_dir(snap)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("memory-")
+        })
+        .expect("a memory layer")
+}
+
 /// Flips one byte of `path` at `offset`.
 fn flip(path: &Path, offset: u64) {
     use std::os::unix::fs::FileExt;
@@ -161,24 +155,14 @@ fn flip(path: &Path, offset: u64) {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn a_damaged_entry_is_refused_and_replaced() {
     skip_without_kvm!();
-    let cache = Dir::new("damage");
+    let cache = Dir::new("bc-damage");
     let g = bare_guest("ready");
     let g = g.to_str().unwrap();
     let cold = run(g, &cache, &["--memory", "64M"]);
     let saved = token(&cold);
     let entry = only_entry(&cache);
     let snap = entry.join("snapshot");
-    let memory = std::fs::read_dir(&snap)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("memory-")
-        })
-        .expect("a memory layer");
+    let memory = memory_layer(&snap);
 
     // One bit of guest memory: the program's own page at 4 MiB.
     flip(&memory, 0x40_0000 + 100);
@@ -209,17 +193,7 @@ fn a_damaged_entry_is_refused_and_replaced() {
     assert_booted_and_saved(&r, "damaged entry");
     r.assert_stderr_contains("entry.json");
     // A missing memory layer.
-    let memory = std::fs::read_dir(&snap)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("memory-")
-        })
-        .expect("a memory layer");
+    let memory = memory_layer(&snap);
     std::fs::remove_file(&memory).unwrap();
     let r = run(g, &cache, &["--memory", "64M"]);
     assert_booted_and_saved(&r, "damaged entry");
@@ -230,15 +204,15 @@ fn a_damaged_entry_is_refused_and_replaced() {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn a_guest_that_never_says_ready_saves_nothing() {
     skip_without_kvm!();
-    let cache = Dir::new("never");
+    let cache = Dir::new("bc-never");
     let g = bare_guest("hello");
     let r = run(g.to_str().unwrap(), &cache, &["--memory", "64M"]);
     r.assert_stderr_contains("never said it was ready");
-    assert!(!cache.0.join("boot").exists() || only_entry_count(&cache) == 0);
+    assert!(!cache.join("boot").exists() || only_entry_count(&cache) == 0);
 }
 
 fn only_entry_count(cache: &Dir) -> usize {
-    std::fs::read_dir(cache.0.join("boot"))
+    std::fs::read_dir(cache.join("boot"))
         .map(|rd| {
             rd.flatten()
                 .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
@@ -249,7 +223,7 @@ fn only_entry_count(cache: &Dir) -> usize {
 
 #[test]
 fn bad_combinations_are_refused_with_one_line() {
-    let cache = Dir::new("bad");
+    let cache = Dir::new("bc-bad");
     let g = bare_guest("ready");
     let g = g.to_str().unwrap();
     let r = run_specvm(

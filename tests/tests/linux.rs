@@ -782,6 +782,21 @@ fn cache_root_of(entry: &Path) -> PathBuf {
         .to_path_buf()
 }
 
+/// The image, the shared boot and its cache entry; `None` after recording
+/// `test` as skipped.
+fn booted_entry(test: &str) -> Option<(String, String, &'static Booted, PathBuf)> {
+    let (kernel, initrd) = images(test)?;
+    let b = booted(&kernel, &initrd);
+    let Some(entry) = b.entry.clone() else {
+        record_skip(
+            test,
+            "SPECVM_LINUX_SNAPSHOT given: no boot, so no cache entry",
+        );
+        return None;
+    };
+    Some((kernel, initrd, b, entry))
+}
+
 /// The warm path: a second start of the same image and configuration
 /// restores the ready guest that the boot saved (or that an earlier run
 /// saved, on a warm cache), and it answers at its prompt.
@@ -794,15 +809,7 @@ fn cache_root_of(entry: &Path) -> PathBuf {
 fn the_boot_cache_restores_the_ready_guest() {
     skip_without_kvm!();
     const NAME: &str = "linux::the_boot_cache_restores_the_ready_guest";
-    let Some((kernel, initrd)) = images(NAME) else {
-        return;
-    };
-    let b = booted(&kernel, &initrd);
-    let Some(entry) = &b.entry else {
-        record_skip(
-            NAME,
-            "SPECVM_LINUX_SNAPSHOT given: no boot, so no cache entry",
-        );
+    let Some((kernel, initrd, b, entry)) = booted_entry(NAME) else {
         return;
     };
     let _one = one_at_a_time();
@@ -813,7 +820,7 @@ fn the_boot_cache_restores_the_ready_guest() {
     let api = tmp.join(format!("specvm-linux-warm-api-{}.sock", std::process::id()));
     let mut args = boot_args(&kernel, &initrd, &b.cpus, &net, &api.display().to_string());
     args.push("--boot-cache-dir".into());
-    args.push(cache_root_of(entry).display().to_string());
+    args.push(cache_root_of(&entry).display().to_string());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let started = Instant::now();
     let mut c = Console::start(&args);
@@ -872,15 +879,7 @@ fn copy_entry(entry: &Path, root: &Path) -> PathBuf {
 fn a_changed_image_or_configuration_boots_again_and_says_why() {
     skip_without_kvm!();
     const NAME: &str = "linux::a_changed_image_or_configuration_boots_again_and_says_why";
-    let Some((kernel, initrd)) = images(NAME) else {
-        return;
-    };
-    let b = booted(&kernel, &initrd);
-    let Some(entry) = &b.entry else {
-        record_skip(
-            NAME,
-            "SPECVM_LINUX_SNAPSHOT given: no boot, so no cache entry",
-        );
+    let Some((kernel, initrd, b, entry)) = booted_entry(NAME) else {
         return;
     };
     let _one = one_at_a_time();
@@ -894,7 +893,7 @@ fn a_changed_image_or_configuration_boots_again_and_says_why() {
     }
     let _cleanup = Cleanup(tmp.clone());
     let root = tmp.join("cache");
-    let copy = copy_entry(entry, &root);
+    let copy = copy_entry(&entry, &root);
     let sock = tmp.join("net.sock");
     let _frames = FrameListener::bind(&sock).collect();
     let net = format!("socket={},mac={BOOT_MAC}", sock.display());

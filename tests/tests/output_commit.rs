@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use specvm_tests::{bare_guest, skip_without_kvm, spawn_specvm, FrameListener, Spawned};
+use specvm_tests::{
+    bare_guest, skip_without_kvm, spawn_specvm, FrameListener, Spawned, TempDir as Dir,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// Frames the VMM holds for output commit (`spec::link::HELD_MAX_FRAMES`).
@@ -16,30 +18,12 @@ const HELD: usize = 1024;
 /// How long a frame that must not arrive is waited for.
 const QUIET: Duration = Duration::from_millis(800);
 
-/// A private folder, removed at the end.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("specvm-oc-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("creating a temp dir");
-        Self(d)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// `net_node` on a `socket=` card with an API socket, and the frames that
 /// reach the far end.
 fn start(dir: &Dir) -> (Spawned, PathBuf, Receiver<Vec<u8>>) {
-    let sock = dir.0.join("net.sock");
+    let sock = dir.join("net.sock");
     let frames = FrameListener::bind(&sock).collect();
-    let api = dir.0.join("api.sock");
+    let api = dir.join("api.sock");
     let g = bare_guest("net_node");
     let mut vm = spawn_specvm(&[
         "run",
@@ -88,7 +72,7 @@ fn next_payload(frames: &Receiver<Vec<u8>>, wait: Duration) -> Option<String> {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn speculative_output_waits_for_commit_and_dies_with_abort() {
     skip_without_kvm!();
-    let dir = Dir::new("socket");
+    let dir = Dir::new("oc-socket");
     let (mut vm, api, frames) = start(&dir);
 
     // Outside any speculation a frame goes out at once.
@@ -152,7 +136,7 @@ fn speculative_output_waits_for_commit_and_dies_with_abort() {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn a_full_hold_stalls_the_guest_and_loses_nothing() {
     skip_without_kvm!();
-    let dir = Dir::new("full");
+    let dir = Dir::new("oc-full");
     let (mut vm, api, frames) = start(&dir);
     ctl(&api, "speculate");
     // 1,024 frames fill the hold; the 16 after them wait in the guest's
