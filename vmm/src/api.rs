@@ -249,6 +249,36 @@ pub fn start_with(
     })
 }
 
+/// How long, and how many bytes of, a refused client's further input are
+/// taken and dropped before its connection closes.
+const REFUSAL_DRAIN: Duration = Duration::from_secs(1);
+const REFUSAL_DRAIN_BYTES: usize = 32 << 20;
+
+/// Closes a connection after refusing its request without losing the
+/// answer: a Unix socket closed with unread input resets the connection,
+/// and the peer may then lose the answer before reading it. So our side is
+/// shut down first (the client reads the answer, then the end), and what
+/// the client still sends is read and dropped, for [`REFUSAL_DRAIN`] and
+/// [`REFUSAL_DRAIN_BYTES`] at most, before the socket closes.
+async fn close_after_refusal<R: tokio::io::AsyncRead + Unpin>(
+    mut rd: R,
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+) {
+    use tokio::io::AsyncReadExt;
+    let _ = wr.shutdown().await;
+    let mut buf = vec![0u8; 64 << 10];
+    let drain = async {
+        let mut left = REFUSAL_DRAIN_BYTES;
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 || n >= left {
+                break;
+            }
+            left -= n;
+        }
+    };
+    let _ = tokio::time::timeout(REFUSAL_DRAIN, drain).await;
+}
+
 async fn serve_client(
     stream: TokioUnixStream,
     to_vm: EventSender,
@@ -267,6 +297,7 @@ async fn serve_client(
                     limits.max_request
                 );
                 let _ = write_line(&mut wr, &Response::error(e), limits.write).await;
+                close_after_refusal(rd, wr).await;
                 return;
             }
             Ok(Ok(Line::End) | Err(_)) => return,
@@ -488,28 +519,12 @@ mod tests {
 
     use super::*;
 
-    /// A private directory, removed on drop, also when the test fails.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let d = std::env::temp_dir().join(format!("specvm-api-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).unwrap();
-            Self(d)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     /// A server on `dir/api.sock` with `limits`, and a fake controller
     /// that answers every call with its depth set to 3.
     fn serve(dir: &TempDir, limits: Limits) -> (ApiServer, PathBuf) {
-        let path = dir.0.join("api.sock");
+        let path = dir.join("api.sock");
         let (tx, rx) = crate::event::channel();
         let server = start_with(&path, &Access::default(), limits, tx).unwrap();
         std::thread::spawn(move || {
@@ -579,7 +594,7 @@ mod tests {
 
     #[test]
     fn server_answers_and_removes_its_socket() {
-        let dir = TempDir::new("answers");
+        let dir = TempDir::new("api-answers");
         let (server, path) = serve(&dir, LIMITS);
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&path).unwrap().permissions(),
@@ -594,8 +609,8 @@ mod tests {
 
     #[test]
     fn a_regular_file_is_not_replaced() {
-        let dir = TempDir::new("file");
-        let path = dir.0.join("notes.txt");
+        let dir = TempDir::new("api-file");
+        let path = dir.join("notes.txt");
         std::fs::write(&path, "notes").unwrap();
         let (tx, _rx) = crate::event::channel();
         let e = start(&path, tx).err().expect("refused");
@@ -611,7 +626,7 @@ mod tests {
     /// until the newline comes.
     #[test]
     fn a_long_line_is_refused_while_it_is_read() {
-        let dir = TempDir::new("long");
+        let dir = TempDir::new("api-long");
         let (_server, path) = serve(&dir, LIMITS);
         let s = UnixStream::connect(&path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -634,7 +649,7 @@ mod tests {
 
     #[test]
     fn a_line_that_is_not_utf8_gets_an_answer() {
-        let dir = TempDir::new("utf8");
+        let dir = TempDir::new("api-utf8");
         let (_server, path) = serve(&dir, LIMITS);
         let mut s = UnixStream::connect(&path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -651,7 +666,7 @@ mod tests {
 
     #[test]
     fn an_idle_client_is_dropped() {
-        let dir = TempDir::new("idle");
+        let dir = TempDir::new("api-idle");
         let limits = Limits {
             idle: Duration::from_millis(200),
             ..LIMITS
@@ -666,8 +681,8 @@ mod tests {
 
     #[test]
     fn the_client_gives_up_on_a_silent_server_and_sends_absolute_paths() {
-        let dir = TempDir::new("silent");
-        let path = dir.0.join("api.sock");
+        let dir = TempDir::new("api-silent");
+        let path = dir.join("api.sock");
         let listener = StdListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();

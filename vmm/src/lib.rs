@@ -31,4 +31,6 @@ pub mod progress;
 pub mod signals;
 pub mod snapshot;
 pub mod spec;
+#[cfg(test)]
+mod test_util;
 pub mod vstate;

@@ -1070,28 +1070,12 @@ SPECVM-READY\r\n\
         assert_eq!(fmt_left(3900.0), "about 1h05m left");
     }
 
-    struct TempDir(std::path::PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let d =
-                std::env::temp_dir().join(format!("specvm-progress-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).unwrap();
-            Self(d)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     #[test]
     fn boot_times_round_trip_durably() {
-        let dir = TempDir::new("save");
-        let path = dir.0.join("boot-times.json");
+        let dir = TempDir::new("progress-save");
+        let path = dir.join("boot-times.json");
         let t = previous();
         t.save(&path).unwrap();
         assert_eq!(BootTimes::load(&path), Some(t.clone()));
@@ -1099,16 +1083,16 @@ SPECVM-READY\r\n\
         let t2 = times(&[("kernel started", 2.5)], None);
         t2.save(&path).unwrap();
         assert_eq!(BootTimes::load(&path), Some(t2));
-        let files: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(files.len(), 1, "{files:?}");
         // No such folder: an error, not a panic.
-        assert!(t.save(&dir.0.join("missing/boot-times.json")).is_err());
+        assert!(t.save(&dir.join("missing/boot-times.json")).is_err());
     }
 
     #[test]
     fn bad_boot_time_files_are_none() {
-        let dir = TempDir::new("bad");
-        let path = dir.0.join("boot-times.json");
+        let dir = TempDir::new("progress-bad");
+        let path = dir.join("boot-times.json");
         assert_eq!(BootTimes::load(&path), None, "missing");
         for bad in [
             &b""[..],

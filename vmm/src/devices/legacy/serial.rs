@@ -556,23 +556,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A directory of a test's own, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> Self {
-            let d = std::env::temp_dir().join(format!("specvm-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).unwrap();
-            Self(d)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     fn send(dev: &mut SerialDevice, bytes: impl IntoIterator<Item = u8>) {
         for b in bytes {
@@ -598,7 +582,7 @@ mod tests {
     #[test]
     fn a_socket_client_that_never_reads_does_not_hold_the_vcpu() {
         let dir = TempDir::new("serial-noread");
-        let path = dir.0.join("console.sock");
+        let path = dir.join("console.sock");
         let mut dev = SerialDevice::new(&SerialConfig::Socket(path.clone()), None).unwrap();
         let mut client = UnixStream::connect(&path).unwrap();
         // The vCPU's writes, on a thread of their own so that a hang fails
@@ -634,7 +618,7 @@ mod tests {
     #[test]
     fn buffered_output_reaches_a_reading_client_when_the_device_goes() {
         let dir = TempDir::new("serial-drain");
-        let path = dir.0.join("console.sock");
+        let path = dir.join("console.sock");
         let mut dev = SerialDevice::new(&SerialConfig::Socket(path.clone()), None).unwrap();
         let mut client = UnixStream::connect(&path).unwrap();
         let reader = thread::spawn(move || read_until(&mut client, b"END\n"));
@@ -649,7 +633,7 @@ mod tests {
     #[test]
     fn a_regular_file_at_the_socket_path_is_refused_and_kept() {
         let dir = TempDir::new("serial-file");
-        let notes = dir.0.join("notes.txt");
+        let notes = dir.join("notes.txt");
         std::fs::write(&notes, "my notes").unwrap();
         let e = SerialDevice::new(&SerialConfig::Socket(notes.clone()), None)
             .err()
