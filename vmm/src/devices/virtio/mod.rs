@@ -63,6 +63,7 @@
 //! virtio-queue, which uses it), so every byte they write shows in the dirty
 //! bitmap that speculation checkpoints rely on.
 
+pub mod block;
 pub mod mmio;
 pub mod net;
 
