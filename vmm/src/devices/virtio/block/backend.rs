@@ -156,7 +156,7 @@ impl FileBase {
             return Err(BlockError::NotRegular(p()));
         }
         let size = meta.len();
-        if size % SECTOR_SIZE != 0 {
+        if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::BadSize { path: p(), size });
         }
         Ok(Self {

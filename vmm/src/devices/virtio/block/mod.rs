@@ -1,16 +1,16 @@
 //! virtio-blk with a speculative disk (issue 14): the guest's writes roll
 //! back with the VM, in time proportional to the blocks written.
 //!
-//! - [`overlay`]: the heart, free of KVM and virtio: [`SpecDisk`], a base
+//! - [`overlay`][self::overlay]: the heart, free of KVM and virtio: [`SpecDisk`], a base
 //!   image under one in-memory overlay per open checkpoint (4 KiB
 //!   granules), with [`SpecDisk::push_level`], [`SpecDisk::rollback_to`]
 //!   and [`SpecDisk::fold`].
-//! - [`request`]: descriptor chains into requests (IN, OUT, FLUSH, GET_ID,
+//! - [`request`][self::request]: descriptor chains into requests (IN, OUT, FLUSH, GET_ID,
 //!   DISCARD), hostile chains included.
-//! - [`device`]: the [`VirtioDevice`](super::VirtioDevice) model.
-//! - [`backend`]: the raw image file and [`BlockError`].
-//! - [`persist`]: checkpoint state and the overlays' snapshot encoding.
-//! - [`config`]: `path=FILE[,readonly]`.
+//! - [`device`][self::device]: the [`VirtioDevice`](super::VirtioDevice) model.
+//! - [`backend`][self::backend]: the raw image file and [`BlockError`].
+//! - [`persist`][self::persist]: checkpoint state and the overlays' snapshot encoding.
+//! - [`config`][self::config]: `path=FILE[,readonly]`.
 //!
 //! # Integration
 //!

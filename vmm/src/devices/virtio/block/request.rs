@@ -183,7 +183,7 @@ impl Chain {
     /// The byte offset of a transfer of `len` bytes at `sector` on a disk
     /// of `size` bytes, checked before any byte moves.
     fn data_range(sector: u64, len: u64, size: u64) -> Result<u64, u8> {
-        if len % SECTOR_SIZE != 0 || len > MAX_REQUEST_BYTES {
+        if !len.is_multiple_of(SECTOR_SIZE) || len > MAX_REQUEST_BYTES {
             return Err(S_IOERR);
         }
         let offset = sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
@@ -251,7 +251,7 @@ impl Chain {
         }
         let len = self.readable_len - HEADER_LEN;
         let count = len / DISCARD_SEG_LEN;
-        if len % DISCARD_SEG_LEN != 0 || count == 0 || count > MAX_DISCARD_SEG.into() {
+        if !len.is_multiple_of(DISCARD_SEG_LEN) || count == 0 || count > MAX_DISCARD_SEG.into() {
             return Err(S_IOERR);
         }
         let mut ranges = Vec::with_capacity(count as usize);

@@ -38,6 +38,9 @@ const ALL: u64 = VIRTIO_F_VERSION_1
     | 1 << VIRTIO_BLK_F_BLK_SIZE
     | 1 << VIRTIO_BLK_F_DISCARD;
 
+/// A descriptor: address, length, flags.
+type Desc = (u64, u32, u16);
+
 /// What goes after the header.
 enum Data<'a> {
     None,
@@ -112,7 +115,7 @@ impl Harness {
 
     /// Offers descriptors `(addr, len, flags)` chained from index 0 and
     /// notifies; returns the used length, or None if nothing was used.
-    fn submit(&self, descs: &[(u64, u32, u16)]) -> Option<u32> {
+    fn submit(&self, descs: &[Desc]) -> Option<u32> {
         for (i, &(addr, len, flags)) in descs.iter().enumerate() {
             let next = if i + 1 < descs.len() { F_NEXT } else { 0 };
             let i = i as u16;
@@ -398,7 +401,7 @@ fn bad_requests_get_an_error_status() {
     }
     // Malformed chains that still end with a writable status byte.
     h.header(VIRTIO_BLK_T_OUT, 0);
-    let cases: [(&str, Vec<(u64, u32, u16)>); 4] = [
+    let cases: [(&str, Vec<Desc>); 4] = [
         ("short header", vec![(HDR, 8, 0), (STATUS, 1, F_WRITE)]),
         (
             "data outside memory",
@@ -437,7 +440,7 @@ fn bad_requests_get_an_error_status() {
 fn chains_without_a_status_byte_are_dropped() {
     let h = Harness::new("drop", false, ALL);
     h.header(VIRTIO_BLK_T_IN, 0);
-    let cases: [(&str, Vec<(u64, u32, u16)>); 4] = [
+    let cases: [(&str, Vec<Desc>); 4] = [
         ("readable status", vec![(HDR, 16, 0), (STATUS, 1, 0)]),
         ("empty status", vec![(HDR, 16, 0), (STATUS, 0, F_WRITE)]),
         (
