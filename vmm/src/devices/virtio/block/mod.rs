@@ -1,16 +1,16 @@
 //! virtio-blk with a speculative disk (issue 14): the guest's writes roll
 //! back with the VM, in time proportional to the blocks written.
 //!
-//! - [`overlay`][self::overlay]: the heart, free of KVM and virtio: [`SpecDisk`], a base
+//! - [`overlay`] — the heart, free of KVM and virtio: [`SpecDisk`], a base
 //!   image under one in-memory overlay per open checkpoint (4 KiB
 //!   granules), with [`SpecDisk::push_level`], [`SpecDisk::rollback_to`]
 //!   and [`SpecDisk::fold`].
-//! - [`request`][self::request]: descriptor chains into requests (IN, OUT, FLUSH, GET_ID,
+//! - [`request`] — descriptor chains into requests (IN, OUT, FLUSH, GET_ID,
 //!   DISCARD), hostile chains included.
-//! - [`device`][self::device]: the [`VirtioDevice`](super::VirtioDevice) model.
-//! - [`backend`][self::backend]: the raw image file and [`BlockError`].
-//! - [`persist`][self::persist]: checkpoint state and the overlays' snapshot encoding.
-//! - [`config`][self::config]: `path=FILE[,readonly]`.
+//! - [`device`] — the [`VirtioDevice`](super::VirtioDevice) model.
+//! - [`backend`] — the raw image file and [`BlockError`].
+//! - [`persist`] — checkpoint state and the overlays' snapshot encoding.
+//! - [`config`] — `path=FILE[,readonly]`.
 //!
 //! # Integration
 //!
@@ -54,6 +54,16 @@
 //! A FLUSH inside a speculation completes at once: its data is in the top
 //! overlay and can only reach the base through the outermost commit, which
 //! writes and syncs the base. At depth 0 a FLUSH is an fdatasync.
+//!
+//! # Costs
+//!
+//! `benches/block_overlay.sh` (release build; sparse images): with
+//! 100,000 granules written, a rollback takes 40-50 ms and an inner fold
+//! 15-20 ms on a 1 GiB and on a 16 GiB image alike; with 10 granules both
+//! take microseconds. The outermost fold is the base's I/O (100,000
+//! scattered 4 KiB pwrites and an fdatasync: 2-2.5 s). Overlays hold their
+//! data in memory, up to [`DEFAULT_OVERLAY_LIMIT`]; past it a write under
+//! speculation fails with IOERR.
 
 pub mod backend;
 pub mod config;
