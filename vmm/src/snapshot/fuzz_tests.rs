@@ -429,7 +429,10 @@ fn check_snapshot(s: &VmSnapshot) {
         .for_each(|l| check_layer_record(l, s.mem_size));
     assert_eq!(s.ranges, ram_ranges(s.mem_size));
     assert!((1..=usize::from(MAX_VCPUS)).contains(&s.machine.vcpus.len()));
-    assert!(s.machine.devices.nets.len() < MAX_DEVICES, "the console is one more");
+    assert!(
+        s.machine.devices.nets.len() < MAX_DEVICES,
+        "the console is one more"
+    );
     assert!(s.linux || s.trampoline.is_none());
 }
 
