@@ -1,4 +1,4 @@
-//! Fuzz target of the IPOPT_SPEC codec (`netbridge::codec`), at about
+//! Fuzz target of the IPOPT_SPEC codec (`specwire::codec`), at about
 //! 10^5 cases: Ethernet frames built field by field (VLAN tags, IPv4
 //! header fields, options areas with forged, malformed and foreign
 //! options, Ethernet padding), then maybe edited byte by byte, and raw
@@ -12,7 +12,7 @@ mod fuzz;
 use arbitrary::Arbitrary;
 use etherparse::checksum::Sum16BitWords;
 use fuzz::{Bytes, Rare, Seq, Target};
-use netbridge::codec::{
+use specwire::codec::{
     parse_tags, retag, retag_into, room_for_ids, strip, CodecError, SpecId, IPOPT_SPEC,
     IPOPT_SPEC_NOT_COPIED, MAX_IDS,
 };

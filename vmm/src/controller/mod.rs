@@ -495,7 +495,7 @@ impl Controller {
             .map_err(|e| ControlError::Vcpu(e.to_string()))?;
         tracing::info!(%id, depth = self.stack.depth(), "speculate");
         self.emit("speculate", id, caller);
-        self.tell_bridge(netbridge::protocol::Control::Started { id: id.to_u64() });
+        self.tell_bridge(specwire::protocol::Control::Started { id });
         self.sync_deps();
         Ok(Ok(id))
     }
@@ -543,7 +543,7 @@ impl Controller {
         let id = self.stack.commit_own().map_err(|_| err::NO_SPECULATION)?;
         tracing::info!(%id, depth = self.stack.depth(), "commit");
         self.emit("commit", id, caller);
-        self.resolved(id, netbridge::protocol::Outcome::Commit);
+        self.resolved(id, specwire::protocol::Outcome::Commit);
         Ok(id)
     }
 
@@ -612,7 +612,7 @@ impl Controller {
         tracing::info!(aborted = ?ids, depth = self.stack.depth(), "rollback");
         for &id in &rb.aborted {
             self.emit("abort", id, by);
-            self.resolved(id, netbridge::protocol::Outcome::Abort);
+            self.resolved(id, specwire::protocol::Outcome::Abort);
         }
         self.sync_deps();
         Ok(())

@@ -3,7 +3,7 @@
 //! the bridge what this VM owns and decides (rules 3, 5, 8), and what to do
 //! when the bridge is lost (rule 9).
 
-use netbridge::protocol::{Control, Outcome as WireOutcome};
+use specwire::protocol::{Control, Outcome as WireOutcome};
 
 use super::{ControlError, Controller};
 use crate::spec::link::BridgeEvent;
@@ -15,7 +15,7 @@ impl Controller {
     /// that waited only for speculations that have now left the set: they
     /// committed (an abort drops its frames first, in `rollback`; rule 11).
     pub(super) fn sync_deps(&self) {
-        let ids = self.stack.deps().iter().map(|id| id.to_u64()).collect();
+        let ids = self.stack.deps();
         let (released, held) = {
             let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
             (d.set_ids(ids), d.held.len())
@@ -43,10 +43,9 @@ impl Controller {
 
     /// Drops the held output of the speculations a rollback took back.
     pub(super) fn drop_held(&self, aborted: &[SpecId]) {
-        let ids: Vec<u64> = aborted.iter().map(|id| id.to_u64()).collect();
         let n = {
             let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
-            d.held.drop_aborted(&ids)
+            d.held.drop_aborted(aborted)
         };
         if n > 0 {
             tracing::debug!(
@@ -70,18 +69,14 @@ impl Controller {
 
     /// This VM, the owner, decided `id` (rules 3, 5).
     pub(super) fn resolved(&self, id: SpecId, outcome: WireOutcome) {
-        self.tell_bridge(Control::Resolved {
-            id: id.to_u64(),
-            outcome,
-        });
+        self.tell_bridge(Control::Resolved { id, outcome });
         self.sync_deps();
     }
 
     /// Joins the speculations a tagged frame carries, before the guest sees
     /// the frame: one checkpoint for all of them (rule 2).
-    pub(super) fn join(&mut self, ids: Vec<u64>) -> Result<(), ControlError> {
+    pub(super) fn join(&mut self, ids: Vec<SpecId>) -> Result<(), ControlError> {
         self.pause_all()?;
-        let ids: Vec<SpecId> = ids.into_iter().map(SpecId::from_u64).collect();
         let missing = self.stack.missing(&ids);
         if missing.is_empty() {
             // Joined meanwhile (another frame with the same tag).
@@ -93,7 +88,7 @@ impl Controller {
                 "checkpoint stack full: frames of these speculations are dropped"
             );
             let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
-            d.refused.extend(missing.iter().map(|id| id.to_u64()));
+            d.refused.extend_from_slice(&missing);
         } else {
             let cp = self.checkpoint(None)?;
             self.stack
@@ -103,9 +98,7 @@ impl Controller {
                 tracing::info!(%id, depth = self.stack.depth(), "joined");
                 self.emit_by("join", id, "network");
             }
-            self.tell_bridge(Control::Joined {
-                ids: missing.iter().map(|id| id.to_u64()).collect(),
-            });
+            self.tell_bridge(Control::Joined { ids: missing });
             self.sync_deps();
         }
         self.resume_all();
@@ -116,7 +109,6 @@ impl Controller {
     pub(super) fn bridge_event(&mut self, ev: BridgeEvent) -> Result<(), ControlError> {
         match ev {
             BridgeEvent::Decided { id, outcome, seq } => {
-                let id = SpecId::from_u64(id);
                 match outcome {
                     WireOutcome::Commit => self.remote_commit(id),
                     WireOutcome::Abort => self.remote_abort(id)?,
