@@ -2,9 +2,10 @@
 //! 10^5 cases: Ethernet frames built field by field (VLAN tags, IPv4
 //! header fields, options areas with forged, malformed and foreign
 //! options, Ethernet padding), then maybe edited byte by byte, and raw
-//! bytes. `codec_props.rs` checks the same codec with proptest on frames
-//! etherparse builds; this target reaches the malformed ones. How to run
-//! it longer: `docs/fuzzing.md`.
+//! bytes. `specwire/tests/codec_props.rs` checks the same codec with
+//! proptest on frames etherparse builds; this target reaches the malformed
+//! ones. It stays here to share the fuzz loop of `support/`. How to run it
+//! longer: `docs/fuzzing.md`.
 
 #[path = "support/fuzz.rs"]
 mod fuzz;
