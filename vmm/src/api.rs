@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use netbridge::sock::{Access, SockError, SocketFile};
 use serde::{Deserialize, Serialize};
+use specwire::sock::{Access, SockError, SocketFile};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream as TokioUnixStream};
 use tokio::sync::{broadcast, oneshot};
@@ -201,7 +201,7 @@ pub struct ApiServer {
 /// Starts the API server on `path`, sending calls to the controller via
 /// `to_vm`. The socket is mode 0600 (0660 with [`set_socket_group`]),
 /// replaces only a stale socket, and appears once it accepts
-/// ([`netbridge::sock`]).
+/// ([`specwire::sock`]).
 pub fn start(path: &Path, to_vm: ToVm) -> Result<ApiServer, ApiError> {
     let access = Access {
         group: SOCKET_GROUP.get().copied(),
@@ -216,7 +216,7 @@ pub fn start_with(
     limits: Limits,
     to_vm: ToVm,
 ) -> Result<ApiServer, ApiError> {
-    let (std_listener, file) = netbridge::sock::listen(path, access)?;
+    let (std_listener, file) = specwire::sock::listen(path, access)?;
     std_listener
         .set_nonblocking(true)
         .map_err(ApiError::Start)?;
@@ -239,7 +239,7 @@ pub fn start_with(
                 };
                 // Accept errors (out of descriptors) never end the loop.
                 loop {
-                    let stream = netbridge::sock::accept(&listener).await;
+                    let stream = specwire::sock::accept(&listener).await;
                     tokio::spawn(serve_client(stream, to_vm.clone(), ev.clone(), limits));
                 }
             })
@@ -478,7 +478,7 @@ pub fn client_request(
         };
         std::io::Error::other(format!("{what} {}: {e}", path.display()))
     };
-    let mut s = netbridge::sock::connect(path, timeout).map_err(|e| context("connecting to", e))?;
+    let mut s = specwire::sock::connect(path, timeout).map_err(|e| context("connecting to", e))?;
     s.set_write_timeout(timeout)
         .and_then(|()| s.set_read_timeout(timeout))
         .map_err(|e| context("setting up", e))?;

@@ -30,8 +30,8 @@ pub enum VmEvent {
     /// The net device's hook needs the VM to join these speculations before
     /// the tagged frame it holds reaches the guest (rule 2).
     Join {
-        /// The ids, `(vm << 32) | seq`.
-        ids: Vec<u64>,
+        /// The ids.
+        ids: Vec<crate::spec::stack::SpecId>,
     },
     /// A message from the bridge, or its loss.
     Bridge(crate::spec::link::BridgeEvent),

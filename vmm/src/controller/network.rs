@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use netbridge::protocol::{Control, Outcome as WireOutcome};
+use specwire::protocol::{Control, Outcome as WireOutcome};
 
 use super::{ControlError, Controller, Joined};
 use crate::devices::virtio::net::NetHandle;
@@ -48,7 +48,7 @@ impl NetSpec {
 
     /// This VM started `id` (it owns it).
     pub fn started(&self, id: SpecId) {
-        self.tell(Control::Started { id: id.to_u64() });
+        self.tell(Control::Started { id });
     }
 
     /// This VM, the owner, decided `id` (rules 3, 5).
@@ -58,10 +58,7 @@ impl NetSpec {
         } else {
             WireOutcome::Abort
         };
-        self.tell(Control::Resolved {
-            id: id.to_u64(),
-            outcome,
-        });
+        self.tell(Control::Resolved { id, outcome });
     }
 
     /// Publishes the dependency set `ids` to the cards' hooks, which tag
@@ -69,7 +66,7 @@ impl NetSpec {
     /// that waited only for speculations that have now left the set: they
     /// committed (an abort drops its frames first; rule 11).
     pub fn sync_deps(&self, ids: &[SpecId], nets: &[NetHandle]) {
-        let ids = ids.iter().map(|id| id.to_u64()).collect();
+        let ids = ids.to_vec();
         let (released, held) = {
             let mut d = self.deps();
             (d.set_ids(ids), d.held.len())
@@ -95,8 +92,7 @@ impl NetSpec {
 
     /// Drops the held output of the speculations a rollback took back.
     pub fn drop_held(&self, aborted: &[SpecId], nets: &[NetHandle]) {
-        let ids: Vec<u64> = aborted.iter().map(|id| id.to_u64()).collect();
-        let n = self.deps().held.drop_aborted(&ids);
+        let n = self.deps().held.drop_aborted(aborted);
         if n > 0 {
             tracing::debug!(
                 frames = n,
@@ -110,9 +106,8 @@ impl NetSpec {
 impl Controller {
     /// Joins the speculations a tagged frame carries, before the guest sees
     /// the frame: one checkpoint for all of them (rule 2).
-    pub(super) fn join(&mut self, ids: Vec<u64>) -> Result<(), ControlError> {
+    pub(super) fn join(&mut self, ids: Vec<SpecId>) -> Result<(), ControlError> {
         self.pause()?;
-        let ids: Vec<SpecId> = ids.into_iter().map(SpecId::from_u64).collect();
         match self.engine.join(&mut self.machine, &ids)? {
             // Joined meanwhile (another frame with the same tag).
             Joined::AlreadyHeld => {}
@@ -124,7 +119,7 @@ impl Controller {
                     "checkpoint stack full: frames of these speculations are dropped"
                 );
                 let mut d = self.net.deps();
-                d.refused.extend(missing.iter().map(|id| id.to_u64()));
+                d.refused.extend(missing.iter().copied());
             }
             Joined::Joined(missing) => {
                 for &id in &missing {
@@ -132,7 +127,7 @@ impl Controller {
                     self.emit_by("join", id, "network");
                 }
                 self.net.tell(Control::Joined {
-                    ids: missing.iter().map(|id| id.to_u64()).collect(),
+                    ids: missing.clone(),
                 });
                 self.sync_deps();
             }
@@ -145,7 +140,6 @@ impl Controller {
     pub(super) fn bridge_event(&mut self, ev: BridgeEvent) -> Result<(), ControlError> {
         match ev {
             BridgeEvent::Decided { id, outcome, seq } => {
-                let id = SpecId::from_u64(id);
                 match outcome {
                     WireOutcome::Commit => self.remote_commit(id),
                     WireOutcome::Abort => self.remote_abort(id)?,

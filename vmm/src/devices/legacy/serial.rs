@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use netbridge::sock::{self, SockError, SocketFile};
+use specwire::sock::{self, SockError, SocketFile};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -53,7 +53,7 @@ pub enum SerialError {
     #[error("opening serial output file {0}: {1}")]
     File(PathBuf, io::Error),
     /// The socket's path is taken, or cannot be used (see
-    /// [`netbridge::sock`]).
+    /// [`specwire::sock`]).
     #[error("serial console: {0}")]
     SocketPath(#[from] SockError),
     /// The interrupt eventfd could not be created.
