@@ -347,6 +347,7 @@ fn attach_nets(
     events: &EventSender,
 ) -> Result<NetSpec, VmmError> {
     let deps: Arc<Mutex<SharedDeps>> = Arc::default();
+    let hook_stats = Arc::default();
     let mut link = None;
     for cfg in &config.nets {
         let slot = devices.virtio_slot(vm)?;
@@ -366,7 +367,7 @@ fn attach_nets(
                 let (dev, handle) =
                     new_net_with_backend(backend, mac, cfg.mtu, ram.mem.clone(), irq)
                         .map_err(|e| VmmError::Net(e.to_string()))?;
-                let hook = SpecHook::new(deps.clone(), events.clone(), Arc::default());
+                let hook = SpecHook::new(deps.clone(), events.clone(), Arc::clone(&hook_stats));
                 handle.set_hook(Box::new(hook));
                 (dev, handle)
             }
@@ -395,7 +396,7 @@ fn attach_nets(
         )
         .map_err(VmmError::Thread)?;
     }
-    Ok(NetSpec::new(link, deps))
+    Ok(NetSpec::new(link, deps, hook_stats))
 }
 
 fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>, VmmError> {
@@ -503,7 +504,7 @@ impl Vmm {
         });
         let r = controller.run(config.start_paused);
         if config.stats {
-            eprintln!("specvm-stats {}", controller.stats().summary());
+            eprintln!("specvm-stats {}", controller.stats_summary());
         }
         drop(api);
         r.map_err(|e| VmmError::Guest(e.to_string()))

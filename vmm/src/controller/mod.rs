@@ -156,6 +156,16 @@ impl Controller {
         &self.machine.stats
     }
 
+    /// The `--stats` line: each operation's timings, and under `"net"`
+    /// the bridge card's hook counters when the VM has one.
+    pub fn stats_summary(&self) -> serde_json::Value {
+        let mut v = self.machine.stats.summary();
+        if let (Some(m), true) = (v.as_object_mut(), self.net.has_bridge()) {
+            m.insert("net".into(), serde_json::json!(self.net.hook_stats()));
+        }
+        v
+    }
+
     fn emit(&self, event: &str, id: SpecId, caller: Option<u8>) {
         self.emit_by(event, id, if caller.is_some() { "guest" } else { "host" });
     }

@@ -10,7 +10,7 @@ use specwire::protocol::{Control, Outcome as WireOutcome};
 
 use super::{ControlError, Controller, Joined};
 use crate::devices::virtio::net::NetHandle;
-use crate::spec::link::{BridgeEvent, BridgeLink, SharedDeps};
+use crate::spec::link::{BridgeEvent, BridgeLink, HookStats, SharedDeps};
 use crate::spec::stack::SpecId;
 
 /// The VM's port on the bridge, if it has one, and the dependency set the
@@ -19,12 +19,33 @@ use crate::spec::stack::SpecId;
 pub struct NetSpec {
     link: Option<BridgeLink>,
     deps: Arc<Mutex<SharedDeps>>,
+    hook_stats: Arc<Mutex<HookStats>>,
 }
 
 impl NetSpec {
-    /// The bridge port `link` (if any) and the cards' shared `deps`.
-    pub fn new(link: Option<BridgeLink>, deps: Arc<Mutex<SharedDeps>>) -> Self {
-        Self { link, deps }
+    /// The bridge port `link` (if any), the cards' shared `deps`, and the
+    /// counters of the bridge card's hook.
+    pub fn new(
+        link: Option<BridgeLink>,
+        deps: Arc<Mutex<SharedDeps>>,
+        hook_stats: Arc<Mutex<HookStats>>,
+    ) -> Self {
+        Self {
+            link,
+            deps,
+            hook_stats,
+        }
+    }
+
+    /// The bridge card's hook counters (frames dropped for tags, joins
+    /// asked), for `--stats`.
+    pub fn hook_stats(&self) -> HookStats {
+        *self.hook_stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the VM has a port on the bridge.
+    pub fn has_bridge(&self) -> bool {
+        self.link.is_some()
     }
 
     /// Where this VM's speculation sequence numbers start: where the

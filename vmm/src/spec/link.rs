@@ -361,8 +361,8 @@ impl HeldOutput {
     }
 }
 
-/// Counters of the hook.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// Counters of the hook, printed with `--stats`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct HookStats {
     /// Frames dropped on send: the set did not fit in the IPv4 options.
     pub tx_too_many_ids: u64,
