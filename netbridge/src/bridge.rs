@@ -112,7 +112,7 @@ pub struct Event {
 }
 
 fn show(id: Id) -> String {
-    format!("{}:{}", id >> 32, id & 0xffff_ffff)
+    id.to_string()
 }
 
 /// The bridge.
@@ -520,7 +520,7 @@ mod tests {
         Ok(v)
     }
 
-    const S: Id = (1 << 32) | 1; // VM 1's first speculation
+    const S: Id = Id::new(1, 1); // VM 1's first speculation
 
     fn bridge() -> Bridge {
         let mut b = Bridge::new(read, strip);

@@ -35,7 +35,7 @@ pub enum RegistryError {
 
 /// The owner VM of a speculation id.
 pub fn owner_vm(id: Id) -> u32 {
-    (id >> 32) as u32
+    id.vm
 }
 
 #[derive(Debug, Default)]
@@ -89,7 +89,7 @@ impl Registry {
 
     /// Notes that `id` exists, for [`Registry::next_seq`].
     pub fn seen(&mut self, id: Id) {
-        let (vm, seq) = (owner_vm(id), id as u32);
+        let (vm, seq) = (owner_vm(id), id.seq);
         let m = self.max_seq.entry(vm).or_insert(0);
         *m = (*m).max(seq);
     }
@@ -219,7 +219,7 @@ mod tests {
     const C: u32 = 3;
 
     fn id(vm: u32, seq: u32) -> Id {
-        (u64::from(vm) << 32) | u64::from(seq)
+        Id::new(vm, seq)
     }
 
     fn reg() -> Registry {

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use netbridge::codec::{self, SpecId};
-use netbridge::protocol::{
-    decode, encode_control, encode_frame, framed, Control, Message, Outcome,
+use specwire::codec::{self, SpecId};
+use specwire::protocol::{
+    decode, encode_control, encode_frame, framed, read_message, write_message, Control, Message,
+    Outcome,
 };
 
 /// The bridge process and its directory, cleaned up on drop.
@@ -64,7 +65,7 @@ struct Port(UnixStream);
 
 impl Port {
     fn send(&mut self, msg: &[u8]) {
-        self.0.write_all(&framed(msg)).unwrap();
+        write_message(&mut self.0, msg).unwrap();
     }
     fn control(&mut self, c: &Control) {
         self.send(&encode_control(c));
@@ -74,10 +75,7 @@ impl Port {
     }
     /// The next message, or None after the read timeout.
     fn recv(&mut self) -> Option<Message> {
-        let mut len = [0u8; 4];
-        self.0.read_exact(&mut len).ok()?;
-        let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-        self.0.read_exact(&mut buf).ok()?;
+        let buf = read_message(&mut self.0).ok()?;
         Some(decode(&buf).unwrap())
     }
 }
@@ -114,18 +112,16 @@ fn forwards_learns_and_carries_outcomes() {
     a.frame(&f);
     assert_eq!(b.recv(), Some(Message::Frame(f.clone())));
     // b joins S; a (the owner) aborts; b hears it and acknowledges.
-    b.control(&Control::Joined {
-        ids: vec![S.to_u64()],
-    });
+    b.control(&Control::Joined { ids: vec![S] });
     settle();
     a.control(&Control::Resolved {
-        id: S.to_u64(),
+        id: S,
         outcome: Outcome::Abort,
     });
     let Some(Message::Control(Control::Decided { id, outcome, seq })) = b.recv() else {
         panic!("b was not told");
     };
-    assert_eq!((id, outcome), (S.to_u64(), Outcome::Abort));
+    assert_eq!((id, outcome), (S, Outcome::Abort));
     b.control(&Control::Ack { seq });
     // Anti-messages: frames tagged with the aborted id go nowhere now.
     a.frame(&udp(1, 2, &[S]));
@@ -147,7 +143,7 @@ fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
     a.frame(&tagged);
     assert_eq!(up.recv(), None, "held while S is open");
     a.control(&Control::Resolved {
-        id: S.to_u64(),
+        id: S,
         outcome: Outcome::Commit,
     });
     let Some(Message::Frame(got)) = up.recv() else {
@@ -162,7 +158,7 @@ fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
     let s2 = SpecId { vm: 1, seq: 2 };
     a.frame(&udp(1, 9, &[s2]));
     a.control(&Control::Resolved {
-        id: s2.to_u64(),
+        id: s2,
         outcome: Outcome::Abort,
     });
     assert_eq!(up.recv(), None, "dropped on abort");
@@ -175,24 +171,20 @@ fn owner_disconnect_aborts_its_speculations() {
     let mut b = bridge.connect(2, true);
     let mut c = bridge.connect(3, true);
     settle();
-    b.control(&Control::Joined {
-        ids: vec![S.to_u64()],
-    });
+    b.control(&Control::Joined { ids: vec![S] });
     let c_spec = SpecId { vm: 3, seq: 1 };
-    b.control(&Control::Joined {
-        ids: vec![c_spec.to_u64()],
-    });
+    b.control(&Control::Joined { ids: vec![c_spec] });
     settle();
     drop(a); // the owner's VMM dies
     let Some(Message::Control(Control::Decided { id, outcome, .. })) = b.recv() else {
         panic!("member not told of the owner's death");
     };
-    assert_eq!((id, outcome), (S.to_u64(), Outcome::Abort));
+    assert_eq!((id, outcome), (S, Outcome::Abort));
     // A member's death aborts nothing: c's speculation lives on.
     drop(b);
     settle();
     c.control(&Control::Resolved {
-        id: c_spec.to_u64(),
+        id: c_spec,
         outcome: Outcome::Commit,
     });
     assert_eq!(c.recv(), None, "nobody left to tell, nothing sent back");
@@ -202,7 +194,7 @@ fn owner_disconnect_aborts_its_speculations() {
 fn a_second_port_with_a_taken_vm_id_is_refused_and_ids_continue() {
     let bridge = Bridge::start("dupid");
     let mut a = bridge.connect(1, true);
-    a.control(&Control::Started { id: S.to_u64() });
+    a.control(&Control::Started { id: S });
     settle();
     let s = UnixStream::connect(bridge.dir.join("bridge.sock")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();

@@ -20,11 +20,11 @@ use arbitrary::Arbitrary;
 use fuzz::{Bytes, Seq, Target};
 use gen::{mac, outcome, small_id, AnyControl, AnyFrame, AnyMessage, Udp, IDS_SEQS, IDS_VMS};
 use netbridge::bridge::{Bridge, Send, HELD_BYTES_MAX, HELD_MAX, QUEUE_BYTES_MAX, QUEUE_MAX};
-use netbridge::codec;
-use netbridge::protocol::{
+use netbridge::tags;
+use specwire::codec::{self, SpecId};
+use specwire::protocol::{
     decode, encode_control, encode_frame, framed, Control, Message, Outcome, MAX_MESSAGE,
 };
-use netbridge::tags;
 
 /// What a port does to the bridge.
 #[derive(Debug, Arbitrary)]
@@ -60,7 +60,7 @@ impl SpecOp {
         match self {
             SpecOp::Started(i) => Control::Started { id: small_id(*i) },
             SpecOp::Decide(seq, c) => Control::Resolved {
-                id: (u64::from(vm) << 32) | (u64::from(*seq) % IDS_SEQS),
+                id: SpecId::from_u64((u64::from(vm) << 32) | (u64::from(*seq) % IDS_SEQS)),
                 outcome: outcome(*c),
             },
             SpecOp::Joined(v) => Control::Joined {
@@ -375,14 +375,12 @@ impl Drop for BridgeProcess {
 fn read_message(s: &mut UnixStream, wait: Duration) -> Option<Message> {
     s.set_read_timeout(Some(wait.max(Duration::from_millis(1))))
         .unwrap();
-    let mut len = [0u8; 4];
-    if s.read(&mut len[..1]).ok()? == 0 {
+    let mut first = [0u8; 1];
+    if s.read(&mut first).ok()? == 0 {
         return None;
     }
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.read_exact(&mut len[1..]).ok()?;
-    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-    s.read_exact(&mut buf).ok()?;
+    let buf = specwire::protocol::read_message(&mut first.chain(&mut *s)).ok()?;
     decode(&buf).ok()
 }
 

@@ -23,10 +23,7 @@ use vm_memory::Bytes;
 use super::backend::FileBase;
 use super::overlay::{SpecDisk, SECTOR_SIZE};
 use super::request::{Chain, Env, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG};
-use crate::devices::bus::DeviceState;
-use crate::devices::virtio::{
-    QueueContext, TransportState, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1,
-};
+use crate::devices::virtio::{QueueContext, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// The request queue's index.
 pub const REQUEST_QUEUE: usize = 0;
@@ -265,16 +262,5 @@ impl VirtioDevice for Block {
             return Ok(());
         }
         self.process_requests(ctx)
-    }
-
-    fn bus_state(&self, transport: TransportState) -> DeviceState {
-        super::persist::to_bus_state(self.save_state(transport))
-    }
-
-    fn restore_bus_state(&mut self, state: &DeviceState) -> Result<TransportState, VirtioError> {
-        let s = super::persist::from_bus_state(state)?;
-        self.restore_state(&s)
-            .map_err(|e| VirtioError::InvalidState(e.to_string()))?;
-        Ok(s.transport)
     }
 }

@@ -31,13 +31,14 @@
 //! rollback popping frames `pos..` ⇔ `rollback_to(pos)`; `remove` folding
 //! frame `i` into `i - 1` (or dropping frame 0) ⇔ `fold(i)`.
 //!
-//! Checkpoints: `DeviceState` has no block variant yet; the bus state is
-//! `Stateless` and restoring it fails (see [`persist::to_bus_state`]).
-//! Use [`BlockHandle::save`] / [`BlockHandle::restore`], and
-//! [`persist::encode_block_state`] / [`persist::decode_block_state`] for
-//! the state file. On-disk snapshots add [`BlockHandle::encode_overlays`]
-//! (and, at restore, [`OverlaySnapshot::decode`] then
-//! [`BlockHandle::restore_overlays`], which checks the base's identity).
+//! Checkpoints: the transport implements [`crate::persist::Persist`] with
+//! [`BlockState`] (also [`BlockHandle::save`] / [`BlockHandle::restore`]),
+//! and [`BlockState`] implements [`crate::persist::Encode`] /
+//! [`crate::persist::Decode`] for the state file. The device manager does
+//! not hold block devices yet, so no checkpoint saves them. On-disk
+//! snapshots add [`BlockHandle::encode_overlays`] (and, at restore,
+//! [`OverlaySnapshot`]'s `Decode` then [`BlockHandle::restore_overlays`],
+//! which checks the base's identity).
 //!
 //! # Requests and checkpoints
 //!
@@ -82,7 +83,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MmioTransport, SharedDevice};
-use crate::snapshot::codec::Writer;
+use crate::persist::Writer;
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub use backend::{BaseIdentity, BlockError, FileBase};

@@ -1,7 +1,8 @@
 //! The block device's state: per checkpoint ([`BlockState`]: transport
 //! and configuration) and per on-disk snapshot ([`OverlaySnapshot`]: the
 //! overlays' granules and the identity of the base image they lie over),
-//! with their byte encodings in the snapshot codec.
+//! with their [`Encode`] / [`Decode`] byte encodings, and
+//! [`Persist`] for the device's transport (State = [`BlockState`]).
 //!
 //! The overlays are not part of [`BlockState`]: they live with the device,
 //! one per open checkpoint, and the VMM moves them with
@@ -10,15 +11,11 @@
 
 use std::collections::BTreeMap;
 
-use virtio_queue::QueueState;
-
 use super::backend::{BaseIdentity, BlockError};
 use super::device::{Block, ID_BYTES};
 use super::overlay::{Granule, LevelMap, GRANULE};
-use crate::devices::bus::DeviceState;
-use crate::devices::virtio::{MmioTransport, QueueRegs, SavedQueue, TransportState, VirtioError};
-use crate::snapshot::codec::{Reader, Writer};
-use crate::snapshot::SnapshotError;
+use crate::devices::virtio::{MmioTransport, TransportState};
+use crate::persist::{Decode, DecodeError, Encode, Persist, Reader, Writer};
 
 /// A checkpoint of a virtio-blk device and its transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,26 +30,6 @@ pub struct BlockState {
     pub id: [u8; ID_BYTES],
 }
 
-/// Wraps a block state as the bus stores it.
-///
-/// `DeviceState` has no block variant yet, so this saves `Stateless`;
-/// once `DeviceState::Block(Box<BlockState>)` exists, the body becomes
-/// `DeviceState::Block(Box::new(state))`. Until then use
-/// [`MmioTransport::save_block`] / [`MmioTransport::restore_block`].
-pub fn to_bus_state(state: BlockState) -> DeviceState {
-    let _ = state;
-    DeviceState::Stateless
-}
-
-/// Finds the block state in what the bus stored. Refuses everything until
-/// `DeviceState` has a block variant (then: match it and return the box),
-/// so a rollback fails loudly instead of desynchronising the ring.
-pub fn from_bus_state(state: &DeviceState) -> Result<BlockState, VirtioError> {
-    Err(VirtioError::InvalidState(format!(
-        "not a virtio-blk state: {state:?}"
-    )))
-}
-
 impl Block {
     /// The device's part of a checkpoint, with the transport's.
     pub fn save_state(&self, transport: TransportState) -> BlockState {
@@ -62,14 +39,6 @@ impl Block {
             read_only: self.read_only(),
             id: self.id(),
         }
-    }
-
-    /// Restores the device's part of `state`: the serial number. The
-    /// capacity and read-only flag belong to the image and must match.
-    pub fn restore_state(&mut self, state: &BlockState) -> Result<(), BlockError> {
-        self.check_state(state)?;
-        self.set_id(state.id);
-        Ok(())
     }
 
     /// Whether `state` was saved for a disk like this one.
@@ -108,10 +77,10 @@ impl Block {
         })
     }
 
-    /// Writes what [`OverlaySnapshot::encode`] writes for
+    /// Writes what [`OverlaySnapshot`]'s [`Encode`] writes for
     /// [`Block::overlay_snapshot`], straight from the device.
     pub fn encode_overlays(&self, w: &mut Writer) -> Result<(), BlockError> {
-        put_identity(w, &self.disk().base().identity()?);
+        self.disk().base().identity()?.encode(w);
         put_levels(w, self.disk().levels());
         Ok(())
     }
@@ -144,6 +113,19 @@ impl MmioTransport<Block> {
     }
 }
 
+impl Persist for MmioTransport<Block> {
+    type State = BlockState;
+    type Error = BlockError;
+
+    fn save(&self) -> Result<BlockState, BlockError> {
+        Ok(self.save_block())
+    }
+
+    fn restore(&mut self, state: &BlockState) -> Result<(), BlockError> {
+        self.restore_block(state)
+    }
+}
+
 /// The overlays of a block device and the base image they lie over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlaySnapshot {
@@ -157,23 +139,41 @@ pub struct OverlaySnapshot {
 const GRANULE_ZERO: u8 = 0;
 const GRANULE_DATA: u8 = 1;
 
-impl OverlaySnapshot {
-    /// Appends the snapshot: the identity, then per level the count of
-    /// granules and each granule's index, kind and (for data) its bytes.
-    pub fn encode(&self, w: &mut Writer) {
-        put_identity(w, &self.base);
-        put_levels(w, &self.levels);
+impl Encode for BaseIdentity {
+    /// Size, modification time (seconds, nanoseconds), inode, sample hash.
+    fn encode(&self, w: &mut Writer) {
+        w.u64(self.size);
+        w.u64(self.mtime_sec as u64);
+        w.u64(self.mtime_nsec as u64);
+        w.u64(self.ino);
+        w.u64(self.sample_hash);
     }
+}
 
-    /// Reads what [`OverlaySnapshot::encode`] wrote.
-    pub fn decode(r: &mut Reader<'_>) -> Result<Self, SnapshotError> {
-        let base = BaseIdentity {
+impl Decode for BaseIdentity {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(BaseIdentity {
             size: r.u64("block base size")?,
             mtime_sec: r.u64("block base mtime")? as i64,
             mtime_nsec: r.u64("block base mtime ns")? as i64,
             ino: r.u64("block base inode")?,
             sample_hash: r.u64("block base hash")?,
-        };
+        })
+    }
+}
+
+impl Encode for OverlaySnapshot {
+    /// The identity, then per level the count of granules and each
+    /// granule's index, kind and (for data) its bytes.
+    fn encode(&self, w: &mut Writer) {
+        self.base.encode(w);
+        put_levels(w, &self.levels);
+    }
+}
+
+impl Decode for OverlaySnapshot {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let base = BaseIdentity::decode(r)?;
         let n = r.count(4, "block overlay levels")?;
         let mut levels = Vec::with_capacity(n);
         for _ in 0..n {
@@ -186,28 +186,16 @@ impl OverlaySnapshot {
                     GRANULE_DATA => {
                         Granule::Data(r.take(GRANULE as usize, "block granule")?.into())
                     }
-                    k => return Err(corrupt(format!("block granule kind {k}"))),
+                    k => return Err(DecodeError(format!("block granule kind {k}"))),
                 };
                 if level.insert(g, v).is_some() {
-                    return Err(corrupt(format!("block granule {g} saved twice")));
+                    return Err(DecodeError(format!("block granule {g} saved twice")));
                 }
             }
             levels.push(level);
         }
         Ok(Self { base, levels })
     }
-}
-
-fn corrupt(what: String) -> SnapshotError {
-    SnapshotError::Corrupt(what)
-}
-
-fn put_identity(w: &mut Writer, id: &BaseIdentity) {
-    w.u64(id.size);
-    w.u64(id.mtime_sec as u64);
-    w.u64(id.mtime_nsec as u64);
-    w.u64(id.ino);
-    w.u64(id.sample_hash);
 }
 
 fn put_levels(w: &mut Writer, levels: &[LevelMap]) {
@@ -227,96 +215,28 @@ fn put_levels(w: &mut Writer, levels: &[LevelMap]) {
     }
 }
 
-/// Appends a block device's checkpoint state.
-pub fn encode_block_state(w: &mut Writer, s: &BlockState) {
-    put_transport(w, &s.transport);
-    w.u64(s.capacity);
-    w.bool(s.read_only);
-    w.buf.extend_from_slice(&s.id);
-}
-
-/// Reads what [`encode_block_state`] wrote.
-pub fn decode_block_state(r: &mut Reader<'_>) -> Result<BlockState, SnapshotError> {
-    let transport = get_transport(r)?;
-    let capacity = r.u64("block capacity")?;
-    let read_only = r.bool("block read-only")?;
-    let mut id = [0u8; ID_BYTES];
-    id.copy_from_slice(r.take(ID_BYTES, "block serial")?);
-    Ok(BlockState {
-        transport,
-        capacity,
-        read_only,
-        id,
-    })
-}
-
-/// The transport, in the layout `snapshot::state` uses for virtio-net.
-fn put_transport(w: &mut Writer, t: &TransportState) {
-    for v in [
-        t.status,
-        t.device_features_sel,
-        t.driver_features_sel,
-        t.queue_sel,
-        t.interrupt_status,
-        t.config_generation,
-    ] {
-        w.u32(v);
-    }
-    w.u64(t.driver_features);
-    w.u32(t.queues.len() as u32);
-    for q in &t.queues {
-        w.u32(q.regs.num);
-        for v in [q.regs.desc, q.regs.driver, q.regs.device] {
-            w.u64(v);
-        }
-        let s = &q.queue;
-        for v in [s.max_size, s.next_avail, s.next_used, s.size] {
-            w.u16(v);
-        }
-        w.bool(s.event_idx_enabled);
-        w.bool(s.ready);
-        for v in [s.desc_table, s.avail_ring, s.used_ring] {
-            w.u64(v);
-        }
+impl Encode for BlockState {
+    /// The transport, then the capacity, the read-only flag and the serial.
+    fn encode(&self, w: &mut Writer) {
+        self.transport.encode(w);
+        w.u64(self.capacity);
+        w.bool(self.read_only);
+        w.buf.extend_from_slice(&self.id);
     }
 }
 
-fn get_transport(r: &mut Reader<'_>) -> Result<TransportState, SnapshotError> {
-    let mut v = [0u32; 6];
-    for x in v.iter_mut() {
-        *x = r.u32("virtio transport register")?;
+impl Decode for BlockState {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let transport = TransportState::decode(r)?;
+        let capacity = r.u64("block capacity")?;
+        let read_only = r.bool("block read-only")?;
+        let mut id = [0u8; ID_BYTES];
+        id.copy_from_slice(r.take(ID_BYTES, "block serial")?);
+        Ok(BlockState {
+            transport,
+            capacity,
+            read_only,
+            id,
+        })
     }
-    let driver_features = r.u64("virtio driver features")?;
-    let n = r.count(60, "virtio queue count")?;
-    let mut queues = Vec::with_capacity(n);
-    for _ in 0..n {
-        let regs = QueueRegs {
-            num: r.u32("queue num")?,
-            desc: r.u64("queue desc")?,
-            driver: r.u64("queue driver")?,
-            device: r.u64("queue device")?,
-        };
-        let queue = QueueState {
-            max_size: r.u16("queue max size")?,
-            next_avail: r.u16("queue next avail")?,
-            next_used: r.u16("queue next used")?,
-            size: r.u16("queue size")?,
-            event_idx_enabled: r.bool("queue event idx")?,
-            ready: r.bool("queue ready")?,
-            desc_table: r.u64("queue desc table")?,
-            avail_ring: r.u64("queue avail ring")?,
-            used_ring: r.u64("queue used ring")?,
-        };
-        queues.push(SavedQueue { regs, queue });
-    }
-    Ok(TransportState {
-        status: v[0],
-        device_features_sel: v[1],
-        driver_features_sel: v[2],
-        driver_features,
-        queue_sel: v[3],
-        interrupt_status: v[4],
-        config_generation: v[5],
-        queues,
-    })
 }

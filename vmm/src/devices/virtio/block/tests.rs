@@ -17,11 +17,11 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::request::{S_IOERR, S_OK, S_UNSUPP};
 use super::*;
-use crate::devices::bus::{BusDevice, DeviceState};
+use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::CONFIG_OFFSET;
 use crate::devices::virtio::test_driver::*;
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
-use crate::snapshot::codec::Reader;
+use crate::persist::{Decode, Encode, Persist, Reader, Writer};
 use crate::test_util::TempDir;
 
 const RING: u64 = 0x1_0000;
@@ -526,13 +526,13 @@ fn checkpoint_state_round_trips_and_is_checked() {
     h.write(0, &[1; 512]);
     let saved = h.blk.save();
     assert_eq!(saved.capacity, 129);
-    let mut w = crate::snapshot::codec::Writer::default();
-    persist::encode_block_state(&mut w, &saved);
+    let mut w = Writer::default();
+    saved.encode(&mut w);
     let mut r = Reader::new(&w.buf);
-    assert_eq!(persist::decode_block_state(&mut r).unwrap(), saved);
+    assert_eq!(BlockState::decode(&mut r).unwrap(), saved);
     r.finish().unwrap();
     for cut in 0..w.buf.len() {
-        assert!(persist::decode_block_state(&mut Reader::new(&w.buf[..cut])).is_err());
+        assert!(BlockState::decode(&mut Reader::new(&w.buf[..cut])).is_err());
     }
 
     h.read(0, 512);
@@ -542,10 +542,10 @@ fn checkpoint_state_round_trips_and_is_checked() {
     bad.capacity = 130;
     let e = h.blk.restore(&bad).unwrap_err();
     assert!(e.to_string().contains("130 sectors"), "{e}");
-    // Until DeviceState has a block variant, the bus path refuses.
-    let bus_state = h.bus().save_state();
-    assert_eq!(bus_state, DeviceState::Stateless);
-    assert!(h.bus().restore_state(&bus_state).is_err());
+    // The Persist path is the same state, and refuses the same misfit.
+    assert_eq!(Persist::save(&*h.bus()).unwrap(), saved);
+    assert!(Persist::restore(&mut *h.bus(), &bad).is_err());
+    Persist::restore(&mut *h.bus(), &saved).unwrap();
 }
 
 #[test]
@@ -560,9 +560,9 @@ fn overlays_snapshot_round_trips_over_the_same_base_only() {
     let view = h.read(0, 129 * 512);
 
     let snap = h.blk.overlay_snapshot().unwrap();
-    let mut w = crate::snapshot::codec::Writer::default();
+    let mut w = Writer::default();
     snap.encode(&mut w);
-    let mut direct = crate::snapshot::codec::Writer::default();
+    let mut direct = Writer::default();
     h.blk.encode_overlays(&mut direct).unwrap();
     assert_eq!(w.buf, direct.buf);
     let mut r = Reader::new(&w.buf);
