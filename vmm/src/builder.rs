@@ -392,7 +392,7 @@ fn open_restore(
     let started = std::time::Instant::now();
     let snap = files::read_state(dir)?;
     crate::snapshot::restore::check_host_compat(&snap, compat_active)?;
-    let base = crate::snapshot::memory::restore_memory(dir, &snap, &ram.mem)?;
+    let base = crate::snapshot::memory::restore_memory(dir, &snap, ram)?;
     Ok(Some(Restoring {
         dir: dir.clone(),
         snap,

@@ -37,9 +37,9 @@ pub mod writer;
 
 use std::path::PathBuf;
 
-use crate::arch::x86_64::layout::ram_ranges;
 use crate::devices::bus::DeviceState;
 use crate::host_compat::trampoline::TrampolineState;
+use crate::vstate::memory::RamLayout;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm_state::VmState;
 use codec::{Reader, Writer};
@@ -259,7 +259,7 @@ impl VmSnapshot {
             .map(|_| state::get_device(&mut r))
             .collect::<Result<_, _>>()?;
         r.finish()?;
-        let layout = ram_ranges(mem_size);
+        let layout = RamLayout::new(mem_size).gpa_ranges();
         if ranges != layout {
             return Err(SnapshotError::Corrupt(format!(
                 "memory ranges {ranges:x?} are not this build's layout for {mem_size:#x} bytes"
