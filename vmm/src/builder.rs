@@ -15,7 +15,7 @@ use crate::devices::virtio::net::{new_net, new_net_with_backend, NetBackendSpec,
 use crate::devices::virtio::{mmio_slot_base, virtio_gsi, VIRTIO_MMIO_SIZE};
 use crate::spec::hypercall::HypercallDevice;
 use crate::spec::link::{BridgeLink, OutputCommitHook, SharedDeps, SpecHook};
-use crate::spec::memory::MemoryTracker;
+use crate::spec::memory::{MemoryTracker, Strategy};
 use crate::vstate::vcpu::VcpuLink;
 use crate::vstate::vcpu_state::StateCaps;
 use vmm_sys_util::eventfd::EventFd;
@@ -101,7 +101,6 @@ pub struct Vmm {
     vm_id: u32,
     api: Option<crate::api::ApiServer>,
     print_stats: bool,
-    full_copy: bool,
     start_paused: bool,
     boot_cache: Option<crate::boot_cache::PendingSave>,
     network: Network,
@@ -305,7 +304,12 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         msrs = caps.msrs.len(),
         "vCPU state to save"
     );
-    let memory = MemoryTracker::new(&ram.mem, &ram.file).map_err(MemoryError::Memfd)?;
+    let strategy = if config.full_copy {
+        Strategy::FullCopy
+    } else {
+        Strategy::CopyOnWrite
+    };
+    let mut memory = MemoryTracker::new(&ram, strategy).map_err(MemoryError::Memfd)?;
     let mut devices = vec![serial];
     let network = attach_nets(config, &vm, &ram.mem, &mut mmio, &mut devices, &tx)?;
     let platform = Platform {
@@ -323,7 +327,7 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         compat.as_mut(),
         restoring.as_ref(),
     )?;
-    let snapshots = restore_or_fresh(
+    let (snapshots, lazy_base) = restore_or_fresh(
         &vm,
         &vcpus,
         &devices,
@@ -332,6 +336,9 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         config,
         compat.as_ref(),
     )?;
+    if let Some(base) = lazy_base {
+        memory.set_lazy_base(base);
+    }
     // The machine is whole now (a restore has put the UART's FIFO back):
     // console input may flow.
     serial_input.open();
@@ -359,7 +366,6 @@ pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
         vm_id: config.vm_id,
         api,
         print_stats: config.stats,
-        full_copy: config.full_copy,
         start_paused: config.start_paused,
         boot_cache: config.boot_cache.clone(),
         network,
@@ -403,7 +409,9 @@ fn open_restore(
 }
 
 /// With a snapshot, restores its machine state into the new VM; either
-/// way, what the controller needs to write snapshots of it.
+/// way, what the controller needs to write snapshots of it. With a
+/// snapshot, also its base memory layer, which guest memory maps until the
+/// memory tracker materializes it.
 fn restore_or_fresh(
     vm: &Vm,
     vcpus: &[Vcpu],
@@ -412,29 +420,28 @@ fn restore_or_fresh(
     ram: &GuestRam,
     config: &VmConfig,
     compat: Option<&HostCompat>,
-) -> Result<crate::controller::SnapshotSetup, VmmError> {
+) -> Result<(crate::controller::SnapshotSetup, Option<std::fs::File>), VmmError> {
     let mut setup = crate::controller::SnapshotSetup {
         file: ram.file.try_clone().map_err(MemoryError::Memfd)?,
         mem_size: config.mem_size,
         linux: matches!(config.boot, BootSource::Linux { .. }),
         compat: compat.cloned(),
         base: None,
-        mem: ram.mem.clone(),
-        lazy_base: None,
     };
+    let mut lazy_base = None;
     if let Some(r) = restoring {
         let fds: Vec<&kvm_ioctls::VcpuFd> = vcpus.iter().map(|v| &v.fd).collect();
         crate::snapshot::restore::restore_machine(&vm.fd, &fds, devices, &r.snap)?;
         setup.linux = r.snap.linux;
         setup.base = r.dir.canonicalize().ok().map(|d| (d, r.snap.id));
-        setup.lazy_base = Some(r.base);
+        lazy_base = Some(r.base);
         tracing::info!(
             memory_us = r.memory_us,
             total_us = r.started.elapsed().as_micros() as u64,
             "restored"
         );
     }
-    Ok(setup)
+    Ok((setup, lazy_base))
 }
 
 /// A restored Linux guest gets its platform devices and host-compat
@@ -513,7 +520,6 @@ impl Vmm {
             vm_id,
             api,
             print_stats,
-            full_copy,
             start_paused,
             boot_cache,
             network,
@@ -561,9 +567,6 @@ impl Vmm {
         controller.attach_network(network.nets, network.link, network.deps);
         if ctx_compat_active {
             controller.use_shadow_paging_reset();
-        }
-        if full_copy {
-            controller.use_full_copy();
         }
         controller.enable_snapshots(snapshots);
         if let Some(save) = boot_cache {

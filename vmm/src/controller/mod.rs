@@ -28,7 +28,6 @@ use crate::host_compat::shadow::ShadowReset;
 use crate::spec::checkpoint::Checkpoint;
 use crate::spec::memory::{CowError, MemoryTracker};
 use crate::spec::stack::{Rollback, SpecId, SpecStack, StackError};
-use crate::spec::verify::VerifyMode;
 use crate::vstate::vcpu_state::{StateError, VcpuState};
 use crate::vstate::vm_state;
 pub use snapshot::SnapshotSetup;
@@ -55,9 +54,6 @@ pub enum ControlError {
     /// Restoring a device failed.
     #[error("restoring device state: {0}")]
     Device(String),
-    /// A restored VM's memory could not be given a file of its own.
-    #[error("restored memory: {0}")]
-    Snapshot(String),
 }
 
 /// How the VM ended.
@@ -109,10 +105,11 @@ pub struct Stats {
 
 impl Stats {
     fn record(&mut self, name: &'static str, t: Instant) {
-        self.ops
-            .entry(name)
-            .or_default()
-            .push(t.elapsed().as_micros() as u64);
+        self.record_duration(name, t.elapsed());
+    }
+
+    fn record_duration(&mut self, name: &'static str, d: Duration) {
+        self.ops.entry(name).or_default().push(d.as_micros() as u64);
     }
 
     /// One JSON object: per operation, count, min, median and max in µs.
@@ -142,8 +139,6 @@ pub struct Controller {
     memory: MemoryTracker,
     devices: Vec<SharedDevice>,
     vm_id: u32,
-    /// Checkpoint memory by copying all of it (the naive peer).
-    full_copy: bool,
     /// KVM shadows the guest's page tables (the host-compat layer is
     /// active): a rollback must drop its shadow pages.
     shadow_paging: bool,
@@ -165,11 +160,6 @@ pub struct Controller {
     pub stats: Stats,
     /// Where snapshots get guest memory from, if the VM can be saved.
     snapshots: Option<SnapshotSetup>,
-    /// Pages written since the last snapshot (for diff snapshots).
-    dirty_since_snapshot: crate::snapshot::DirtyPages,
-    /// Check dirty tracking after every flush and rollback
-    /// (`SPECVM_VERIFY_MEMORY`, [`crate::spec::verify`]).
-    verify: Option<VerifyMode>,
     /// Save the VM into the boot cache when the guest says it is ready.
     boot_cache: Option<(
         crate::boot_cache::PendingSave,
@@ -201,7 +191,6 @@ impl Controller {
             memory,
             devices,
             vm_id,
-            full_copy: false,
             shadow_paging: false,
             shadow_reset: None,
             user_paused: false,
@@ -211,16 +200,8 @@ impl Controller {
             nets: Vec::new(),
             stats: Stats::default(),
             snapshots: None,
-            dirty_since_snapshot: Default::default(),
-            verify: VerifyMode::from_env(),
             boot_cache: None,
         }
-    }
-
-    /// Checkpoints memory by copying all of it, as a naive VMM would: the
-    /// benchmarks' peer.
-    pub fn use_full_copy(&mut self) {
-        self.full_copy = true;
     }
 
     /// Gives the controller the VM's net devices, its bridge port, and the
@@ -500,20 +481,14 @@ impl Controller {
         Ok(Ok(id))
     }
 
-    /// Flushes memory into the newest checkpoint's undo log, then saves the
-    /// machine state for a new checkpoint.
+    /// Checkpoints memory (into the newest checkpoint's undo log), then
+    /// saves the machine state for a new checkpoint.
     fn checkpoint(&mut self, caller: Option<u8>) -> Result<Checkpoint, ControlError> {
-        self.materialize()?;
-        let full_copy = if self.full_copy {
-            Some(self.memory.copy_all())
-        } else {
-            let dirty = self.memory.take_dirty(&self.vm)?;
-            self.dirty_since_snapshot.note(&dirty);
-            let undo = self.stack.top_mut().map(|c| &mut c.undo);
-            self.memory.flush(&dirty, undo)?;
-            self.verify_memory("checkpoint")?;
-            None
-        };
+        let top = self.stack.top_mut().map(|c| &mut c.memory);
+        let memory = self.memory.checkpoint(&self.vm, top)?;
+        if let Some(d) = self.memory.take_materialize_time() {
+            self.stats.record_duration("materialize", d);
+        }
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for i in 0..self.vcpus.len() {
             match self.command(i, VcpuCmd::Save)? {
@@ -532,8 +507,7 @@ impl Controller {
             vm,
             devices,
             caller,
-            undo: Default::default(),
-            full_copy,
+            memory,
         })
     }
 
@@ -573,16 +547,8 @@ impl Controller {
         why: u64,
         by: Option<u8>,
     ) -> Result<(), ControlError> {
-        match rb.checkpoints.last().and_then(|c| c.full_copy.as_ref()) {
-            Some(copy) => self.memory.restore_all(copy)?,
-            None => {
-                let dirty = self.memory.take_dirty(&self.vm)?;
-                self.dirty_since_snapshot.note(&dirty);
-                let undo = rb.checkpoints.iter().map(|c| &c.undo);
-                self.memory.rollback(undo, &dirty)?;
-                self.verify_memory("rollback")?;
-            }
-        }
+        let popped = rb.checkpoints.iter().map(|c| &c.memory);
+        self.memory.rollback(&self.vm, popped)?;
         if self.shadow_paging {
             let shadow_err = |e| ControlError::Vcpu(format!("dropping shadow page tables: {e}"));
             if self.shadow_reset.is_none() {
@@ -615,44 +581,6 @@ impl Controller {
             self.resolved(id, netbridge::protocol::Outcome::Abort);
         }
         self.sync_deps();
-        Ok(())
-    }
-
-    /// With `SPECVM_VERIFY_MEMORY`, looks for guest pages written without
-    /// being reported dirty, right after a flush or a rollback (`when`),
-    /// and logs them; in repair mode, makes them right: a checkpoint
-    /// flushes them, a rollback drops them.
-    fn verify_memory(&mut self, when: &str) -> Result<(), ControlError> {
-        let Some(mode) = self.verify else {
-            return Ok(());
-        };
-        let missed = self
-            .memory
-            .unreported_pages()
-            .map_err(|e| ControlError::Vcpu(format!("verifying guest memory: {e}")))?;
-        if missed.is_empty() {
-            tracing::info!(when, "verify: every written page was reported dirty");
-            return Ok(());
-        }
-        let first: Vec<String> = missed
-            .iter()
-            .take(32)
-            .map(|p| format!("{:#x}", self.memory.file_page_to_gpa(*p)))
-            .collect();
-        tracing::warn!(
-            when,
-            pages = missed.len(),
-            gpas = ?first,
-            "verify: pages written without being reported dirty"
-        );
-        if mode == VerifyMode::Repair {
-            if when == "checkpoint" {
-                let undo = self.stack.top_mut().map(|c| &mut c.undo);
-                self.memory.flush(&missed, undo)?;
-            } else {
-                self.memory.drop_pages(&missed)?;
-            }
-        }
         Ok(())
     }
 

@@ -13,7 +13,6 @@ use crate::api::Response;
 use crate::host_compat::HostCompat;
 use crate::snapshot::writer::DirWriter;
 use crate::snapshot::{new_id, now_ns, Layer, SnapshotError, VmSnapshot, MAX_LAYERS};
-use crate::vstate::memory::GuestMemoryMmap;
 
 /// What the controller needs to write snapshots of its VM.
 pub struct SnapshotSetup {
@@ -27,12 +26,6 @@ pub struct SnapshotSetup {
     /// The host-compat layer, when active: a snapshot saves its system-call
     /// trampoline's state.
     pub compat: Option<HostCompat>,
-    /// All of guest memory, for remapping a restored VM's regions.
-    pub mem: GuestMemoryMmap,
-    /// For a VM restored from a snapshot, until its first checkpoint: the
-    /// snapshot's base memory layer, which guest memory still maps (see
-    /// [`crate::snapshot::memory`]).
-    pub lazy_base: Option<File>,
     /// The snapshot this VM's memory last matched: the directory (made
     /// canonical) and the snapshot's id. A snapshot into the same directory,
     /// while it still holds that snapshot, can be a diff.
@@ -51,41 +44,12 @@ impl Controller {
         self.snapshots = Some(setup);
     }
 
-    /// Gives a restored VM, whose memory still maps the snapshot, a memory
-    /// file of its own before its first checkpoint: the speculation tracker
-    /// writes into that file, and must never write into a snapshot.
-    /// All vCPUs are paused.
-    pub(super) fn materialize(&mut self) -> Result<(), ControlError> {
-        let Some(setup) = self.snapshots.as_mut() else {
-            return Ok(());
-        };
-        let Some(base) = setup.lazy_base.take() else {
-            return Ok(());
-        };
-        let t = Instant::now();
-        let (memory, vm, since) = (&self.memory, &self.vm, &mut self.dirty_since_snapshot);
-        let flush = || {
-            let dirty = memory.take_dirty(vm).map_err(|e| e.to_string())?;
-            memory.flush(&dirty, None).map_err(|e| e.to_string())?;
-            since.note(&dirty);
-            Ok(())
-        };
-        crate::snapshot::memory::materialize(&setup.mem, &base, &setup.file, setup.mem_size, flush)
-            .map_err(ControlError::Snapshot)?;
-        tracing::info!(
-            micros = t.elapsed().as_micros() as u64,
-            "restored memory materialized"
-        );
-        self.stats.record("materialize", t);
-        Ok(())
-    }
-
     /// Why a snapshot cannot be taken now, if it cannot.
     fn snapshot_refusal(&self) -> Option<String> {
         if self.snapshots.is_none() {
             return Some("this VM was built without snapshot support".into());
         }
-        if self.full_copy {
+        if !self.memory.supports_snapshots() {
             return Some(
                 "snapshots need copy-on-write checkpoints, not --checkpoint full-copy".into(),
             );
@@ -195,7 +159,7 @@ impl Controller {
         // (the stack is empty, so no undo log is kept) and saves vCPUs,
         // in-kernel devices and device models: one mechanism for both.
         let cp = self.checkpoint(None)?;
-        let pages = self.dirty_since_snapshot.take();
+        let pages = self.memory.take_since_snapshot();
         let Some(setup) = self.snapshots.as_mut() else {
             return Ok(Err(SnapshotError::Refused("no snapshot support".into())));
         };
@@ -220,7 +184,7 @@ impl Controller {
             id,
             layers,
             mem_size: setup.mem_size,
-            ranges: crate::arch::x86_64::layout::ram_ranges(setup.mem_size),
+            ranges: self.memory.layout().gpa_ranges(),
             linux: setup.linux,
             // The vCPUs are paused: the kernel writes no MSR meanwhile.
             trampoline: setup.compat.as_ref().and_then(HostCompat::save_trampoline),

@@ -120,24 +120,6 @@ fn write_split(mem: &GuestMemoryMmap, layout: &RamLayout, data: &[u8], off: u64)
     Ok(())
 }
 
-/// Gives a restored VM a memory file of its own: copies the snapshot's
-/// base layer into the (empty) memfd `own`, lets `flush_dirty` write every
-/// page changed since the restore into it, and maps `mem` onto it. All
-/// vCPUs must be paused.
-pub fn materialize(
-    mem: &GuestMemoryMmap,
-    base: &File,
-    own: &File,
-    mem_size: u64,
-    flush_dirty: impl FnOnce() -> Result<(), String>,
-) -> Result<(), String> {
-    super::files::copy_data(base, own, mem_size)
-        .map_err(|e| format!("copying the snapshot memory: {e}"))?;
-    flush_dirty()?;
-    remap(mem, &RamLayout::new(mem_size), own)
-        .map_err(|e| format!("mapping the guest memory file: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
