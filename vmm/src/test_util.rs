@@ -37,7 +37,8 @@ impl Drop for TempDir {
 /// test is skipped, never silently passed: this prints
 /// `SKIPPED: <test>: <reason>` to stderr, appends the same line (without
 /// the prefix) to `<target>/test-skips.txt` as the integration tests do,
-/// and returns `None`, on which the test returns.
+/// and returns `None`, on which the test returns. Any other KVM failure
+/// (an open `/dev/kvm` that cannot make a VM) fails the test.
 pub fn kvm_vm_or_skip(
     test: &str,
     mem: &crate::vstate::memory::GuestMemoryMmap,
