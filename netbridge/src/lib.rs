@@ -10,8 +10,10 @@
 //! - [`codec`]: reads, strips and writes IPOPT_SPEC on Ethernet frames
 //!   (`docs/wire-format.md`);
 //! - [`protocol`]: the messages between a VMM port and the bridge;
-//! - [`registry`]: owners, members and outcomes of speculations;
+//! - [`registry`]: owners, members and outcomes of speculations, and
+//!   which ids each port may start, join and hold;
 //! - [`bridge`]: switching decisions, queues, output commit, anti-messages;
+//! - [`vet`]: which ids a port's frames may carry (forged tags stripped);
 //! - [`server`]: the tokio I/O around them, and the `netbridge` binary;
 //! - [`uplink`]: the TAP port to the host (`--uplink tap=NAME`);
 //! - [`sock`]: listening Unix sockets that replace no one else's file
@@ -28,3 +30,4 @@ pub mod server;
 pub mod sock;
 pub mod tags;
 pub mod uplink;
+pub mod vet;
