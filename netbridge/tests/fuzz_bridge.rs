@@ -9,7 +9,7 @@ mod fuzz;
 #[path = "support/gen.rs"]
 mod gen;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -19,11 +19,14 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use fuzz::{Bytes, Seq, Target};
 use gen::{mac, outcome, small_id, AnyControl, AnyFrame, AnyMessage, Udp, IDS_SEQS, IDS_VMS};
-use netbridge::bridge::{Bridge, Send, HELD_BYTES_MAX, HELD_MAX, QUEUE_BYTES_MAX, QUEUE_MAX};
+use netbridge::bridge::{
+    Bridge, Send, HELD_BYTES_MAX, HELD_MAX, QUEUE_BYTES_MAX, QUEUE_MAX, UNACKED_MAX,
+};
 use netbridge::codec;
 use netbridge::protocol::{
     decode, encode_control, encode_frame, framed, Control, Message, Outcome, MAX_MESSAGE,
 };
+use netbridge::registry::IDS_PER_PORT;
 use netbridge::tags;
 
 /// What a port does to the bridge.
@@ -52,6 +55,8 @@ enum SpecOp {
     Resolved(u8, bool),
     /// A decision on an id of the port's own VM, as its owner.
     Decide(u8, bool),
+    /// A speculation of the port's own VM, as its owner starts one.
+    StartOwn(u8),
     Ack(u8),
 }
 
@@ -62,6 +67,9 @@ impl SpecOp {
             SpecOp::Decide(seq, c) => Control::Resolved {
                 id: (u64::from(vm) << 32) | (u64::from(*seq) % IDS_SEQS),
                 outcome: outcome(*c),
+            },
+            SpecOp::StartOwn(seq) => Control::Started {
+                id: (u64::from(vm) << 32) | (u64::from(*seq) % IDS_SEQS),
             },
             SpecOp::Joined(v) => Control::Joined {
                 ids: v.0.iter().map(|&i| small_id(i)).collect(),
@@ -87,6 +95,8 @@ struct BridgeModel {
     decided: HashMap<u64, Outcome>,
     /// Announcements that contradict an earlier one for the same id.
     contradictions: Vec<(u64, &'static str)>,
+    /// Ids the bridge announced as started by their owner.
+    started: HashSet<u64>,
 }
 
 impl BridgeModel {
@@ -98,6 +108,7 @@ impl BridgeModel {
             next_port: 1,
             decided: HashMap::new(),
             contradictions: Vec::new(),
+            started: HashSet::new(),
         }
     }
 
@@ -113,11 +124,13 @@ impl BridgeModel {
             let outcome = match e.event {
                 "aborted" => Outcome::Abort,
                 "committed" => Outcome::Commit,
+                "started" => {
+                    self.started.insert(parse_id(e.id.as_deref()));
+                    continue;
+                }
                 _ => continue,
             };
-            let id = e.id.expect("an outcome names its id");
-            let (vm, seq) = id.split_once(':').expect("ids read vm:seq");
-            let id = (vm.parse::<u64>().unwrap() << 32) | seq.parse::<u64>().unwrap();
+            let id = parse_id(e.id.as_deref());
             let first = *self.decided.entry(id).or_insert(outcome);
             if first != outcome {
                 self.contradictions.push((id, e.event));
@@ -159,6 +172,10 @@ impl BridgeModel {
                 Some(&Outcome::Abort),
                 "a frame tagged with aborted id {t:#x} reached port {port}"
             );
+            assert!(
+                self.started.contains(&t),
+                "a frame tagged with {t:#x}, which its owner never started, reached port {port}"
+            );
         }
         true
     }
@@ -172,6 +189,10 @@ impl BridgeModel {
             );
             assert!(
                 u.held <= HELD_MAX && u.held_bytes <= HELD_BYTES_MAX,
+                "{u:?}"
+            );
+            assert!(
+                u.ids <= IDS_PER_PORT && u.unacked <= UNACKED_MAX + IDS_PER_PORT,
                 "{u:?}"
             );
         }
@@ -235,6 +256,14 @@ impl BridgeModel {
     }
 }
 
+/// An id of an event, `vm:seq`.
+fn parse_id(id: Option<&str>) -> u64 {
+    let (vm, seq) = id
+        .and_then(|id| id.split_once(':'))
+        .expect("the event names its id as vm:seq");
+    (vm.parse::<u64>().unwrap() << 32) | seq.parse::<u64>().unwrap()
+}
+
 #[test]
 fn bridge_core_under_hostile_ports() {
     Target {
@@ -253,6 +282,12 @@ fn bridge_core_under_hostile_ports() {
             let u = m.bridge.usage(port).unwrap();
             assert_eq!((u.queued, u.queued_bytes), (0, 0), "port {port}");
         }
+        // Once every port has gone, no id is left open.
+        for (port, _) in m.ports.clone() {
+            m.step(&PortOp::Disconnect(0));
+            assert_eq!(m.bridge.usage(port), None);
+        }
+        assert_eq!(m.bridge.open_ids(), 0);
     });
 }
 
@@ -283,6 +318,7 @@ fn regression_a_second_resolved_changes_nothing() {
             vm: 1,
             speculative: true,
         },
+        PortOp::Spec(0, SpecOp::StartOwn(1)),
         PortOp::Frame(0, AnyFrame::Udp(udp)),
         PortOp::Spec(0, SpecOp::Decide(1, true)),
         PortOp::Spec(0, SpecOp::Decide(1, false)),
