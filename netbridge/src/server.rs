@@ -261,28 +261,26 @@ async fn read_message(rd: &mut OwnedReadHalf) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
-    let (mut rd, wr) = stream.into_split();
+/// Reads a port's hello: its VM id and whether it is speculative, or
+/// `None` (logged) if the port closes, stays silent or says something else.
+async fn read_hello(port: PortId, rd: &mut OwnedReadHalf) -> Option<(u32, bool)> {
     // A client that connects and says nothing must not hold a descriptor
     // for ever.
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_message(&mut rd)).await {
-        Ok(m) => m,
-        Err(_) => {
-            tracing::info!(port, "port closed: no hello within {HELLO_TIMEOUT:?}");
-            return;
-        }
+    let Ok(first) = tokio::time::timeout(HELLO_TIMEOUT, read_message(rd)).await else {
+        tracing::info!(port, "port closed: no hello within {HELLO_TIMEOUT:?}");
+        return None;
     };
-    let hello = match first.map(|m| decode(&m)) {
-        Ok(Ok(Message::Control(Control::Hello { vm, speculative }))) => (vm, speculative),
+    match first.map(|m| decode(&m)) {
+        Ok(Ok(Message::Control(Control::Hello { vm, speculative }))) => Some((vm, speculative)),
         // A client that left without a word, such as a check whether the
         // socket is live (crate::sock).
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             tracing::info!(port, "port closed before its hello");
-            return;
+            None
         }
         Err(e) => {
             tracing::warn!(port, "port closed before its hello: {}", brief(&e));
-            return;
+            None
         }
         Ok(other) => {
             tracing::warn!(
@@ -290,8 +288,15 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
                 "port closed: the first message must be a hello, got {}",
                 describe(&other)
             );
-            return;
+            None
         }
+    }
+}
+
+async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
+    let (mut rd, wr) = stream.into_split();
+    let Some(hello) = read_hello(port, &mut rd).await else {
+        return;
     };
     let next_seq = shared.bridge().add_port(port, hello.0, hello.1);
     let next_seq = match next_seq {
