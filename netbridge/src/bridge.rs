@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::protocol::{Control, Id, Outcome};
 use crate::registry::{Joins, Notice, PortId, Registry, RegistryError};
-use crate::vet::{self, show, show_all, worth_logging, TagWriter};
+use crate::vet::{self, show_all, worth_logging, TagWriter};
 
 /// Frames queued for one port before new ones are dropped (and counted).
 pub const QUEUE_MAX: usize = 1024;
@@ -176,7 +176,7 @@ impl Bridge {
     fn event(&mut self, event: &'static str, id: Option<Id>, port: PortId) {
         self.events.push(Event {
             event,
-            id: id.map(show),
+            id: id.as_ref().map(Id::to_string),
             port,
         });
     }
@@ -525,7 +525,7 @@ impl Bridge {
                     ?outcome,
                     ?first,
                     "{} was already decided; ignored",
-                    show(id)
+                    id
                 );
                 (Vec::new(), Vec::new())
             }
@@ -627,7 +627,7 @@ impl Bridge {
         self.registry
             .snapshot()
             .into_iter()
-            .map(|(id, m)| (show(id), m))
+            .map(|(id, m)| (id.to_string(), m))
             .collect()
     }
 }

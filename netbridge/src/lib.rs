@@ -8,8 +8,9 @@
 //! `docs/netbridge.md`).
 //!
 //! - [`codec`]: reads, strips and writes IPOPT_SPEC on Ethernet frames
-//!   (`docs/wire-format.md`);
+//!   (`docs/wire-format.md`); [`specwire::codec`], re-exported;
 //! - [`protocol`]: the messages between a VMM port and the bridge;
+//!   [`specwire::protocol`], re-exported;
 //! - [`registry`]: owners, members and outcomes of speculations, and
 //!   which ids each port may start, join and hold;
 //! - [`bridge`]: switching decisions, queues, output commit, anti-messages;
@@ -17,17 +18,16 @@
 //! - [`server`]: the tokio I/O around them, and the `netbridge` binary;
 //! - [`uplink`]: the TAP port to the host (`--uplink tap=NAME`);
 //! - [`sock`]: listening Unix sockets that replace no one else's file
-//!   (shared with specvm).
+//!   (shared with specvm); [`specwire::sock`], re-exported.
 //!
 //! The VMM side (tagging every guest frame, joining on receive) is
 //! `vmm/src/spec/link.rs`.
 
 pub mod bridge;
-pub mod codec;
-pub mod protocol;
 pub mod registry;
 pub mod server;
-pub mod sock;
 pub mod tags;
 pub mod uplink;
 pub mod vet;
+
+pub use specwire::{codec, protocol, sock};

@@ -136,7 +136,7 @@ impl RegistryError {
 
 /// The owner VM of a speculation id.
 pub fn owner_vm(id: Id) -> u32 {
-    (id >> 32) as u32
+    id.vm
 }
 
 #[derive(Debug, Default)]
@@ -264,13 +264,13 @@ impl Registry {
             });
         }
         let last = self.max_seq.get(&vm).copied().unwrap_or(0);
-        if (id as u32) <= last {
+        if id.seq <= last {
             return Err(RegistryError::StaleSeq { id, last });
         }
         if p.held >= IDS_PER_PORT {
             return Err(RegistryError::TooManyIds { port, id });
         }
-        self.max_seq.insert(vm, id as u32);
+        self.max_seq.insert(vm, id.seq);
         self.active.insert(id, Spec::default());
         self.add_held(port, 1);
         Ok(())
@@ -465,7 +465,7 @@ mod tests {
     const C: u32 = 3;
 
     fn id(vm: u32, seq: u32) -> Id {
-        (u64::from(vm) << 32) | u64::from(seq)
+        Id::new(vm, seq)
     }
 
     fn reg() -> Registry {

@@ -1,4 +1,5 @@
-//! The codec as the bridge uses it: tag sets as plain `u64` ids.
+//! The codec as the bridge uses it ([`crate::bridge::TagReader`] and
+//! [`crate::bridge::TagStripper`]): errors as text.
 
 use crate::codec;
 use crate::protocol::Id;
@@ -6,12 +7,7 @@ use crate::protocol::Id;
 /// The ids a frame is tagged with; none for untagged and non-IPv4 frames.
 pub fn read(frame: &[u8]) -> Result<Vec<Id>, String> {
     codec::parse_tags(frame)
-        .map(|t| {
-            t.unwrap_or_default()
-                .into_iter()
-                .map(|id| id.to_u64())
-                .collect()
-        })
+        .map(Option::unwrap_or_default)
         .map_err(|e| e.to_string())
 }
 

@@ -12,9 +12,9 @@
 //!   Stripping rather than dropping keeps the host's real traffic flowing
 //!   and still lets no one make a VM join a speculation from the host.
 //!
-//! The TAP is opened by hand with libc (`open` and the `TUNSETIFF` ioctl),
-//! as the VMM's TAP backend does (`vmm/src/devices/virtio/net/backend.rs`):
-//! it is twenty lines. The crates were weighed: `tun-tap` is passively
+//! The TAP is opened by [`specwire::tap::open_tap`], as the VMM's TAP
+//! backend does: by hand with libc (`open` and the `TUNSETIFF` ioctl), in
+//! twenty lines. The crates were weighed: `tun-tap` is passively
 //! maintained, its async side is futures 0.1 and tokio-core, and it cannot
 //! attach to an existing interface; `tun` is a cross-platform layer whose
 //! async feature brings tokio-util, futures and a codec, and which sets
@@ -24,10 +24,8 @@
 //! `write` sends one (`IFF_NO_PI`: no packet-information header, no
 //! virtio-net header).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -35,14 +33,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
+use specwire::tap::{check_name, open_tap, TapError};
+
 use crate::protocol::MAX_MESSAGE;
 use crate::registry::PortId;
 use crate::server::Shared;
 
-/// The TUN/TAP clone device.
-const TUN_PATH: &str = "/dev/net/tun";
 /// Longest interface name: IFNAMSIZ less the NUL.
-pub const MAX_TAP_NAME: usize = libc::IFNAMSIZ - 1;
+pub use specwire::tap::MAX_TAP_NAME;
 
 /// Errors of the uplink.
 #[derive(Debug, thiserror::Error)]
@@ -53,24 +51,9 @@ pub enum UplinkError {
     /// An uplink kind other than `tap`.
     #[error("unknown uplink kind {0:?} in --uplink (only tap=NAME exists)")]
     Kind(String),
-    /// A name the kernel would not take for an interface.
-    #[error(
-        "invalid TAP name {0:?}: 1 to {max} printable ASCII characters, \
-         no '/', ':' or '%', not '.' or '..'",
-        max = MAX_TAP_NAME
-    )]
-    Name(String),
-    /// `/dev/net/tun` could not be opened.
-    #[error("opening {TUN_PATH}: {0}{hint}", hint = open_hint(.0))]
-    OpenTun(io::Error),
-    /// `TUNSETIFF` refused the name.
-    #[error("attaching TAP {name:?}: {err}{hint}", hint = attach_hint(.err))]
-    Attach {
-        /// The interface name.
-        name: String,
-        /// What the kernel said.
-        err: io::Error,
-    },
+    /// The TAP's name is not valid, or it could not be opened.
+    #[error(transparent)]
+    Tap(#[from] TapError),
     /// Reading from the TAP failed: the interface is gone or broken.
     #[error("reading from TAP {name:?}: {err}")]
     Read {
@@ -89,31 +72,6 @@ pub enum UplinkError {
     },
 }
 
-fn open_hint(err: &io::Error) -> &'static str {
-    match err.kind() {
-        io::ErrorKind::NotFound => {
-            " (no TUN/TAP support here: load the tun module, or create the node with \
-             `mknod /dev/net/tun c 10 200`)"
-        }
-        io::ErrorKind::PermissionDenied => {
-            " (the bridge needs read-write access to it: run it as root, or change the \
-             device's mode)"
-        }
-        _ => "",
-    }
-}
-
-fn attach_hint(err: &io::Error) -> &'static str {
-    match err.raw_os_error() {
-        Some(libc::EPERM) => {
-            " (creating a TAP, or attaching to one owned by another user, needs CAP_NET_ADMIN)"
-        }
-        Some(libc::EBUSY) => " (another process has it open)",
-        Some(libc::EINVAL) => " (an interface of that name exists and is not a single-queue TAP)",
-        _ => "",
-    }
-}
-
 /// What `--uplink` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UplinkSpec {
@@ -130,26 +88,12 @@ impl FromStr for UplinkSpec {
             .split_once('=')
             .ok_or_else(|| UplinkError::Syntax(s.into()))?;
         match kind {
-            "tap" => check_name(value).map(|()| Self::Tap(value.into())),
+            "tap" => match check_name(value) {
+                Ok(()) => Ok(Self::Tap(value.into())),
+                Err(e) => Err(e.into()),
+            },
             _ => Err(UplinkError::Kind(kind.into())),
         }
-    }
-}
-
-/// Checks an interface name as the kernel's `dev_valid_name` does, and
-/// asks for printable ASCII without `%` besides (the kernel would take
-/// `tap%d` as a pattern and pick a name of its own).
-fn check_name(name: &str) -> Result<(), UplinkError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_TAP_NAME
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b':' | b'%'));
-    match ok {
-        true => Ok(()),
-        false => Err(UplinkError::Name(name.into())),
     }
 }
 
@@ -166,30 +110,7 @@ impl Tap {
     /// away when the bridge exits. One made persistent beforehand (`ip
     /// tuntap add`) stays.
     pub fn open(name: &str) -> Result<Self, UplinkError> {
-        check_name(name)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(TUN_PATH)
-            .map_err(UplinkError::OpenTun)?;
-        // SAFETY: an all-zero ifreq is a valid value (plain data and unions
-        // of plain data).
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        // check_name kept the name within IFNAMSIZ - 1 bytes: the NUL stays.
-        for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-            *d = s as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one ifreq, which `ifr` is, and
-        // the descriptor is the clone device just opened.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &raw mut ifr) };
-        if r < 0 {
-            return Err(UplinkError::Attach {
-                name: name.into(),
-                err: io::Error::last_os_error(),
-            });
-        }
+        let file = open_tap(name)?;
         Ok(Self::from_file(file, name))
     }
 
@@ -339,7 +260,6 @@ async fn write_frame(fd: &AsyncFd<File>, frame: &[u8]) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read as _, Write as _};
     use std::os::fd::OwnedFd;
     use std::os::unix::net::{UnixDatagram, UnixStream};
     use std::time::Duration;
@@ -348,7 +268,8 @@ mod tests {
     use crate::bridge::Bridge;
     use crate::codec::{self, SpecId};
     use crate::protocol::{
-        decode, encode_control, encode_frame, framed, Control, Message, Outcome,
+        decode, encode_control, encode_frame, read_message, write_message, Control, Message,
+        Outcome,
     };
     use crate::server;
 
@@ -393,41 +314,18 @@ mod tests {
             "tap=t%d",
         ] {
             let e = s.parse::<UplinkSpec>().unwrap_err();
-            assert!(matches!(e, UplinkError::Name(_)), "{s:?}: {e}");
+            assert!(
+                matches!(e, UplinkError::Tap(TapError::Name(_))),
+                "{s:?}: {e}"
+            );
         }
         let e = long.parse::<UplinkSpec>().unwrap_err().to_string();
         assert!(e.contains("1 to 15 printable"), "{e}");
         // Tap::open checks the name before touching /dev/net/tun.
-        assert!(matches!(Tap::open("a/b"), Err(UplinkError::Name(_))));
-    }
-
-    #[test]
-    fn errors_say_what_to_do() {
-        let e = UplinkError::OpenTun(io::Error::from(io::ErrorKind::NotFound)).to_string();
-        assert!(
-            e.starts_with("opening /dev/net/tun: ") && e.contains("tun module"),
-            "{e}"
-        );
-        let e = UplinkError::Attach {
-            name: "up0".into(),
-            err: io::Error::from_raw_os_error(libc::EPERM),
-        }
-        .to_string();
-        assert!(e.contains("\"up0\"") && e.contains("CAP_NET_ADMIN"), "{e}");
-    }
-
-    /// `lo` exists in every network namespace and is not a TAP: TUNSETIFF
-    /// refuses it and changes nothing.
-    #[test]
-    fn an_interface_that_is_not_a_tap_is_refused() {
-        match Tap::open("lo") {
-            Err(UplinkError::Attach { err, .. }) => {
-                assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}")
-            }
-            // No TUN/TAP here, or no permission: a clear error all the same.
-            Err(e @ UplinkError::OpenTun(_)) => eprintln!("{e}"),
-            other => panic!("{other:?}"),
-        }
+        assert!(matches!(
+            Tap::open("a/b"),
+            Err(UplinkError::Tap(TapError::Name(_)))
+        ));
     }
 
     const HOST: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
@@ -465,17 +363,13 @@ mod tests {
 
     impl Port {
         fn send(&mut self, msg: &[u8]) {
-            self.0.write_all(&framed(msg)).unwrap();
+            write_message(&mut self.0, msg).unwrap();
         }
         fn recv(&mut self) -> Option<Message> {
-            let mut len = [0u8; 4];
-            self.0.read_exact(&mut len).ok()?;
-            let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-            self.0.read_exact(&mut buf).ok()?;
+            let buf = read_message(&mut self.0).ok()?;
             Some(decode(&buf).unwrap())
         }
         fn resolve(&mut self, id: SpecId, outcome: Outcome) {
-            let id = id.to_u64();
             self.send(&encode_control(&Control::Resolved { id, outcome }));
         }
     }
@@ -529,13 +423,13 @@ mod tests {
         // VM to host: untagged at once, tagged only after commit (rule 11).
         vm.send(&encode_frame(&udp(VM, HOST, &[])));
         assert_eq!(host_recv(), Some(udp(VM, HOST, &[])));
-        vm.send(&encode_control(&Control::Started { id: s.to_u64() }));
+        vm.send(&encode_control(&Control::Started { id: s }));
         vm.send(&encode_frame(&udp(VM, HOST, &[s])));
         assert_eq!(host_recv(), None, "held while 1:1 is open");
         vm.resolve(s, Outcome::Commit);
         assert_eq!(host_recv(), Some(udp(VM, HOST, &[])), "released untagged");
         let s2 = SpecId::new(1, 2);
-        vm.send(&encode_control(&Control::Started { id: s2.to_u64() }));
+        vm.send(&encode_control(&Control::Started { id: s2 }));
         vm.send(&encode_frame(&udp(VM, HOST, &[s2])));
         vm.resolve(s2, Outcome::Abort);
         assert_eq!(host_recv(), None, "dropped on abort");

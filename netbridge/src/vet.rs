@@ -3,7 +3,7 @@
 //! joined). Pure logic over the [`Registry`]; the bridge applies the
 //! verdict. See `docs/netbridge.md`, "Which ids a port may use".
 
-use crate::codec::{self, SpecId};
+use crate::codec;
 use crate::protocol::{Id, Outcome};
 use crate::registry::{PortId, Registry};
 
@@ -13,8 +13,7 @@ pub type TagWriter = fn(&[u8], &[Id]) -> Result<Vec<u8>, String>;
 
 /// The codec's [`codec::retag`] as a [`TagWriter`]: the bridge's default.
 pub fn retag(frame: &[u8], ids: &[Id]) -> Result<Vec<u8>, String> {
-    let ids: Vec<SpecId> = ids.iter().map(|&id| SpecId::from_u64(id)).collect();
-    codec::retag(frame, &ids).map_err(|e| e.to_string())
+    codec::retag(frame, ids).map_err(|e| e.to_string())
 }
 
 /// What the bridge makes of the tag on a frame from one port.
@@ -64,17 +63,9 @@ pub fn worth_logging(n: u64) -> bool {
     n.is_power_of_two()
 }
 
-/// An id as `vm:seq`.
-pub fn show(id: Id) -> String {
-    format!("{}:{}", id >> 32, id & 0xffff_ffff)
-}
-
 /// Ids as `vm:seq, ...`.
 pub fn show_all(ids: &[Id]) -> String {
-    ids.iter()
-        .map(|&id| show(id))
-        .collect::<Vec<_>>()
-        .join(", ")
+    ids.iter().map(Id::to_string).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -82,7 +73,7 @@ mod tests {
     use super::*;
 
     fn id(vm: u32, seq: u32) -> Id {
-        SpecId::new(vm, seq).to_u64()
+        Id::new(vm, seq)
     }
 
     #[test]
@@ -115,6 +106,9 @@ mod tests {
     fn logging_thins_out() {
         let logged: Vec<u64> = (1..=100).filter(|&n| worth_logging(n)).collect();
         assert_eq!(logged, vec![1, 2, 4, 8, 16, 32, 64]);
-        assert_eq!(show(id(7, 4_294_967_295)), "7:4294967295");
+        assert_eq!(
+            show_all(&[id(7, 4_294_967_295), id(1, 2)]),
+            "7:4294967295, 1:2"
+        );
     }
 }

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use netbridge::codec::{self, SpecId};
-use netbridge::protocol::{
-    decode, encode_control, encode_frame, framed, Control, Message, Outcome,
+use specwire::codec::{self, SpecId};
+use specwire::protocol::{
+    decode, encode_control, encode_frame, framed, read_message, write_message, Control, Message,
+    Outcome,
 };
 
 /// The bridge process and its directory, cleaned up on drop.
@@ -64,7 +65,7 @@ struct Port(UnixStream);
 
 impl Port {
     fn send(&mut self, msg: &[u8]) {
-        self.0.write_all(&framed(msg)).unwrap();
+        write_message(&mut self.0, msg).unwrap();
     }
     fn control(&mut self, c: &Control) {
         self.send(&encode_control(c));
@@ -74,10 +75,7 @@ impl Port {
     }
     /// The next message, or None after the read timeout.
     fn recv(&mut self) -> Option<Message> {
-        let mut len = [0u8; 4];
-        self.0.read_exact(&mut len).ok()?;
-        let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-        self.0.read_exact(&mut buf).ok()?;
+        let buf = read_message(&mut self.0).ok()?;
         Some(decode(&buf).unwrap())
     }
 }
@@ -108,25 +106,23 @@ fn forwards_learns_and_carries_outcomes() {
     let bridge = Bridge::start("outcomes");
     let mut a = bridge.connect(1, true);
     let mut b = bridge.connect(2, true);
-    a.control(&Control::Started { id: S.to_u64() });
+    a.control(&Control::Started { id: S });
     settle();
     // Unknown destination: flooded to b, tagged as a sent it.
     let f = udp(1, 2, &[S]);
     a.frame(&f);
     assert_eq!(b.recv(), Some(Message::Frame(f.clone())));
     // b joins S; a (the owner) aborts; b hears it and acknowledges.
-    b.control(&Control::Joined {
-        ids: vec![S.to_u64()],
-    });
+    b.control(&Control::Joined { ids: vec![S] });
     settle();
     a.control(&Control::Resolved {
-        id: S.to_u64(),
+        id: S,
         outcome: Outcome::Abort,
     });
     let Some(Message::Control(Control::Decided { id, outcome, seq })) = b.recv() else {
         panic!("b was not told");
     };
-    assert_eq!((id, outcome), (S.to_u64(), Outcome::Abort));
+    assert_eq!((id, outcome), (S, Outcome::Abort));
     b.control(&Control::Ack { seq });
     // Anti-messages: frames tagged with the aborted id go nowhere now.
     a.frame(&udp(1, 2, &[S]));
@@ -143,13 +139,13 @@ fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
     let bridge = Bridge::start("hold");
     let mut a = bridge.connect(1, true);
     let mut up = bridge.connect(9, false);
-    a.control(&Control::Started { id: S.to_u64() });
+    a.control(&Control::Started { id: S });
     settle();
     let tagged = udp(1, 9, &[S]);
     a.frame(&tagged);
     assert_eq!(up.recv(), None, "held while S is open");
     a.control(&Control::Resolved {
-        id: S.to_u64(),
+        id: S,
         outcome: Outcome::Commit,
     });
     let Some(Message::Frame(got)) = up.recv() else {
@@ -162,10 +158,10 @@ fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
     );
     // A second speculation that aborts: its held frame is dropped.
     let s2 = SpecId { vm: 1, seq: 2 };
-    a.control(&Control::Started { id: s2.to_u64() });
+    a.control(&Control::Started { id: s2 });
     a.frame(&udp(1, 9, &[s2]));
     a.control(&Control::Resolved {
-        id: s2.to_u64(),
+        id: s2,
         outcome: Outcome::Abort,
     });
     assert_eq!(up.recv(), None, "dropped on abort");
@@ -179,10 +175,8 @@ fn owner_disconnect_aborts_its_speculations() {
     let mut c = bridge.connect(3, true);
     // b joins a speculation of a and one of c, each sent to it in a frame.
     let c_spec = SpecId { vm: 3, seq: 1 };
-    a.control(&Control::Started { id: S.to_u64() });
-    c.control(&Control::Started {
-        id: c_spec.to_u64(),
-    });
+    a.control(&Control::Started { id: S });
+    c.control(&Control::Started { id: c_spec });
     settle();
     a.frame(&udp(1, 2, &[S]));
     c.frame(&udp(3, 2, &[c_spec]));
@@ -191,19 +185,19 @@ fn owner_disconnect_aborts_its_speculations() {
     }
     assert!(matches!(c.recv(), Some(Message::Frame(_))), "a's flood");
     b.control(&Control::Joined {
-        ids: vec![S.to_u64(), c_spec.to_u64()],
+        ids: vec![S, c_spec],
     });
     settle();
     drop(a); // the owner's VMM dies
     let Some(Message::Control(Control::Decided { id, outcome, .. })) = b.recv() else {
         panic!("member not told of the owner's death");
     };
-    assert_eq!((id, outcome), (S.to_u64(), Outcome::Abort));
+    assert_eq!((id, outcome), (S, Outcome::Abort));
     // A member's death aborts nothing: c's speculation lives on.
     drop(b);
     settle();
     c.control(&Control::Resolved {
-        id: c_spec.to_u64(),
+        id: c_spec,
         outcome: Outcome::Commit,
     });
     assert_eq!(c.recv(), None, "nobody left to tell, nothing sent back");
@@ -213,7 +207,7 @@ fn owner_disconnect_aborts_its_speculations() {
 fn a_second_port_with_a_taken_vm_id_is_refused_and_ids_continue() {
     let bridge = Bridge::start("dupid");
     let mut a = bridge.connect(1, true);
-    a.control(&Control::Started { id: S.to_u64() });
+    a.control(&Control::Started { id: S });
     settle();
     let s = UnixStream::connect(bridge.dir.join("bridge.sock")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -260,9 +254,7 @@ fn forged_ids_are_stripped_and_refused_through_the_socket() {
     let mut owner = bridge.connect(99, true);
     let mut victim = bridge.connect(5, true);
     let theirs = SpecId { vm: 99, seq: 1 };
-    owner.control(&Control::Started {
-        id: theirs.to_u64(),
-    });
+    owner.control(&Control::Started { id: theirs });
     settle();
     // VM 77 tags a frame to VM 5 with VM 99's id: it arrives untagged.
     let f = udp(77, 5, &[theirs]);
@@ -274,7 +266,7 @@ fn forged_ids_are_stripped_and_refused_through_the_socket() {
     );
     assert!(matches!(owner.recv(), Some(Message::Frame(_))), "flooded");
     // VM 5 joins an id of no connected VM: told at once that it aborted.
-    let ghost = SpecId { vm: 4242, seq: 1 }.to_u64();
+    let ghost = SpecId { vm: 4242, seq: 1 };
     victim.control(&Control::Joined { ids: vec![ghost] });
     let Some(Message::Control(Control::Decided { id, outcome, seq })) = victim.recv() else {
         panic!("VM 5 was not told that 4242:1 aborted");
@@ -285,8 +277,7 @@ fn forged_ids_are_stripped_and_refused_through_the_socket() {
     let last = SpecId {
         vm: 7,
         seq: u32::MAX,
-    }
-    .to_u64();
+    };
     forger.control(&Control::Started { id: last });
     forger.control(&Control::Joined { ids: vec![last] });
     settle();
@@ -303,7 +294,7 @@ fn forged_ids_are_stripped_and_refused_through_the_socket() {
     );
     // VM 99's abort is not VM 5's business: it never joined 99:1.
     owner.control(&Control::Resolved {
-        id: theirs.to_u64(),
+        id: theirs,
         outcome: Outcome::Abort,
     });
     assert_eq!(victim.recv(), None, "VM 5 was told of 99:1");

@@ -4,13 +4,13 @@
 //! (`netbridge::bridge`, no I/O), with real IPv4 frames and the codec.
 
 use netbridge::bridge::{Bridge, Send, UNACKED_MAX};
-use netbridge::codec::{self, SpecId};
-use netbridge::protocol::{Control, Id, Outcome};
 use netbridge::registry::IDS_PER_PORT;
 use netbridge::tags;
+use specwire::codec;
+use specwire::protocol::{Control, Id, Outcome};
 
 fn id(vm: u32, seq: u32) -> Id {
-    SpecId::new(vm, seq).to_u64()
+    Id::new(vm, seq)
 }
 
 /// A UDP/IPv4 broadcast from host `src`, tagged with `tags`.
@@ -21,8 +21,7 @@ fn udp(src: u8, tags: &[Id]) -> Vec<u8> {
     let mut f = Vec::new();
     b.write(&mut f, b"is this tag yours?")
         .expect("building a frame");
-    let ids: Vec<SpecId> = tags.iter().map(|&t| SpecId::from_u64(t)).collect();
-    codec::retag(&f, &ids).expect("tagging")
+    codec::retag(&f, tags).expect("tagging")
 }
 
 /// The ids a frame is tagged with.

@@ -22,12 +22,12 @@ use gen::{mac, outcome, small_id, AnyControl, AnyFrame, AnyMessage, Udp, IDS_SEQ
 use netbridge::bridge::{
     Bridge, Send, HELD_BYTES_MAX, HELD_MAX, QUEUE_BYTES_MAX, QUEUE_MAX, UNACKED_MAX,
 };
-use netbridge::codec;
-use netbridge::protocol::{
-    decode, encode_control, encode_frame, framed, Control, Message, Outcome, MAX_MESSAGE,
-};
 use netbridge::registry::IDS_PER_PORT;
 use netbridge::tags;
+use specwire::codec::{self, SpecId};
+use specwire::protocol::{
+    decode, encode_control, encode_frame, framed, Control, Message, Outcome, MAX_MESSAGE,
+};
 
 /// What a port does to the bridge.
 #[derive(Debug, Arbitrary)]
@@ -60,16 +60,21 @@ enum SpecOp {
     Ack(u8),
 }
 
+/// An id of VM `vm`, with one of [`IDS_SEQS`] sequence numbers.
+fn own_id(vm: u32, seq: u8) -> SpecId {
+    SpecId::new(vm, u32::from(seq) % IDS_SEQS as u32)
+}
+
 impl SpecOp {
     fn to_control(&self, vm: u32) -> Control {
         match self {
             SpecOp::Started(i) => Control::Started { id: small_id(*i) },
             SpecOp::Decide(seq, c) => Control::Resolved {
-                id: (u64::from(vm) << 32) | (u64::from(*seq) % IDS_SEQS),
+                id: own_id(vm, *seq),
                 outcome: outcome(*c),
             },
             SpecOp::StartOwn(seq) => Control::Started {
-                id: (u64::from(vm) << 32) | (u64::from(*seq) % IDS_SEQS),
+                id: own_id(vm, *seq),
             },
             SpecOp::Joined(v) => Control::Joined {
                 ids: v.0.iter().map(|&i| small_id(i)).collect(),
@@ -92,11 +97,11 @@ struct BridgeModel {
     next_port: u64,
     /// The first outcome the bridge announced for each id: the one its
     /// registry keeps.
-    decided: HashMap<u64, Outcome>,
+    decided: HashMap<SpecId, Outcome>,
     /// Announcements that contradict an earlier one for the same id.
-    contradictions: Vec<(u64, &'static str)>,
+    contradictions: Vec<(SpecId, &'static str)>,
     /// Ids the bridge announced as started by their owner.
-    started: HashSet<u64>,
+    started: HashSet<SpecId>,
 }
 
 impl BridgeModel {
@@ -157,11 +162,7 @@ impl BridgeModel {
             return false;
         };
         let tags = codec::parse_tags(&f).expect("a queued frame parses");
-        let tags: Vec<u64> = tags
-            .unwrap_or_default()
-            .iter()
-            .map(|t| t.to_u64())
-            .collect();
+        let tags = tags.unwrap_or_default();
         assert!(
             speculative || tags.is_empty(),
             "a tagged frame {tags:x?} reached port {port}, which cannot roll back"
@@ -257,11 +258,9 @@ impl BridgeModel {
 }
 
 /// An id of an event, `vm:seq`.
-fn parse_id(id: Option<&str>) -> u64 {
-    let (vm, seq) = id
-        .and_then(|id| id.split_once(':'))
-        .expect("the event names its id as vm:seq");
-    (vm.parse::<u64>().unwrap() << 32) | seq.parse::<u64>().unwrap()
+fn parse_id(id: Option<&str>) -> SpecId {
+    id.and_then(|id| id.parse().ok())
+        .expect("the event names its id as vm:seq")
 }
 
 #[test]
@@ -411,14 +410,12 @@ impl Drop for BridgeProcess {
 fn read_message(s: &mut UnixStream, wait: Duration) -> Option<Message> {
     s.set_read_timeout(Some(wait.max(Duration::from_millis(1))))
         .unwrap();
-    let mut len = [0u8; 4];
-    if s.read(&mut len[..1]).ok()? == 0 {
+    let mut first = [0u8; 1];
+    if s.read(&mut first).ok()? == 0 {
         return None;
     }
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.read_exact(&mut len[1..]).ok()?;
-    let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-    s.read_exact(&mut buf).ok()?;
+    let buf = specwire::protocol::read_message(&mut first.chain(&mut *s)).ok()?;
     decode(&buf).ok()
 }
 

@@ -1,10 +1,11 @@
-//! Fuzz target of the IPOPT_SPEC codec (`netbridge::codec`), at about
+//! Fuzz target of the IPOPT_SPEC codec (`specwire::codec`), at about
 //! 10^5 cases: Ethernet frames built field by field (VLAN tags, IPv4
 //! header fields, options areas with forged, malformed and foreign
 //! options, Ethernet padding), then maybe edited byte by byte, and raw
-//! bytes. `codec_props.rs` checks the same codec with proptest on frames
-//! etherparse builds; this target reaches the malformed ones. How to run
-//! it longer: `docs/fuzzing.md`.
+//! bytes. `specwire/tests/codec_props.rs` checks the same codec with
+//! proptest on frames etherparse builds; this target reaches the malformed
+//! ones. It stays here to share the fuzz loop of `support/`. How to run it
+//! longer: `docs/fuzzing.md`.
 
 #[path = "support/fuzz.rs"]
 mod fuzz;
@@ -12,7 +13,7 @@ mod fuzz;
 use arbitrary::Arbitrary;
 use etherparse::checksum::Sum16BitWords;
 use fuzz::{Bytes, Rare, Seq, Target};
-use netbridge::codec::{
+use specwire::codec::{
     parse_tags, retag, retag_into, room_for_ids, strip, CodecError, SpecId, IPOPT_SPEC,
     IPOPT_SPEC_NOT_COPIED, MAX_IDS,
 };

@@ -1,4 +1,4 @@
-//! Fuzz targets of the port protocol (`netbridge::protocol`): `decode`
+//! Fuzz targets of the port protocol (`specwire::protocol`): `decode`
 //! on any message (raw bytes, JSON near the control grammar, valid
 //! messages with bytes edited, nesting deep enough to overflow a naive
 //! parser's stack), and encode/decode round trips. The bridge behind the
@@ -12,7 +12,7 @@ mod gen;
 
 use fuzz::{Bytes, Target};
 use gen::{AnyControl, AnyMessage};
-use netbridge::protocol::{
+use specwire::protocol::{
     decode, encode_control, encode_frame, framed, Message, ProtocolError, KIND_CONTROL, KIND_FRAME,
 };
 

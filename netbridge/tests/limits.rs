@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netbridge::codec::{self, SpecId};
-use netbridge::protocol::{decode, encode_control, encode_frame, framed, Control, Message};
+use specwire::codec::{self, SpecId};
+use specwire::protocol::{
+    decode, encode_control, encode_frame, framed, read_message, write_message, Control, Message,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -131,7 +133,7 @@ struct Port(UnixStream);
 
 impl Port {
     fn send(&mut self, msg: &[u8]) {
-        self.0.write_all(&framed(msg)).expect("sending");
+        write_message(&mut self.0, msg).expect("sending");
     }
 
     fn control(&mut self, c: &Control) {
@@ -140,10 +142,7 @@ impl Port {
 
     /// The next message, or None when the port is closed.
     fn recv(&mut self) -> Option<Message> {
-        let mut len = [0u8; 4];
-        self.0.read_exact(&mut len).ok()?;
-        let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-        self.0.read_exact(&mut buf).ok()?;
+        let buf = read_message(&mut self.0).ok()?;
         Some(decode(&buf).expect("a message the bridge sent"))
     }
 
@@ -151,14 +150,10 @@ impl Port {
     /// late join of `decided` (an id of the port's own VM that it has
     /// resolved) gets its outcome back at once, after the rest.
     fn sync(&mut self, decided: SpecId) {
-        self.control(&Control::Joined {
-            ids: vec![decided.to_u64()],
-        });
+        self.control(&Control::Joined { ids: vec![decided] });
         loop {
             match self.recv() {
-                Some(Message::Control(Control::Decided { id, .. })) if id == decided.to_u64() => {
-                    return
-                }
+                Some(Message::Control(Control::Decided { id, .. })) if id == decided => return,
                 Some(_) => {}
                 None => panic!("the bridge closed the port"),
             }
@@ -202,11 +197,11 @@ fn a_port_flooding_64k_frames_is_bounded_in_bytes() {
     let b = bridge.connect(2, false);
     let c = bridge.connect(3, true);
     let (open, done) = (SpecId { vm: 1, seq: 1 }, SpecId { vm: 1, seq: 2 });
-    a.control(&Control::Started { id: open.to_u64() });
-    a.control(&Control::Started { id: done.to_u64() });
+    a.control(&Control::Started { id: open });
+    a.control(&Control::Started { id: done });
     a.control(&Control::Resolved {
-        id: done.to_u64(),
-        outcome: netbridge::protocol::Outcome::Commit,
+        id: done,
+        outcome: specwire::protocol::Outcome::Commit,
     });
     a.sync(done);
     let before = rss_kib(bridge.pid());
@@ -253,7 +248,7 @@ fn a_bad_64k_first_message_makes_a_short_log_line() {
     );
     // And a control message of 64 KiB that is not JSON, after a hello.
     let mut p = bridge.connect(1, true);
-    let mut bad = vec![netbridge::protocol::KIND_CONTROL];
+    let mut bad = vec![specwire::protocol::KIND_CONTROL];
     bad.extend(std::iter::repeat_n(b'[', 65_000));
     p.send(&bad);
     assert_eq!(p.recv(), None, "closed by the bridge");
@@ -331,7 +326,7 @@ fn a_port_that_acks_without_reading_is_closed() {
     let mut sent = 0u64;
     for r in 0..rounds {
         let ids = (0..per_round)
-            .map(|i| SpecId::new(5000 + r, i + 1).to_u64())
+            .map(|i| SpecId::new(5000 + r, i + 1))
             .collect();
         let mut out = framed(&encode_control(&Control::Joined { ids }));
         for _ in 0..per_round {

@@ -12,7 +12,7 @@
 //! process are removed when the test ends, also when it fails.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -20,11 +20,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netbridge::codec::{self, SpecId};
-use netbridge::protocol::{
-    decode, encode_control, encode_frame, framed, Control, Message, Outcome,
-};
 use specvm_tests::{netbridge_bin, record_skip};
+use specwire::codec::{self, SpecId};
+use specwire::protocol::{
+    decode, encode_control, encode_frame, read_message, write_message, Control, Message, Outcome,
+};
 
 const TEST: &str = "net_uplink::output_commit_through_a_tap_uplink";
 const TAP: &str = "up0";
@@ -189,9 +189,7 @@ impl Port {
     }
 
     fn send(&mut self, msg: &[u8]) {
-        self.0
-            .write_all(&framed(msg))
-            .expect("writing to the bridge");
+        write_message(&mut self.0, msg).expect("writing to the bridge");
     }
 
     fn control(&mut self, c: &Control) {
@@ -204,10 +202,7 @@ impl Port {
 
     /// The next message, or None after the read timeout.
     fn recv(&mut self) -> Option<Message> {
-        let mut len = [0u8; 4];
-        self.0.read_exact(&mut len).ok()?;
-        let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-        self.0.read_exact(&mut buf).ok()?;
+        let buf = read_message(&mut self.0).ok()?;
         Some(decode(&buf).expect("a message the bridge sent"))
     }
 
@@ -473,7 +468,7 @@ fn output_commit_through_a_tap_uplink() {
     // Rule 11, commit: held while the speculation is open, then released
     // without its tag, and the host's stack takes it.
     let s = SpecId::new(1, seq);
-    vm.control(&Control::Started { id: s.to_u64() });
+    vm.control(&Control::Started { id: s });
     let tagged = to_host(b"uplink-spec-commit", &[s]);
     vm.frame(&tagged);
     assert!(
@@ -487,7 +482,7 @@ fn output_commit_through_a_tap_uplink() {
         "the host's stack took a held frame"
     );
     vm.control(&Control::Resolved {
-        id: s.to_u64(),
+        id: s,
         outcome: Outcome::Commit,
     });
     let seen = host
@@ -507,10 +502,10 @@ fn output_commit_through_a_tap_uplink() {
 
     // Rule 11, abort: dropped, never reaches the host.
     let s2 = SpecId::new(1, seq + 1);
-    vm.control(&Control::Started { id: s2.to_u64() });
+    vm.control(&Control::Started { id: s2 });
     vm.frame(&to_host(b"uplink-spec-abort", &[s2]));
     vm.control(&Control::Resolved {
-        id: s2.to_u64(),
+        id: s2,
         outcome: Outcome::Abort,
     });
     // An untagged frame sent after the abort arrives; the aborted one did

@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netbridge::protocol::{decode, encode_control, framed, Control, Message};
 use specvm_tests::{
     bare_guest, netbridge_bin, run_specvm, skip_without_kvm, specvm_bin, vm_rss_kib,
 };
+use specwire::protocol::{decode, encode_control, read_message, write_message, Control, Message};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -216,14 +216,10 @@ fn bridge_welcomes(sock: &Path, vm: u32) -> bool {
         vm,
         speculative: true,
     };
-    s.write_all(&framed(&encode_control(&hello)))
-        .expect("hello");
-    let mut len = [0u8; 4];
-    if s.read_exact(&mut len).is_err() {
+    write_message(&mut s, &encode_control(&hello)).expect("hello");
+    let Ok(msg) = read_message(&mut s) else {
         return false;
-    }
-    let mut msg = vec![0u8; u32::from_le_bytes(len) as usize];
-    s.read_exact(&mut msg).expect("the answer");
+    };
     matches!(decode(&msg), Ok(Message::Control(Control::Welcome { .. })))
 }
 

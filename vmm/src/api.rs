@@ -7,7 +7,8 @@
 //! The protocol is documented in `docs/control-api.md`.
 //!
 //! The server runs on a tokio runtime of its own thread; requests reach the
-//! controller as [`VmEvent::Api`] and are answered through a oneshot. No
+//! controller through a [`ToVm`] (the VMM wraps them in its event stream)
+//! and are answered through a oneshot. No
 //! client can block it or grow it: lines are limited while they are read,
 //! idle clients and clients that do not read are dropped after a timeout
 //! ([`Limits`]), and accept errors (out of descriptors) are waited out.
@@ -17,13 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use netbridge::sock::{Access, SockError, SocketFile};
 use serde::{Deserialize, Serialize};
+use specwire::sock::{Access, SockError, SocketFile};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader};
 use tokio::net::{UnixListener, UnixStream as TokioUnixStream};
 use tokio::sync::{broadcast, oneshot};
-
-use crate::event::{EventSender, VmEvent};
 
 /// Longest request line accepted, in bytes.
 const MAX_REQUEST: usize = 4096;
@@ -136,6 +135,9 @@ pub struct SpecEvent {
     pub by: String,
 }
 
+/// Hands a request to the VM; false if the VM is gone.
+pub type ToVm = std::sync::Arc<dyn Fn(ApiCall) -> bool + Send + Sync>;
+
 /// A request from the API on its way to the controller.
 #[derive(Debug)]
 pub struct ApiCall {
@@ -199,8 +201,8 @@ pub struct ApiServer {
 /// Starts the API server on `path`, sending calls to the controller via
 /// `to_vm`. The socket is mode 0600 (0660 with [`set_socket_group`]),
 /// replaces only a stale socket, and appears once it accepts
-/// ([`netbridge::sock`]).
-pub fn start(path: &Path, to_vm: EventSender) -> Result<ApiServer, ApiError> {
+/// ([`specwire::sock`]).
+pub fn start(path: &Path, to_vm: ToVm) -> Result<ApiServer, ApiError> {
     let access = Access {
         group: SOCKET_GROUP.get().copied(),
     };
@@ -212,9 +214,9 @@ pub fn start_with(
     path: &Path,
     access: &Access,
     limits: Limits,
-    to_vm: EventSender,
+    to_vm: ToVm,
 ) -> Result<ApiServer, ApiError> {
-    let (std_listener, file) = netbridge::sock::listen(path, access)?;
+    let (std_listener, file) = specwire::sock::listen(path, access)?;
     std_listener
         .set_nonblocking(true)
         .map_err(ApiError::Start)?;
@@ -237,7 +239,7 @@ pub fn start_with(
                 };
                 // Accept errors (out of descriptors) never end the loop.
                 loop {
-                    let stream = netbridge::sock::accept(&listener).await;
+                    let stream = specwire::sock::accept(&listener).await;
                     tokio::spawn(serve_client(stream, to_vm.clone(), ev.clone(), limits));
                 }
             })
@@ -281,7 +283,7 @@ async fn close_after_refusal<R: tokio::io::AsyncRead + Unpin>(
 
 async fn serve_client(
     stream: TokioUnixStream,
-    to_vm: EventSender,
+    to_vm: ToVm,
     events: broadcast::Sender<SpecEvent>,
     limits: Limits,
 ) {
@@ -380,14 +382,14 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     Ok(req)
 }
 
-async fn call(to_vm: &EventSender, req: Request) -> Response {
+async fn call(to_vm: &ToVm, req: Request) -> Response {
     let (tx, rx) = oneshot::channel();
     let c = ApiCall {
         op: req.op,
         path: req.path,
         reply: tx,
     };
-    if to_vm.send(VmEvent::Api(c)).is_err() {
+    if !to_vm(c) {
         return Response::error("the VM has stopped");
     }
     rx.await
@@ -476,7 +478,7 @@ pub fn client_request(
         };
         std::io::Error::other(format!("{what} {}: {e}", path.display()))
     };
-    let mut s = netbridge::sock::connect(path, timeout).map_err(|e| context("connecting to", e))?;
+    let mut s = specwire::sock::connect(path, timeout).map_err(|e| context("connecting to", e))?;
     s.set_write_timeout(timeout)
         .and_then(|()| s.set_read_timeout(timeout))
         .map_err(|e| context("setting up", e))?;
@@ -525,10 +527,11 @@ mod tests {
     /// that answers every call with its depth set to 3.
     fn serve(dir: &TempDir, limits: Limits) -> (ApiServer, PathBuf) {
         let path = dir.join("api.sock");
-        let (tx, rx) = crate::event::channel();
-        let server = start_with(&path, &Access::default(), limits, tx).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<ApiCall>();
+        let to_vm: ToVm = std::sync::Arc::new(move |c| tx.send(c).is_ok());
+        let server = start_with(&path, &Access::default(), limits, to_vm).unwrap();
         std::thread::spawn(move || {
-            while let Ok(VmEvent::Api(c)) = rx.recv() {
+            while let Ok(c) = rx.recv() {
                 let _ = c.reply.send(Response {
                     ok: true,
                     depth: Some(3),
@@ -612,8 +615,8 @@ mod tests {
         let dir = TempDir::new("api-file");
         let path = dir.join("notes.txt");
         std::fs::write(&path, "notes").unwrap();
-        let (tx, _rx) = crate::event::channel();
-        let e = start(&path, tx).err().expect("refused");
+        let to_vm: ToVm = std::sync::Arc::new(|_| false);
+        let e = start(&path, to_vm).err().expect("refused");
         assert!(
             e.to_string()
                 .contains("notes.txt exists and is a regular file"),

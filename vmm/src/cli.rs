@@ -228,7 +228,7 @@ impl RunArgs {
                 )));
             }
         }
-        let n = snap.vcpus.len() as u64;
+        let n = snap.machine.vcpus.len() as u64;
         if let Some(c) = self.cpus.filter(|&c| c != n) {
             return Err(ConfigError::RestoreMismatch(format!(
                 "--cpus {c} differs from the snapshot's {n} vCPUs; omit --cpus"

@@ -25,18 +25,13 @@ pub enum VmEvent {
         /// The argument (RDI).
         arg: u64,
     },
-    /// A vCPU has stopped at a clean instruction boundary and waits for
-    /// commands.
-    Parked(u8),
-    /// A parked vCPU's answer to a command.
-    Reply(u8, VcpuReply),
     /// The VMM received SIGINT or SIGTERM (the signal number).
     Terminate(i32),
     /// The net device's hook needs the VM to join these speculations before
     /// the tagged frame it holds reaches the guest (rule 2).
     Join {
-        /// The ids, `(vm << 32) | seq`.
-        ids: Vec<u64>,
+        /// The ids.
+        ids: Vec<crate::spec::stack::SpecId>,
     },
     /// A message from the bridge, or its loss.
     Bridge(crate::spec::link::BridgeEvent),
@@ -48,16 +43,19 @@ pub enum VmEvent {
 pub enum VcpuCmd {
     /// Save the vCPU's complete state.
     Save,
-    /// Restore this state.
-    Restore(Box<VcpuState>),
+    /// Restore this state; with a time in ns, move the TSC forward by it
+    /// (see [`crate::machine::RestoreMode`]).
+    Restore(Box<VcpuState>, Option<u64>),
     /// Write hypercall results into RAX, RDX and RSI.
     SetResult([u64; 3]),
     /// Run on.
     Resume,
 }
 
-/// A parked vCPU's answer.
+/// What a vCPU tells the controller on its own channel.
 pub enum VcpuReply {
+    /// It stopped at a clean instruction boundary and waits for commands.
+    Parked,
     /// The saved state.
     Saved(Box<VcpuState>),
     /// The command was carried out.
@@ -69,6 +67,7 @@ pub enum VcpuReply {
 impl fmt::Debug for VcpuReply {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Parked => write!(f, "Parked"),
             Self::Saved(_) => write!(f, "Saved"),
             Self::Done => write!(f, "Done"),
             Self::Failed(m) => write!(f, "Failed({m})"),

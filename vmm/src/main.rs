@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             if let Some(group) = &args.api_sock_group {
-                match netbridge::sock::group_id(group) {
+                match specwire::sock::group_id(group) {
                     Ok(gid) => vmm::api::set_socket_group(gid),
                     Err(e) => return fail(&format!("--api-sock-group: {e}")),
                 }

@@ -6,7 +6,7 @@
 //! so it must run before any thread starts) and starts one thread that
 //! waits for them with `sigwait`:
 //! - until the VM runs, a signal ends the process at once, after removing
-//!   the socket files it made ([`netbridge::sock::remove_owned`]): nothing
+//!   the socket files it made ([`specwire::sock::remove_owned`]): nothing
 //!   runs that needs stopping, and the start may be waiting (on a bridge's
 //!   answer, a snapshot's files, the boot cache);
 //! - once [`spawn_waiter`] has handed over the controller's channel, the
@@ -109,6 +109,6 @@ fn on_signal(sig: libc::c_int) {
 /// socket files it made removed, status 128 + `sig`.
 fn exit_now(sig: libc::c_int) -> ! {
     eprintln!("specvm: stopped by signal {sig}");
-    netbridge::sock::remove_owned();
+    specwire::sock::remove_owned();
     std::process::exit(128 + sig)
 }

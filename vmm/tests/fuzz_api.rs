@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use fuzz::{Bytes, Rare, Seq, Target};
-use vmm::api::{parse, start_with, ApiServer, Limits, Op, Request, Response, SpecEvent};
-use vmm::event::VmEvent;
+use vmm::api::{
+    parse, start_with, ApiCall, ApiServer, Limits, Op, Request, Response, SpecEvent, ToVm,
+};
 
 /// The longest request line (`docs/control-api.md`).
 const MAX_REQUEST: usize = 4096;
@@ -281,15 +282,16 @@ impl Server {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("api.sock");
-        let (tx, rx) = vmm::event::channel();
+        let (tx, rx) = std::sync::mpsc::channel::<ApiCall>();
+        let to_vm: ToVm = std::sync::Arc::new(move |c| tx.send(c).is_ok());
         let limits = Limits {
             max_request: SERVER_MAX,
             idle: Duration::from_secs(10),
             write: Duration::from_secs(10),
         };
-        let server = start_with(&path, &Default::default(), limits, tx).unwrap();
+        let server = start_with(&path, &Default::default(), limits, to_vm).unwrap();
         std::thread::spawn(move || {
-            while let Ok(VmEvent::Api(c)) = rx.recv() {
+            while let Ok(c) = rx.recv() {
                 let _ = c.reply.send(Response {
                     ok: true,
                     depth: Some(3),

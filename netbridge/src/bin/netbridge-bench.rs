@@ -22,7 +22,7 @@
 //! Every frame is an L2 unicast between two locally administered MACs; the
 //! IPv4 addresses (10.99.0.1 → 10.99.0.2) are never routed anywhere.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::hint::black_box;
 use std::io::{BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -34,10 +34,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use netbridge::codec::{self, SpecId};
-use netbridge::protocol::{
-    decode, encode_control, encode_frame, framed, Control, Message, KIND_FRAME, MAX_MESSAGE,
+use specwire::codec::{self, SpecId};
+use specwire::protocol::{
+    decode, encode_control, encode_frame, framed, read_message, write_message, Control, Message,
+    KIND_FRAME,
 };
+use specwire::tap::open_tap;
 
 const MAC_TX: [u8; 6] = [0x02, 0x6e, 0x62, 0x62, 0x00, 0x01];
 const MAC_RX: [u8; 6] = [0x02, 0x6e, 0x62, 0x62, 0x00, 0x02];
@@ -258,20 +260,8 @@ fn deadline(load: &Load) -> Duration {
 
 // ---------------------------------------------------------------- bridge
 
-fn send_ctl(s: &mut UnixStream, c: &Control) -> std::io::Result<()> {
-    s.write_all(&framed(&encode_control(c)))
-}
-
-fn read_msg(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_MESSAGE {
-        return Err(std::io::Error::other(format!("message of {len} bytes")));
-    }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf)?;
-    Ok(buf)
+fn send_ctl(s: &mut UnixStream, c: &Control) -> Result<(), specwire::protocol::MessageError> {
+    write_message(s, &encode_control(c))
 }
 
 /// Connects as VM `vm` and returns the stream and the welcome's next_seq.
@@ -287,7 +277,7 @@ fn port(sock: &PathBuf, vm: u32) -> Result<(UnixStream, u32), String> {
     .map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    match read_msg(&mut s).map(|m| decode(&m)) {
+    match read_message(&mut s).map(|m| decode(&m)) {
         Ok(Ok(Message::Control(Control::Welcome { next_seq }))) => Ok((s, next_seq)),
         other => Err(format!("VM {vm}: no welcome: {other:?}")),
     }
@@ -299,7 +289,7 @@ fn pump_bridge(sock: &PathBuf, load: &Load, tagged: bool) -> Result<(), String> 
     let plain = udp_frame(load.size, MAC_RX, MAC_TX);
     let frame = if tagged {
         let id = SpecId::new(VM_TX, seq);
-        send_ctl(&mut tx, &Control::Started { id: id.to_u64() }).map_err(|e| e.to_string())?;
+        send_ctl(&mut tx, &Control::Started { id }).map_err(|e| e.to_string())?;
         codec::retag(&plain, &[id]).map_err(|e| e.to_string())?
     } else {
         plain
@@ -307,10 +297,9 @@ fn pump_bridge(sock: &PathBuf, load: &Load, tagged: bool) -> Result<(), String> 
     // The receiver announces its MAC; the sender sees the flooded frame,
     // so the bridge has learned it before the load starts.
     let learn = udp_frame(60, [0xff; 6], MAC_RX);
-    rx.write_all(&framed(&encode_frame(&learn)))
-        .map_err(|e| e.to_string())?;
+    write_message(&mut rx, &encode_frame(&learn)).map_err(|e| e.to_string())?;
     loop {
-        let m = read_msg(&mut tx).map_err(|e| format!("waiting for the learn frame: {e}"))?;
+        let m = read_message(&mut tx).map_err(|e| format!("waiting for the learn frame: {e}"))?;
         if m.first() == Some(&KIND_FRAME) && m[1..] == learn[..] {
             break;
         }
@@ -327,7 +316,7 @@ fn pump_bridge(sock: &PathBuf, load: &Load, tagged: bool) -> Result<(), String> 
     let receiver = std::thread::spawn(move || {
         let mut r = BufReader::with_capacity(1 << 20, rx);
         let mut c = RxCount::default();
-        while let Ok(m) = read_msg(&mut r) {
+        while let Ok(m) = read_message(&mut r) {
             if m.first() == Some(&KIND_FRAME) && is_ours(&m[1..]) {
                 c.frames += 1;
                 c.last = Some(Instant::now());
@@ -335,6 +324,7 @@ fn pump_bridge(sock: &PathBuf, load: &Load, tagged: bool) -> Result<(), String> 
         }
         c
     });
+    // Framed once, written many times: the loop measures the bridge.
     let msg = framed(&encode_frame(&frame));
     let t0 = Instant::now();
     let stop = t0 + deadline(load);
@@ -365,61 +355,10 @@ struct PollFd {
 }
 
 extern "C" {
-    fn ioctl(fd: i32, request: std::ffi::c_ulong, ...) -> i32;
     fn poll(fds: *mut PollFd, nfds: std::ffi::c_ulong, timeout: i32) -> i32;
-    fn fcntl(fd: i32, cmd: i32, ...) -> i32;
 }
 
-const TUNSETIFF: std::ffi::c_ulong = 0x4004_54ca;
-const IFF_TAP: i16 = 0x0002;
-const IFF_NO_PI: i16 = 0x1000;
 const POLLIN: i16 = 0x1;
-const F_GETFL: i32 = 3;
-const F_SETFL: i32 = 4;
-const O_NONBLOCK: i32 = 0o4000;
-
-/// Makes reads of `f` return `WouldBlock` instead of waiting.
-fn set_nonblocking(f: &File) -> Result<(), String> {
-    // SAFETY: F_GETFL and F_SETFL on a descriptor we own; no pointers.
-    let r = unsafe {
-        let flags = fcntl(f.as_raw_fd(), F_GETFL);
-        if flags < 0 {
-            flags
-        } else {
-            fcntl(f.as_raw_fd(), F_SETFL, flags | O_NONBLOCK)
-        }
-    };
-    if r < 0 {
-        return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// Attaches to the existing TAP device `name` (in this network namespace).
-fn open_tap(name: &str) -> Result<File, String> {
-    if name.is_empty() || name.len() > 15 {
-        return Err(format!("bad interface name {name:?}"));
-    }
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(|e| format!("/dev/net/tun: {e}"))?;
-    // struct ifreq: 16 bytes of name, then the flags (a short), padded.
-    let mut ifr = [0u8; 40];
-    ifr[..name.len()].copy_from_slice(name.as_bytes());
-    ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes a struct ifreq (40 bytes on
-    // x86_64); `ifr` is that large and lives across the call; the fd is ours.
-    let r = unsafe { ioctl(f.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
-    if r != 0 {
-        return Err(format!(
-            "TUNSETIFF {name}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(f)
-}
 
 /// Waits up to `ms` for `f` to be readable.
 fn readable(f: &File, ms: i32) -> bool {
@@ -434,8 +373,9 @@ fn readable(f: &File, ms: i32) -> bool {
 }
 
 fn pump_tap(tx_name: &str, rx_name: &str, load: &Load) -> Result<(), String> {
-    let mut tx = open_tap(tx_name)?;
-    let mut rx = open_tap(rx_name)?;
+    // Both non-blocking: reads are polled for, and TAP writes do not wait.
+    let mut tx = open_tap(tx_name).map_err(|e| e.to_string())?;
+    let mut rx = open_tap(rx_name).map_err(|e| e.to_string())?;
     let frame = udp_frame(load.size, MAC_RX, MAC_TX);
     // Let the Linux bridge learn the receiver's MAC, as for netbridge; the
     // flooded copy comes out of the sender's TAP.
@@ -455,7 +395,6 @@ fn pump_tap(tx_name: &str, rx_name: &str, load: &Load) -> Result<(), String> {
         return Err("the Linux bridge never forwarded the learn frame".into());
     }
     // One read per frame while frames come; poll only when there are none.
-    set_nonblocking(&rx)?;
     let stop_rx = Arc::new(AtomicBool::new(false));
     let stop = stop_rx.clone();
     let receiver = std::thread::spawn(move || {

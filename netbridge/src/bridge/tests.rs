@@ -31,7 +31,7 @@ fn write(f: &[u8], ids: &[Id]) -> Result<Vec<u8>, String> {
     Ok(frame(f[5], f[11], ids))
 }
 
-const S: Id = (1 << 32) | 1; // VM 1's first speculation
+const S: Id = Id::new(1, 1); // VM 1's first speculation
 
 fn bridge() -> Bridge {
     let mut b = Bridge::new(read, strip).with_tag_writer(write);
@@ -143,7 +143,7 @@ fn the_uplink_takes_no_vm_id_and_its_tags_are_stripped_as_forged() {
     assert_eq!(b.counters(5).unwrap().held, 1);
     assert_eq!(b.counters(1).unwrap().forged, 0);
     // The uplink has no ids: it starts and joins nothing.
-    b.control(5, Control::Started { id: 5 << 32 | 1 });
+    b.control(5, Control::Started { id: Id::new(5, 1) });
     b.control(5, Control::Joined { ids: vec![S] });
     assert_eq!(b.counters(5).unwrap().refused, 2);
     // The uplink going away aborts nothing.
@@ -173,11 +173,11 @@ fn a_frame_past_the_receivers_id_budget_is_dropped_before_it_joins() {
     b.add_port(7, 7, true).unwrap();
     b.ingress(2, frame(9, 2, &[])); // learn 2's MAC: frames to 2 go to 2 only
     let ids: Vec<Id> = (1..=200)
-        .map(|s| 1 << 32 | s)
-        .chain((1..=100).map(|s| 7 << 32 | s))
+        .map(|s| Id::new(1, s))
+        .chain((1..=100).map(|s| Id::new(7, s)))
         .collect();
     for &id in &ids {
-        let owner = if id >> 32 == 1 { 1 } else { 7 };
+        let owner = PortId::from(id.vm);
         b.control(owner, Control::Started { id });
         b.ingress(owner, frame(2, owner as u8, &[id]));
     }
@@ -194,7 +194,7 @@ fn a_frame_past_the_receivers_id_budget_is_dropped_before_it_joins() {
     assert_eq!(b.usage(2).unwrap().ids, IDS_PER_PORT - 1);
     assert_eq!(b.ingress(7, frame(2, 7, &[ids[299]])), vec![2]);
     // Its own ids and ids it holds already cost nothing more.
-    b.control(2, Control::Started { id: 2 << 32 | 1 });
+    b.control(2, Control::Started { id: Id::new(2, 1) });
     assert_eq!(b.counters(2).unwrap().refused, 1, "no room to start");
     assert_eq!(b.ingress(1, frame(2, 1, &[ids[1]])), vec![2]);
     b.remove_port(1);

@@ -6,8 +6,8 @@
 #![allow(dead_code)]
 
 use arbitrary::Arbitrary;
-use netbridge::codec::{self, SpecId};
-use netbridge::protocol::{encode_control, Control, Outcome, KIND_CONTROL, MAX_MESSAGE};
+use specwire::codec::{self, SpecId};
+use specwire::protocol::{encode_control, Control, Outcome, KIND_CONTROL, MAX_MESSAGE};
 
 use super::fuzz::{Bytes, Seq};
 
@@ -35,14 +35,16 @@ impl AnyControl {
         match self.clone() {
             AnyControl::Hello(vm, speculative) => Control::Hello { vm, speculative },
             AnyControl::Welcome(next_seq) => Control::Welcome { next_seq },
-            AnyControl::Started(id) => Control::Started { id },
-            AnyControl::Joined(ids) => Control::Joined { ids: ids.0 },
+            AnyControl::Started(id) => Control::Started { id: id.into() },
+            AnyControl::Joined(ids) => Control::Joined {
+                ids: ids.0.into_iter().map(SpecId::from).collect(),
+            },
             AnyControl::Resolved(id, c) => Control::Resolved {
-                id,
+                id: id.into(),
                 outcome: outcome(c),
             },
             AnyControl::Decided(id, c, seq) => Control::Decided {
-                id,
+                id: id.into(),
                 outcome: outcome(c),
                 seq,
             },
@@ -200,9 +202,9 @@ impl AnyMessage {
 pub const IDS_VMS: u64 = 4;
 pub const IDS_SEQS: u64 = 4;
 
-pub fn small_id(i: u8) -> u64 {
+pub fn small_id(i: u8) -> SpecId {
     let i = u64::from(i);
-    ((i % IDS_VMS) << 32) | ((i / IDS_VMS) % IDS_SEQS)
+    SpecId::from_u64(((i % IDS_VMS) << 32) | ((i / IDS_VMS) % IDS_SEQS))
 }
 
 pub fn mac(n: u8) -> [u8; 6] {
@@ -254,7 +256,7 @@ impl Udp {
         let mut ids: Vec<SpecId> = [Some(self.tag), more, most]
             .into_iter()
             .flatten()
-            .map(|t| SpecId::from_u64(small_id(t)))
+            .map(small_id)
             .collect();
         ids.sort();
         ids.dedup();

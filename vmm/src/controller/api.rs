@@ -24,9 +24,9 @@ impl Controller {
         };
         Ok(match op {
             Op::Status => Response {
-                depth: Some(self.stack.depth()),
+                depth: Some(self.engine.depth()),
                 entries: Some(
-                    self.stack
+                    self.engine
                         .entries()
                         .iter()
                         .map(|e| EntryInfo {
@@ -40,26 +40,26 @@ impl Controller {
                 ..Response::ok()
             },
             Op::Pause => {
-                self.pause_all()?;
+                self.pause()?;
                 self.user_paused = true;
                 Response::ok()
             }
             Op::Resume => {
                 self.user_paused = false;
-                self.resume_all();
+                self.resume();
                 Response::ok()
             }
             Op::Speculate => {
-                self.pause_all()?;
+                self.pause()?;
                 let r = self.speculate(None)?;
-                self.resume_all();
+                self.resume();
                 r.map_or_else(code, with_id)
             }
             Op::Commit => self.commit(None).map_or_else(code, with_id),
             Op::Abort => {
-                self.pause_all()?;
+                self.pause()?;
                 let r = self.abort_own(reason::ABORTED_BY_HOST, None)?;
-                self.resume_all();
+                self.resume();
                 r.map_or_else(code, with_id)
             }
             Op::Events => Response::error("events are served by the API server"),

@@ -4,38 +4,29 @@
 //! and resumes the vCPUs, and carries out speculation operations on the
 //! whole VM: checkpoint, commit, rollback.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use guest_agent::abi::{err, op, reason};
-use kvm_ioctls::VmFd;
-use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 use crate::api::SpecEvent;
-use crate::devices::virtio::net::NetHandle;
-use crate::spec::link::{BridgeLink, SharedDeps};
 
 mod api;
+mod engine;
+mod machine;
 mod network;
 mod snapshot;
-use crate::devices::bus::{lock, SharedDevice};
-use crate::event::{EventReceiver, VcpuCmd, VcpuReply, VmEvent};
-use crate::host_compat::shadow::ShadowReset;
+mod vcpus;
+use crate::event::{EventReceiver, VmEvent};
 use crate::spec::checkpoint::Checkpoint;
-use crate::spec::memory::{CowError, MemoryTracker};
-use crate::spec::stack::{Rollback, SpecId, SpecStack, StackError};
-use crate::spec::verify::VerifyMode;
-use crate::vstate::vcpu_state::{StateError, VcpuState};
-use crate::vstate::vm_state;
+use crate::spec::memory::CowError;
+use crate::spec::stack::SpecId;
+use crate::vstate::vcpu_state::StateError;
+pub use engine::{Aborted, Joined, Machine, SpecEngine};
+pub use machine::LiveMachine;
+pub use network::NetSpec;
 pub use snapshot::SnapshotSetup;
-
-/// How long to wait for a vCPU to park before kicking it again. A kick can
-/// be lost if it lands just before the thread enters KVM_RUN.
-const KICK_INTERVAL: Duration = Duration::from_millis(2);
+pub use vcpus::{VcpuHandle, VcpuSet};
 
 /// Errors that end the VM.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +43,9 @@ pub enum ControlError {
     /// Every vCPU thread ended without an exit event.
     #[error("every vCPU stopped without an exit event")]
     Gone,
-    /// Restoring a device failed.
-    #[error("restoring device state: {0}")]
-    Device(String),
+    /// Saving or restoring the machine failed.
+    #[error(transparent)]
+    Machine(#[from] crate::machine::MachineError),
     /// A restored VM's memory could not be given a file of its own.
     #[error("restored memory: {0}")]
     Snapshot(String),
@@ -71,33 +62,6 @@ pub enum Outcome {
     Signal(i32),
 }
 
-/// The controller's end of one vCPU thread.
-pub struct VcpuHandle {
-    /// Commands for the vCPU while parked.
-    pub cmds: Sender<VcpuCmd>,
-    /// Raised (then the thread is kicked) to make the vCPU park.
-    pub attention: Arc<AtomicBool>,
-    /// The thread.
-    pub thread: JoinHandle<()>,
-    parked: bool,
-    /// It made a hypercall that has not been served yet: it must stay
-    /// parked until it is.
-    pending_call: bool,
-}
-
-impl VcpuHandle {
-    /// A handle for a running vCPU thread.
-    pub fn new(cmds: Sender<VcpuCmd>, attention: Arc<AtomicBool>, thread: JoinHandle<()>) -> Self {
-        Self {
-            cmds,
-            attention,
-            thread,
-            parked: false,
-            pending_call: false,
-        }
-    }
-}
-
 /// Timings of speculation operations, for `--stats` and the benchmarks:
 /// each operation's durations in microseconds, from the moment the
 /// controller has the request to the moment every vCPU may run again.
@@ -108,7 +72,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn record(&mut self, name: &'static str, t: Instant) {
+    pub(crate) fn record(&mut self, name: &'static str, t: Instant) {
         self.ops
             .entry(name)
             .or_default()
@@ -131,125 +95,65 @@ impl Stats {
     }
 }
 
+/// Most checkpoints one VM may hold at once.
+pub const MAX_DEPTH: usize = 64;
+
+/// Everything the builder hands the controller, in one value.
+pub struct ControllerParts {
+    /// The VM, its vCPU threads, memory and devices.
+    pub machine: LiveMachine,
+    /// The VM's event stream (exits, hypercalls, the API, the bridge).
+    pub events: EventReceiver,
+    /// This VM's id, the high half of its speculation ids.
+    pub vm_id: u32,
+    /// Where speculation events go (the API's `events` stream).
+    pub publish: Option<tokio::sync::broadcast::Sender<SpecEvent>>,
+    /// The bridge port and the net cards' dependency set.
+    pub net: NetSpec,
+    /// Save the VM into the boot cache when the guest says it is ready.
+    pub boot_cache: Option<(
+        crate::boot_cache::PendingSave,
+        Arc<crate::progress::Progress>,
+    )>,
+}
+
 /// The controller and everything it owns while the VM runs.
 pub struct Controller {
-    vm: VmFd,
-    vcpus: Vec<VcpuHandle>,
+    machine: LiveMachine,
+    engine: SpecEngine<Checkpoint>,
     events: EventReceiver,
-    deferred: VecDeque<VmEvent>,
-    stop: Arc<AtomicBool>,
-    stack: SpecStack<Checkpoint>,
-    memory: MemoryTracker,
-    devices: Vec<SharedDevice>,
     vm_id: u32,
-    /// Checkpoint memory by copying all of it (the naive peer).
-    full_copy: bool,
-    /// KVM shadows the guest's page tables (the host-compat layer is
-    /// active): a rollback must drop its shadow pages.
-    shadow_paging: bool,
-    /// The memory slot through which it drops them, made at the first
-    /// rollback.
-    shadow_reset: Option<ShadowReset>,
     /// The host asked for the VM to stay paused.
     user_paused: bool,
-    /// Where speculation events go (the API's `events` stream).
     publish: Option<tokio::sync::broadcast::Sender<SpecEvent>>,
-    /// The port on netbridge, if the VM has one.
-    link: Option<BridgeLink>,
-    /// The dependency set as the net devices' hooks read it.
-    deps: Arc<std::sync::Mutex<SharedDeps>>,
-    /// The net devices, whose receive must hold while checkpoints are
-    /// taken or restored.
-    nets: Vec<NetHandle>,
-    /// Timings of served operations.
-    pub stats: Stats,
-    /// Where snapshots get guest memory from, if the VM can be saved.
-    snapshots: Option<SnapshotSetup>,
-    /// Pages written since the last snapshot (for diff snapshots).
-    dirty_since_snapshot: crate::snapshot::DirtyPages,
-    /// Check dirty tracking after every flush and rollback
-    /// (`SPECVM_VERIFY_MEMORY`, [`crate::spec::verify`]).
-    verify: Option<VerifyMode>,
-    /// Save the VM into the boot cache when the guest says it is ready.
+    net: NetSpec,
     boot_cache: Option<(
         crate::boot_cache::PendingSave,
         Arc<crate::progress::Progress>,
     )>,
 }
 
-/// Most checkpoints one VM may hold at once.
-pub const MAX_DEPTH: usize = 64;
-
 impl Controller {
-    /// A controller for a VM whose vCPU threads already run.
-    pub fn new(
-        vm: VmFd,
-        vcpus: Vec<VcpuHandle>,
-        events: EventReceiver,
-        stop: Arc<AtomicBool>,
-        memory: MemoryTracker,
-        devices: Vec<SharedDevice>,
-        vm_id: u32,
-    ) -> Self {
+    /// A controller for a VM whose vCPU threads already run. A VM on a
+    /// bridge numbers its speculations from where the bridge says, so they
+    /// never repeat ids it has seen from an earlier VM with the same id.
+    pub fn new(parts: ControllerParts) -> Self {
+        let first_seq = parts.net.first_seq();
         Self {
-            vm,
-            vcpus,
-            events,
-            deferred: VecDeque::new(),
-            stop,
-            stack: SpecStack::new(vm_id, MAX_DEPTH),
-            memory,
-            devices,
-            vm_id,
-            full_copy: false,
-            shadow_paging: false,
-            shadow_reset: None,
+            machine: parts.machine,
+            engine: SpecEngine::new(parts.vm_id, MAX_DEPTH, first_seq),
+            events: parts.events,
+            vm_id: parts.vm_id,
             user_paused: false,
-            publish: None,
-            link: None,
-            deps: Arc::default(),
-            nets: Vec::new(),
-            stats: Stats::default(),
-            snapshots: None,
-            dirty_since_snapshot: Default::default(),
-            verify: VerifyMode::from_env(),
-            boot_cache: None,
+            publish: parts.publish,
+            net: parts.net,
+            boot_cache: parts.boot_cache,
         }
     }
 
-    /// Checkpoints memory by copying all of it, as a naive VMM would: the
-    /// benchmarks' peer.
-    pub fn use_full_copy(&mut self) {
-        self.full_copy = true;
-    }
-
-    /// Gives the controller the VM's net devices, its bridge port, and the
-    /// dependency set their hooks read. The bridge says where this VM's
-    /// speculation sequence numbers start, so they never repeat ids it has
-    /// seen from an earlier VM with the same id.
-    pub fn attach_network(
-        &mut self,
-        nets: Vec<NetHandle>,
-        link: Option<BridgeLink>,
-        deps: Arc<std::sync::Mutex<SharedDeps>>,
-    ) {
-        if let Some(l) = &link {
-            self.stack = SpecStack::with_first_seq(self.vm_id, MAX_DEPTH, l.first_seq());
-        }
-        self.nets = nets;
-        self.link = link;
-        self.deps = deps;
-    }
-
-    /// Tells the controller that KVM shadows the guest's page tables, so
-    /// rollbacks drop its shadow pages (`host_compat::shadow`).
-    pub fn use_shadow_paging_reset(&mut self) {
-        self.shadow_paging = true;
-    }
-
-    /// Sends speculation events to `tx` from now on.
-    pub fn publish_to(&mut self, tx: tokio::sync::broadcast::Sender<SpecEvent>) {
-        self.publish = Some(tx);
+    /// Timings of served operations.
+    pub fn stats(&self) -> &Stats {
+        &self.machine.stats
     }
 
     fn emit(&self, event: &str, id: SpecId, caller: Option<u8>) {
@@ -262,7 +166,7 @@ impl Controller {
             let _ = tx.send(SpecEvent {
                 event: event.into(),
                 id: id.to_string(),
-                depth: self.stack.depth(),
+                depth: self.engine.depth(),
                 by: by.into(),
             });
         }
@@ -284,42 +188,25 @@ impl Controller {
 
     fn run_inner(&mut self, paused: bool) -> Result<Outcome, ControlError> {
         let r = if paused {
-            self.pause_all().and_then(|()| {
+            self.pause().and_then(|()| {
                 self.user_paused = true;
                 self.serve()
             })
         } else {
             self.serve()
         };
-        self.stop_all();
+        self.machine.vcpus.stop_all();
         r
-    }
-
-    fn next_event(&mut self) -> Result<VmEvent, ControlError> {
-        if let Some(e) = self.deferred.pop_front() {
-            return Ok(e);
-        }
-        self.events.recv().map_err(|_| ControlError::Gone)
     }
 
     fn serve(&mut self) -> Result<Outcome, ControlError> {
         loop {
-            match self.next_event()? {
+            match self.events.recv().map_err(|_| ControlError::Gone)? {
                 VmEvent::GuestExit(code) => return Ok(Outcome::Exit(code)),
                 VmEvent::GuestReset => return Ok(Outcome::Reset),
                 VmEvent::Terminate(sig) => return Ok(Outcome::Signal(sig)),
                 VmEvent::Fatal(m) => return Err(ControlError::Vcpu(m)),
-                VmEvent::Hypercall { vcpu, op, arg } => {
-                    self.mark_call(vcpu);
-                    self.hypercall(vcpu, op, arg)?;
-                }
-                VmEvent::Parked(i) => {
-                    // Parked with no operation under way (a late answer to
-                    // an earlier pause): let it run on.
-                    self.set_parked(i);
-                    self.resume_all();
-                }
-                VmEvent::Reply(i, r) => tracing::warn!(vcpu = i, "unexpected reply {r:?}"),
+                VmEvent::Hypercall { vcpu, op, arg } => self.hypercall(vcpu, op, arg)?,
                 VmEvent::Join { ids } => self.join(ids)?,
                 VmEvent::Bridge(ev) => self.bridge_event(ev)?,
                 VmEvent::Api(call) => {
@@ -330,114 +217,29 @@ impl Controller {
         }
     }
 
-    fn mark_call(&mut self, vcpu: u8) {
-        if let Some(h) = self.vcpus.get_mut(usize::from(vcpu)) {
-            h.pending_call = true;
-        }
+    /// Parks every vCPU and holds device I/O.
+    fn pause(&mut self) -> Result<(), ControlError> {
+        self.machine.pause()
     }
 
-    fn set_parked(&mut self, vcpu: u8) {
-        if let Some(h) = self.vcpus.get_mut(usize::from(vcpu)) {
-            h.parked = true;
-        }
-    }
-
-    /// Parks every vCPU at a clean instruction boundary, and holds the
-    /// net devices' receive (their threads write guest memory).
-    fn pause_all(&mut self) -> Result<(), ControlError> {
-        for n in &self.nets {
-            n.pause_rx();
-        }
-        for h in self.vcpus.iter().filter(|h| !h.parked && !h.pending_call) {
-            h.attention.store(true, Ordering::Release);
-            let _ = h.thread.kill(SIGRTMIN());
-        }
-        while self.vcpus.iter().any(|h| !h.parked) {
-            match self.events.recv_timeout(KICK_INTERVAL) {
-                Ok(VmEvent::Parked(i)) => self.set_parked(i),
-                Ok(VmEvent::Fatal(m)) => return Err(ControlError::Vcpu(m)),
-                Ok(e @ VmEvent::Hypercall { vcpu, .. }) => {
-                    self.mark_call(vcpu);
-                    self.deferred.push_back(e);
-                }
-                Ok(e) => self.deferred.push_back(e),
-                Err(RecvTimeoutError::Timeout) => {
-                    for h in self.vcpus.iter().filter(|h| !h.parked) {
-                        let _ = h.thread.kill(SIGRTMIN());
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => return Err(ControlError::Gone),
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until `vcpu`, which made a hypercall, has parked itself.
-    fn wait_parked(&mut self, vcpu: u8) -> Result<(), ControlError> {
-        let i = usize::from(vcpu);
-        while !self.vcpus[i].parked {
-            match self.events.recv().map_err(|_| ControlError::Gone)? {
-                VmEvent::Parked(j) => self.set_parked(j),
-                VmEvent::Fatal(m) => return Err(ControlError::Vcpu(m)),
-                e @ VmEvent::Hypercall { vcpu, .. } => {
-                    self.mark_call(vcpu);
-                    self.deferred.push_back(e);
-                }
-                e => self.deferred.push_back(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Lets every parked vCPU run on, except those whose hypercall waits;
-    /// none while the host holds the VM paused.
-    fn resume_all(&mut self) {
-        if self.user_paused {
-            return;
-        }
-        for n in &self.nets {
-            n.resume_rx();
-        }
-        for h in self
-            .vcpus
-            .iter_mut()
-            .filter(|h| h.parked && !h.pending_call)
-        {
-            let _ = h.cmds.send(VcpuCmd::Resume);
-            h.parked = false;
-        }
-    }
-
-    /// Sends `cmd` to parked vCPU `i` and waits for its answer.
-    fn command(&mut self, i: usize, cmd: VcpuCmd) -> Result<VcpuReply, ControlError> {
-        self.vcpus[i]
-            .cmds
-            .send(cmd)
-            .map_err(|_| ControlError::Gone)?;
-        loop {
-            match self.events.recv().map_err(|_| ControlError::Gone)? {
-                VmEvent::Reply(j, r) if usize::from(j) == i => {
-                    return match r {
-                        VcpuReply::Failed(m) => Err(ControlError::Vcpu(format!("vCPU {i}: {m}"))),
-                        r => Ok(r),
-                    }
-                }
-                VmEvent::Fatal(m) => return Err(ControlError::Vcpu(m)),
-                e => self.deferred.push_back(e),
-            }
+    /// Lets the VM run on, unless the host holds it paused.
+    fn resume(&mut self) {
+        if !self.user_paused {
+            self.machine.resume();
         }
     }
 
     /// Serves a hypercall from `vcpu`, which is parked or parking.
     fn hypercall(&mut self, vcpu: u8, op: u32, arg: u64) -> Result<(), ControlError> {
         let t = Instant::now();
+        let i = usize::from(vcpu);
         // Only checkpoints and rollbacks need every vCPU stopped; the other
         // operations only read or rearrange the stack.
         let saving = op == op::READY && self.boot_cache.is_some();
         if matches!(op, op::SPECULATE | op::ABORT) || saving {
-            self.pause_all()?;
+            self.pause()?;
         } else {
-            self.wait_parked(vcpu)?;
+            self.machine.vcpus.wait_parked(i)?;
         }
         let result = match op {
             op::SPECULATE => Some(match self.speculate(Some(vcpu))? {
@@ -453,11 +255,11 @@ impl Controller {
                 .err()
                 .map(|e| [e, 0, 0]),
             op::STATUS => {
-                let entries = self.stack.entries();
+                let entries = self.engine.entries();
                 let own = entries.iter().filter(|e| e.explicit).count();
-                Some([self.stack.depth() as u64, entries.len() as u64, own as u64])
+                Some([self.engine.depth() as u64, entries.len() as u64, own as u64])
             }
-            op::ENTRY => Some(match self.stack.entries().get(arg as usize) {
+            op::ENTRY => Some(match self.engine.entries().get(arg as usize) {
                 Some(e) => [e.id.to_u64(), u64::from(e.explicit), 0],
                 None => [err::BAD_ARG, 0, 0],
             }),
@@ -470,80 +272,39 @@ impl Controller {
                 Some([err::BAD_OP, 0, 0])
             }
         };
-        let i = usize::from(vcpu);
         // After a rollback the vCPU's registers are the checkpoint's, which
         // already hold the result; otherwise write it.
         if let Some(regs) = result {
-            self.command(i, VcpuCmd::SetResult(regs))?;
+            self.machine.set_result(i, regs)?;
         }
-        self.vcpus[i].pending_call = false;
-        self.resume_all();
-        self.stats.record(op_name(op), t);
+        self.machine.vcpus.call_served(i);
+        self.resume();
+        self.machine.stats.record(op_name(op), t);
         Ok(())
     }
 
-    /// Takes a checkpoint and pushes an explicit entry (rule 1). All vCPUs
+    /// Takes a checkpoint and starts a speculation (rule 1). All vCPUs
     /// must be parked. The inner error is a hypercall error code.
     pub fn speculate(&mut self, caller: Option<u8>) -> Result<Result<SpecId, u64>, ControlError> {
-        if let Err(StackError::TooDeep(_)) = self.stack.can_push() {
-            return Ok(Err(err::TOO_DEEP));
-        }
-        let cp = self.checkpoint(caller)?;
-        let id = self
-            .stack
-            .speculate(cp)
-            .map_err(|e| ControlError::Vcpu(e.to_string()))?;
-        tracing::info!(%id, depth = self.stack.depth(), "speculate");
+        let id = match self.engine.speculate(&mut self.machine, caller)? {
+            Ok(id) => id,
+            Err(e) => return Ok(Err(e)),
+        };
+        tracing::info!(%id, depth = self.engine.depth(), "speculate");
         self.emit("speculate", id, caller);
-        self.tell_bridge(netbridge::protocol::Control::Started { id: id.to_u64() });
+        self.net.started(id);
         self.sync_deps();
         Ok(Ok(id))
-    }
-
-    /// Flushes memory into the newest checkpoint's undo log, then saves the
-    /// machine state for a new checkpoint.
-    fn checkpoint(&mut self, caller: Option<u8>) -> Result<Checkpoint, ControlError> {
-        self.materialize()?;
-        let full_copy = if self.full_copy {
-            Some(self.memory.copy_all())
-        } else {
-            let dirty = self.memory.take_dirty(&self.vm)?;
-            self.dirty_since_snapshot.note(&dirty);
-            let undo = self.stack.top_mut().map(|c| &mut c.undo);
-            self.memory.flush(&dirty, undo)?;
-            self.verify_memory("checkpoint")?;
-            None
-        };
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for i in 0..self.vcpus.len() {
-            match self.command(i, VcpuCmd::Save)? {
-                VcpuReply::Saved(s) => vcpus.push(s),
-                r => {
-                    return Err(ControlError::Vcpu(format!(
-                        "vCPU {i}: expected its state, got {r:?}"
-                    )))
-                }
-            }
-        }
-        let vm = vm_state::save(&self.vm)?;
-        let devices = self.devices.iter().map(|d| lock(d).save_state()).collect();
-        Ok(Checkpoint {
-            vcpus,
-            vm,
-            devices,
-            caller,
-            undo: Default::default(),
-            full_copy,
-        })
     }
 
     /// Commits the innermost own speculation (rule 5). The error is a
     /// hypercall error code.
     pub fn commit(&mut self, caller: Option<u8>) -> Result<SpecId, u64> {
-        let id = self.stack.commit_own().map_err(|_| err::NO_SPECULATION)?;
-        tracing::info!(%id, depth = self.stack.depth(), "commit");
+        let id = self.engine.commit_own()?;
+        tracing::info!(%id, depth = self.engine.depth(), "commit");
         self.emit("commit", id, caller);
-        self.resolved(id, netbridge::protocol::Outcome::Commit);
+        self.net.resolved(id, true);
+        self.sync_deps();
         Ok(id)
     }
 
@@ -555,128 +316,35 @@ impl Controller {
         why: u64,
         caller: Option<u8>,
     ) -> Result<Result<SpecId, u64>, ControlError> {
-        let Some(id) = self.stack.top_explicit() else {
-            return Ok(Err(err::NO_SPECULATION));
-        };
-        let rb = self
-            .stack
-            .abort_own()
-            .map_err(|e| ControlError::Vcpu(e.to_string()))?;
-        self.rollback(rb, why, caller)?;
-        Ok(Ok(id))
+        match self.engine.abort_own(&mut self.machine, why)? {
+            Ok(a) => {
+                let id = a.id;
+                self.rolled_back(a, caller);
+                Ok(Ok(id))
+            }
+            Err(e) => Ok(Err(e)),
+        }
     }
 
-    /// Puts memory, devices and vCPUs back to the last checkpoint of `rb`.
-    fn rollback(
-        &mut self,
-        rb: Rollback<Checkpoint>,
-        why: u64,
-        by: Option<u8>,
-    ) -> Result<(), ControlError> {
-        match rb.checkpoints.last().and_then(|c| c.full_copy.as_ref()) {
-            Some(copy) => self.memory.restore_all(copy)?,
-            None => {
-                let dirty = self.memory.take_dirty(&self.vm)?;
-                self.dirty_since_snapshot.note(&dirty);
-                let undo = rb.checkpoints.iter().map(|c| &c.undo);
-                self.memory.rollback(undo, &dirty)?;
-                self.verify_memory("rollback")?;
-            }
-        }
-        if self.shadow_paging {
-            let shadow_err = |e| ControlError::Vcpu(format!("dropping shadow page tables: {e}"));
-            if self.shadow_reset.is_none() {
-                self.shadow_reset = Some(ShadowReset::new(&self.vm).map_err(shadow_err)?);
-            }
-            if let Some(r) = &self.shadow_reset {
-                r.drop_shadow_pages(&self.vm).map_err(shadow_err)?;
-            }
-        }
-        let target = rb
-            .checkpoints
-            .into_iter()
-            .last()
-            .expect("a rollback has a target");
-        vm_state::restore(&self.vm, &target.vm)?;
-        for (d, s) in self.devices.iter().zip(&target.devices) {
-            lock(d).restore_state(s).map_err(ControlError::Device)?;
-        }
-        for (i, mut s) in target.vcpus.into_iter().enumerate() {
-            if target.caller == Some(i as u8) {
-                set_result(&mut s, why);
-            }
-            self.command(i, VcpuCmd::Restore(s))?;
-        }
-        self.drop_held(&rb.aborted);
-        let ids: Vec<String> = rb.aborted.iter().map(SpecId::to_string).collect();
-        tracing::info!(aborted = ?ids, depth = self.stack.depth(), "rollback");
-        for &id in &rb.aborted {
+    /// Tells everyone what a rollback ended: the held output of the aborted
+    /// speculations goes, and their owners' decision goes out (rules 3, 4).
+    fn rolled_back(&mut self, a: Aborted, by: Option<u8>) {
+        self.net.drop_held(&a.own, self.machine.devices.nets());
+        let ids: Vec<String> = a.own.iter().map(SpecId::to_string).collect();
+        tracing::info!(aborted = ?ids, depth = self.engine.depth(), "rollback");
+        for &id in &a.own {
             self.emit("abort", id, by);
-            self.resolved(id, netbridge::protocol::Outcome::Abort);
+            self.net.resolved(id, false);
         }
         self.sync_deps();
-        Ok(())
     }
 
-    /// With `SPECVM_VERIFY_MEMORY`, looks for guest pages written without
-    /// being reported dirty, right after a flush or a rollback (`when`),
-    /// and logs them; in repair mode, makes them right: a checkpoint
-    /// flushes them, a rollback drops them.
-    fn verify_memory(&mut self, when: &str) -> Result<(), ControlError> {
-        let Some(mode) = self.verify else {
-            return Ok(());
-        };
-        let missed = self
-            .memory
-            .unreported_pages()
-            .map_err(|e| ControlError::Vcpu(format!("verifying guest memory: {e}")))?;
-        if missed.is_empty() {
-            tracing::info!(when, "verify: every written page was reported dirty");
-            return Ok(());
-        }
-        let first: Vec<String> = missed
-            .iter()
-            .take(32)
-            .map(|p| format!("{:#x}", self.memory.file_page_to_gpa(*p)))
-            .collect();
-        tracing::warn!(
-            when,
-            pages = missed.len(),
-            gpas = ?first,
-            "verify: pages written without being reported dirty"
-        );
-        if mode == VerifyMode::Repair {
-            if when == "checkpoint" {
-                let undo = self.stack.top_mut().map(|c| &mut c.undo);
-                self.memory.flush(&missed, undo)?;
-            } else {
-                self.memory.drop_pages(&missed)?;
-            }
-        }
-        Ok(())
+    /// Publishes the dependency set to the net cards, and sends the output
+    /// that waited only for speculations that have left it (rule 11).
+    fn sync_deps(&self) {
+        self.net
+            .sync_deps(&self.engine.deps(), self.machine.devices.nets());
     }
-
-    /// Stops every vCPU thread: raises the stop flag, lets parked ones go,
-    /// and kicks the others out of KVM_RUN until each has ended.
-    fn stop_all(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        for h in self.vcpus.drain(..) {
-            let _ = h.cmds.send(VcpuCmd::Resume);
-            drop(h.cmds);
-            while !h.thread.is_finished() {
-                let _ = h.thread.kill(SIGRTMIN());
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let _ = h.thread.join();
-        }
-    }
-}
-
-/// Makes a restored `speculate` hypercall return `why`.
-fn set_result(s: &mut VcpuState, why: u64) {
-    s.regs.rax = why;
-    s.regs.rdx = 0;
-    s.regs.rsi = 0;
 }
 
 fn op_name(op: u32) -> &'static str {

@@ -1,23 +1,74 @@
 //! The controller's side of speculation across VMs: joining on a tagged
 //! frame (rule 2), acting on the bridge's outcomes (rules 4, 6), telling
-//! the bridge what this VM owns and decides (rules 3, 5, 8), and what to do
-//! when the bridge is lost (rule 9).
+//! the bridge what this VM owns and decides (rules 3, 5, 8), what to do
+//! when the bridge is lost (rule 9), and output commit on the cards that
+//! leave the speculation domain (rule 11).
 
-use netbridge::protocol::{Control, Outcome as WireOutcome};
+use std::sync::{Arc, Mutex};
 
-use super::{ControlError, Controller};
-use crate::spec::link::BridgeEvent;
+use specwire::protocol::{Control, Outcome as WireOutcome};
+
+use super::{ControlError, Controller, Joined};
+use crate::devices::virtio::net::NetHandle;
+use crate::spec::link::{BridgeEvent, BridgeLink, SharedDeps};
 use crate::spec::stack::SpecId;
 
-impl Controller {
-    /// Publishes the dependency set to the net devices' hooks, which tag
+/// The VM's port on the bridge, if it has one, and the dependency set the
+/// net cards' hooks read.
+#[derive(Default)]
+pub struct NetSpec {
+    link: Option<BridgeLink>,
+    deps: Arc<Mutex<SharedDeps>>,
+}
+
+impl NetSpec {
+    /// The bridge port `link` (if any) and the cards' shared `deps`.
+    pub fn new(link: Option<BridgeLink>, deps: Arc<Mutex<SharedDeps>>) -> Self {
+        Self { link, deps }
+    }
+
+    /// Where this VM's speculation sequence numbers start: where the
+    /// bridge said, or 1.
+    pub fn first_seq(&self) -> u32 {
+        self.link.as_ref().map_or(1, BridgeLink::first_seq)
+    }
+
+    fn deps(&self) -> std::sync::MutexGuard<'_, SharedDeps> {
+        self.deps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends a control message to the bridge, if the VM has one.
+    fn tell(&self, c: Control) {
+        if let Some(link) = &self.link {
+            if let Err(e) = link.send(&c) {
+                tracing::warn!("telling the bridge {c:?}: {e}");
+            }
+        }
+    }
+
+    /// This VM started `id` (it owns it).
+    pub fn started(&self, id: SpecId) {
+        self.tell(Control::Started { id });
+    }
+
+    /// This VM, the owner, decided `id` (rules 3, 5).
+    pub fn resolved(&self, id: SpecId, committed: bool) {
+        let outcome = if committed {
+            WireOutcome::Commit
+        } else {
+            WireOutcome::Abort
+        };
+        self.tell(Control::Resolved { id, outcome });
+    }
+
+    /// Publishes the dependency set `ids` to the cards' hooks, which tag
     /// every frame the guest sends with it (rule 7), and sends the output
     /// that waited only for speculations that have now left the set: they
-    /// committed (an abort drops its frames first, in `rollback`; rule 11).
-    pub(super) fn sync_deps(&self) {
-        let ids = self.stack.deps().iter().map(|id| id.to_u64()).collect();
+    /// committed (an abort drops its frames first; rule 11).
+    pub fn sync_deps(&self, ids: &[SpecId], nets: &[NetHandle]) {
+        let ids = ids.to_vec();
         let (released, held) = {
-            let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
+            let mut d = self.deps();
             (d.set_ids(ids), d.held.len())
         };
         if released.is_empty() {
@@ -29,86 +80,59 @@ impl Controller {
             "output commit: frames released"
         );
         for (card, frame) in &released {
-            if let Some(n) = self.nets.get(*card) {
+            if let Some(n) = nets.get(*card) {
                 if let Err(e) = n.send_to_backend(frame) {
                     tracing::warn!(card, "output commit: sending a released frame: {e}");
                 }
             }
         }
         // Transmit may have waited for room in the hold.
-        for n in &self.nets {
-            n.resume_tx();
-        }
+        nets.iter().for_each(NetHandle::resume_tx);
     }
 
     /// Drops the held output of the speculations a rollback took back.
-    pub(super) fn drop_held(&self, aborted: &[SpecId]) {
-        let ids: Vec<u64> = aborted.iter().map(|id| id.to_u64()).collect();
-        let n = {
-            let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
-            d.held.drop_aborted(&ids)
-        };
+    pub fn drop_held(&self, aborted: &[SpecId], nets: &[NetHandle]) {
+        let n = self.deps().held.drop_aborted(aborted);
         if n > 0 {
             tracing::debug!(
                 frames = n,
                 "output commit: frames of aborted speculations dropped"
             );
-            for n in &self.nets {
-                n.resume_tx();
-            }
+            nets.iter().for_each(NetHandle::resume_tx);
         }
     }
+}
 
-    /// Sends a control message to the bridge, if the VM has one.
-    pub(super) fn tell_bridge(&self, c: Control) {
-        if let Some(link) = &self.link {
-            if let Err(e) = link.send(&c) {
-                tracing::warn!("telling the bridge {c:?}: {e}");
-            }
-        }
-    }
-
-    /// This VM, the owner, decided `id` (rules 3, 5).
-    pub(super) fn resolved(&self, id: SpecId, outcome: WireOutcome) {
-        self.tell_bridge(Control::Resolved {
-            id: id.to_u64(),
-            outcome,
-        });
-        self.sync_deps();
-    }
-
+impl Controller {
     /// Joins the speculations a tagged frame carries, before the guest sees
     /// the frame: one checkpoint for all of them (rule 2).
-    pub(super) fn join(&mut self, ids: Vec<u64>) -> Result<(), ControlError> {
-        self.pause_all()?;
-        let ids: Vec<SpecId> = ids.into_iter().map(SpecId::from_u64).collect();
-        let missing = self.stack.missing(&ids);
-        if missing.is_empty() {
+    pub(super) fn join(&mut self, ids: Vec<SpecId>) -> Result<(), ControlError> {
+        self.pause()?;
+        match self.engine.join(&mut self.machine, &ids)? {
             // Joined meanwhile (another frame with the same tag).
-        } else if self.stack.can_push().is_err() {
-            // The frame must not reach the guest without a checkpoint; the
-            // hook drops every frame tagged with these ids from now on.
-            tracing::warn!(
-                ?missing,
-                "checkpoint stack full: frames of these speculations are dropped"
-            );
-            let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
-            d.refused.extend(missing.iter().map(|id| id.to_u64()));
-        } else {
-            let cp = self.checkpoint(None)?;
-            self.stack
-                .join(&missing, cp)
-                .map_err(|e| ControlError::Vcpu(e.to_string()))?;
-            for &id in &missing {
-                tracing::info!(%id, depth = self.stack.depth(), "joined");
-                self.emit_by("join", id, "network");
+            Joined::AlreadyHeld => {}
+            Joined::Refused(missing) => {
+                // The frame must not reach the guest without a checkpoint;
+                // the hook drops every frame tagged with these ids from now on.
+                tracing::warn!(
+                    ?missing,
+                    "checkpoint stack full: frames of these speculations are dropped"
+                );
+                let mut d = self.net.deps();
+                d.refused.extend(missing.iter().copied());
             }
-            self.tell_bridge(Control::Joined {
-                ids: missing.iter().map(|id| id.to_u64()).collect(),
-            });
-            self.sync_deps();
+            Joined::Joined(missing) => {
+                for &id in &missing {
+                    tracing::info!(%id, depth = self.engine.depth(), "joined");
+                    self.emit_by("join", id, "network");
+                }
+                self.net.tell(Control::Joined {
+                    ids: missing.clone(),
+                });
+                self.sync_deps();
+            }
         }
-        self.resume_all();
+        self.resume();
         Ok(())
     }
 
@@ -116,20 +140,19 @@ impl Controller {
     pub(super) fn bridge_event(&mut self, ev: BridgeEvent) -> Result<(), ControlError> {
         match ev {
             BridgeEvent::Decided { id, outcome, seq } => {
-                let id = SpecId::from_u64(id);
                 match outcome {
                     WireOutcome::Commit => self.remote_commit(id),
                     WireOutcome::Abort => self.remote_abort(id)?,
                 }
-                self.tell_bridge(Control::Ack { seq });
+                self.net.tell(Control::Ack { seq });
             }
             BridgeEvent::Gone => {
                 tracing::warn!("the bridge is gone: rolling back every speculation this VM joined");
-                self.link = None;
+                self.net.link = None;
                 // Their outcomes can no longer be learnt (rule 9): roll back
                 // to before the first frame of the oldest one.
-                if let Some(e) = self.stack.entries().into_iter().find(|e| !e.explicit) {
-                    self.remote_abort(e.id)?;
+                if let Some(id) = self.engine.oldest_joined() {
+                    self.remote_abort(id)?;
                 }
             }
         }
@@ -138,8 +161,8 @@ impl Controller {
 
     /// Rule 6: every entry for `id` goes, folded down.
     fn remote_commit(&mut self, id: SpecId) {
-        if self.stack.remove(id) {
-            tracing::info!(%id, depth = self.stack.depth(), "committed by its owner");
+        if self.engine.remote_commit(id) {
+            tracing::info!(%id, depth = self.engine.depth(), "committed by its owner");
             self.emit_by("commit", id, "network");
             self.sync_deps();
         }
@@ -148,17 +171,15 @@ impl Controller {
     /// Rule 4: back to just before the first frame tagged `id` reached
     /// this VM. Nothing happens if the VM no longer holds `id`.
     fn remote_abort(&mut self, id: SpecId) -> Result<(), ControlError> {
-        if !self.stack.holds(id) {
+        if !self.engine.holds(id) {
             return Ok(());
         }
-        self.pause_all()?;
-        if let Some(rb) = self.stack.rollback_to(id) {
+        self.pause()?;
+        if let Some(a) = self.engine.remote_abort(&mut self.machine, id)? {
             self.emit_by("rollback", id, "network");
-            // The target is an implicit frame: no vCPU's hypercall result to
-            // set, so the reason is unused.
-            self.rollback(rb, 0, None)?;
+            self.rolled_back(a, None);
         }
-        self.resume_all();
+        self.resume();
         Ok(())
     }
 }

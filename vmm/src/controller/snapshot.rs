@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{ControlError, Controller};
+use super::{ControlError, Controller, Machine};
 use crate::api::Response;
 use crate::host_compat::HostCompat;
 use crate::snapshot::writer::DirWriter;
@@ -46,53 +46,19 @@ struct Written {
 }
 
 impl Controller {
-    /// Lets the VM be saved with the `snapshot` API operation.
-    pub fn enable_snapshots(&mut self, setup: SnapshotSetup) {
-        self.snapshots = Some(setup);
-    }
-
-    /// Gives a restored VM, whose memory still maps the snapshot, a memory
-    /// file of its own before its first checkpoint: the speculation tracker
-    /// writes into that file, and must never write into a snapshot.
-    /// All vCPUs are paused.
-    pub(super) fn materialize(&mut self) -> Result<(), ControlError> {
-        let Some(setup) = self.snapshots.as_mut() else {
-            return Ok(());
-        };
-        let Some(base) = setup.lazy_base.take() else {
-            return Ok(());
-        };
-        let t = Instant::now();
-        let (memory, vm, since) = (&self.memory, &self.vm, &mut self.dirty_since_snapshot);
-        let flush = || {
-            let dirty = memory.take_dirty(vm).map_err(|e| e.to_string())?;
-            memory.flush(&dirty, None).map_err(|e| e.to_string())?;
-            since.note(&dirty);
-            Ok(())
-        };
-        crate::snapshot::memory::materialize(&setup.mem, &base, &setup.file, setup.mem_size, flush)
-            .map_err(ControlError::Snapshot)?;
-        tracing::info!(
-            micros = t.elapsed().as_micros() as u64,
-            "restored memory materialized"
-        );
-        self.stats.record("materialize", t);
-        Ok(())
-    }
-
     /// Why a snapshot cannot be taken now, if it cannot.
     fn snapshot_refusal(&self) -> Option<String> {
-        if self.snapshots.is_none() {
+        if self.machine.snapshots.is_none() {
             return Some("this VM was built without snapshot support".into());
         }
-        if self.full_copy {
+        if self.machine.full_copy {
             return Some(
                 "snapshots need copy-on-write checkpoints, not --checkpoint full-copy".into(),
             );
         }
-        if self.stack.depth() > 0 {
+        if self.engine.depth() > 0 {
             let ids: Vec<String> = self
-                .stack
+                .engine
                 .entries()
                 .iter()
                 .map(|e| e.id.to_string())
@@ -100,11 +66,11 @@ impl Controller {
             return Some(format!(
                 "the VM holds {} speculation checkpoint(s) (entries {}); a snapshot \
                  persists no checkpoint stack, so commit or abort them first",
-                self.stack.depth(),
+                self.engine.depth(),
                 ids.join(", ")
             ));
         }
-        if self.vcpus.iter().any(|h| h.pending_call) {
+        if self.machine.vcpus.call_pending(None) {
             return Some("a vCPU's hypercall is being served; try again".into());
         }
         None
@@ -142,10 +108,10 @@ impl Controller {
             Err(e) => return Ok(Response::error(e.to_string())),
         };
         let t = Instant::now();
-        self.pause_all()?;
+        self.pause()?;
         let r = self.write_into(p);
-        self.resume_all();
-        self.stats.record("snapshot", t);
+        self.resume();
+        self.machine.stats.record("snapshot", t);
         let micros = t.elapsed().as_micros() as u64;
         Ok(match r? {
             Ok(w) => {
@@ -168,7 +134,7 @@ impl Controller {
             Err(e) => {
                 // The pages taken for this snapshot are gone from the
                 // dirty set: the next snapshot must be a full one.
-                if let Some(s) = self.snapshots.as_mut() {
+                if let Some(s) = self.machine.snapshots.as_mut() {
                     s.base = None;
                 }
                 Response::error(e.to_string())
@@ -194,9 +160,9 @@ impl Controller {
         // The checkpoint code flushes every dirty page into the memory file
         // (the stack is empty, so no undo log is kept) and saves vCPUs,
         // in-kernel devices and device models: one mechanism for both.
-        let cp = self.checkpoint(None)?;
-        let pages = self.dirty_since_snapshot.take();
-        let Some(setup) = self.snapshots.as_mut() else {
+        let cp = self.machine.checkpoint(None, None)?;
+        let pages = self.machine.dirty_since_snapshot.take();
+        let Some(setup) = self.machine.snapshots.as_mut() else {
             return Ok(Err(SnapshotError::Refused("no snapshot support".into())));
         };
         let prev = setup
@@ -225,9 +191,7 @@ impl Controller {
             // The vCPUs are paused: the kernel writes no MSR meanwhile.
             trampoline: setup.compat.as_ref().and_then(HostCompat::save_trampoline),
             saved_at_ns: now_ns(),
-            vcpus: cp.vcpus.into_iter().map(|b| *b).collect(),
-            vm: cp.vm,
-            devices: cp.devices,
+            machine: cp.machine,
             memory_check: Default::default(),
         };
         let r = w.commit(&snap).map(|()| Written { id, diff_pages });
@@ -239,18 +203,6 @@ impl Controller {
 }
 
 impl Controller {
-    /// Saves the VM into the boot cache (`save`) when the guest makes the
-    /// `READY` hypercall.
-    /// `progress` gives the boot's milestone times, which the entry keeps
-    /// for the next boot's estimate.
-    pub fn save_when_ready(
-        &mut self,
-        save: crate::boot_cache::PendingSave,
-        progress: std::sync::Arc<crate::progress::Progress>,
-    ) {
-        self.boot_cache = Some((save, progress));
-    }
-
     /// Serves `READY` from `vcpu`: the first time, with a boot cache to
     /// fill, saves the whole VM (every vCPU is paused) so that a restored
     /// copy returns from this very call with RAX = 0. A failure to save is
@@ -266,7 +218,7 @@ impl Controller {
         }
         // The restored copy resumes after the hypercall: give it the result
         // now, as the saved registers hold it.
-        self.command(usize::from(vcpu), super::VcpuCmd::SetResult([0, 0, 0]))?;
+        self.machine.set_result(usize::from(vcpu), [0, 0, 0])?;
         let t = Instant::now();
         let staging = match save.staging() {
             Ok(d) => d,
@@ -286,7 +238,7 @@ impl Controller {
         };
         // The snapshot's directory was renamed: a later snapshot by the API
         // starts a full one.
-        if let Some(s) = self.snapshots.as_mut() {
+        if let Some(s) = self.machine.snapshots.as_mut() {
             s.base = None;
         }
         match r {
@@ -303,24 +255,19 @@ impl Controller {
                 }
             }
         }
-        self.stats.record("boot-cache-save", t);
+        self.machine.stats.record("boot-cache-save", t);
         Ok(())
     }
 
     /// Why the ready guest cannot be saved now, if it cannot.
     fn cache_refusal(&self, caller: u8) -> Option<String> {
-        if self.stack.depth() > 0 {
+        if self.engine.depth() > 0 {
             return Some(format!(
                 "the guest said it was ready inside {} speculation(s)",
-                self.stack.depth()
+                self.engine.depth()
             ));
         }
-        if self
-            .vcpus
-            .iter()
-            .enumerate()
-            .any(|(i, h)| i != usize::from(caller) && h.pending_call)
-        {
+        if self.machine.vcpus.call_pending(Some(usize::from(caller))) {
             return Some("another vCPU's hypercall was being served".into());
         }
         None

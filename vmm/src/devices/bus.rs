@@ -3,6 +3,10 @@
 //! The vCPU loop hands every PIO and MMIO exit to a bus and never looks at
 //! port numbers itself. Each device sees offsets relative to the base of
 //! the range it was inserted at.
+//!
+//! The bus knows nothing of device state: the device manager
+//! ([`crate::device_manager`]) holds typed handles to the stateful devices
+//! and saves them through [`crate::persist::Persist`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -20,25 +24,6 @@ pub trait BusDevice: Send {
         self.write(offset, data);
         None
     }
-    /// The device's state, for a checkpoint.
-    fn save_state(&self) -> DeviceState {
-        DeviceState::Stateless
-    }
-    /// Puts the device back into a state [`BusDevice::save_state`] returned.
-    fn restore_state(&mut self, _state: &DeviceState) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-/// The saved state of a device model, for checkpoints and snapshots.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceState {
-    /// A device without state worth saving.
-    Stateless,
-    /// The 8250 UART's registers and receive FIFO.
-    Serial(vm_superio::serial::SerialState),
-    /// A virtio-net device and its transport.
-    Net(Box<crate::devices::virtio::net::NetState>),
 }
 
 /// A request a device makes of the vCPU whose access reached it.

@@ -72,6 +72,9 @@ pub struct CompatStats {
 pub struct HostCompat {
     trampoline: Option<Arc<Trampoline>>,
     stats: Arc<CompatStats>,
+    /// The memory slot whose deletion drops KVM's shadow page tables,
+    /// made at the first rollback ([`shadow`]).
+    shadow: Arc<Mutex<Option<shadow::ShadowReset>>>,
 }
 
 /// Why the layer is on or off, for the log.
@@ -167,6 +170,21 @@ impl HostCompat {
         Ok(())
     }
 
+    /// Called after guest memory was put back from the host side (a
+    /// rollback): where KVM shadows the guest's page tables, as it does on
+    /// the hosts this layer serves, the shadows of the rolled-back page
+    /// tables must go ([`shadow`]).
+    pub fn after_memory_rollback(&self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+        let mut slot = self.shadow.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(shadow::ShadowReset::new(vm)?);
+        }
+        match slot.as_ref() {
+            Some(r) => r.drop_shadow_pages(vm),
+            None => Ok(()),
+        }
+    }
+
     /// The system-call trampoline's state, for a snapshot: None unless
     /// [`HostCompat::prepare_linux`] set the trampoline up.
     pub fn save_trampoline(&self) -> Option<TrampolineState> {
@@ -228,6 +246,25 @@ pub fn hex_bytes(b: &[u8]) -> String {
         .map(|x| format!("{x:02x}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+impl crate::persist::Persist for HostCompat {
+    type State = Option<TrampolineState>;
+    type Error = std::convert::Infallible;
+
+    /// The system-call trampoline's state, if the layer set one up.
+    fn save(&self) -> Result<Self::State, Self::Error> {
+        Ok(self.save_trampoline())
+    }
+
+    /// Gives the trampoline (set up by [`HostCompat::prepare_linux`]) the
+    /// kernel's MSR values a snapshot saved.
+    fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
+        if let Some(t) = state {
+            self.restore_trampoline(t);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

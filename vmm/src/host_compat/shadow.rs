@@ -36,6 +36,7 @@ use crate::arch::x86_64::layout::SHADOW_RESET_ADDR;
 pub const SHADOW_RESET_SLOT: u32 = 511;
 
 /// The one-page memory slot whose deletion drops every shadow page.
+#[derive(Debug)]
 pub struct ShadowReset {
     page: MmapRegion,
 }

@@ -37,6 +37,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::arch::x86_64::gdt::flat_segments;
 use crate::arch::x86_64::layout::{COMPAT_DOORBELL_ADDR, COMPAT_PAGES_ADDR};
 use crate::devices::{BusDevice, VcpuTrap};
+use crate::persist::{Decode, DecodeError, Encode, Reader, Writer};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// MSR_STAR: the kernel and user segment selectors of `syscall`/`sysret`.
@@ -129,6 +130,25 @@ impl TrampolineState {
     /// at the trampoline.
     pub fn installed(&self) -> bool {
         self.kernel_lstar != 0
+    }
+}
+
+impl Encode for TrampolineState {
+    /// The kernel's LSTAR, STAR and SFMASK.
+    fn encode(&self, w: &mut Writer) {
+        w.u64(self.kernel_lstar);
+        w.u64(self.star);
+        w.u64(self.sfmask);
+    }
+}
+
+impl Decode for TrampolineState {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Self {
+            kernel_lstar: r.u64("trampoline kernel LSTAR")?,
+            star: r.u64("trampoline STAR")?,
+            sfmask: r.u64("trampoline SFMASK")?,
+        })
     }
 }
 

@@ -35,6 +35,7 @@ use super::layer::pieces;
 use super::writer::{read_journal, DirWriter, LOCK};
 use super::*;
 use crate::config::{MAX_MEM_SIZE, MAX_VCPUS, MIN_MEM_SIZE};
+use crate::device_manager::persist::MAX_DEVICES;
 
 /// Cases per target when `SPECVM_FUZZ_CASES` is not set, for targets
 /// whose cases cost a few microseconds in a debug build.
@@ -184,29 +185,25 @@ fn random_snapshot(rng: &mut Rng) -> VmSnapshot {
     // One vCPU in 3 cases of 4 (each costs hashing time in every case).
     match rng.below(4) {
         0 => {}
-        1 => s.vcpus.truncate(1),
-        _ => drop(s.vcpus.remove(0)),
+        1 => s.machine.vcpus.truncate(1),
+        _ => drop(s.machine.vcpus.remove(0)),
     }
-    for v in &mut s.vcpus {
+    for v in &mut s.machine.vcpus {
         v.regs.rip = rng.next_u64();
         let m = v.msrs[0];
         v.msrs.resize(rng.index(5), m);
         v.msrs.iter_mut().for_each(|m| m.data = rng.next_u64());
     }
-    s.vm.clock.clock = rng.next_u64();
-    let all = std::mem::take(&mut s.devices);
-    s.devices = (0..rng.below(4))
+    s.machine.vm.clock.clock = rng.next_u64();
+    let d = &mut s.machine.devices;
+    d.serial.in_buffer = rng.some_bytes(24);
+    let all = std::mem::take(&mut d.nets);
+    d.nets = (0..rng.below(4))
         .map(|_| all[rng.index(all.len())].clone())
         .collect();
-    for d in &mut s.devices {
-        match d {
-            DeviceState::Serial(x) => x.in_buffer = rng.some_bytes(24),
-            DeviceState::Net(x) => {
-                x.transport.queues.truncate(rng.index(3));
-                x.mtu = rng.next_u64() as u16;
-            }
-            DeviceState::Stateless => {}
-        }
+    for x in &mut d.nets {
+        x.transport.queues.truncate(rng.index(3));
+        x.mtu = rng.next_u64() as u16;
     }
     s
 }
@@ -431,8 +428,11 @@ fn check_snapshot(s: &VmSnapshot) {
         .iter()
         .for_each(|l| check_layer_record(l, s.mem_size));
     assert_eq!(s.ranges, ram_ranges(s.mem_size));
-    assert!((1..=usize::from(MAX_VCPUS)).contains(&s.vcpus.len()));
-    assert!(s.devices.len() <= MAX_DEVICES);
+    assert!((1..=usize::from(MAX_VCPUS)).contains(&s.machine.vcpus.len()));
+    assert!(
+        s.machine.devices.nets.len() < MAX_DEVICES,
+        "the console is one more"
+    );
     assert!(s.linux || s.trampoline.is_none());
 }
 
@@ -815,32 +815,45 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 // ---------------------------------------------------------------------
 // Regressions: each bug found, with its smallest input.
 
-/// The sample's payload up to its device count, then `n` devices of
-/// the one-byte kind (stateless), sealed.
-fn with_stateless_devices(n: u32) -> Vec<u8> {
+/// The sample's payload up to its device count, then `n` zero bytes
+/// where `n` devices would be, sealed.
+fn with_device_count(n: u32) -> Vec<u8> {
     let mut s = tests::sample();
-    s.devices.clear();
+    s.machine.devices.nets.clear();
     let mut payload = s.encode().split_off(HEADER_LEN);
-    let at = payload.len() - 4;
-    payload[at..].copy_from_slice(&n.to_le_bytes());
+    // What follows the vCPUs and the VM: the device count, the console's
+    // kind byte and its state (nine registers, the FIFO's length and bytes).
+    let serial = 4 + 1 + 9 + 4 + s.machine.devices.serial.in_buffer.len();
+    let at = payload.len() - serial;
+    payload.truncate(at);
+    payload.extend_from_slice(&n.to_le_bytes());
     payload.resize(payload.len() + n as usize, 0);
     codec::seal(&payload)
 }
 
 /// Found while writing these targets (their inputs are too small to hold
-/// it): a state file with a million stateless devices, one zero byte
-/// each, decoded to 40 MB of device states (a 64 MiB one, the largest
-/// file read, to 2.7 GB); no VM has more than a few dozen devices.
+/// it): a state file with a million devices of a one-byte kind decoded to
+/// 40 MB of device states (a 64 MiB one, the largest file read, to
+/// 2.7 GB); no VM has more than a few dozen devices. The count is
+/// refused before any device is read.
 #[test]
 fn a_million_devices_are_refused_at_their_count() {
-    let e = VmSnapshot::decode(&with_stateless_devices(1 << 20))
+    let e = VmSnapshot::decode(&with_device_count(1 << 20))
         .err()
         .expect("a million devices");
     assert!(e.to_string().contains("1048576 devices"), "{e}");
     let n = MAX_DEVICES as u32;
-    let sized = |n| VmSnapshot::decode(&with_stateless_devices(n)).map(|s| s.devices.len());
-    assert_eq!(sized(n).ok(), Some(n as usize));
-    assert!(sized(n + 1).is_err());
+    let refusal = |n| {
+        VmSnapshot::decode(&with_device_count(n))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert!(refusal(n + 1).contains(&format!("{} devices", n + 1)));
+    assert!(
+        refusal(n).contains("unknown device kind 0"),
+        "{n} devices pass the count, and the first zero byte is refused"
+    );
 }
 
 /// Found while writing these targets: a state file with 50,000 distinct

@@ -3,10 +3,11 @@
 //!
 //! A snapshot directory holds:
 //! - `state`: the versioned, checksummed state file ([`codec`]): the VM's
-//!   shape (memory size and layout, vCPU count), the host-compat
-//!   system-call trampoline's [`TrampolineState`] for a Linux guest, every
-//!   vCPU's [`VcpuState`], the [`VmState`] and every [`DeviceState`], saved
-//!   by the same code that takes speculation checkpoints;
+//!   shape (memory size and layout), the host-compat system-call
+//!   trampoline's [`TrampolineState`] for a Linux guest, and the
+//!   [`MachineState`] (vCPUs, in-kernel devices, device models), saved by
+//!   the same code that takes speculation checkpoints and restored by the
+//!   same [`crate::machine::restore`];
 //! - `memory-<id>`: guest memory in layers, each named by the id of the
 //!   snapshot that wrote it. A full snapshot writes one layer, all of
 //!   memory; a diff snapshot adds a layer holding only the pages written
@@ -31,29 +32,21 @@ pub mod files;
 pub mod layer;
 pub mod memory;
 pub mod restore;
-pub mod state;
 pub mod verify;
 pub mod writer;
 
 use std::path::PathBuf;
 
 use crate::arch::x86_64::layout::ram_ranges;
-use crate::devices::bus::DeviceState;
 use crate::host_compat::trampoline::TrampolineState;
-use crate::vstate::vcpu_state::VcpuState;
-use crate::vstate::vm_state::VmState;
+use crate::machine::MachineState;
+use crate::persist::{Decode, DecodeError, Encode};
 use codec::{Reader, Writer};
 pub use layer::Layer;
 
 /// Most memory layers a snapshot may have; a diff snapshot that would add
 /// one more is written as a full one instead, so restores stay quick.
 pub const MAX_LAYERS: usize = 16;
-
-/// Most device states a state file may hold: far more than any VM has (the
-/// serial console, the exit and hypercall devices, a Linux guest's platform
-/// devices, up to 8 virtio cards), few enough that a file of one-byte
-/// stateless devices cannot make the reader allocate 40 times its size.
-const MAX_DEVICES: usize = 256;
 
 /// Errors saving, reading or restoring a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +130,21 @@ pub enum SnapshotError {
     },
 }
 
+impl From<DecodeError> for SnapshotError {
+    fn from(e: DecodeError) -> Self {
+        Self::Corrupt(e.0)
+    }
+}
+
+impl From<crate::machine::MachineError> for SnapshotError {
+    fn from(e: crate::machine::MachineError) -> Self {
+        match e {
+            crate::machine::MachineError::State(s) => Self::State(s),
+            e => Self::Mismatch(e.to_string()),
+        }
+    }
+}
+
 /// Everything a snapshot's state file holds.
 pub struct VmSnapshot {
     /// This snapshot's random id.
@@ -158,12 +166,8 @@ pub struct VmSnapshot {
     /// The host's CLOCK_REALTIME when the state was saved, in ns: on
     /// restore, the guest's clocks move forward by the time since.
     pub saved_at_ns: u64,
-    /// Every vCPU's state, by index.
-    pub vcpus: Vec<VcpuState>,
-    /// The irqchips, PIT and KVM clock.
-    pub vm: VmState,
-    /// The device models' state, in the VM's device order.
-    pub devices: Vec<DeviceState>,
+    /// The vCPUs, the in-kernel devices and the device models.
+    pub machine: MachineState,
     /// The check of the base memory layer that a restore started, which
     /// it finishes before the machine state is restored (not saved).
     pub memory_check: verify::MemoryCheck,
@@ -183,15 +187,12 @@ impl VmSnapshot {
             w.u64(size);
         }
         w.bool(self.linux);
-        state::put_trampoline(&mut w, self.trampoline.as_ref());
+        w.bool(self.trampoline.is_some());
+        if let Some(t) = &self.trampoline {
+            t.encode(&mut w);
+        }
         w.u64(self.saved_at_ns);
-        w.u32(self.vcpus.len() as u32);
-        self.vcpus.iter().for_each(|v| state::put_vcpu(&mut w, v));
-        state::put_vm(&mut w, &self.vm);
-        w.u32(self.devices.len() as u32);
-        self.devices
-            .iter()
-            .for_each(|d| state::put_device(&mut w, d));
+        self.machine.encode(&mut w);
         codec::seal(&w.buf)
     }
 
@@ -236,28 +237,17 @@ impl VmSnapshot {
             .map(|_| Ok((r.u64("range base")?, r.u64("range size")?)))
             .collect::<Result<Vec<_>, SnapshotError>>()?;
         let linux = r.bool("boot kind")?;
-        let trampoline = state::get_trampoline(&mut r)?;
+        let trampoline = match r.bool("has trampoline state")? {
+            true => Some(TrampolineState::decode(&mut r)?),
+            false => None,
+        };
         if trampoline.is_some() && !linux {
             return Err(SnapshotError::Corrupt(
                 "a bare guest's snapshot holds system-call trampoline state".into(),
             ));
         }
         let saved_at_ns = r.u64("save time")?;
-        let n = r.count(64, "vCPU count")?;
-        if n == 0 || n > usize::from(crate::config::MAX_VCPUS) {
-            return Err(SnapshotError::Corrupt(format!("{n} vCPUs")));
-        }
-        let vcpus = (0..n)
-            .map(|_| state::get_vcpu(&mut r))
-            .collect::<Result<_, _>>()?;
-        let vm = state::get_vm(&mut r)?;
-        let n = r.count(1, "device count")?;
-        if n > MAX_DEVICES {
-            return Err(SnapshotError::Corrupt(format!("{n} devices")));
-        }
-        let devices = (0..n)
-            .map(|_| state::get_device(&mut r))
-            .collect::<Result<_, _>>()?;
+        let machine = MachineState::decode(&mut r)?;
         r.finish()?;
         let layout = ram_ranges(mem_size);
         if ranges != layout {
@@ -273,9 +263,7 @@ impl VmSnapshot {
             linux,
             trampoline,
             saved_at_ns,
-            vcpus,
-            vm,
-            devices,
+            machine,
             memory_check: Default::default(),
         })
     }

@@ -1,19 +1,40 @@
-//! Putting a saved machine into a freshly built VM, through the same
-//! restore code that rollbacks use.
+//! Putting a saved machine into a freshly built VM, through the one
+//! restore function that rollbacks use too ([`crate::machine::restore`]),
+//! in its [`RestoreMode::Snapshot`] mode.
 //!
-//! Everything that can refuse is checked first (vCPU count, the device
-//! list and each device's kind), so a snapshot that does not fit is
-//! refused before any state is written: the VM is never half restored.
+//! Everything that can refuse is checked first (vCPU count, the devices),
+//! so a snapshot that does not fit is refused before any state is written:
+//! the VM is never half restored.
 
-use std::mem::discriminant;
+use super::{SnapshotError, VmSnapshot};
+use crate::device_manager::DeviceManager;
+use crate::machine::{self, MachineError, RestoreMode, VcpuTarget};
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm::Vm;
 
-use kvm_bindings::{kvm_clock_data, kvm_msr_entry, Msrs};
-use kvm_ioctls::{VcpuFd, VmFd};
+/// vCPUs whose threads have not started: restored through their file
+/// descriptors.
+struct Unstarted<'a>(&'a mut [Vcpu]);
 
-use super::{now_ns, SnapshotError, VmSnapshot};
-use crate::devices::bus::{lock, DeviceState, SharedDevice};
-use crate::vstate::vcpu_state::{self, MSR_IA32_TSC};
-use crate::vstate::vm_state;
+impl VcpuTarget for Unstarted<'_> {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    fn restore_vcpu(
+        &mut self,
+        index: usize,
+        state: VcpuState,
+        tsc_advance_ns: Option<u64>,
+    ) -> Result<(), MachineError> {
+        let v = self
+            .0
+            .get_mut(index)
+            .ok_or_else(|| MachineError::Vcpu(index, "no such vCPU".into()))?;
+        Ok(v.restore_with_tsc(&state, tsc_advance_ns)?)
+    }
+}
 
 /// Restores `snap` into a VM whose memory already holds the snapshot's,
 /// whose vCPUs have not run, and whose devices were built as the
@@ -21,30 +42,17 @@ use crate::vstate::vm_state;
 ///
 /// First it waits for the check of the base memory layer (unless that
 /// runs in the background), so no vCPU runs on memory that was not checked.
-/// Order: the in-kernel irqchips and PIT first, so the local APIC state
-/// the vCPUs restore meets its interrupt controllers; then the KVM clock;
-/// then each vCPU (whose own order is explained in `vcpu_state::restore`)
-/// and its TSC; the device models last.
 pub fn restore_machine(
-    vm: &VmFd,
-    vcpus: &[&VcpuFd],
-    devices: &[SharedDevice],
-    snap: &VmSnapshot,
+    vm: &mut Vm,
+    vcpus: &mut [Vcpu],
+    devices: &DeviceManager,
+    snap: VmSnapshot,
 ) -> Result<(), SnapshotError> {
     snap.memory_check.wait()?;
-    check_fits(vcpus.len(), devices, snap)?;
-    let elapsed = now_ns().saturating_sub(snap.saved_at_ns);
-    vm_state::restore(vm, &snap.vm)?;
-    set_clock(vm, snap.vm.clock.clock.saturating_add(elapsed))?;
-    for (fd, s) in vcpus.iter().zip(&snap.vcpus) {
-        vcpu_state::restore(fd, s)?;
-        restore_tsc(fd, s, elapsed)?;
-    }
-    for (d, s) in devices.iter().zip(&snap.devices) {
-        lock(d)
-            .restore_state(s)
-            .map_err(|e| SnapshotError::Mismatch(format!("restoring a device: {e}")))?;
-    }
+    let mode = RestoreMode::Snapshot {
+        saved_at_ns: snap.saved_at_ns,
+    };
+    machine::restore(vm, &mut Unstarted(vcpus), devices, snap.machine, mode)?;
     Ok(())
 }
 
@@ -77,74 +85,4 @@ pub fn check_host_compat(snap: &VmSnapshot, compat_active: bool) -> Result<(), S
         )),
         _ => Ok(()),
     }
-}
-
-/// Refuses a snapshot whose vCPUs or devices differ from the VM's.
-fn check_fits(
-    vcpus: usize,
-    devices: &[SharedDevice],
-    snap: &VmSnapshot,
-) -> Result<(), SnapshotError> {
-    if vcpus != snap.vcpus.len() {
-        return Err(SnapshotError::Mismatch(format!(
-            "the snapshot has {} vCPUs, the VM {vcpus}",
-            snap.vcpus.len()
-        )));
-    }
-    let have: Vec<DeviceState> = devices.iter().map(|d| lock(d).save_state()).collect();
-    let kinds = |v: &[DeviceState]| -> Vec<&'static str> { v.iter().map(kind).collect() };
-    let same = have.len() == snap.devices.len()
-        && have
-            .iter()
-            .zip(&snap.devices)
-            .all(|(a, b)| discriminant(a) == discriminant(b));
-    if !same {
-        return Err(SnapshotError::Mismatch(format!(
-            "the snapshot's devices are {:?}, this VM's {:?} (give as many --net devices as the saved VM had)",
-            kinds(&snap.devices),
-            kinds(&have)
-        )));
-    }
-    Ok(())
-}
-
-fn kind(d: &DeviceState) -> &'static str {
-    match d {
-        DeviceState::Stateless => "stateless",
-        DeviceState::Serial(_) => "serial",
-        DeviceState::Net(_) => "virtio-net",
-    }
-}
-
-/// Sets the KVM clock to `ns`: the saved clock plus the time the VM spent
-/// on disk, so the guest's clock reads the present and never runs back.
-fn set_clock(vm: &VmFd, ns: u64) -> Result<(), SnapshotError> {
-    let c = kvm_clock_data {
-        clock: ns,
-        ..Default::default()
-    };
-    vm.set_clock(&c)
-        .map_err(|e| vcpu_state::StateError("KVM_SET_CLOCK", e).into())
-}
-
-/// Moves the vCPU's TSC to the saved value plus `elapsed` ns at the
-/// vCPU's TSC rate. `vcpu_state::restore` leaves the TSC alone (a rollback
-/// keeps it running); a new VM's TSC starts near zero, which would make
-/// the guest's time run backwards.
-fn restore_tsc(fd: &VcpuFd, s: &vcpu_state::VcpuState, elapsed: u64) -> Result<(), SnapshotError> {
-    let Some(saved) = s.msrs.iter().find(|m| m.index == MSR_IA32_TSC) else {
-        return Ok(());
-    };
-    let khz = u64::from(fd.get_tsc_khz().unwrap_or(0));
-    let ticks = (u128::from(elapsed) * u128::from(khz) / 1_000_000) as u64;
-    let entry = kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        data: saved.data.saturating_add(ticks),
-        ..Default::default()
-    };
-    let m = Msrs::from_entries(&[entry])
-        .map_err(|_| SnapshotError::Corrupt("building the TSC MSR list".into()))?;
-    fd.set_msrs(&m)
-        .map_err(|e| vcpu_state::StateError("KVM_SET_MSRS (TSC)", e))?;
-    Ok(())
 }

@@ -6,7 +6,11 @@ use vm_superio::serial::SerialState;
 use super::codec::{self, HEADER_LEN};
 use super::restore::check_host_compat;
 use super::*;
+use crate::device_manager::DeviceStates;
 use crate::devices::virtio::{NetState, SavedQueue, TransportState};
+use crate::machine::MachineState;
+use crate::vstate::vcpu_state::VcpuState;
+use crate::vstate::vm_state::VmState;
 
 fn vcpu(i: u64, xsave: bool) -> VcpuState {
     let mut s = VcpuState {
@@ -88,16 +92,17 @@ pub(super) fn sample() -> VmSnapshot {
         linux: false,
         trampoline: None,
         saved_at_ns: 7,
-        vcpus: vec![vcpu(0, true), vcpu(1, false)],
-        vm,
-        devices: vec![
-            DeviceState::Serial(SerialState {
-                in_buffer: b"hi".to_vec(),
-                ..Default::default()
-            }),
-            DeviceState::Net(Box::new(net)),
-            DeviceState::Stateless,
-        ],
+        machine: MachineState {
+            vcpus: vec![vcpu(0, true), vcpu(1, false)],
+            vm,
+            devices: DeviceStates {
+                serial: SerialState {
+                    in_buffer: b"hi".to_vec(),
+                    ..Default::default()
+                },
+                nets: vec![net.clone(), net],
+            },
+        },
         memory_check: Default::default(),
     }
 }
@@ -108,12 +113,13 @@ fn state_round_trips() {
     let bytes = s.encode();
     let back = VmSnapshot::decode(&bytes).unwrap();
     assert_eq!(back.encode(), bytes, "re-encoding gives the same file");
-    assert_eq!(back.vcpus[1].regs.rip, 0x40_0001);
-    assert_eq!(back.vcpus[0].xsave.as_ref().unwrap().region[5], 0xabcd);
-    assert_eq!(back.vcpus[1].fpu.unwrap().mxcsr, 0x1f80);
-    assert_eq!(back.vcpus[0].msrs.len(), 3);
-    assert_eq!(back.vm.clock.clock, 999);
-    assert_eq!(back.devices, s.devices);
+    let (m, saved) = (&back.machine, &s.machine);
+    assert_eq!(m.vcpus[1].regs.rip, 0x40_0001);
+    assert_eq!(m.vcpus[0].xsave.as_ref().unwrap().region[5], 0xabcd);
+    assert_eq!(m.vcpus[1].fpu.unwrap().mxcsr, 0x1f80);
+    assert_eq!(m.vcpus[0].msrs.len(), 3);
+    assert_eq!(m.vm.clock.clock, 999);
+    assert_eq!(m.devices, saved.devices);
     assert_eq!(back.ranges, s.ranges);
 }
 
@@ -287,8 +293,11 @@ fn a_valid_checksum_over_a_bad_payload_is_refused() {
     assert!(matches!(e, SnapshotError::Corrupt(_)), "{e}");
     let good = s.encode();
     let mut payload = good[HEADER_LEN..].to_vec();
-    let last_dev = payload.len() - 1; // the Stateless tag
-    payload[last_dev] = 9;
+    // The last device's kind byte, just before its state.
+    let last = crate::persist::to_bytes(&s.machine.devices.nets[1]).len();
+    let kind = payload.len() - last - 1;
+    assert_eq!(payload[kind], 2, "a net card's kind");
+    payload[kind] = 9;
     let e = VmSnapshot::decode(&codec::seal(&payload)).err().unwrap();
     assert!(e.to_string().contains("unknown device kind 9"), "{e}");
 }

@@ -1,20 +1,14 @@
-//! A checkpoint of the whole machine: every vCPU, the VM's in-kernel
-//! devices, the device models, and the memory undo log.
+//! A speculation checkpoint: the [`MachineState`] (the same value a
+//! snapshot holds on disk) and the memory undo log.
 
-use crate::devices::bus::DeviceState;
+use crate::machine::MachineState;
 use crate::spec::memory::UndoLog;
 use crate::spec::stack::Fold;
-use crate::vstate::vcpu_state::VcpuState;
-use crate::vstate::vm_state::VmState;
 
 /// Everything needed to put the VM back where it was.
 pub struct Checkpoint {
-    /// Every vCPU's state, by index.
-    pub vcpus: Vec<Box<VcpuState>>,
-    /// The irqchips, PIT and clock.
-    pub vm: VmState,
-    /// The device models' state, in the order of the VM's stateful devices.
-    pub devices: Vec<DeviceState>,
+    /// The vCPUs, the in-kernel devices and the device models.
+    pub machine: MachineState,
     /// The vCPU whose `speculate` hypercall took this checkpoint, if any
     /// (a checkpoint taken by the host or on a packet has none). On a
     /// rollback its RAX becomes the reason, so `speculate` returns again.

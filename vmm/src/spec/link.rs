@@ -17,16 +17,18 @@
 //!   controller to join them, and the frame waits until the checkpoint is
 //!   taken (rule 2). The tag is stripped before the guest sees the frame.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use netbridge::codec::{self, CodecError, SpecId as WireId};
-use netbridge::protocol::{
-    decode, encode_control, encode_frame, framed, Control, Message, MAX_MESSAGE,
+use specwire::codec::{self, CodecError};
+use specwire::protocol::{
+    decode, encode_control, encode_frame, read_message, write_message, Control, Message,
+    MessageError, MAX_MESSAGE,
 };
+use specwire::SpecId;
 
 use crate::devices::virtio::net::{Backend, FrameHook, RxVerdict};
 use crate::event::{EventSender, VmEvent};
@@ -50,10 +52,10 @@ pub enum LinkError {
 pub enum BridgeEvent {
     /// A speculation the VM joined ended; acknowledge `seq` once acted on.
     Decided {
-        /// The speculation, `(vm << 32) | seq`.
-        id: u64,
+        /// The speculation.
+        id: SpecId,
         /// Its outcome.
-        outcome: netbridge::protocol::Outcome,
+        outcome: specwire::protocol::Outcome,
         /// What to acknowledge.
         seq: u64,
     },
@@ -113,7 +115,7 @@ impl BridgeLink {
     /// Sends a control message to the bridge.
     pub fn send(&self, c: &Control) -> io::Result<()> {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        w.write_all(&framed(&encode_control(c)))
+        Ok(write_message(&mut *w, &encode_control(c))?)
     }
 }
 
@@ -140,10 +142,13 @@ fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 fn forward_to_bridge(ours: &UnixDatagram, writer: &Mutex<UnixStream>) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     while let Ok(n) = ours.recv(&mut buf) {
-        let msg = framed(&encode_frame(&buf[..n]));
+        let msg = encode_frame(&buf[..n]);
         let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-        if w.write_all(&msg).is_err() {
-            return;
+        match write_message(&mut *w, &msg) {
+            Ok(()) => {}
+            // Nothing was written: the link lives on without the frame.
+            Err(e @ MessageError::TooLong { .. }) => tracing::warn!("frame dropped: {e}"),
+            Err(_) => return,
         }
     }
 }
@@ -190,6 +195,7 @@ fn forward_from_bridge(mut stream: UnixStream, ours: &UnixDatagram, events: &Eve
 fn welcome(s: &mut UnixStream) -> io::Result<u32> {
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     let msg = read_message(s).map_err(|e| {
+        let e = io::Error::from(e);
         io::Error::new(
             e.kind(),
             format!("no answer to hello ({e}); is this VM id already connected?"),
@@ -204,26 +210,14 @@ fn welcome(s: &mut UnixStream) -> io::Result<u32> {
     }
 }
 
-fn read_message(s: &mut UnixStream) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_MESSAGE {
-        return Err(io::Error::other(format!("message of {len} bytes")));
-    }
-    let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf)?;
-    Ok(buf)
-}
-
 /// The dependency set as the hook reads it, kept by the controller.
 #[derive(Debug, Default)]
 pub struct SharedDeps {
-    /// Every id the VM's state depends on, as `(vm << 32) | seq`.
-    pub ids: Vec<u64>,
+    /// Every id the VM's state depends on.
+    pub ids: Vec<SpecId>,
     /// Ids the VM could not join (its checkpoint stack was full): frames
     /// tagged with them are dropped, never delivered unprotected.
-    pub refused: Vec<u64>,
+    pub refused: Vec<SpecId>,
     /// Output held until the speculations it depends on commit.
     pub held: HeldOutput,
 }
@@ -235,7 +229,7 @@ impl SharedDeps {
     /// (rules 5, 6, 11). They go to the release thread, in order; without
     /// one (a VM with no card that holds output) they are returned, oldest
     /// first, with their card, for the caller to send.
-    pub fn set_ids(&mut self, ids: Vec<u64>) -> Vec<(usize, Vec<u8>)> {
+    pub fn set_ids(&mut self, ids: Vec<SpecId>) -> Vec<(usize, Vec<u8>)> {
         self.ids = ids;
         let out = self.held.release(&self.ids);
         match &self.held.releaser {
@@ -261,7 +255,7 @@ struct Held {
     /// The card (slot) it was sent on.
     card: usize,
     /// The speculations it still waits for.
-    pending: Vec<u64>,
+    pending: Vec<SpecId>,
     frame: Vec<u8>,
 }
 
@@ -329,7 +323,7 @@ impl HeldOutput {
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(len);
     }
 
-    fn push(&mut self, card: usize, pending: Vec<u64>, frame: Vec<u8>) {
+    fn push(&mut self, card: usize, pending: Vec<SpecId>, frame: Vec<u8>) {
         self.bytes += frame.len();
         self.frames.push_back(Held {
             card,
@@ -340,7 +334,7 @@ impl HeldOutput {
 
     /// Drops every frame that waits for one of `aborted`: the rollback took
     /// back the state that sent it (rule 4). Returns how many.
-    pub fn drop_aborted(&mut self, aborted: &[u64]) -> usize {
+    pub fn drop_aborted(&mut self, aborted: &[SpecId]) -> usize {
         let before = self.frames.len();
         self.frames
             .retain(|h| !h.pending.iter().any(|p| aborted.contains(p)));
@@ -350,7 +344,7 @@ impl HeldOutput {
 
     /// Forgets the ids that are no longer in `ids` (committed), and takes
     /// out the frames left waiting for nothing, in the order they were sent.
-    fn release(&mut self, ids: &[u64]) -> Vec<(usize, Vec<u8>)> {
+    fn release(&mut self, ids: &[SpecId]) -> Vec<(usize, Vec<u8>)> {
         let mut out = Vec::new();
         let mut keep = std::collections::VecDeque::with_capacity(self.frames.len());
         for mut h in self.frames.drain(..) {
@@ -385,7 +379,7 @@ pub struct SpecHook {
     deps: Arc<Mutex<SharedDeps>>,
     events: EventSender,
     /// The ids of the last join asked for, so a waiting frame asks once.
-    asked: Vec<u64>,
+    asked: Vec<SpecId>,
     stats: Arc<Mutex<HookStats>>,
 }
 
@@ -412,9 +406,9 @@ impl SpecHook {
 
 impl FrameHook for SpecHook {
     fn on_tx(&mut self, frame: Vec<u8>) -> Option<Vec<u8>> {
-        let ids: Vec<WireId> = {
+        let ids: Vec<SpecId> = {
             let d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
-            d.ids.iter().map(|&id| WireId::from_u64(id)).collect()
+            d.ids.clone()
         };
         match codec::retag(&frame, &ids) {
             Ok(f) => Some(f),
@@ -436,15 +430,15 @@ impl FrameHook for SpecHook {
     }
 
     fn on_rx(&mut self, frame: &mut Vec<u8>) -> RxVerdict {
-        let tags: Vec<u64> = match codec::parse_tags(frame) {
+        let tags: Vec<SpecId> = match codec::parse_tags(frame) {
             Ok(None) => return RxVerdict::Deliver,
-            Ok(Some(t)) => t.into_iter().map(WireId::to_u64).collect(),
+            Ok(Some(t)) => t,
             Err(_) => {
                 self.count(|s| s.rx_dropped += 1);
                 return RxVerdict::Drop;
             }
         };
-        let missing: Vec<u64> = {
+        let missing: Vec<SpecId> = {
             let d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
             if tags.iter().any(|t| d.refused.contains(t)) {
                 drop(d);
@@ -626,7 +620,7 @@ impl FrameHook for StripHook {
 mod tests {
     use super::*;
 
-    fn udp(tags: &[WireId]) -> Vec<u8> {
+    fn udp(tags: &[SpecId]) -> Vec<u8> {
         let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
             .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
             .udp(1, 2);
@@ -637,7 +631,7 @@ mod tests {
 
     #[test]
     fn strip_hook_removes_forged_tags_both_ways() {
-        let forged = udp(&[WireId { vm: 99, seq: 7 }]);
+        let forged = udp(&[SpecId { vm: 99, seq: 7 }]);
         let mut h = StripHook;
         let out = h.on_tx(forged.clone()).unwrap();
         assert_eq!(codec::parse_tags(&out).unwrap(), None);
@@ -649,24 +643,26 @@ mod tests {
     #[test]
     fn spec_hook_tags_with_the_whole_set_and_asks_to_join() {
         let deps = Arc::new(Mutex::new(SharedDeps {
-            ids: vec![(1 << 32) | 5],
+            ids: vec![SpecId::new(1, 5)],
             ..Default::default()
         }));
         let (tx, rx) = crate::event::channel();
         let mut h = SpecHook::new(deps.clone(), tx, Arc::default());
         // A forged tag is replaced by the true set.
-        let out = h.on_tx(udp(&[WireId { vm: 99, seq: 7 }])).unwrap();
+        let out = h.on_tx(udp(&[SpecId { vm: 99, seq: 7 }])).unwrap();
         assert_eq!(
             codec::parse_tags(&out).unwrap(),
-            Some(vec![WireId { vm: 1, seq: 5 }])
+            Some(vec![SpecId { vm: 1, seq: 5 }])
         );
         // A frame tagged with an id the VM does not hold waits for a join.
-        let mut f = udp(&[WireId { vm: 3, seq: 1 }]);
+        let mut f = udp(&[SpecId { vm: 3, seq: 1 }]);
         assert_eq!(h.on_rx(&mut f), RxVerdict::DeferUntilCheckpoint);
-        assert!(matches!(rx.try_recv(), Ok(VmEvent::Join { ids }) if ids == vec![(3 << 32) | 1]));
+        assert!(
+            matches!(rx.try_recv(), Ok(VmEvent::Join { ids }) if ids == vec![SpecId::new(3, 1)])
+        );
         assert_eq!(h.on_rx(&mut f), RxVerdict::DeferUntilCheckpoint);
         assert!(rx.try_recv().is_err(), "asks once per set");
-        deps.lock().unwrap().ids.push((3 << 32) | 1);
+        deps.lock().unwrap().ids.push(SpecId::new(3, 1));
         assert_eq!(h.on_rx(&mut f), RxVerdict::Deliver);
         assert_eq!(
             codec::parse_tags(&f).unwrap(),
@@ -674,7 +670,7 @@ mod tests {
             "delivered without its tag"
         );
         // Too many ids: dropped, never sent untagged.
-        deps.lock().unwrap().ids = (1..=5).map(|s| (1 << 32) | s).collect();
+        deps.lock().unwrap().ids = (1..=5).map(|s| SpecId::new(1, s)).collect();
         assert_eq!(h.on_tx(udp(&[])), None);
     }
 
@@ -699,7 +695,7 @@ mod tests {
     fn output_commit_holds_releases_and_drops() {
         let deps = Arc::new(Mutex::new(SharedDeps::default()));
         let mut h = OutputCommitHook::new(0, deps.clone());
-        let forged = codec::retag(&udp_with(1), &[WireId { vm: 99, seq: 7 }]).unwrap();
+        let forged = codec::retag(&udp_with(1), &[SpecId { vm: 99, seq: 7 }]).unwrap();
         let out = h.on_tx(forged).expect("no speculation: sent at once");
         assert_eq!(
             codec::parse_tags(&out).unwrap(),
@@ -707,7 +703,7 @@ mod tests {
             "the tag is the VMM's"
         );
 
-        let (a, b) = ((1u64 << 32) | 1, (1u64 << 32) | 2);
+        let (a, b) = (SpecId::new(1, 1), SpecId::new(1, 2));
         assert!(deps.lock().unwrap().set_ids(vec![a]).is_empty());
         assert_eq!(h.on_tx(udp_with(2)), None);
         assert!(deps.lock().unwrap().set_ids(vec![a, b]).is_empty());
@@ -733,7 +729,7 @@ mod tests {
     fn output_waits_for_every_id_it_depends_on() {
         let deps = Arc::new(Mutex::new(SharedDeps::default()));
         let mut h = OutputCommitHook::new(1, deps.clone());
-        let (own, joined) = ((1u64 << 32) | 1, (7u64 << 32) | 3);
+        let (own, joined) = (SpecId::new(1, 1), SpecId::new(7, 3));
         deps.lock().unwrap().set_ids(vec![own, joined]);
         assert_eq!(h.on_tx(udp_with(9)), None);
         assert!(deps.lock().unwrap().set_ids(vec![own]).is_empty());
@@ -748,7 +744,7 @@ mod tests {
     fn a_full_hold_pushes_back() {
         let deps = Arc::new(Mutex::new(SharedDeps::default()));
         let mut h = OutputCommitHook::new(0, deps.clone());
-        deps.lock().unwrap().set_ids(vec![1]);
+        deps.lock().unwrap().set_ids(vec![SpecId::new(0, 1)]);
         let mut sent = 0;
         while h.tx_ready() {
             assert_eq!(h.on_tx(udp_with(0)), None);

@@ -7,38 +7,10 @@
 //! arrived (rule 2). The checkpoint type `C` is generic: the VMM's holds
 //! machine state and a memory undo log; tests use a model.
 
-use std::fmt;
-
-/// A speculation id, unique across every VM sharing a bridge fabric:
-/// the owner VM's id and a sequence number of that VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpecId {
-    /// The owner VM.
-    pub vm: u32,
-    /// The owner's sequence number.
-    pub seq: u32,
-}
-
-impl SpecId {
-    /// The id as one 64-bit number: VM id in the high half.
-    pub fn to_u64(self) -> u64 {
-        (u64::from(self.vm) << 32) | u64::from(self.seq)
-    }
-
-    /// The id from its 64-bit form.
-    pub fn from_u64(v: u64) -> Self {
-        Self {
-            vm: (v >> 32) as u32,
-            seq: v as u32,
-        }
-    }
-}
-
-impl fmt::Display for SpecId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.vm, self.seq)
-    }
-}
+/// A speculation id, unique across every VM sharing a bridge fabric: the
+/// owner VM's id and a sequence number of that VM. The one type of the VMM,
+/// the bridge and the wire.
+pub use specwire::SpecId;
 
 /// A checkpoint whose undo information can be folded into an older one
 /// when the entries that needed it are gone (rules 5 and 6).

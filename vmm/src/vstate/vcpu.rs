@@ -5,7 +5,7 @@
 //! to the host-compat layer when it is active.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_enable_cap, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -17,6 +17,7 @@ use super::vcpu_state::{self, StateCaps};
 use crate::devices::{Bus, VcpuTrap, WriteResult};
 use crate::event::{EventSender, VcpuCmd, VcpuReply, VmEvent};
 use crate::host_compat::{self, HostCompat};
+use crate::persist::Persist;
 use crate::progress::Progress;
 
 /// KVM_INTERNAL_ERROR_EMULATION: the instruction emulator gave up.
@@ -39,8 +40,6 @@ pub struct VcpuContext {
     pub compat: Option<HostCompat>,
     /// Guest memory, to read instruction bytes for error reports.
     pub mem: GuestMemoryMmap,
-    /// Which state this host's KVM can save.
-    pub caps: Arc<StateCaps>,
     /// Exit counts and RIP samples for progress reports.
     pub progress: Arc<Progress>,
 }
@@ -51,20 +50,62 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     /// Its index, which is also its APIC ID.
     pub index: u8,
+    /// Which state this host's KVM can save.
+    pub caps: Arc<StateCaps>,
 }
 
-/// The vCPU thread's end of its link to the controller.
+impl crate::persist::Persist for Vcpu {
+    type State = vcpu_state::VcpuState;
+    type Error = vcpu_state::StateError;
+
+    /// The complete state (see [`vcpu_state::save`] for the order).
+    fn save(&self) -> Result<Self::State, Self::Error> {
+        vcpu_state::save(&self.fd, &self.caps)
+    }
+
+    /// Everything but the TSC (see [`vcpu_state::restore`]).
+    fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
+        vcpu_state::restore(&self.fd, state)
+    }
+}
+
+impl Vcpu {
+    /// Restores `state`, then, with `tsc_advance_ns`, the TSC moved forward
+    /// by that time ([`crate::machine::restore`] decides which).
+    pub fn restore_with_tsc(
+        &mut self,
+        state: &vcpu_state::VcpuState,
+        tsc_advance_ns: Option<u64>,
+    ) -> Result<(), vcpu_state::StateError> {
+        self.restore(state)?;
+        match tsc_advance_ns {
+            Some(ns) => crate::machine::advance_tsc(&self.fd, state, ns),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The vCPU thread's end of its link to the controller: a channel each
+/// way of its own, so the controller never sorts one vCPU's answers out of
+/// the VM's event stream.
 pub struct VcpuLink {
     /// Commands while parked.
     pub cmds: Receiver<VcpuCmd>,
+    /// Answers: that the vCPU parked, and the result of each command.
+    pub replies: Sender<VcpuReply>,
     /// Set by the controller (then a kick) to make the vCPU park.
     pub attention: Arc<AtomicBool>,
+    /// Set by the vCPU before it reports a hypercall, cleared by the
+    /// controller once the call is served: until then the vCPU must stay
+    /// parked, whatever else the controller resumes.
+    pub call_pending: Arc<AtomicBool>,
 }
 
 /// What the loop does after an exit.
 enum Next {
     Continue,
-    Park,
+    /// A speculation hypercall: report it, then park until it is served.
+    Hypercall(u32, u64),
     Stop,
     /// The host-compat trampoline must carry the vCPU into the kernel.
     SyscallEntry,
@@ -90,12 +131,23 @@ impl Vcpu {
                 self.run_once(&ctx)
             };
             let step = match step {
-                Ok(Next::Park) => self.park(&ctx, &link),
+                Ok(Next::Hypercall(op, arg)) => {
+                    link.call_pending.store(true, Ordering::Release);
+                    let call = VmEvent::Hypercall {
+                        vcpu: self.index,
+                        op,
+                        arg,
+                    };
+                    match ctx.events.send(call) {
+                        Ok(()) => self.park(&ctx, &link),
+                        Err(_) => Ok(Next::Stop),
+                    }
+                }
                 Ok(Next::SyscallEntry) => self.enter_kernel(&ctx),
                 other => other,
             };
             match step {
-                Ok(Next::Continue) | Ok(Next::Park) | Ok(Next::SyscallEntry) => {}
+                Ok(Next::Continue | Next::SyscallEntry | Next::Hypercall(..)) => {}
                 Ok(Next::Stop) => break,
                 Err(msg) => {
                     let _ = ctx.events.send(VmEvent::Fatal(msg));
@@ -112,19 +164,18 @@ impl Vcpu {
         // A new request to park may have come in meanwhile: this covers it.
         link.attention.store(false, Ordering::Release);
         self.complete_pending_io(ctx)?;
-        let idx = self.index;
-        if ctx.events.send(VmEvent::Parked(idx)).is_err() {
+        if link.replies.send(VcpuReply::Parked).is_err() {
             return Ok(Next::Stop);
         }
         loop {
             let reply = match link.cmds.recv() {
                 Err(_) => return Ok(Next::Stop),
                 Ok(VcpuCmd::Resume) => return Ok(Next::Continue),
-                Ok(VcpuCmd::Save) => match vcpu_state::save(&self.fd, &ctx.caps) {
+                Ok(VcpuCmd::Save) => match self.save() {
                     Ok(s) => VcpuReply::Saved(Box::new(s)),
                     Err(e) => VcpuReply::Failed(e.to_string()),
                 },
-                Ok(VcpuCmd::Restore(s)) => match vcpu_state::restore(&self.fd, &s) {
+                Ok(VcpuCmd::Restore(s, tsc)) => match self.restore_with_tsc(&s, tsc) {
                     Ok(()) => VcpuReply::Done,
                     Err(e) => VcpuReply::Failed(e.to_string()),
                 },
@@ -139,7 +190,7 @@ impl Vcpu {
                     Err(e) => VcpuReply::Failed(format!("KVM_GET_REGS: {e}")),
                 },
             };
-            if ctx.events.send(VmEvent::Reply(idx, reply)).is_err() {
+            if link.replies.send(reply).is_err() {
                 return Ok(Next::Stop);
             }
         }
@@ -196,7 +247,7 @@ impl Vcpu {
         if let Some(r) = serve_access(ctx, &mut exit) {
             return Ok(match r {
                 WriteResult::Done | WriteResult::Unclaimed => Next::Continue,
-                WriteResult::Trap(t) => self.trap(ctx, t),
+                WriteResult::Trap(t) => self.trap(t),
             });
         }
         let deferred = match exit {
@@ -242,16 +293,11 @@ impl Vcpu {
     /// Hands a device's request for the whole VM to the controller, and
     /// parks until it is served. This is the only place the exit borrow of
     /// `kvm_run` is released before the vCPU is read again.
-    fn trap(&self, ctx: &VcpuContext, t: VcpuTrap) -> Next {
+    fn trap(&self, t: VcpuTrap) -> Next {
         match t {
             VcpuTrap::Hypercall(op) => {
                 let arg = self.fd.get_regs().map(|r| r.rdi).unwrap_or(0);
-                let _ = ctx.events.send(VmEvent::Hypercall {
-                    vcpu: self.index,
-                    op,
-                    arg,
-                });
-                Next::Park
+                Next::Hypercall(op, arg)
             }
             VcpuTrap::SyscallEntry => Next::SyscallEntry,
         }

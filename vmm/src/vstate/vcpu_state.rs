@@ -1,13 +1,15 @@
 //! Saving and restoring the complete state of a vCPU.
 //!
-//! One mechanism serves speculation checkpoints (in memory) and, later,
-//! snapshots on disk.
+//! One mechanism serves speculation checkpoints (in memory) and snapshots
+//! on disk; the state's bytes are here too ([`Encode`], [`Decode`]).
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
     kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
+
+use crate::persist::{Decode, DecodeError, Encode, Reader, Writer};
 
 /// MSR_IA32_TSC. Never restored on rollback: the guest's TSC must keep
 /// running forward so its clock reads the present (SPECULATIONS.md, Time).
@@ -200,4 +202,104 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     vcpu.set_vcpu_events(&state.events)
         .map_err(e("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
+}
+
+impl Encode for VcpuState {
+    /// The registers in the order [`save`] reads them; the optional parts
+    /// behind a presence flag; the MSRs as a count and entries.
+    fn encode(&self, w: &mut Writer) {
+        w.pod(&self.mp_state);
+        w.pod(&self.regs);
+        w.pod(&self.sregs);
+        w.bool(self.xsave.is_some());
+        if let Some(x) = &self.xsave {
+            w.pod(x.as_ref());
+        }
+        w.bool(self.fpu.is_some());
+        if let Some(f) = &self.fpu {
+            put_fpu(w, f);
+        }
+        w.bool(self.xcrs.is_some());
+        if let Some(x) = &self.xcrs {
+            w.pod(x);
+        }
+        w.pod(&self.debugregs);
+        w.pod(&self.lapic);
+        w.u32(self.msrs.len() as u32);
+        for m in &self.msrs {
+            w.pod(m);
+        }
+        w.pod(&self.events);
+    }
+}
+
+impl Decode for VcpuState {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let mp_state = r.pod("vCPU MP_STATE")?;
+        let regs = r.pod("vCPU REGS")?;
+        let sregs = r.pod("vCPU SREGS")?;
+        let xsave = match r.bool("vCPU has XSAVE")? {
+            true => Some(Box::new(r.pod("vCPU XSAVE")?)),
+            false => None,
+        };
+        let fpu = match r.bool("vCPU has FPU")? {
+            true => Some(get_fpu(r)?),
+            false => None,
+        };
+        let xcrs = match r.bool("vCPU has XCRS")? {
+            true => Some(r.pod("vCPU XCRS")?),
+            false => None,
+        };
+        let debugregs = r.pod("vCPU DEBUGREGS")?;
+        let lapic = r.pod("vCPU LAPIC")?;
+        let n = r.count(4, "vCPU MSR count")?;
+        let msrs = (0..n)
+            .map(|_| r.pod("vCPU MSR"))
+            .collect::<Result<_, _>>()?;
+        let events = r.pod("vCPU EVENTS")?;
+        Ok(VcpuState {
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            fpu,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            events,
+        })
+    }
+}
+
+/// kvm-bindings derives no byte view for `kvm_fpu` (only hosts without
+/// XSAVE use it), so it goes field by field.
+fn put_fpu(w: &mut Writer, f: &kvm_fpu) {
+    f.fpr.iter().for_each(|x| w.buf.extend_from_slice(x));
+    w.u16(f.fcw);
+    w.u16(f.fsw);
+    w.u8(f.ftwx);
+    w.u16(f.last_opcode);
+    w.u64(f.last_ip);
+    w.u64(f.last_dp);
+    f.xmm.iter().for_each(|x| w.buf.extend_from_slice(x));
+    w.u32(f.mxcsr);
+}
+
+fn get_fpu(r: &mut Reader<'_>) -> Result<kvm_fpu, DecodeError> {
+    let mut f = kvm_fpu::default();
+    for x in f.fpr.iter_mut() {
+        x.copy_from_slice(r.take(16, "FPU register")?);
+    }
+    f.fcw = r.u16("FPU fcw")?;
+    f.fsw = r.u16("FPU fsw")?;
+    f.ftwx = r.u8("FPU ftwx")?;
+    f.last_opcode = r.u16("FPU opcode")?;
+    f.last_ip = r.u64("FPU ip")?;
+    f.last_dp = r.u64("FPU dp")?;
+    for x in f.xmm.iter_mut() {
+        x.copy_from_slice(r.take(16, "XMM register")?);
+    }
+    f.mxcsr = r.u32("FPU mxcsr")?;
+    Ok(f)
 }

@@ -85,3 +85,19 @@ impl Vm {
         Ok(())
     }
 }
+
+impl crate::persist::Persist for Vm {
+    type State = super::vm_state::VmState;
+    type Error = super::vcpu_state::StateError;
+
+    /// The irqchips, PIT and clock (see [`super::vm_state::save`]).
+    fn save(&self) -> Result<Self::State, Self::Error> {
+        super::vm_state::save(&self.fd)
+    }
+
+    /// The irqchips and PIT; the clock is refreshed, not set back (see
+    /// [`super::vm_state::restore`]).
+    fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
+        super::vm_state::restore(&self.fd, state)
+    }
+}

@@ -8,6 +8,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 
 use super::vcpu_state::StateError;
+use crate::persist::{Decode, DecodeError, Encode, Reader, Writer};
 
 /// The in-kernel device state of a VM.
 #[derive(Clone)]
@@ -67,4 +68,22 @@ pub fn refresh_clock(vm: &VmFd) -> Result<(), StateError> {
     now.flags = 0;
     vm.set_clock(&now)
         .map_err(|e| StateError("KVM_SET_CLOCK", e))
+}
+
+impl Encode for VmState {
+    fn encode(&self, w: &mut Writer) {
+        self.irqchips.iter().for_each(|c| w.pod(c));
+        w.pod(&self.pit);
+        w.pod(&self.clock);
+    }
+}
+
+impl Decode for VmState {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(VmState {
+            irqchips: [r.pod("PIC master")?, r.pod("PIC slave")?, r.pod("IOAPIC")?],
+            pit: r.pod("PIT")?,
+            clock: r.pod("KVM clock")?,
+        })
+    }
 }

@@ -24,6 +24,7 @@
 //! everything dropped is logged once.
 
 mod outbox;
+mod persist;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -33,13 +34,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use netbridge::sock::{self, SockError, SocketFile};
+use specwire::sock::{self, SockError, SocketFile};
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SerialConfig;
-use crate::devices::bus::DeviceState;
 use crate::devices::BusDevice;
 use crate::progress::ConsoleWatch;
 
@@ -53,7 +53,7 @@ pub enum SerialError {
     #[error("opening serial output file {0}: {1}")]
     File(PathBuf, io::Error),
     /// The socket's path is taken, or cannot be used (see
-    /// [`netbridge::sock`]).
+    /// [`specwire::sock`]).
     #[error("serial console: {0}")]
     SocketPath(#[from] SockError),
     /// The interrupt eventfd could not be created.
@@ -408,44 +408,13 @@ impl BusDevice for SerialDevice {
             }
         }
     }
-
-    fn save_state(&self) -> DeviceState {
-        DeviceState::Serial(lock_uart(&self.uart).state())
-    }
-
-    /// Restores the registers and the receive FIFO. The output backend
-    /// (and the console watcher) stay as they are: bytes already sent to
-    /// the console cannot be taken back.
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
-        let DeviceState::Serial(st) = state else {
-            return Err(format!("serial: cannot restore from {state:?}"));
-        };
-        let mut g = lock_uart(&self.uart);
-        let evt = || {
-            g.interrupt_evt()
-                .0
-                .try_clone()
-                .map_err(|e| format!("serial: {e}"))
-        };
-        let (placeholder, kept) = (evt()?, evt()?);
-        let old = std::mem::replace(
-            &mut *g,
-            Serial::new(
-                IrqTrigger(placeholder),
-                ConsoleOut::new(SerialOut::Null, None),
-            ),
-        );
-        let out = old.into_writer();
-        *g = Serial::from_state(st, IrqTrigger(kept), NoEvents, out)
-            .map_err(|e| format!("serial: {e:?}"))?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::outbox::CHUNK;
     use super::*;
+    use crate::persist::Persist;
     use std::os::unix::net::UnixStream;
 
     #[test]
@@ -467,13 +436,12 @@ mod tests {
     fn state_round_trips_and_keeps_the_backend() {
         let mut dev = SerialDevice::new(&SerialConfig::Null, None).unwrap();
         dev.write(3, &[0x83]); // LCR: DLAB on, 8 bits
-        let saved = dev.save_state();
+        let saved = dev.save().unwrap();
         dev.write(3, &[0x03]);
-        dev.restore_state(&saved).unwrap();
+        dev.restore(&saved).unwrap();
         let mut lcr = [0u8];
         dev.read(3, &mut lcr);
         assert_eq!(lcr[0], 0x83);
-        assert!(dev.restore_state(&DeviceState::Stateless).is_err());
     }
 
     #[test]
@@ -500,8 +468,8 @@ mod tests {
         dev.write(4, &[0x00]);
         assert_eq!(reached(&p), ["kernel started"]);
         // A restore (as a speculation's abort does) keeps the watcher.
-        let saved = dev.save_state();
-        dev.restore_state(&saved).unwrap();
+        let saved = dev.save().unwrap();
+        dev.restore(&saved).unwrap();
         send(&mut dev, b"SPECVM-READY\r\n");
         assert_eq!(reached(&p), ["kernel started", "ready"]);
         assert!(p.boot_times().total_secs.is_some());
@@ -534,14 +502,14 @@ mod tests {
         assert_eq!(&got, b"early");
         // Input sent before the VM is ready (here: before a restore puts
         // the UART's state back) is held, not lost to the restore.
-        let saved = dev.save_state();
+        let saved = dev.save().unwrap();
         client.write_all(b"x").unwrap();
         thread::sleep(Duration::from_millis(100));
         // Line status register bit 0: data ready.
         let mut lsr = [0u8];
         dev.read(5, &mut lsr);
         assert_eq!(lsr[0] & 1, 0, "input must wait for the gate");
-        dev.restore_state(&saved).unwrap();
+        dev.restore(&saved).unwrap();
         dev.input_gate().open();
         for _ in 0..500 {
             dev.read(5, &mut lsr);

@@ -22,7 +22,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, QueueContext, VirtioDevice, VirtioError, INT_CONFIG, VIRTIO_F_VERSION_1};
-use crate::devices::bus::{BusDevice, DeviceState};
+use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// "virt" in little-endian ASCII, the value of the MagicValue register.
@@ -491,19 +491,6 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             }
         }
     }
-
-    fn save_state(&self) -> DeviceState {
-        self.device.bus_state(self.save_transport())
-    }
-
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
-        let transport = self
-            .device
-            .restore_bus_state(state)
-            .map_err(|e| e.to_string())?;
-        self.restore_transport(&transport)
-            .map_err(|e| e.to_string())
-    }
 }
 
 #[cfg(test)]
@@ -551,12 +538,6 @@ mod tests {
                 return Err(VirtioError::Queue(virtio_queue::Error::InvalidChain));
             }
             Ok(())
-        }
-        fn bus_state(&self, _: TransportState) -> DeviceState {
-            DeviceState::Stateless
-        }
-        fn restore_bus_state(&mut self, _: &DeviceState) -> Result<TransportState, VirtioError> {
-            Err(VirtioError::InvalidState("dummy".into()))
         }
     }
 

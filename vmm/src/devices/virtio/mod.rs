@@ -37,11 +37,10 @@
 //!   option). Without `mac=`, fill one in with
 //!   [`net::NetConfig::default_mac`]`(vm_id, slot)` so that VMs on one bridge
 //!   differ.
-//! - Checkpoints: add `DeviceState::Net(Box<NetState>)` to
-//!   `devices::bus::DeviceState`, then make `net::persist::to_bus_state` and
-//!   `from_bus_state` use it (two one-line bodies, marked there). Until then a
-//!   net device saves `Stateless` and refuses to restore, so a rollback fails
-//!   loudly instead of desynchronising the rings.
+//! - Checkpoints and snapshots: each device's `persist.rs` implements
+//!   [`crate::persist::Persist`] for its transport (the transport's own
+//!   part is [`persist`]), and the device manager
+//!   ([`crate::device_manager`]) saves and restores every device through it.
 //! - While the vCPUs are paused for a checkpoint or a rollback, bracket the
 //!   memory and device work with [`net::NetHandle::pause_rx`] /
 //!   [`net::NetHandle::resume_rx`]: the receive thread writes guest memory,
@@ -65,6 +64,7 @@
 
 pub mod mmio;
 pub mod net;
+pub mod persist;
 
 #[cfg(test)]
 pub(crate) mod test_driver;
@@ -74,7 +74,6 @@ use std::io;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::bus::DeviceState;
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub use crate::devices::bus::SharedDevice;
@@ -226,10 +225,6 @@ pub trait VirtioDevice: Send {
     fn process_backend(&mut self, _ctx: &mut QueueContext<'_>) -> Result<(), VirtioError> {
         Ok(())
     }
-    /// The checkpoint state of device and transport, as the bus stores it.
-    fn bus_state(&self, transport: TransportState) -> DeviceState;
-    /// Restores the device's part of `state` and returns the transport's.
-    fn restore_bus_state(&mut self, state: &DeviceState) -> Result<TransportState, VirtioError>;
 }
 
 #[cfg(test)]

@@ -9,23 +9,24 @@
 //!   speaks a length-prefixed stream protocol with control messages, see
 //!   `docs/netbridge.md`; one of the two sides still has to adapt.)
 //! - **Tap** (`tap=NAME`): `/dev/net/tun` attached with `IFF_TAP |
-//!   IFF_NO_PI`; each `read` is one frame and each `write` sends one.
+//!   IFF_NO_PI` ([`specwire::tap::open_tap`], shared with the bridge's
+//!   uplink); each `read` is one frame and each `write` sends one.
 //!
 //! The descriptor is non-blocking. A frame that cannot be sent at once (the
 //! peer is slow and its buffer full) is dropped, as a NIC with a full
 //! transmit ring would, rather than stalling the vCPU that sent it.
 //!
-//! The socket and tap setup is written by hand against libc: the crates
-//! this project may use (vmm-sys-util, std) offer neither `SOCK_SEQPACKET`
-//! clients nor the `TUNSETIFF` ioctl, and what it takes is a few calls.
+//! The socket setup is written by hand against libc: the crates this
+//! project may use (vmm-sys-util, std) offer no `SOCK_SEQPACKET` clients,
+//! and what it takes is a few calls.
 
-use std::fs::OpenOptions;
 use std::io;
 use std::mem;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use specwire::tap::{open_tap, TapError};
 
 /// Errors setting up a backend.
 #[derive(Debug, thiserror::Error)]
@@ -47,20 +48,10 @@ pub enum BackendError {
         /// What connect said.
         err: io::Error,
     },
-    /// `/dev/net/tun` could not be opened.
-    #[error("opening /dev/net/tun: {0}")]
-    OpenTun(io::Error),
-    /// The tap interface could not be attached.
-    #[error("attaching tap interface {name}: {err}")]
-    Tap {
-        /// The interface name.
-        name: String,
-        /// What TUNSETIFF said.
-        err: io::Error,
-    },
-    /// A name the kernel would not take for an interface.
-    #[error("invalid tap interface name {0:?} (1 to 15 printable characters, no '/')")]
-    TapName(String),
+    /// The tap interface's name is not valid, or it could not be opened or
+    /// attached.
+    #[error(transparent)]
+    Tap(#[from] TapError),
     /// O_NONBLOCK could not be set.
     #[error("making the backend non-blocking: {0}")]
     Nonblock(io::Error),
@@ -83,9 +74,6 @@ pub struct Backend {
     kind: BackendKind,
     name: String,
 }
-
-/// Largest tap interface name (IFNAMSIZ less the NUL).
-pub const MAX_TAP_NAME: usize = libc::IFNAMSIZ - 1;
 
 impl Backend {
     /// Connects a `SOCK_SEQPACKET` client to the Unix socket at `path`.
@@ -171,34 +159,7 @@ impl Backend {
     /// Attaches to the TAP interface `name` (created if it does not exist
     /// and the process may create it), without packet information.
     pub fn open_tap(name: &str) -> Result<Self, BackendError> {
-        let bytes = name.as_bytes();
-        let printable = bytes.iter().all(|b| b.is_ascii_graphic() && *b != b'/');
-        if bytes.is_empty() || bytes.len() > MAX_TAP_NAME || !printable {
-            return Err(BackendError::TapName(name.into()));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open("/dev/net/tun")
-            .map_err(BackendError::OpenTun)?;
-        // SAFETY: an all-zero ifreq is a valid value (plain data and unions
-        // of plain data).
-        let mut ifr: libc::ifreq = unsafe { mem::zeroed() };
-        for (d, s) in ifr.ifr_name.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one ifreq, which `ifr` is; the
-        // descriptor is the tun device we just opened.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &raw mut ifr) };
-        if r < 0 {
-            let err = io::Error::last_os_error();
-            return Err(BackendError::Tap {
-                name: name.into(),
-                err,
-            });
-        }
+        let file = open_tap(name)?;
         Ok(Self {
             fd: file.into(),
             kind: BackendKind::Tap,
@@ -478,7 +439,10 @@ pub(crate) mod tests {
         ));
         for name in ["", "a/b", "sixteen-chars-xx", "sp ace"] {
             assert!(
-                matches!(Backend::open_tap(name), Err(BackendError::TapName(_))),
+                matches!(
+                    Backend::open_tap(name),
+                    Err(BackendError::Tap(TapError::Name(_)))
+                ),
                 "{name:?}"
             );
         }

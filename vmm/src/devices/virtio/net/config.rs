@@ -49,7 +49,7 @@ pub enum NetConfigError {
     #[error("--net bridge= and socket= need a path")]
     EmptyPath,
     /// A tap name the kernel would not take.
-    #[error("invalid tap name {0:?} (1 to 15 printable characters, no '/')")]
+    #[error("invalid tap name {0:?} (1 to 15 printable ASCII characters, no '/', ':' or '%', not '.' or '..')")]
     TapName(String),
     /// A malformed, multicast or all-zero MAC address.
     #[error("invalid MAC address {0:?} (six hex bytes, unicast, not all zero)")]
@@ -136,12 +136,6 @@ fn parse_mtu(s: &str) -> Result<u16, NetConfigError> {
         .ok_or_else(|| NetConfigError::Mtu(s.into()))
 }
 
-fn valid_tap_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= super::backend::MAX_TAP_NAME
-        && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
-}
-
 impl FromStr for NetConfig {
     type Err = NetConfigError;
 
@@ -159,7 +153,7 @@ impl FromStr for NetConfig {
                 "socket" | "bridge" if value.is_empty() => return Err(NetConfigError::EmptyPath),
                 "bridge" => backend = Some(NetBackendSpec::Bridge(value.into())),
                 "socket" => backend = Some(NetBackendSpec::Socket(value.into())),
-                "tap" if !valid_tap_name(value) => {
+                "tap" if !specwire::tap::valid_name(value) => {
                     return Err(NetConfigError::TapName(value.into()))
                 }
                 "tap" => backend = Some(NetBackendSpec::Tap(value.into())),
@@ -238,6 +232,8 @@ mod tests {
             ("tap=", TapName("".into())),
             ("tap=a/b", TapName("a/b".into())),
             ("tap=0123456789abcdef", TapName("0123456789abcdef".into())),
+            ("tap=t%d", TapName("t%d".into())),
+            ("tap=..", TapName("..".into())),
             ("socket=/a,speed=10", UnknownKey("speed".into())),
             ("socket=/a,mac", NotKeyValue("mac".into())),
             (

@@ -547,26 +547,6 @@ impl VirtioDevice for Net {
         }
         Ok(())
     }
-
-    fn bus_state(
-        &self,
-        transport: crate::devices::virtio::TransportState,
-    ) -> crate::devices::bus::DeviceState {
-        super::persist::to_bus_state(super::NetState {
-            transport,
-            mac: self.mac,
-            mtu: self.mtu,
-        })
-    }
-
-    fn restore_bus_state(
-        &mut self,
-        state: &crate::devices::bus::DeviceState,
-    ) -> Result<crate::devices::virtio::TransportState, VirtioError> {
-        let s = super::persist::from_bus_state(state)?;
-        self.set_config(s.mac, s.mtu);
-        Ok(s.transport.clone())
-    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@
 //! roll back with that memory and with the used index saved here.
 
 use super::Net;
-use crate::devices::bus::DeviceState;
 use crate::devices::virtio::{MmioTransport, TransportState, VirtioError};
+use crate::persist::{Decode, DecodeError, Encode, Persist, Reader, Writer};
 
 /// A checkpoint of a virtio-net device and its transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,21 +22,6 @@ pub struct NetState {
     pub mac: [u8; 6],
     /// The MTU in the configuration space.
     pub mtu: u16,
-}
-
-/// Wraps a net state as the bus stores it.
-pub fn to_bus_state(state: NetState) -> DeviceState {
-    DeviceState::Net(Box::new(state))
-}
-
-/// Finds the net state in what the bus stored.
-pub fn from_bus_state(state: &DeviceState) -> Result<&NetState, VirtioError> {
-    match state {
-        DeviceState::Net(s) => Ok(s),
-        other => Err(VirtioError::InvalidState(format!(
-            "not a virtio-net state: {other:?}"
-        ))),
-    }
 }
 
 impl MmioTransport<Net> {
@@ -56,5 +41,40 @@ impl MmioTransport<Net> {
         self.restore_transport(&state.transport)?;
         self.device_mut().set_config(state.mac, state.mtu);
         Ok(())
+    }
+}
+
+impl Persist for MmioTransport<Net> {
+    type State = NetState;
+    type Error = VirtioError;
+
+    fn save(&self) -> Result<NetState, VirtioError> {
+        Ok(self.save_net())
+    }
+
+    fn restore(&mut self, state: &NetState) -> Result<(), VirtioError> {
+        self.restore_net(state)
+    }
+}
+
+impl Encode for NetState {
+    /// The transport, then the MAC and the MTU.
+    fn encode(&self, w: &mut Writer) {
+        self.transport.encode(w);
+        w.buf.extend_from_slice(&self.mac);
+        w.u16(self.mtu);
+    }
+}
+
+impl Decode for NetState {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let transport = TransportState::decode(r)?;
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(r.take(6, "MAC")?);
+        Ok(NetState {
+            transport,
+            mac,
+            mtu: r.u16("MTU")?,
+        })
     }
 }

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::backend::tests::recv_wait;
 use super::device::{NET_FEATURES, NET_HDR_LEN};
 use super::*;
-use crate::devices::bus::{BusDevice, DeviceState};
+use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::CONFIG_OFFSET;
 use crate::devices::virtio::test_driver::*;
 use crate::devices::virtio::{INT_CONFIG, INT_USED_RING, VIRTIO_F_VERSION_1};
@@ -441,7 +441,7 @@ fn without_negotiated_mtu_the_standard_size_applies() {
 }
 
 #[test]
-fn state_round_trips_and_bus_state_is_not_wired_yet() {
+fn state_round_trips_through_the_handle_and_as_bytes() {
     let h = Harness::new();
     h.post_rx(0, 2048, F_WRITE);
     h.handle.inject_rx(frame(60, 1));
@@ -460,11 +460,13 @@ fn state_round_trips_and_bus_state_is_not_wired_yet() {
     assert!(h.handle.restore(&bad).is_err());
     assert_eq!(h.handle.save(), saved);
 
-    // Through the bus, as checkpoints do it.
-    let via_bus = h.bus().save_state();
-    assert_eq!(via_bus, DeviceState::Net(Box::new(saved.clone())));
-    assert!(h.bus().restore_state(&via_bus).is_ok());
-    assert!(h.bus().restore_state(&DeviceState::Stateless).is_err());
+    // As a snapshot stores it.
+    let bytes = crate::persist::to_bytes(&saved);
+    assert_eq!(
+        crate::persist::from_bytes::<NetState>(&bytes).unwrap(),
+        saved
+    );
+    assert!(crate::persist::from_bytes::<NetState>(&bytes[..bytes.len() - 1]).is_err());
 }
 
 #[test]

@@ -8,8 +8,19 @@
 //!
 //! The first message of a connection must be a [`Control::Hello`].
 //! See `docs/netbridge.md`.
+//!
+//! Messages are read and written whole, length checks included, by
+//! [`read_message`] and [`write_message`] on blocking streams, and by
+//! [`read_message_async`] and [`write_message_async`] on tokio ones
+//! (feature `tokio`).
 
 use serde::{Deserialize, Serialize};
+
+mod stream;
+
+pub use stream::{read_message, write_message, MessageError};
+#[cfg(feature = "tokio")]
+pub use stream::{read_message_async, write_message_async};
 
 /// Kind byte of a frame message.
 pub const KIND_FRAME: u8 = 0;
@@ -19,8 +30,9 @@ pub const KIND_CONTROL: u8 = 1;
 /// A longer length prefix is a protocol error that closes the port.
 pub const MAX_MESSAGE: usize = 65_600;
 
-/// A speculation id as the bridge carries it: `(vm << 32) | seq`.
-pub type Id = u64;
+/// A speculation id as the protocol carries it: [`SpecId`](crate::SpecId),
+/// a JSON number on the wire (`(vm << 32) | seq`).
+pub type Id = crate::SpecId;
 
 /// How a speculation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -137,7 +149,9 @@ pub fn encode_control(c: &Control) -> Vec<u8> {
     v
 }
 
-/// Prefixes a message with its length, ready to write.
+/// Prefixes a message with its length, ready to write. It does not check
+/// the length: [`write_message`] does, and tests build bad messages with
+/// this.
 pub fn framed(msg: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(msg.len() + 4);
     v.extend_from_slice(&(msg.len() as u32).to_le_bytes());
@@ -159,14 +173,16 @@ mod tests {
                 speculative: true,
             },
             Control::Welcome { next_seq: 5 },
-            Control::Started { id: 7 },
-            Control::Joined { ids: vec![1, 2] },
+            Control::Started { id: Id::new(0, 7) },
+            Control::Joined {
+                ids: vec![Id::new(0, 1), Id::new(1, 2)],
+            },
             Control::Resolved {
-                id: 9,
+                id: Id::new(u32::MAX, 9),
                 outcome: Outcome::Abort,
             },
             Control::Decided {
-                id: 9,
+                id: Id::new(3, 9),
                 outcome: Outcome::Commit,
                 seq: 4,
             },
@@ -193,9 +209,24 @@ mod tests {
     #[test]
     fn wire_form_is_readable() {
         let v = encode_control(&Control::Resolved {
-            id: 1,
+            id: Id::new(0, 1),
             outcome: Outcome::Commit,
         });
         assert_eq!(&v[1..], br#"{"type":"resolved","id":1,"outcome":"commit"}"#);
+    }
+
+    #[test]
+    fn ids_are_json_numbers() {
+        let v = encode_control(&Control::Joined {
+            ids: vec![Id::new(1, 2), Id::new(0, 3)],
+        });
+        assert_eq!(&v[1..], br#"{"type":"joined","ids":[4294967298,3]}"#);
+        let d = decode(b"\x01{\"type\":\"started\",\"id\":8589934593}");
+        assert_eq!(
+            d,
+            Ok(Message::Control(Control::Started { id: Id::new(2, 1) }))
+        );
+        // An id that is not a u64 is a bad message, as it was.
+        assert!(decode(b"\x01{\"type\":\"started\",\"id\":\"2:1\"}").is_err());
     }
 }

@@ -3,8 +3,8 @@
 //! only while they are still the ones we made.
 //!
 //! Shared by `netbridge --listen`/`--events` and by specvm's `--api-sock`
-//! and `--serial socket=` (specvm depends on this crate; this crate cannot
-//! depend on specvm).
+//! and `--serial socket=`; [`accept`], for tokio listeners, needs the
+//! `tokio` feature.
 //!
 //! [`listen`] does, in order:
 //! 1. looks at what is at the path ([`check`]): nothing, or a *stale*
@@ -433,8 +433,10 @@ pub fn connect(path: &Path, timeout: Option<Duration>) -> io::Result<UnixStream>
     }
 }
 
+#[cfg(feature = "tokio")]
 /// The first wait after a failed accept; it doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
+#[cfg(feature = "tokio")]
 /// The longest wait between accepts that fail.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -442,6 +444,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// out of descriptors (`EMFILE`, `ENFILE`) or memory, it waits and tries
 /// again, the waits doubling up to a second, so it neither gives up nor
 /// spins on a listener that stays ready.
+#[cfg(feature = "tokio")]
 pub async fn accept(listener: &tokio::net::UnixListener) -> tokio::net::UnixStream {
     let mut delay = MIN_BACKOFF;
     loop {
@@ -652,6 +655,7 @@ mod tests {
             .contains("no group"));
     }
 
+    #[cfg(feature = "tokio")]
     #[tokio::test]
     async fn accept_returns_the_next_connection() {
         let d = TempDir::new("accept");

@@ -1,4 +1,4 @@
-//! Property tests of `netbridge::codec`: no input panics, and on valid
+//! Property tests of `specwire::codec`: no input panics, and on valid
 //! IPv4/UDP frames (built by etherparse, with arbitrary options areas that
 //! may hold forged tags) retag writes exactly the set, keeps every other
 //! option and the payload, and leaves valid checksums.
@@ -7,10 +7,10 @@ use etherparse::checksum::Sum16BitWords;
 use etherparse::{
     IpFragOffset, IpHeaders, Ipv4Header, PacketBuilder, SlicedPacket, TransportSlice, VlanId,
 };
-use netbridge::codec::{
+use proptest::prelude::*;
+use specwire::codec::{
     parse_tags, retag, room_for_ids, strip, CodecError, SpecId, IPOPT_SPEC, MAX_IDS,
 };
-use proptest::prelude::*;
 
 /// One item of a generated options area.
 #[derive(Debug, Clone)]

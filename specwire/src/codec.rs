@@ -12,11 +12,14 @@
 //! No function here panics, whatever the bytes; every malformed input is a
 //! [`CodecError`] that names the problem and its byte offset in the frame.
 
-use std::fmt;
 use std::ops::Range;
 
 use etherparse::checksum::Sum16BitWords;
 use etherparse::{EtherType, Ethernet2HeaderSlice, Ipv4Header, Ipv4Options, SingleVlanHeaderSlice};
+
+/// The id a tag carries, and its size on the wire (here for the paths
+/// `codec::SpecId` and `codec::ID_LEN`).
+pub use crate::id::{SpecId, ID_LEN};
 
 /// The option type byte: copied flag set, class 0, number 30 (the RFC 4727
 /// experimental value).
@@ -29,8 +32,6 @@ pub const IPOPT_SPEC_NOT_COPIED: u8 = 0x1E;
 pub const SPEC_VERSION: u8 = 1;
 /// Bytes before the ids: type, length, version, count.
 pub const TAG_FIXED_LEN: usize = 4;
-/// Bytes per id: VM id then sequence number, each a big-endian u32.
-pub const ID_LEN: usize = 8;
 /// The largest tag set one packet can carry: (40 - 4) / 8.
 pub const MAX_IDS: usize = (MAX_OPTIONS_LEN - TAG_FIXED_LEN) / ID_LEN;
 /// The most a tag adds to a frame. The guest's MTU must be this much below
@@ -45,53 +46,6 @@ const IPOPT_END: u8 = 0;
 const IPOPT_NOP: u8 = 1;
 const ETH_HEADER_LEN: usize = 14;
 const VLAN_TAG_LEN: usize = 4;
-
-/// A speculation id, bit for bit the VMM's `spec::stack::SpecId`: the owner
-/// VM's id and that VM's sequence number. Its 64-bit form puts the VM id in
-/// the high half, as the VMM's `to_u64` does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SpecId {
-    /// The owner VM.
-    pub vm: u32,
-    /// The owner's sequence number.
-    pub seq: u32,
-}
-
-impl SpecId {
-    /// An id from its two halves.
-    pub const fn new(vm: u32, seq: u32) -> Self {
-        Self { vm, seq }
-    }
-
-    /// The id as one 64-bit number: VM id in the high half.
-    pub const fn to_u64(self) -> u64 {
-        ((self.vm as u64) << 32) | self.seq as u64
-    }
-
-    /// The id from its 64-bit form.
-    pub const fn from_u64(v: u64) -> Self {
-        Self {
-            vm: (v >> 32) as u32,
-            seq: v as u32,
-        }
-    }
-
-    /// The 8 wire bytes: the 64-bit form, big-endian.
-    pub const fn to_bytes(self) -> [u8; ID_LEN] {
-        self.to_u64().to_be_bytes()
-    }
-
-    /// The id from its 8 wire bytes.
-    pub const fn from_bytes(b: [u8; ID_LEN]) -> Self {
-        Self::from_u64(u64::from_be_bytes(b))
-    }
-}
-
-impl fmt::Display for SpecId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.vm, self.seq)
-    }
-}
 
 /// Why a frame could not be read or tagged. Every `offset` is a byte offset
 /// from the start of the Ethernet frame: of the IPv4 header, of the field
@@ -541,13 +495,9 @@ mod tests {
     }
 
     #[test]
-    fn spec_id_matches_vmm_layout() {
-        let id = SpecId::new(7, 9);
-        assert_eq!(id.to_u64(), (7 << 32) | 9);
-        assert_eq!(SpecId::from_u64(id.to_u64()), id);
-        assert_eq!(id.to_bytes(), [0, 0, 0, 7, 0, 0, 0, 9]);
-        assert_eq!(id.to_string(), "7:9");
+    fn four_ids_fit() {
         assert_eq!(MAX_IDS, 4);
+        assert_eq!(SpecId::new(7, 9).to_bytes(), [0, 0, 0, 7, 0, 0, 0, 9]);
     }
 
     #[test]

@@ -1,0 +1,214 @@
+//! The controller's end of the vCPU threads: each vCPU has a command
+//! channel and a reply channel of its own, so waiting for one vCPU never
+//! takes another's answer, or a VM event, out of turn.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
+
+use super::ControlError;
+use crate::event::{VcpuCmd, VcpuReply};
+use crate::machine::{MachineError, VcpuTarget};
+use crate::vstate::vcpu_state::VcpuState;
+
+/// How long to wait for a vCPU to park before kicking it again. A kick can
+/// be lost if it lands just before the thread enters KVM_RUN.
+const KICK_INTERVAL: Duration = Duration::from_millis(2);
+
+/// The controller's end of one vCPU thread.
+pub struct VcpuHandle {
+    cmds: Sender<VcpuCmd>,
+    replies: Receiver<VcpuReply>,
+    attention: Arc<AtomicBool>,
+    call_pending: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+    parked: bool,
+}
+
+impl VcpuHandle {
+    /// A handle for a running vCPU thread, from the controller's ends of
+    /// its link (`crate::vstate::vcpu::VcpuLink` is the thread's).
+    pub fn new(
+        cmds: Sender<VcpuCmd>,
+        replies: Receiver<VcpuReply>,
+        attention: Arc<AtomicBool>,
+        call_pending: Arc<AtomicBool>,
+        thread: JoinHandle<()>,
+    ) -> Self {
+        Self {
+            cmds,
+            replies,
+            attention,
+            call_pending,
+            thread,
+            parked: false,
+        }
+    }
+
+    fn kick(&self) {
+        let _ = self.thread.kill(SIGRTMIN());
+    }
+
+    /// Waits up to `wait` for the vCPU to say it parked.
+    fn await_park(&mut self, index: usize, wait: Option<Duration>) -> Result<bool, ControlError> {
+        let r = match wait {
+            Some(t) => self.replies.recv_timeout(t),
+            None => self
+                .replies
+                .recv()
+                .map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match r {
+            Ok(VcpuReply::Parked) => {
+                self.parked = true;
+                Ok(true)
+            }
+            Ok(other) => Err(ControlError::Vcpu(format!(
+                "vCPU {index}: expected it to park, got {other:?}"
+            ))),
+            Err(RecvTimeoutError::Timeout) => Ok(false),
+            Err(RecvTimeoutError::Disconnected) => Err(gone(index)),
+        }
+    }
+}
+
+fn gone(index: usize) -> ControlError {
+    ControlError::Vcpu(format!("vCPU {index} stopped"))
+}
+
+/// Every vCPU of the VM.
+pub struct VcpuSet {
+    handles: Vec<VcpuHandle>,
+    stop: Arc<AtomicBool>,
+}
+
+impl VcpuSet {
+    /// The set of running vCPU threads; `stop` ends their loops.
+    pub fn new(handles: Vec<VcpuHandle>, stop: Arc<AtomicBool>) -> Self {
+        Self { handles, stop }
+    }
+
+    /// How many vCPUs there are.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none (never, for a built VM).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Parks every vCPU at a clean instruction boundary. A vCPU whose
+    /// hypercall waits parks on its own and is not kicked.
+    pub fn pause_all(&mut self) -> Result<(), ControlError> {
+        for h in self.handles.iter().filter(|h| !h.parked) {
+            if !h.call_pending.load(Ordering::Acquire) {
+                h.attention.store(true, Ordering::Release);
+                h.kick();
+            }
+        }
+        for (i, h) in self.handles.iter_mut().enumerate() {
+            while !h.parked {
+                if !h.await_park(i, Some(KICK_INTERVAL))? {
+                    h.kick();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until vCPU `i`, which made a hypercall, has parked itself.
+    pub fn wait_parked(&mut self, i: usize) -> Result<(), ControlError> {
+        let h = self.handles.get_mut(i).ok_or_else(|| gone(i))?;
+        while !h.parked {
+            h.await_park(i, None)?;
+        }
+        Ok(())
+    }
+
+    /// Lets every parked vCPU run on, except those whose hypercall waits.
+    pub fn resume_all(&mut self) {
+        for h in self.handles.iter_mut().filter(|h| h.parked) {
+            if !h.call_pending.load(Ordering::Acquire) {
+                let _ = h.cmds.send(VcpuCmd::Resume);
+                h.parked = false;
+            }
+        }
+    }
+
+    /// The hypercall of vCPU `i` has been served: it may run on.
+    pub fn call_served(&mut self, i: usize) {
+        if let Some(h) = self.handles.get(i) {
+            h.call_pending.store(false, Ordering::Release);
+        }
+    }
+
+    /// Whether a vCPU other than `except` has a hypercall waiting.
+    pub fn call_pending(&self, except: Option<usize>) -> bool {
+        self.handles
+            .iter()
+            .enumerate()
+            .any(|(i, h)| Some(i) != except && h.call_pending.load(Ordering::Acquire))
+    }
+
+    /// Sends `cmd` to parked vCPU `i` and waits for its answer.
+    pub fn command(&mut self, i: usize, cmd: VcpuCmd) -> Result<VcpuReply, ControlError> {
+        let h = self.handles.get_mut(i).ok_or_else(|| gone(i))?;
+        h.cmds.send(cmd).map_err(|_| gone(i))?;
+        match h.replies.recv().map_err(|_| gone(i))? {
+            VcpuReply::Failed(m) => Err(ControlError::Vcpu(format!("vCPU {i}: {m}"))),
+            VcpuReply::Parked => Err(ControlError::Vcpu(format!(
+                "vCPU {i}: parked again while parked"
+            ))),
+            r => Ok(r),
+        }
+    }
+
+    /// Every vCPU's state, by index. All must be parked.
+    pub fn save_all(&mut self) -> Result<Vec<VcpuState>, ControlError> {
+        (0..self.len())
+            .map(|i| match self.command(i, VcpuCmd::Save)? {
+                VcpuReply::Saved(s) => Ok(*s),
+                r => Err(ControlError::Vcpu(format!(
+                    "vCPU {i}: expected its state, got {r:?}"
+                ))),
+            })
+            .collect()
+    }
+
+    /// Stops every vCPU thread: raises the stop flag, lets parked ones go,
+    /// and kicks the others out of KVM_RUN until each has ended.
+    pub fn stop_all(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for h in self.handles.drain(..) {
+            let _ = h.cmds.send(VcpuCmd::Resume);
+            drop(h.cmds);
+            while !h.thread.is_finished() {
+                let _ = h.thread.kill(SIGRTMIN());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = h.thread.join();
+        }
+    }
+}
+
+impl VcpuTarget for VcpuSet {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn restore_vcpu(
+        &mut self,
+        index: usize,
+        state: VcpuState,
+        tsc_advance_ns: Option<u64>,
+    ) -> Result<(), MachineError> {
+        self.command(index, VcpuCmd::Restore(Box::new(state), tsc_advance_ns))
+            .map(drop)
+            .map_err(|e| MachineError::Vcpu(index, e.to_string()))
+    }
+}
