@@ -1,14 +1,16 @@
 //! The bridge's state and decisions, free of I/O: MAC learning, flooding,
-//! per-port queues, output commit for ports that cannot roll back, and
-//! anti-messages on abort. The server (`server.rs`) moves bytes; this
-//! decides where they go.
+//! per-port queues, output commit for ports that cannot roll back,
+//! anti-messages on abort, and the ids each port may use (`vet.rs`,
+//! `registry.rs`). The server (`server.rs`) moves bytes; this decides
+//! where they go.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::Serialize;
 
 use crate::protocol::{Control, Id, Outcome};
-use crate::registry::{Notice, PortId, Registry};
+use crate::registry::{Joins, Notice, PortId, Registry, RegistryError};
+use crate::vet::{self, show_all, worth_logging, TagWriter};
 
 /// Frames queued for one port before new ones are dropped (and counted).
 pub const QUEUE_MAX: usize = 1024;
@@ -24,6 +26,17 @@ pub const HELD_MAX: usize = 4096;
 /// dropped (and counted): [`HELD_MAX`] frames of the VMMs' MTU fit, 128
 /// frames of 64 KiB do.
 pub const HELD_BYTES_MAX: usize = 8 << 20;
+/// `decided` messages sent to one port and not acknowledged, past which
+/// the bridge sends it no frame tagged with an id new to it and answers
+/// no late `joined`: a port that does not act on outcomes cannot make the
+/// bridge remember ever more of them. An honest VMM acknowledges each one
+/// as it acts, and holds at most [`IDS_PER_PORT`](crate::registry::IDS_PER_PORT)
+/// ids to be told about.
+pub const UNACKED_MAX: usize = 1024;
+/// Source MAC addresses learned per port; past it, frames to a new address
+/// of the port are flooded instead. The MAC table cannot grow by a port
+/// that sends from ever new addresses.
+pub const MACS_PER_PORT: usize = 4096;
 
 /// Reads the speculation tags of a frame. The bridge is built with the
 /// codec's parser; tests substitute their own.
@@ -50,9 +63,18 @@ pub struct Counters {
     pub held: u64,
     /// Held frames released after every id in their tag committed.
     pub released: u64,
-    /// Frames from a port with no VM behind it (the TAP uplink) whose
-    /// IPOPT_SPEC was stripped as forged before switching (rule 12).
+    /// Frames from the port whose tag held ids it may not carry, stripped
+    /// before switching (rule 12): every id, for the uplink; ids its VM
+    /// neither started nor joined, for a VMM port.
     pub forged: u64,
+    /// Control messages (counted per id) from the port that broke the
+    /// rules on ids: `started` for another VM's id or a used number,
+    /// `joined` for an id never sent to it, `resolved` by a non-owner or
+    /// for an id never started, more than the port may hold.
+    pub refused: u64,
+    /// Frames not queued to the port because they would take it past the
+    /// ids it may hold, or past [`UNACKED_MAX`] unacknowledged outcomes.
+    pub dropped_ids: u64,
 }
 
 #[derive(Debug)]
@@ -64,8 +86,8 @@ struct Queued {
 #[derive(Debug)]
 struct Port {
     speculative: bool,
-    /// Whether tags on the port's frames are believed: true for VMM ports,
-    /// whose VMM writes the true set (rule 12); false for the uplink.
+    /// Whether tags on the port's frames may be believed (for the ids the
+    /// port has a right to): true for VMM ports, false for the uplink.
     trusts_tags: bool,
     queue: VecDeque<Queued>,
     /// Bytes of the frames in `queue`.
@@ -73,6 +95,8 @@ struct Port {
     held: VecDeque<Queued>,
     /// Bytes of the frames in `held`.
     held_bytes: usize,
+    /// Source MACs learned on this port.
+    macs: usize,
     counters: Counters,
     next_seq: u64,
     unacked: BTreeMap<u64, Id>,
@@ -89,6 +113,10 @@ pub struct Usage {
     pub held: usize,
     /// Their bytes.
     pub held_bytes: usize,
+    /// Open speculation ids the port holds (owns, joined, or was sent).
+    pub ids: usize,
+    /// `decided` messages it has not acknowledged.
+    pub unacked: usize,
 }
 
 /// Something the server must send besides frames.
@@ -102,17 +130,14 @@ pub enum Send {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Event {
     /// `started`, `joined`, `committed`, `aborted`, `acked`, `port-up`,
-    /// `port-down`, `refused`.
+    /// `port-down`, `refused`, `forged`. `refused` and `forged` come for
+    /// a port's 1st, 2nd, 4th, 8th... one (its counters have them all).
     pub event: &'static str,
     /// The speculation, as `vm:seq`, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// The port concerned.
     pub port: PortId,
-}
-
-fn show(id: Id) -> String {
-    id.to_string()
 }
 
 /// The bridge.
@@ -122,12 +147,14 @@ pub struct Bridge {
     registry: Registry,
     read_tags: TagReader,
     strip_tag: TagStripper,
+    write_tag: TagWriter,
     /// Events since the last [`Bridge::take_events`].
     events: Vec<Event>,
 }
 
 impl Bridge {
-    /// An empty bridge using `read_tags` and `strip_tag` on frames.
+    /// An empty bridge using `read_tags` and `strip_tag` on frames, and
+    /// the codec to rewrite a tag without its forged ids.
     pub fn new(read_tags: TagReader, strip_tag: TagStripper) -> Self {
         Self {
             ports: BTreeMap::new(),
@@ -135,14 +162,21 @@ impl Bridge {
             registry: Registry::new(),
             read_tags,
             strip_tag,
+            write_tag: vet::retag,
             events: Vec::new(),
         }
+    }
+
+    /// The bridge with `write_tag` to rewrite tags (tests' own frames).
+    pub fn with_tag_writer(mut self, write_tag: TagWriter) -> Self {
+        self.write_tag = write_tag;
+        self
     }
 
     fn event(&mut self, event: &'static str, id: Option<Id>, port: PortId) {
         self.events.push(Event {
             event,
-            id: id.map(show),
+            id: id.as_ref().map(Id::to_string),
             port,
         });
     }
@@ -153,18 +187,27 @@ impl Bridge {
     }
 
     /// Adds a port for VM `vm`, and returns the first sequence number the
-    /// VM may use. A non-speculative port (the uplink, or a VM with
-    /// speculation off) gets tagged frames only after commit. A second port
-    /// for a VM id that is connected already is refused: two VMs with one
-    /// id would both own its speculations (rule 8).
-    pub fn add_port(&mut self, port: PortId, vm: u32, speculative: bool) -> Result<u32, String> {
-        if self.registry.vm_connected(vm) {
-            self.event("refused", None, port);
-            return Err(format!("VM id {vm} is already connected"));
+    /// VM may use. A non-speculative port (a VM with speculation off) gets
+    /// tagged frames only after commit. Refused for a VM id that is
+    /// connected already (two VMs with one id would both own its
+    /// speculations, rule 8), and for one that has used every sequence
+    /// number ([`RegistryError::SeqsUsedUp`]).
+    pub fn add_port(
+        &mut self,
+        port: PortId,
+        vm: u32,
+        speculative: bool,
+    ) -> Result<u32, RegistryError> {
+        match self.registry.add_port(port, vm) {
+            Ok(next_seq) => {
+                self.insert_port(port, speculative, true);
+                Ok(next_seq)
+            }
+            Err(e) => {
+                self.event("refused", None, port);
+                Err(e)
+            }
         }
-        self.registry.add_port(port, vm);
-        self.insert_port(port, speculative, true);
-        Ok(self.registry.next_seq(vm))
     }
 
     /// Adds a port with no VM behind it: the TAP uplink to the host. It
@@ -187,6 +230,7 @@ impl Bridge {
                 queue_bytes: 0,
                 held: VecDeque::new(),
                 held_bytes: 0,
+                macs: 0,
                 counters: Counters::default(),
                 next_seq: 1,
                 unacked: BTreeMap::new(),
@@ -196,6 +240,8 @@ impl Bridge {
     }
 
     /// The port is gone (rule 9). Returns the control messages to send.
+    /// Everything the bridge kept for the port goes: its frames, its MACs,
+    /// the ids it held (its own are aborted and decided).
     pub fn remove_port(&mut self, port: PortId) -> Vec<Send> {
         self.ports.remove(&port);
         self.macs.retain(|_, p| *p != port);
@@ -216,14 +262,21 @@ impl Bridge {
         Some(q.frame)
     }
 
-    /// What `port`'s queue and hold buffer hold now.
+    /// What `port`'s queue and hold buffer hold now, and its ids.
     pub fn usage(&self, port: PortId) -> Option<Usage> {
         self.ports.get(&port).map(|p| Usage {
             queued: p.queue.len(),
             queued_bytes: p.queue_bytes,
             held: p.held.len(),
             held_bytes: p.held_bytes,
+            ids: self.registry.held(port),
+            unacked: p.unacked.len(),
         })
+    }
+
+    /// How many speculation ids are open on the bridge.
+    pub fn open_ids(&self) -> usize {
+        self.registry.open_ids()
     }
 
     /// The port's counters.
@@ -237,12 +290,12 @@ impl Bridge {
     }
 
     /// A frame from `from`. Returns the ports that got something queued.
-    pub fn ingress(&mut self, from: PortId, mut frame: Vec<u8>) -> Vec<PortId> {
+    pub fn ingress(&mut self, from: PortId, frame: Vec<u8>) -> Vec<PortId> {
         let Some(p) = self.ports.get_mut(&from) else {
             return Vec::new();
         };
         p.counters.rx += 1;
-        let mut tags = match (self.read_tags)(&frame) {
+        let tags = match (self.read_tags)(&frame) {
             Ok(t) => t,
             Err(e) => {
                 tracing::debug!(port = from, "malformed frame dropped: {e}");
@@ -250,35 +303,10 @@ impl Bridge {
                 return Vec::new();
             }
         };
-        if !p.trusts_tags && !tags.is_empty() {
-            match (self.strip_tag)(&frame) {
-                Ok(f) => {
-                    tracing::debug!(port = from, "forged tag {tags:x?} stripped");
-                    p.counters.forged += 1;
-                    frame = f;
-                    tags.clear();
-                }
-                Err(e) => {
-                    tracing::debug!(port = from, "malformed frame dropped: {e}");
-                    p.counters.dropped_malformed += 1;
-                    return Vec::new();
-                }
-            }
-        }
-        if tags
-            .iter()
-            .any(|&t| self.registry.outcome(t) == Some(Outcome::Abort))
-        {
-            p.counters.dropped_aborted += 1;
+        let Some((frame, tags)) = self.vet_frame(from, frame, tags) else {
             return Vec::new();
-        }
-        if frame.len() >= 12 {
-            let mut src = [0u8; 6];
-            src.copy_from_slice(&frame[6..12]);
-            if src[0] & 1 == 0 {
-                self.macs.insert(src, from);
-            }
-        }
+        };
+        self.learn(from, &frame);
         let dsts: Vec<PortId> = match frame.get(0..6).and_then(|d| <[u8; 6]>::try_from(d).ok()) {
             Some(dst) if dst[0] & 1 == 0 => match self.macs.get(&dst) {
                 Some(&p) if p != from => vec![p],
@@ -292,6 +320,82 @@ impl Bridge {
             .collect()
     }
 
+    /// Rule 12 on a frame from `from` ([`vet::vet`]): strips the ids the
+    /// port may not carry (counted and logged as forged), and drops the
+    /// frame if a kept id aborted (rule 10). The frame and its tag as they
+    /// are switched, or `None` if dropped.
+    fn vet_frame(
+        &mut self,
+        from: PortId,
+        frame: Vec<u8>,
+        tags: Vec<Id>,
+    ) -> Option<(Vec<u8>, Vec<Id>)> {
+        if tags.is_empty() {
+            return Some((frame, tags));
+        }
+        let p = self.ports.get_mut(&from)?;
+        let v = vet::vet(&self.registry, from, p.trusts_tags, tags);
+        if !v.forged.is_empty() {
+            p.counters.forged += 1;
+            if worth_logging(p.counters.forged) {
+                tracing::warn!(
+                    port = from,
+                    "forged tag: ids {} stripped ({} frames so far)",
+                    show_all(&v.forged),
+                    p.counters.forged
+                );
+                self.event("forged", v.forged.first().copied(), from);
+            }
+        }
+        let p = self.ports.get_mut(&from)?;
+        if v.aborted {
+            p.counters.dropped_aborted += 1;
+            return None;
+        }
+        if v.forged.is_empty() {
+            return Some((frame, v.kept));
+        }
+        let rewritten = if v.kept.is_empty() {
+            (self.strip_tag)(&frame)
+        } else {
+            (self.write_tag)(&frame, &v.kept)
+        };
+        match rewritten {
+            Ok(f) => Some((f, v.kept)),
+            Err(e) => {
+                tracing::debug!(port = from, "malformed frame dropped: {e}");
+                p.counters.dropped_malformed += 1;
+                None
+            }
+        }
+    }
+
+    /// Learns the source MAC of a frame from `from`, up to
+    /// [`MACS_PER_PORT`] per port.
+    fn learn(&mut self, from: PortId, frame: &[u8]) {
+        let Some(src) = frame.get(6..12).and_then(|s| <[u8; 6]>::try_from(s).ok()) else {
+            return;
+        };
+        if src[0] & 1 != 0 {
+            return;
+        }
+        let before = self.macs.get(&src).copied();
+        if before == Some(from) {
+            return;
+        }
+        let Some(p) = self.ports.get_mut(&from) else {
+            return;
+        };
+        if p.macs >= MACS_PER_PORT {
+            return;
+        }
+        p.macs += 1;
+        if let Some(q) = before.and_then(|q| self.ports.get_mut(&q)) {
+            q.macs = q.macs.saturating_sub(1);
+        }
+        self.macs.insert(src, from);
+    }
+
     /// Queues or holds a frame for `port`. True if something was queued.
     fn deliver(&mut self, port: PortId, frame: Vec<u8>, tags: Vec<Id>) -> bool {
         let committed = tags
@@ -301,8 +405,23 @@ impl Bridge {
         let Some(p) = self.ports.get_mut(&port) else {
             return false;
         };
-        if p.speculative || tags.is_empty() {
+        if tags.is_empty() {
             return push(p, Queued { frame, tags });
+        }
+        if p.speculative {
+            // The port may join the open ids it is sent: within its budget.
+            let new = self.registry.unheld(port, &tags);
+            if !new.is_empty()
+                && (new.len() > self.registry.room(port) || p.unacked.len() >= UNACKED_MAX)
+            {
+                p.counters.dropped_ids += 1;
+                return false;
+            }
+            let queued = push(p, Queued { frame, tags });
+            if queued {
+                self.registry.offer(port, &new);
+            }
+            return queued;
         }
         if committed {
             match strip(&frame) {
@@ -336,55 +455,17 @@ impl Bridge {
     pub fn control(&mut self, port: PortId, c: Control) -> (Vec<Send>, Vec<PortId>) {
         match c {
             Control::Started { id } => {
-                self.registry.started(id);
-                self.event("started", Some(id), port);
+                match self.registry.started(port, id) {
+                    Ok(()) => self.event("started", Some(id), port),
+                    Err(e) => self.refuse(port, &e),
+                }
                 (Vec::new(), Vec::new())
             }
             Control::Joined { ids } => {
-                for &id in &ids {
-                    self.event("joined", Some(id), port);
-                }
-                let late = self.registry.joined(port, &ids);
-                (self.notify(late), Vec::new())
+                let joins = self.registry.joined(port, &ids);
+                (self.joined(port, joins), Vec::new())
             }
-            Control::Resolved { id, outcome } => {
-                // Rule 3: the owner decides once. A second `resolved` (a
-                // buggy or hostile owner's) changes nothing: no event, and
-                // no purge of frames that the first outcome released.
-                let first = self.registry.outcome(id);
-                match self.registry.resolved(port, id, outcome) {
-                    Ok(_) if first.is_some() => {
-                        tracing::warn!(
-                            port,
-                            ?outcome,
-                            ?first,
-                            "{id:#x} was already decided; ignored"
-                        );
-                        (Vec::new(), Vec::new())
-                    }
-                    Ok(notices) => {
-                        let name = if outcome == Outcome::Commit {
-                            "committed"
-                        } else {
-                            "aborted"
-                        };
-                        self.event(name, Some(id), port);
-                        let woke = match outcome {
-                            Outcome::Abort => {
-                                self.purge(id);
-                                Vec::new()
-                            }
-                            Outcome::Commit => self.release(),
-                        };
-                        (self.notify(notices), woke)
-                    }
-                    Err(e) => {
-                        tracing::warn!("{e}");
-                        self.event("refused", Some(id), port);
-                        (Vec::new(), Vec::new())
-                    }
-                }
-            }
+            Control::Resolved { id, outcome } => self.resolved(port, id, outcome),
             Control::Ack { seq } => {
                 if let Some(id) = self
                     .ports
@@ -397,6 +478,75 @@ impl Bridge {
             }
             Control::Hello { .. } | Control::Decided { .. } | Control::Welcome { .. } => {
                 tracing::warn!(port, "unexpected control message {c:?}");
+                (Vec::new(), Vec::new())
+            }
+        }
+    }
+
+    /// Counts and (thinned out) logs a refused control message.
+    fn refuse(&mut self, port: PortId, e: &RegistryError) {
+        let Some(p) = self.ports.get_mut(&port) else {
+            return;
+        };
+        p.counters.refused += 1;
+        let n = p.counters.refused;
+        if worth_logging(n) {
+            tracing::warn!(port, "refused ({n} so far): {e}");
+            self.event("refused", e.id(), port);
+        }
+    }
+
+    /// What came of a `joined`: events for the ids joined, refusals, and
+    /// the late outcomes, as far as the port's [`UNACKED_MAX`] goes.
+    fn joined(&mut self, port: PortId, joins: Joins) -> Vec<Send> {
+        for &id in &joins.joined {
+            self.event("joined", Some(id), port);
+        }
+        for e in &joins.refused {
+            self.refuse(port, e);
+        }
+        let room = UNACKED_MAX.saturating_sub(self.unacked(port));
+        let mut late = joins.late;
+        for n in late.split_off(room.min(late.len())) {
+            self.refuse(port, &RegistryError::Unacked { port, id: n.id });
+        }
+        self.notify(late)
+    }
+
+    /// The owner decided. Rule 3: the owner decides once; a second
+    /// `resolved` (a buggy or hostile owner's) changes nothing: no event,
+    /// and no purge of frames that the first outcome released.
+    fn resolved(&mut self, port: PortId, id: Id, outcome: Outcome) -> (Vec<Send>, Vec<PortId>) {
+        let first = self.registry.outcome(id);
+        match self.registry.resolved(port, id, outcome) {
+            Ok(_) if first.is_some() => {
+                tracing::warn!(
+                    port,
+                    ?outcome,
+                    ?first,
+                    "{} was already decided; ignored",
+                    id
+                );
+                (Vec::new(), Vec::new())
+            }
+            Ok(notices) => {
+                let name = if outcome == Outcome::Commit {
+                    "committed"
+                } else {
+                    "aborted"
+                };
+                self.event(name, Some(id), port);
+                let woke = match outcome {
+                    Outcome::Abort => {
+                        self.purge(id);
+                        Vec::new()
+                    }
+                    Outcome::Commit => self.release(),
+                };
+                (self.notify(notices), woke)
+            }
+            Err(e) => {
+                self.refuse(port, &e);
                 (Vec::new(), Vec::new())
             }
         }
@@ -477,7 +627,7 @@ impl Bridge {
         self.registry
             .snapshot()
             .into_iter()
-            .map(|(id, m)| (show(id), m))
+            .map(|(id, m)| (id.to_string(), m))
             .collect()
     }
 }
@@ -494,239 +644,4 @@ fn push(p: &mut Port, q: Queued) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Test frames: dst(6) src(6) then a tag list as text "t:1,2".
-    fn frame(dst: u8, src: u8, tags: &[Id]) -> Vec<u8> {
-        let mut f = vec![2, 0, 0, 0, 0, dst, 2, 0, 0, 0, 0, src];
-        let t: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
-        f.extend_from_slice(format!("t:{}", t.join(",")).as_bytes());
-        f
-    }
-
-    fn read(f: &[u8]) -> Result<Vec<Id>, String> {
-        let s = std::str::from_utf8(f.get(12..).unwrap_or_default()).map_err(|e| e.to_string())?;
-        let list = s.strip_prefix("t:").ok_or("no tag list")?;
-        list.split(',')
-            .filter(|x| !x.is_empty())
-            .map(|x| x.parse().map_err(|_| "bad id".to_string()))
-            .collect()
-    }
-
-    fn strip(f: &[u8]) -> Result<Vec<u8>, String> {
-        let mut v = f[..12].to_vec();
-        v.extend_from_slice(b"t:");
-        Ok(v)
-    }
-
-    const S: Id = Id::new(1, 1); // VM 1's first speculation
-
-    fn bridge() -> Bridge {
-        let mut b = Bridge::new(read, strip);
-        assert_eq!(b.add_port(1, 1, true), Ok(1));
-        b.add_port(2, 2, true).unwrap();
-        b.add_port(3, 3, false).unwrap(); // an uplink
-        assert!(b.add_port(4, 1, true).is_err(), "VM 1 is connected already");
-        b
-    }
-
-    #[test]
-    fn learns_macs_and_floods_unknown() {
-        let mut b = bridge();
-        assert_eq!(b.ingress(1, frame(9, 1, &[])), vec![2, 3], "unknown: flood");
-        assert_eq!(b.ingress(2, frame(1, 2, &[])), vec![1], "learned");
-        assert_eq!(b.pop(1), Some(frame(1, 2, &[])));
-        assert_eq!(b.counters(1).unwrap().rx, 1);
-    }
-
-    #[test]
-    fn output_commit_holds_until_commit() {
-        let mut b = bridge();
-        b.ingress(3, frame(3, 3, &[])); // learn the uplink's MAC
-        assert!(b.ingress(1, frame(3, 1, &[S])).is_empty(), "held");
-        assert_eq!(b.pop(3), None);
-        let (sends, woke) = b.control(
-            1,
-            Control::Resolved {
-                id: S,
-                outcome: Outcome::Commit,
-            },
-        );
-        assert!(sends.is_empty());
-        assert_eq!(woke, vec![3]);
-        assert_eq!(
-            b.pop(3),
-            Some(strip(&frame(3, 1, &[S])).unwrap()),
-            "released stripped"
-        );
-        assert_eq!(b.counters(3).unwrap().released, 1);
-    }
-
-    #[test]
-    fn abort_drops_queued_and_held_frames_and_later_ones() {
-        let mut b = bridge();
-        b.ingress(1, frame(9, 1, &[S])); // flood: queued to 2, held for 3
-        b.control(2, Control::Joined { ids: vec![S] });
-        let (sends, _) = b.control(
-            1,
-            Control::Resolved {
-                id: S,
-                outcome: Outcome::Abort,
-            },
-        );
-        assert_eq!(
-            sends,
-            vec![Send::Control(
-                2,
-                Control::Decided {
-                    id: S,
-                    outcome: Outcome::Abort,
-                    seq: 1
-                }
-            )]
-        );
-        assert_eq!(b.pop(2), None, "anti-message: the queued frame is gone");
-        assert_eq!(b.counters(3).unwrap().dropped_aborted, 1);
-        assert!(
-            b.ingress(1, frame(9, 1, &[S])).is_empty(),
-            "late frames of an aborted id are dropped"
-        );
-        assert_eq!(b.unacked(2), 1);
-        b.control(2, Control::Ack { seq: 1 });
-        assert_eq!(b.unacked(2), 0);
-    }
-
-    #[test]
-    fn a_non_owner_cannot_decide() {
-        let mut b = bridge();
-        b.control(2, Control::Joined { ids: vec![S] });
-        let (sends, _) = b.control(
-            2,
-            Control::Resolved {
-                id: S,
-                outcome: Outcome::Abort,
-            },
-        );
-        assert!(sends.is_empty());
-        assert_eq!(b.speculations(), vec![("1:1".to_string(), vec![2])]);
-    }
-
-    #[test]
-    fn owner_disconnect_aborts_and_tells_members() {
-        let mut b = bridge();
-        b.control(2, Control::Joined { ids: vec![S] });
-        let sends = b.remove_port(1);
-        assert_eq!(
-            sends,
-            vec![Send::Control(
-                2,
-                Control::Decided {
-                    id: S,
-                    outcome: Outcome::Abort,
-                    seq: 1
-                }
-            )]
-        );
-        let ev = b.take_events();
-        assert!(ev
-            .iter()
-            .any(|e| e.event == "aborted" && e.id.as_deref() == Some("1:1")));
-    }
-
-    #[test]
-    fn the_uplink_takes_no_vm_id_and_its_tags_are_stripped_as_forged() {
-        let mut b = bridge();
-        b.add_uplink(5);
-        b.add_uplink(6);
-        assert_eq!(b.speculations(), vec![], "an uplink joins nothing");
-        // A tag from the host is forged: stripped, then switched untagged.
-        assert_eq!(b.ingress(5, frame(9, 5, &[S])), vec![1, 2, 3, 6]);
-        assert_eq!(b.pop(1), Some(strip(&frame(9, 5, &[S])).unwrap()));
-        assert_eq!(b.pop(6), Some(strip(&frame(9, 5, &[S])).unwrap()));
-        let c = b.counters(5).unwrap();
-        assert_eq!((c.rx, c.forged, c.dropped_malformed), (1, 1, 0));
-        // A VMM port's tag is believed: held for the uplinks (rule 11).
-        assert_eq!(b.ingress(1, frame(9, 1, &[S])), vec![2]);
-        assert_eq!(b.counters(5).unwrap().held, 1);
-        assert_eq!(b.counters(1).unwrap().forged, 0);
-        // The uplink going away aborts nothing.
-        assert!(b.remove_port(5).is_empty());
-        assert_eq!(b.pop(5), None);
-    }
-
-    /// A frame of `len` bytes: `frame`'s, padded with empty list entries.
-    fn big(dst: u8, src: u8, tags: &[Id], len: usize) -> Vec<u8> {
-        let mut f = frame(dst, src, tags);
-        f.resize(len, b',');
-        f
-    }
-
-    #[test]
-    fn queues_and_hold_buffers_are_bounded_in_bytes() {
-        let mut b = bridge();
-        b.ingress(2, frame(1, 2, &[])); // learn 2's MAC
-        b.ingress(3, frame(1, 3, &[])); // and the uplink's
-        while b.pop(2).is_some() {}
-        let sixty_four_k = 64 << 10;
-        for _ in 0..100 {
-            b.ingress(1, big(2, 1, &[], sixty_four_k));
-        }
-        let u = b.usage(2).unwrap();
-        assert_eq!(u.queued, QUEUE_BYTES_MAX / sixty_four_k);
-        assert_eq!(u.queued_bytes, u.queued * sixty_four_k);
-        assert_eq!(b.counters(2).unwrap().dropped_full, 100 - u.queued as u64);
-        // Held for output commit: bounded in bytes too.
-        for _ in 0..200 {
-            b.ingress(1, big(3, 1, &[S], sixty_four_k));
-        }
-        let u = b.usage(3).unwrap();
-        assert_eq!(u.held, HELD_BYTES_MAX / sixty_four_k);
-        assert_eq!(u.held_bytes, u.held * sixty_four_k);
-        assert_eq!(b.counters(3).unwrap().dropped_full, 200 - u.held as u64);
-        // Popping frees room; a commit moves held frames into the queue,
-        // as far as its byte budget goes.
-        while b.pop(2).is_some() {}
-        assert_eq!(b.usage(2).unwrap(), Usage::default());
-        b.control(
-            1,
-            Control::Resolved {
-                id: S,
-                outcome: Outcome::Commit,
-            },
-        );
-        let u = b.usage(3).unwrap();
-        assert_eq!((u.held, u.held_bytes), (0, 0));
-        // The test's strip() shortens frames to their header.
-        assert_eq!(u.queued, u.queued_bytes / 14);
-        assert_eq!(b.counters(3).unwrap().released, 128);
-    }
-
-    #[test]
-    fn purging_an_aborted_id_frees_its_bytes() {
-        let mut b = bridge();
-        b.ingress(3, frame(1, 3, &[]));
-        b.ingress(1, big(3, 1, &[S], 1000));
-        b.ingress(1, big(3, 1, &[], 500));
-        let u = b.usage(3).unwrap();
-        assert_eq!((u.held_bytes, u.queued_bytes), (1000, 500));
-        b.control(
-            1,
-            Control::Resolved {
-                id: S,
-                outcome: Outcome::Abort,
-            },
-        );
-        let u = b.usage(3).unwrap();
-        assert_eq!((u.held_bytes, u.queued_bytes), (0, 500));
-    }
-
-    #[test]
-    fn malformed_frames_are_counted() {
-        let mut b = bridge();
-        let mut f = frame(9, 1, &[]);
-        f.truncate(12);
-        assert!(b.ingress(1, f).is_empty());
-        assert_eq!(b.counters(1).unwrap().dropped_malformed, 1);
-    }
-}
+mod tests;

@@ -11,8 +11,10 @@
 //!   (`docs/wire-format.md`); [`specwire::codec`], re-exported;
 //! - [`protocol`]: the messages between a VMM port and the bridge;
 //!   [`specwire::protocol`], re-exported;
-//! - [`registry`]: owners, members and outcomes of speculations;
+//! - [`registry`]: owners, members and outcomes of speculations, and
+//!   which ids each port may start, join and hold;
 //! - [`bridge`]: switching decisions, queues, output commit, anti-messages;
+//! - [`vet`]: which ids a port's frames may carry (forged tags stripped);
 //! - [`server`]: the tokio I/O around them, and the `netbridge` binary;
 //! - [`uplink`]: the TAP port to the host (`--uplink tap=NAME`);
 //! - [`sock`]: listening Unix sockets that replace no one else's file
@@ -26,5 +28,6 @@ pub mod registry;
 pub mod server;
 pub mod tags;
 pub mod uplink;
+pub mod vet;
 
 pub use specwire::{codec, protocol, sock};

@@ -7,16 +7,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, Notify};
 
-use crate::bridge::{Bridge, Counters, Event, Send};
+use crate::bridge::{Bridge, Counters, Event, Send, UNACKED_MAX};
 use crate::protocol::{
     decode, encode_control, encode_frame, read_message_async, write_message_async, Control,
     Message, MessageError,
 };
-use crate::registry::PortId;
+use crate::registry::{PortId, IDS_PER_PORT};
 use crate::sock::{self, Access, SockError, SocketFile};
 
 /// Errors of the server.
@@ -36,10 +36,18 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// the client is dropped.
 pub const EVENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What the writer task of a port waits on.
+/// Control messages waiting for one port's writer. The bridge sends a
+/// port at most [`UNACKED_MAX`] late outcomes and [`IDS_PER_PORT`] more for
+/// the ids it holds, and a welcome: an honest port that reads slowly never
+/// fills it. A port that acknowledges outcomes without reading them does,
+/// and is closed.
+pub const CONTROL_QUEUE_MAX: usize = UNACKED_MAX + IDS_PER_PORT + 1;
+
+/// What the writer task of a port waits on, and how to close the port.
 struct PortLink {
-    control: mpsc::UnboundedSender<Control>,
+    control: mpsc::Sender<Control>,
     frames: Arc<Notify>,
+    close: Arc<Notify>,
 }
 
 /// The shared server state.
@@ -90,13 +98,14 @@ impl Shared {
         self.bridge().add_uplink(port);
         // The uplink joins nothing, so no control message is ever meant for
         // it; the receiver is dropped and anything sent is discarded.
-        let (control, _) = mpsc::unbounded_channel();
+        let (control, _) = mpsc::channel(1);
         let frames = Arc::new(Notify::new());
         self.links().insert(
             port,
             PortLink {
                 control,
                 frames: frames.clone(),
+                close: Arc::new(Notify::new()),
             },
         );
         self.dispatch(Vec::new(), Vec::new());
@@ -126,6 +135,16 @@ impl Shared {
                     c.dropped_full
                 );
             }
+            if c.forged + c.refused + c.dropped_ids > 0 {
+                tracing::warn!(
+                    port,
+                    "the port used ids it had no right to: {} frames with forged ids, \
+                     {} control messages refused, {} frames past its ids not sent to it",
+                    c.forged,
+                    c.refused,
+                    c.dropped_ids
+                );
+            }
             tracing::info!(port, counters = ?c, "port removed");
         }
         let sends = self.bridge().remove_port(port);
@@ -144,7 +163,14 @@ impl Shared {
         let links = self.links();
         for Send::Control(port, c) in sends {
             if let Some(l) = links.get(&port) {
-                let _ = l.control.send(c);
+                // Closed: the uplink, which takes no control message.
+                if let Err(mpsc::error::TrySendError::Full(_)) = l.control.try_send(c) {
+                    tracing::warn!(
+                        port,
+                        "port closed: {CONTROL_QUEUE_MAX} control messages wait for it"
+                    );
+                    l.close.notify_one();
+                }
             }
         }
         for port in woke {
@@ -221,28 +247,26 @@ fn describe(m: &Result<Message, crate::protocol::ProtocolError>) -> String {
     }
 }
 
-async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
-    let (mut rd, wr) = stream.into_split();
+/// Reads a port's hello: its VM id and whether it is speculative, or
+/// `None` (logged) if the port closes, stays silent or says something else.
+async fn read_hello(port: PortId, rd: &mut OwnedReadHalf) -> Option<(u32, bool)> {
     // A client that connects and says nothing must not hold a descriptor
     // for ever.
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, read_message_async(&mut rd)).await {
-        Ok(m) => m,
-        Err(_) => {
-            tracing::info!(port, "port closed: no hello within {HELLO_TIMEOUT:?}");
-            return;
-        }
+    let Ok(first) = tokio::time::timeout(HELLO_TIMEOUT, read_message_async(rd)).await else {
+        tracing::info!(port, "port closed: no hello within {HELLO_TIMEOUT:?}");
+        return None;
     };
-    let hello = match first.map(|m| decode(&m)) {
-        Ok(Ok(Message::Control(Control::Hello { vm, speculative }))) => (vm, speculative),
+    match first.map(|m| decode(&m)) {
+        Ok(Ok(Message::Control(Control::Hello { vm, speculative }))) => Some((vm, speculative)),
         // A client that left without a word, such as a check whether the
         // socket is live (crate::sock).
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             tracing::info!(port, "port closed before its hello");
-            return;
+            None
         }
         Err(e) => {
             tracing::warn!(port, "port closed before its hello: {}", brief(&e));
-            return;
+            None
         }
         Ok(other) => {
             tracing::warn!(
@@ -250,8 +274,15 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
                 "port closed: the first message must be a hello, got {}",
                 describe(&other)
             );
-            return;
+            None
         }
+    }
+}
+
+async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
+    let (mut rd, wr) = stream.into_split();
+    let Some(hello) = read_hello(port, &mut rd).await else {
+        return;
     };
     let next_seq = shared.bridge().add_port(port, hello.0, hello.1);
     let next_seq = match next_seq {
@@ -262,22 +293,28 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
             return;
         }
     };
-    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE_MAX);
     // The answer to hello goes first.
-    let _ = ctl_tx.send(Control::Welcome { next_seq });
+    let _ = ctl_tx.try_send(Control::Welcome { next_seq });
     let frames = Arc::new(Notify::new());
+    let close = Arc::new(Notify::new());
     shared.links().insert(
         port,
         PortLink {
             control: ctl_tx,
             frames: frames.clone(),
+            close: close.clone(),
         },
     );
     shared.dispatch(Vec::new(), Vec::new());
     tracing::info!(port, vm = hello.0, speculative = hello.1, "port up");
     let writer = tokio::spawn(write_port(port, wr, ctl_rx, frames, shared.clone()));
     loop {
-        let msg = match read_message_async(&mut rd).await {
+        let read = tokio::select! {
+            m = read_message_async(&mut rd) => m,
+            () = close.notified() => break,
+        };
+        let msg = match read {
             Ok(m) => m,
             Err(e) => {
                 tracing::info!(port, "port down: {e}");
@@ -303,7 +340,7 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
 async fn write_port(
     port: PortId,
     mut wr: OwnedWriteHalf,
-    mut control: mpsc::UnboundedReceiver<Control>,
+    mut control: mpsc::Receiver<Control>,
     frames: Arc<Notify>,
     shared: Arc<Shared>,
 ) {

@@ -106,6 +106,7 @@ fn forwards_learns_and_carries_outcomes() {
     let bridge = Bridge::start("outcomes");
     let mut a = bridge.connect(1, true);
     let mut b = bridge.connect(2, true);
+    a.control(&Control::Started { id: S });
     settle();
     // Unknown destination: flooded to b, tagged as a sent it.
     let f = udp(1, 2, &[S]);
@@ -138,6 +139,7 @@ fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
     let bridge = Bridge::start("hold");
     let mut a = bridge.connect(1, true);
     let mut up = bridge.connect(9, false);
+    a.control(&Control::Started { id: S });
     settle();
     let tagged = udp(1, 9, &[S]);
     a.frame(&tagged);
@@ -156,6 +158,7 @@ fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
     );
     // A second speculation that aborts: its held frame is dropped.
     let s2 = SpecId { vm: 1, seq: 2 };
+    a.control(&Control::Started { id: s2 });
     a.frame(&udp(1, 9, &[s2]));
     a.control(&Control::Resolved {
         id: s2,
@@ -167,13 +170,23 @@ fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
 #[test]
 fn owner_disconnect_aborts_its_speculations() {
     let bridge = Bridge::start("failure");
-    let a = bridge.connect(1, true);
+    let mut a = bridge.connect(1, true);
     let mut b = bridge.connect(2, true);
     let mut c = bridge.connect(3, true);
-    settle();
-    b.control(&Control::Joined { ids: vec![S] });
+    // b joins a speculation of a and one of c, each sent to it in a frame.
     let c_spec = SpecId { vm: 3, seq: 1 };
-    b.control(&Control::Joined { ids: vec![c_spec] });
+    a.control(&Control::Started { id: S });
+    c.control(&Control::Started { id: c_spec });
+    settle();
+    a.frame(&udp(1, 2, &[S]));
+    c.frame(&udp(3, 2, &[c_spec]));
+    for _ in 0..2 {
+        assert!(matches!(b.recv(), Some(Message::Frame(_))));
+    }
+    assert!(matches!(c.recv(), Some(Message::Frame(_))), "a's flood");
+    b.control(&Control::Joined {
+        ids: vec![S, c_spec],
+    });
     settle();
     drop(a); // the owner's VMM dies
     let Some(Message::Control(Control::Decided { id, outcome, .. })) = b.recv() else {
@@ -229,4 +242,60 @@ fn a_port_that_skips_hello_is_closed() {
         .unwrap();
     let mut buf = [0u8; 1];
     assert_eq!(s.read(&mut buf).unwrap(), 0, "closed by the bridge");
+}
+
+/// Issue 12, findings 2 and 5, through the socket: a port's tag keeps only
+/// the ids its VM started or joined; an id of a VM that is not connected
+/// counts as aborted; only VM 7 moves VM 7's sequence numbers.
+#[test]
+fn forged_ids_are_stripped_and_refused_through_the_socket() {
+    let bridge = Bridge::start("forged");
+    let mut forger = bridge.connect(77, true);
+    let mut owner = bridge.connect(99, true);
+    let mut victim = bridge.connect(5, true);
+    let theirs = SpecId { vm: 99, seq: 1 };
+    owner.control(&Control::Started { id: theirs });
+    settle();
+    // VM 77 tags a frame to VM 5 with VM 99's id: it arrives untagged.
+    let f = udp(77, 5, &[theirs]);
+    forger.frame(&f);
+    assert_eq!(
+        victim.recv(),
+        Some(Message::Frame(codec::strip(&f).unwrap())),
+        "the forged id reached VM 5"
+    );
+    assert!(matches!(owner.recv(), Some(Message::Frame(_))), "flooded");
+    // VM 5 joins an id of no connected VM: told at once that it aborted.
+    let ghost = SpecId { vm: 4242, seq: 1 };
+    victim.control(&Control::Joined { ids: vec![ghost] });
+    let Some(Message::Control(Control::Decided { id, outcome, seq })) = victim.recv() else {
+        panic!("VM 5 was not told that 4242:1 aborted");
+    };
+    assert_eq!((id, outcome), (ghost, Outcome::Abort));
+    victim.control(&Control::Ack { seq });
+    // VM 77 cannot move VM 7's numbers; VM 7 starts at 1.
+    let last = SpecId {
+        vm: 7,
+        seq: u32::MAX,
+    };
+    forger.control(&Control::Started { id: last });
+    forger.control(&Control::Joined { ids: vec![last] });
+    settle();
+    let s = UnixStream::connect(bridge.dir.join("bridge.sock")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut seven = Port(s);
+    seven.control(&Control::Hello {
+        vm: 7,
+        speculative: true,
+    });
+    assert_eq!(
+        seven.recv(),
+        Some(Message::Control(Control::Welcome { next_seq: 1 }))
+    );
+    // VM 99's abort is not VM 5's business: it never joined 99:1.
+    owner.control(&Control::Resolved {
+        id: theirs,
+        outcome: Outcome::Abort,
+    });
+    assert_eq!(victim.recv(), None, "VM 5 was told of 99:1");
 }

@@ -9,7 +9,7 @@ mod fuzz;
 #[path = "support/gen.rs"]
 mod gen;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use fuzz::{Bytes, Seq, Target};
 use gen::{mac, outcome, small_id, AnyControl, AnyFrame, AnyMessage, Udp, IDS_SEQS, IDS_VMS};
-use netbridge::bridge::{Bridge, Send, HELD_BYTES_MAX, HELD_MAX, QUEUE_BYTES_MAX, QUEUE_MAX};
+use netbridge::bridge::{
+    Bridge, Send, HELD_BYTES_MAX, HELD_MAX, QUEUE_BYTES_MAX, QUEUE_MAX, UNACKED_MAX,
+};
+use netbridge::registry::IDS_PER_PORT;
 use netbridge::tags;
 use specwire::codec::{self, SpecId};
 use specwire::protocol::{
@@ -52,7 +55,14 @@ enum SpecOp {
     Resolved(u8, bool),
     /// A decision on an id of the port's own VM, as its owner.
     Decide(u8, bool),
+    /// A speculation of the port's own VM, as its owner starts one.
+    StartOwn(u8),
     Ack(u8),
+}
+
+/// An id of VM `vm`, with one of [`IDS_SEQS`] sequence numbers.
+fn own_id(vm: u32, seq: u8) -> SpecId {
+    SpecId::new(vm, u32::from(seq) % IDS_SEQS as u32)
 }
 
 impl SpecOp {
@@ -60,8 +70,11 @@ impl SpecOp {
         match self {
             SpecOp::Started(i) => Control::Started { id: small_id(*i) },
             SpecOp::Decide(seq, c) => Control::Resolved {
-                id: SpecId::from_u64((u64::from(vm) << 32) | (u64::from(*seq) % IDS_SEQS)),
+                id: own_id(vm, *seq),
                 outcome: outcome(*c),
+            },
+            SpecOp::StartOwn(seq) => Control::Started {
+                id: own_id(vm, *seq),
             },
             SpecOp::Joined(v) => Control::Joined {
                 ids: v.0.iter().map(|&i| small_id(i)).collect(),
@@ -84,9 +97,11 @@ struct BridgeModel {
     next_port: u64,
     /// The first outcome the bridge announced for each id: the one its
     /// registry keeps.
-    decided: HashMap<u64, Outcome>,
+    decided: HashMap<SpecId, Outcome>,
     /// Announcements that contradict an earlier one for the same id.
-    contradictions: Vec<(u64, &'static str)>,
+    contradictions: Vec<(SpecId, &'static str)>,
+    /// Ids the bridge announced as started by their owner.
+    started: HashSet<SpecId>,
 }
 
 impl BridgeModel {
@@ -98,6 +113,7 @@ impl BridgeModel {
             next_port: 1,
             decided: HashMap::new(),
             contradictions: Vec::new(),
+            started: HashSet::new(),
         }
     }
 
@@ -113,11 +129,13 @@ impl BridgeModel {
             let outcome = match e.event {
                 "aborted" => Outcome::Abort,
                 "committed" => Outcome::Commit,
+                "started" => {
+                    self.started.insert(parse_id(e.id.as_deref()));
+                    continue;
+                }
                 _ => continue,
             };
-            let id = e.id.expect("an outcome names its id");
-            let (vm, seq) = id.split_once(':').expect("ids read vm:seq");
-            let id = (vm.parse::<u64>().unwrap() << 32) | seq.parse::<u64>().unwrap();
+            let id = parse_id(e.id.as_deref());
             let first = *self.decided.entry(id).or_insert(outcome);
             if first != outcome {
                 self.contradictions.push((id, e.event));
@@ -144,11 +162,7 @@ impl BridgeModel {
             return false;
         };
         let tags = codec::parse_tags(&f).expect("a queued frame parses");
-        let tags: Vec<u64> = tags
-            .unwrap_or_default()
-            .iter()
-            .map(|t| t.to_u64())
-            .collect();
+        let tags = tags.unwrap_or_default();
         assert!(
             speculative || tags.is_empty(),
             "a tagged frame {tags:x?} reached port {port}, which cannot roll back"
@@ -158,6 +172,10 @@ impl BridgeModel {
                 self.decided.get(&t),
                 Some(&Outcome::Abort),
                 "a frame tagged with aborted id {t:#x} reached port {port}"
+            );
+            assert!(
+                self.started.contains(&t),
+                "a frame tagged with {t:#x}, which its owner never started, reached port {port}"
             );
         }
         true
@@ -172,6 +190,10 @@ impl BridgeModel {
             );
             assert!(
                 u.held <= HELD_MAX && u.held_bytes <= HELD_BYTES_MAX,
+                "{u:?}"
+            );
+            assert!(
+                u.ids <= IDS_PER_PORT && u.unacked <= UNACKED_MAX + IDS_PER_PORT,
                 "{u:?}"
             );
         }
@@ -235,6 +257,12 @@ impl BridgeModel {
     }
 }
 
+/// An id of an event, `vm:seq`.
+fn parse_id(id: Option<&str>) -> SpecId {
+    id.and_then(|id| id.parse().ok())
+        .expect("the event names its id as vm:seq")
+}
+
 #[test]
 fn bridge_core_under_hostile_ports() {
     Target {
@@ -253,6 +281,12 @@ fn bridge_core_under_hostile_ports() {
             let u = m.bridge.usage(port).unwrap();
             assert_eq!((u.queued, u.queued_bytes), (0, 0), "port {port}");
         }
+        // Once every port has gone, no id is left open.
+        for (port, _) in m.ports.clone() {
+            m.step(&PortOp::Disconnect(0));
+            assert_eq!(m.bridge.usage(port), None);
+        }
+        assert_eq!(m.bridge.open_ids(), 0);
     });
 }
 
@@ -283,6 +317,7 @@ fn regression_a_second_resolved_changes_nothing() {
             vm: 1,
             speculative: true,
         },
+        PortOp::Spec(0, SpecOp::StartOwn(1)),
         PortOp::Frame(0, AnyFrame::Udp(udp)),
         PortOp::Spec(0, SpecOp::Decide(1, true)),
         PortOp::Spec(0, SpecOp::Decide(1, false)),

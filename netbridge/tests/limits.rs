@@ -313,3 +313,40 @@ fn bad_flags_are_one_error_line() {
         assert!(!o.stdout.is_empty() && o.stderr.is_empty(), "{flag}");
     }
 }
+
+// Issue 12: the bridge queued control messages for a port without bound; a
+// port that acknowledged its outcomes without reading them could grow it
+// for ever (joined for ids of VMs not connected are each answered).
+#[test]
+fn a_port_that_acks_without_reading_is_closed() {
+    let bridge = Bridge::start("noread", &["--quiet"], false);
+    let mut p = bridge.connect(1, true);
+    let (rounds, per_round) = (40u32, netbridge::bridge::UNACKED_MAX as u32);
+    let mut seq = 0u64;
+    let mut sent = 0u64;
+    for r in 0..rounds {
+        let ids = (0..per_round)
+            .map(|i| SpecId::new(5000 + r, i + 1))
+            .collect();
+        let mut out = framed(&encode_control(&Control::Joined { ids }));
+        for _ in 0..per_round {
+            seq += 1;
+            out.extend(framed(&encode_control(&Control::Ack { seq })));
+        }
+        if p.0.write_all(&out).is_err() {
+            break; // closed by the bridge
+        }
+        sent += u64::from(per_round);
+    }
+    let mut got = 0u64;
+    while p.recv().is_some() {
+        got += 1;
+    }
+    assert!(
+        got < sent,
+        "the bridge kept all {sent} answers for a port that read none"
+    );
+    let (status, stderr) = bridge.stop();
+    assert_eq!(status, 0, "{stderr}");
+    assert!(stderr.contains("control messages wait for it"), "{stderr}");
+}

@@ -29,7 +29,7 @@ use crate::persist::Persist;
 use crate::progress::{self, Progress, ProgressError};
 use crate::snapshot::{files, VmSnapshot};
 use crate::spec::link::{BridgeLink, OutputCommitHook, SharedDeps, SpecHook};
-use crate::spec::memory::MemoryTracker;
+use crate::spec::memory::{MemoryTracker, Strategy};
 use crate::vstate::memory::{create_guest_memory, GuestRam, MemoryError};
 use crate::vstate::vcpu::{enable_exit_on_emulation_failure, Vcpu, VcpuContext, VcpuLink};
 use crate::vstate::vcpu_state::StateCaps;
@@ -170,7 +170,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
         }
     }
     let snapshots = p.snapshot_setup(config)?;
-    p.finish(config, snapshots)
+    p.finish(config, snapshots, None)
 }
 
 /// Builds a VM from the snapshot in `dir`: reads and checks its state file
@@ -184,20 +184,19 @@ pub fn build_from_snapshot(config: &VmConfig, dir: &std::path::Path) -> Result<V
     let snap = files::read_state(dir)?;
     crate::snapshot::restore::check_host_compat(&snap, compat.is_some())?;
     let ram = create_guest_memory(config.mem_size)?;
-    let base = crate::snapshot::memory::restore_memory(dir, &snap, &ram.mem)?;
+    let base = crate::snapshot::memory::restore_memory(dir, &snap, &ram)?;
     let memory_us = started.elapsed().as_micros() as u64;
     let mut p = Platform::build(&kvm, config, ram, compat)?;
     let mut snapshots = p.snapshot_setup(config)?;
     snapshots.linux = snap.linux;
     snapshots.base = dir.canonicalize().ok().map(|d| (d, snap.id));
-    snapshots.lazy_base = Some(base);
     p.restore(snap)?;
     tracing::info!(
         memory_us,
         total_us = started.elapsed().as_micros() as u64,
         "restored"
     );
-    p.finish(config, snapshots)
+    p.finish(config, snapshots, Some(base))
 }
 
 impl Platform {
@@ -276,16 +275,17 @@ impl Platform {
             linux: matches!(config.boot, BootSource::Linux { .. }),
             compat: self.compat.clone(),
             base: None,
-            mem: self.ram.mem.clone(),
-            lazy_base: None,
         })
     }
 
     /// The VM, whole: console input may flow, the control API starts.
+    /// A restored VM's memory still maps `lazy_base`, the snapshot's base
+    /// layer, until its first checkpoint.
     fn finish(
         self,
         config: &VmConfig,
         snapshots: crate::controller::SnapshotSetup,
+        lazy_base: Option<std::fs::File>,
     ) -> Result<Vmm, VmmError> {
         let Platform {
             vm,
@@ -309,7 +309,15 @@ impl Platform {
             }
             None => None,
         };
-        let memory = MemoryTracker::new(&ram.mem, &ram.file).map_err(MemoryError::Memfd)?;
+        let strategy = if config.full_copy {
+            Strategy::FullCopy
+        } else {
+            Strategy::CopyOnWrite
+        };
+        let mut memory = MemoryTracker::new(&ram, strategy).map_err(MemoryError::Memfd)?;
+        if let Some(base) = lazy_base {
+            memory.set_lazy_base(base);
+        }
         let ctx = VcpuContext {
             pio: Arc::new(devices.pio.clone()),
             mmio: Arc::new(devices.mmio.clone()),
@@ -484,9 +492,6 @@ impl Vmm {
             memory,
             devices,
             compat: ctx.compat.clone(),
-            full_copy: config.full_copy,
-            verify: crate::spec::verify::VerifyMode::from_env(),
-            dirty_since_snapshot: Default::default(),
             snapshots: Some(snapshots),
             stats: Default::default(),
         };

@@ -31,3 +31,43 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A KVM VM with `mem`'s regions as memory slots (dirty logging on), for
+/// tests that need KVM's dirty log. Where `/dev/kvm` cannot be opened, the
+/// test is skipped, never silently passed: this prints
+/// `SKIPPED: <test>: <reason>` to stderr, appends the same line (without
+/// the prefix) to `<target>/test-skips.txt` as the integration tests do,
+/// and returns `None`, on which the test returns. Any other KVM failure
+/// (an open `/dev/kvm` that cannot make a VM) fails the test.
+pub fn kvm_vm_or_skip(
+    test: &str,
+    mem: &crate::vstate::memory::GuestMemoryMmap,
+) -> Option<crate::vstate::vm::Vm> {
+    let kvm = match crate::vstate::vm::open_kvm() {
+        Ok(k) => k,
+        Err(reason) => {
+            record_skip(test, &reason.to_string());
+            return None;
+        }
+    };
+    Some(crate::vstate::vm::Vm::new(&kvm, mem).expect("creating a KVM VM"))
+}
+
+/// Reports a skipped test on stderr and in `<target>/test-skips.txt`
+/// (`<target>` found from the test binary, `<target>/<profile>/deps/...`).
+fn record_skip(test: &str, reason: &str) {
+    use std::io::Write;
+    eprintln!("SKIPPED: {test}: {reason}");
+    let exe = std::env::current_exe().ok();
+    let Some(target) = exe.as_deref().and_then(|e| e.ancestors().nth(3)) else {
+        return;
+    };
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(target.join("test-skips.txt"))
+        .and_then(|mut f| f.write_all(format!("{test}: {reason}\n").as_bytes()));
+    if let Err(e) = written {
+        eprintln!("cannot record the skip in {}: {e}", target.display());
+    }
+}

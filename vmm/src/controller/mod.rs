@@ -73,10 +73,11 @@ pub struct Stats {
 
 impl Stats {
     pub(crate) fn record(&mut self, name: &'static str, t: Instant) {
-        self.ops
-            .entry(name)
-            .or_default()
-            .push(t.elapsed().as_micros() as u64);
+        self.record_duration(name, t.elapsed());
+    }
+
+    pub(crate) fn record_duration(&mut self, name: &'static str, d: std::time::Duration) {
+        self.ops.entry(name).or_default().push(d.as_micros() as u64);
     }
 
     /// One JSON object: per operation, count, min, median and max in µs.

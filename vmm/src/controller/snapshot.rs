@@ -13,7 +13,6 @@ use crate::api::Response;
 use crate::host_compat::HostCompat;
 use crate::snapshot::writer::DirWriter;
 use crate::snapshot::{new_id, now_ns, Layer, SnapshotError, VmSnapshot, MAX_LAYERS};
-use crate::vstate::memory::GuestMemoryMmap;
 
 /// What the controller needs to write snapshots of its VM.
 pub struct SnapshotSetup {
@@ -27,12 +26,6 @@ pub struct SnapshotSetup {
     /// The host-compat layer, when active: a snapshot saves its system-call
     /// trampoline's state.
     pub compat: Option<HostCompat>,
-    /// All of guest memory, for remapping a restored VM's regions.
-    pub mem: GuestMemoryMmap,
-    /// For a VM restored from a snapshot, until its first checkpoint: the
-    /// snapshot's base memory layer, which guest memory still maps (see
-    /// [`crate::snapshot::memory`]).
-    pub lazy_base: Option<File>,
     /// The snapshot this VM's memory last matched: the directory (made
     /// canonical) and the snapshot's id. A snapshot into the same directory,
     /// while it still holds that snapshot, can be a diff.
@@ -51,7 +44,7 @@ impl Controller {
         if self.machine.snapshots.is_none() {
             return Some("this VM was built without snapshot support".into());
         }
-        if self.machine.full_copy {
+        if !self.machine.memory.supports_snapshots() {
             return Some(
                 "snapshots need copy-on-write checkpoints, not --checkpoint full-copy".into(),
             );
@@ -161,7 +154,7 @@ impl Controller {
         // (the stack is empty, so no undo log is kept) and saves vCPUs,
         // in-kernel devices and device models: one mechanism for both.
         let cp = self.machine.checkpoint(None, None)?;
-        let pages = self.machine.dirty_since_snapshot.take();
+        let pages = self.machine.memory.take_since_snapshot();
         let Some(setup) = self.machine.snapshots.as_mut() else {
             return Ok(Err(SnapshotError::Refused("no snapshot support".into())));
         };
@@ -186,7 +179,7 @@ impl Controller {
             id,
             layers,
             mem_size: setup.mem_size,
-            ranges: crate::arch::x86_64::layout::ram_ranges(setup.mem_size),
+            ranges: self.machine.memory.layout().gpa_ranges(),
             linux: setup.linux,
             // The vCPUs are paused: the kernel writes no MSR meanwhile.
             trampoline: setup.compat.as_ref().and_then(HostCompat::save_trampoline),

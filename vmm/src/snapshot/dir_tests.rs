@@ -65,7 +65,7 @@ fn state(id: u64, layers: Vec<Layer>) -> VmSnapshot {
     s.id = id;
     s.layers = layers;
     s.mem_size = MEM;
-    s.ranges = ram_ranges(MEM);
+    s.ranges = RamLayout::new(MEM).gpa_ranges();
     s
 }
 
@@ -94,7 +94,7 @@ fn diff(dir: &Path, src: &File, prev: &VmSnapshot, pages: &[u64], id: u64) -> Vm
 fn restore(dir: &Path) -> Result<GuestRam, SnapshotError> {
     let snap = files::read_state(dir)?;
     let ram = create_guest_memory(MEM).unwrap();
-    restore_memory(dir, &snap, &ram.mem)?;
+    restore_memory(dir, &snap, &ram)?;
     snap.memory_check.wait()?;
     Ok(ram)
 }

@@ -168,7 +168,7 @@ fn random_snapshot(rng: &mut Rng) -> VmSnapshot {
     let mut s = tests::sample();
     s.id = rng.next_u64();
     s.mem_size = rng.pick(&[MIN_MEM_SIZE, 64 << 20, 1 << 30, 5 << 30, MAX_MEM_SIZE]);
-    s.ranges = ram_ranges(s.mem_size);
+    s.ranges = RamLayout::new(s.mem_size).gpa_ranges();
     let most = if rng.below(8) == 0 { MAX_LAYERS } else { 3 };
     let n = 1 + rng.below(most as u64);
     // Unique ids: the older layers' are `id ^ 1..n`, the last is `id`.
@@ -427,7 +427,7 @@ fn check_snapshot(s: &VmSnapshot) {
     s.layers
         .iter()
         .for_each(|l| check_layer_record(l, s.mem_size));
-    assert_eq!(s.ranges, ram_ranges(s.mem_size));
+    assert_eq!(s.ranges, RamLayout::new(s.mem_size).gpa_ranges());
     assert!((1..=usize::from(MAX_VCPUS)).contains(&s.machine.vcpus.len()));
     assert!(
         s.machine.devices.nets.len() < MAX_DEVICES,

@@ -12,11 +12,11 @@
 //!
 //! The speculation tracker needs a memory file of the VM's own that it may
 //! write (its flushes), which the snapshot's must never be. So the first
-//! time the VM checkpoints (speculates or is snapshotted), the controller
-//! *materializes* its memory ([`materialize`]): it copies the base layer
-//! into the memfd, flushes every page written since the restore into it,
-//! and maps the regions back onto the memfd. Only VMs that speculate or
-//! snapshot pay that copy, and only once.
+//! time the VM checkpoints (speculates or is snapshotted), the tracker
+//! *materializes* its memory (`crate::spec::memory`): it copies the base
+//! layer into the memfd, flushes every page written since the restore into
+//! it, and maps the regions back onto the memfd ([`remap`]). Only VMs that
+//! speculate or snapshot pay that copy, and only once.
 
 use std::fs::File;
 use std::io;
@@ -25,18 +25,21 @@ use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::files::{copy_data, open_layers};
+use super::files::open_layers;
 use super::{SnapshotError, VmSnapshot};
-use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::memory::{GuestMemoryMmap, GuestRam, RamLayout};
 
 /// Maps every region of `mem` again, at the same address, `MAP_PRIVATE`
-/// onto `file` at increasing offsets (the layout of the memory file).
-/// Private copies the regions held are dropped.
-pub fn remap(mem: &GuestMemoryMmap, file: &File) -> io::Result<()> {
-    let mut off = 0u64;
-    for r in mem.iter() {
+/// onto `file` at its range's offset in `layout`, which must describe
+/// `mem`. Private copies the regions held are dropped.
+pub fn remap(mem: &GuestMemoryMmap, layout: &RamLayout, file: &File) -> io::Result<()> {
+    if !layout.describes(mem) {
+        return Err(io::Error::other("guest memory does not follow its layout"));
+    }
+    for (r, range) in mem.iter().zip(layout.ranges()) {
         let host = r.as_ptr();
         let len = r.len() as usize;
+        let off = range.file_offset;
         // SAFETY: `host..host+len` is exactly one region's mapping, owned by
         // `mem`, which stays alive and unmaps this range when dropped;
         // MAP_FIXED replaces that mapping in place with one of the same
@@ -56,7 +59,6 @@ pub fn remap(mem: &GuestMemoryMmap, file: &File) -> io::Result<()> {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        off += len as u64;
     }
     Ok(())
 }
@@ -65,14 +67,15 @@ pub fn remap(mem: &GuestMemoryMmap, file: &File) -> io::Result<()> {
 /// copy-on-write, the diff layers' pages written over it, each piece
 /// checked against its checksum first. Starts the check of the base layer
 /// ([`super::verify`]), which [`super::restore::restore_machine`] waits
-/// for. Returns the base layer file, which the controller copies from when
-/// it materializes.
+/// for. Returns the base layer file, which the memory tracker copies from
+/// when it materializes.
 pub fn restore_memory(
     dir: &Path,
     snap: &VmSnapshot,
-    mem: &GuestMemoryMmap,
+    ram: &GuestRam,
 ) -> Result<File, SnapshotError> {
-    let size: u64 = mem.iter().map(|r| r.len()).sum();
+    let (mem, layout) = (&ram.mem, &ram.layout);
+    let size = layout.mem_size();
     if size != snap.mem_size {
         return Err(SnapshotError::Mismatch(format!(
             "the VM has {size} bytes of memory, the snapshot {}",
@@ -83,7 +86,7 @@ pub fn restore_memory(
     let Some(((base_path, base), base_layer)) = layers.next() else {
         return Err(SnapshotError::Corrupt("no memory layer".into()));
     };
-    remap(mem, &base).map_err(|err| SnapshotError::Io {
+    remap(mem, layout, &base).map_err(|err| SnapshotError::Io {
         what: "mapping the snapshot memory file",
         path: base_path.clone(),
         err,
@@ -96,82 +99,30 @@ pub fn restore_memory(
     snap.memory_check
         .start(for_check, base_path, base_layer.clone(), snap.mem_size)?;
     for ((path, f), layer) in layers {
-        layer.apply_checked(&f, &path, |off, b| {
-            let gpa = file_to_guest(&snap.ranges, off)
-                .ok_or_else(|| io::Error::other(format!("offset {off:#x} is past guest memory")))?;
-            write_split(mem, &snap.ranges, b, off, gpa)
-        })?;
+        layer.apply_checked(&f, &path, |off, b| write_split(mem, layout, b, off))?;
     }
     Ok(base)
 }
 
-/// Writes `data`, which sits at file offset `off` (guest address `gpa`),
-/// splitting it where a memory range ends.
-fn write_split(
-    mem: &GuestMemoryMmap,
-    ranges: &[(u64, u64)],
-    data: &[u8],
-    off: u64,
-    gpa: u64,
-) -> io::Result<()> {
+/// Writes `data`, which sits at memory-file offset `off`, into guest
+/// memory, split where a RAM range ends.
+fn write_split(mem: &GuestMemoryMmap, layout: &RamLayout, data: &[u8], off: u64) -> io::Result<()> {
+    let pieces = layout
+        .split(off, data.len() as u64)
+        .ok_or_else(|| io::Error::other(format!("offset {off:#x} is past guest memory")))?;
     let mut start = 0usize;
-    let mut file_off = off;
-    let mut addr = gpa;
-    while start < data.len() {
-        let (base, size) = ranges
-            .iter()
-            .copied()
-            .find(|&(b, s)| (b..b + s).contains(&addr))
-            .ok_or_else(|| io::Error::other(format!("guest address {addr:#x} is not RAM")))?;
-        let n = ((base + size - addr) as usize).min(data.len() - start);
-        mem.write_slice(&data[start..start + n], GuestAddress(addr))
+    for p in pieces {
+        let n = p.len as usize;
+        mem.write_slice(&data[start..start + n], GuestAddress(p.gpa))
             .map_err(io::Error::other)?;
         start += n;
-        file_off += n as u64;
-        addr = file_to_guest(ranges, file_off).unwrap_or(addr + n as u64);
     }
     Ok(())
-}
-
-/// The guest address of memory file offset `off`.
-fn file_to_guest(ranges: &[(u64, u64)], off: u64) -> Option<u64> {
-    let mut start = 0u64;
-    for &(base, size) in ranges {
-        if off < start + size {
-            return Some(base + (off - start));
-        }
-        start += size;
-    }
-    None
-}
-
-/// Gives a restored VM a memory file of its own: copies the snapshot's
-/// base layer into the (empty) memfd `own`, lets `flush_dirty` write every
-/// page changed since the restore into it, and maps `mem` onto it. All
-/// vCPUs must be paused.
-pub fn materialize(
-    mem: &GuestMemoryMmap,
-    base: &File,
-    own: &File,
-    mem_size: u64,
-    flush_dirty: impl FnOnce() -> Result<(), String>,
-) -> Result<(), String> {
-    copy_data(base, own, mem_size).map_err(|e| format!("copying the snapshot memory: {e}"))?;
-    flush_dirty()?;
-    remap(mem, own).map_err(|e| format!("mapping the guest memory file: {e}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn file_offsets_map_across_the_gap() {
-        let r = [(0, 3 << 30), (4 << 30, 1 << 30)];
-        assert_eq!(file_to_guest(&r, 0x1000), Some(0x1000));
-        assert_eq!(file_to_guest(&r, 3 << 30), Some(4 << 30));
-        assert_eq!(file_to_guest(&r, 4 << 30), None);
-    }
 
     use std::os::unix::fs::FileExt;
 
@@ -183,7 +134,7 @@ mod tests {
             .unwrap()
             .file;
         other.write_all_at(&9u32.to_le_bytes(), 0x5000).unwrap();
-        remap(&ram.mem, &other).unwrap();
+        remap(&ram.mem, &ram.layout, &other).unwrap();
         assert_eq!(ram.mem.read_obj::<u32>(GuestAddress(0x5000)).unwrap(), 9);
         assert_eq!(
             ram.mem.read_obj::<u32>(GuestAddress(0x3000)).unwrap(),

@@ -37,10 +37,10 @@ pub mod writer;
 
 use std::path::PathBuf;
 
-use crate::arch::x86_64::layout::ram_ranges;
 use crate::host_compat::trampoline::TrampolineState;
 use crate::machine::MachineState;
 use crate::persist::{Decode, DecodeError, Encode};
+use crate::vstate::memory::RamLayout;
 use codec::{Reader, Writer};
 pub use layer::Layer;
 
@@ -249,7 +249,7 @@ impl VmSnapshot {
         let saved_at_ns = r.u64("save time")?;
         let machine = MachineState::decode(&mut r)?;
         r.finish()?;
-        let layout = ram_ranges(mem_size);
+        let layout = RamLayout::new(mem_size).gpa_ranges();
         if ranges != layout {
             return Err(SnapshotError::Corrupt(format!(
                 "memory ranges {ranges:x?} are not this build's layout for {mem_size:#x} bytes"

@@ -88,7 +88,7 @@ pub(super) fn sample() -> VmSnapshot {
             },
         ],
         mem_size: 64 << 20,
-        ranges: ram_ranges(64 << 20),
+        ranges: RamLayout::new(64 << 20).gpa_ranges(),
         linux: false,
         trampoline: None,
         saved_at_ns: 7,

@@ -3,12 +3,13 @@
 //!
 //! After a flush (at a checkpoint) and after a rollback, every private copy
 //! in the guest's `MAP_PRIVATE` mapping must equal the memory file: a flush
-//! wrote each dirty page into the file, and a rollback dropped each dirty
-//! page's copy. A private page that differs from the file was written
-//! without being reported dirty, so the checkpoint (or the rollback) missed
-//! it. The checker finds such pages through `/proc/self/pagemap`: only a
-//! present page that is not the file's own page is a private copy, so it
-//! compares just those, never the whole of memory.
+//! wrote each dirty page into the file, and a rollback copied the file
+//! back over each dirty page's copy. A private page that differs from the
+//! file was written without being reported dirty, so the checkpoint (or
+//! the rollback) missed it. The checker finds such pages through
+//! `/proc/self/pagemap`: only a present page that is not the file's own
+//! page is a private copy, so it compares just those, never the whole of
+//! memory.
 //!
 //! It costs a read of the pagemap (8 bytes per page of guest memory) and a
 //! compare per private page, so it runs only when `SPECVM_VERIFY_MEMORY` is
