@@ -308,6 +308,8 @@ pub enum Lookup {
     Hit {
         /// The snapshot folder.
         snapshot: PathBuf,
+        /// Its state file, read and checked.
+        state: crate::config::ReadState,
         /// The entry's record.
         entry: Box<Entry>,
         /// How long checking its files took.
@@ -349,9 +351,10 @@ fn read_entry(dir: &Path) -> Result<Entry, String> {
     Ok(e)
 }
 
-/// Checks every file of an entry against its record; the error says which
+/// Checks every file of an entry against its record, and returns its
+/// snapshot's state, decoded (the one read of it); the error says which
 /// file and how it differs.
-fn check_files(dir: &Path, entry: &Entry) -> Result<(), String> {
+fn check_files(dir: &Path, entry: &Entry) -> Result<crate::snapshot::VmSnapshot, String> {
     let snap = dir.join(SNAPSHOT_DIR);
     if entry.files.is_empty() {
         return Err("it lists no files".into());
@@ -382,8 +385,7 @@ fn check_files(dir: &Path, entry: &Entry) -> Result<(), String> {
             ));
         }
     }
-    files::read_state(&snap).map_err(|e| e.to_string())?;
-    Ok(())
+    files::read_state(&snap).map_err(|e| e.to_string())
 }
 
 /// Looks `key` up in cache folder `root`.
@@ -412,12 +414,15 @@ pub fn lookup(root: &Path, key: &CacheKey) -> Lookup {
         );
     }
     let t = Instant::now();
-    if let Err(e) = check_files(&dir, &entry) {
-        return Lookup::Miss(
-            format!("damaged entry {}: {e}", dir.display()),
-            entry.boot_times,
-        );
-    }
+    let state = match check_files(&dir, &entry) {
+        Ok(s) => s,
+        Err(e) => {
+            return Lookup::Miss(
+                format!("damaged entry {}: {e}", dir.display()),
+                entry.boot_times,
+            )
+        }
+    };
     let check = t.elapsed();
     // Most recently used last: eviction goes by this time.
     if let Ok(f) = File::options().write(true).open(dir.join(ENTRY_FILE)) {
@@ -425,6 +430,7 @@ pub fn lookup(root: &Path, key: &CacheKey) -> Lookup {
     }
     Lookup::Hit {
         snapshot: dir.join(SNAPSHOT_DIR),
+        state: crate::config::ReadState::new(state),
         entry: Box::new(entry),
         check,
     }
@@ -696,6 +702,7 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
     match lookup(&root, &key) {
         Lookup::Hit {
             snapshot,
+            state,
             entry,
             check,
         } => {
@@ -706,7 +713,10 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
                 human(Duration::from_secs_f64(entry.boot_secs.max(0.0))),
                 check.as_millis()
             );
-            config.boot = BootSource::Restore { dir: snapshot };
+            config.boot = BootSource::Restore {
+                dir: snapshot,
+                state,
+            };
         }
         Lookup::Miss(why, previous) => {
             let mut save = PendingSave::new(root, key, started);

@@ -123,7 +123,7 @@ struct Platform {
 /// loading its guest.
 pub fn build(config: &VmConfig) -> Result<Vmm, VmmError> {
     match &config.boot {
-        BootSource::Restore { dir } => build_from_snapshot(config, dir),
+        BootSource::Restore { dir, state } => build_from_snapshot(config, dir, state.take()),
         _ => build_for_boot(config),
     }
 }
@@ -176,15 +176,23 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     p.finish(config, snapshots, None)
 }
 
-/// Builds a VM from the snapshot in `dir`: reads and checks its state file
-/// once (also against whether the host-compat layer is active), maps guest
-/// memory onto its memory layers (copy-on-write), and restores the machine
-/// through [`crate::machine::restore`] before any vCPU runs.
-pub fn build_from_snapshot(config: &VmConfig, dir: &std::path::Path) -> Result<Vmm, VmmError> {
+/// Builds a VM from the snapshot in `dir`: its state file `read` already
+/// by the command line or the boot cache (else read here, once), checked
+/// against whether the host-compat layer is active; maps guest memory onto
+/// its memory layers (copy-on-write), and restores the machine through
+/// [`crate::machine::restore`] before any vCPU runs.
+pub fn build_from_snapshot(
+    config: &VmConfig,
+    dir: &std::path::Path,
+    read: Option<VmSnapshot>,
+) -> Result<Vmm, VmmError> {
     let started = std::time::Instant::now();
     let kvm = open_kvm()?;
     let compat = host_compat(config);
-    let snap = files::read_state(dir)?;
+    let snap = match read {
+        Some(s) => s,
+        None => files::read_state(dir)?,
+    };
     crate::snapshot::restore::check_host_compat(&snap, compat.is_some())?;
     let ram = create_guest_memory(config.mem_size)?;
     let base = crate::snapshot::memory::restore_memory(dir, &snap, &ram)?;

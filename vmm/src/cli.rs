@@ -240,10 +240,14 @@ impl RunArgs {
                 "--cpus {c} differs from the snapshot's {n} vCPUs; omit --cpus"
             )));
         }
+        let mem_size = snap.mem_size;
         Ok((
-            snap.mem_size,
+            mem_size,
             check_vcpus(n)?,
-            BootSource::Restore { dir: dir.into() },
+            BootSource::Restore {
+                dir: dir.into(),
+                state: crate::config::ReadState::new(snap),
+            },
         ))
     }
 

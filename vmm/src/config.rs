@@ -207,8 +207,54 @@ pub enum BootSource {
     Restore {
         /// The directory.
         dir: PathBuf,
+        /// Its state file, if whoever chose the directory (the command line,
+        /// the boot cache) already read and checked it: the builder takes
+        /// it instead of reading the file again.
+        state: ReadState,
     },
 }
+
+impl BootSource {
+    /// A restore of `dir`, whose state file is still to be read.
+    pub fn restore(dir: PathBuf) -> Self {
+        Self::Restore {
+            dir,
+            state: ReadState::default(),
+        }
+    }
+}
+
+/// A snapshot's state file, read and checked once, handed on to the
+/// builder, which takes it. Two values compare equal whatever they hold:
+/// the directory is what identifies a restore.
+#[derive(Clone, Default)]
+pub struct ReadState(std::sync::Arc<std::sync::Mutex<Option<crate::snapshot::VmSnapshot>>>);
+
+impl ReadState {
+    /// Holds `snap` for the builder.
+    pub fn new(snap: crate::snapshot::VmSnapshot) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Some(snap))))
+    }
+
+    /// The state, once; `None` if none was read (or it was taken).
+    pub fn take(&self) -> Option<crate::snapshot::VmSnapshot> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for ReadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReadState")
+    }
+}
+
+impl PartialEq for ReadState {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ReadState {}
 
 /// Everything needed to build and run one VM.
 #[derive(Debug, Clone, PartialEq)]
