@@ -21,4 +21,6 @@ pub mod pio;
 #[cfg(target_arch = "x86_64")]
 pub mod serial;
 #[cfg(target_arch = "x86_64")]
+pub mod virtio_blk;
+#[cfg(target_arch = "x86_64")]
 pub mod virtio_net;
