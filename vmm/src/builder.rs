@@ -74,6 +74,9 @@ pub enum VmmError {
     /// A network device could not be set up.
     #[error("network device: {0}")]
     Net(String),
+    /// A disk could not be set up.
+    #[error("--disk: {0}")]
+    Disk(String),
     /// A thread could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
@@ -221,6 +224,7 @@ impl Platform {
         let mut devices = DeviceManager::new(&vm, serial, &tx)?;
         let vcpus = create_vcpus(kvm, &vm, config.vcpus, compat.is_some())?;
         let net = attach_nets(config, &vm, &ram, &mut devices, &tx)?;
+        attach_disks(config, &vm, &ram, &mut devices)?;
         Ok(Self {
             vm,
             ram,
@@ -341,6 +345,27 @@ impl Platform {
             _ram: ram,
         })
     }
+}
+
+/// Creates the `--disk` devices on the MMIO bus, in the slots after the
+/// net cards.
+fn attach_disks(
+    config: &VmConfig,
+    vm: &Vm,
+    ram: &GuestRam,
+    devices: &mut DeviceManager,
+) -> Result<(), VmmError> {
+    for cfg in &config.disks {
+        let slot = devices.virtio_slot(vm)?;
+        let irq = slot
+            .irq
+            .try_clone()
+            .map_err(|e| VmmError::Disk(e.to_string()))?;
+        let (dev, handle) = crate::devices::virtio::block::new_block(cfg, ram.mem.clone(), irq)
+            .map_err(|e| VmmError::Disk(e.to_string()))?;
+        devices.add_block(&slot, dev, handle)?;
+    }
+    Ok(())
 }
 
 /// Creates the `--net` devices on the MMIO bus, with their interrupts, and

@@ -144,6 +144,11 @@ pub struct RunArgs {
     /// leaving room for the speculation tag). Repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     pub net: Vec<String>,
+    /// A virtio-blk disk on a raw image file: `path=FILE[,readonly]`. Its
+    /// writes follow the VM's speculations: an abort drops them, and only
+    /// the outermost commit writes them to FILE. Repeatable.
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disk: Vec<String>,
     /// Serve the control API on this Unix socket (mode 0600: only this
     /// user may connect). The path may be new or a stale socket; a live
     /// socket or any other file is refused.
@@ -209,6 +214,7 @@ impl RunArgs {
             full_copy: self.checkpoint == "full-copy",
             start_paused: self.start_paused,
             nets: self.nets()?,
+            disks: self.disks()?,
             boot_cache: None,
         })
     }
@@ -273,6 +279,27 @@ impl RunArgs {
             return Err(ConfigError::TooManyNets(VIRTIO_MAX_SLOTS));
         }
         self.net.iter().map(|s| Ok(s.parse()?)).collect()
+    }
+
+    fn disks(&self) -> Result<Vec<crate::devices::virtio::block::BlockConfig>, ConfigError> {
+        use crate::devices::virtio::VIRTIO_MAX_SLOTS;
+        if self.net.len() + self.disk.len() > VIRTIO_MAX_SLOTS as usize {
+            return Err(ConfigError::TooManyDevices(VIRTIO_MAX_SLOTS));
+        }
+        if !self.disk.is_empty() && (self.restore.is_some() || self.boot_cache) {
+            return Err(ConfigError::Disk(
+                "--disk cannot be combined with --restore or --boot-cache yet: snapshots do \
+                 not save disks"
+                    .into(),
+            ));
+        }
+        self.disk
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| ConfigError::Disk(format!("--disk {s}: {e}")))
+            })
+            .collect()
     }
 }
 

@@ -52,6 +52,12 @@ pub enum ConfigError {
     /// Too many devices.
     #[error("at most {0} network devices")]
     TooManyNets(u32),
+    /// Too many virtio devices in all.
+    #[error("at most {0} virtio devices (--net and --disk together)")]
+    TooManyDevices(u32),
+    /// A `--disk` specification is invalid.
+    #[error("{0}")]
+    Disk(String),
     /// The snapshot to restore cannot be used.
     #[error("--restore: {0}")]
     Snapshot(String),
@@ -230,6 +236,8 @@ pub struct VmConfig {
     pub start_paused: bool,
     /// Network devices, in slot order.
     pub nets: Vec<crate::devices::virtio::net::NetConfig>,
+    /// Disks, in slot order after the network devices.
+    pub disks: Vec<crate::devices::virtio::block::BlockConfig>,
     /// Save the guest into the boot cache when it says it is ready
     /// (`--boot-cache` on a miss; [`crate::boot_cache`]).
     pub boot_cache: Option<crate::boot_cache::PendingSave>,

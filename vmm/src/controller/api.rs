@@ -55,7 +55,7 @@ impl Controller {
                 self.resume();
                 r.map_or_else(code, with_id)
             }
-            Op::Commit => self.commit(None).map_or_else(code, with_id),
+            Op::Commit => self.commit(None)?.map_or_else(code, with_id),
             Op::Abort => {
                 self.pause()?;
                 let r = self.abort_own(reason::ABORTED_BY_HOST, None)?;

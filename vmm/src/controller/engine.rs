@@ -26,9 +26,19 @@ pub trait Machine {
         top: Option<&mut Self::Checkpoint>,
     ) -> Result<Self::Checkpoint, ControlError>;
     /// Puts the machine back to the last of `popped` (newest first, as
-    /// [`Rollback::checkpoints`]). If that checkpoint was taken by a vCPU's
+    /// [`Rollback::checkpoints`]), which was the checkpoint at `level` (0
+    /// is the oldest). If that checkpoint was taken by a vCPU's
     /// `speculate`, the call returns again there with `why`.
-    fn rollback(&mut self, popped: Vec<Self::Checkpoint>, why: u64) -> Result<(), ControlError>;
+    fn rollback(
+        &mut self,
+        popped: Vec<Self::Checkpoint>,
+        level: usize,
+        why: u64,
+    ) -> Result<(), ControlError>;
+    /// The checkpoint at `level` was committed and folded into the one
+    /// below (for level 0: there is none; what it protected is final).
+    /// State kept beside the stack by level folds the same way.
+    fn fold(&mut self, level: usize) -> Result<(), ControlError>;
 }
 
 /// What an abort undid.
@@ -106,10 +116,19 @@ impl<C: Fold> SpecEngine<C> {
         Ok(Ok(id))
     }
 
-    /// Commits the innermost own speculation (rule 5); nothing of the
-    /// machine changes. The error is a hypercall error code.
-    pub fn commit_own(&mut self) -> Result<SpecId, u64> {
-        self.stack.commit_own().map_err(|_| err::NO_SPECULATION)
+    /// Commits the innermost own speculation (rule 5); the machine keeps
+    /// its state and folds what it keeps by level. The inner error is a
+    /// hypercall error code.
+    pub fn commit_own<M: Machine<Checkpoint = C>>(
+        &mut self,
+        m: &mut M,
+    ) -> Result<Result<SpecId, u64>, ControlError> {
+        let mut levels = Vec::new();
+        let Ok(id) = self.stack.commit_own_with(|l| levels.push(l)) else {
+            return Ok(Err(err::NO_SPECULATION));
+        };
+        levels.into_iter().try_for_each(|l| m.fold(l))?;
+        Ok(Ok(id))
     }
 
     /// Aborts the innermost own speculation (rule 3): the machine rolls
@@ -154,8 +173,15 @@ impl<C: Fold> SpecEngine<C> {
 
     /// `id`'s owner committed it (rule 6): every entry for it goes, folded
     /// down. Returns whether the VM held it.
-    pub fn remote_commit(&mut self, id: SpecId) -> bool {
-        self.stack.remove(id)
+    pub fn remote_commit<M: Machine<Checkpoint = C>>(
+        &mut self,
+        m: &mut M,
+        id: SpecId,
+    ) -> Result<bool, ControlError> {
+        let mut levels = Vec::new();
+        let held = self.stack.remove_with(id, |l| levels.push(l));
+        levels.into_iter().try_for_each(|l| m.fold(l))?;
+        Ok(held)
     }
 
     /// `id`'s owner aborted it (rule 4): back to just before the first
@@ -196,7 +222,7 @@ impl<C: Fold> SpecEngine<C> {
             aborted,
             ..
         } = rb;
-        m.rollback(checkpoints, why)?;
+        m.rollback(checkpoints, self.stack.depth(), why)?;
         Ok(Aborted { id, own: aborted })
     }
 }
@@ -215,6 +241,9 @@ mod tests {
         returned: Option<(u8, u64)>,
         checkpoints: usize,
         rollbacks: usize,
+        /// Levels folded, in order, and the level of each rollback.
+        folds: Vec<usize>,
+        levels: Vec<usize>,
     }
 
     struct Saved {
@@ -244,11 +273,21 @@ mod tests {
                 folded: 0,
             })
         }
-        fn rollback(&mut self, popped: Vec<Saved>, why: u64) -> Result<(), ControlError> {
+        fn rollback(
+            &mut self,
+            popped: Vec<Saved>,
+            level: usize,
+            why: u64,
+        ) -> Result<(), ControlError> {
             self.rollbacks += 1;
+            self.levels.push(level);
             let target = popped.last().expect("a rollback has a target");
             self.value = target.value;
             self.returned = target.caller.map(|c| (c, why));
+            Ok(())
+        }
+        fn fold(&mut self, level: usize) -> Result<(), ControlError> {
+            self.folds.push(level);
             Ok(())
         }
     }
@@ -279,6 +318,7 @@ mod tests {
             }
         );
         assert_eq!(m.value, 20);
+        assert_eq!(m.levels, vec![1], "back to the second checkpoint");
         assert_eq!(m.returned, Some((0, reason::ABORTED_BY_GUEST)));
         assert_eq!(e.depth(), 1);
         e.abort_own(&mut m, reason::ABORTED_BY_HOST)
@@ -300,12 +340,16 @@ mod tests {
         m.value = 5;
         let inner = e.speculate(&mut m, None).unwrap().unwrap();
         m.value = 6;
-        assert_eq!(e.commit_own(), Ok(inner));
+        assert_eq!(e.commit_own(&mut m).unwrap(), Ok(inner));
         assert_eq!(m.value, 6, "a commit changes nothing");
+        assert_eq!(m.folds, vec![1], "the inner level folds into the outer");
         // The outer checkpoint still restores its own state.
         e.abort_own(&mut m, 0).unwrap().unwrap();
-        assert_eq!(m.value, 0);
-        assert_eq!(e.commit_own(), Err(err::NO_SPECULATION));
+        assert_eq!((m.value, m.levels.clone()), (0, vec![0]));
+        assert_eq!(e.commit_own(&mut m).unwrap(), Err(err::NO_SPECULATION));
+        e.speculate(&mut m, None).unwrap().unwrap();
+        e.commit_own(&mut m).unwrap().unwrap();
+        assert_eq!(m.folds, vec![1, 0], "the outermost commit folds level 0");
     }
 
     #[test]
@@ -339,7 +383,7 @@ mod tests {
         assert_eq!(e.oldest_joined(), Some(id(9, 1)));
         let r = e.remote_abort(&mut m, id(9, 1)).unwrap().unwrap();
         assert_eq!(r.own, vec![own], "the own speculation inside it ends too");
-        assert_eq!(m.value, 1);
+        assert_eq!((m.value, m.levels.clone()), (1, vec![0]));
         assert_eq!(m.returned, None, "no vCPU's call returns at a joined frame");
         assert_eq!(e.depth(), 0);
         assert!(e.remote_abort(&mut m, id(9, 1)).unwrap().is_none());
@@ -351,10 +395,12 @@ mod tests {
         let mut e = SpecEngine::new(7, 8, 1);
         e.join(&mut m, &[id(9, 1), id(8, 3)]).unwrap();
         m.value = 4;
-        assert!(e.remote_commit(id(9, 1)));
-        assert!(!e.remote_commit(id(9, 1)));
+        assert!(e.remote_commit(&mut m, id(9, 1)).unwrap());
+        assert!(!e.remote_commit(&mut m, id(9, 1)).unwrap());
         assert_eq!(e.deps(), vec![id(8, 3)]);
-        assert!(e.remote_commit(id(8, 3)));
+        assert!(m.folds.is_empty(), "the frame still holds 8:3");
+        assert!(e.remote_commit(&mut m, id(8, 3)).unwrap());
         assert_eq!((e.depth(), m.value, m.rollbacks), (0, 4, 0));
+        assert_eq!(m.folds, vec![0]);
     }
 }

@@ -59,8 +59,10 @@ impl LiveMachine {
 
     /// Checkpoints memory (the tracker flushes the pages written since
     /// the newest checkpoint `top` into its log, or copies memory whole
-    /// for the naive peer), then saves the machine.
-    fn take(
+    /// for the naive peer), then saves the machine. A snapshot takes this
+    /// alone; a speculation also opens the disks' levels
+    /// ([`Machine::checkpoint`]).
+    pub fn capture(
         &mut self,
         caller: Option<u8>,
         top: Option<&mut Checkpoint>,
@@ -80,9 +82,17 @@ impl LiveMachine {
 
     /// Puts memory back to the last of `popped`, then the machine state
     /// through [`machine::restore`].
-    fn put_back(&mut self, popped: Vec<Checkpoint>, why: u64) -> Result<(), ControlError> {
+    fn put_back(
+        &mut self,
+        popped: Vec<Checkpoint>,
+        level: usize,
+        why: u64,
+    ) -> Result<(), ControlError> {
         self.memory
             .rollback(&self.vm.fd, popped.iter().map(|c| &c.memory))?;
+        self.devices
+            .rollback_levels(level)
+            .map_err(crate::machine::MachineError::from)?;
         if let Some(c) = &self.compat {
             c.after_memory_rollback(&self.vm.fd)
                 .map_err(|e| ControlError::Vcpu(format!("dropping shadow page tables: {e}")))?;
@@ -121,11 +131,25 @@ impl Machine for LiveMachine {
         caller: Option<u8>,
         top: Option<&mut Checkpoint>,
     ) -> Result<Checkpoint, ControlError> {
-        self.take(caller, top)
+        let cp = self.capture(caller, top)?;
+        self.devices.push_levels();
+        Ok(cp)
     }
 
-    fn rollback(&mut self, popped: Vec<Checkpoint>, why: u64) -> Result<(), ControlError> {
-        self.put_back(popped, why)
+    fn rollback(
+        &mut self,
+        popped: Vec<Checkpoint>,
+        level: usize,
+        why: u64,
+    ) -> Result<(), ControlError> {
+        self.put_back(popped, level, why)
+    }
+
+    fn fold(&mut self, level: usize) -> Result<(), ControlError> {
+        self.devices
+            .fold_levels(level)
+            .map_err(crate::machine::MachineError::from)?;
+        Ok(())
     }
 }
 

@@ -257,7 +257,7 @@ impl Controller {
                 Ok(_) => [0, 0, 0],
                 Err(e) => [e, 0, 0],
             }),
-            op::COMMIT => Some(match self.commit(Some(vcpu)) {
+            op::COMMIT => Some(match self.commit(Some(vcpu))? {
                 Ok(_) => [0, 0, 0],
                 Err(e) => [e, 0, 0],
             }),
@@ -308,15 +308,18 @@ impl Controller {
         Ok(Ok(id))
     }
 
-    /// Commits the innermost own speculation (rule 5). The error is a
+    /// Commits the innermost own speculation (rule 5). The inner error is a
     /// hypercall error code.
-    pub fn commit(&mut self, caller: Option<u8>) -> Result<SpecId, u64> {
-        let id = self.engine.commit_own()?;
+    pub fn commit(&mut self, caller: Option<u8>) -> Result<Result<SpecId, u64>, ControlError> {
+        let id = match self.engine.commit_own(&mut self.machine)? {
+            Ok(id) => id,
+            Err(e) => return Ok(Err(e)),
+        };
         tracing::info!(%id, depth = self.engine.depth(), "commit");
         self.emit("commit", id, caller);
         self.net.resolved(id, true);
         self.sync_deps();
-        Ok(id)
+        Ok(Ok(id))
     }
 
     /// Aborts the innermost own speculation (rule 3): the VM rolls back, and

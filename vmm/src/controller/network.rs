@@ -162,7 +162,7 @@ impl Controller {
         match ev {
             BridgeEvent::Decided { id, outcome, seq } => {
                 match outcome {
-                    WireOutcome::Commit => self.remote_commit(id),
+                    WireOutcome::Commit => self.remote_commit(id)?,
                     WireOutcome::Abort => self.remote_abort(id)?,
                 }
                 self.net.tell(Control::Ack { seq });
@@ -181,12 +181,13 @@ impl Controller {
     }
 
     /// Rule 6: every entry for `id` goes, folded down.
-    fn remote_commit(&mut self, id: SpecId) {
-        if self.engine.remote_commit(id) {
+    fn remote_commit(&mut self, id: SpecId) -> Result<(), ControlError> {
+        if self.engine.remote_commit(&mut self.machine, id)? {
             tracing::info!(%id, depth = self.engine.depth(), "committed by its owner");
             self.emit_by("commit", id, "network");
             self.sync_deps();
         }
+        Ok(())
     }
 
     /// Rule 4: back to just before the first frame tagged `id` reached

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{ControlError, Controller, Machine};
+use super::{ControlError, Controller};
 use crate::api::Response;
 use crate::host_compat::HostCompat;
 use crate::snapshot::writer::DirWriter;
@@ -47,6 +47,13 @@ impl Controller {
         if !self.machine.memory.supports_snapshots() {
             return Some(
                 "snapshots need copy-on-write checkpoints, not --checkpoint full-copy".into(),
+            );
+        }
+        if !self.machine.devices.blocks().is_empty() {
+            return Some(
+                "the VM has a --disk, and snapshots do not save disks yet: a restore \
+                 would see its image as it is then, not as it was"
+                    .into(),
             );
         }
         if self.engine.depth() > 0 {
@@ -153,7 +160,7 @@ impl Controller {
         // The checkpoint code flushes every dirty page into the memory file
         // (the stack is empty, so no undo log is kept) and saves vCPUs,
         // in-kernel devices and device models: one mechanism for both.
-        let cp = self.machine.checkpoint(None, None)?;
+        let cp = self.machine.capture(None, None)?;
         let pages = self.machine.memory.take_since_snapshot();
         let Some(setup) = self.machine.snapshots.as_mut() else {
             return Ok(Err(SnapshotError::Refused("no snapshot support".into())));

@@ -26,6 +26,7 @@ use crate::arch::x86_64::acpi::VirtioMmioDesc;
 use crate::devices::bus::SharedDevice;
 use crate::devices::legacy::serial::InputGate;
 use crate::devices::legacy::{ExitDevice, SerialDevice};
+use crate::devices::virtio::block::{BlockHandle, BlockState};
 use crate::devices::virtio::net::{NetHandle, NetState};
 use crate::devices::virtio::{mmio_slot_base, virtio_gsi, VIRTIO_MAX_SLOTS, VIRTIO_MMIO_SIZE};
 use crate::devices::{Bus, BusError};
@@ -64,7 +65,7 @@ pub enum DeviceError {
     },
     /// A saved state does not fit this VM's devices.
     #[error(
-        "the saved devices are {saved:?}, this VM's {have:?} (give as many --net devices as the saved VM had)"
+        "the saved devices are {saved:?}, this VM's {have:?} (give as many --net and --disk devices as the saved VM had)"
     )]
     Mismatch {
         /// The devices in the state.
@@ -81,6 +82,8 @@ pub struct DeviceStates {
     pub serial: SerialState,
     /// The virtio-net cards, by slot order.
     pub nets: Vec<NetState>,
+    /// The virtio-blk disks, by slot order (after the cards).
+    pub blocks: Vec<BlockState>,
 }
 
 /// A virtio-mmio slot given to a device: its register window and its
@@ -105,6 +108,7 @@ pub struct DeviceManager {
     serial: Arc<Mutex<SerialDevice>>,
     serial_input: InputGate,
     nets: Vec<NetHandle>,
+    blocks: Vec<BlockHandle>,
     virtio: Vec<VirtioMmioDesc>,
 }
 
@@ -136,6 +140,7 @@ impl DeviceManager {
             serial,
             serial_input,
             nets: Vec::new(),
+            blocks: Vec::new(),
             virtio: Vec::new(),
         })
     }
@@ -174,6 +179,51 @@ impl DeviceManager {
     ) -> Result<(), DeviceError> {
         self.place_virtio(slot, device)?;
         self.nets.push(handle);
+        Ok(())
+    }
+
+    /// Places a virtio-blk disk, made on `slot`, on the MMIO bus.
+    pub fn add_block(
+        &mut self,
+        slot: &VirtioSlot,
+        device: SharedDevice,
+        handle: BlockHandle,
+    ) -> Result<(), DeviceError> {
+        self.place_virtio(slot, device)?;
+        self.blocks.push(handle);
+        Ok(())
+    }
+
+    /// The disks, by slot order.
+    pub fn blocks(&self) -> &[BlockHandle] {
+        &self.blocks
+    }
+
+    /// A checkpoint was taken: every disk opens a level for the writes
+    /// that follow it.
+    pub fn push_levels(&self) {
+        for b in &self.blocks {
+            b.push_level();
+        }
+    }
+
+    /// A rollback restored the checkpoint at `level` (0 is the oldest):
+    /// every disk drops the writes made since. No I/O.
+    pub fn rollback_levels(&self, level: usize) -> Result<(), DeviceError> {
+        for b in &self.blocks {
+            b.rollback_to(level)
+                .map_err(|e| state_err("virtio-blk", e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The checkpoint at `level` was committed: every disk folds its writes
+    /// into the level below, or, for the outermost, into its image file.
+    pub fn fold_levels(&self, level: usize) -> Result<(), DeviceError> {
+        for b in &self.blocks {
+            b.fold(level)
+                .map_err(|e| state_err("virtio-blk", e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -225,15 +275,20 @@ impl DeviceManager {
             .save()
             .map_err(|msg| state_err("serial", msg))?;
         let nets = self.nets.iter().map(NetHandle::save).collect();
-        Ok(DeviceStates { serial, nets })
+        let blocks = self.blocks.iter().map(BlockHandle::save).collect();
+        Ok(DeviceStates {
+            serial,
+            nets,
+            blocks,
+        })
     }
 
     /// Refuses a state whose devices are not this VM's.
     pub fn check_fits(&self, s: &DeviceStates) -> Result<(), DeviceError> {
-        if s.nets.len() != self.nets.len() {
+        if s.nets.len() != self.nets.len() || s.blocks.len() != self.blocks.len() {
             return Err(DeviceError::Mismatch {
-                saved: persist::kinds(1, s.nets.len()),
-                have: persist::kinds(1, self.nets.len()),
+                saved: persist::kinds(s.nets.len(), s.blocks.len()),
+                have: persist::kinds(self.nets.len(), self.blocks.len()),
             });
         }
         Ok(())
@@ -249,6 +304,10 @@ impl DeviceManager {
         for (n, st) in self.nets.iter().zip(&s.nets) {
             n.restore(st)
                 .map_err(|e| state_err("virtio-net", e.to_string()))?;
+        }
+        for (b, st) in self.blocks.iter().zip(&s.blocks) {
+            b.restore(st)
+                .map_err(|e| state_err("virtio-blk", e.to_string()))?;
         }
         Ok(())
     }

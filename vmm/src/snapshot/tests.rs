@@ -101,6 +101,7 @@ pub(super) fn sample() -> VmSnapshot {
                     ..Default::default()
                 },
                 nets: vec![net.clone(), net],
+                blocks: Vec::new(),
             },
         },
         memory_check: Default::default(),

@@ -217,14 +217,28 @@ impl<C: Fold> SpecStack<C> {
 
     /// Rule 5: commits the topmost explicit entry, and returns its id.
     pub fn commit_own(&mut self) -> Result<SpecId, StackError> {
+        self.commit_own_with(|_| {})
+    }
+
+    /// [`SpecStack::commit_own`], telling `folded` the index each emptied
+    /// frame had when it went (see [`SpecStack::remove_with`]).
+    pub fn commit_own_with(&mut self, folded: impl FnMut(usize)) -> Result<SpecId, StackError> {
         let id = self.top_explicit().ok_or(StackError::NoSpeculation)?;
-        self.remove(id);
+        self.remove_with(id, folded);
         Ok(id)
     }
 
     /// Rule 6: removes every entry for `id`, folding emptied frames down.
     /// Returns false if the VM did not hold `id`.
     pub fn remove(&mut self, id: SpecId) -> bool {
+        self.remove_with(id, |_| {})
+    }
+
+    /// [`SpecStack::remove`], telling `folded` the index (0 is the oldest)
+    /// each emptied frame had when it was removed, in order: state kept
+    /// beside the stack by level, such as a disk's overlays, folds the
+    /// same way (level 0 into what is below every checkpoint).
+    pub fn remove_with(&mut self, id: SpecId, mut folded: impl FnMut(usize)) -> bool {
         let mut found = false;
         let mut i = 0;
         while i < self.frames.len() {
@@ -233,6 +247,7 @@ impl<C: Fold> SpecStack<C> {
             f.entries.retain(|e| e.id != id);
             found |= f.entries.len() != before;
             if f.entries.is_empty() {
+                folded(i);
                 let f = self.frames.remove(i);
                 if i > 0 {
                     f.checkpoint.fold_into(&mut self.frames[i - 1].checkpoint);

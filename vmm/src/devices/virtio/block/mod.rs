@@ -34,9 +34,12 @@
 //! Checkpoints: the transport implements [`crate::persist::Persist`] with
 //! [`BlockState`] (also [`BlockHandle::save`] / [`BlockHandle::restore`]),
 //! and [`BlockState`] implements [`crate::persist::Encode`] /
-//! [`crate::persist::Decode`] for the state file. The device manager does
-//! not hold block devices yet, so no checkpoint saves them. On-disk
-//! snapshots add [`BlockHandle::encode_overlays`] (and, at restore,
+//! [`crate::persist::Decode`] for the state file. The device manager
+//! (`crate::device_manager`) holds every `--disk` and saves its state in
+//! each checkpoint's `DeviceStates`; it opens, drops and folds the levels
+//! where the speculation engine checkpoints, rolls back and commits.
+//! Snapshots of a VM with a disk are refused for now; when they are
+//! built, they add [`BlockHandle::encode_overlays`] (and, at restore,
 //! [`OverlaySnapshot`]'s `Decode` then [`BlockHandle::restore_overlays`],
 //! which checks the base's identity).
 //!
