@@ -1,6 +1,7 @@
 //! A speculative disk from the guest's side, through the virtio-blk driver
 //! of `guest_agent::virtio_blk` on the first `--disk` (at least 1 MiB).
-//! `--guest-arg` picks the mode:
+//! It first prints `disk_spec: virtio-blk in slot N, S sectors` (`,
+//! read-only` added for a read-only disk). `--guest-arg` picks the mode:
 //!
 //! - 0, nested: writes pattern A over sectors 0..8 and flushes (depth 0:
 //!   the base image); speculates (outer) and writes B over 8..16;
@@ -277,6 +278,11 @@ fn main(mem_size: u64, free_base: u64, arg: u64) -> u32 {
             return 3;
         }
     };
+    rt::println!(
+        "disk_spec: virtio-blk in slot {slot}, {} sectors{}",
+        d.capacity(),
+        if d.read_only() { ", read-only" } else { "" }
+    );
     if d.capacity() < MIN_SECTORS {
         rt::println!(
             "disk_spec: disk of {} sectors, {MIN_SECTORS} needed",
