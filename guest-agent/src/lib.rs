@@ -6,7 +6,8 @@
 //! registers of a bare guest) is defined in [`abi`] and shared with the VMM,
 //! so host and guest can never disagree on a number. On x86_64, [`pio`] has
 //! the port I/O primitives, [`serial`] a polling writer for the console UART,
-//! and [`exit`] ends the VM with a status code.
+//! and [`exit`] ends the VM with a status code. [`virtio_net`] and
+//! [`virtio_blk`] are polling virtio-mmio drivers for bare guests.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub mod abi;
@@ -20,5 +21,7 @@ pub mod linux;
 pub mod pio;
 #[cfg(target_arch = "x86_64")]
 pub mod serial;
+#[cfg(target_arch = "x86_64")]
+pub mod virtio_blk;
 #[cfg(target_arch = "x86_64")]
 pub mod virtio_net;
