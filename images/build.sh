@@ -570,7 +570,8 @@ CLEANUP+=("$WORK")
 # clock or the host is fixed: the UUID (-U), the directory hash seed, the
 # owner of / (root_owner), the file system's times (E2FSPROGS_FAKE_TIME) and
 # the files' atime and mtime (touch). A copied file's ctime is the staging
-# file's real one, which touch cannot set: debugfs sets it afterwards.
+# file's real one, which touch cannot set, and its owner the staging file's
+# (the user running this): debugfs sets both afterwards.
 
 if [ "$BUILD_DISK" -eq 1 ]; then
 	DSTAGE=$WORK/disk-out
@@ -615,9 +616,11 @@ if [ "$BUILD_DISK" -eq 1 ]; then
 	(cd "$DROOT" && find . -printf '%P\0' | LC_ALL=C sort -z) |
 		while IFS= read -r -d '' f; do
 			echo "set_inode_field /$f ctime @$DISK_TIME"
-		done >"$WORK/disk-ctime.debugfs"
-	quietly "$DSTAGE/tools/debugfs" -w -f "$WORK/disk-ctime.debugfs" "$DSTAGE/disk.ext4" ||
-		die "command failed: debugfs -w (ctime of the files in disk.ext4)"
+			echo "set_inode_field /$f uid 0"
+			echo "set_inode_field /$f gid 0"
+		done >"$WORK/disk-fix.debugfs"
+	quietly "$DSTAGE/tools/debugfs" -w -f "$WORK/disk-fix.debugfs" "$DSTAGE/disk.ext4" ||
+		die "command failed: debugfs -w (ctime and owner of the files in disk.ext4)"
 	quietly "$DSTAGE/tools/e2fsck" -fn "$DSTAGE/disk.ext4" ||
 		die "e2fsck -fn finds disk.ext4 not clean (output above)"
 	log "disk.ext4: $(mib "$(stat -c %s "$DSTAGE/disk.ext4")"), sha256 $(sha256 "$DSTAGE/disk.ext4")"
