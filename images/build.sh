@@ -11,6 +11,13 @@
 #   config           the kernel's build configuration
 #   manifest.txt     Debian package versions, kernel facts, output hashes
 #   stamp            hash of every input; a matching stamp means up to date
+#   disk.ext4        a 64 MiB ext4 data disk (/hello, an empty /data), made
+#                    reproducibly by the pinned mke2fs -d
+#   tools/           the pinned e2fsprogs: tools/e2fsck, tools/debugfs,
+#                    tools/dumpe2fs, tools/mke2fs (wrappers; see docs)
+#   disk.stamp       like stamp, for disk.ext4 and tools/ (own inputs: the
+#                    disk is rebuilt only when they change, or if it was
+#                    written to since it was built)
 #
 # Usage: images/build.sh [--force] [--update]
 #   --force    rebuild even if the stamp matches
@@ -63,10 +70,29 @@ SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 
 # The pinned packages, by role. In fetch order: the small ones first, so a
 # bad lock fails before the 27 MB kernel download.
-ROLES=(lz4 cpio busybox kernel)
+ROLES=(lz4 cpio e2fs ext2fs comerr ss busybox kernel)
+# Those the kernel, vmlinux and initramfs are made from, and those of the
+# disk image: e2fsprogs (mke2fs, e2fsck, debugfs) and the libraries of its
+# source package they link (libext2fs and libe2p do the writing; libcom_err
+# and libss are there so that no e2fsprogs need be installed on the host).
+IMAGE_ROLES=(lz4 cpio busybox kernel)
+DISK_ROLES=(e2fs ext2fs comerr ss)
 # The package of each role; the kernel's is whatever linux-image-cloud-amd64
 # depends on (linux-image-6.1.0-N-cloud-amd64).
-declare -A ROLE_PKG=([lz4]=lz4 [cpio]=cpio [busybox]=busybox-static)
+declare -A ROLE_PKG=([lz4]=lz4 [cpio]=cpio [busybox]=busybox-static
+	[e2fs]=e2fsprogs [ext2fs]=libext2fs2 [comerr]=libcom-err2 [ss]=libss2)
+
+# The disk image. Its bytes depend only on these, the pinned e2fsprogs and
+# SOURCE_DATE_EPOCH: fixed UUID and directory hash seed, every timestamp at
+# DISK_TIME, owner 0:0. DISK_TIME is SOURCE_DATE_EPOCH, but at least 1:
+# e2fsprogs 1.47.0 takes E2FSPROGS_FAKE_TIME=0 for "unset" and uses the clock.
+DISK_SIZE=64M
+DISK_LABEL=specvm-disk
+DISK_UUID=5ec7d15c-0000-4000-8000-000000000001
+DISK_HASH_SEED=5ec7d15c-0000-4000-8000-000000000002
+DISK_HELLO="hello from the specvm disk image"
+# The programs of e2fsprogs that get a wrapper in out/tools.
+DISK_TOOLS=(mke2fs e2fsck debugfs dumpe2fs)
 
 FORCE=0
 UPDATE=0
@@ -178,7 +204,8 @@ resolve_from_apt() {
 	if [ -z "${VER[kernel]}" ]; then
 		VER[kernel]=$(candidate "${PKG[kernel]}") || die "apt has no candidate for ${PKG[kernel]}"
 	fi
-	for role in lz4 cpio busybox; do
+	for role in "${ROLES[@]}"; do
+		[ "$role" != kernel ] || continue
 		PKG[$role]=${ROLE_PKG[$role]}
 		VER[$role]=$(candidate "${PKG[$role]}") || die "apt has no candidate for ${PKG[$role]}"
 	done
@@ -223,7 +250,7 @@ read_lock() {
 			[[ $pkg =~ ^linux-image-[0-9].*-cloud-amd64$ ]] ||
 				die "$where: the kernel package must be linux-image-*-cloud-amd64, not '$pkg'"
 			;;
-		lz4 | cpio | busybox)
+		lz4 | cpio | busybox | e2fs | ext2fs | comerr | ss)
 			[ "$pkg" = "${ROLE_PKG[$role]}" ] ||
 				die "$where: the $role package must be ${ROLE_PKG[$role]}, not '$pkg'"
 			;;
@@ -240,6 +267,9 @@ read_lock() {
 		[ -n "${PKG[$role]:-}" ] || die "$LOCK: no '$role' line (run images/build.sh --update)"
 	done
 	[ -n "$META_VER" ] || die "$LOCK: no 'meta' line (run images/build.sh --update)"
+	# e2fsprogs depends on exactly its own version of libext2fs2.
+	[ "${VER[e2fs]}" = "${VER[ext2fs]}" ] ||
+		die "$LOCK: e2fsprogs ${VER[e2fs]} needs libext2fs2 ${VER[e2fs]}, not ${VER[ext2fs]} (run images/build.sh --update)"
 }
 
 # Writes PKG, VER, SHA and META_VER to the lock durably: a temporary file in
@@ -256,7 +286,7 @@ write_lock() {
 		echo "#"
 		printf '# %-6s %-34s %-24s %s\n' ROLE PACKAGE VERSION SHA256
 		printf '%-8s %-34s %s\n' meta "$KERNEL_META" "$META_VER"
-		for role in kernel busybox lz4 cpio; do
+		for role in kernel busybox lz4 cpio e2fs ext2fs comerr ss; do
 			printf '%-8s %-34s %-24s %s\n' "$role" "${PKG[$role]}" "${VER[$role]}" "${SHA[$role]}"
 		done
 	} >"$tmp" || die "cannot write $tmp"
@@ -364,12 +394,24 @@ STAMP=$(
 		echo "build.sh $(sha256 "$SCRIPT")"
 		echo "init $(sha256 "$INIT_SRC")"
 		echo "$KERNEL_META $META_VER"
-		for role in "${ROLES[@]}"; do
+		for role in "${IMAGE_ROLES[@]}"; do
 			echo "$role ${PKG[$role]} ${VER[$role]} ${SHA[$role]}"
 		done
 		echo "modules $MODULES"
 		echo "agent $AGENT_SHA"
 		echo "epoch $SOURCE_DATE_EPOCH"
+	} | sha256sum | cut -d' ' -f1
+)
+# The disk's own stamp: not the kernel, init, modules or agent, so changing
+# those leaves disk.ext4 alone (the disk's recipe is in build.sh).
+DISK_TIME=$((SOURCE_DATE_EPOCH > 0 ? SOURCE_DATE_EPOCH : 1))
+DISK_STAMP=$(
+	{
+		echo "build.sh $(sha256 "$SCRIPT")"
+		for role in "${DISK_ROLES[@]}"; do
+			echo "$role ${PKG[$role]} ${VER[$role]} ${SHA[$role]}"
+		done
+		echo "disk-time $DISK_TIME"
 	} | sha256sum | cut -d' ' -f1
 )
 
@@ -382,12 +424,52 @@ up_to_date() {
 		[ -s "$OUT_DIR/$f" ] || return 1
 	done
 }
-if up_to_date; then
+# disk.stamp is DISK_STAMP and the size and mtime disk.ext4 had when it was
+# built: a guest that mounted the disk read-write changed it, and it is made
+# again (a stat, where hashing 64 MiB would cost more than the whole check).
+disk_state() { stat -c '%s %y' "$OUT_DIR/disk.ext4"; }
+DISK_CHANGED=0
+disk_up_to_date() {
+	[ "$FORCE" -eq 0 ] || return 1
+	[ -f "$OUT_DIR/disk.stamp" ] && [ -s "$OUT_DIR/disk.ext4" ] || return 1
+	local want t
+	want=$(head -n1 "$OUT_DIR/disk.stamp")
+	[ "$want" = "$DISK_STAMP" ] || return 1
+	for t in "${DISK_TOOLS[@]}"; do
+		[ -x "$OUT_DIR/tools/$t" ] || return 1
+	done
+	if [ "$(sed -n 2p "$OUT_DIR/disk.stamp")" != "$(disk_state)" ]; then
+		DISK_CHANGED=1
+		return 1
+	fi
+}
+BUILD_IMAGE=1
+BUILD_DISK=1
+! up_to_date || BUILD_IMAGE=0
+! disk_up_to_date || BUILD_DISK=0
+if [ "$BUILD_IMAGE" -eq 0 ] && [ "$BUILD_DISK" -eq 0 ]; then
 	log "up to date ($OUT_DIR)"
 	exit 0
 fi
+[ "$DISK_CHANGED" -eq 0 ] || log "disk.ext4 was written to since it was built (by a guest?): making it again"
 
-log "building: $KERNEL_PKG $KERNEL_VER (via $KERNEL_META $META_VER), $BUSYBOX_PKG $BB_VER, lz4 ${VER[lz4]}, cpio ${VER[cpio]}${AGENT:+, agent $AGENT}"
+NEED_ROLES=()
+for role in "${ROLES[@]}"; do
+	case " ${IMAGE_ROLES[*]} " in
+	*" $role "*) [ "$BUILD_IMAGE" -eq 1 ] && NEED_ROLES+=("$role") ;;
+	*) [ "$BUILD_DISK" -eq 1 ] && NEED_ROLES+=("$role") ;;
+	esac
+done
+if [ "$BUILD_IMAGE" -eq 1 ]; then
+	log "building: $KERNEL_PKG $KERNEL_VER (via $KERNEL_META $META_VER), $BUSYBOX_PKG $BB_VER, lz4 ${VER[lz4]}, cpio ${VER[cpio]}${AGENT:+, agent $AGENT}"
+else
+	log "kernel and initramfs up to date"
+fi
+if [ "$BUILD_DISK" -eq 1 ]; then
+	log "building: disk.ext4 with ${PKG[e2fs]} ${VER[e2fs]}"
+else
+	log "disk.ext4 up to date"
+fi
 
 # need_tool COMMAND PACKAGE: install PACKAGE with apt-get if COMMAND is missing.
 # Only for tools that do not shape the image's bytes (od, dd) or that this
@@ -470,19 +552,96 @@ fetch() {
 }
 
 declare -A DEB=()
-for role in "${ROLES[@]}"; do
+for role in "${NEED_ROLES[@]}"; do
 	fetch "$role"
 	DEB[$role]=$(deb_path "${PKG[$role]}" "${VER[$role]}")
 done
-KERNEL_DEB=${DEB[kernel]}
-BB_DEB=${DEB[busybox]}
+
+WORK=$(mktemp -d "$CACHE_DIR/work.XXXXXX")
+CLEANUP+=("$WORK")
+
+# ---------------------------------------------------------------------------
+# disk.ext4, and the pinned e2fsprogs in out/tools
+# ---------------------------------------------------------------------------
+# mke2fs -d copies a staging folder into the new file system: no loop
+# device, no mount, no root needed. mke2fs is Debian's, run from its .deb
+# with its own libext2fs (which does the writing) and its own mke2fs.conf
+# (the default features), never the host's. What mke2fs takes from the
+# clock or the host is fixed: the UUID (-U), the directory hash seed, the
+# owner of / (root_owner), the file system's times (E2FSPROGS_FAKE_TIME) and
+# the files' atime and mtime (touch). A copied file's ctime is the staging
+# file's real one, which touch cannot set, and its owner the staging file's
+# (the user running this): debugfs sets both afterwards.
+
+if [ "$BUILD_DISK" -eq 1 ]; then
+	DSTAGE=$WORK/disk-out
+	E2FS=$DSTAGE/tools/e2fsprogs
+	log "extracting ${PKG[e2fs]} ${VER[e2fs]} (and libext2fs2, libcom-err2, libss2) into tools/"
+	mkdir -p "$E2FS"
+	for role in "${DISK_ROLES[@]}"; do
+		dpkg-deb -x "${DEB[$role]}" "$E2FS" || die "command failed: dpkg-deb -x ${DEB[$role]}"
+	done
+	# Documentation, man pages, systemd units and e2scrub's cron job: unused.
+	rm -rf "${E2FS:?}/usr/share" "$E2FS/lib/systemd" "$E2FS/lib/udev" "$E2FS/etc/cron.d"
+	for t in "${DISK_TOOLS[@]}"; do
+		[ -x "$E2FS/sbin/$t" ] || die "${PKG[e2fs]} ${VER[e2fs]}: no sbin/$t"
+		# A wrapper that runs the pinned binary with the pinned libraries
+		# and configuration wherever out/ lies (libblkid, libuuid and libc,
+		# as for lz4 and cpio, are the host's).
+		cat >"$DSTAGE/tools/$t" <<-EOF
+			#!/bin/sh
+			# Written by images/build.sh: $t of ${PKG[e2fs]} ${VER[e2fs]}, pinned in images/packages.lock.
+			d=\$(CDPATH= cd -- "\$(dirname -- "\$0")" && pwd)/e2fsprogs
+			LD_LIBRARY_PATH=\$d/lib/x86_64-linux-gnu
+			MKE2FS_CONFIG=\$d/etc/mke2fs.conf
+			E2FSCK_CONFIG=/dev/null
+			export LD_LIBRARY_PATH MKE2FS_CONFIG E2FSCK_CONFIG
+			exec "\$d/sbin/$t" "\$@"
+		EOF
+		chmod 0755 "$DSTAGE/tools/$t"
+	done
+	"$DSTAGE/tools/mke2fs" -V >/dev/null 2>&1 ||
+		die "the pinned mke2fs ($DSTAGE/tools/mke2fs) does not run on this host"
+
+	log "making disk.ext4 ($DISK_SIZE): /hello, /data"
+	DROOT=$WORK/disk-root
+	mkdir -p "$DROOT/data"
+	printf '%s\n' "$DISK_HELLO" >"$DROOT/hello"
+	chmod 0755 "$DROOT" "$DROOT/data"
+	chmod 0644 "$DROOT/hello"
+	find "$DROOT" -exec touch -h -d "@$DISK_TIME" {} +
+	quietly env E2FSPROGS_FAKE_TIME="$DISK_TIME" "$DSTAGE/tools/mke2fs" -q -F -t ext4 -b 4096 \
+		-L "$DISK_LABEL" -U "$DISK_UUID" -E "hash_seed=$DISK_HASH_SEED,root_owner=0:0" \
+		-d "$DROOT" "$DSTAGE/disk.ext4" "$DISK_SIZE" || die "command failed: mke2fs -d (disk.ext4)"
+	(cd "$DROOT" && find . -printf '%P\0' | LC_ALL=C sort -z) |
+		while IFS= read -r -d '' f; do
+			echo "set_inode_field /$f ctime @$DISK_TIME"
+			echo "set_inode_field /$f uid 0"
+			echo "set_inode_field /$f gid 0"
+		done >"$WORK/disk-fix.debugfs"
+	quietly "$DSTAGE/tools/debugfs" -w -f "$WORK/disk-fix.debugfs" "$DSTAGE/disk.ext4" ||
+		die "command failed: debugfs -w (ctime and owner of the files in disk.ext4)"
+	quietly "$DSTAGE/tools/e2fsck" -fn "$DSTAGE/disk.ext4" ||
+		die "e2fsck -fn finds disk.ext4 not clean (output above)"
+	log "disk.ext4: $(mib "$(stat -c %s "$DSTAGE/disk.ext4")"), sha256 $(sha256 "$DSTAGE/disk.ext4")"
+
+	rm -f "$OUT_DIR/disk.stamp"
+	rm -rf "$OUT_DIR/tools"
+	mv -f "$DSTAGE/tools" "$OUT_DIR/tools"
+	mv -f "$DSTAGE/disk.ext4" "$OUT_DIR/disk.ext4"
+	printf '%s\n%s\n' "$DISK_STAMP" "$(disk_state)" >"$OUT_DIR/disk.stamp"
+fi
+if [ "$BUILD_IMAGE" -eq 0 ]; then
+	log "done: $OUT_DIR ($(cd "$OUT_DIR" && du -sh . | cut -f1))"
+	exit 0
+fi
 
 # ---------------------------------------------------------------------------
 # Extraction
 # ---------------------------------------------------------------------------
 
-WORK=$(mktemp -d "$CACHE_DIR/work.XXXXXX")
-CLEANUP+=("$WORK")
+KERNEL_DEB=${DEB[kernel]}
+BB_DEB=${DEB[busybox]}
 STAGE=$WORK/out
 ROOT=$WORK/rootfs
 mkdir -p "$STAGE" "$ROOT"
@@ -646,7 +805,7 @@ done
 # ---------------------------------------------------------------------------
 
 log "assembling initramfs: busybox, ${#ORDER[@]} modules, /init${AGENT:+, /bin/spec}"
-mkdir -p "$ROOT"/{bin,dev,etc,lib/modules,proc,root,run,sys,tmp,usr}
+mkdir -p "$ROOT"/{bin,dev,etc,lib/modules,mnt,proc,root,run,sys,tmp,usr}
 chmod 0700 "$ROOT/root"
 chmod 1777 "$ROOT/tmp"
 ln -s bin "$ROOT/sbin"

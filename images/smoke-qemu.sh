@@ -3,8 +3,8 @@
 # (TCG, no KVM) as a quick check of the image and its /init: a few seconds,
 # against ~20 minutes on this host's KVM. Not part of the build; optional.
 #
-# Passes if the guest prints SPECVM-READY after configuring eth0 and with
-# no failed step. QEMU's microvm machine describes its virtio-mmio devices in
+# Passes if the guest prints SPECVM-READY after configuring eth0 and
+# mounting its disk (a copy of images/out/disk.ext4), with no failed step. QEMU's microvm machine describes its virtio-mmio devices in
 # ACPI, which is how Debian's kernel finds them (it is built without
 # CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES, so virtio_mmio.device= does nothing).
 #
@@ -20,7 +20,7 @@ die() {
 	exit 1
 }
 
-for f in vmlinux initramfs.cpio; do
+for f in vmlinux initramfs.cpio disk.ext4; do
 	[ -s "$OUT_DIR/$f" ] || die "missing $OUT_DIR/$f; run images/build.sh first"
 done
 if ! command -v qemu-system-x86_64 >/dev/null; then
@@ -37,7 +37,8 @@ cleanup() {
 	rm -rf "$TMP"
 }
 trap cleanup EXIT
-truncate -s 16M "$TMP/disk.img"
+# A copy: the guest mounts the disk read-write.
+cp --sparse=always "$OUT_DIR/disk.ext4" "$TMP/disk.img"
 LOG=$TMP/console.log
 
 # tsc_early_khz: without it, TSC calibration can fail and the boot hang when
@@ -69,4 +70,5 @@ grep '^specvm-init:' "$LOG"
 grep -q 'specvm-init: .* failed' "$LOG" && die "a step of /init failed (see above)"
 grep -q 'specvm-init: .*network eth0' "$LOG" || die "eth0 was not configured"
 grep -q '\[vda\]' "$LOG" || die "no virtio block device vda"
-echo "smoke: SPECVM-READY after $((SECONDS - start))s; eth0 configured, vda present"
+grep -q 'specvm-init: .*mounted /dev/vda' "$LOG" || die "vda was not mounted on /mnt"
+echo "smoke: SPECVM-READY after $((SECONDS - start))s; eth0 configured, vda mounted"

@@ -6,10 +6,10 @@
 //! cache and an output folder of its own (`SPECVM_IMAGES_LOCK`,
 //! `SPECVM_IMAGES_CACHE`, `SPECVM_IMAGES_OUT`), so `images/out` and
 //! `images/cache` are never written. The small `.deb`s already in
-//! `images/cache` (lz4, cpio, busybox-static) are copied into the test's
-//! cache when present; whatever is missing, apt downloads. The edited
-//! package is busybox-static, which the script fetches before the kernel, so
-//! the kernel is never downloaded. A stand-in guest agent keeps cargo out.
+//! `images/cache` (lz4, cpio, e2fsprogs and its libraries, busybox-static)
+//! are copied into the test's cache when present; whatever is missing, apt
+//! downloads. The edited package is busybox-static, which the script
+//! fetches before the kernel, so the kernel is never downloaded. A stand-in guest agent keeps cargo out.
 //!
 //! Needs root (the script may run `apt-get update`) and a Debian amd64 host
 //! with apt and dpkg; elsewhere the tests are recorded as skipped.
@@ -28,13 +28,16 @@ static APT: Mutex<()> = Mutex::new(());
 /// The edited package; fetched before the kernel.
 const PACKAGE: &str = "busybox-static";
 /// What the script's outputs are called; none may appear after a refusal.
-const OUTPUTS: [&str; 6] = [
+const OUTPUTS: [&str; 9] = [
     "bzImage",
     "vmlinux",
     "initramfs.cpio",
     "config",
     "manifest.txt",
     "stamp",
+    "disk.ext4",
+    "disk.stamp",
+    "tools",
 ];
 
 fn repo() -> PathBuf {
@@ -140,7 +143,15 @@ impl Scratch {
         if let Ok(entries) = fs::read_dir(&real_cache) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let small = ["lz4_", "cpio_", "busybox-static_"]
+                let small = [
+                    "lz4_",
+                    "cpio_",
+                    "e2fsprogs_",
+                    "libext2fs2_",
+                    "libcom-err2_",
+                    "libss2_",
+                    "busybox-static_",
+                ]
                     .iter()
                     .any(|p| name.starts_with(p));
                 if small && name.ends_with(".deb") {
