@@ -67,7 +67,10 @@ done
 sleep 0.5 # let the console drain
 
 grep '^specvm-init:' "$LOG"
-grep -q 'specvm-init: .* failed' "$LOG" && die "a step of /init failed (see above)"
+# `spec ready` is specvm's hypercall (the boot cache's ready point); QEMU
+# has no such device, so that one step fails here by design.
+grep 'specvm-init: .* failed' "$LOG" | grep -qv 'spec ready failed' &&
+	die "a step of /init failed (see above)"
 grep -q 'specvm-init: .*network eth0' "$LOG" || die "eth0 was not configured"
 grep -q '\[vda\]' "$LOG" || die "no virtio block device vda"
 grep -q 'specvm-init: .*mounted /dev/vda' "$LOG" || die "vda was not mounted on /mnt"
