@@ -4,7 +4,8 @@
  *   cargo rustc -p guest-agent --features std --release --lib --crate-type staticlib
  * Call specvm_open() once (as root) before the others.
  * Errors are negative: -1 no speculation of this VM's own, -2 unknown
- * operation, -3 bad argument, -4 checkpoint stack full, -5 VMM failure.
+ * operation, -3 bad argument, -4 checkpoint stack full, -5 VMM failure,
+ * -6 checkpoint memory budget exhausted (commit or abort first).
  */
 #ifndef SPECVM_H
 #define SPECVM_H

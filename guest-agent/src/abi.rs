@@ -79,4 +79,7 @@ pub mod err {
     pub const TOO_DEEP: u64 = -4i64 as u64;
     /// The VMM failed to take or restore a checkpoint.
     pub const INTERNAL: u64 = -5i64 as u64;
+    /// The checkpoints already hold as much memory as the VMM allows this
+    /// VM (`specvm run --checkpoint-budget`): commit or abort first.
+    pub const NO_BUDGET: u64 = -6i64 as u64;
 }

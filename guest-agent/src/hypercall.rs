@@ -53,6 +53,8 @@ pub enum Error {
     TooDeep,
     /// The VMM failed to take or restore a checkpoint.
     Internal,
+    /// The checkpoints hold as much memory as the VMM allows.
+    NoBudget,
     /// A result this library does not know.
     Unknown(u64),
 }
@@ -65,6 +67,7 @@ impl Error {
             err::BAD_ARG => Self::BadArg,
             err::TOO_DEEP => Self::TooDeep,
             err::INTERNAL => Self::Internal,
+            err::NO_BUDGET => Self::NoBudget,
             v => Self::Unknown(v),
         }
     }
@@ -77,6 +80,7 @@ impl Error {
             Self::BadArg => err::BAD_ARG,
             Self::TooDeep => err::TOO_DEEP,
             Self::Internal => err::INTERNAL,
+            Self::NoBudget => err::NO_BUDGET,
             Self::Unknown(v) => v,
         }
     }

@@ -152,8 +152,8 @@ impl Scratch {
                     "libss2_",
                     "busybox-static_",
                 ]
-                    .iter()
-                    .any(|p| name.starts_with(p));
+                .iter()
+                .any(|p| name.starts_with(p));
                 if small && name.ends_with(".deb") {
                     fs::copy(e.path(), scratch.cache().join(&name)).expect("copy a cached .deb");
                 }

@@ -536,6 +536,7 @@ impl Vmm {
             machine,
             events,
             vm_id: config.vm_id,
+            budget: config.checkpoint_budget,
             publish: api.as_ref().map(|a| a.events.clone()),
             net,
             boot_cache: config.boot_cache.clone().map(|save| (save, progress)),

@@ -134,6 +134,13 @@ pub struct RunArgs {
     /// benchmarks compare against).
     #[arg(long, default_value = "cow", value_parser = ["cow", "full-copy"])]
     pub checkpoint: String,
+    /// Most host memory the speculation checkpoints may hold, such as
+    /// `256M` (default: the guest's memory size), or `unlimited`. Once they
+    /// hold it, a new `speculate()` fails with NO_BUDGET (-6) until a
+    /// commit or abort frees some, and a tagged frame that would need a new
+    /// checkpoint is dropped.
+    #[arg(long, value_name = "SIZE")]
+    pub checkpoint_budget: Option<String>,
     /// Start with every vCPU paused, until `specvm ctl resume` (needs
     /// --api-sock).
     #[arg(long, requires = "api_sock")]
@@ -215,6 +222,7 @@ impl RunArgs {
             start_paused: self.start_paused,
             nets: self.nets()?,
             disks: self.disks()?,
+            checkpoint_budget: self.checkpoint_budget(mem_size)?,
             boot_cache: None,
         })
     }
@@ -283,6 +291,17 @@ impl RunArgs {
             return Err(ConfigError::TooManyNets(VIRTIO_MAX_SLOTS));
         }
         self.net.iter().map(|s| Ok(s.parse()?)).collect()
+    }
+
+    /// `--checkpoint-budget`: a size, `unlimited`, or by default the
+    /// guest's memory size (a guest may rewrite all of its memory once
+    /// under speculation; RSS stays below about twice the guest's memory).
+    fn checkpoint_budget(&self, mem_size: u64) -> Result<Option<u64>, ConfigError> {
+        match self.checkpoint_budget.as_deref() {
+            None => Ok(Some(mem_size)),
+            Some("unlimited") => Ok(None),
+            Some(s) => parse_size(s).map(Some),
+        }
     }
 
     fn disks(&self) -> Result<Vec<crate::devices::virtio::block::BlockConfig>, ConfigError> {

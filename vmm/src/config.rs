@@ -284,6 +284,9 @@ pub struct VmConfig {
     pub nets: Vec<crate::devices::virtio::net::NetConfig>,
     /// Disks, in slot order after the network devices.
     pub disks: Vec<crate::devices::virtio::block::BlockConfig>,
+    /// Most host memory the speculation checkpoints may hold; `None` for
+    /// no limit.
+    pub checkpoint_budget: Option<u64>,
     /// Save the guest into the boot cache when it says it is ready
     /// (`--boot-cache` on a miss; [`crate::boot_cache`]).
     pub boot_cache: Option<crate::boot_cache::PendingSave>,

@@ -25,6 +25,7 @@ fn error_code(e: Error) -> ExitCode {
     ExitCode::from(match e {
         Error::NoSpeculation => 101,
         Error::TooDeep => 102,
+        Error::NoBudget => 103,
         _ => 100,
     })
 }
@@ -36,6 +37,9 @@ fn describe(e: Error) -> String {
         Error::BadOp => "the VMM does not know this operation".into(),
         Error::BadArg => "bad argument".into(),
         Error::Internal => "the VMM failed to take or restore a checkpoint".into(),
+        Error::NoBudget => {
+            "the checkpoints hold as much memory as the VMM allows; commit or abort first".into()
+        }
         Error::Unknown(v) => format!("unknown result {}", v as i64),
     }
 }

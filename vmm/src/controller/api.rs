@@ -13,10 +13,15 @@ impl Controller {
         op: Op,
         path: Option<std::path::PathBuf>,
     ) -> Result<Response, ControlError> {
-        let code = |e: u64| match e {
+        let code = |e: u64| {
+            match e {
             err::NO_SPECULATION => Response::error("the VM holds no speculation of its own"),
             err::TOO_DEEP => Response::error(format!("the checkpoint stack is full ({MAX_DEPTH})")),
+            err::NO_BUDGET => Response::error(
+                "the checkpoints hold the VM's memory budget (--checkpoint-budget); commit or abort first",
+            ),
             e => Response::error(format!("error {}", e as i64)),
+        }
         };
         let with_id = |id: SpecId| Response {
             id: Some(id.to_string()),

@@ -41,6 +41,22 @@ pub trait Machine {
     fn fold(&mut self, level: usize) -> Result<(), ControlError>;
 }
 
+/// A checkpoint that holds host memory, which the budget counts.
+pub trait Held {
+    /// Bytes of host memory the checkpoint holds.
+    fn held_bytes(&self) -> u64;
+}
+
+/// Why a checkpoint was refused for memory: what the checkpoints hold,
+/// and the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget {
+    /// Bytes the checkpoints hold.
+    pub held: u64,
+    /// The budget in bytes.
+    pub budget: u64,
+}
+
 /// What an abort undid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Aborted {
@@ -58,23 +74,55 @@ pub enum Joined {
     AlreadyHeld,
     /// It joined these, on one new checkpoint.
     Joined(Vec<SpecId>),
-    /// The stack was full: it cannot join these, and must refuse their
-    /// frames.
-    Refused(Vec<SpecId>),
+    /// The stack was full, or the checkpoints held their memory budget
+    /// (then with the figures): it cannot join these, and must refuse
+    /// their frames.
+    Refused(Vec<SpecId>, Option<OverBudget>),
 }
 
 /// The speculations of one VM.
 pub struct SpecEngine<C> {
     stack: SpecStack<C>,
+    /// Most host memory the checkpoints may hold before a new one is
+    /// refused; `None` for no limit.
+    budget: Option<u64>,
+    /// The last refusal for memory, for the host's event.
+    refused: Option<OverBudget>,
 }
 
-impl<C: Fold> SpecEngine<C> {
-    /// An engine whose stack holds at most `max_depth` checkpoints and
-    /// numbers this VM's speculations from `first_seq`.
-    pub fn new(vm: u32, max_depth: usize, first_seq: u32) -> Self {
+impl<C: Fold + Held> SpecEngine<C> {
+    /// An engine whose stack holds at most `max_depth` checkpoints, whose
+    /// checkpoints may hold `budget` bytes of host memory (then new ones
+    /// are refused), and which numbers this VM's speculations from
+    /// `first_seq`.
+    pub fn new(vm: u32, max_depth: usize, first_seq: u32, budget: Option<u64>) -> Self {
         Self {
             stack: SpecStack::with_first_seq(vm, max_depth, first_seq),
+            budget,
+            refused: None,
         }
+    }
+
+    /// Host memory the checkpoints hold now.
+    pub fn held_bytes(&self) -> u64 {
+        self.stack.checkpoints().map(Held::held_bytes).sum()
+    }
+
+    /// Whether a new checkpoint is refused for memory. The rule: once the
+    /// checkpoints hold the budget, no new one is taken. (A checkpoint's
+    /// flush adds the pages written since the previous one, at most all of
+    /// guest memory, so what they hold stays below budget + guest memory.)
+    fn over_budget(&mut self) -> Option<OverBudget> {
+        let budget = self.budget?;
+        let held = self.held_bytes();
+        let r = (held >= budget).then_some(OverBudget { held, budget });
+        self.refused = r;
+        r
+    }
+
+    /// The last refusal for memory, once.
+    pub fn take_refusal(&mut self) -> Option<OverBudget> {
+        self.refused.take()
     }
 
     /// Checkpoints held.
@@ -107,6 +155,9 @@ impl<C: Fold> SpecEngine<C> {
     ) -> Result<Result<SpecId, u64>, ControlError> {
         if let Err(StackError::TooDeep(_)) = self.stack.can_push() {
             return Ok(Err(err::TOO_DEEP));
+        }
+        if self.over_budget().is_some() {
+            return Ok(Err(err::NO_BUDGET));
         }
         let cp = m.checkpoint(caller, self.stack.top_mut())?;
         let id = self
@@ -162,7 +213,10 @@ impl<C: Fold> SpecEngine<C> {
             return Ok(Joined::AlreadyHeld);
         }
         if self.stack.can_push().is_err() {
-            return Ok(Joined::Refused(missing));
+            return Ok(Joined::Refused(missing, None));
+        }
+        if let Some(o) = self.over_budget() {
+            return Ok(Joined::Refused(missing, Some(o)));
         }
         let cp = m.checkpoint(None, self.stack.top_mut())?;
         self.stack
@@ -259,6 +313,13 @@ mod tests {
         }
     }
 
+    /// Each checkpoint holds as many bytes as the machine's value then.
+    impl Held for Saved {
+        fn held_bytes(&self) -> u64 {
+            self.value
+        }
+    }
+
     impl Machine for Counter {
         type Checkpoint = Saved;
         fn checkpoint(
@@ -299,7 +360,7 @@ mod tests {
     #[test]
     fn abort_puts_the_machine_back_and_speculate_returns_the_reason() {
         let mut m = Counter::default();
-        let mut e = SpecEngine::new(7, 4, 1);
+        let mut e = SpecEngine::new(7, 4, 1, None);
         m.value = 10;
         let a = e.speculate(&mut m, Some(1)).unwrap().unwrap();
         assert_eq!(a, id(7, 1));
@@ -335,7 +396,7 @@ mod tests {
     #[test]
     fn commit_folds_and_touches_no_machine_state() {
         let mut m = Counter::default();
-        let mut e = SpecEngine::new(7, 4, 1);
+        let mut e = SpecEngine::new(7, 4, 1, None);
         e.speculate(&mut m, None).unwrap().unwrap();
         m.value = 5;
         let inner = e.speculate(&mut m, None).unwrap().unwrap();
@@ -355,22 +416,48 @@ mod tests {
     #[test]
     fn a_full_stack_refuses_speculate_and_join_without_a_checkpoint() {
         let mut m = Counter::default();
-        let mut e = SpecEngine::new(7, 2, 1);
+        let mut e = SpecEngine::new(7, 2, 1, None);
         e.speculate(&mut m, None).unwrap().unwrap();
         e.join(&mut m, &[id(9, 1)]).unwrap();
         let taken = m.checkpoints;
         assert_eq!(e.speculate(&mut m, None).unwrap(), Err(err::TOO_DEEP));
         assert_eq!(
             e.join(&mut m, &[id(9, 2)]).unwrap(),
-            Joined::Refused(vec![id(9, 2)])
+            Joined::Refused(vec![id(9, 2)], None)
         );
         assert_eq!(m.checkpoints, taken, "no checkpoint was taken");
     }
 
     #[test]
+    fn once_the_checkpoints_hold_the_budget_new_ones_are_refused() {
+        let mut m = Counter::default();
+        let mut e = SpecEngine::new(7, 64, 1, Some(100));
+        m.value = 60;
+        e.speculate(&mut m, None).unwrap().unwrap();
+        assert_eq!(e.held_bytes(), 60);
+        m.value = 50;
+        e.speculate(&mut m, None).unwrap().unwrap();
+        let taken = m.checkpoints;
+        assert_eq!(e.speculate(&mut m, None).unwrap(), Err(err::NO_BUDGET));
+        let over = Some(OverBudget {
+            held: 110,
+            budget: 100,
+        });
+        assert_eq!(e.take_refusal(), over);
+        assert_eq!(
+            e.join(&mut m, &[id(9, 1)]).unwrap(),
+            Joined::Refused(vec![id(9, 1)], over)
+        );
+        assert_eq!(m.checkpoints, taken, "no checkpoint was taken");
+        // Aborting the inner one frees its memory: speculate works again.
+        e.abort_own(&mut m, 0).unwrap().unwrap();
+        assert!(e.speculate(&mut m, None).unwrap().is_ok());
+    }
+
+    #[test]
     fn a_remote_abort_returns_before_the_first_tagged_frame() {
         let mut m = Counter::default();
-        let mut e = SpecEngine::new(7, 8, 1);
+        let mut e = SpecEngine::new(7, 8, 1, None);
         m.value = 1;
         assert_eq!(
             e.join(&mut m, &[id(9, 1)]).unwrap(),
@@ -392,7 +479,7 @@ mod tests {
     #[test]
     fn a_remote_commit_leaves_the_machine_and_the_dependencies_shrink() {
         let mut m = Counter::default();
-        let mut e = SpecEngine::new(7, 8, 1);
+        let mut e = SpecEngine::new(7, 8, 1, None);
         e.join(&mut m, &[id(9, 1), id(8, 3)]).unwrap();
         m.value = 4;
         assert!(e.remote_commit(&mut m, id(9, 1)).unwrap());

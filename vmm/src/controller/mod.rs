@@ -22,7 +22,7 @@ use crate::spec::checkpoint::Checkpoint;
 use crate::spec::memory::CowError;
 use crate::spec::stack::SpecId;
 use crate::vstate::vcpu_state::StateError;
-pub use engine::{Aborted, Joined, Machine, SpecEngine};
+pub use engine::{Aborted, Held, Joined, Machine, OverBudget, SpecEngine};
 pub use machine::LiveMachine;
 pub use network::NetSpec;
 pub use snapshot::SnapshotSetup;
@@ -107,6 +107,8 @@ pub struct ControllerParts {
     pub events: EventReceiver,
     /// This VM's id, the high half of its speculation ids.
     pub vm_id: u32,
+    /// Most host memory the checkpoints may hold (`--checkpoint-budget`).
+    pub budget: Option<u64>,
     /// Where speculation events go (the API's `events` stream).
     pub publish: Option<tokio::sync::broadcast::Sender<SpecEvent>>,
     /// The bridge port and the net cards' dependency set.
@@ -142,7 +144,7 @@ impl Controller {
         let first_seq = parts.net.first_seq();
         Self {
             machine: parts.machine,
-            engine: SpecEngine::new(parts.vm_id, MAX_DEPTH, first_seq),
+            engine: SpecEngine::new(parts.vm_id, MAX_DEPTH, first_seq, parts.budget),
             events: parts.events,
             vm_id: parts.vm_id,
             user_paused: false,
@@ -299,7 +301,12 @@ impl Controller {
     pub fn speculate(&mut self, caller: Option<u8>) -> Result<Result<SpecId, u64>, ControlError> {
         let id = match self.engine.speculate(&mut self.machine, caller)? {
             Ok(id) => id,
-            Err(e) => return Ok(Err(e)),
+            Err(e) => {
+                if let Some(o) = self.engine.take_refusal() {
+                    self.over_budget(o, if caller.is_some() { "guest" } else { "host" });
+                }
+                return Ok(Err(e));
+            }
         };
         tracing::info!(%id, depth = self.engine.depth(), "speculate");
         self.emit("speculate", id, caller);
@@ -351,6 +358,25 @@ impl Controller {
             self.net.resolved(id, false);
         }
         self.sync_deps();
+    }
+
+    /// A checkpoint was refused for memory: the log says so, and the API's
+    /// event stream gets a `budget` event (no id; `by` says who asked).
+    fn over_budget(&self, o: OverBudget, by: &str) {
+        tracing::warn!(
+            held = o.held,
+            budget = o.budget,
+            by,
+            "checkpoint refused: the checkpoints hold their memory budget"
+        );
+        if let Some(tx) = &self.publish {
+            let _ = tx.send(SpecEvent {
+                event: "budget".into(),
+                id: String::new(),
+                depth: self.engine.depth(),
+                by: by.into(),
+            });
+        }
     }
 
     /// Publishes the dependency set to the net cards, and sends the output

@@ -132,7 +132,10 @@ impl Controller {
         match self.engine.join(&mut self.machine, &ids)? {
             // Joined meanwhile (another frame with the same tag).
             Joined::AlreadyHeld => {}
-            Joined::Refused(missing) => {
+            Joined::Refused(missing, budget) => {
+                if let Some(o) = budget {
+                    self.over_budget(o, "network");
+                }
                 // The frame must not reach the guest without a checkpoint;
                 // the hook drops every frame tagged with these ids from now on.
                 tracing::warn!(

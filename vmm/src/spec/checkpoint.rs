@@ -24,3 +24,9 @@ impl Fold for Checkpoint {
         self.memory.fold_into(&mut older.memory);
     }
 }
+
+impl crate::controller::Held for Checkpoint {
+    fn held_bytes(&self) -> u64 {
+        self.memory.held_bytes()
+    }
+}

@@ -86,6 +86,11 @@ impl<C: Fold> SpecStack<C> {
         }
     }
 
+    /// Every checkpoint held, oldest first.
+    pub fn checkpoints(&self) -> impl Iterator<Item = &C> {
+        self.frames.iter().map(|f| &f.checkpoint)
+    }
+
     /// Number of frames (checkpoints) held.
     pub fn depth(&self) -> usize {
         self.frames.len()

@@ -79,6 +79,14 @@ impl MemoryCheckpoint {
     pub fn undo_pages(&self) -> usize {
         self.undo().map_or(0, UndoLog::len)
     }
+
+    /// Host memory this checkpoint holds: its undo pages, or its copy.
+    pub fn held_bytes(&self) -> u64 {
+        match &self.0 {
+            Saved::Undo(u) => u.len() as u64 * crate::vstate::memory::PAGE_SIZE as u64,
+            Saved::Copy(c) => c.len() as u64,
+        }
+    }
 }
 
 impl Fold for MemoryCheckpoint {
