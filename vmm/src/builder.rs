@@ -198,10 +198,14 @@ pub fn build_from_snapshot(
     let base = crate::snapshot::memory::restore_memory(dir, &snap, &ram)?;
     let memory_us = started.elapsed().as_micros() as u64;
     let mut p = Platform::build(&kvm, config, ram, compat)?;
-    let mut snapshots = p.snapshot_setup(config)?;
-    snapshots.linux = snap.linux;
-    snapshots.base = dir.canonicalize().ok().map(|d| (d, snap.id));
+    let linux = snap.linux;
+    let base_id = snap.id;
     p.restore(snap)?;
+    // After the restore: a Linux guest's host-compat layer now has its
+    // trampoline (set up by the restore), which later snapshots save.
+    let mut snapshots = p.snapshot_setup(config)?;
+    snapshots.linux = linux;
+    snapshots.base = dir.canonicalize().ok().map(|d| (d, base_id));
     tracing::info!(
         memory_us,
         total_us = started.elapsed().as_micros() as u64,
