@@ -229,7 +229,7 @@ fn a_second_port_with_a_taken_vm_id_is_refused_and_ids_continue() {
     });
     assert_eq!(
         again.recv(),
-        Some(Message::Control(Control::Welcome { next_seq: 2 }))
+        Some(Message::Control(Control::Welcome { next_seq: 2, lease_ms: 1000 }))
     );
 }
 
@@ -290,7 +290,7 @@ fn forged_ids_are_stripped_and_refused_through_the_socket() {
     });
     assert_eq!(
         seven.recv(),
-        Some(Message::Control(Control::Welcome { next_seq: 1 }))
+        Some(Message::Control(Control::Welcome { next_seq: 1, lease_ms: 1000 }))
     );
     // VM 99's abort is not VM 5's business: it never joined 99:1.
     owner.control(&Control::Resolved {

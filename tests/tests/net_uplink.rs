@@ -181,7 +181,7 @@ impl Port {
         });
         let deadline = Instant::now() + ARRIVAL;
         while Instant::now() < deadline {
-            if let Some(Message::Control(Control::Welcome { next_seq })) = port.recv() {
+            if let Some(Message::Control(Control::Welcome { next_seq, .. })) = port.recv() {
                 return (port, next_seq);
             }
         }
