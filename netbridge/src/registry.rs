@@ -482,6 +482,12 @@ impl Registry {
             .iter()
             .flat_map(|&id| self.decide(id, Outcome::Abort))
             .collect();
+        // What members kept open for an absent owner (a `resume`) and no
+        // one holds any more is forgotten: nobody waits for its outcome.
+        let vms = &self.vms;
+        self.active.retain(|id, s| {
+            vms.contains_key(&owner_vm(*id)) || !s.members.is_empty() || !s.offered.is_empty()
+        });
         (owned, notices)
     }
 

@@ -116,6 +116,8 @@ impl Bridge {
             .arg(&bin)
             .arg("--listen")
             .arg(dir.join("br.sock"))
+            // Raw test ports do not renew a lease.
+            .args(["--lease-ms", "600000"])
             .arg("--uplink")
             .arg(format!("tap={TAP}"))
             .stdin(Stdio::null())
