@@ -18,7 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use specvm_tests::{bare_guest, netbridge_bin, run_specvm, skip_without_kvm, spawn_specvm, Spawned};
+use specvm_tests::{
+    bare_guest, netbridge_bin, run_specvm, skip_without_kvm, spawn_specvm, Spawned,
+};
 
 /// The longest any one wait may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -392,5 +394,8 @@ fn a_stopped_bridge_blocks_no_vmm() {
     signal(a.pid(), "TERM");
     let r = a.vm.take().expect("running").finish(within);
     assert!(!r.timed_out, "SIGTERM did not end the VMM: {r}");
-    println!("timing: SIGTERM with the bridge stopped: ended in {:?}", t.elapsed());
+    println!(
+        "timing: SIGTERM with the bridge stopped: ended in {:?}",
+        t.elapsed()
+    );
 }

@@ -338,7 +338,10 @@ fn a_restarted_bridge_delivers_an_outcome_decided_while_it_was_away() {
     );
     assert!(sends.is_empty(), "nothing guessed: {sends:?}");
     b.ingress(3, frame(3, 3, &[]));
-    assert!(b.ingress(2, frame(3, 2, &[S])).is_empty(), "held, not forged");
+    assert!(
+        b.ingress(2, frame(3, 2, &[S])).is_empty(),
+        "held, not forged"
+    );
     assert_eq!(b.counters(2).unwrap().forged, 0);
     b.add_port(1, 1, true).unwrap();
     let commit = crate::protocol::Decision {

@@ -214,7 +214,8 @@ fn a_restarted_registry_learns_from_the_vmms() {
     );
     assert_eq!(r.next_seq(A), Some(4), "numbers stay past the decided one");
     assert_eq!(
-        r.resume(10, &[], &[], &[decision(s, Outcome::Abort)]).refused,
+        r.resume(10, &[], &[], &[decision(s, Outcome::Abort)])
+            .refused,
         vec![RegistryError::ResumedTwice { port: 10 }]
     );
     assert_eq!(r.outcome(s), Some(Outcome::Commit));

@@ -281,7 +281,10 @@ mod tests {
                 lease_ms: DEFAULT_LEASE_MS
             }))
         );
-        assert_eq!(&encode_control(&Control::Renew)[1..], br#"{"type":"renew"}"#);
+        assert_eq!(
+            &encode_control(&Control::Renew)[1..],
+            br#"{"type":"renew"}"#
+        );
     }
 
     /// The largest resume a VMM sends fits one message.

@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use specwire::protocol::{
-    decode, encode_control, encode_frame, read_message, write_message, Control, Decision,
-    Message, MessageError, RESUME_OUTCOMES_MAX,
+    decode, encode_control, encode_frame, read_message, write_message, Control, Decision, Message,
+    MessageError, RESUME_OUTCOMES_MAX,
 };
 use specwire::SpecId;
 

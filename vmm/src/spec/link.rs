@@ -96,8 +96,7 @@ impl BridgeLink {
         events: EventSender,
     ) -> Result<(Self, Backend), LinkError> {
         let (stream, first_seq, lease) = bridge_conn::connect(path, vm).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::ConnectionRefused
-            {
+            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::ConnectionRefused {
                 LinkError::Connect(path.into(), e)
             } else {
                 LinkError::Refused(path.into(), e)
