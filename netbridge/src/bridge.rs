@@ -130,7 +130,7 @@ pub enum Send {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Event {
     /// `started`, `joined`, `committed`, `aborted`, `acked`, `port-up`,
-    /// `port-down`, `refused`, `forged`. `refused` and `forged` come for
+    /// `port-down`, `refused`, `forged`, `lease-expired`. `refused` and `forged` come for
     /// a port's 1st, 2nd, 4th, 8th... one (its counters have them all).
     pub event: &'static str,
     /// The speculation, as `vm:seq`, if any.
