@@ -130,7 +130,7 @@ pub enum Send {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Event {
     /// `started`, `joined`, `committed`, `aborted`, `acked`, `port-up`,
-    /// `port-down`, `refused`, `forged`. `refused` and `forged` come for
+    /// `port-down`, `refused`, `forged`, `lease-expired`. `refused` and `forged` come for
     /// a port's 1st, 2nd, 4th, 8th... one (its counters have them all).
     pub event: &'static str,
     /// The speculation, as `vm:seq`, if any.
@@ -252,6 +252,12 @@ impl Bridge {
             self.purge(id);
         }
         self.notify(notices)
+    }
+
+    /// `port` renewed nothing within its lease (rule 13): the server closes
+    /// it, and [`Bridge::remove_port`] aborts what it owns.
+    pub fn lease_expired(&mut self, port: PortId) {
+        self.event("lease-expired", None, port);
     }
 
     /// Takes the next frame queued for `port`.
@@ -476,6 +482,13 @@ impl Bridge {
                 }
                 (Vec::new(), Vec::new())
             }
+            // Any message renews the lease; the server keeps the time.
+            Control::Renew => (Vec::new(), Vec::new()),
+            Control::Resume {
+                started,
+                joined,
+                outcomes,
+            } => self.resume(port, &started, &joined, &outcomes),
             Control::Hello { .. } | Control::Decided { .. } | Control::Welcome { .. } => {
                 tracing::warn!(port, "unexpected control message {c:?}");
                 (Vec::new(), Vec::new())
@@ -530,19 +543,7 @@ impl Bridge {
                 (Vec::new(), Vec::new())
             }
             Ok(notices) => {
-                let name = if outcome == Outcome::Commit {
-                    "committed"
-                } else {
-                    "aborted"
-                };
-                self.event(name, Some(id), port);
-                let woke = match outcome {
-                    Outcome::Abort => {
-                        self.purge(id);
-                        Vec::new()
-                    }
-                    Outcome::Commit => self.release(),
-                };
+                let woke = self.apply(port, id, outcome);
                 (self.notify(notices), woke)
             }
             Err(e) => {
@@ -550,6 +551,63 @@ impl Bridge {
                 (Vec::new(), Vec::new())
             }
         }
+    }
+
+    /// A reconnected VMM's `resume` ([`Registry::resume`]): the registry
+    /// learns again what the VMMs hold, and each outcome it learns now is
+    /// applied as a `resolved` would be (events, anti-messages, output
+    /// commit) and told to the members.
+    fn resume(
+        &mut self,
+        port: PortId,
+        started: &[Id],
+        joined: &[Id],
+        outcomes: &[crate::protocol::Decision],
+    ) -> (Vec<Send>, Vec<PortId>) {
+        let r = self.registry.resume(port, started, joined, outcomes);
+        for &id in &r.started {
+            self.event("started", Some(id), port);
+        }
+        for &id in &r.joined {
+            self.event("joined", Some(id), port);
+        }
+        for e in &r.refused {
+            self.refuse(port, e);
+        }
+        let mut woke = Vec::new();
+        for d in &r.decided {
+            woke.extend(self.apply(port, d.id, d.outcome));
+        }
+        (self.notify(r.notices), woke)
+    }
+
+    /// The events and frames of an outcome just decided: anti-messages for
+    /// an abort (rule 10), release for a commit (rule 11).
+    fn apply(&mut self, port: PortId, id: Id, outcome: Outcome) -> Vec<PortId> {
+        match outcome {
+            Outcome::Abort => {
+                self.event("aborted", Some(id), port);
+                self.purge(id);
+                Vec::new()
+            }
+            Outcome::Commit => {
+                self.event("committed", Some(id), port);
+                self.release()
+            }
+        }
+    }
+
+    /// The recovery after the bridge's start is over
+    /// ([`Registry::end_recovery`]): what members kept open for owners
+    /// that did not come back is aborted. Returns the messages to send.
+    pub fn end_recovery(&mut self) -> Vec<Send> {
+        let (aborted, notices) = self.registry.end_recovery();
+        for &id in &aborted {
+            tracing::warn!("{id}: its owner did not come back after the restart; aborted");
+            self.event("aborted", Some(id), 0);
+            self.purge(id);
+        }
+        self.notify(notices)
     }
 
     /// Turns notices into Decided messages, remembering them until acked.

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! netbridge --listen /run/specvm/bridge.sock [--uplink tap=NAME]
-//!           [--events PATH] [--group GROUP] [--quiet]
+//!           [--events PATH] [--group GROUP] [--lease-ms N] [--quiet]
 //! ```
 //!
 //! VMMs connect to `--listen` as ports (see `docs/netbridge.md`). With
@@ -46,6 +46,13 @@ struct Args {
     /// mode 0660 instead of 0600.
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
+    /// The lease of a VMM port in milliseconds: a VMM that sends nothing
+    /// for this long (it renews at a third of it) is taken for hung, and
+    /// the speculations its VM owns abort. Also the recovery after a
+    /// restart lasts two leases.
+    #[arg(long, value_name = "N", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(30..=600_000))]
+    lease_ms: u32,
     /// Do not print events on stdout.
     #[arg(long)]
     quiet: bool,
@@ -92,7 +99,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: &Args) -> Result<(), String> {
-    let shared = Shared::new(Bridge::new(netbridge::tags::read, netbridge::tags::strip));
+    let shared = Shared::with_lease(
+        Bridge::new(netbridge::tags::read, netbridge::tags::strip),
+        std::time::Duration::from_millis(args.lease_ms.into()),
+    );
     if !args.quiet {
         print_events(shared.subscribe()).map_err(|e| format!("starting the event printer: {e}"))?;
     }

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use crate::protocol::{Id, Outcome};
+use crate::protocol::{Decision, Id, Outcome};
 
 /// A port of the bridge.
 pub type PortId = u64;
@@ -101,6 +101,12 @@ pub enum RegistryError {
         /// The port.
         port: PortId,
     },
+    /// A second `resume` on one connection.
+    #[error("port {port} resumed already")]
+    ResumedTwice {
+        /// The port.
+        port: PortId,
+    },
     /// A hello for a VM id that a connected port has already.
     #[error("VM id {vm} is already connected")]
     VmConnected {
@@ -129,7 +135,10 @@ impl RegistryError {
             | Self::NotSent { id, .. }
             | Self::TooManyIds { id, .. }
             | Self::Unacked { id, .. } => Some(id),
-            Self::NoVm { .. } | Self::VmConnected { .. } | Self::SeqsUsedUp { .. } => None,
+            Self::NoVm { .. }
+            | Self::ResumedTwice { .. }
+            | Self::VmConnected { .. }
+            | Self::SeqsUsedUp { .. } => None,
         }
     }
 }
@@ -153,6 +162,8 @@ struct VmPort {
     vm: u32,
     /// Open ids it owns, joined or was offered: at most [`IDS_PER_PORT`].
     held: usize,
+    /// It sent its `resume` (once per connection).
+    resumed: bool,
 }
 
 /// A notice the bridge must send: tell `port` that `id` ended so.
@@ -190,12 +201,35 @@ pub struct Registry {
     order: VecDeque<Id>,
     /// The last sequence number each VM id started; only the VM moves it.
     max_seq: HashMap<u32, u32>,
+    /// Set at start, cleared by [`Registry::end_recovery`]: while set, a
+    /// `resume` that names an id of an owner not connected keeps it open
+    /// for that owner to come back (the bridge restarted).
+    recovering: bool,
+}
+
+/// What a VMM's `resume` told the registry ([`Registry::resume`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Resumed {
+    /// The port's own open ids, now open here.
+    pub started: Vec<Id>,
+    /// Ids the port is a member of again.
+    pub joined: Vec<Id>,
+    /// Outcomes the registry learnt now (it had lost or never seen them).
+    pub decided: Vec<Decision>,
+    /// Who to tell about outcomes: members of what was decided now, the
+    /// port itself for ids it named that were decided already.
+    pub notices: Vec<Notice>,
+    /// What the port had no right to.
+    pub refused: Vec<RegistryError>,
 }
 
 impl Registry {
-    /// An empty registry.
+    /// An empty registry, recovering (see [`Registry::end_recovery`]).
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            recovering: true,
+            ..Self::default()
+        }
     }
 
     /// A port said hello as VM `vm`. Returns the first sequence number the
@@ -208,7 +242,14 @@ impl Registry {
             return Err(RegistryError::VmConnected { vm });
         }
         let next = self.next_seq(vm).ok_or(RegistryError::SeqsUsedUp { vm })?;
-        self.ports.insert(port, VmPort { vm, held: 0 });
+        self.ports.insert(
+            port,
+            VmPort {
+                vm,
+                held: 0,
+                resumed: false,
+            },
+        );
         self.vms.insert(vm, port);
         Ok(next)
     }
@@ -441,7 +482,151 @@ impl Registry {
             .iter()
             .flat_map(|&id| self.decide(id, Outcome::Abort))
             .collect();
+        // What members kept open for an absent owner (a `resume`) and no
+        // one holds any more is forgotten: nobody waits for its outcome.
+        let vms = &self.vms;
+        self.active.retain(|id, s| {
+            vms.contains_key(&owner_vm(*id)) || !s.members.is_empty() || !s.offered.is_empty()
+        });
         (owned, notices)
+    }
+
+    /// A VMM that reconnected says what it holds (`resume`): the registry
+    /// is soft state, the VMMs are the truth. Once per connection. In
+    /// order:
+    /// - `outcomes`, its own decisions: those the registry does not know
+    ///   are decided now and their members told;
+    /// - `started`, its open ids: open here again (an id the registry has
+    ///   decided meanwhile, such as one aborted because its lease expired,
+    ///   is told back to the port: the owner must act on it too);
+    /// - `joined`, ids it is a member of: it is a member again. A decided
+    ///   one comes back as a late notice; an open or unknown one is
+    ///   trusted (the bridge that sent it may be gone), and an unknown one
+    ///   of an owner not connected is kept open while recovering, else
+    ///   aborted (rule 9).
+    pub fn resume(
+        &mut self,
+        port: PortId,
+        started: &[Id],
+        joined: &[Id],
+        outcomes: &[Decision],
+    ) -> Resumed {
+        let mut out = Resumed::default();
+        let vm = match self.ports.get_mut(&port) {
+            Some(p) if p.resumed => {
+                out.refused.push(RegistryError::ResumedTwice { port });
+                return out;
+            }
+            Some(p) => {
+                p.resumed = true;
+                p.vm
+            }
+            None => {
+                out.refused.push(RegistryError::NoVm { port });
+                return out;
+            }
+        };
+        for d in outcomes {
+            if let Err(e) = self.own(port, vm, d.id) {
+                out.refused.push(e);
+            } else if !self.decided.contains_key(&d.id) {
+                self.reopen(port, d.id);
+                out.notices.extend(self.decide(d.id, d.outcome));
+                out.decided.push(*d);
+            }
+        }
+        for &id in started {
+            match (self.own(port, vm, id), self.outcome(id)) {
+                (Err(e), _) => out.refused.push(e),
+                (Ok(()), Some(outcome)) => out.notices.push(Notice { port, id, outcome }),
+                (Ok(()), None) if self.room(port) == 0 => {
+                    out.refused.push(RegistryError::TooManyIds { port, id });
+                }
+                (Ok(()), None) => {
+                    self.reopen(port, id);
+                    out.started.push(id);
+                }
+            }
+        }
+        for &id in joined {
+            self.rejoin(port, vm, id, &mut out);
+        }
+        out
+    }
+
+    /// Checks that `id` is the own id of `vm` (on `port`), and keeps the
+    /// VM's numbers past it.
+    fn own(&mut self, port: PortId, vm: u32, id: Id) -> Result<(), RegistryError> {
+        if owner_vm(id) != vm {
+            let owner = owner_vm(id);
+            return Err(RegistryError::NotOwner {
+                port,
+                vm,
+                id,
+                owner,
+            });
+        }
+        let last = self.max_seq.entry(vm).or_insert(0);
+        *last = (*last).max(id.seq);
+        Ok(())
+    }
+
+    /// Opens the owner's `id` again on its new `port` (it may be open
+    /// already, kept for it by a member's resume), counting it for the port.
+    fn reopen(&mut self, port: PortId, id: Id) {
+        self.active.entry(id).or_default();
+        self.add_held(port, 1);
+    }
+
+    /// One id of a `resume`'s `joined`.
+    fn rejoin(&mut self, port: PortId, vm: u32, id: Id, out: &mut Resumed) {
+        if owner_vm(id) == vm {
+            return;
+        }
+        if let Some(outcome) = self.outcome(id) {
+            out.notices.push(Notice { port, id, outcome });
+            return;
+        }
+        let absent = !self.vm_connected(owner_vm(id));
+        if absent && !self.recovering {
+            out.notices.push(Notice {
+                port,
+                id,
+                outcome: Outcome::Abort,
+            });
+            return;
+        }
+        if self.room(port) == 0 {
+            out.refused.push(RegistryError::TooManyIds { port, id });
+            return;
+        }
+        let s = self.active.entry(id).or_default();
+        let was_offered = s.offered.remove(&port);
+        if s.members.insert(port) && !was_offered {
+            self.add_held(port, 1);
+        }
+        out.joined.push(id);
+    }
+
+    /// The bridge's recovery after its start is over: every open id whose
+    /// owner VM has not come back is aborted (rule 9: an owner that lives
+    /// reconnects within its lease). Returns the ids and the members to
+    /// tell. From now on an unknown id of an absent owner counts as
+    /// aborted at once.
+    pub fn end_recovery(&mut self) -> (Vec<Id>, Vec<Notice>) {
+        self.recovering = false;
+        let mut orphans: Vec<Id> = self
+            .active
+            .keys()
+            .copied()
+            .filter(|&id| !self.vm_connected(owner_vm(id)))
+            .collect();
+        orphans.sort_unstable();
+        let notices = orphans
+            .iter()
+            .flat_map(|&id| self.decide(id, Outcome::Abort))
+            .collect();
+        (orphans, notices)
     }
 
     /// Every open speculation and its members, for status reports.
@@ -457,191 +642,4 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const A: u32 = 1;
-    const B: u32 = 2;
-    const C: u32 = 3;
-
-    fn id(vm: u32, seq: u32) -> Id {
-        Id::new(vm, seq)
-    }
-
-    fn reg() -> Registry {
-        let mut r = Registry::new();
-        for (port, vm) in [(10, A), (20, B), (30, C)] {
-            assert_eq!(r.add_port(port, vm), Ok(1));
-        }
-        r
-    }
-
-    /// `port` is sent `id` and joins it.
-    fn join(r: &mut Registry, port: PortId, id: Id) {
-        let new = r.unheld(port, &[id]);
-        r.offer(port, &new);
-        assert_eq!(r.joined(port, &[id]).joined, vec![id]);
-    }
-
-    #[test]
-    fn the_owner_decides_and_members_hear_it() {
-        let mut r = reg();
-        let s = id(A, 1);
-        r.started(10, s).unwrap();
-        join(&mut r, 20, s);
-        join(&mut r, 30, s);
-        let n = r.resolved(10, s, Outcome::Commit).unwrap();
-        assert_eq!(n.len(), 2);
-        assert!(n.iter().all(|x| x.outcome == Outcome::Commit && x.id == s));
-        assert_eq!(r.outcome(s), Some(Outcome::Commit));
-        assert!(
-            r.resolved(10, s, Outcome::Abort).unwrap().is_empty(),
-            "decided once"
-        );
-        assert_eq!(r.outcome(s), Some(Outcome::Commit));
-        assert_eq!((r.held(10), r.held(20), r.held(30)), (0, 0, 0));
-    }
-
-    #[test]
-    fn sequence_numbers_continue_past_what_the_vm_started() {
-        let mut r = reg();
-        assert_eq!(r.next_seq(A), Some(1));
-        r.started(10, id(A, 7)).unwrap();
-        assert_eq!(
-            r.started(20, id(A, 9)),
-            Err(RegistryError::NotOwner {
-                port: 20,
-                vm: B,
-                id: id(A, 9),
-                owner: A
-            })
-        );
-        assert_eq!(r.joined(20, &[id(A, 9)]).refused.len(), 1);
-        assert_eq!(r.next_seq(A), Some(8), "only VM 1 moves its numbers");
-        assert_eq!(
-            r.started(10, id(A, 7)),
-            Err(RegistryError::StaleSeq {
-                id: id(A, 7),
-                last: 7
-            })
-        );
-        r.port_gone(10);
-        assert!(!r.vm_connected(A));
-        assert_eq!(r.add_port(11, A), Ok(8), "remembered after the VM left");
-        r.started(11, id(A, u32::MAX)).unwrap();
-        assert_eq!(r.next_seq(A), None);
-        r.port_gone(11);
-        assert_eq!(r.add_port(12, A), Err(RegistryError::SeqsUsedUp { vm: A }));
-        assert_eq!(r.add_port(13, B), Err(RegistryError::VmConnected { vm: B }));
-    }
-
-    #[test]
-    fn only_the_owner_decides() {
-        let mut r = reg();
-        let s = id(A, 1);
-        r.started(10, s).unwrap();
-        join(&mut r, 20, s);
-        assert!(matches!(
-            r.resolved(20, s, Outcome::Abort),
-            Err(RegistryError::NotOwner { .. })
-        ));
-        assert!(r.is_active(s));
-        assert_eq!(
-            r.resolved(10, id(A, 2), Outcome::Abort),
-            Err(RegistryError::NotOpen {
-                port: 10,
-                id: id(A, 2)
-            }),
-            "never started"
-        );
-    }
-
-    #[test]
-    fn a_port_joins_only_what_it_was_sent() {
-        let mut r = reg();
-        let s = id(A, 1);
-        r.started(10, s).unwrap();
-        let j = r.joined(20, &[s]);
-        assert_eq!(j.refused, vec![RegistryError::NotSent { port: 20, id: s }]);
-        assert!(!r.may_carry(20, s));
-        assert!(r.may_carry(10, s), "the owner carries its own");
-        join(&mut r, 20, s);
-        assert!(r.may_carry(20, s));
-        assert!(!r.may_carry(30, s));
-        assert_eq!(r.snapshot(), vec![(s, vec![20])]);
-    }
-
-    #[test]
-    fn a_late_joiner_learns_the_outcome() {
-        let mut r = reg();
-        let s = id(A, 1);
-        r.started(10, s).unwrap();
-        r.resolved(10, s, Outcome::Abort).unwrap();
-        let ghost = id(4242, 1);
-        assert_eq!(
-            r.joined(20, &[s, ghost]).late,
-            vec![
-                Notice {
-                    port: 20,
-                    id: s,
-                    outcome: Outcome::Abort
-                },
-                Notice {
-                    port: 20,
-                    id: ghost,
-                    outcome: Outcome::Abort
-                }
-            ],
-            "an id of a VM not connected counts as aborted"
-        );
-        assert_eq!(r.open_ids(), 0);
-    }
-
-    #[test]
-    fn ids_per_port_are_bounded() {
-        let mut r = reg();
-        for seq in 1..=IDS_PER_PORT as u32 {
-            r.started(20, id(B, seq)).unwrap();
-        }
-        let over = id(B, IDS_PER_PORT as u32 + 1);
-        assert_eq!(
-            r.started(20, over),
-            Err(RegistryError::TooManyIds { port: 20, id: over })
-        );
-        assert_eq!(r.room(20), 0);
-        r.started(10, id(A, 1)).unwrap();
-        assert_eq!(r.unheld(20, &[id(A, 1), id(B, 1)]), vec![id(A, 1)]);
-        r.port_gone(20);
-        r.resolved(10, id(A, 1), Outcome::Commit).unwrap();
-        assert_eq!((r.open_ids(), r.held(10)), (0, 0));
-    }
-
-    #[test]
-    fn owner_death_aborts_member_death_does_not() {
-        let mut r = reg();
-        let a1 = id(A, 1);
-        let b1 = id(B, 1);
-        r.started(10, a1).unwrap();
-        r.started(20, b1).unwrap();
-        join(&mut r, 20, a1);
-        join(&mut r, 10, b1);
-        join(&mut r, 30, a1);
-        join(&mut r, 30, b1);
-        let (aborted, notices) = r.port_gone(30);
-        assert!(aborted.is_empty(), "a member's death aborts nothing");
-        assert!(notices.is_empty());
-        let (aborted, notices) = r.port_gone(10);
-        assert_eq!(aborted, vec![a1]);
-        assert_eq!(
-            notices,
-            vec![Notice {
-                port: 20,
-                id: a1,
-                outcome: Outcome::Abort
-            }]
-        );
-        assert!(r.is_active(b1), "b1's owner lives");
-        assert_eq!(r.snapshot(), vec![(b1, vec![])]);
-        assert_eq!(r.held(20), 1);
-    }
-}
+mod tests;

@@ -36,6 +36,14 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// the client is dropped.
 pub const EVENT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The default lease (`--lease-ms`): a VMM port that sends nothing for
+/// this long is taken for a hung VMM and closed, which aborts the
+/// speculations its VM owns (rules 9, 13). VMMs renew at a third of it.
+pub const DEFAULT_LEASE: Duration = Duration::from_millis(1000);
+/// The recovery after the bridge starts lasts this many leases: owners
+/// that live reconnect within it (docs/netbridge.md, "Restart").
+pub const RECOVERY_LEASES: u32 = 2;
+
 /// Control messages waiting for one port's writer. The bridge sends a
 /// port at most [`UNACKED_MAX`] late outcomes and [`IDS_PER_PORT`] more for
 /// the ids it holds, and a welcome: an honest port that reads slowly never
@@ -56,18 +64,36 @@ pub struct Shared {
     links: Mutex<HashMap<PortId, PortLink>>,
     events: broadcast::Sender<Event>,
     next_port: Mutex<PortId>,
+    lease: Duration,
 }
 
 impl Shared {
-    /// Server state around `bridge`.
+    /// Server state around `bridge`, with the [`DEFAULT_LEASE`].
     pub fn new(bridge: Bridge) -> Arc<Self> {
+        Self::with_lease(bridge, DEFAULT_LEASE)
+    }
+
+    /// Server state around `bridge`, giving VMM ports `lease`.
+    pub fn with_lease(bridge: Bridge, lease: Duration) -> Arc<Self> {
         let (events, _) = broadcast::channel(4096);
         Arc::new(Self {
             bridge: Mutex::new(bridge),
             links: Mutex::new(HashMap::new()),
             events,
             next_port: Mutex::new(1),
+            lease,
         })
+    }
+
+    /// The lease of VMM ports.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Ends the recovery after the start ([`Bridge::end_recovery`]).
+    pub fn end_recovery(&self) {
+        let sends = self.bridge().end_recovery();
+        self.dispatch(sends, Vec::new());
     }
 
     /// Subscribes to the bridge's events.
@@ -212,8 +238,14 @@ pub fn bind_with(path: &Path, access: &Access) -> Result<Bound, ServerError> {
     })
 }
 
-/// Serves ports on `bound` until the task is dropped.
+/// Serves ports on `bound` until the task is dropped. The recovery
+/// after the start ends [`RECOVERY_LEASES`] leases from now.
 pub async fn serve(bound: Bound, shared: Arc<Shared>) {
+    let s = shared.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(s.lease * RECOVERY_LEASES).await;
+        s.end_recovery();
+    });
     loop {
         let stream = sock::accept(&bound.listener).await;
         let port = shared.next_port();
@@ -295,7 +327,8 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
     };
     let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE_MAX);
     // The answer to hello goes first.
-    let _ = ctl_tx.try_send(Control::Welcome { next_seq });
+    let lease_ms = u32::try_from(shared.lease.as_millis()).unwrap_or(u32::MAX);
+    let _ = ctl_tx.try_send(Control::Welcome { next_seq, lease_ms });
     let frames = Arc::new(Notify::new());
     let close = Arc::new(Notify::new());
     shared.links().insert(
@@ -310,14 +343,25 @@ async fn run_port(port: PortId, stream: UnixStream, shared: Arc<Shared>) {
     tracing::info!(port, vm = hello.0, speculative = hello.1, "port up");
     let writer = tokio::spawn(write_port(port, wr, ctl_rx, frames, shared.clone()));
     loop {
+        // Every message renews the lease; none within it is a hung VMM.
         let read = tokio::select! {
-            m = read_message_async(&mut rd) => m,
+            m = tokio::time::timeout(shared.lease, read_message_async(&mut rd)) => m,
             () = close.notified() => break,
         };
         let msg = match read {
-            Ok(m) => m,
-            Err(e) => {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
                 tracing::info!(port, "port down: {e}");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    port,
+                    vm = hello.0,
+                    "port closed: its lease of {:?} expired (a hung VMM)",
+                    shared.lease
+                );
+                shared.bridge().lease_expired(port);
                 break;
             }
         };

@@ -27,6 +27,8 @@ impl Bridge {
             .arg("--listen")
             .arg(dir.join("bridge.sock"))
             .arg("--quiet")
+            // Raw test ports do not renew a lease.
+            .args(["--lease-ms", "600000"])
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -229,7 +231,10 @@ fn a_second_port_with_a_taken_vm_id_is_refused_and_ids_continue() {
     });
     assert_eq!(
         again.recv(),
-        Some(Message::Control(Control::Welcome { next_seq: 2 }))
+        Some(Message::Control(Control::Welcome {
+            next_seq: 2,
+            lease_ms: 600_000
+        }))
     );
 }
 
@@ -290,7 +295,10 @@ fn forged_ids_are_stripped_and_refused_through_the_socket() {
     });
     assert_eq!(
         seven.recv(),
-        Some(Message::Control(Control::Welcome { next_seq: 1 }))
+        Some(Message::Control(Control::Welcome {
+            next_seq: 1,
+            lease_ms: 600_000
+        }))
     );
     // VM 99's abort is not VM 5's business: it never joined 99:1.
     owner.control(&Control::Resolved {

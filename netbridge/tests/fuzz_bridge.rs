@@ -351,7 +351,7 @@ impl BridgeProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_netbridge"))
             .arg("--listen")
             .arg(dir.join("bridge.sock"))
-            .args(["--quiet", "--log-level", "error"])
+            .args(["--quiet", "--log-level", "error", "--lease-ms", "600000"])
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -35,6 +35,8 @@ impl Bridge {
         let mut child = Command::new(env!("CARGO_BIN_EXE_netbridge"))
             .arg("--listen")
             .arg(dir.join("br.sock"))
+            // Raw test ports do not renew a lease.
+            .args(["--lease-ms", "600000"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(if stdout {

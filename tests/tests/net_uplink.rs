@@ -116,6 +116,8 @@ impl Bridge {
             .arg(&bin)
             .arg("--listen")
             .arg(dir.join("br.sock"))
+            // Raw test ports do not renew a lease.
+            .args(["--lease-ms", "600000"])
             .arg("--uplink")
             .arg(format!("tap={TAP}"))
             .stdin(Stdio::null())
@@ -181,7 +183,7 @@ impl Port {
         });
         let deadline = Instant::now() + ARRIVAL;
         while Instant::now() < deadline {
-            if let Some(Message::Control(Control::Welcome { next_seq })) = port.recv() {
+            if let Some(Message::Control(Control::Welcome { next_seq, .. })) = port.recv() {
                 return (port, next_seq);
             }
         }

@@ -167,7 +167,14 @@ fn start_vm(prefix: &str, cwd: Option<&Path>, sock: &Path, extra: &[&str]) -> Pr
 
 /// Starts a bridge listening on `sock`, with `extra` flags.
 fn start_bridge(prefix: &str, sock: &Path, extra: &[&OsStr]) -> Proc {
-    let mut args = vec![os("--listen"), sock.as_os_str(), os("--quiet")];
+    // Raw test ports do not renew a lease.
+    let mut args = vec![
+        os("--listen"),
+        sock.as_os_str(),
+        os("--quiet"),
+        os("--lease-ms"),
+        os("600000"),
+    ];
     args.extend_from_slice(extra);
     Proc::start(prefix, None, &netbridge_bin(), &args)
 }

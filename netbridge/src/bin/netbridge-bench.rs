@@ -278,7 +278,7 @@ fn port(sock: &PathBuf, vm: u32) -> Result<(UnixStream, u32), String> {
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     match read_message(&mut s).map(|m| decode(&m)) {
-        Ok(Ok(Message::Control(Control::Welcome { next_seq }))) => Ok((s, next_seq)),
+        Ok(Ok(Message::Control(Control::Welcome { next_seq, .. }))) => Ok((s, next_seq)),
         other => Err(format!("VM {vm}: no welcome: {other:?}")),
     }
 }

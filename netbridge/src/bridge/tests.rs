@@ -318,3 +318,66 @@ fn malformed_frames_are_counted() {
     assert!(b.ingress(1, f).is_empty());
     assert_eq!(b.counters(1).unwrap().dropped_malformed, 1);
 }
+
+/// A restarted bridge: VM 2 resumes its membership of S before VM 1
+/// comes back; a frame VM 2 sends tagged S is carried (held for the
+/// uplink). VM 1 resumes with the commit it decided while the bridge was
+/// away: VM 2 is told once, the held frame goes out.
+#[test]
+fn a_restarted_bridge_delivers_an_outcome_decided_while_it_was_away() {
+    let mut b = Bridge::new(read, strip).with_tag_writer(write);
+    b.add_port(2, 2, true).unwrap();
+    b.add_port(3, 3, false).unwrap();
+    let (sends, _) = b.control(
+        2,
+        Control::Resume {
+            started: vec![],
+            joined: vec![S],
+            outcomes: vec![],
+        },
+    );
+    assert!(sends.is_empty(), "nothing guessed: {sends:?}");
+    b.ingress(3, frame(3, 3, &[]));
+    assert!(
+        b.ingress(2, frame(3, 2, &[S])).is_empty(),
+        "held, not forged"
+    );
+    assert_eq!(b.counters(2).unwrap().forged, 0);
+    b.add_port(1, 1, true).unwrap();
+    let commit = crate::protocol::Decision {
+        id: S,
+        outcome: Outcome::Commit,
+    };
+    let resume = Control::Resume {
+        started: vec![],
+        joined: vec![],
+        outcomes: vec![commit],
+    };
+    let (sends, woke) = b.control(1, resume.clone());
+    assert_eq!(sends, vec![decided(2, S, Outcome::Commit, 1)]);
+    assert_eq!(woke, vec![3]);
+    assert_eq!(b.pop(3), Some(strip(&frame(3, 2, &[S])).unwrap()));
+    assert!(b.end_recovery().is_empty());
+    // Said again (a resume on a later connection): told nobody again.
+    b.remove_port(1);
+    b.add_port(4, 1, true).unwrap();
+    assert_eq!(b.control(4, resume), (vec![], vec![]));
+}
+
+/// After the recovery, what a member kept open for an owner that never
+/// came back is aborted, and the member told.
+#[test]
+fn the_end_of_recovery_aborts_what_absent_owners_left() {
+    let mut b = Bridge::new(read, strip).with_tag_writer(write);
+    b.add_port(2, 2, true).unwrap();
+    b.control(
+        2,
+        Control::Resume {
+            started: vec![],
+            joined: vec![S],
+            outcomes: vec![],
+        },
+    );
+    assert_eq!(b.end_recovery(), vec![decided(2, S, Outcome::Abort, 1)]);
+    assert_eq!(b.open_ids(), 0);
+}

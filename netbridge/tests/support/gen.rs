@@ -20,6 +20,8 @@ pub enum AnyControl {
     Resolved(u64, bool),
     Decided(u64, bool, u64),
     Ack(u64),
+    Renew,
+    Resume(Seq<u64>, Seq<u64>, Seq<u64>, bool),
 }
 
 pub fn outcome(commit: bool) -> Outcome {
@@ -34,7 +36,23 @@ impl AnyControl {
     pub fn to_control(&self) -> Control {
         match self.clone() {
             AnyControl::Hello(vm, speculative) => Control::Hello { vm, speculative },
-            AnyControl::Welcome(next_seq) => Control::Welcome { next_seq },
+            AnyControl::Welcome(next_seq) => Control::Welcome {
+                next_seq,
+                lease_ms: 1000,
+            },
+            AnyControl::Renew => Control::Renew,
+            AnyControl::Resume(started, joined, decided, commit) => Control::Resume {
+                started: started.0.into_iter().map(SpecId::from).collect(),
+                joined: joined.0.into_iter().map(SpecId::from).collect(),
+                outcomes: decided
+                    .0
+                    .into_iter()
+                    .map(|id| specwire::protocol::Decision {
+                        id: id.into(),
+                        outcome: outcome(commit),
+                    })
+                    .collect(),
+            },
             AnyControl::Started(id) => Control::Started { id: id.into() },
             AnyControl::Joined(ids) => Control::Joined {
                 ids: ids.0.into_iter().map(SpecId::from).collect(),

@@ -44,6 +44,27 @@ pub enum Outcome {
     Abort,
 }
 
+/// The lease a bridge gives when it says nothing (an older bridge).
+pub const DEFAULT_LEASE_MS: u32 = 1000;
+
+fn default_lease_ms() -> u32 {
+    DEFAULT_LEASE_MS
+}
+
+/// Most decisions a [`Control::Resume`] carries: the VMM remembers its
+/// last this many outcomes. With the largest started and joined lists it
+/// stays well under [`MAX_MESSAGE`].
+pub const RESUME_OUTCOMES_MAX: usize = 1024;
+
+/// One decision of an owner, as [`Control::Resume`] carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The speculation.
+    pub id: Id,
+    /// Its outcome.
+    pub outcome: Outcome,
+}
+
 /// A control message, in either direction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -63,6 +84,30 @@ pub enum Control {
     Welcome {
         /// The first sequence number.
         next_seq: u32,
+        /// The port's lease in milliseconds: the bridge takes a port that
+        /// sends nothing for this long for a hung VMM and closes it (rules
+        /// 9, 13). The VMM renews at a third of it. Absent from an older
+        /// bridge: [`DEFAULT_LEASE_MS`].
+        #[serde(default = "default_lease_ms")]
+        lease_ms: u32,
+    },
+    /// VMM → bridge: the VMM is alive; renews its lease. Any message
+    /// renews it; a VMM with nothing else to say sends this at a third of
+    /// the lease.
+    Renew,
+    /// VMM → bridge, after a reconnect (the bridge restarted, or the
+    /// connection was lost): what the VMM holds, so the bridge can rebuild
+    /// its soft state (docs/netbridge.md, "Restart"). The VMMs are the
+    /// source of truth.
+    Resume {
+        /// Open speculations this VM started.
+        started: Vec<Id>,
+        /// Speculations of other VMs this VM joined and still holds.
+        joined: Vec<Id>,
+        /// The VM's latest decisions on its own speculations (at most
+        /// [`RESUME_OUTCOMES_MAX`]), old ones included: any may not have
+        /// reached a member before the old connection ended.
+        outcomes: Vec<Decision>,
     },
     /// VMM → bridge: the VM started speculation `id` (it is the owner).
     Started {
@@ -172,7 +217,19 @@ mod tests {
                 vm: 3,
                 speculative: true,
             },
-            Control::Welcome { next_seq: 5 },
+            Control::Welcome {
+                next_seq: 5,
+                lease_ms: 300,
+            },
+            Control::Renew,
+            Control::Resume {
+                started: vec![Id::new(3, 1)],
+                joined: vec![Id::new(1, 1)],
+                outcomes: vec![Decision {
+                    id: Id::new(3, 0),
+                    outcome: Outcome::Commit,
+                }],
+            },
             Control::Started { id: Id::new(0, 7) },
             Control::Joined {
                 ids: vec![Id::new(0, 1), Id::new(1, 2)],
@@ -213,6 +270,39 @@ mod tests {
             outcome: Outcome::Commit,
         });
         assert_eq!(&v[1..], br#"{"type":"resolved","id":1,"outcome":"commit"}"#);
+    }
+
+    #[test]
+    fn an_older_welcome_means_the_default_lease() {
+        assert_eq!(
+            decode(b"\x01{\"type\":\"welcome\",\"next_seq\":4}"),
+            Ok(Message::Control(Control::Welcome {
+                next_seq: 4,
+                lease_ms: DEFAULT_LEASE_MS
+            }))
+        );
+        assert_eq!(
+            &encode_control(&Control::Renew)[1..],
+            br#"{"type":"renew"}"#
+        );
+    }
+
+    /// The largest resume a VMM sends fits one message.
+    #[test]
+    fn the_largest_resume_fits() {
+        let big = Id::new(u32::MAX, u32::MAX);
+        let m = encode_control(&Control::Resume {
+            started: vec![big; 64],
+            joined: vec![big; 256],
+            outcomes: vec![
+                Decision {
+                    id: big,
+                    outcome: Outcome::Commit
+                };
+                RESUME_OUTCOMES_MAX
+            ],
+        });
+        assert!(m.len() < MAX_MESSAGE, "{}", m.len());
     }
 
     #[test]

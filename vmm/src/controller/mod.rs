@@ -160,11 +160,14 @@ impl Controller {
     }
 
     /// The `--stats` line: each operation's timings, and under `"net"`
-    /// the bridge card's hook counters when the VM has one.
+    /// and `"link"` the bridge card's hook counters and the bridge link's
+    /// state (reconnections, frames lost to a full queue) when the VM has
+    /// one.
     pub fn stats_summary(&self) -> serde_json::Value {
         let mut v = self.machine.stats.summary();
         if let (Some(m), true) = (v.as_object_mut(), self.net.has_bridge()) {
             m.insert("net".into(), serde_json::json!(self.net.hook_stats()));
+            m.insert("link".into(), serde_json::json!(self.net.link_stats()));
         }
         v
     }

@@ -1,8 +1,9 @@
 //! The controller's side of speculation across VMs: joining on a tagged
 //! frame (rule 2), acting on the bridge's outcomes (rules 4, 6), telling
-//! the bridge what this VM owns and decides (rules 3, 5, 8), what to do
-//! when the bridge is lost (rule 9), and output commit on the cards that
-//! leave the speculation domain (rule 11).
+//! the bridge what this VM owns and decides (rules 3, 5, 8), and output
+//! commit on the cards that leave the speculation domain (rule 11). While
+//! the bridge is away the link reconnects on its own and the VM keeps
+//! what it joined (rule 14: an outcome is never guessed).
 
 use std::sync::{Arc, Mutex};
 
@@ -10,7 +11,7 @@ use specwire::protocol::{Control, Outcome as WireOutcome};
 
 use super::{ControlError, Controller, Joined};
 use crate::devices::virtio::net::NetHandle;
-use crate::spec::link::{BridgeEvent, BridgeLink, HookStats, SharedDeps};
+use crate::spec::link::{BridgeEvent, BridgeLink, HookStats, LinkStats, SharedDeps};
 use crate::spec::stack::SpecId;
 
 /// The VM's port on the bridge, if it has one, and the dependency set the
@@ -30,6 +31,9 @@ impl NetSpec {
         deps: Arc<Mutex<SharedDeps>>,
         hook_stats: Arc<Mutex<HookStats>>,
     ) -> Self {
+        if let Some(l) = &link {
+            l.watch_deps(deps.clone());
+        }
         Self {
             link,
             deps,
@@ -41,6 +45,12 @@ impl NetSpec {
     /// asked), for `--stats`.
     pub fn hook_stats(&self) -> HookStats {
         *self.hook_stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The bridge link's state (connected, reconnections, frames lost to
+    /// a full queue), if the VM has one.
+    pub fn link_stats(&self) -> Option<LinkStats> {
+        self.link.as_ref().map(BridgeLink::stats)
     }
 
     /// Whether the VM has a port on the bridge.
@@ -58,12 +68,11 @@ impl NetSpec {
         self.deps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends a control message to the bridge, if the VM has one.
+    /// Sends a control message to the bridge, if the VM has one. Never
+    /// blocks (the link queues it).
     fn tell(&self, c: Control) {
         if let Some(link) = &self.link {
-            if let Err(e) = link.send(&c) {
-                tracing::warn!("telling the bridge {c:?}: {e}");
-            }
+            link.send(&c);
         }
     }
 
@@ -160,25 +169,23 @@ impl Controller {
         Ok(())
     }
 
-    /// Acts on a message from the bridge.
+    /// Acts on a message from the bridge: an outcome of a speculation the
+    /// VM joined (rules 4, 6), or of one it owns that the bridge aborted
+    /// while the VM was away from it (its lease expired: rule 13). The
+    /// owner rolls back too, so no VM keeps what the others undid.
     pub(super) fn bridge_event(&mut self, ev: BridgeEvent) -> Result<(), ControlError> {
-        match ev {
-            BridgeEvent::Decided { id, outcome, seq } => {
-                match outcome {
-                    WireOutcome::Commit => self.remote_commit(id)?,
-                    WireOutcome::Abort => self.remote_abort(id)?,
-                }
-                self.net.tell(Control::Ack { seq });
-            }
-            BridgeEvent::Gone => {
-                tracing::warn!("the bridge is gone: rolling back every speculation this VM joined");
-                self.net.link = None;
-                // Their outcomes can no longer be learnt (rule 9): roll back
-                // to before the first frame of the oldest one.
-                if let Some(id) = self.engine.oldest_joined() {
-                    self.remote_abort(id)?;
-                }
-            }
+        let BridgeEvent::Decided {
+            id,
+            outcome,
+            seq,
+            epoch,
+        } = ev;
+        match outcome {
+            WireOutcome::Commit => self.remote_commit(id)?,
+            WireOutcome::Abort => self.remote_abort(id)?,
+        }
+        if let Some(link) = &self.net.link {
+            link.ack(seq, epoch);
         }
         Ok(())
     }

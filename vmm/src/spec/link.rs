@@ -5,7 +5,9 @@
 //! to the net device through a socket pair: frames flow between the device
 //! and the bridge unchanged, control messages (`decided`) go to the
 //! controller as [`VmEvent::Bridge`], and the controller sends its own
-//! (`started`, `joined`, `resolved`, `ack`) with [`BridgeLink::send`].
+//! (`started`, `joined`, `resolved`, `ack`) with [`BridgeLink::send`],
+//! which never blocks: the connection, its lease and reconnecting are
+//! [`super::bridge_conn`]'s.
 //!
 //! [`SpecHook`] sits in the net device:
 //! - on every frame the guest sends, it writes the VM's whole dependency
@@ -19,17 +21,17 @@
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use specwire::codec::{self, CodecError};
-use specwire::protocol::{
-    decode, encode_control, encode_frame, read_message, write_message, Control, Message,
-    MessageError, MAX_MESSAGE,
-};
+use specwire::protocol::{Control, Decision, MAX_MESSAGE};
 use specwire::SpecId;
 
+use super::bridge_conn::{self, enqueue, Out, Shared, Writer, QUEUE_MAX};
 use crate::devices::virtio::net::{Backend, FrameHook, RxVerdict};
 use crate::event::{EventSender, VmEvent};
 
@@ -50,7 +52,9 @@ pub enum LinkError {
 /// Something the bridge told the VMM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BridgeEvent {
-    /// A speculation the VM joined ended; acknowledge `seq` once acted on.
+    /// A speculation the VM joined (or, after a reconnect, one it owns
+    /// and the bridge aborted meanwhile) ended; acknowledge `seq` on
+    /// connection `epoch` once acted on.
     Decided {
         /// The speculation.
         id: SpecId,
@@ -58,52 +62,82 @@ pub enum BridgeEvent {
         outcome: specwire::protocol::Outcome,
         /// What to acknowledge.
         seq: u64,
+        /// The connection it came on.
+        epoch: u64,
     },
-    /// The connection to the bridge ended.
-    Gone,
 }
 
-/// The VMM's end of the bridge connection.
+/// The state of the link, for status and `--stats`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LinkStats {
+    /// Whether the bridge is connected now.
+    pub up: bool,
+    /// Reconnections so far.
+    pub reconnects: u64,
+    /// Frames to the bridge dropped: the link's queue was full.
+    pub tx_queue_full: u64,
+}
+
+/// The VMM's end of the bridge connection. Sending never blocks: a
+/// writer thread owns the connection ([`bridge_conn`]).
 pub struct BridgeLink {
-    writer: Arc<Mutex<UnixStream>>,
+    tx: SyncSender<Out>,
+    shared: Arc<Shared>,
     first_seq: u32,
 }
 
 impl BridgeLink {
     /// Connects to the bridge at `path` as VM `vm`, and returns the link
-    /// and the backend to give the net device.
+    /// and the backend to give the net device. Only this first connection
+    /// must succeed; later ones are retried for as long as the VM runs.
     pub fn connect(
         path: &Path,
         vm: u32,
         events: EventSender,
     ) -> Result<(Self, Backend), LinkError> {
-        let mut stream =
-            UnixStream::connect(path).map_err(|e| LinkError::Connect(path.into(), e))?;
-        let writer = Arc::new(Mutex::new(stream.try_clone().map_err(LinkError::Setup)?));
-        let mut link = Self {
-            writer,
-            first_seq: 1,
-        };
-        link.send(&Control::Hello {
-            vm,
-            speculative: true,
-        })
-        .map_err(LinkError::Setup)?;
-        link.first_seq = welcome(&mut stream).map_err(|e| LinkError::Refused(path.into(), e))?;
+        let (stream, first_seq, lease) = bridge_conn::connect(path, vm).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::ConnectionRefused {
+                LinkError::Connect(path.into(), e)
+            } else {
+                LinkError::Refused(path.into(), e)
+            }
+        })?;
         let (device_end, our_end) = seqpacket_pair().map_err(LinkError::Setup)?;
         let backend = Backend::from_socket(device_end, &format!("bridge={}", path.display()))
             .map_err(|e| LinkError::Setup(io::Error::other(e.to_string())))?;
         let ours = UnixDatagram::from(our_end);
-        let ours_rx = ours.try_clone().map_err(LinkError::Setup)?;
-        let w = link.writer.clone();
+        let shared = Arc::new(Shared::new(path, vm));
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_MAX);
+        bridge_conn::spawn_reader(
+            stream.try_clone().map_err(LinkError::Setup)?,
+            ours.try_clone().map_err(LinkError::Setup)?,
+            events.clone(),
+            tx.clone(),
+            shared.clone(),
+            1,
+        )
+        .map_err(LinkError::Setup)?;
+        let writer = Writer {
+            shared: shared.clone(),
+            rx,
+            tx: tx.clone(),
+            device: ours.try_clone().map_err(LinkError::Setup)?,
+            events,
+        };
+        std::thread::Builder::new()
+            .name("bridge-link".into())
+            .spawn(move || writer.run(stream, lease))
+            .map_err(LinkError::Setup)?;
+        let (frames, s) = (tx.clone(), shared.clone());
         std::thread::Builder::new()
             .name("bridge-tx".into())
-            .spawn(move || forward_to_bridge(&ours, &w))
+            .spawn(move || forward_to_bridge(&ours, &frames, &s))
             .map_err(LinkError::Setup)?;
-        std::thread::Builder::new()
-            .name("bridge-rx".into())
-            .spawn(move || forward_from_bridge(stream, &ours_rx, &events))
-            .map_err(LinkError::Setup)?;
+        let link = Self {
+            tx,
+            shared,
+            first_seq,
+        };
         Ok((link, backend))
     }
 
@@ -112,10 +146,32 @@ impl BridgeLink {
         self.first_seq
     }
 
-    /// Sends a control message to the bridge.
-    pub fn send(&self, c: &Control) -> io::Result<()> {
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(write_message(&mut *w, &encode_control(c))?)
+    /// The dependency set that a `resume` after a reconnect announces.
+    pub fn watch_deps(&self, deps: Arc<Mutex<SharedDeps>>) {
+        let _ = self.shared.deps.set(deps);
+    }
+
+    /// Hands a control message to the writer; never blocks. An owner's
+    /// decision is also remembered for the next `resume`.
+    pub fn send(&self, c: &Control) {
+        if let Control::Resolved { id, outcome } = *c {
+            self.shared.record(Decision { id, outcome });
+        }
+        enqueue(&self.tx, &self.shared, Out::Control(c.clone()));
+    }
+
+    /// Acknowledges `decided` `seq` of connection `epoch`.
+    pub fn ack(&self, seq: u64, epoch: u64) {
+        enqueue(&self.tx, &self.shared, Out::Ack { seq, epoch });
+    }
+
+    /// Whether the bridge is connected, reconnections, and frames lost.
+    pub fn stats(&self) -> LinkStats {
+        LinkStats {
+            up: self.shared.up.load(Ordering::Relaxed),
+            reconnects: self.shared.reconnects.load(Ordering::Relaxed),
+            tx_queue_full: self.shared.dropped.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -138,75 +194,12 @@ fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Frames the device sent, to the bridge.
-fn forward_to_bridge(ours: &UnixDatagram, writer: &Mutex<UnixStream>) {
+/// Frames the device sent, to the writer's queue (dropped when it is
+/// full: loss, never a wait).
+fn forward_to_bridge(ours: &UnixDatagram, tx: &SyncSender<Out>, shared: &Shared) {
     let mut buf = vec![0u8; MAX_MESSAGE];
     while let Ok(n) = ours.recv(&mut buf) {
-        let msg = encode_frame(&buf[..n]);
-        let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-        match write_message(&mut *w, &msg) {
-            Ok(()) => {}
-            // Nothing was written: the link lives on without the frame.
-            Err(e @ MessageError::TooLong { .. }) => tracing::warn!("frame dropped: {e}"),
-            Err(_) => return,
-        }
-    }
-}
-
-/// Frames from the bridge, to the device; control messages, to the
-/// controller. Ends, telling the controller, when the bridge goes away.
-fn forward_from_bridge(mut stream: UnixStream, ours: &UnixDatagram, events: &EventSender) {
-    loop {
-        let msg = match read_message(&mut stream) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("bridge link closed: {e}");
-                break;
-            }
-        };
-        match decode(&msg) {
-            Ok(Message::Frame(f)) => {
-                // A blocking send: when the guest does not take frames, the
-                // bridge's queue for this port fills instead of this one.
-                if ours.send(&f).is_err() {
-                    break;
-                }
-            }
-            Ok(Message::Control(Control::Decided { id, outcome, seq })) => {
-                if events
-                    .send(VmEvent::Bridge(BridgeEvent::Decided { id, outcome, seq }))
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Ok(Message::Control(c)) => tracing::warn!("unexpected message from the bridge: {c:?}"),
-            Err(e) => {
-                tracing::warn!("bad message from the bridge, link closed: {e}");
-                break;
-            }
-        }
-    }
-    let _ = events.send(VmEvent::Bridge(BridgeEvent::Gone));
-}
-
-/// Waits for the bridge's answer to hello: the first sequence number. A
-/// bridge that refuses the VM (its id is taken) closes the connection.
-fn welcome(s: &mut UnixStream) -> io::Result<u32> {
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let msg = read_message(s).map_err(|e| {
-        let e = io::Error::from(e);
-        io::Error::new(
-            e.kind(),
-            format!("no answer to hello ({e}); is this VM id already connected?"),
-        )
-    })?;
-    s.set_read_timeout(None)?;
-    match decode(&msg) {
-        Ok(Message::Control(Control::Welcome { next_seq })) => Ok(next_seq),
-        other => Err(io::Error::other(format!(
-            "expected a welcome, got {other:?}"
-        ))),
+        enqueue(tx, shared, Out::Frame(buf[..n].to_vec()));
     }
 }
 

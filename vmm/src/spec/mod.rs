@@ -5,6 +5,7 @@
 //! rules on an abstract checkpoint, [`memory`] the memory half of a real
 //! checkpoint, and [`checkpoint`] the whole machine.
 
+pub mod bridge_conn;
 pub mod checkpoint;
 pub mod hypercall;
 pub mod link;
