@@ -313,18 +313,6 @@ impl Platform {
             events: (tx, rx),
             progress,
         } = self;
-        // The machine is whole now (a restore has put the UART's FIFO
-        // back): console input may flow.
-        devices.serial_input().open();
-        let api = match &config.api_sock {
-            Some(p) => {
-                let to_vm = tx.clone();
-                let to_vm: crate::api::ToVm =
-                    Arc::new(move |c| to_vm.send(VmEvent::Api(c)).is_ok());
-                Some(crate::api::start(p, to_vm)?)
-            }
-            None => None,
-        };
         let strategy = if config.full_copy {
             Strategy::FullCopy
         } else {
@@ -334,6 +322,20 @@ impl Platform {
         if let Some(base) = lazy_base {
             memory.set_lazy_base(base);
         }
+        // The machine is whole now (a restore has put the UART's FIFO
+        // back): console input may flow.
+        devices.serial_input().open();
+        // The API last, once everything that opens files is built: its
+        // clients take descriptors as soon as it listens.
+        let api = match &config.api_sock {
+            Some(p) => {
+                let to_vm = tx.clone();
+                let to_vm: crate::api::ToVm =
+                    Arc::new(move |c| to_vm.send(VmEvent::Api(c)).is_ok());
+                Some(crate::api::start(p, to_vm)?)
+            }
+            None => None,
+        };
         let ctx = VcpuContext {
             pio: Arc::new(devices.pio.clone()),
             mmio: Arc::new(devices.mmio.clone()),
