@@ -28,8 +28,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use specvm_tests::{
-    bare_guest, record_skip, skip_without_kvm, spawn_command, specvm_bin, Spawned,
-    TempDir as Dir,
+    bare_guest, record_skip, skip_without_kvm, spawn_command, specvm_bin, Spawned, TempDir as Dir,
 };
 
 const TEST: &str = "output_commit_tap::speculative_output_on_a_tap_waits_for_commit";
