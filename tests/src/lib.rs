@@ -467,9 +467,17 @@ pub struct Spawned {
 
 /// Starts `specvm` with `args`, stdin, stdout and stderr piped.
 pub fn spawn_specvm(args: &[&str]) -> Spawned {
-    let bin = specvm_bin();
-    let mut child = Command::new(&bin)
-        .args(args)
+    let mut cmd = Command::new(specvm_bin());
+    cmd.args(args);
+    spawn_command(cmd)
+}
+
+/// Starts `cmd` (a `specvm` run, perhaps through a wrapper that execs it,
+/// such as `ip netns exec`) with stdin, stdout and stderr piped.
+pub fn spawn_command(mut cmd: Command) -> Spawned {
+    let bin = cmd.get_program().to_owned();
+    let bin = Path::new(&bin);
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
