@@ -1,276 +1,21 @@
-//! The boot cache: a snapshot of the ready guest, so only the first start
-//! of an image on a machine pays for its boot.
-//!
-//! `specvm run --boot-cache` computes a [`CacheKey`] from everything that
-//! makes a saved guest valid for this start: the kernel's and initramfs's
-//! contents (or the bare program's), the command line the guest gets, the
-//! memory size, the vCPU count, whether the host-compat layer is active,
-//! the network cards' shape and the snapshot format. Its digest names an
-//! entry in `<cache>/boot/`:
-//! - on a hit, every file of the entry is checked against the content hashes
-//!   recorded when it was saved, and the VM is restored from it;
-//! - on a miss (no entry, a damaged one, or one from another
-//!   configuration) one line says why, the VM boots, and when its init says
-//!   it is ready (the `READY` hypercall, `spec ready`) the controller saves
-//!   it into a staging folder that [`PendingSave::finish`] turns into the
-//!   entry.
-//!
-//! The cache folder is `--boot-cache-dir`, else `SPECVM_CACHE_DIR`, else
-//! `$XDG_CACHE_HOME/specvm`, else `~/.cache/specvm`. Inside it specvm
-//! touches only `boot/`, and in there only folders it made: entries named
-//! by a digest and its own staging folders. See `docs/boot-cache.md`.
+//! The entries on disk: their records ([`Entry`], [`FileSum`]), looking
+//! one up and checking it ([`lookup`]), saving a new one
+//! ([`PendingSave`]), and the staging, locking and eviction around that.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::Xxh3;
 
-use crate::config::{BootSource, VmConfig};
+use super::key::{hash_sparse, CacheKey};
+use super::{
+    io_err, BootCacheError, BOOT_DIR, ENTRY_FILE, ENTRY_FORMAT, LOCK_FILE, MAX_ENTRIES,
+    SNAPSHOT_DIR, STAGING_PREFIX,
+};
 use crate::progress::BootTimes;
 use crate::snapshot::files;
-
-/// Version of the entry layout (`entry.json` and the folder around it).
-pub const ENTRY_FORMAT: u32 = 1;
-/// The entry's record: key, file hashes, boot time.
-const ENTRY_FILE: &str = "entry.json";
-/// The snapshot folder inside an entry.
-const SNAPSHOT_DIR: &str = "snapshot";
-/// The folder of entries inside the cache folder.
-const BOOT_DIR: &str = "boot";
-/// Staging folders start with this (a dot: never taken for an entry).
-const STAGING_PREFIX: &str = ".staging-";
-/// The lock taken while entries are added or removed.
-const LOCK_FILE: &str = ".lock";
-/// Most entries kept; the least recently used beyond this are removed
-/// when a new one is saved. A Linux entry holds the guest's touched memory
-/// (a few hundred MiB, sparse).
-pub const MAX_ENTRIES: usize = 4;
-/// Read size when hashing files.
-const CHUNK: usize = 1 << 20;
-
-/// Errors of the boot cache that stop the VM from starting.
-#[derive(Debug, thiserror::Error)]
-pub enum BootCacheError {
-    /// No cache folder could be chosen.
-    #[error("boot cache: no cache folder: set --boot-cache-dir, SPECVM_CACHE_DIR, XDG_CACHE_HOME or HOME")]
-    NoFolder,
-    /// The boot source cannot be cached.
-    #[error("boot cache: {0}")]
-    Unsupported(&'static str),
-    /// A file could not be read or written.
-    #[error("boot cache: {what} {path}: {err}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Why it failed.
-        err: std::io::Error,
-    },
-}
-
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BootCacheError {
-    let path = path.to_path_buf();
-    move |err| BootCacheError::Io { what, path, err }
-}
-
-/// The cache folder: `flag`, else `SPECVM_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/specvm` (when absolute, as the XDG spec asks), else
-/// `$HOME/.cache/specvm`.
-pub fn cache_root(flag: Option<&Path>) -> Result<PathBuf, BootCacheError> {
-    root_from(
-        flag,
-        std::env::var_os("SPECVM_CACHE_DIR"),
-        std::env::var_os("XDG_CACHE_HOME"),
-        std::env::var_os("HOME"),
-    )
-}
-
-fn root_from(
-    flag: Option<&Path>,
-    specvm: Option<std::ffi::OsString>,
-    xdg: Option<std::ffi::OsString>,
-    home: Option<std::ffi::OsString>,
-) -> Result<PathBuf, BootCacheError> {
-    let nonempty = |v: Option<std::ffi::OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(f) = flag {
-        return Ok(f.to_path_buf());
-    }
-    if let Some(d) = nonempty(specvm) {
-        return Ok(d);
-    }
-    if let Some(x) = nonempty(xdg).filter(|x| x.is_absolute()) {
-        return Ok(x.join("specvm"));
-    }
-    nonempty(home)
-        .map(|h| h.join(".cache/specvm"))
-        .ok_or(BootCacheError::NoFolder)
-}
-
-/// What makes a saved ready guest valid for a start: named fields, compared
-/// one by one so a miss can say what differs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CacheKey {
-    /// Field name → value.
-    pub fields: BTreeMap<String, String>,
-}
-
-impl CacheKey {
-    /// The key of `config`'s boot, with the host-compat layer `compat_active`.
-    pub fn for_config(config: &VmConfig, compat_active: bool) -> Result<Self, BootCacheError> {
-        let mut f = BTreeMap::new();
-        let mut put = |k: &str, v: String| f.insert(k.to_string(), v);
-        match &config.boot {
-            BootSource::Linux {
-                kernel,
-                initrd,
-                cmdline,
-            } => {
-                put("guest", "linux".into());
-                put("kernel", hash_file(kernel)?);
-                put(
-                    "initrd",
-                    match initrd {
-                        Some(i) => hash_file(i)?,
-                        None => "none".into(),
-                    },
-                );
-                put(
-                    "cmdline",
-                    effective_cmdline(cmdline.as_deref(), compat_active),
-                );
-            }
-            BootSource::Bare { program, arg } => {
-                put("guest", "bare".into());
-                put("program", hash_file(program)?);
-                put("guest_arg", arg.to_string());
-            }
-            BootSource::Restore { .. } => {
-                return Err(BootCacheError::Unsupported(
-                    "--boot-cache caches a boot; it cannot be combined with --restore",
-                ))
-            }
-        }
-        put("memory", config.mem_size.to_string());
-        put("cpus", config.vcpus.to_string());
-        put(
-            "host_compat",
-            if compat_active { "active" } else { "inactive" }.into(),
-        );
-        put(
-            "snapshot_format",
-            crate::snapshot::codec::FORMAT_VERSION.to_string(),
-        );
-        let nets: Vec<String> = config
-            .nets
-            .iter()
-            .map(|n| {
-                let mac = n.mac.map_or("default".to_string(), |m| {
-                    m.iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(":")
-                });
-                format!("mac={mac},mtu={}", n.mtu)
-            })
-            .collect();
-        put("nets", format!("{}[{}]", nets.len(), nets.join(";")));
-        Ok(Self { fields: f })
-    }
-
-    /// The entry's folder name: 32 hex digits of XXH3-128 over the fields.
-    pub fn digest(&self) -> String {
-        let mut h = Xxh3::new();
-        for (k, v) in &self.fields {
-            // Lengths first, so no two field lists hash the same bytes.
-            h.update(&(k.len() as u64).to_le_bytes());
-            h.update(k.as_bytes());
-            h.update(&(v.len() as u64).to_le_bytes());
-            h.update(v.as_bytes());
-        }
-        format!("{:032x}", h.digest128())
-    }
-
-    /// The fields whose values differ from `other`'s, by name, with a word
-    /// on how.
-    pub fn differences(&self, other: &CacheKey) -> Vec<String> {
-        let mut names: Vec<&String> = self.fields.keys().chain(other.fields.keys()).collect();
-        names.sort();
-        names.dedup();
-        names
-            .into_iter()
-            .filter(|n| self.fields.get(*n) != other.fields.get(*n))
-            .map(|n| describe_difference(n, other.fields.get(n), self.fields.get(n)))
-            .collect()
-    }
-}
-
-/// How field `name` differs: `entry` in the cache, `now` for this start.
-fn describe_difference(name: &str, entry: Option<&String>, now: Option<&String>) -> String {
-    let show = |v: Option<&String>| v.map_or("(none)".to_string(), |v| v.clone());
-    match name {
-        "kernel" | "initrd" | "program" => format!("{name} (its content changed)"),
-        "cmdline" => format!(
-            "command line ({:?} now, {:?} saved)",
-            show(now),
-            show(entry)
-        ),
-        _ => format!("{name} ({} now, {} saved)", show(now), show(entry)),
-    }
-}
-
-/// The command line a Linux guest gets (as `linux::cmdline` builds it).
-fn effective_cmdline(cmdline: Option<&str>, compat_active: bool) -> String {
-    let base = cmdline.unwrap_or(crate::linux::DEFAULT_CMDLINE);
-    match compat_active {
-        true => crate::host_compat::HostCompat::new().linux_cmdline(base),
-        false => base.to_string(),
-    }
-}
-
-/// XXH3-128 of a whole file, as 32 hex digits.
-fn hash_file(path: &Path) -> Result<String, BootCacheError> {
-    let f = File::open(path).map_err(io_err("reading", path))?;
-    let len = f.metadata().map_err(io_err("reading", path))?.len();
-    let mut h = Xxh3::new();
-    hash_range(&f, 0, len, &mut h).map_err(io_err("reading", path))?;
-    Ok(format!("{:032x}", h.digest128()))
-}
-
-/// Feeds bytes `[start, start + n)` of `f` to `h`.
-fn hash_range(f: &File, start: u64, n: u64, h: &mut Xxh3) -> std::io::Result<()> {
-    let mut buf = vec![0u8; CHUNK.min(n as usize).max(1)];
-    let mut p = start;
-    while p < start + n {
-        let k = ((start + n - p) as usize).min(buf.len());
-        f.read_exact_at(&mut buf[..k], p)?;
-        h.update(&buf[..k]);
-        p += k as u64;
-    }
-    Ok(())
-}
-
-/// XXH3-128 of a (sparse) snapshot file: its size, then each data run's
-/// offset, length and bytes. Holes are never read, so the cost follows the
-/// memory the guest touched, not its size. Two files with the same content
-/// but holes in other places hash differently, which only costs a miss.
-fn hash_sparse(path: &Path) -> Result<(u64, String), BootCacheError> {
-    let f = File::open(path).map_err(io_err("reading", path))?;
-    let len = f.metadata().map_err(io_err("reading", path))?.len();
-    let mut h = Xxh3::new();
-    h.update(&len.to_le_bytes());
-    for (start, n) in files::data_runs(&f, len).map_err(io_err("reading", path))? {
-        h.update(&start.to_le_bytes());
-        h.update(&n.to_le_bytes());
-        hash_range(&f, start, n, &mut h).map_err(io_err("reading", path))?;
-    }
-    Ok((len, format!("{:032x}", h.digest128())))
-}
 
 /// One file of an entry, as saved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,7 +72,7 @@ fn boot_dir(root: &Path) -> PathBuf {
 }
 
 /// Whether `name` is an entry's folder name (32 lowercase hex digits).
-fn is_entry_name(name: &str) -> bool {
+pub(super) fn is_entry_name(name: &str) -> bool {
     name.len() == 32
         && name
             .bytes()
@@ -486,7 +231,7 @@ pub struct PendingSave {
     root: PathBuf,
     key: CacheKey,
     started: Instant,
-    previous: Option<BootTimes>,
+    pub(super) previous: Option<BootTimes>,
 }
 
 impl PendingSave {
@@ -685,149 +430,10 @@ fn evict(root: &Path, keep: &Path) {
     }
 }
 
-/// For `specvm run --boot-cache`: looks the boot up in the cache folder
-/// (`dir`, or the default), and either turns `config` into a restore of the
-/// saved guest or marks it to be saved when the guest is ready. Prints one
-/// line saying which, and why.
-pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheError> {
-    let started = Instant::now();
-    if config.full_copy {
-        return Err(BootCacheError::Unsupported(
-            "--boot-cache saves a snapshot, which needs --checkpoint cow",
-        ));
-    }
-    let root = cache_root(dir)?;
-    let compat = crate::host_compat::detect(config.host_compat).active;
-    let key = CacheKey::for_config(config, compat)?;
-    match lookup(&root, &key) {
-        Lookup::Hit {
-            snapshot,
-            state,
-            entry,
-            check,
-        } => {
-            eprintln!(
-                "specvm: boot cache: restoring the ready guest from {} (its boot took {}; \
-                 files checked in {} ms)",
-                snapshot.display(),
-                human(Duration::from_secs_f64(entry.boot_secs.max(0.0))),
-                check.as_millis()
-            );
-            config.boot = BootSource::Restore {
-                dir: snapshot,
-                state,
-            };
-        }
-        Lookup::Miss(why, previous) => {
-            let mut save = PendingSave::new(root, key, started);
-            save.previous = previous;
-            eprintln!(
-                "specvm: boot cache: {why}; booting, and saving the ready guest to {}",
-                save.entry_dir().display()
-            );
-            config.boot_cache = Some(save);
-        }
-    }
-    Ok(())
-}
-
-/// `1m05s`, `42s`.
-pub fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=59 => format!("{s}s"),
-        _ => format!("{}m{:02}s", s / 60, s % 60),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("specvm-bc-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    fn key(pairs: &[(&str, &str)]) -> CacheKey {
-        CacheKey {
-            fields: pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn root_follows_flag_then_variables() {
-        let s = |v: &str| Some(std::ffi::OsString::from(v));
-        let flag = Path::new("/f");
-        assert_eq!(
-            root_from(Some(flag), s("/a"), s("/x"), s("/h")).unwrap(),
-            flag
-        );
-        assert_eq!(
-            root_from(None, s("/a"), s("/x"), s("/h")).unwrap(),
-            Path::new("/a")
-        );
-        assert_eq!(
-            root_from(None, s(""), s("/x"), s("/h")).unwrap(),
-            Path::new("/x/specvm")
-        );
-        // A relative XDG_CACHE_HOME is ignored, as the XDG spec says.
-        assert_eq!(
-            root_from(None, None, s("rel"), s("/h")).unwrap(),
-            Path::new("/h/.cache/specvm")
-        );
-        assert!(matches!(
-            root_from(None, None, None, None),
-            Err(BootCacheError::NoFolder)
-        ));
-    }
-
-    #[test]
-    fn digests_separate_fields_and_values() {
-        let a = key(&[("ab", "c")]);
-        let b = key(&[("a", "bc")]);
-        assert_ne!(a.digest(), b.digest());
-        assert_eq!(a.digest(), key(&[("ab", "c")]).digest());
-        assert!(is_entry_name(&a.digest()));
-        assert!(!is_entry_name(".staging-x"));
-    }
-
-    #[test]
-    fn differences_name_the_fields() {
-        let saved = key(&[("initrd", "1"), ("memory", "512"), ("cpus", "2")]);
-        let now = key(&[("initrd", "2"), ("memory", "256"), ("cpus", "2")]);
-        let d = now.differences(&saved);
-        assert_eq!(
-            d,
-            vec![
-                "initrd (its content changed)".to_string(),
-                "memory (256 now, 512 saved)".to_string()
-            ]
-        );
-    }
-
-    /// A sparse file hashes by its data runs: the same bytes give the same
-    /// hash, one changed byte another one.
-    #[test]
-    fn sparse_hash_sees_a_changed_byte() {
-        let d = tmp("sparse");
-        let p = d.join("m");
-        let f = File::create(&p).unwrap();
-        f.set_len(64 << 20).unwrap();
-        f.write_all_at(b"hello", 5 << 20).unwrap();
-        let (len, a) = hash_sparse(&p).unwrap();
-        assert_eq!(len, 64 << 20);
-        assert_eq!(hash_sparse(&p).unwrap().1, a);
-        f.write_all_at(b"j", 5 << 20).unwrap();
-        let (_, b) = hash_sparse(&p).unwrap();
-        std::fs::remove_dir_all(&d).unwrap();
-        assert_ne!(a, b);
-    }
+    use crate::boot_cache::test_support::{key, tmp};
 
     /// An entry saved by `finish` is found by its key; a changed file makes
     /// it a damaged entry; a new save replaces it.
