@@ -17,7 +17,7 @@ use crate::arch::x86_64::cpuid::set_vcpu_identity;
 use crate::bare::{self, BareError};
 use crate::config::{BootSource, VmConfig};
 use crate::controller::{Controller, ControllerParts, LiveMachine, NetSpec, VcpuHandle, VcpuSet};
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{DeviceError, DeviceManager, VirtioSlot};
 use crate::devices::legacy::serial::SerialError;
 use crate::devices::legacy::SerialDevice;
 use crate::devices::virtio::net::{new_net, new_net_with_backend, NetBackendSpec, NetHandle};
@@ -370,14 +370,10 @@ fn attach_disks(
     devices: &mut DeviceManager,
 ) -> Result<(), VmmError> {
     for cfg in &config.disks {
-        let slot = devices.virtio_slot(vm)?;
-        let irq = slot
-            .irq
-            .try_clone()
-            .map_err(|e| VmmError::Disk(e.to_string()))?;
+        let VirtioSlot { place, irq } = devices.virtio_slot(vm)?;
         let (dev, handle) = crate::devices::virtio::block::new_block(cfg, ram.mem.clone(), irq)
             .map_err(|e| VmmError::Disk(e.to_string()))?;
-        devices.add_block(&slot, dev, handle)?;
+        devices.add_block(&place, dev, handle)?;
     }
     Ok(())
 }
@@ -397,12 +393,8 @@ fn attach_nets(
     let hook_stats = Arc::default();
     let mut link = None;
     for cfg in &config.nets {
-        let slot = devices.virtio_slot(vm)?;
-        let irq = slot
-            .irq
-            .try_clone()
-            .map_err(|e| VmmError::Net(e.to_string()))?;
-        let mac = cfg.mac_or_default(config.vm_id, slot.index as u8);
+        let VirtioSlot { place, irq } = devices.virtio_slot(vm)?;
+        let mac = cfg.mac_or_default(config.vm_id, place.index as u8);
         let (dev, handle) = match &cfg.backend {
             NetBackendSpec::Bridge(path) => {
                 if link.is_some() {
@@ -423,12 +415,12 @@ fn attach_nets(
                 c.mac = Some(mac);
                 let (dev, handle) =
                     new_net(c, ram.mem.clone(), irq).map_err(|e| VmmError::Net(e.to_string()))?;
-                let hook = OutputCommitHook::new(slot.index as usize, deps.clone());
+                let hook = OutputCommitHook::new(place.index as usize, deps.clone());
                 handle.set_hook(Box::new(hook));
                 (dev, handle)
             }
         };
-        devices.add_net(&slot, dev, handle)?;
+        devices.add_net(&place, dev, handle)?;
     }
     let holds_output = config
         .nets

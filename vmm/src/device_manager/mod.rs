@@ -86,15 +86,23 @@ pub struct DeviceStates {
     pub blocks: Vec<BlockState>,
 }
 
-/// A virtio-mmio slot given to a device: its register window and its
-/// interrupt, already wired to KVM.
-pub struct VirtioSlot {
+/// Where a virtio-mmio slot is: its number, register window and GSI.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotPlace {
     /// The slot number.
     pub index: u32,
     /// Guest-physical base of its register window.
     pub base: u64,
     /// The GSI it interrupts on.
     pub gsi: u32,
+}
+
+/// A virtio-mmio slot given to a device: its place, and its interrupt,
+/// already wired to KVM. The device takes `irq`; the place goes back to
+/// [`DeviceManager::add_net`] or [`DeviceManager::add_block`].
+pub struct VirtioSlot {
+    /// Where the slot is.
+    pub place: SlotPlace,
     /// The eventfd registered with KVM as the GSI's irqfd.
     pub irq: EventFd,
 }
@@ -163,9 +171,11 @@ impl DeviceManager {
                 err: std::io::Error::from_raw_os_error(e.errno()),
             })?;
         Ok(VirtioSlot {
-            index,
-            base: mmio_slot_base(index),
-            gsi,
+            place: SlotPlace {
+                index,
+                base: mmio_slot_base(index),
+                gsi,
+            },
             irq,
         })
     }
@@ -173,7 +183,7 @@ impl DeviceManager {
     /// Places a virtio-net card, made on `slot`, on the MMIO bus.
     pub fn add_net(
         &mut self,
-        slot: &VirtioSlot,
+        slot: &SlotPlace,
         device: SharedDevice,
         handle: NetHandle,
     ) -> Result<(), DeviceError> {
@@ -185,7 +195,7 @@ impl DeviceManager {
     /// Places a virtio-blk disk, made on `slot`, on the MMIO bus.
     pub fn add_block(
         &mut self,
-        slot: &VirtioSlot,
+        slot: &SlotPlace,
         device: SharedDevice,
         handle: BlockHandle,
     ) -> Result<(), DeviceError> {
@@ -227,7 +237,7 @@ impl DeviceManager {
         Ok(())
     }
 
-    fn place_virtio(&mut self, slot: &VirtioSlot, device: SharedDevice) -> Result<(), DeviceError> {
+    fn place_virtio(&mut self, slot: &SlotPlace, device: SharedDevice) -> Result<(), DeviceError> {
         self.mmio.insert(device, slot.base, VIRTIO_MMIO_SIZE)?;
         self.virtio.push(VirtioMmioDesc {
             base: slot.base as u32,

@@ -101,6 +101,16 @@ pub const fn virtio_gsi(slot: u32) -> u32 {
     VIRTIO_GSI_BASE + slot
 }
 
+/// Copies the configuration space bytes at `offset` into `data`; bytes
+/// past its end (or an offset that does not fit) read as zero, as the
+/// [`VirtioDevice::read_config`] contract says.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+        *b = at.and_then(|o| config.get(o)).copied().unwrap_or(0);
+    }
+}
+
 /// Feature bit: the device follows virtio 1.x (required here; no legacy).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
