@@ -651,6 +651,99 @@ impl Drop for NetBridge {
     }
 }
 
+/// A network namespace made for a test; deleted on drop, which also
+/// deletes every interface left in it (a TAP made there goes with it).
+pub struct Netns(String);
+
+impl Netns {
+    /// Makes the namespace `<prefix>-<pid>`, or says why it cannot be made
+    /// here (no `ip`, not root).
+    pub fn add(prefix: &str) -> Result<Self, String> {
+        let name = format!("{prefix}-{}", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map_err(|e| format!("cannot run `ip` (iproute2): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`ip netns add {name}` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self(name))
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// Runs `ip -n NS ARGS` and returns its stdout; the error says what
+    /// `ip` said.
+    pub fn try_ip(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("ip")
+            .arg("-n")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .map_err(|e| format!("running ip: {e}"))?;
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+            false => Err(format!(
+                "`ip -n {} {}` failed: {}",
+                self.0,
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+
+    /// Like [`Netns::try_ip`], but panics if it fails.
+    pub fn ip(&self, args: &[&str]) -> String {
+        self.try_ip(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Something that moves the calling thread into the namespace, for a
+    /// thread of its own (see [`EnterNetns::enter`]).
+    pub fn entry(&self) -> EnterNetns {
+        EnterNetns(format!("/run/netns/{}", self.0))
+    }
+
+    /// Runs `f` on a thread that entered the namespace, so that the
+    /// sockets it opens live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let entry = self.entry();
+        std::thread::spawn(move || {
+            entry.enter();
+            f()
+        })
+        .join()
+        .expect("the thread in the namespace panicked")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A namespace's path, to enter from a thread that lives in it.
+pub struct EnterNetns(String);
+
+impl EnterNetns {
+    /// Moves the calling thread (only it) into the namespace; panics if it
+    /// cannot. Call it on a thread that ends with its use of the namespace.
+    pub fn enter(&self) {
+        let path = &self.0;
+        let ns = std::fs::File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        // SAFETY: setns with a namespace descriptor we own; it moves only
+        // the calling thread.
+        let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

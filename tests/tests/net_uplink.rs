@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use specvm_tests::{netbridge_bin, record_skip};
+use specvm_tests::{netbridge_bin, record_skip, Netns};
 use specwire::codec::{self, SpecId};
 use specwire::protocol::{
     decode, encode_control, encode_frame, read_message, write_message, Control, Message, Outcome,
@@ -37,67 +37,6 @@ const QUIET: Duration = Duration::from_millis(700);
 /// How long something that should arrive may take.
 const ARRIVAL: Duration = Duration::from_secs(5);
 
-/// A network namespace made for the test; deleted on drop, which also
-/// deletes any interface left in it.
-struct Netns(String);
-
-impl Netns {
-    /// Makes the namespace, or says why it cannot be made here.
-    fn add() -> Result<Self, String> {
-        let name = format!("specvm-uplink-{}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .map_err(|e| format!("cannot run `ip` (iproute2): {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`ip netns add {name}` failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Self(name))
-    }
-
-    /// Runs `ip -n NS ARGS` and returns its stdout; panics if it fails.
-    fn ip(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .arg("-n")
-            .arg(&self.0)
-            .args(args)
-            .output()
-            .expect("running ip");
-        assert!(
-            out.status.success(),
-            "ip -n {} {args:?}: {}",
-            self.0,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Runs `f` on a thread that entered the namespace, so that the
-    /// sockets it opens live there.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-            // SAFETY: setns with a namespace descriptor we own; it moves
-            // only this thread, which ends when `f` returns.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns {path}: {}", io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("the thread in the namespace panicked")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// The bridge process, started in the namespace, and its directory.
 struct Bridge {
     child: Child,
@@ -112,7 +51,7 @@ impl Bridge {
         std::fs::create_dir_all(&dir).expect("creating the bridge's directory");
         // `ip netns exec` execs the bridge: the child's PID is the bridge's.
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.0])
+            .args(["netns", "exec", ns.name()])
             .arg(&bin)
             .arg("--listen")
             .arg(dir.join("br.sock"))
@@ -420,7 +359,7 @@ fn output_commit_through_a_tap_uplink() {
     if let Some(reason) = unsupported() {
         return record_skip(TEST, &reason);
     }
-    let ns = match Netns::add() {
+    let ns = match Netns::add("specvm-uplink") {
         Ok(ns) => ns,
         Err(reason) => return record_skip(TEST, &reason),
     };
@@ -544,7 +483,7 @@ fn output_commit_through_a_tap_uplink() {
         bridge.log("stderr.log")
     );
     let gone = Command::new("ip")
-        .args(["-n", &ns.0, "link", "show", TAP])
+        .args(["-n", ns.name(), "link", "show", TAP])
         .stderr(Stdio::null())
         .stdout(Stdio::null())
         .status()

@@ -15,10 +15,7 @@
 //! namespace (which takes the TAP with it) go when the test ends, also when
 //! it fails.
 
-use std::fs::File;
-use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +25,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use specvm_tests::{
-    bare_guest, record_skip, skip_without_kvm, spawn_command, specvm_bin, Spawned, TempDir as Dir,
+    bare_guest, record_skip, skip_without_kvm, spawn_command, specvm_bin, Netns, Spawned,
+    TempDir as Dir,
 };
 
 const TEST: &str = "output_commit_tap::speculative_output_on_a_tap_waits_for_commit";
@@ -46,58 +44,6 @@ const HOST_CIDR: &str = "10.0.0.254/24";
 /// `net_node`'s UDP port.
 const PORT: u16 = 7777;
 
-/// A network namespace made for the test; deleted on drop, which also
-/// deletes the TAP in it.
-struct Netns(String);
-
-impl Netns {
-    /// Makes the namespace, or says why it cannot be made here.
-    fn add() -> Result<Self, String> {
-        let name = format!("specvm-oc-tap-{}", std::process::id());
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .map_err(|e| format!("cannot run `ip` (iproute2): {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`ip netns add {name}` failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Self(name))
-    }
-
-    /// Runs `ip -n NS ARGS`; the error says what `ip` said.
-    fn try_ip(&self, args: &[&str]) -> Result<(), String> {
-        let out = Command::new("ip")
-            .arg("-n")
-            .arg(&self.0)
-            .args(args)
-            .output()
-            .map_err(|e| format!("running ip: {e}"))?;
-        match out.status.success() {
-            true => Ok(()),
-            false => Err(format!(
-                "`ip -n {} {}` failed: {}",
-                self.0,
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
-        }
-    }
-
-    /// Like [`Netns::try_ip`], but panics if it fails.
-    fn ip(&self, args: &[&str]) {
-        self.try_ip(args).unwrap_or_else(|e| panic!("{e}"));
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// A UDP socket on port [`PORT`] in the namespace, read by a thread that
 /// entered it; the payloads arrive on a channel. Dropping it stops the
 /// thread, which closes the socket.
@@ -109,17 +55,14 @@ struct Listener {
 
 impl Listener {
     fn start(ns: &Netns) -> Self {
-        let path = format!("/run/netns/{}", ns.0);
+        let entry = ns.entry();
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready) = channel::<()>();
         let (tx, payloads) = channel();
         let stopping = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
-            let netns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-            // SAFETY: setns with a namespace descriptor we own; it moves
-            // only this thread, which ends with the listener.
-            let r = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns {path}: {}", io::Error::last_os_error());
+            // This thread ends with the listener.
+            entry.enter();
             let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT))
                 .expect("binding the listener in the namespace");
             sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -199,7 +142,7 @@ fn speculative_output_on_a_tap_waits_for_commit() {
     if let Some(reason) = unsupported() {
         return record_skip(TEST, &reason);
     }
-    let ns = match Netns::add() {
+    let ns = match Netns::add("specvm-oc-tap") {
         Ok(ns) => ns,
         Err(reason) => return record_skip(TEST, &reason),
     };
@@ -217,7 +160,7 @@ fn speculative_output_on_a_tap_waits_for_commit() {
     // harness kills on drop. The API socket is a path, which every network
     // namespace sees.
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0])
+    cmd.args(["netns", "exec", ns.name()])
         .arg(specvm_bin())
         .args(["run", "--bare"])
         .arg(&guest)
