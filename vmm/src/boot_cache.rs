@@ -180,6 +180,20 @@ impl CacheKey {
             })
             .collect();
         put("nets", format!("{}[{}]", nets.len(), nets.join(";")));
+        // Each disk's whole content (the VM runs it private, so the boot
+        // leaves it as hashed here) and whether it is read-only; not its
+        // path. The restore also checks the image's identity.
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| {
+                let ro = if d.read_only { ",readonly" } else { "" };
+                Ok(format!("{}{ro}", hash_file(&d.path)?))
+            })
+            .collect::<Result<Vec<_>, BootCacheError>>()?;
+        if !disks.is_empty() {
+            put("disks", format!("{}[{}]", disks.len(), disks.join(";")));
+        }
         Ok(Self { fields: f })
     }
 
@@ -215,6 +229,7 @@ fn describe_difference(name: &str, entry: Option<&String>, now: Option<&String>)
     let show = |v: Option<&String>| v.map_or("(none)".to_string(), |v| v.clone());
     match name {
         "kernel" | "initrd" | "program" => format!("{name} (its content changed)"),
+        "disks" => "disks (an image's content, their number or a readonly flag changed)".into(),
         "cmdline" => format!(
             "command line ({:?} now, {:?} saved)",
             show(now),
@@ -699,7 +714,35 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
     let root = cache_root(dir)?;
     let compat = crate::host_compat::detect(config.host_compat).active;
     let key = CacheKey::for_config(config, compat)?;
-    match lookup(&root, &key) {
+    let found = match lookup(&root, &key) {
+        Lookup::Hit {
+            snapshot,
+            state,
+            entry,
+            check,
+        } => {
+            // The key hashed the disks' content; a restore also wants each
+            // image's identity (its inode and time) unchanged.
+            let snap = state.take();
+            match snap
+                .as_ref()
+                .and_then(|s| crate::snapshot::disks::identity_changes(&config.disks, s))
+            {
+                Some(why) => Lookup::Miss(
+                    format!("entry {}: {why}", snapshot.display()),
+                    entry.boot_times.clone(),
+                ),
+                None => Lookup::Hit {
+                    snapshot,
+                    state: snap.map(crate::config::ReadState::new).unwrap_or_default(),
+                    entry,
+                    check,
+                },
+            }
+        }
+        miss => miss,
+    };
+    match found {
         Lookup::Hit {
             snapshot,
             state,
