@@ -295,9 +295,10 @@ fn a_valid_checksum_over_a_bad_payload_is_refused() {
     assert!(matches!(e, SnapshotError::Corrupt(_)), "{e}");
     let good = s.encode();
     let mut payload = good[HEADER_LEN..].to_vec();
-    // The last device's kind byte, just before its state.
+    // The last device's kind byte, just before its state (which the
+    // disks' count, 4 bytes, follows).
     let last = crate::persist::to_bytes(&s.machine.devices.nets[1]).len();
-    let kind = payload.len() - last - 1;
+    let kind = payload.len() - 4 - last - 1;
     assert_eq!(payload[kind], 2, "a net card's kind");
     payload[kind] = 9;
     let e = VmSnapshot::decode(&codec::seal(&payload)).err().unwrap();
