@@ -155,7 +155,11 @@ fn a_shared_disk_is_snapshotted_with_its_image_and_cloned() {
     // Not private: A and B are in the image when the snapshot is taken.
     write_and_snapshot(&dir, &img, "", &snap);
     let after = std::fs::read(&img).unwrap();
-    assert_ne!(after, o_image(), "the shared disk's writes did not reach the image");
+    assert_ne!(
+        after,
+        o_image(),
+        "the shared disk's writes did not reach the image"
+    );
     two_clones(&snap, &img, "");
     assert_image(&img, &after, "after the clones");
 }

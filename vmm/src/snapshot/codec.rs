@@ -165,9 +165,7 @@ pub fn manifest_layers(file: &[u8]) -> Option<Vec<u64>> {
     let payload = &file[HEADER_LEN..];
     let ok = match version {
         FORMAT_VERSION => open(file).is_ok(),
-        PREVIOUS_VERSION => {
-            u32_at(file, 12) == 0 && u64_at(file, 24) == checksum(file, payload)
-        }
+        PREVIOUS_VERSION => u32_at(file, 12) == 0 && u64_at(file, 24) == checksum(file, payload),
         CRC_VERSION => u32_at(file, 24) == crc32(payload),
         _ => false,
     };

@@ -111,7 +111,10 @@ pub fn save_disks(blocks: &[BlockHandle]) -> Result<Vec<DiskSnapshot>, SnapshotE
 /// checking that there are as many and that each image is the one the
 /// snapshot was taken over. Nothing else of the VM is restored on an
 /// error, and the message names the disk and what changed.
-pub fn restore_disks(devices: &DeviceManager, disks: Vec<DiskSnapshot>) -> Result<(), SnapshotError> {
+pub fn restore_disks(
+    devices: &DeviceManager,
+    disks: Vec<DiskSnapshot>,
+) -> Result<(), SnapshotError> {
     let have = devices.blocks();
     if have.len() != disks.len() {
         let saved: Vec<String> = disks.iter().map(|d| d.path.display().to_string()).collect();
@@ -119,7 +122,11 @@ pub fn restore_disks(devices: &DeviceManager, disks: Vec<DiskSnapshot>) -> Resul
             "the snapshot has {} disk(s) ({}), and {} --disk given: give `--disk path=FILE` \
              for each, in the same order, with the image the snapshot was taken over",
             disks.len(),
-            if saved.is_empty() { "none".into() } else { saved.join(", ") },
+            if saved.is_empty() {
+                "none".into()
+            } else {
+                saved.join(", ")
+            },
             have.len()
         )));
     }

@@ -357,12 +357,21 @@ fn disks_round_trip_and_must_match_the_devices() {
     // Overlays without their device, and a device without its overlays.
     let mut t = disk_sample();
     t.machine.devices.blocks.clear();
-    let e = VmSnapshot::decode(&t.encode()).err().expect("overlays alone");
-    assert!(e.to_string().contains("1 disks' overlays for 0 virtio-blk devices"), "{e}");
+    let e = VmSnapshot::decode(&t.encode())
+        .err()
+        .expect("overlays alone");
+    assert!(
+        e.to_string()
+            .contains("1 disks' overlays for 0 virtio-blk devices"),
+        "{e}"
+    );
     let mut t = disk_sample();
     t.disks.clear();
     let e = VmSnapshot::decode(&t.encode()).err().expect("device alone");
-    assert!(e.to_string().contains("0 disks' overlays for 1 virtio-blk"), "{e}");
+    assert!(
+        e.to_string().contains("0 disks' overlays for 1 virtio-blk"),
+        "{e}"
+    );
 }
 
 #[test]
