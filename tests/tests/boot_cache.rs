@@ -251,3 +251,42 @@ fn bad_combinations_are_refused_with_one_line() {
     r.assert_failed();
     r.assert_stderr_contains("--boot-cache");
 }
+
+/// With `--disk`, the boot runs the disk private (the image keeps its
+/// bytes and time), the key hashes the image's content, and a hit whose
+/// image changed, in content or only in identity, boots again and says
+/// why.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn a_disk_is_part_of_the_key_and_is_never_written() {
+    skip_without_kvm!();
+    let cache = Dir::new("bc-disk");
+    let img = cache.join("disk.img");
+    std::fs::write(&img, vec![0x5a; 1 << 20]).unwrap();
+    let mtime = || std::fs::metadata(&img).unwrap().modified().unwrap();
+    let before = mtime();
+    let disk = format!("--disk=path={}", img.display());
+    let g = bare_guest("ready");
+    let g = g.to_str().unwrap();
+    let args = ["--memory", "64M", disk.as_str()];
+    let cold = run(g, &cache, &args);
+    assert_booted_and_saved(&cold, "no entry in");
+    let saved = token(&cold);
+    assert_restored(&run(g, &cache, &args), &saved);
+    assert_eq!(mtime(), before, "the image was written");
+    assert_eq!(std::fs::read(&img).unwrap(), vec![0x5a; 1 << 20]);
+
+    // Same content, another inode: the key matches, the identity does not.
+    let copy = cache.join("copy.img");
+    std::fs::copy(&img, &copy).unwrap();
+    std::fs::rename(&copy, &img).unwrap();
+    let r = run(g, &cache, &args);
+    assert_booted_and_saved(&r, "changed since it was saved: ");
+    r.assert_stderr_contains("inode");
+    assert_restored(&run(g, &cache, &args), &token(&r));
+
+    // Another content: another key.
+    std::fs::write(&img, vec![0x5b; 1 << 20]).unwrap();
+    let r = run(g, &cache, &args);
+    assert_booted_and_saved(&r, "disks (an image's content");
+}

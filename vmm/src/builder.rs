@@ -263,7 +263,11 @@ impl Platform {
     /// platform devices and trampoline first (the trampoline's pages are
     /// rewritten with the content the snapshot holds, and it gets the
     /// kernel's MSR values), then every vCPU and device.
-    fn restore(&mut self, snap: VmSnapshot) -> Result<(), VmmError> {
+    fn restore(&mut self, mut snap: VmSnapshot) -> Result<(), VmmError> {
+        // The disks first: their images' identities are the likeliest
+        // refusal, and nothing else is restored yet.
+        let disks = std::mem::take(&mut snap.disks);
+        crate::snapshot::disks::restore_disks(&self.devices, disks)?;
         if snap.linux {
             self.add_linux_devices()?;
             if let Some(c) = self.compat.as_mut() {
@@ -362,14 +366,22 @@ impl Platform {
 }
 
 /// Creates the `--disk` devices on the MMIO bus, in the slots after the
-/// net cards.
+/// net cards. A restored VM's disks, and a boot-cache VM's, are private
+/// whatever the option says: a restored VM must not write the image its
+/// snapshot (and its clones) lie over, and a boot saved to the cache must
+/// leave the image as its key hashed it.
 fn attach_disks(
     config: &VmConfig,
     vm: &Vm,
     ram: &GuestRam,
     devices: &mut DeviceManager,
 ) -> Result<(), VmmError> {
+    let force_private =
+        matches!(config.boot, BootSource::Restore { .. }) || config.boot_cache.is_some();
     for cfg in &config.disks {
+        let mut cfg = cfg.clone();
+        cfg.private |= force_private;
+        let cfg = &cfg;
         let VirtioSlot { place, irq } = devices.virtio_slot(vm)?;
         let (dev, handle) = crate::devices::virtio::block::new_block(cfg, ram.mem.clone(), irq)
             .map_err(|e| VmmError::Disk(e.to_string()))?;

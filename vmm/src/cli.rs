@@ -151,9 +151,12 @@ pub struct RunArgs {
     /// leaving room for the speculation tag). Repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     pub net: Vec<String>,
-    /// A virtio-blk disk on a raw image file: `path=FILE[,readonly]`. Its
-    /// writes follow the VM's speculations: an abort drops them, and only
-    /// the outermost commit writes them to FILE. Repeatable.
+    /// A virtio-blk disk on a raw image file: `path=FILE[,readonly][,private]`.
+    /// Its writes follow the VM's speculations: an abort drops them, and
+    /// only the outermost commit writes them to FILE; with `private` (and
+    /// always with --restore and --boot-cache) FILE is never written and
+    /// the writes stay in memory, lost at exit. With --restore, give the
+    /// saved VM's disks again, in order. Repeatable.
     #[arg(long = "disk", value_name = "SPEC")]
     pub disk: Vec<String>,
     /// Serve the control API on this Unix socket (mode 0600: only this
@@ -308,13 +311,6 @@ impl RunArgs {
         use crate::devices::virtio::VIRTIO_MAX_SLOTS;
         if self.net.len() + self.disk.len() > VIRTIO_MAX_SLOTS as usize {
             return Err(ConfigError::TooManyDevices(VIRTIO_MAX_SLOTS));
-        }
-        if !self.disk.is_empty() && (self.restore.is_some() || self.boot_cache) {
-            return Err(ConfigError::Disk(
-                "--disk cannot be combined with --restore or --boot-cache yet: snapshots do \
-                 not save disks"
-                    .into(),
-            ));
         }
         self.disk
             .iter()

@@ -17,6 +17,17 @@
 //! - 2, read-only: on a `readonly` disk the host filled with pattern O,
 //!   reads O at 0..8, writes sector 0 and expects IOERR, reads O again;
 //!   prints `disk_spec: read-only ok, write refused with IOERR`.
+//! - 3, clone: on a disk the host filled with pattern O, writes A over
+//!   0..8 at depth 0 and B over 8..16 in a committed speculation, prints
+//!   `disk_spec: ready for a snapshot` and waits for a byte on the serial
+//!   console. The host snapshots it there and restores copies; each copy
+//!   is sent its own tag byte T (an uppercase letter). A copy checks A at
+//!   0..8, B at 8..16 and O at 16..40, writes T over 16..24 at depth 0,
+//!   over 24..32 in a committed speculation and over 32..40 in an aborted
+//!   one, checks T at 16..32 and O at 32..40, prints `disk_spec: clone T
+//!   wrote 16..32`, waits for one more byte (the host lets every copy
+//!   write first), checks the same again and prints `disk_spec: clone T
+//!   ok`.
 //!
 //! Byte `i` of sector `s` in pattern `t` is [`pattern_byte`]; the host
 //! test computes the same bytes. Exit status 0 on success; otherwise the
@@ -256,6 +267,74 @@ fn read_only(d: &mut Disk) -> Result<(), u32> {
     Ok(())
 }
 
+/// Speculates; returns whether this is the first return (0), with check
+/// `code` on an error.
+fn spec_first(code: u32) -> Result<bool, u32> {
+    match speculate() {
+        Ok(0) => Ok(true),
+        Ok(r) if r == ABORTED_BY_GUEST => Ok(false),
+        Ok(r) => {
+            rt::println!("disk_spec: check {code} failed: speculate returned {r}");
+            Err(code)
+        }
+        Err(e) => {
+            rt::println!("disk_spec: check {code} failed: speculate: {e:?}");
+            Err(code)
+        }
+    }
+}
+
+/// Commits the open speculation, with check `code` on an error.
+fn commit_or(code: u32) -> Result<(), u32> {
+    commit().map_err(|e| {
+        rt::println!("disk_spec: check {code} failed: commit: {e:?}");
+        code
+    })
+}
+
+/// Mode 3: the state a snapshot takes, then one clone's own writes.
+fn clone(d: &mut Disk) -> Result<(), u32> {
+    expect_pattern(d, O, 0, RUN, 70)?;
+    write_pattern(d, A, 0, RUN, 71)?;
+    io!(d.flush(), 72, "flush at depth 0");
+    check!(spec_first(73)?, 73, "the speculation rolled back");
+    write_pattern(d, B, RUN, RUN, 74)?;
+    commit_or(75)?;
+    rt::println!("disk_spec: ready for a snapshot");
+    let tag = rt::console().read_byte();
+    check!(tag.is_ascii_uppercase(), 76, "tag byte {tag:#x}");
+    // A restored copy from here on.
+    expect_pattern(d, A, 0, RUN, 77)?;
+    expect_pattern(d, B, RUN, RUN, 78)?;
+    for first in (2 * RUN..5 * RUN).step_by(RUN as usize) {
+        expect_pattern(d, O, first, RUN, 79)?;
+    }
+    write_pattern(d, tag, 2 * RUN, RUN, 80)?;
+    io!(d.flush(), 81, "flush at depth 0");
+    check!(spec_first(82)?, 82, "the speculation rolled back");
+    write_pattern(d, tag, 3 * RUN, RUN, 83)?;
+    commit_or(84)?;
+    if spec_first(85)? {
+        write_pattern(d, tag, 4 * RUN, RUN, 86)?;
+        let e = abort();
+        rt::println!("disk_spec: check 87 failed: abort returned {e:?}");
+        return Err(87);
+    }
+    let check_own = |d: &mut Disk, code: u32| -> Result<(), u32> {
+        expect_pattern(d, A, 0, RUN, code)?;
+        expect_pattern(d, B, RUN, RUN, code)?;
+        expect_pattern(d, tag, 2 * RUN, RUN, code)?;
+        expect_pattern(d, tag, 3 * RUN, RUN, code)?;
+        expect_pattern(d, O, 4 * RUN, RUN, code)
+    };
+    check_own(d, 88)?;
+    rt::println!("disk_spec: clone {} wrote 16..32", tag as char);
+    let _ = rt::console().read_byte();
+    check_own(d, 89)?;
+    rt::println!("disk_spec: clone {} ok", tag as char);
+    Ok(())
+}
+
 fn main(mem_size: u64, free_base: u64, arg: u64) -> u32 {
     let dma_base = free_base.next_multiple_of(4096);
     if dma_base + DMA_SIZE as u64 > mem_size {
@@ -294,8 +373,9 @@ fn main(mem_size: u64, free_base: u64, arg: u64) -> u32 {
         0 => nested(&mut d),
         1 => killed(&mut d),
         2 => read_only(&mut d),
+        3 => clone(&mut d),
         _ => {
-            rt::println!("disk_spec: --guest-arg must be 0, 1 or 2");
+            rt::println!("disk_spec: --guest-arg must be 0, 1, 2 or 3");
             Err(1)
         }
     };

@@ -81,6 +81,20 @@ impl CacheKey {
             })
             .collect();
         put("nets", format!("{}[{}]", nets.len(), nets.join(";")));
+        // Each disk's whole content (the VM runs it private, so the boot
+        // leaves it as hashed here) and whether it is read-only; not its
+        // path. The restore also checks the image's identity.
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| {
+                let ro = if d.read_only { ",readonly" } else { "" };
+                Ok(format!("{}{ro}", hash_file(&d.path)?))
+            })
+            .collect::<Result<Vec<_>, BootCacheError>>()?;
+        if !disks.is_empty() {
+            put("disks", format!("{}[{}]", disks.len(), disks.join(";")));
+        }
         Ok(Self { fields: f })
     }
 
@@ -116,6 +130,7 @@ fn describe_difference(name: &str, entry: Option<&String>, now: Option<&String>)
     let show = |v: Option<&String>| v.map_or("(none)".to_string(), |v| v.clone());
     match name {
         "kernel" | "initrd" | "program" => format!("{name} (its content changed)"),
+        "disks" => "disks (an image's content, their number or a readonly flag changed)".into(),
         "cmdline" => format!(
             "command line ({:?} now, {:?} saved)",
             show(now),

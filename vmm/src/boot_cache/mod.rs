@@ -122,7 +122,35 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
     let root = cache_root(dir)?;
     let compat = crate::host_compat::detect(config.host_compat).active;
     let key = CacheKey::for_config(config, compat)?;
-    match lookup(&root, &key) {
+    let found = match lookup(&root, &key) {
+        Lookup::Hit {
+            snapshot,
+            state,
+            entry,
+            check,
+        } => {
+            // The key hashed the disks' content; a restore also wants each
+            // image's identity (its inode and time) unchanged.
+            let snap = state.take();
+            match snap
+                .as_ref()
+                .and_then(|s| crate::snapshot::disks::identity_changes(&config.disks, s))
+            {
+                Some(why) => Lookup::Miss(
+                    format!("entry {}: {why}", snapshot.display()),
+                    entry.boot_times.clone(),
+                ),
+                None => Lookup::Hit {
+                    snapshot,
+                    state: snap.map(crate::config::ReadState::new).unwrap_or_default(),
+                    entry,
+                    check,
+                },
+            }
+        }
+        miss => miss,
+    };
+    match found {
         Lookup::Hit {
             snapshot,
             state,

@@ -49,13 +49,6 @@ impl Controller {
                 "snapshots need copy-on-write checkpoints, not --checkpoint full-copy".into(),
             );
         }
-        if !self.machine.devices.blocks().is_empty() {
-            return Some(
-                "the VM has a --disk, and snapshots do not save disks yet: a restore \
-                 would see its image as it is then, not as it was"
-                    .into(),
-            );
-        }
         if self.engine.depth() > 0 {
             let ids: Vec<String> = self
                 .engine
@@ -162,6 +155,12 @@ impl Controller {
         // in-kernel devices and device models: one mechanism for both.
         let cp = self.machine.capture(None, None)?;
         let pages = self.machine.memory.take_since_snapshot();
+        // The disks before the memory layer: a refusal (too much disk
+        // data) writes nothing.
+        let disks = match crate::snapshot::disks::save_disks(self.machine.devices.blocks()) {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(e)),
+        };
         let Some(setup) = self.machine.snapshots.as_mut() else {
             return Ok(Err(SnapshotError::Refused("no snapshot support".into())));
         };
@@ -192,6 +191,7 @@ impl Controller {
             trampoline: setup.compat.as_ref().and_then(HostCompat::save_trampoline),
             saved_at_ns: now_ns(),
             machine: cp.machine,
+            disks,
             memory_check: Default::default(),
         };
         let r = w.commit(&snap).map(|()| Written { id, diff_pages });

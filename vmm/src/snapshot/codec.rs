@@ -13,13 +13,17 @@ pub const MAGIC: [u8; 8] = *b"SPECVMSS";
 /// the payload's layout: an older or newer file is then refused.
 /// Version 2 added the host-compat system-call trampoline's state; version
 /// 3 the memory layers' extents and chunk checksums, and an XXH3-64 over
-/// the header and payload in place of version 2's CRC-32 of the payload.
-pub const FORMAT_VERSION: u32 = 3;
-/// The version before [`FORMAT_VERSION`], whose files specvm still reads
+/// the header and payload in place of version 2's CRC-32 of the payload;
+/// version 4 the disks (`super::disks`) at the payload's end.
+pub const FORMAT_VERSION: u32 = 4;
+/// The versions before [`FORMAT_VERSION`] whose files specvm still reads
 /// far enough to learn which memory layers they own
 /// ([`manifest_layers`]), so that a new snapshot that replaces one can
-/// delete them.
-const PREVIOUS_VERSION: u32 = 2;
+/// delete them: version 3 (checked as this version is: its header and
+/// payload prefix are the same) and version 2 (CRC-32, no extents).
+const PREVIOUS_VERSION: u32 = 3;
+/// See [`PREVIOUS_VERSION`].
+const CRC_VERSION: u32 = 2;
 /// Bytes before the payload: magic, version, reserved, length, checksum.
 pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8;
 /// The largest payload accepted: far above any real state (a few hundred
@@ -161,7 +165,8 @@ pub fn manifest_layers(file: &[u8]) -> Option<Vec<u64>> {
     let payload = &file[HEADER_LEN..];
     let ok = match version {
         FORMAT_VERSION => open(file).is_ok(),
-        PREVIOUS_VERSION => u32_at(file, 24) == crc32(payload),
+        PREVIOUS_VERSION => u32_at(file, 12) == 0 && u64_at(file, 24) == checksum(file, payload),
+        CRC_VERSION => u32_at(file, 24) == crc32(payload),
         _ => false,
     };
     if !ok {
@@ -173,7 +178,7 @@ pub fn manifest_layers(file: &[u8]) -> Option<Vec<u64>> {
     let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
         ids.push(r.u64("memory layer").ok()?);
-        if version == FORMAT_VERSION {
+        if version != CRC_VERSION {
             // Extents and checksums follow each id; skip them.
             let extents = r.count(16, "extents").ok()?;
             r.take(extents * 16, "extents").ok()?;

@@ -822,8 +822,9 @@ fn with_device_count(n: u32) -> Vec<u8> {
     s.machine.devices.nets.clear();
     let mut payload = s.encode().split_off(HEADER_LEN);
     // What follows the vCPUs and the VM: the device count, the console's
-    // kind byte and its state (nine registers, the FIFO's length and bytes).
-    let serial = 4 + 1 + 9 + 4 + s.machine.devices.serial.in_buffer.len();
+    // kind byte and its state (nine registers, the FIFO's length and bytes),
+    // then the disks' count (no disk).
+    let serial = 4 + 1 + 9 + 4 + s.machine.devices.serial.in_buffer.len() + 4;
     let at = payload.len() - serial;
     payload.truncate(at);
     payload.extend_from_slice(&n.to_le_bytes());

@@ -7,7 +7,8 @@
 //!   trampoline's [`TrampolineState`] for a Linux guest, and the
 //!   [`MachineState`] (vCPUs, in-kernel devices, device models), saved by
 //!   the same code that takes speculation checkpoints and restored by the
-//!   same [`crate::machine::restore`];
+//!   same [`crate::machine::restore`], and each disk's overlays with its
+//!   image's identity ([`disks`]);
 //! - `memory-<id>`: guest memory in layers, each named by the id of the
 //!   snapshot that wrote it. A full snapshot writes one layer, all of
 //!   memory; a diff snapshot adds a layer holding only the pages written
@@ -28,6 +29,7 @@
 //! refused whole, before any VM is built.
 
 pub mod codec;
+pub mod disks;
 pub mod files;
 pub mod layer;
 pub mod memory;
@@ -168,6 +170,9 @@ pub struct VmSnapshot {
     pub saved_at_ns: u64,
     /// The vCPUs, the in-kernel devices and the device models.
     pub machine: MachineState,
+    /// Every `--disk`'s overlays and image identity, in slot order (their
+    /// device states are in `machine`).
+    pub disks: Vec<disks::DiskSnapshot>,
     /// The check of the base memory layer that a restore started, which
     /// it finishes before the machine state is restored (not saved).
     pub memory_check: verify::MemoryCheck,
@@ -193,6 +198,7 @@ impl VmSnapshot {
         }
         w.u64(self.saved_at_ns);
         self.machine.encode(&mut w);
+        disks::put_disks(&mut w, &self.disks);
         codec::seal(&w.buf)
     }
 
@@ -248,7 +254,15 @@ impl VmSnapshot {
         }
         let saved_at_ns = r.u64("save time")?;
         let machine = MachineState::decode(&mut r)?;
+        let disks = disks::get_disks(&mut r)?;
         r.finish()?;
+        if disks.len() != machine.devices.blocks.len() {
+            return Err(SnapshotError::Corrupt(format!(
+                "{} disks' overlays for {} virtio-blk devices",
+                disks.len(),
+                machine.devices.blocks.len()
+            )));
+        }
         let layout = RamLayout::new(mem_size).gpa_ranges();
         if ranges != layout {
             return Err(SnapshotError::Corrupt(format!(
@@ -264,6 +278,7 @@ impl VmSnapshot {
             trampoline,
             saved_at_ns,
             machine,
+            disks,
             memory_check: Default::default(),
         })
     }

@@ -104,6 +104,7 @@ pub(super) fn sample() -> VmSnapshot {
                 blocks: Vec::new(),
             },
         },
+        disks: Vec::new(),
         memory_check: Default::default(),
     }
 }
@@ -179,11 +180,11 @@ fn other_versions_are_refused() {
 
 #[test]
 fn older_versions_are_refused() {
-    for v in [1u32, 2] {
+    for v in [1u32, 2, 3] {
         let mut b = sample().encode();
         b[8..12].copy_from_slice(&v.to_le_bytes());
         let e = VmSnapshot::decode(&b).err().expect("old version");
-        let want = format!("format version {v} is not supported (this specvm reads version 3)");
+        let want = format!("format version {v} is not supported (this specvm reads version 4)");
         assert!(e.to_string().contains(&want), "{e}");
     }
 }
@@ -294,9 +295,10 @@ fn a_valid_checksum_over_a_bad_payload_is_refused() {
     assert!(matches!(e, SnapshotError::Corrupt(_)), "{e}");
     let good = s.encode();
     let mut payload = good[HEADER_LEN..].to_vec();
-    // The last device's kind byte, just before its state.
+    // The last device's kind byte, just before its state (which the
+    // disks' count, 4 bytes, follows).
     let last = crate::persist::to_bytes(&s.machine.devices.nets[1]).len();
-    let kind = payload.len() - last - 1;
+    let kind = payload.len() - 4 - last - 1;
     assert_eq!(payload[kind], 2, "a net card's kind");
     payload[kind] = 9;
     let e = VmSnapshot::decode(&codec::seal(&payload)).err().unwrap();
@@ -310,4 +312,83 @@ fn dirty_pages_accumulate_and_clear() {
     d.note(&[3, 1]);
     assert_eq!(d.take(), vec![1, 3, 64, 200]);
     assert!(d.take().is_empty());
+}
+
+/// A snapshot with a disk: its device state in the machine, its overlays
+/// and image identity after it.
+fn disk_sample() -> VmSnapshot {
+    use crate::devices::virtio::block::overlay::{Granule, LevelMap, GRANULE};
+    use crate::devices::virtio::block::{BaseIdentity, BlockState, OverlaySnapshot};
+    let mut s = sample();
+    let transport = s.machine.devices.nets[0].transport.clone();
+    s.machine.devices.blocks.push(BlockState {
+        transport,
+        capacity: 2048,
+        read_only: false,
+        id: *b"spvm0123456789abcdef",
+    });
+    let mut level = LevelMap::new();
+    level.insert(3, Granule::Data(vec![0xab; GRANULE as usize].into()));
+    level.insert(9, Granule::Zero);
+    s.disks.push(super::disks::DiskSnapshot {
+        path: "/images/a disk.img".into(),
+        private: true,
+        overlays: OverlaySnapshot {
+            base: BaseIdentity {
+                size: 1 << 20,
+                mtime_sec: 1_700_000_000,
+                mtime_nsec: 5,
+                ino: 77,
+                sample_hash: 0xfeed,
+            },
+            levels: vec![level],
+        },
+    });
+    s
+}
+
+#[test]
+fn disks_round_trip_and_must_match_the_devices() {
+    let s = disk_sample();
+    let d = VmSnapshot::decode(&s.encode()).unwrap();
+    assert_eq!(d.disks, s.disks);
+    assert_eq!(d.machine.devices.blocks, s.machine.devices.blocks);
+
+    // Overlays without their device, and a device without its overlays.
+    let mut t = disk_sample();
+    t.machine.devices.blocks.clear();
+    let e = VmSnapshot::decode(&t.encode())
+        .err()
+        .expect("overlays alone");
+    assert!(
+        e.to_string()
+            .contains("1 disks' overlays for 0 virtio-blk devices"),
+        "{e}"
+    );
+    let mut t = disk_sample();
+    t.disks.clear();
+    let e = VmSnapshot::decode(&t.encode()).err().expect("device alone");
+    assert!(
+        e.to_string().contains("0 disks' overlays for 1 virtio-blk"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_version_3_state_still_names_its_layers() {
+    // A version 3 file: this version's frame and payload prefix.
+    let s = sample();
+    let mut b = s.encode();
+    b[8..12].copy_from_slice(&3u32.to_le_bytes());
+    let payload = b[codec::HEADER_LEN..].to_vec();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&b[8..24]);
+    h.update(&payload);
+    b[24..32].copy_from_slice(&h.digest().to_le_bytes());
+    let ids: Vec<u64> = s.layers.iter().map(|l| l.id).collect();
+    assert_eq!(codec::manifest_layers(&b), Some(ids));
+    // Damaged, it names nothing.
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    assert_eq!(codec::manifest_layers(&b), None);
 }

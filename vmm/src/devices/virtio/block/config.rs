@@ -1,4 +1,4 @@
-//! The `--block` option's value: `path=FILE[,readonly]`.
+//! The `--disk` option's value: `path=FILE[,readonly][,private]`.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -14,13 +14,18 @@ pub struct BlockConfig {
     pub path: PathBuf,
     /// Refuse writes (the device offers VIRTIO_BLK_F_RO).
     pub read_only: bool,
+    /// Never write FILE: it is opened read-only, and the guest's writes
+    /// stay in a private level in memory (see
+    /// [`super::SpecDisk::new_private`]). Restored VMs and boot-cache VMs
+    /// always run their disks this way.
+    pub private: bool,
 }
 
 /// Why a `--block` value was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BlockConfigError {
     /// No `path=`.
-    #[error("missing `path=FILE` in `{0}` (expected `path=FILE[,readonly]`)")]
+    #[error("missing `path=FILE` in `{0}` (expected `path=FILE[,readonly][,private]`)")]
     MissingPath(String),
     /// `path=` with nothing after it.
     #[error("empty path in `{0}`")]
@@ -34,7 +39,7 @@ pub enum BlockConfigError {
         value: String,
     },
     /// An unknown key or a flag with a value.
-    #[error("unknown option `{item}` in `{value}` (expected `path=FILE[,readonly]`)")]
+    #[error("unknown option `{item}` in `{value}` (expected `path=FILE[,readonly][,private]`)")]
     Unknown {
         /// The item.
         item: String,
@@ -46,11 +51,12 @@ pub enum BlockConfigError {
 impl FromStr for BlockConfig {
     type Err = BlockConfigError;
 
-    /// Parses `path=FILE[,readonly]`, in any order. A path cannot hold a
+    /// Parses `path=FILE[,readonly][,private]`, in any order. A path cannot hold a
     /// comma.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut path: Option<PathBuf> = None;
         let mut read_only = false;
+        let mut private = false;
         let dup = |key: &str| BlockConfigError::Duplicate {
             key: key.into(),
             value: s.into(),
@@ -68,6 +74,11 @@ impl FromStr for BlockConfig {
                     return Err(dup("readonly"));
                 }
                 read_only = true;
+            } else if item == "private" {
+                if private {
+                    return Err(dup("private"));
+                }
+                private = true;
             } else {
                 return Err(BlockConfigError::Unknown {
                     item: item.into(),
@@ -76,7 +87,11 @@ impl FromStr for BlockConfig {
             }
         }
         let path = path.ok_or_else(|| BlockConfigError::MissingPath(s.into()))?;
-        Ok(Self { path, read_only })
+        Ok(Self {
+            path,
+            read_only,
+            private,
+        })
     }
 }
 
@@ -104,6 +119,10 @@ mod tests {
         assert_eq!((c.path.to_str(), c.read_only), (Some("b.img"), true));
         assert_eq!(c.default_id().len(), ID_BYTES);
         assert!(c.default_id().starts_with(b"spvm"));
+        let c: BlockConfig = "path=c.img,private".parse().unwrap();
+        assert!(c.private && !c.read_only);
+        let c: BlockConfig = "path=c.img".parse().unwrap();
+        assert!(!c.private);
     }
 
     #[test]
@@ -115,6 +134,7 @@ mod tests {
             ("path=a,path=b", "`path` given twice"),
             ("path=a,readonly,readonly", "`readonly` given twice"),
             ("path=a,readonly=yes", "unknown option `readonly=yes`"),
+            ("path=a,private,private", "`private` given twice"),
             ("file=a", "unknown option `file=a`"),
         ];
         for (v, want) in cases {

@@ -38,10 +38,11 @@
 //! (`crate::device_manager`) holds every `--disk` and saves its state in
 //! each checkpoint's `DeviceStates`; it opens, drops and folds the levels
 //! where the speculation engine checkpoints, rolls back and commits.
-//! Snapshots of a VM with a disk are refused for now; when they are
-//! built, they add [`BlockHandle::encode_overlays`] (and, at restore,
-//! [`OverlaySnapshot`]'s `Decode` then [`BlockHandle::restore_overlays`],
-//! which checks the base's identity).
+//! Snapshots (`crate::snapshot`) save [`BlockHandle::overlay_snapshot`]
+//! (the levels and the image's identity) beside the device state; a
+//! restore opens the image again in private mode
+//! ([`SpecDisk::new_private`]) and puts them back with
+//! [`BlockHandle::restore_overlays`], which checks the identity first.
 //!
 //! # Requests and checkpoints
 //!
@@ -112,14 +113,20 @@ pub fn new_block(
     mem: GuestMemoryMmap,
     irq: EventFd,
 ) -> Result<(SharedDevice, BlockHandle), BlockError> {
-    let base = FileBase::open(&config.path, config.read_only)?;
+    // A private disk never writes its image: open it read-only.
+    let base = FileBase::open(&config.path, config.read_only || config.private)?;
     let size = base.size();
-    let disk = SpecDisk::new(base, size, config.read_only, DEFAULT_OVERLAY_LIMIT);
+    let disk = if config.private {
+        SpecDisk::new_private(base, size, config.read_only, DEFAULT_OVERLAY_LIMIT)
+    } else {
+        SpecDisk::new(base, size, config.read_only, DEFAULT_OVERLAY_LIMIT)
+    };
     tracing::info!(
-        "virtio-blk: {} ({} sectors{})",
+        "virtio-blk: {} ({} sectors{}{})",
         config.path.display(),
         size / overlay::SECTOR_SIZE,
-        if config.read_only { ", read-only" } else { "" }
+        if config.read_only { ", read-only" } else { "" },
+        if config.private { ", private" } else { "" }
     );
     let block = Block::new(disk, config.default_id());
     let transport: BlockTransport = Arc::new(Mutex::new(MmioTransport::new(block, mem, irq)?));
@@ -172,6 +179,32 @@ impl BlockHandle {
     /// Levels open.
     pub fn depth(&self) -> usize {
         lock_block(&self.transport).device().disk().depth()
+    }
+
+    /// Whether the disk is private (its image is never written).
+    pub fn private(&self) -> bool {
+        lock_block(&self.transport).device().disk().private()
+    }
+
+    /// The image's path, as given.
+    pub fn path(&self) -> std::path::PathBuf {
+        let t = lock_block(&self.transport);
+        t.device().disk().base().path().to_path_buf()
+    }
+
+    /// Bytes the levels hold (data and map entries), which a snapshot
+    /// stores in its state file.
+    pub fn held_bytes(&self) -> u64 {
+        lock_block(&self.transport).device().disk().held_bytes()
+    }
+
+    /// Before a snapshot: makes the image's content durable when the VM
+    /// writes it (a shared disk at depth 0), since the snapshot refers
+    /// to it; a private disk's image is never written, so nothing to do.
+    pub fn sync_image(&self) -> Result<(), BlockError> {
+        let mut t = lock_block(&self.transport);
+        let r = t.device_mut().disk_mut().sync_shared_base();
+        r.map_err(|e| Self::path_err(&t, e))
     }
 
     /// The request and disk counters.

@@ -143,6 +143,10 @@ pub struct SpecDisk<B> {
     size: u64,
     read_only: bool,
     levels: Vec<LevelMap>,
+    /// Levels at the bottom of `levels` that no checkpoint owns: 1 in
+    /// private mode (`levels[0]` is the private level, which takes the
+    /// writes made at depth 0 and is never written back), else 0.
+    floor: usize,
     /// Budget charged by the granules held in all levels.
     held: u64,
     limit: u64,
@@ -189,10 +193,30 @@ impl<B: BaseIo> SpecDisk<B> {
             size,
             read_only,
             levels: Vec::new(),
+            floor: 0,
             held: 0,
             limit,
             stats: DiskStats::default(),
         }
+    }
+
+    /// A disk like [`SpecDisk::new`]'s in *private* mode: the base is
+    /// never written. A bottom level that no checkpoint owns takes every
+    /// write made with no speculation open, and the outermost commit
+    /// folds into it; it lives as long as the disk (and goes into
+    /// snapshots), and its writes are lost when the disk is dropped. A
+    /// flush at depth 0 completes at once. The private level counts
+    /// against `limit` like the others.
+    pub fn new_private(base: B, size: u64, read_only: bool, limit: u64) -> Self {
+        let mut d = Self::new(base, size, read_only, limit);
+        d.levels.push(LevelMap::new());
+        d.floor = 1;
+        d
+    }
+
+    /// Whether the disk is in private mode (see [`SpecDisk::new_private`]).
+    pub fn private(&self) -> bool {
+        self.floor == 1
     }
 
     /// The size in bytes.
@@ -210,12 +234,14 @@ impl<B: BaseIo> SpecDisk<B> {
         &self.base
     }
 
-    /// Levels open (checkpoints the disk follows).
+    /// Levels open (checkpoints the disk follows); the private level is
+    /// not one of them.
     pub fn depth(&self) -> usize {
-        self.levels.len()
+        self.levels.len() - self.floor
     }
 
-    /// The levels, outermost first.
+    /// The levels, outermost first: the private level first in private
+    /// mode, then one per open checkpoint.
     pub fn levels(&self) -> &[LevelMap] {
         &self.levels
     }
@@ -430,6 +456,15 @@ impl<B: BaseIo> SpecDisk<B> {
         self.sync_base()
     }
 
+    /// Syncs the base if this disk writes it (not private, no level
+    /// open); else does nothing.
+    pub fn sync_shared_base(&mut self) -> Result<(), OverlayError> {
+        if self.private() || !self.levels.is_empty() {
+            return Ok(());
+        }
+        self.sync_base()
+    }
+
     fn sync_base(&mut self) -> Result<(), OverlayError> {
         self.stats.base_syncs += 1;
         self.base.sync().map_err(|source| OverlayError::Io {
@@ -439,20 +474,21 @@ impl<B: BaseIo> SpecDisk<B> {
         })
     }
 
-    /// A checkpoint was taken: opens a level; returns its index.
+    /// A checkpoint was taken: opens a level; returns its index (the
+    /// checkpoint's, which does not count the private level).
     pub fn push_level(&mut self) -> usize {
         self.levels.push(LevelMap::new());
-        self.levels.len() - 1
+        self.depth() - 1
     }
 
     /// An abort restored checkpoint `level`: drops levels `level..`. No
     /// I/O. `level` may equal the depth (nothing to drop).
     pub fn rollback_to(&mut self, level: usize) -> Result<(), OverlayError> {
-        let depth = self.levels.len();
+        let depth = self.depth();
         if level > depth {
             return Err(OverlayError::NoLevel { level, depth });
         }
-        for l in self.levels.drain(level..) {
+        for l in self.levels.drain(level + self.floor..) {
             self.stats.granules_rolled_back += l.len() as u64;
             self.held -= l.values().map(Granule::cost).sum::<u64>();
         }
@@ -461,13 +497,16 @@ impl<B: BaseIo> SpecDisk<B> {
 
     /// Checkpoint `level` was committed: its level merges into the one
     /// below; level 0's granules are written to the base, which is then
-    /// synced. Levels above stay. On an error the levels are unchanged
-    /// (the base may hold part of level 0, which reads the same).
+    /// synced (in private mode, into the private level instead: the base
+    /// is never written). Levels above stay. On an error the levels are
+    /// unchanged (the base may hold part of level 0, which reads the same).
     pub fn fold(&mut self, level: usize) -> Result<(), OverlayError> {
-        let depth = self.levels.len();
+        let depth = self.depth();
         if level >= depth {
             return Err(OverlayError::NoLevel { level, depth });
         }
+        // From here on, `level` indexes `levels`.
+        let level = level + self.floor;
         if level == 0 {
             self.write_back(0)?;
             let l = self.levels.remove(0);
@@ -549,8 +588,19 @@ impl<B: BaseIo> SpecDisk<B> {
 
     /// Replaces every level (restoring a snapshot of the overlays); each
     /// granule must lie within the disk and data granules must be
-    /// [`GRANULE`] bytes. Nothing changes on an error.
+    /// [`GRANULE`] bytes. In private mode the saved levels are merged,
+    /// newest granule first, into the private level, and no checkpoint
+    /// level is open after. Nothing changes on an error.
     pub fn set_levels(&mut self, levels: Vec<LevelMap>) -> Result<(), OverlayError> {
+        let levels = if self.private() {
+            let mut merged = LevelMap::new();
+            for l in levels {
+                merged.extend(l);
+            }
+            vec![merged]
+        } else {
+            levels
+        };
         let mut held = 0u64;
         for (&g, v) in levels.iter().flatten() {
             let bad_len = matches!(v, Granule::Data(d) if d.len() != GRANULE as usize);

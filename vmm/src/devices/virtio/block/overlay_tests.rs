@@ -318,8 +318,69 @@ fn apply(d: &mut SpecDisk<MemBase>, m: &mut Model, op: &Op) -> bool {
     }
 }
 
+#[test]
+fn a_private_disk_never_writes_its_base() {
+    let mut d = SpecDisk::new_private(MemBase::new(SIZE, 0x11), SIZE as u64, false, u64::MAX);
+    assert!(d.private());
+    assert_eq!(d.depth(), 0);
+    d.write(100, &[7; 10]).unwrap();
+    d.flush().unwrap();
+    assert_eq!(d.push_level(), 0, "the private level is not a checkpoint's");
+    d.write(5000, &[8; 10]).unwrap();
+    assert_eq!(d.push_level(), 1);
+    d.write(9000, &[9; 10]).unwrap();
+    d.rollback_to(1).unwrap();
+    d.fold(0).unwrap();
+    assert_eq!(d.depth(), 0);
+    assert!(d.fold(0).is_err(), "no checkpoint is open");
+    d.rollback_to(0).unwrap();
+    let mut want = vec![0x11; SIZE];
+    want[100..110].fill(7);
+    want[5000..5010].fill(8);
+    assert_eq!(read_all(&d), want);
+    assert_eq!((d.base().writes, d.base().syncs), (0, 0));
+    assert!(d.base().bytes.iter().all(|&b| b == 0x11));
+    assert_eq!(d.levels().len(), 1);
+    d.sync_shared_base().unwrap();
+    assert_eq!(d.base().syncs, 0);
+
+    // Restoring saved levels merges them into the private level, newest
+    // granule first.
+    let mut e = SpecDisk::new_private(MemBase::new(SIZE, 0x11), SIZE as u64, false, u64::MAX);
+    let mut l0 = LevelMap::new();
+    l0.insert(0, Granule::Data(vec![1; GRANULE as usize].into()));
+    l0.insert(1, Granule::Data(vec![1; GRANULE as usize].into()));
+    let mut l1 = LevelMap::new();
+    l1.insert(1, Granule::Zero);
+    e.set_levels(vec![l0, l1]).unwrap();
+    assert_eq!((e.depth(), e.levels().len()), (0, 1));
+    let got = read_all(&e);
+    assert!(got[..4096].iter().all(|&b| b == 1));
+    assert!(got[4096..8192].iter().all(|&b| b == 0));
+    assert_eq!(e.held_bytes(), DATA_COST + ZERO_COST);
+}
+
+/// What a data granule and a zero granule cost against the budget.
+const DATA_COST: u64 = GRANULE + 64;
+const ZERO_COST: u64 = 64;
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Private mode: the same reads as the model, and the base is never
+    /// written nor synced, whatever the operations.
+    #[test]
+    fn a_private_disk_matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let mut d = SpecDisk::new_private(MemBase::new(SIZE, 0x11), SIZE as u64, false, u64::MAX);
+        let mut m = Model { now: vec![0x11; SIZE], stack: Vec::new() };
+        for op in &ops {
+            apply(&mut d, &mut m, op);
+            prop_assert_eq!(read_all(&d), m.now.clone(), "reads after {:?}", op);
+            prop_assert_eq!(d.depth(), m.stack.len());
+            prop_assert!(d.base().bytes.iter().all(|&b| b == 0x11), "base changed by {:?}", op);
+            prop_assert_eq!((d.base().writes, d.base().syncs), (0, 0));
+        }
+    }
 
     #[test]
     fn matches_the_model(ops in proptest::collection::vec(op(), 1..60)) {

@@ -69,6 +69,7 @@ impl Harness {
         let cfg = BlockConfig {
             path: path.clone(),
             read_only,
+            private: false,
         };
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let (_, blk) = new_block(&cfg, mem.clone(), irq).unwrap();
