@@ -12,6 +12,8 @@
 
 pub mod abi;
 #[cfg(target_arch = "x86_64")]
+pub mod dma;
+#[cfg(target_arch = "x86_64")]
 pub mod exit;
 #[cfg(target_arch = "x86_64")]
 pub mod hypercall;

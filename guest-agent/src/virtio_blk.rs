@@ -184,66 +184,8 @@ pub fn find_slot<M: Mmio>(mut window: impl FnMut(u32) -> M, nth: usize) -> Optio
 }
 
 /// Memory shared with the device: where the driver sees it and where the
-/// device does.
-#[derive(Debug)]
-pub struct Dma {
-    virt: *mut u8,
-    phys: u64,
-}
-
-impl Dma {
-    /// [`DMA_SIZE`] bytes at `virt`, which the device sees at `phys`.
-    ///
-    /// # Safety
-    /// `virt..virt + DMA_SIZE` must be valid for reads and writes, used by
-    /// nothing but this driver and the device while the driver lives, and
-    /// be what the device reaches at `phys..phys + DMA_SIZE`. Both
-    /// addresses must be page-aligned (4096).
-    pub const unsafe fn new(virt: *mut u8, phys: u64) -> Self {
-        Self { virt, phys }
-    }
-
-    /// Identity-mapped memory at `addr` (bare guests).
-    ///
-    /// # Safety
-    /// As for [`Dma::new`] with `virt` = `phys` = `addr`.
-    pub const unsafe fn identity(addr: u64) -> Self {
-        Self {
-            virt: addr as *mut u8,
-            phys: addr,
-        }
-    }
-
-    fn write<T: Copy>(&self, offset: usize, value: T) {
-        debug_assert!(offset + core::mem::size_of::<T>() <= DMA_SIZE);
-        // SAFETY: the constructor's contract covers DMA_SIZE bytes, and
-        // every offset this module computes lies inside them, aligned for T.
-        unsafe { self.virt.add(offset).cast::<T>().write_volatile(value) }
-    }
-
-    fn read<T: Copy>(&self, offset: usize) -> T {
-        debug_assert!(offset + core::mem::size_of::<T>() <= DMA_SIZE);
-        // SAFETY: as for `write`.
-        unsafe { self.virt.add(offset).cast::<T>().read_volatile() }
-    }
-
-    /// Copies `data` to `offset`.
-    fn copy_in(&self, offset: usize, data: &[u8]) {
-        assert!(offset + data.len() <= DMA_SIZE);
-        // SAFETY: checked to lie inside the DMA_SIZE bytes the contract
-        // covers, which no Rust reference aliases.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.virt.add(offset), data.len()) }
-    }
-
-    /// Copies bytes from `offset` into `out`.
-    fn copy_out(&self, offset: usize, out: &mut [u8]) {
-        assert!(offset + out.len() <= DMA_SIZE);
-        // SAFETY: as for `copy_in`.
-        unsafe {
-            core::ptr::copy_nonoverlapping(self.virt.add(offset), out.as_mut_ptr(), out.len())
-        }
-    }
-}
+/// device does ([`crate::dma::Dma`] of [`DMA_SIZE`] bytes).
+pub type Dma = crate::dma::Dma<DMA_SIZE>;
 
 /// The data a request carries.
 enum Data {
@@ -381,7 +323,7 @@ impl<M: Mmio> VirtioBlk<M> {
             (REG_QUEUE_AVAIL, AVAIL_OFFSET),
             (REG_QUEUE_USED, USED_OFFSET),
         ] {
-            let addr = self.dma.phys + offset as u64;
+            let addr = self.dma.phys(offset);
             m.write32(reg, addr as u32);
             m.write32(reg + 4, (addr >> 32) as u32);
         }
@@ -412,7 +354,7 @@ impl<M: Mmio> VirtioBlk<M> {
     /// Writes descriptor `index`.
     fn set_desc(&self, index: u16, offset: usize, len: u32, flags: u16, next: u16) {
         let at = DESC_OFFSET + 16 * usize::from(index);
-        self.dma.write(at, self.dma.phys + offset as u64);
+        self.dma.write(at, self.dma.phys(offset));
         self.dma.write(at + 8, len);
         self.dma.write(at + 12, flags);
         self.dma.write(at + 14, next);

@@ -173,49 +173,8 @@ impl Mmio for PhysMmio {
 }
 
 /// Memory shared with the device: where the driver sees it and where the
-/// device does.
-#[derive(Debug)]
-pub struct Dma {
-    virt: *mut u8,
-    phys: u64,
-}
-
-impl Dma {
-    /// [`DMA_SIZE`] bytes at `virt`, which the device sees at `phys`.
-    ///
-    /// # Safety
-    /// `virt..virt + DMA_SIZE` must be valid for reads and writes, used by
-    /// nothing but this driver and the device while the driver lives, and
-    /// be what the device reaches at `phys..phys + DMA_SIZE`. Both
-    /// addresses must be page-aligned (4096).
-    pub const unsafe fn new(virt: *mut u8, phys: u64) -> Self {
-        Self { virt, phys }
-    }
-
-    /// Identity-mapped memory at `addr` (bare guests).
-    ///
-    /// # Safety
-    /// As for [`Dma::new`] with `virt` = `phys` = `addr`.
-    pub const unsafe fn identity(addr: u64) -> Self {
-        Self {
-            virt: addr as *mut u8,
-            phys: addr,
-        }
-    }
-
-    fn write<T: Copy>(&self, offset: usize, value: T) {
-        debug_assert!(offset + core::mem::size_of::<T>() <= DMA_SIZE);
-        // SAFETY: the constructor's contract covers DMA_SIZE bytes, and
-        // every offset this module computes lies inside them, aligned for T.
-        unsafe { self.virt.add(offset).cast::<T>().write_volatile(value) }
-    }
-
-    fn read<T: Copy>(&self, offset: usize) -> T {
-        debug_assert!(offset + core::mem::size_of::<T>() <= DMA_SIZE);
-        // SAFETY: as for `write`.
-        unsafe { self.virt.add(offset).cast::<T>().read_volatile() }
-    }
-}
+/// device does ([`crate::dma::Dma`] of [`DMA_SIZE`] bytes).
+pub type Dma = crate::dma::Dma<DMA_SIZE>;
 
 /// Where things are in the DMA memory.
 const fn ring(queue: usize) -> usize {
@@ -310,7 +269,7 @@ impl<M: Mmio> VirtioNet<M> {
             });
         }
         m.write32(REG_QUEUE_NUM, QUEUE_SIZE.into());
-        let base = self.dma.phys + ring(queue) as u64;
+        let base = self.dma.phys(ring(queue));
         for (reg, offset) in [
             (REG_QUEUE_DESC, DESC_OFFSET),
             (REG_QUEUE_AVAIL, AVAIL_OFFSET),
@@ -349,7 +308,7 @@ impl<M: Mmio> VirtioNet<M> {
     /// Writes descriptor `index` of `queue`.
     fn set_desc(&self, queue: usize, index: u16, len: u32, flags: u16) {
         let at = ring(queue) + DESC_OFFSET + 16 * usize::from(index);
-        let addr = self.dma.phys + buffer(queue, usize::from(index)) as u64;
+        let addr = self.dma.phys(buffer(queue, usize::from(index)));
         self.dma.write(at, addr);
         self.dma.write(at + 8, len);
         self.dma.write(at + 12, flags);
