@@ -293,12 +293,14 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 /// The kernel and initramfs, or `None` after recording `test` as skipped.
 fn images(test: &str) -> Option<(String, String)> {
-    match (image("vmlinux"), image("initramfs.cpio")) {
-        (Some(k), Some(i)) => Some((k.display().to_string(), i.display().to_string())),
+    match (image("vmlinux"), image("initramfs.cpio"), image("disk.ext4")) {
+        (Some(k), Some(i), Some(_)) => {
+            Some((k.display().to_string(), i.display().to_string()))
+        }
         _ => {
             record_skip(
                 test,
-                "images/out/{vmlinux,initramfs.cpio} missing: run images/build.sh",
+                "images/out/{vmlinux,initramfs.cpio,disk.ext4} missing: run images/build.sh",
             );
             None
         }
@@ -374,11 +376,22 @@ fn boot_args(kernel: &str, initrd: &str, cpus: &str, net: &str, api: &str) -> Ve
         net,
         "--api-sock",
         api,
+        "--disk",
+        &disk_arg(),
         "--boot-cache",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// The `--disk` of the boot and of every restore: the ext4 image that
+/// images/build.sh makes, which the guest's init mounts on /mnt. The boot
+/// cache runs it private (and keys on its content), so no VM of these
+/// tests writes it.
+fn disk_arg() -> String {
+    let disk = image("disk.ext4").expect("images() checked images/out/disk.ext4");
+    format!("path={}", disk.display())
 }
 
 /// The entry folder that the VMM's boot-cache line names.
@@ -529,6 +542,8 @@ impl Restored {
             net,
             "--id",
             &id.to_string(),
+            "--disk",
+            &disk_arg(),
             "--api-sock",
             &api.display().to_string(),
         ]);
