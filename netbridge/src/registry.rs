@@ -711,9 +711,13 @@ impl Registry {
     }
 
     /// The peer port `peer` was sent a frame tagged with `ids`: it becomes
-    /// a member of the open ones, and is told their outcome.
+    /// a member of the open ones, and is told their outcome; not of those
+    /// that came from it, whose outcome it tells.
     pub fn peer_sent(&mut self, peer: PortId, ids: &[Id]) {
         for id in ids {
+            if self.homes.get(id) == Some(&peer) {
+                continue;
+            }
             if let Some(s) = self.active.get_mut(id) {
                 s.members.insert(peer);
             }

@@ -153,3 +153,193 @@ impl Bridge {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{frame, read, strip, write};
+    use super::*;
+    use crate::protocol::Control;
+
+    /// VM 1's (local) and VM 7's (behind peer 10) speculations.
+    const LOCAL: Id = Id::new(1, 1);
+    const REMOTE: Id = Id::new(7, 1);
+
+    /// Ports 1 (VM 1) and 2 (VM 2) speculative, 3 a non-speculative VM,
+    /// 10 and 11 peers; VM 1 started LOCAL.
+    fn bridge() -> Bridge {
+        let mut b = Bridge::new(read, strip).with_tag_writer(write);
+        b.add_port(1, 1, true).unwrap();
+        b.add_port(2, 2, true).unwrap();
+        b.add_port(3, 3, false).unwrap();
+        b.add_peer(10, "192.0.2.10:4789");
+        b.add_peer(11, "192.0.2.11:4789");
+        b.control(1, Control::Started { id: LOCAL });
+        b.take_events();
+        b
+    }
+
+    fn events(b: &mut Bridge) -> Vec<(String, Option<String>, PortId)> {
+        b.take_events()
+            .into_iter()
+            .map(|e| (e.event.to_string(), e.id, e.port))
+            .collect()
+    }
+
+    #[test]
+    fn a_peers_id_is_opened_joined_and_decided_by_the_peer() {
+        let mut b = bridge();
+        let woke = b.ingress(10, frame(0xff, 70, &[REMOTE]));
+        assert_eq!(woke, vec![1, 2], "to local ports only; held for 3");
+        let ev = events(&mut b);
+        assert!(ev.contains(&("remote-open".into(), Some("7:1".into()), 10)), "{ev:?}");
+        assert_eq!(b.remote_open(), vec![(REMOTE, Some(10))]);
+        // Its owner is behind the peer, not absent: the join is taken.
+        let (sends, _) = b.control(2, Control::Joined { ids: vec![REMOTE] });
+        assert!(sends.is_empty(), "{sends:?}");
+        assert_eq!(b.speculations(), vec![("1:1".into(), vec![]), ("7:1".into(), vec![2])]);
+        // Port 2 may carry it now; its frames go to the peer as they are.
+        assert_eq!(b.ingress(2, frame(70, 2, &[REMOTE])), vec![10]);
+        assert_eq!(b.counters(2).unwrap().forged, 0);
+        assert_eq!(b.pop(10), Some(frame(70, 2, &[REMOTE])));
+        // The peer's abort: the member is told, frames of it are dropped.
+        let (sends, _) = b.peer_decided(
+            10,
+            &[Decision {
+                id: REMOTE,
+                outcome: Outcome::Abort,
+            }],
+        );
+        assert_eq!(
+            sends,
+            vec![Send::Control(
+                2,
+                Control::Decided {
+                    id: REMOTE,
+                    outcome: Outcome::Abort,
+                    seq: 1
+                }
+            )]
+        );
+        assert_eq!(b.pop(1), None, "purged (rule 10)");
+        assert_eq!(b.usage(3).unwrap().held, 0, "the held copy too");
+        assert!(b.ingress(10, frame(0xff, 70, &[REMOTE])).is_empty(), "aborted");
+        assert!(b.remote_open().is_empty());
+    }
+
+    #[test]
+    fn output_for_a_non_speculative_port_waits_for_the_peers_commit() {
+        let mut b = bridge();
+        b.ingress(3, frame(0xff, 3, &[]));
+        assert_eq!(b.ingress(10, frame(3, 70, &[REMOTE])), Vec::<PortId>::new());
+        assert_eq!(b.usage(3).unwrap().held, 1);
+        let commit = [Decision {
+            id: REMOTE,
+            outcome: Outcome::Commit,
+        }];
+        let (_, woke) = b.peer_decided(10, &commit);
+        assert_eq!(woke, vec![3]);
+        assert_eq!(b.pop(3), Some(strip(&frame(3, 70, &[REMOTE])).unwrap()));
+        // A second word on it changes nothing.
+        assert_eq!(b.peer_decided(10, &commit), (Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn a_peer_cannot_name_or_decide_this_bridges_own_ids() {
+        let mut b = bridge();
+        // VM 2 is connected here and never started 2:5: forged, stripped.
+        let unknown = Id::new(2, 5);
+        b.ingress(10, frame(0xff, 70, &[unknown]));
+        assert_eq!(b.counters(10).unwrap().forged, 1);
+        assert_eq!(b.pop(1), Some(frame(0xff, 70, &[])));
+        assert!(b.remote_open().is_empty());
+        // Rule 8: LOCAL is VM 1's to decide.
+        let abort = [Decision {
+            id: LOCAL,
+            outcome: Outcome::Abort,
+        }];
+        assert_eq!(b.peer_decided(10, &abort), (Vec::new(), Vec::new()));
+        assert_eq!(b.speculations()[0].0, "1:1");
+    }
+
+    #[test]
+    fn peers_are_told_the_outcomes_of_what_they_were_sent() {
+        let mut b = bridge();
+        b.ingress(1, frame(0xff, 1, &[LOCAL]));
+        assert_eq!(b.pop(10), Some(frame(0xff, 1, &[LOCAL])));
+        assert_eq!(b.pop(11), Some(frame(0xff, 1, &[LOCAL])));
+        let (sends, _) = b.control(
+            1,
+            Control::Resolved {
+                id: LOCAL,
+                outcome: Outcome::Commit,
+            },
+        );
+        let told: Vec<PortId> = sends.iter().map(|Send::Control(p, _)| *p).collect();
+        assert_eq!(told, vec![10, 11]);
+        assert_eq!(b.unacked(10), 0, "peers ask again rather than acknowledge");
+    }
+
+    #[test]
+    fn frames_from_a_peer_never_go_to_another_peer() {
+        let mut b = bridge();
+        assert_eq!(b.ingress(1, frame(0xff, 1, &[])), vec![2, 3, 10, 11]);
+        assert_eq!(b.ingress(10, frame(0xff, 70, &[])), vec![1, 2, 3]);
+        // A MAC learned behind peer 10 is sent there only.
+        assert_eq!(b.ingress(2, frame(70, 2, &[])), vec![10]);
+        // Peer 11 reaching a MAC behind peer 10: split horizon.
+        assert!(b.ingress(11, frame(70, 71, &[])).is_empty());
+    }
+
+    #[test]
+    fn hold_and_find_are_answered_with_what_is_known() {
+        let mut b = bridge();
+        b.end_recovery();
+        b.ingress(10, frame(0xff, 70, &[REMOTE]));
+        let gone = Id::new(9, 1);
+        let a = b.peer_hold(11, &[LOCAL, REMOTE, gone], true);
+        assert_eq!(a.open, vec![LOCAL, REMOTE]);
+        assert_eq!(
+            a.decided,
+            vec![Decision {
+                id: gone,
+                outcome: Outcome::Abort
+            }],
+            "an absent owner's unknown id counts as aborted"
+        );
+        let f = b.peer_hold(11, &[gone], false);
+        assert_eq!(f, Answer::default(), "find says only what it knows");
+        // Peer 11 asked about LOCAL: it is told the outcome.
+        let (sends, _) = b.control(
+            1,
+            Control::Resolved {
+                id: LOCAL,
+                outcome: Outcome::Abort,
+            },
+        );
+        assert!(sends.iter().any(|Send::Control(p, _)| *p == 11), "{sends:?}");
+        let a = b.peer_hold(11, &[LOCAL], false);
+        assert_eq!(
+            a.decided,
+            vec![Decision {
+                id: LOCAL,
+                outcome: Outcome::Abort
+            }]
+        );
+    }
+
+    #[test]
+    fn a_peer_names_a_bounded_number_of_ids() {
+        let mut b = bridge();
+        let max = crate::registry::REMOTE_IDS_PER_PEER as u32;
+        for seq in 1..=max / 4 {
+            let ids: Vec<Id> = (0..4).map(|k| Id::new(100 + k, seq)).collect();
+            b.ingress(10, frame(0xff, 70, &ids));
+            while b.pop(1).is_some() {}
+            while b.pop(2).is_some() {}
+        }
+        assert_eq!(b.remote_open().len(), max as usize);
+        b.ingress(10, frame(0xff, 70, &[Id::new(200, 1)]));
+        assert_eq!(b.counters(10).unwrap().dropped_ids, 1);
+        assert_eq!(b.remote_open().len(), max as usize);
+    }
+}
