@@ -439,7 +439,13 @@ impl Bridge {
         }
         if p.peer {
             // The peer's bridge holds its own ports' budgets and output.
-            let queued = push(p, Queued { frame, tags: tags.clone() });
+            let queued = push(
+                p,
+                Queued {
+                    frame,
+                    tags: tags.clone(),
+                },
+            );
             if queued {
                 self.registry.peer_sent(port, &tags);
             }

@@ -93,7 +93,11 @@ impl Bridge {
     /// (events, anti-messages, output commit) and told to the members,
     /// other peers included. Others are ignored: this bridge's own VMs
     /// decide their ids (rule 8), and an unknown id has nobody to tell.
-    pub fn peer_decided(&mut self, peer: PortId, outcomes: &[Decision]) -> (Vec<Send>, Vec<PortId>) {
+    pub fn peer_decided(
+        &mut self,
+        peer: PortId,
+        outcomes: &[Decision],
+    ) -> (Vec<Send>, Vec<PortId>) {
         let mut sends = Vec::new();
         let mut woke = Vec::new();
         for d in outcomes {
@@ -191,12 +195,18 @@ mod tests {
         let woke = b.ingress(10, frame(0xff, 70, &[REMOTE]));
         assert_eq!(woke, vec![1, 2], "to local ports only; held for 3");
         let ev = events(&mut b);
-        assert!(ev.contains(&("remote-open".into(), Some("7:1".into()), 10)), "{ev:?}");
+        assert!(
+            ev.contains(&("remote-open".into(), Some("7:1".into()), 10)),
+            "{ev:?}"
+        );
         assert_eq!(b.remote_open(), vec![(REMOTE, Some(10))]);
         // Its owner is behind the peer, not absent: the join is taken.
         let (sends, _) = b.control(2, Control::Joined { ids: vec![REMOTE] });
         assert!(sends.is_empty(), "{sends:?}");
-        assert_eq!(b.speculations(), vec![("1:1".into(), vec![]), ("7:1".into(), vec![2])]);
+        assert_eq!(
+            b.speculations(),
+            vec![("1:1".into(), vec![]), ("7:1".into(), vec![2])]
+        );
         // Port 2 may carry it now; its frames go to the peer as they are.
         assert_eq!(b.ingress(2, frame(70, 2, &[REMOTE])), vec![10]);
         assert_eq!(b.counters(2).unwrap().forged, 0);
@@ -222,7 +232,10 @@ mod tests {
         );
         assert_eq!(b.pop(1), None, "purged (rule 10)");
         assert_eq!(b.usage(3).unwrap().held, 0, "the held copy too");
-        assert!(b.ingress(10, frame(0xff, 70, &[REMOTE])).is_empty(), "aborted");
+        assert!(
+            b.ingress(10, frame(0xff, 70, &[REMOTE])).is_empty(),
+            "aborted"
+        );
         assert!(b.remote_open().is_empty());
     }
 
@@ -316,7 +329,10 @@ mod tests {
                 outcome: Outcome::Abort,
             },
         );
-        assert!(sends.iter().any(|Send::Control(p, _)| *p == 11), "{sends:?}");
+        assert!(
+            sends.iter().any(|Send::Control(p, _)| *p == 11),
+            "{sends:?}"
+        );
         let a = b.peer_hold(11, &[LOCAL], false);
         assert_eq!(
             a.decided,

@@ -199,7 +199,9 @@ async fn read(ctx: Arc<Ctx>) {
         let Some(port) = ctx.port_of(src) else {
             let c = bump(&ctx.counters.unconfigured);
             if worth_logging(c) {
-                tracing::warn!("peering: a datagram from {src}, not a configured peer, ignored ({c} so far)");
+                tracing::warn!(
+                    "peering: a datagram from {src}, not a configured peer, ignored ({c} so far)"
+                );
             }
             continue;
         };

@@ -135,7 +135,9 @@ mod tests {
         );
         assert_eq!(decode(&f).unwrap(), m);
         let hold = encode(&PeerMessage::Hold { ids: ids(1) });
-        assert!(std::str::from_utf8(&hold[14..]).unwrap().starts_with(r#"{"type":"hold","ids":["#));
+        assert!(std::str::from_utf8(&hold[14..])
+            .unwrap()
+            .starts_with(r#"{"type":"hold","ids":["#));
     }
 
     #[test]

@@ -160,7 +160,11 @@ mod tests {
         let e = Config::resolve("127.0.0.1:4789", &["127.0.0.1:4789".into()], 7).unwrap_err();
         assert!(e.to_string().contains("own --vxlan-listen"), "{e}");
         let e = Config::resolve("127.0.0.1", &[], 7).unwrap_err();
-        assert!(e.to_string().starts_with("--vxlan-listen \"127.0.0.1\": not HOST:PORT"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("--vxlan-listen \"127.0.0.1\": not HOST:PORT"),
+            "{e}"
+        );
         assert_eq!(control_vni(42), 43);
         assert_eq!(control_vni(vxlan::VNI_MAX), 0);
     }
