@@ -12,6 +12,8 @@ pair (10.198.0.1/24, 10.198.0.2/24), no IPv6. In each:
   started fresh for each run; `netbridge-bench pump-bridge --sock A
   --rx-sock B` sends UDP/IPv4 frames from a port of A (VM 4001) to a port
   of B (VM 4002), untagged or tagged with a speculation of the sender's;
+- reference: the same pump between two ports of bridge A alone (no
+  peering), as `benches/netbridge.py` measures it;
 - kernel: a Linux bridge with a TAP and a VXLAN device (id 42, dstport
   4790, remote the other side) on it; `netbridge-bench pump-tap --tx
   <A's TAP> --rx <B's TAP> --rx-netns B` writes the same frames into A's
@@ -42,7 +44,7 @@ REL = os.path.join(ROOT, "target", "release")
 NETBRIDGE = os.path.join(REL, "netbridge")
 BENCH = os.path.join(REL, "netbridge-bench")
 A_IP, B_IP = "10.198.0.1", "10.198.0.2"
-KINDS = ("netbridge-peering-untagged", "netbridge-peering-tagged", "linux-vxlan-tap")
+KINDS = ("netbridge-peering-untagged", "netbridge-peering-tagged", "linux-vxlan-tap", "netbridge-untagged")
 SIZES = (64, 1400)
 MAX_FRAMES = 3_000_000
 GOAL_RATIO = 2.0
@@ -147,11 +149,12 @@ def bench(quick, tmp):
     with Fabric() as fab:
         for r in range(rounds):
             for size in SIZES:
-                for kind in KINDS[r % 3:] + KINDS[:r % 3]:
+                for kind in KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]:
                     if kind.startswith("netbridge"):
                         with Peers(fab, tmp, f"{r}-{size}-{kind}") as peers:
-                            cmd = [BENCH, "pump-bridge", "--sock", peers.socks[0], "--rx-sock", peers.socks[1],
-                                   "--size", str(size), *load]
+                            cmd = [BENCH, "pump-bridge", "--sock", peers.socks[0], "--size", str(size), *load]
+                            if "peering" in kind:
+                                cmd += ["--rx-sock", peers.socks[1]]
                             if kind.endswith("-tagged"):
                                 cmd.append("--tagged")
                             cpu0 = sum(proc_cpu(p.pid) for p in peers.procs)
@@ -174,6 +177,8 @@ def bench(quick, tmp):
             rows = [x for x in res["runs"] if x["kind"] == kind and x["size"] == size]
             if rows:
                 res["median"][f"{kind}/{size}"] = statistics.median(x["rx_fps"] for x in rows)
+                res["median"][f"{kind}/{size}/range"] = (min(x["rx_fps"] for x in rows),
+                                                         max(x["rx_fps"] for x in rows))
                 res["median"][f"{kind}/{size}/delivered"] = statistics.median(
                     x["received"] / max(1, x["sent"]) for x in rows)
             cpu = [x["bridges_cpu_us_per_frame"] for x in rows if "bridges_cpu_us_per_frame" in x]
@@ -190,8 +195,12 @@ def render(res, args, started, load):
         f"load average {load[0]:.2f} before, {load[1]:.2f} after; "
         f"{res['rounds']} rounds of {res['secs']} s per kind and size.")
     add("")
-    add("| frame | netbridge peering, untagged | tagged | kernel VXLAN | kernel / netbridge (untagged) | goal |")
-    add("| ---: | ---: | ---: | ---: | ---: | --- |")
+    add("Frames per second received, median of the rounds (lowest-highest; share of the frames sent "
+        "that arrived):")
+    add("")
+    add("| frame | netbridge peering, untagged | tagged | kernel VXLAN | kernel / netbridge (untagged) | goal "
+        "| one netbridge, no peering (reference) |")
+    add("| ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     m = res["median"]
     for size in SIZES:
         u = m.get(f"netbridge-peering-untagged/{size}")
@@ -201,11 +210,14 @@ def render(res, args, started, load):
         def cell(v, kind):
             if v is None:
                 return "-"
-            return f"{v:,.0f} /s ({m[f'{kind}/{size}/delivered'] * 100:.0f}% delivered)"
+            lo, hi = m[f"{kind}/{size}/range"]
+            return (f"{v:,.0f} /s ({lo:,.0f}-{hi:,.0f}; "
+                    f"{m[f'{kind}/{size}/delivered'] * 100:.0f}% delivered)")
         ratio = f"{k / u:.2f}x" if u and k else "-"
         met = "-" if not (u and k) else ("met" if k / u <= GOAL_RATIO else "not met")
         add(f"| {size} B | {cell(u, 'netbridge-peering-untagged')} | {cell(t, 'netbridge-peering-tagged')} | "
-            f"{cell(k, 'linux-vxlan-tap')} | {ratio} | within {GOAL_RATIO:.0f}x: {met} |")
+            f"{cell(k, 'linux-vxlan-tap')} | {ratio} | within {GOAL_RATIO:.0f}x: {met} | "
+            f"{cell(m.get(f'netbridge-untagged/{size}'), 'netbridge-untagged')} |")
     add("")
     if res["cpu"]:
         add("CPU of both bridges per frame received (median): " + ", ".join(

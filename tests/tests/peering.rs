@@ -9,6 +9,10 @@
 //!   what reaches B's TAP uplink (a namespace's stack: the outside world)
 //!   is held until commit, B's member's own output included, and dropped
 //!   on abort.
+//! - `a_commit_...` and `an_abort_decided_while_the_members_bridge_restarts_reaches_it`
+//!   (KVM): bridge B is killed while its VM is a member of A's
+//!   speculation, A decides meanwhile, B restarts: B's VMM resumes, B asks
+//!   its peers (`find`), and the member gets the outcome;
 //! - `a_bridge_takes_datagrams_only_from_its_peers` (no KVM): the test
 //!   plays peer A with UDP sockets of its own against bridge B and a fake
 //!   VMM port on B: an unconfigured sender is ignored, malformed VXLAN
@@ -123,11 +127,15 @@ impl Fabric {
     }
 }
 
-/// A netbridge in a namespace, peering. Dropping it kills it (by PID)
+/// A netbridge in a namespace, peering, which a test may kill and start
+/// again (each run has its own event log). Dropping it kills it (by PID)
 /// and removes its directory.
 struct PeerBridge {
-    child: Child,
+    child: Option<Child>,
     dir: PathBuf,
+    /// `ip netns exec NS netbridge ARGS`: what [`PeerBridge::spawn`] runs.
+    args: Vec<String>,
+    runs: usize,
 }
 
 impl PeerBridge {
@@ -135,29 +143,58 @@ impl PeerBridge {
         let dir = std::env::temp_dir().join(format!("specvm-peer-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the bridge's directory");
+        let mut args: Vec<String> = vec!["netns".into(), "exec".into(), ns.name().into()];
+        args.push(netbridge_bin().to_str().expect("UTF-8 path").into());
+        args.push("--listen".into());
+        args.push(dir.join("br.sock").to_str().expect("UTF-8 path").into());
+        for a in ["--vxlan-listen", listen, "--peer", peer]
+            .iter()
+            .chain(extra)
+        {
+            args.push((*a).into());
+        }
+        let mut b = Self {
+            child: None,
+            dir,
+            args,
+            runs: 0,
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        self.runs += 1;
         // `ip netns exec` execs the bridge: the child's PID is the bridge's.
         let child = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
-            .arg(netbridge_bin())
-            .arg("--listen")
-            .arg(dir.join("br.sock"))
-            .args(["--vxlan-listen", listen, "--peer", peer])
-            .args(extra)
+            .args(&self.args)
             .stdin(Stdio::null())
-            .stdout(File::create(dir.join("events.log")).expect("event log"))
-            .stderr(File::create(dir.join("stderr.log")).expect("stderr log"))
+            .stdout(File::create(self.dir.join(self.events_name())).expect("event log"))
+            .stderr(File::create(self.dir.join("stderr.log")).expect("stderr log"))
             .spawn()
             .expect("starting netbridge in the namespace");
-        let mut b = Self { child, dir };
+        let child = self.child.insert(child);
+        let sock = self.dir.join("br.sock");
         let up = poll(TIMEOUT, || {
-            b.sock().exists() || matches!(b.child.try_wait(), Ok(Some(_)))
+            sock.exists() || matches!(child.try_wait(), Ok(Some(_)))
         });
         assert!(
-            up && b.sock().exists(),
+            up && sock.exists(),
             "netbridge did not start: {}",
-            b.log("stderr.log")
+            self.log("stderr.log")
         );
-        b
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn events_name(&self) -> String {
+        format!("events-{}.log", self.runs)
     }
 
     fn sock(&self) -> PathBuf {
@@ -172,8 +209,9 @@ impl PeerBridge {
         std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }
 
+    /// The events of the bridge's current run.
     fn events(&self) -> String {
-        self.log("events.log")
+        self.log(&self.events_name())
     }
 
     fn wait_event(&self, needle: &str) {
@@ -187,8 +225,7 @@ impl PeerBridge {
 
 impl Drop for PeerBridge {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -453,6 +490,76 @@ fn a_speculation_crosses_the_peering_and_its_outcomes_follow() {
     assert_eq!(outside.wait_for(&["post"]), vec!["post".to_string()]);
     va.quit();
     vb.quit();
+}
+
+/// Bridge B dies while its VM is a member of A's 1:1; A's VM decides
+/// while B is away; B restarts, its VMM reconnects and resumes, B asks
+/// every peer (`find`) and A answers: the member gets the outcome.
+fn restart_with(outcome: &str, log_after: &str, test: &str) {
+    if let Err(reason) = kvm_available() {
+        return record_skip(test, &reason);
+    }
+    if let Some(reason) = unsupported(false) {
+        return record_skip(test, &reason);
+    }
+    let _serial = one_at_a_time();
+    let fab = match Fabric::new() {
+        Ok(f) => f,
+        Err(reason) => return record_skip(test, &reason),
+    };
+    let a = PeerBridge::start(&fab.a, &format!("ra-{outcome}"), A_ADDR, B_ADDR, &[]);
+    let mut b = PeerBridge::start(&fab.b, &format!("rb-{outcome}"), B_ADDR, A_ADDR, &[]);
+    let mut va = Node::start(&a, 1, "02:00:00:00:00:01");
+    let mut vb = Node::start(&b, 2, "02:00:00:00:00:02");
+    assert_eq!(va.ctl("speculate"), r#"{"ok":true,"id":"1:1"}"#);
+    va.say("x");
+    vb.expect("net_node: got x");
+    b.wait_event(r#""event":"joined","id":"1:1""#);
+    vb.wait_depth(1);
+    b.kill();
+    assert_eq!(va.ctl(outcome), r#"{"ok":true,"id":"1:1"}"#);
+    std::thread::sleep(QUIET);
+    assert_eq!(
+        vb.depth(),
+        Some(1),
+        "the member keeps its speculation meanwhile"
+    );
+    let t = Instant::now();
+    b.spawn();
+    vb.wait_depth(0);
+    println!(
+        "timing: bridge B's restart -> {outcome} reached its member: {:?}",
+        t.elapsed()
+    );
+    let word = if outcome == "commit" {
+        "committed"
+    } else {
+        "aborted"
+    };
+    b.wait_event(&format!(r#""event":"{word}","id":"1:1""#));
+    assert_eq!(vb.log(), log_after);
+    va.quit();
+    vb.quit();
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn a_commit_decided_while_the_members_bridge_restarts_reaches_it() {
+    restart_with(
+        "commit",
+        "[x]",
+        "peering::a_commit_decided_while_the_members_bridge_restarts_reaches_it",
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn an_abort_decided_while_the_members_bridge_restarts_reaches_it() {
+    restart_with(
+        "abort",
+        "[]",
+        "peering::an_abort_decided_while_the_members_bridge_restarts_reaches_it",
+    );
 }
 
 /// A fake VMM port on a bridge's socket.
