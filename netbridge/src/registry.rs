@@ -695,6 +695,11 @@ impl Registry {
         Ok(true)
     }
 
+    /// The peer `id` came from, if it came from one.
+    pub fn home(&self, id: Id) -> Option<PortId> {
+        self.homes.get(&id).copied()
+    }
+
     /// Room for more ids from the peer `home`.
     pub fn remote_room(&self, home: PortId) -> usize {
         let n = self.homes.values().filter(|&&h| h == home).count();
@@ -736,12 +741,18 @@ impl Registry {
 
     /// What a peer asking about `id` is told: as a `joined` would be, an
     /// id neither open nor decided whose owner is absent counts as
-    /// aborted once the recovery is over.
+    /// aborted once the recovery is over, but only if its owner VM was a
+    /// VM of this bridge (it started ids here): of another VM this bridge
+    /// knows nothing, and a peer that took it for the owner's side (the id
+    /// reached it through a member here) must not be told a guess.
     pub fn lookup(&self, id: Id) -> Lookup {
+        let ours = self.max_seq.contains_key(&owner_vm(id));
         match self.outcome(id) {
             Some(o) => Lookup::Decided(o),
             None if self.active.contains_key(&id) => Lookup::Open,
-            None if !self.recovering && !self.owner_present(id) => Lookup::Decided(Outcome::Abort),
+            None if ours && !self.recovering && !self.owner_present(id) => {
+                Lookup::Decided(Outcome::Abort)
+            }
             None => Lookup::Unknown,
         }
     }

@@ -89,7 +89,9 @@ impl Bridge {
     }
 
     /// The peer `peer` told outcomes. Each one of an open id whose owner
-    /// is not connected here is applied as the owner's `resolved` would be
+    /// is not connected here (from any configured peer: an id may come
+    /// both from its owner's bridge and from a member's) is applied as the
+    /// owner's `resolved` would be
     /// (events, anti-messages, output commit) and told to the members,
     /// other peers included. Others are ignored: this bridge's own VMs
     /// decide their ids (rule 8), and an unknown id has nobody to tell.
@@ -117,11 +119,16 @@ impl Bridge {
     /// as open and the peer becomes a member (told when they end); an id
     /// neither open nor decided whose owner is absent counts as aborted,
     /// as for a `joined`. With `strict` false (`find`, asked of every
-    /// peer) only what is known is answered.
+    /// peer) only what is known is answered. An open id that came from
+    /// the asker itself is not answered: each side would take the other
+    /// for the owner's (as after the asker's restart, for an id of one of
+    /// its own VMs that has not come back), and the asker's recovery must
+    /// decide it.
     pub fn peer_hold(&mut self, peer: PortId, ids: &[Id], strict: bool) -> Answer {
         let mut a = Answer::default();
         for &id in ids {
             match self.registry.lookup(id) {
+                Lookup::Open if self.registry.home(id) == Some(peer) => {}
                 Lookup::Open => {
                     self.registry.peer_sent(peer, &[id]);
                     a.open.push(id);
@@ -306,18 +313,51 @@ mod tests {
     #[test]
     fn hold_and_find_are_answered_with_what_is_known() {
         let mut b = bridge();
+        // VM 9 was here: it committed 9:1, and is gone.
+        b.add_port(4, 9, true).unwrap();
+        let (done, gone) = (Id::new(9, 1), Id::new(9, 2));
+        b.control(4, Control::Started { id: done });
+        b.control(
+            4,
+            Control::Resolved {
+                id: done,
+                outcome: Outcome::Commit,
+            },
+        );
+        b.remove_port(4);
+        assert_eq!(
+            b.peer_hold(11, &[gone], true),
+            Answer::default(),
+            "while recovering, an absent owner may come back"
+        );
         b.end_recovery();
+        let stranger = Id::new(8, 1);
+        assert_eq!(
+            b.peer_hold(11, &[stranger], true),
+            Answer::default(),
+            "VM 8 was never here: nothing to say of it"
+        );
         b.ingress(10, frame(0xff, 70, &[REMOTE]));
-        let gone = Id::new(9, 1);
-        let a = b.peer_hold(11, &[LOCAL, REMOTE, gone], true);
+        assert_eq!(
+            b.peer_hold(10, &[REMOTE], false),
+            Answer::default(),
+            "not told back to the peer it came from"
+        );
+        let a = b.peer_hold(11, &[LOCAL, REMOTE, done, gone], true);
         assert_eq!(a.open, vec![LOCAL, REMOTE]);
         assert_eq!(
             a.decided,
-            vec![Decision {
-                id: gone,
-                outcome: Outcome::Abort
-            }],
-            "an absent owner's unknown id counts as aborted"
+            vec![
+                Decision {
+                    id: done,
+                    outcome: Outcome::Commit
+                },
+                Decision {
+                    id: gone,
+                    outcome: Outcome::Abort
+                }
+            ],
+            "an unknown id of a VM of this bridge that is gone counts as aborted"
         );
         let f = b.peer_hold(11, &[gone], false);
         assert_eq!(f, Answer::default(), "find says only what it knows");
