@@ -192,7 +192,9 @@ async fn read(ctx: Arc<Ctx>) {
             Ok(r) => r,
             Err(e) => {
                 // An ICMP error of an earlier send, say: nothing to read.
+                // A pause, so that an error that persists cannot spin.
                 tracing::debug!("peering: receive: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 continue;
             }
         };
@@ -246,8 +248,18 @@ async fn read(ctx: Arc<Ctx>) {
     }
 }
 
+/// Ids of one `hold`, `find` or `open` that are looked at: an honest
+/// peer sends [`message::IDS_PER_MESSAGE`]; a datagram full of ids cannot
+/// make the bridge answer with many more bytes than it got.
+const IDS_TAKEN: usize = 4 * message::IDS_PER_MESSAGE;
+
 /// A control message from the peer on `port`.
-fn control(ctx: &Ctx, port: PortId, src: SocketAddr, m: PeerMessage) {
+fn control(ctx: &Ctx, port: PortId, src: SocketAddr, mut m: PeerMessage) {
+    if let PeerMessage::Hold { ids } | PeerMessage::Find { ids } | PeerMessage::Open { ids } =
+        &mut m
+    {
+        ids.truncate(IDS_TAKEN);
+    }
     match m {
         PeerMessage::Decided { outcomes } => {
             ctx.shared.with_bridge(|b| {
