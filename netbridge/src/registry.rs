@@ -95,6 +95,14 @@ pub enum RegistryError {
         /// The speculation.
         id: Id,
     },
+    /// A `started` for an id that is open or decided already, though past
+    /// its VM's last number here: one a peer opened (two VMs of one id in
+    /// the fabric), or one kept for its owner across a restart.
+    #[error("speculation {id:#x} is open or decided already")]
+    Known {
+        /// The speculation.
+        id: Id,
+    },
     /// A port with no VM behind it (the uplink) or not connected.
     #[error("port {port} has no VM")]
     NoVm {
@@ -134,6 +142,7 @@ impl RegistryError {
             | Self::NotOpen { id, .. }
             | Self::NotSent { id, .. }
             | Self::TooManyIds { id, .. }
+            | Self::Known { id }
             | Self::Unacked { id, .. } => Some(id),
             Self::NoVm { .. }
             | Self::ResumedTwice { .. }
@@ -315,6 +324,9 @@ impl Registry {
         if p.held >= IDS_PER_PORT {
             return Err(RegistryError::TooManyIds { port, id });
         }
+        if self.active.contains_key(&id) || self.decided.contains_key(&id) {
+            return Err(RegistryError::Known { id });
+        }
         self.max_seq.insert(vm, id.seq);
         self.active.insert(id, Spec::default());
         self.add_held(port, 1);
@@ -430,7 +442,9 @@ impl Registry {
         if self.decided.contains_key(&id) {
             return Ok(Vec::new());
         }
-        if !self.active.contains_key(&id) {
+        // An id that came from a peer is its owner's there, whatever VM id
+        // this port has.
+        if !self.active.contains_key(&id) || self.homes.contains_key(&id) {
             return Err(RegistryError::NotOpen { port, id });
         }
         Ok(self.decide(id, outcome))
@@ -478,7 +492,7 @@ impl Registry {
                 .active
                 .keys()
                 .copied()
-                .filter(|&id| owner_vm(id) == vm)
+                .filter(|&id| owner_vm(id) == vm && !self.homes.contains_key(&id))
                 .collect(),
             None => Vec::new(),
         };

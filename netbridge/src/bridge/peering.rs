@@ -383,6 +383,36 @@ mod tests {
         );
     }
 
+    /// Found by `fuzz_peering.rs`: a peer opened 7:1, then a VM 7 connects
+    /// here too (VM ids are not unique in the fabric). It started nothing:
+    /// it can neither start 7:1 again nor decide it, and its going aborts
+    /// nothing of the peer's (before, the bridge announced a commit and
+    /// then an abort of 7:1).
+    #[test]
+    fn a_local_vm_with_a_peers_vm_id_cannot_take_its_ids() {
+        let mut b = bridge();
+        b.ingress(10, frame(0xff, 70, &[REMOTE]));
+        b.add_port(7, 7, true).unwrap();
+        let (sends, _) = b.control(7, Control::Started { id: REMOTE });
+        assert!(sends.is_empty());
+        let (sends, _) = b.control(
+            7,
+            Control::Resolved {
+                id: REMOTE,
+                outcome: Outcome::Commit,
+            },
+        );
+        assert!(sends.is_empty());
+        assert_eq!(b.counters(7).unwrap().refused, 2);
+        b.remove_port(7);
+        let ev = events(&mut b);
+        assert!(
+            !ev.iter().any(|e| e.0 == "committed" || e.0 == "aborted"),
+            "{ev:?}"
+        );
+        assert_eq!(b.remote_open(), vec![(REMOTE, Some(10))]);
+    }
+
     #[test]
     fn a_peer_names_a_bounded_number_of_ids() {
         let mut b = bridge();
