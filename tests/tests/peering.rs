@@ -727,6 +727,8 @@ fn a_bridge_takes_datagrams_only_from_its_peers() {
         .expect("the frame, untagged");
     assert_eq!(codec::parse_tags(&f).unwrap(), None);
     b.wait_event(r#""event":"forged","id":"5:9""#);
+    let counted = poll(TIMEOUT, || last_stats(&b).contains(r#""forged":1"#));
+    assert!(counted, "the peer port's count: {}", last_stats(&b));
 
     // An id of VM 8, behind the peer: opened, joined, asked for, aborted.
     let remote = SpecId::new(8, 1);

@@ -19,7 +19,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Notify};
 
 use super::message::{self, PeerMessage};
-use super::{control_vni, vxlan, Config, PeerError, Stats, HOLD_INTERVAL, STATS_INTERVAL};
+use super::{
+    control_vni, vxlan, Config, PeerCounters, PeerError, Stats, HOLD_INTERVAL, STATS_INTERVAL,
+};
 use crate::protocol::{Control, Decision, Id};
 use crate::registry::PortId;
 use crate::server::Shared;
@@ -59,6 +61,7 @@ impl Counters {
             wrong_vni: g(&self.wrong_vni),
             bad_control: g(&self.bad_control),
             send_dropped: g(&self.send_dropped),
+            peers: Vec::new(),
         }
     }
 }
@@ -334,9 +337,24 @@ async fn tick(ctx: Arc<Ctx>) {
                 ctx.send_control(&m, addr);
             }
         }
-        let now = ctx.counters.snapshot();
-        if now != last && announced.elapsed() >= STATS_INTERVAL {
-            last = now;
+        if announced.elapsed() < STATS_INTERVAL {
+            continue;
+        }
+        let mut now = ctx.counters.snapshot();
+        now.peers = ctx.shared.with_bridge(|b| {
+            let mut v: Vec<PeerCounters> = addrs
+                .iter()
+                .map(|(&port, addr)| PeerCounters {
+                    port,
+                    addr: addr.to_string(),
+                    counters: b.counters(port).unwrap_or_default(),
+                })
+                .collect();
+            v.sort_by_key(|p| p.port);
+            (v, Vec::new(), Vec::new())
+        });
+        if now != last {
+            last = now.clone();
             announced = Instant::now();
             ctx.shared.with_bridge(|b| {
                 b.peer_stats(now);

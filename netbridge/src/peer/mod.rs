@@ -115,9 +115,9 @@ fn resolve(flag: &'static str, value: &str) -> Result<SocketAddr, PeerError> {
         .ok_or_else(|| err("it resolves to no address".into()))
 }
 
-/// The peering's counters (the `peer-stats` event). Frames a peer sends
-/// are counted on its port too, as any port's.
-#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+/// The peering's counters (the `peer-stats` event): the socket's, and
+/// each peer port's.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
 pub struct Stats {
     /// Frames received from peers (the frames' VNI).
     pub rx_frames: u64,
@@ -142,6 +142,22 @@ pub struct Stats {
     /// kernel refused them (a slow or unreachable peer): dropped, never
     /// waited for.
     pub send_dropped: u64,
+    /// Each peer's port and its counters, as any port's: frames from it
+    /// (`rx`) and queued to it (`tx`), dropped on a full queue
+    /// (`dropped_full`), tags stripped (`forged`), frames naming more new
+    /// ids than it may open (`dropped_ids`)...
+    pub peers: Vec<PeerCounters>,
+}
+
+/// One peer's port in [`Stats`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Its port number on the bridge.
+    pub port: crate::registry::PortId,
+    /// Its address.
+    pub addr: String,
+    /// The port's counters.
+    pub counters: crate::bridge::Counters,
 }
 
 #[cfg(test)]
