@@ -21,7 +21,16 @@ natively, and each request is a real MMIO exit to the VMM; `qemu-img bench`
 is QEMU's block path with no guest and no exit at all, so the ratio is an
 upper bound on what specvm's device path costs over QEMU's.
 
-Usage: python3 benches/disk_io.py [--ops 4096] [--reps 3] [--size-mib 256]
+--checkpoint adds the disk + memory checkpoint: a 256 MiB VM with a 1 GiB disk
+on which N blocks of 4 KiB were written (N = 10, 1,000, 100,000). specvm:
+blk_bench writes the N blocks at depth 0, speculates, writes N more blocks
+inside the speculation and aborts; `--stats` gives the speculate and the abort.
+QEMU (benches/qemu_peer.py): an idle 256 MiB guest with a 1 GiB qcow2 data disk
+holding N blocks of data (written by qemu-io), savevm then loadvm, which
+snapshot and revert every writable image; the same guest without the data disk
+is measured too, so the disk's share shows.
+
+Usage: python3 benches/disk_io.py [--ops 4096] [--reps 3] [--size-mib 256] [--checkpoint]
 """
 import argparse
 import json
@@ -79,6 +88,54 @@ def run_specvm(img, ops):
     return took, abort_us
 
 
+def run_specvm_checkpoint(img, blocks):
+    """speculate and abort µs of blk_bench's checkpoint mode."""
+    cmd = [SPECVM, "run", "--bare", GUEST, "--memory", "256M", "--guest-arg",
+           str(blocks | (1 << 32)), "--disk", f"path={img}", "--stats", "--serial", "null",
+           "--checkpoint-budget", "unlimited"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr[-2000:]}")
+    line = next(l for l in p.stderr.splitlines() if l.startswith("specvm-stats "))
+    s = json.loads(line.split(" ", 1)[1])
+    return s["speculate"]["median_us"], s["abort"]["median_us"]
+
+
+def checkpoint_table(reps):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import qemu_peer
+    why = qemu_peer.missing()
+    rows = []
+    base = None if why else qemu_peer.measure(256, False, reps=reps + 1)
+    for blocks in [10, 1000, 100000]:
+        with tempfile.TemporaryDirectory(prefix="disk_io.") as d:
+            img = os.path.join(d, "disk.raw")
+            with open(img, "wb") as f:
+                f.truncate(1 << 30)
+            ours = [run_specvm_checkpoint(img, blocks) for _ in range(reps)]
+        q = None if why else qemu_peer.measure(256, False, reps=reps + 1,
+                                               data_disk=(1024, blocks * 4))
+        rows.append((blocks, ours, q))
+    med = statistics.median
+    print()
+    print("# disk + memory checkpoint: 256 MiB VM, 1 GiB disk with N blocks of 4 KiB written; "
+          f"median of {reps} (QEMU: of its later reps, the first is cold)")
+    if why:
+        print(f"QEMU peer missing: {why}")
+    print("| N blocks | specvm speculate | specvm abort (N more blocks written inside) | "
+          "QEMU savevm | QEMU loadvm | savevm / speculate |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    later = (lambda r, k: med(r[k][1:]) if r and len(r[k]) > 1 else None)
+    if base:
+        print(f"| no data disk | | | {later(base, 'savevm_ms'):.1f} ms | "
+              f"{later(base, 'loadvm_ms'):.1f} ms | |")
+    for blocks, ours, q in rows:
+        sp, ab = med([o[0] for o in ours]), med([o[1] for o in ours])
+        sv, lv = later(q, "savevm_ms"), later(q, "loadvm_ms")
+        qs = f"{sv:.1f} ms | {lv:.1f} ms | {sv * 1e3 / sp:,.0f}x" if sv else "- | - | -"
+        print(f"| {blocks:,} | {sp:.0f} µs | {ab / 1e3:.2f} ms | {qs} |")
+
+
 def run_qemu(img, ops, write, step):
     cmd = ["qemu-img", "bench", "-f", "raw", "-t", "writeback", "-c", str(ops), "-s", str(BLOCK),
            "-S", str(step), "-d", "1"] + (["-w"] if write else []) + [img]
@@ -93,6 +150,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--size-mib", type=int, default=256, help="the image's size")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="also the disk + memory checkpoint against QEMU savevm")
     a = ap.parse_args()
     if not a.no_build:
         build()
@@ -137,6 +196,8 @@ def main():
         print(row)
     print(f"abort of the speculation that wrote {a.ops} blocks: "
           f"{statistics.median(aborts):.0f} µs (specvm --stats, median of {a.reps})")
+    if a.checkpoint:
+        checkpoint_table(a.reps)
     return 0
 
 
