@@ -291,6 +291,15 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// For a scenario on a restored guest: the shared boot, and the scenario
+/// lock held; `None` (after recording `test` as skipped) without the
+/// images.
+fn scenario(test: &str) -> Option<(&'static Booted, std::sync::MutexGuard<'static, ()>)> {
+    let (kernel, initrd) = images(test)?;
+    let b = booted(&kernel, &initrd);
+    Some((b, one_at_a_time()))
+}
+
 /// The kernel and initramfs, or `None` after recording `test` as skipped.
 fn images(test: &str) -> Option<(String, String)> {
     match (
@@ -1015,13 +1024,10 @@ fn file_bytes(p: &Path) -> Vec<u8> {
 )]
 fn a_linux_guest_s_disk_writes_follow_its_speculations() {
     skip_without_kvm!();
-    let Some((kernel, initrd)) =
-        images("linux::a_linux_guest_s_disk_writes_follow_its_speculations")
+    let Some((b, _one)) = scenario("linux::a_linux_guest_s_disk_writes_follow_its_speculations")
     else {
         return;
     };
-    let b = booted(&kernel, &initrd);
-    let _one = one_at_a_time();
     let disk = image("disk.ext4").expect("checked by images()");
     let before = file_bytes(&disk);
     let sock =
@@ -1101,13 +1107,10 @@ fn a_linux_guest_s_disk_writes_follow_its_speculations() {
 )]
 fn two_restored_linux_guests_each_have_their_own_disk() {
     skip_without_kvm!();
-    let Some((kernel, initrd)) =
-        images("linux::two_restored_linux_guests_each_have_their_own_disk")
+    let Some((b, _one)) = scenario("linux::two_restored_linux_guests_each_have_their_own_disk")
     else {
         return;
     };
-    let b = booted(&kernel, &initrd);
-    let _one = one_at_a_time();
     let disk = image("disk.ext4").expect("checked by images()");
     let before = file_bytes(&disk);
     let sock = |n: &str| {

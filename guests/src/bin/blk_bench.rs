@@ -19,15 +19,19 @@
 //!   prints `blk_bench: rolled back` and ends.
 //!
 //! Exit status 0 on success; 2: no virtio-blk device; 3: the driver did
-//! not start; 4: the disk is smaller than N blocks; 5: a request failed.
+//! not start; 4: the disk is smaller than N blocks; 5: no room for the
+//! driver's memory; 6: a request or the speculation failed.
 #![no_std]
 #![no_main]
 
 #[path = "../rt/mod.rs"]
 mod rt;
 
+#[path = "../blk_open.rs"]
+mod blk_open;
+
 use guest_agent::hypercall::{abort, speculate};
-use guest_agent::virtio_blk::{find_slot, slot_base, Dma, PhysMmio, VirtioBlk, DMA_SIZE};
+use guest_agent::virtio_blk::{PhysMmio, VirtioBlk};
 
 /// Bytes per request.
 const BLOCK: usize = 4096;
@@ -61,7 +65,7 @@ fn phase(d: &mut VirtioBlk<PhysMmio>, name: &str, n: u64, write: bool, random: b
         };
         if let Err(e) = r {
             rt::println!("blk_bench: {name}: request {i} (sector {sector}): {e}");
-            return 5;
+            return 6;
         }
     }
     rt::println!("blk_bench: {name} done {n}");
@@ -74,26 +78,9 @@ fn main(mem_size: u64, free_base: u64, arg: u64) -> u32 {
         n => n,
     };
     let checkpoint_only = arg >> 32 == 1;
-    let dma_base = free_base.next_multiple_of(4096);
-    if dma_base + DMA_SIZE as u64 > mem_size {
-        rt::println!("blk_bench: no room for the driver's memory");
-        return 3;
-    }
-    // SAFETY: the slots are identity-mapped MMIO (an empty one reads all
-    // ones); probing reads only identification registers.
-    let Some(slot) = find_slot(|i| unsafe { PhysMmio::new(slot_base(i)) }, 0) else {
-        rt::println!("blk_bench: no virtio-blk device");
-        return 2;
-    };
-    // SAFETY: the slot holds a virtio-blk device; dma_base is free
-    // identity-mapped RAM (checked above), used for nothing else.
-    let dev = unsafe { VirtioBlk::new(PhysMmio::new(slot_base(slot)), Dma::identity(dma_base)) };
-    let mut d = match dev {
+    let mut d = match blk_open::open("blk_bench", mem_size, free_base) {
         Ok(d) => d,
-        Err(e) => {
-            rt::println!("blk_bench: virtio-blk in slot {slot}: {e}");
-            return 3;
-        }
+        Err(code) => return code,
     };
     if d.capacity() / BLOCK_SECTORS < n {
         rt::println!(
@@ -126,7 +113,7 @@ fn main(mem_size: u64, free_base: u64, arg: u64) -> u32 {
             }
             let e = abort();
             rt::println!("blk_bench: abort failed: {e:?}");
-            5
+            6
         }
         Ok(_) => {
             rt::println!("blk_bench: rolled back");
@@ -134,7 +121,7 @@ fn main(mem_size: u64, free_base: u64, arg: u64) -> u32 {
         }
         Err(e) => {
             rt::println!("blk_bench: speculate failed: {e:?}");
-            5
+            6
         }
     }
 }
