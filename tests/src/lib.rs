@@ -83,6 +83,21 @@ pub fn netbridge_bin() -> PathBuf {
     }
 }
 
+/// The `specvm-graph` binary (`specgraph/`): beside `SPECVM_BIN` when
+/// that is set, else the one of the tests' profile, built as `netbridge`
+/// is.
+pub fn specgraph_bin() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = BIN.get_or_init(|| match std::env::var_os("SPECVM_BIN") {
+        Some(specvm) => Ok(PathBuf::from(specvm).with_file_name("specvm-graph")),
+        None => build_bin("specgraph", "specvm-graph"),
+    });
+    match found {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Builds binary `bin` of package `package` in the tests' own profile and
 /// target folder, and returns its path.
 fn build_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
