@@ -56,8 +56,14 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => return fail(&first_line(&e)),
     };
-    let input_at: Vec<usize> = matches.indices_of("inputs").map(Iterator::collect).unwrap_or_default();
-    let name_at: Vec<usize> = matches.indices_of("name").map(Iterator::collect).unwrap_or_default();
+    let input_at: Vec<usize> = matches
+        .indices_of("inputs")
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    let name_at: Vec<usize> = matches
+        .indices_of("name")
+        .map(Iterator::collect)
+        .unwrap_or_default();
     let names = match names(&args.inputs, &input_at, &args.name, &name_at) {
         Ok(n) => n,
         Err(e) => return fail(&e),
@@ -93,7 +99,11 @@ fn names(
     let mut used = vec![false; given.len()];
     for (i, path) in inputs.iter().enumerate() {
         let at = input_at.get(i).copied().unwrap_or(usize::MAX);
-        let before = if i == 0 { 0 } else { input_at.get(i - 1).copied().unwrap_or(0) };
+        let before = if i == 0 {
+            0
+        } else {
+            input_at.get(i - 1).copied().unwrap_or(0)
+        };
         // The last --name between the previous input and this one.
         let named = name_at
             .iter()
@@ -107,9 +117,10 @@ fn names(
                 given[k].clone()
             }
             None if path.as_os_str() == "-" => "stdin".to_string(),
-            None => path
-                .file_name()
-                .map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()),
+            None => path.file_name().map_or_else(
+                || path.display().to_string(),
+                |f| f.to_string_lossy().into_owned(),
+            ),
         };
         let mut unique = name.clone();
         let mut k = 2;
@@ -191,8 +202,14 @@ mod tests {
             .try_get_matches_from(argv)
             .map_err(|e| first_line(&e))?;
         let a = Args::from_arg_matches(&m).map_err(|e| first_line(&e))?;
-        let ia: Vec<usize> = m.indices_of("inputs").map(Iterator::collect).unwrap_or_default();
-        let na: Vec<usize> = m.indices_of("name").map(Iterator::collect).unwrap_or_default();
+        let ia: Vec<usize> = m
+            .indices_of("inputs")
+            .map(Iterator::collect)
+            .unwrap_or_default();
+        let na: Vec<usize> = m
+            .indices_of("name")
+            .map(Iterator::collect)
+            .unwrap_or_default();
         let n = names(&a.inputs, &ia, &a.name, &na)?;
         Ok((a, n))
     }
@@ -200,7 +217,16 @@ mod tests {
     #[test]
     fn a_name_names_the_file_after_it() {
         let (_, n) = parse(&[
-            "g", "-o", "x.html", "--name", "A", "a.jsonl", "dir/b.jsonl", "--name", "C", "-",
+            "g",
+            "-o",
+            "x.html",
+            "--name",
+            "A",
+            "a.jsonl",
+            "dir/b.jsonl",
+            "--name",
+            "C",
+            "-",
         ])
         .expect("good");
         assert_eq!(n, ["A", "b.jsonl", "C"]);

@@ -260,12 +260,16 @@ pub fn build(inputs: &[Input]) -> Graph {
     }
 
     let bridge_events = || {
-        inputs.iter().zip(&lane_of).filter_map(|(i, l)| l.map(|l| (i, l))).flat_map(|(i, l)| {
-            i.parsed.records.iter().filter_map(move |(_, r)| match r {
-                Record::Bridge(e) => Some((l, e)),
-                _ => None,
+        inputs
+            .iter()
+            .zip(&lane_of)
+            .filter_map(|(i, l)| l.map(|l| (i, l)))
+            .flat_map(|(i, l)| {
+                i.parsed.records.iter().filter_map(move |(_, r)| match r {
+                    Record::Bridge(e) => Some((l, e)),
+                    _ => None,
+                })
             })
-        })
     };
     let timed = bridge_events().all(|(_, e)| e.us.is_some());
     let times = bridge_events().filter_map(|(_, e)| e.us);
@@ -456,7 +460,10 @@ mod tests {
         assert_eq!(g.axis, Axis::Time { t0: 1000, t1: 6000 });
         assert_eq!(g.specs.len(), 3);
         let s = &g.specs[&SpecId::new(1, 1)];
-        assert_eq!((s.outcome, s.port, s.started), (Outcome::Committed, Some(1), true));
+        assert_eq!(
+            (s.outcome, s.port, s.started),
+            (Outcome::Committed, Some(1), true)
+        );
         assert_eq!(s.start, 0.2);
         assert_eq!(s.end, Some(0.4));
         assert_eq!(g.specs[&SpecId::new(1, 2)].outcome, Outcome::Aborted);
@@ -494,7 +501,10 @@ mod tests {
         assert_eq!(g.joins.iter().filter(|j| j.lane == 1).count(), 1);
         // 1:3 is open on a, committed on b.
         assert_eq!(g.specs[&SpecId::new(1, 3)].outcome, Outcome::Committed);
-        assert_eq!(g.vm_only.iter().copied().collect::<Vec<_>>(), [SpecId::new(9, 1)]);
+        assert_eq!(
+            g.vm_only.iter().copied().collect::<Vec<_>>(),
+            [SpecId::new(9, 1)]
+        );
         assert_eq!(g.vm_gaps, 1);
     }
 

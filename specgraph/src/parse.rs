@@ -237,7 +237,10 @@ pub fn parse_line(line: &[u8]) -> Result<Option<Record>, String> {
 
 /// Bridge events that always name a speculation.
 fn needs_id(kind: &str) -> bool {
-    matches!(kind, "started" | "joined" | "committed" | "aborted" | "acked")
+    matches!(
+        kind,
+        "started" | "joined" | "committed" | "aborted" | "acked"
+    )
 }
 
 fn parse_id(s: &str) -> Result<SpecId, String> {
@@ -303,10 +306,16 @@ mod tests {
             ("{", "not an event object"),
             ("[1,2]", "not an event object"),
             (r#"{"event":"joined","port":1}"#, "joined without \"id\""),
-            (r#"{"event":"joined","id":"1:x","port":1}"#, "not of the form"),
+            (
+                r#"{"event":"joined","id":"1:x","port":1}"#,
+                "not of the form",
+            ),
             (r#"{"event":"joined","id":"1:1"}"#, "without \"port\""),
             (r#"{"event":"joined","id":"1:1","port":-1}"#, "not an event"),
-            (r#"{"event":"started","id":"4294967296:1","port":1}"#, "not of the form"),
+            (
+                r#"{"event":"started","id":"4294967296:1","port":1}"#,
+                "not of the form",
+            ),
             (r#"{"id":"1:1","port":1}"#, "no \"event\""),
             (r#"{"event":"commit","id":"1:1"}"#, "without \"by\""),
             (r#"{"event":""}"#, "empty"),

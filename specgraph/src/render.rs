@@ -181,7 +181,10 @@ pub fn page(g: &Graph, title: &str) -> String {
             rows,
         });
     }
-    let layout = Layout { lanes, height: y + 10.0 };
+    let layout = Layout {
+        lanes,
+        height: y + 10.0,
+    };
 
     let mut svg = String::new();
     let h = layout.height;
@@ -219,7 +222,11 @@ pub fn page(g: &Graph, title: &str) -> String {
             let _ = write!(
                 svg,
                 r#"<g class="port" data-port="{p}"><line class="lifeline" x1="{PLOT_X0}" x2="{x2}" y1="{ly}" y2="{ly}"/><text class="port-name" x="20" y="{ty}">{label}</text></g>"#,
-                p = if port == u64::MAX { "?".to_string() } else { port.to_string() },
+                p = if port == u64::MAX {
+                    "?".to_string()
+                } else {
+                    port.to_string()
+                },
                 x2 = PLOT_X0 + PLOT_W,
                 ty = ly + 4.0,
                 label = esc(&label),
@@ -232,7 +239,9 @@ pub fn page(g: &Graph, title: &str) -> String {
     for s in &drawn_specs {
         let id = s.id.to_string();
         let row = s.port.unwrap_or(u64::MAX);
-        let Some(top) = layout.row_top(s.lane, row) else { continue };
+        let Some(top) = layout.row_top(s.lane, row) else {
+            continue;
+        };
         let slot = slot_of.get(&s.id).copied().unwrap_or(0);
         let by = top + ROW_TOP + SLOT_H * slot as f64;
         let (x0, x1, _) = bar_span(s.start, s.end, &id);
@@ -244,10 +253,9 @@ pub fn page(g: &Graph, title: &str) -> String {
         if !s.rolled_back.is_empty() {
             let _ = write!(tip, "; rolled back: {}", s.rolled_back.join(", "));
         }
-        let _ = write!(
+        let _ = writeln!(
             svg,
-            r#"<g class="spec o-{o}" data-kind="speculation" data-spec-id="{id}" data-outcome="{o}" data-lane="{lane}" data-port="{port}" data-started="{started}" data-rolled-back="{rb}"><title>{tip}</title><rect class="bar" x="{x0:.1}" y="{by:.1}" width="{w:.1}" height="{BAR_H}" rx="3"/><circle class="start" cx="{x0:.1}" cy="{cy:.1}" r="4"/><text class="spec-id" x="{tx:.1}" y="{ty:.1}">{id}</text></g>
-"#,
+            r#"<g class="spec o-{o}" data-kind="speculation" data-spec-id="{id}" data-outcome="{o}" data-lane="{lane}" data-port="{port}" data-started="{started}" data-rolled-back="{rb}"><title>{tip}</title><rect class="bar" x="{x0:.1}" y="{by:.1}" width="{w:.1}" height="{BAR_H}" rx="3"/><circle class="start" cx="{x0:.1}" cy="{cy:.1}" r="4"/><text class="spec-id" x="{tx:.1}" y="{ty:.1}">{id}</text></g>"#,
             lane = esc(&g.lanes[s.lane].name),
             port = s.port.map_or(String::new(), |p| p.to_string()),
             started = s.started,
@@ -262,13 +270,20 @@ pub fn page(g: &Graph, title: &str) -> String {
 
     // Edges: from the node's start to the member's port at the join.
     for j in g.joins.iter().take(MAX_EDGES) {
-        let Some(s) = g.specs.get(&j.id) else { continue };
+        let Some(s) = g.specs.get(&j.id) else {
+            continue;
+        };
         let Some(stop) = layout.row_top(s.lane, s.port.unwrap_or(u64::MAX)) else {
             continue;
         };
-        let Some(mtop) = layout.row_top(j.lane, j.port) else { continue };
+        let Some(mtop) = layout.row_top(j.lane, j.port) else {
+            continue;
+        };
         let slot = slot_of.get(&j.id).copied().unwrap_or(0);
-        let (sx, sy) = (x(s.start), stop + ROW_TOP + SLOT_H * slot as f64 + BAR_H / 2.0);
+        let (sx, sy) = (
+            x(s.start),
+            stop + ROW_TOP + SLOT_H * slot as f64 + BAR_H / 2.0,
+        );
         let (jx, jy) = (x(j.at), mtop + ROW_TOP - 6.0);
         let id = j.id.to_string();
         let o = s.outcome.as_str();
@@ -286,12 +301,15 @@ pub fn page(g: &Graph, title: &str) -> String {
         let tip = format!(
             "{label} on {} joined {id} ({o}){}",
             lane.name,
-            if j.acked.is_some() { "; it acknowledged the outcome" } else { "" }
+            if j.acked.is_some() {
+                "; it acknowledged the outcome"
+            } else {
+                ""
+            }
         );
-        let _ = write!(
+        let _ = writeln!(
             svg,
-            r#"<g class="join o-{o}" data-kind="join" data-spec-id="{id}" data-lane="{ln}" data-port="{port}" data-label="{lb}" data-outcome="{o}" data-acked="{ack}"><title>{tip}</title><path class="edge" d="M{sx:.1},{sy:.1} C{sx:.1},{midy:.1} {jx:.1},{midy:.1} {jx:.1},{jy:.1}" marker-end="url(#arrow)"/>{acked}<circle class="member-dot" cx="{jx:.1}" cy="{jy:.1}" r="4"/><text class="join-label" x="{lx:.1}" y="{lyy:.1}">{lb}</text></g>
-"#,
+            r#"<g class="join o-{o}" data-kind="join" data-spec-id="{id}" data-lane="{ln}" data-port="{port}" data-label="{lb}" data-outcome="{o}" data-acked="{ack}"><title>{tip}</title><path class="edge" d="M{sx:.1},{sy:.1} C{sx:.1},{midy:.1} {jx:.1},{midy:.1} {jx:.1},{jy:.1}" marker-end="url(#arrow)"/>{acked}<circle class="member-dot" cx="{jx:.1}" cy="{jy:.1}" r="4"/><text class="join-label" x="{lx:.1}" y="{lyy:.1}">{lb}</text></g>"#,
             ln = esc(&lane.name),
             port = j.port,
             lb = esc(&label),
@@ -304,36 +322,35 @@ pub fn page(g: &Graph, title: &str) -> String {
 
     // Outcomes, as each bridge announced them.
     for d in g.decisions.iter().take(MAX_EDGES) {
-        let Some(top) = layout.row_top(d.lane, d.port) else { continue };
+        let Some(top) = layout.row_top(d.lane, d.port) else {
+            continue;
+        };
         let (dx, dy) = (x(d.at), top + ROW_TOP - 6.0);
         let id = d.id.to_string();
         let o = d.outcome.as_str();
         let lane = &g.lanes[d.lane];
         let shape = match d.outcome {
-            Outcome::Committed => format!(
-                "M{:.1},{:.1} l4,5 l8,-10",
-                dx - 6.0,
-                dy
-            ),
-            _ => format!(
-                "M{:.1},{:.1} l10,10 m0,-10 l-10,10",
-                dx - 5.0,
-                dy - 5.0
-            ),
+            Outcome::Committed => format!("M{:.1},{:.1} l4,5 l8,-10", dx - 6.0, dy),
+            _ => format!("M{:.1},{:.1} l10,10 m0,-10 l-10,10", dx - 5.0, dy - 5.0),
         };
-        let _ = write!(
+        let _ = writeln!(
             svg,
-            r#"<g class="decision o-{o}" data-kind="outcome" data-spec-id="{id}" data-outcome="{o}" data-lane="{ln}" data-port="{port}"><title>{tip}</title><circle class="decision-bg" cx="{dx:.1}" cy="{dy:.1}" r="8"/><path class="decision-mark" d="{shape}"/></g>
-"#,
+            r#"<g class="decision o-{o}" data-kind="outcome" data-spec-id="{id}" data-outcome="{o}" data-lane="{ln}" data-port="{port}"><title>{tip}</title><circle class="decision-bg" cx="{dx:.1}" cy="{dy:.1}" r="8"/><path class="decision-mark" d="{shape}"/></g>"#,
             ln = esc(&lane.name),
             port = d.port,
-            tip = esc(&format!("{id} {o} on {} ({})", lane.name, lane.port_label(d.port))),
+            tip = esc(&format!(
+                "{id} {o} on {} ({})",
+                lane.name,
+                lane.port_label(d.port)
+            )),
         );
     }
 
     // Other bridge events: ticks on the port's row.
     for m in g.marks.iter().take(MAX_EDGES) {
-        let Some(top) = layout.row_top(m.lane, m.port) else { continue };
+        let Some(top) = layout.row_top(m.lane, m.port) else {
+            continue;
+        };
         let (mx, my) = (x(m.at), top + ROW_TOP - 6.0);
         let id = m.id.map_or(String::new(), |i| i.to_string());
         let lane = &g.lanes[m.lane];
@@ -341,10 +358,9 @@ pub fn page(g: &Graph, title: &str) -> String {
         if !id.is_empty() {
             let _ = write!(tip, ": {id}");
         }
-        let _ = write!(
+        let _ = writeln!(
             svg,
-            r#"<g class="mark k-{k}" data-kind="{k}" data-spec-id="{id}" data-lane="{ln}" data-port="{port}"><title>{tip}</title><rect x="{x0:.1}" y="{y0:.1}" width="2" height="14"/></g>
-"#,
+            r#"<g class="mark k-{k}" data-kind="{k}" data-spec-id="{id}" data-lane="{ln}" data-port="{port}"><title>{tip}</title><rect x="{x0:.1}" y="{y0:.1}" width="2" height="14"/></g>"#,
             k = m.kind,
             ln = esc(&lane.name),
             port = m.port,
@@ -432,14 +448,19 @@ fn summary(html: &mut String, g: &Graph, drawn: usize) {
         l = g.lanes.len(),
         m = g.malformed(),
         lg = g.lagged,
-        lanes = esc(&g.lanes.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")),
+        lanes = esc(&g
+            .lanes
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")),
         conflict = match g.count(Outcome::Conflict) {
             0 => String::new(),
             k => format!(r#", <span class="o-conflict">{k} with streams that disagree</span>"#),
         },
     );
     if !g.vm_streams.is_empty() {
-        let _ = write!(
+        let _ = writeln!(
             html,
             "<dt>VMM streams</dt><dd>{}</dd>\n",
             esc(&g.vm_streams.join(", "))
@@ -472,7 +493,9 @@ fn summary(html: &mut String, g: &Graph, drawn: usize) {
         ("other events", g.marks.len()),
     ] {
         if n > MAX_EDGES {
-            notes.push(format!("Only the first {MAX_EDGES} {what} are drawn, of {n}."));
+            notes.push(format!(
+                "Only the first {MAX_EDGES} {what} are drawn, of {n}."
+            ));
         }
     }
     if !g.unknown.is_empty() {
@@ -506,8 +529,7 @@ fn summary(html: &mut String, g: &Graph, drawn: usize) {
     }
     html.push_str(
         r#"<p class="legend"><span class="o-committed">■ committed</span> <span class="o-aborted">■ aborted</span> <span class="o-open">■ open</span> · a bar is a speculation, from its start to its outcome (✓ or ✗ where a bridge announced it); an arrow is a join, from the speculation to the member's port, and a thin line after it lasts until the member acknowledged the outcome. Hover for details.</p>
-<p id="drawn">(the browser's count of what it drew goes here)</p>
-"#,
+<p id="drawn">(the browser's count of what it drew goes here)</p>"#,
     );
 }
 
@@ -582,8 +604,14 @@ mod tests {
         assert_eq!(duration(12_500), "12.5 ms");
         assert_eq!(duration(3_250_000), "3.25 s");
         assert_eq!(utc(1_000_001), "1970-01-01 00:00:01.000001 UTC");
-        assert_eq!(utc(253_402_300_799_999_999), "9999-12-31 23:59:59.999999 UTC");
-        assert_eq!(utc(u64::MAX), format!("{} µs after the Unix epoch", u64::MAX));
+        assert_eq!(
+            utc(253_402_300_799_999_999),
+            "9999-12-31 23:59:59.999999 UTC"
+        );
+        assert_eq!(
+            utc(u64::MAX),
+            format!("{} µs after the Unix epoch", u64::MAX)
+        );
         assert_eq!(tick_step(10), 1);
         assert_eq!(tick_step(95_000), 10_000);
         assert_eq!(tick_step(u64::MAX), 2_000_000_000_000_000_000);
@@ -591,7 +619,10 @@ mod tests {
 
     #[test]
     fn names_are_escaped() {
-        assert_eq!(esc(r#"<a href="x">&'"#), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
+        assert_eq!(
+            esc(r#"<a href="x">&'"#),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
         assert_eq!(esc("a\u{7}b"), "a\u{fffd}b");
         let parsed = read_stream(&b"{\"event\":\"port-up\",\"port\":1}\n"[..]).expect("slice");
         let g = build(&[Input {

@@ -105,7 +105,9 @@ pub fn write_durably(path: &Path, bytes: &[u8], force: bool) -> Result<(), Write
 /// without it (EINVAL), a hard link does the same (it fails if `to`
 /// exists), then the temporary name goes.
 fn rename_noreplace(from: &Path, to: &Path) -> Result<(), WriteError> {
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|_| WriteError::NoFileName(p.to_path_buf()));
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| WriteError::NoFileName(p.to_path_buf()))
+    };
     let (cf, ct) = (c(from)?, c(to)?);
     // SAFETY: both are NUL-terminated paths that outlive the call; the
     // call reads them only.

@@ -10,31 +10,69 @@ use specgraph::render::page;
 /// short, or junk.
 fn line() -> impl Strategy<Value = String> {
     let kind = prop_oneof![
-        Just("started"), Just("joined"), Just("committed"), Just("aborted"), Just("acked"),
-        Just("refused"), Just("forged"), Just("lease-expired"), Just("port-up"),
-        Just("port-down"), Just("lagged"), Just("speculate"), Just("commit"), Just("abort"),
-        Just("join"), Just("rollback"), Just("budget"), Just(""), Just("peer-up"),
+        Just("started"),
+        Just("joined"),
+        Just("committed"),
+        Just("aborted"),
+        Just("acked"),
+        Just("refused"),
+        Just("forged"),
+        Just("lease-expired"),
+        Just("port-up"),
+        Just("port-down"),
+        Just("lagged"),
+        Just("speculate"),
+        Just("commit"),
+        Just("abort"),
+        Just("join"),
+        Just("rollback"),
+        Just("budget"),
+        Just(""),
+        Just("peer-up"),
     ];
     let id = prop_oneof![
         (any::<u32>(), any::<u32>()).prop_map(|(v, s)| format!("\"{v}:{s}\"")),
         (0u32..3, 0u32..4).prop_map(|(v, s)| format!("\"{v}:{s}\"")),
-        Just("\"\"".to_string()), Just("null".to_string()), Just("\"1:\"".to_string()),
-        Just("12".to_string()), "\"[^\"\\\\]{0,12}\"".prop_map(|s| s),
+        Just("\"\"".to_string()),
+        Just("null".to_string()),
+        Just("\"1:\"".to_string()),
+        Just("12".to_string()),
+        "\"[^\"\\\\]{0,12}\"".prop_map(|s| s),
     ];
     let num = prop_oneof![
         any::<u64>().prop_map(|n| n.to_string()),
         (0u64..4).prop_map(|n| n.to_string()),
-        Just("-1".to_string()), Just("1.5".to_string()), Just("\"3\"".to_string()),
+        Just("-1".to_string()),
+        Just("1.5".to_string()),
+        Just("\"3\"".to_string()),
         Just("18446744073709551616".to_string()),
     ];
-    let event = (kind, proptest::option::of(id), proptest::option::of(num.clone()), proptest::option::of(num.clone()), proptest::option::of(num), any::<bool>())
+    let event = (
+        kind,
+        proptest::option::of(id),
+        proptest::option::of(num.clone()),
+        proptest::option::of(num.clone()),
+        proptest::option::of(num),
+        any::<bool>(),
+    )
         .prop_map(|(k, id, port, us, depth, by)| {
             let mut f = vec![format!("\"event\":\"{k}\"")];
-            if let Some(id) = id { f.push(format!("\"id\":{id}")); }
-            if let Some(p) = port { f.push(format!("\"port\":{p}")); f.push(format!("\"dropped\":{p}")); }
-            if let Some(u) = us { f.push(format!("\"us\":{u}")); }
-            if let Some(d) = depth { f.push(format!("\"depth\":{d}")); }
-            if by { f.push("\"by\":\"network\"".into()); }
+            if let Some(id) = id {
+                f.push(format!("\"id\":{id}"));
+            }
+            if let Some(p) = port {
+                f.push(format!("\"port\":{p}"));
+                f.push(format!("\"dropped\":{p}"));
+            }
+            if let Some(u) = us {
+                f.push(format!("\"us\":{u}"));
+            }
+            if let Some(d) = depth {
+                f.push(format!("\"depth\":{d}"));
+            }
+            if by {
+                f.push("\"by\":\"network\"".into());
+            }
             format!("{{{}}}", f.join(","))
         });
     prop_oneof![

@@ -70,7 +70,9 @@ struct Expected {
 fn expected(stream: &str) -> Expected {
     let mut e = Expected::default();
     for line in stream.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         let kind = v["event"].as_str().unwrap_or_default();
         let id = v["id"].as_str().unwrap_or_default().to_string();
         let port = v["port"].as_u64().unwrap_or(u64::MAX);
@@ -83,7 +85,10 @@ fn expected(stream: &str) -> Expected {
                 e.joins.push((id, port));
             }
             "committed" | "aborted" => {
-                e.specs.entry(id.clone()).or_default().insert(kind.to_string());
+                e.specs
+                    .entry(id.clone())
+                    .or_default()
+                    .insert(kind.to_string());
                 e.outcomes.push((id, kind.to_string(), port));
             }
             _ => {}
@@ -144,7 +149,10 @@ fn dump_dom(page: &Path, dir: &TempDir) -> String {
             None if Instant::now() > deadline => {
                 drop(group);
                 let _ = child.wait();
-                panic!("chromium did not dump {} within {BROWSER_TIMEOUT:?}", page.display());
+                panic!(
+                    "chromium did not dump {} within {BROWSER_TIMEOUT:?}",
+                    page.display()
+                );
             }
             None => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -153,7 +161,10 @@ fn dump_dom(page: &Path, dir: &TempDir) -> String {
     let dom = out.join().expect("stdout reader");
     let err = err.join().expect("stderr reader");
     assert!(status.success(), "chromium: {status}\n{err}");
-    assert!(dom.contains("</html>"), "chromium dumped no page:\n{dom}\n{err}");
+    assert!(
+        dom.contains("</html>"),
+        "chromium dumped no page:\n{dom}\n{err}"
+    );
     dom
 }
 
@@ -269,7 +280,10 @@ fn check_lane(dom: &[Tag], lane: &str, e: &Expected) -> (usize, usize, usize) {
     let joins = of_kind(dom, "join");
     let outcomes = of_kind(dom, "outcome");
     for (id, announced) in &e.specs {
-        let node: Vec<_> = specs.iter().filter(|t| t.get("data-spec-id") == id).collect();
+        let node: Vec<_> = specs
+            .iter()
+            .filter(|t| t.get("data-spec-id") == id)
+            .collect();
         assert_eq!(node.len(), 1, "speculation {id} drawn {} times", node.len());
         assert_visible(node[0]);
         let want = match announced.len() {
@@ -294,14 +308,23 @@ fn check_lane(dom: &[Tag], lane: &str, e: &Expected) -> (usize, usize, usize) {
                     && t.get("data-lane") == lane
             })
             .collect();
-        assert_eq!(edge.len(), 1, "join of {id} by port {port} on {lane}: {edge:?}");
+        assert_eq!(
+            edge.len(),
+            1,
+            "join of {id} by port {port} on {lane}: {edge:?}"
+        );
         assert_visible(edge[0]);
         assert!(
-            edge[0].get("data-label").starts_with(&format!("port {port}")),
+            edge[0]
+                .get("data-label")
+                .starts_with(&format!("port {port}")),
             "{:?}",
             edge[0]
         );
-        let node = specs.iter().find(|t| t.get("data-spec-id") == id).expect("its node");
+        let node = specs
+            .iter()
+            .find(|t| t.get("data-spec-id") == id)
+            .expect("its node");
         assert_eq!(edge[0].get("data-outcome"), node.get("data-outcome"));
     }
     for (id, outcome, port) in &e.outcomes {
@@ -330,14 +353,23 @@ fn check_counts(dom: &[Tag], specs: usize, joins: usize, outcomes: usize) {
         .iter()
         .find(|t| t.get("id") == "drawn")
         .expect("the #drawn paragraph");
-    assert_eq!(drawn.get("data-speculation"), specs.to_string(), "{drawn:?}");
+    assert_eq!(
+        drawn.get("data-speculation"),
+        specs.to_string(),
+        "{drawn:?}"
+    );
     assert_eq!(drawn.get("data-join"), joins.to_string(), "{drawn:?}");
     assert_eq!(drawn.get("data-outcome"), outcomes.to_string(), "{drawn:?}");
-    assert!(drawn.text.starts_with("Drawn, as this browser laid it out"), "{drawn:?}");
+    assert!(
+        drawn.text.starts_with("Drawn, as this browser laid it out"),
+        "{drawn:?}"
+    );
 }
 
 fn summary(dom: &[Tag]) -> &Tag {
-    dom.iter().find(|t| t.get("id") == "summary").expect("the summary")
+    dom.iter()
+        .find(|t| t.get("id") == "summary")
+        .expect("the summary")
 }
 
 /// Runs specvm-graph with `args` (and the file `stdin` on its standard
@@ -409,7 +441,12 @@ impl Node {
     }
 
     fn ctl_id(&self, op: &str, id: &str) {
-        assert_eq!(self.ctl(op), format!(r#"{{"ok":true,"id":"{id}"}}"#), "VM {}", self.name);
+        assert_eq!(
+            self.ctl(op),
+            format!(r#"{{"ok":true,"id":"{id}"}}"#),
+            "VM {}",
+            self.name
+        );
     }
 
     /// Waits until the VM's checkpoint stack is `depth` deep.
@@ -430,7 +467,12 @@ impl Node {
     fn events(&self, file: &Path) -> Killed {
         let out = std::fs::File::create(file).expect("the events file");
         let child = Command::new(specvm_bin())
-            .args(["ctl", "--api-sock", self.sock.to_str().expect("UTF-8"), "events"])
+            .args([
+                "ctl",
+                "--api-sock",
+                self.sock.to_str().expect("UTF-8"),
+                "events",
+            ])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(Stdio::null())
@@ -453,7 +495,9 @@ impl Drop for Killed {
 }
 
 fn status(sock: &Path) -> String {
-    let Ok(mut s) = UnixStream::connect(sock) else { return String::new() };
+    let Ok(mut s) = UnixStream::connect(sock) else {
+        return String::new();
+    };
     let _ = s.set_read_timeout(Some(TIMEOUT));
     if s.write_all(b"{\"op\":\"status\"}\n").is_err() {
         return String::new();
@@ -492,19 +536,27 @@ fn a_real_scenario_is_drawn() {
     a.ctl_id("speculate", "1:1");
     a.say("x");
     b.expect("net_node: got x");
-    wait_until("B's join of 1:1", || count(r#""event":"joined","id":"1:1""#) == 1);
+    wait_until("B's join of 1:1", || {
+        count(r#""event":"joined","id":"1:1""#) == 1
+    });
     a.ctl_id("commit", "1:1");
     b.wait_depth(0);
-    wait_until("B's ack of 1:1", || count(r#""event":"acked","id":"1:1""#) == 1);
+    wait_until("B's ack of 1:1", || {
+        count(r#""event":"acked","id":"1:1""#) == 1
+    });
 
     // 1:2 aborts: B joins, A aborts, B rolls back.
     a.ctl_id("speculate", "1:2");
     a.say("y");
     b.expect("net_node: got y");
-    wait_until("B's join of 1:2", || count(r#""event":"joined","id":"1:2""#) == 1);
+    wait_until("B's join of 1:2", || {
+        count(r#""event":"joined","id":"1:2""#) == 1
+    });
     a.ctl_id("abort", "1:2");
     b.wait_depth(0);
-    wait_until("B's ack of 1:2", || count(r#""event":"acked","id":"1:2""#) == 1);
+    wait_until("B's ack of 1:2", || {
+        count(r#""event":"acked","id":"1:2""#) == 1
+    });
     a.quit();
     b.quit();
     drop(a_events);
@@ -532,14 +584,24 @@ fn a_real_scenario_is_drawn() {
         None,
     );
     r.assert_status(0);
-    assert!(r.stdout.contains("2 speculations (1 committed, 1 aborted, 0 open), 2 joins"), "{r}");
+    assert!(
+        r.stdout
+            .contains("2 speculations (1 committed, 1 aborted, 0 open), 2 joins"),
+        "{r}"
+    );
 
     let dom = tags(&dump_dom(&page, &dir));
     let e = expected(&bridge.events());
     // The scenario as it was run: the bridge must have said so too.
     assert_eq!(
-        e.specs.iter().map(|(k, v)| (k.as_str(), v.iter().cloned().collect::<Vec<_>>())).collect::<Vec<_>>(),
-        [("1:1", vec!["committed".to_string()]), ("1:2", vec!["aborted".to_string()])]
+        e.specs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.iter().cloned().collect::<Vec<_>>()))
+            .collect::<Vec<_>>(),
+        [
+            ("1:1", vec!["committed".to_string()]),
+            ("1:2", vec!["aborted".to_string()])
+        ]
     );
     assert_eq!(e.joins.len(), 2);
     let (s, j, o) = check_lane(&dom, "bridge", &e);
@@ -578,7 +640,16 @@ fn two_bridges_are_drawn_as_lanes() {
     let page_arg = page.to_str().expect("UTF-8");
     // host-b comes on stdin.
     let r = graph(
-        &["--name", "host-a", a.to_str().expect("UTF-8"), "--name", "host-b", "-", "-o", page_arg],
+        &[
+            "--name",
+            "host-a",
+            a.to_str().expect("UTF-8"),
+            "--name",
+            "host-b",
+            "-",
+            "-o",
+            page_arg,
+        ],
         Some(&b),
     );
     r.assert_status(0);
@@ -592,11 +663,25 @@ fn two_bridges_are_drawn_as_lanes() {
     again.assert_stderr_contains("exists: give --force");
     assert_eq!(std::fs::read(&page).expect("the page"), before);
     graph(
-        &["--name", "host-a", a.to_str().expect("UTF-8"), "--name", "host-b", b.to_str().expect("UTF-8"), "-o", page_arg, "--force"],
+        &[
+            "--name",
+            "host-a",
+            a.to_str().expect("UTF-8"),
+            "--name",
+            "host-b",
+            b.to_str().expect("UTF-8"),
+            "-o",
+            page_arg,
+            "--force",
+        ],
         None,
     )
     .assert_status(0);
-    assert_eq!(std::fs::read(&page).expect("the page"), before, "stdin and a file read alike");
+    assert_eq!(
+        std::fs::read(&page).expect("the page"),
+        before,
+        "stdin and a file read alike"
+    );
 
     let dom = tags(&dump_dom(&page, &dir));
     let read = |p: &Path| std::fs::read_to_string(p).expect("fixture");
@@ -646,5 +731,8 @@ fn two_bridges_are_drawn_as_lanes() {
         .filter(|t| t.get("class") == "lane")
         .map(|t| t.get("data-lane").to_string())
         .collect();
-    assert_eq!(lanes, BTreeSet::from(["host-a".to_string(), "host-b".to_string()]));
+    assert_eq!(
+        lanes,
+        BTreeSet::from(["host-a".to_string(), "host-b".to_string()])
+    );
 }
