@@ -5,10 +5,13 @@
 //! lane per bridge. `docs/graph.md` says how to use it.
 //!
 //! - [`parse`] reads the JSON lines, skipping and counting bad ones;
+//! - [`live`] reads event sockets, stdin and FIFOs until they end or the
+//!   user stops;
 //! - [`model`] builds the graph;
 //! - [`render`] writes the page;
 //! - [`write`] puts it on disk durably.
 
+pub mod live;
 pub mod model;
 pub mod parse;
 pub mod render;

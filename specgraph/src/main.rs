@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use specgraph::live::{self, Live, Wake};
 use specgraph::model::{build, Input, Outcome};
-use specgraph::parse::read_stream;
+use specgraph::parse::{read_stream, Parsed};
 use specgraph::render::page;
 use specgraph::write::write_durably;
 
@@ -23,8 +26,9 @@ use specgraph::write::write_durably;
     about = "Draws the speculation graph of netbridge (and specvm) event streams as one HTML page"
 )]
 struct Args {
-    /// Event streams, files of JSON lines: a bridge's stdout or `--events`
-    /// socket, or a VMM's `ctl events`; `-` reads stdin.
+    /// Event streams of JSON lines: files (a bridge's stdout, a VMM's
+    /// `ctl events`), a bridge's `--events` socket (read from now until it
+    /// closes or Ctrl-C), or `-` for stdin.
     #[arg(required = true, value_name = "FILE")]
     inputs: Vec<PathBuf>,
     /// Names the FILE that follows it (the lane's name); without it a
@@ -140,9 +144,56 @@ fn run(args: &Args, names: Vec<String>) -> Result<(), String> {
     if args.inputs.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
         return Err("stdin (-) can be read only once".into());
     }
+    let mut parsed = Vec::new();
+    let mut notes = Vec::new();
+    let mut live = Vec::new();
+    // Regular files first; then the live inputs, all at once.
+    for (i, path) in args.inputs.iter().enumerate() {
+        match live::classify(path) {
+            Some(l) => {
+                live.push((i, l));
+                parsed.push(Parsed::default());
+            }
+            None => {
+                parsed.push(read(path).map_err(|e| format!("reading {}: {e}", path.display()))?)
+            }
+        }
+    }
+    if !live.is_empty() {
+        let sources: Vec<Live> = live.iter().map(|(_, l)| l.clone()).collect();
+        let readers = live::open(&sources)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut signals =
+            Signals::new([SIGINT, SIGTERM]).map_err(|e| format!("setting up Ctrl-C: {e}"))?;
+        let stop = tx.clone();
+        std::thread::spawn(move || {
+            if signals.forever().next().is_some() {
+                let _ = stop.send(Wake::Stop);
+            }
+        });
+        if sources.iter().any(|l| matches!(l, Live::Socket(_))) {
+            eprintln!(
+                "specvm-graph: reading the event sockets from now on; Ctrl-C (or SIGTERM) draws what came"
+            );
+        }
+        let got = live::read_all(readers, &tx, &rx);
+        for ((i, _), c) in live.iter().zip(got) {
+            let name = &names[*i];
+            if c.cut > 0 {
+                notes.push(format!(
+                    "{name}: {} bytes past the first {} MiB were not kept.",
+                    c.cut,
+                    live::KEEP_MAX >> 20
+                ));
+            }
+            if let Some(e) = c.error {
+                notes.push(format!("{name}: reading it ended with an error: {e}."));
+            }
+            parsed[*i] = read_stream(&c.bytes[..]).map_err(|e| e.to_string())?;
+        }
+    }
     let mut inputs = Vec::new();
-    for (path, name) in args.inputs.iter().zip(names) {
-        let parsed = read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    for (parsed, name) in parsed.into_iter().zip(names) {
         if parsed.malformed > 0 {
             let first = parsed
                 .examples
@@ -156,7 +207,11 @@ fn run(args: &Args, names: Vec<String>) -> Result<(), String> {
         }
         inputs.push(Input { name, parsed });
     }
-    let graph = build(&inputs);
+    let mut graph = build(&inputs);
+    for n in &notes {
+        eprintln!("specvm-graph: {n}");
+    }
+    graph.notes = notes;
     for n in graph.unknown.iter().map(|(k, n)| format!("{k} ×{n}")) {
         eprintln!("specvm-graph: events of a kind not drawn: {n}");
     }
@@ -182,10 +237,8 @@ fn run(args: &Args, names: Vec<String>) -> Result<(), String> {
     Ok(())
 }
 
-fn read(path: &Path) -> std::io::Result<specgraph::parse::Parsed> {
-    if path.as_os_str() == "-" {
-        return read_stream(std::io::stdin().lock());
-    }
+/// Reads a regular file (live inputs are read by `live`).
+fn read(path: &Path) -> std::io::Result<Parsed> {
     let file = std::fs::File::open(path)?;
     if file.metadata()?.is_dir() {
         return Err(std::io::Error::other("is a directory"));

@@ -208,6 +208,8 @@ pub struct Graph {
     pub unknown: BTreeMap<String, u64>,
     /// Ids that only VMM streams name (no bridge stream has them).
     pub vm_only: BTreeSet<SpecId>,
+    /// What the caller has to say about the inputs (shown as notes).
+    pub notes: Vec<String>,
 }
 
 impl Graph {
@@ -307,6 +309,7 @@ pub fn build(inputs: &[Input]) -> Graph {
         vm_gaps: 0,
         unknown: BTreeMap::new(),
         vm_only: BTreeSet::new(),
+        notes: Vec::new(),
     };
 
     // Nodes first: where each speculation started, else where it was

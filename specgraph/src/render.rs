@@ -466,7 +466,7 @@ fn summary(html: &mut String, g: &Graph, drawn: usize) {
             esc(&g.vm_streams.join(", "))
         );
     }
-    let mut notes = Vec::new();
+    let mut notes = g.notes.clone();
     if g.axis == Axis::Order {
         notes.push(
             "Some events carry no time: each lane is drawn in its own event order, and lanes are not aligned.".to_string(),

@@ -624,6 +624,11 @@ pub struct NetBridge {
 impl NetBridge {
     /// Starts a bridge in a new directory named after `name`.
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Starts a bridge as [`NetBridge::start`] does, with `extra` flags.
+    pub fn start_with(name: &str, extra: &[&std::ffi::OsStr]) -> Self {
         let dir = std::env::temp_dir().join(format!("specvm-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the bridge's directory");
@@ -632,6 +637,7 @@ impl NetBridge {
         let child = Command::new(bin)
             .arg("--listen")
             .arg(dir.join("br.sock"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(events))
             .spawn()

@@ -521,8 +521,34 @@ fn a_real_scenario_is_drawn() {
     skip_without_kvm!();
     skip_without_chromium!("graph::a_real_scenario_is_drawn");
     let dir = TempDir::new("graph-real");
-    let bridge = NetBridge::start("graph-real");
+    let events_sock = dir.join("events.sock");
+    let bridge = NetBridge::start_with(
+        "graph-real",
+        &["--events".as_ref(), events_sock.as_os_str()],
+    );
     let count = |needle: &str| bridge.events().matches(needle).count();
+    // A second page is drawn live, from the bridge's event socket, until
+    // the test's Ctrl-C (SIGINT) once the scenario is over.
+    wait_until("the event socket", || events_sock.exists());
+    let live_page = dir.join("live.html");
+    let live_err = dir.join("live.err");
+    let live = Killed(
+        Command::new(specgraph_bin())
+            .arg("--name")
+            .arg("bridge")
+            .arg(&events_sock)
+            .arg("-o")
+            .arg(&live_page)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&live_err).expect("a file"))
+            .spawn()
+            .expect("starting specvm-graph"),
+    );
+    // It says so once connected, with Ctrl-C handled.
+    wait_until("specvm-graph reading the socket", || {
+        std::fs::read_to_string(&live_err).is_ok_and(|e| e.contains("Ctrl-C"))
+    });
     let mut a = Node::start(&bridge, "A", 1);
     let mut b = Node::start(&bridge, "B", 2);
     wait_until("both ports", || count(r#""event":"port-up""#) == 2);
@@ -590,6 +616,18 @@ fn a_real_scenario_is_drawn() {
         "{r}"
     );
 
+    // Ctrl-C to the live reader, by its PID: it draws what came.
+    let pid = i32::try_from(live.0.id()).expect("a pid");
+    // SAFETY: kill(2) on a child of this test that has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let mut live = live;
+    wait_until("specvm-graph to end", || {
+        matches!(live.0.try_wait(), Ok(Some(_)))
+    });
+    let done = live.0.wait().expect("its status");
+    let err = std::fs::read_to_string(&live_err).unwrap_or_default();
+    assert!(done.success(), "specvm-graph on the socket: {done}\n{err}");
+
     let dom = tags(&dump_dom(&page, &dir));
     let e = expected(&bridge.events());
     // The scenario as it was run: the bridge must have said so too.
@@ -628,6 +666,12 @@ fn a_real_scenario_is_drawn() {
     let sum = summary(&dom);
     assert_eq!(sum.get("data-malformed"), "0");
     assert_eq!(sum.get("data-lanes"), "1");
+
+    // The page drawn live from the socket shows the same.
+    let dom = tags(&dump_dom(&live_page, &dir));
+    let (s, j, o) = check_lane(&dom, "bridge", &e);
+    check_counts(&dom, s, j, o);
+    assert_eq!(summary(&dom).get("data-malformed"), "0");
 }
 
 #[test]
