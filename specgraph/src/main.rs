@@ -17,7 +17,7 @@ use specgraph::live::{self, Live, Wake};
 use specgraph::model::{build, Input, Outcome};
 use specgraph::parse::{read_stream, Parsed};
 use specgraph::render::page;
-use specgraph::write::write_durably;
+use specgraph::write::{check_target, write_durably};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -144,6 +144,7 @@ fn run(args: &Args, names: Vec<String>) -> Result<(), String> {
     if args.inputs.iter().filter(|p| p.as_os_str() == "-").count() > 1 {
         return Err("stdin (-) can be read only once".into());
     }
+    check_target(&args.output, args.force).map_err(|e| e.to_string())?;
     let mut parsed = Vec::new();
     let mut notes = Vec::new();
     let mut live = Vec::new();

@@ -21,6 +21,9 @@ pub enum WriteError {
     /// The target is not a regular file: not replaced even with force.
     #[error("{0} exists and is not a regular file: not replaced")]
     NotAFile(PathBuf),
+    /// What should be the target's folder is not one.
+    #[error("{0} is not a folder")]
+    NoFolder(PathBuf),
     /// The target has no file name (`/`, `..`).
     #[error("{0} names no file")]
     NoFileName(PathBuf),
@@ -55,25 +58,44 @@ impl Drop for Temp {
     }
 }
 
+/// The folder `path` is in.
+fn folder(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Whether `path` may be written: it does not exist, or `force` is given
+/// and it is a regular file. `main` asks before reading its inputs (a
+/// live one may take minutes), and [`write_durably`] again (the rename
+/// itself refuses to replace without `force`).
+pub fn check_target(path: &Path, force: bool) -> Result<(), WriteError> {
+    let dir = folder(path);
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(WriteError::NoFolder(dir)),
+        Err(e) => return Err(io("the folder", &dir)(e)),
+    }
+    match std::fs::metadata(path) {
+        Ok(_) if !force => Err(WriteError::Exists(path.to_path_buf())),
+        Ok(m) if !m.is_file() => Err(WriteError::NotAFile(path.to_path_buf())),
+        Ok(_) => Ok(()),
+        // A dangling link: something is there, and it is not ours.
+        Err(_) if std::fs::symlink_metadata(path).is_ok() => {
+            Err(WriteError::NotAFile(path.to_path_buf()))
+        }
+        Err(_) => Ok(()),
+    }
+}
+
 /// Writes `bytes` to `path` durably; see the module doc.
 pub fn write_durably(path: &Path, bytes: &[u8], force: bool) -> Result<(), WriteError> {
     let name = path
         .file_name()
         .ok_or_else(|| WriteError::NoFileName(path.to_path_buf()))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    match std::fs::metadata(path) {
-        Ok(_) if !force => return Err(WriteError::Exists(path.to_path_buf())),
-        Ok(m) if !m.is_file() => return Err(WriteError::NotAFile(path.to_path_buf())),
-        Ok(_) => {}
-        // A dangling link: something is there, and it is not ours.
-        Err(_) if std::fs::symlink_metadata(path).is_ok() => {
-            return Err(WriteError::NotAFile(path.to_path_buf()))
-        }
-        Err(_) => {}
-    }
+    let dir = folder(path);
+    check_target(path, force)?;
 
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
@@ -177,7 +199,9 @@ mod tests {
         let e = write_durably(&sub, b"x", true).expect_err("a directory");
         assert!(matches!(e, WriteError::NotAFile(_)), "{e}");
         let e = write_durably(&d.join("missing/g.html"), b"x", false).expect_err("no dir");
-        assert!(e.to_string().contains("creating"), "{e}");
+        assert!(e.to_string().starts_with("the folder"), "{e}");
+        let e = write_durably(&d.join("g.html/x"), b"x", false).expect_err("a file");
+        assert!(matches!(e, WriteError::NoFolder(_)), "{e}");
         assert_eq!(entries(&d), ["g.html", "sub"]);
         let _ = std::fs::remove_dir_all(&d);
     }
