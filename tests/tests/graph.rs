@@ -17,8 +17,9 @@
 //!   speculation with another. One line is cut short (malformed), one is
 //!   a kind this tool does not draw.
 //!
-//! Without `/usr/bin/chromium` (`apt-get install -y chromium`) both are
-//! recorded as skipped, never passed.
+//! Without `/usr/bin/chromium` (`apt-get install -y chromium`; or the
+//! browser `SPECVM_CHROMIUM` names) both are recorded as skipped, never
+//! passed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
@@ -33,7 +34,11 @@ use specvm_tests::{
     specgraph_bin, specvm_bin, NetBridge, RunResult, Spawned, TempDir,
 };
 
-const CHROMIUM: &str = "/usr/bin/chromium";
+/// Debian's Chromium; `SPECVM_CHROMIUM` names another.
+fn chromium() -> PathBuf {
+    std::env::var_os("SPECVM_CHROMIUM")
+        .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from)
+}
 /// The longest any one wait may take.
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// How long Chromium may take to load, run and dump the page.
@@ -42,10 +47,13 @@ const BROWSER_TIMEOUT: Duration = Duration::from_secs(90);
 /// Records a skip and returns from the test when Chromium is missing.
 macro_rules! skip_without_chromium {
     ($test:expr) => {
-        if !Path::new(CHROMIUM).is_file() {
+        if !chromium().is_file() {
             record_skip(
                 $test,
-                &format!("{CHROMIUM} is missing: install it with `apt-get install -y chromium`"),
+                &format!(
+                    "{} is missing: install it with `apt-get install -y chromium`",
+                    chromium().display()
+                ),
             );
             return;
         }
@@ -106,7 +114,7 @@ fn expected(stream: &str) -> Expected {
 fn dump_dom(page: &Path, dir: &TempDir) -> String {
     let profile = dir.join("chromium-profile");
     std::fs::create_dir_all(&profile).expect("a profile folder");
-    let mut cmd = Command::new(CHROMIUM);
+    let mut cmd = Command::new(chromium());
     cmd.args([
         "--headless",
         "--no-sandbox",
