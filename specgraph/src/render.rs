@@ -269,7 +269,13 @@ pub fn page(g: &Graph, title: &str) -> String {
     }
 
     // Edges: from the node's start to the member's port at the join.
-    for j in g.joins.iter().take(MAX_EDGES) {
+    let drawn_ids: std::collections::HashSet<_> = drawn_specs.iter().map(|s| s.id).collect();
+    for j in g
+        .joins
+        .iter()
+        .filter(|j| drawn_ids.contains(&j.id))
+        .take(MAX_EDGES)
+    {
         let Some(s) = g.specs.get(&j.id) else {
             continue;
         };
@@ -321,7 +327,12 @@ pub fn page(g: &Graph, title: &str) -> String {
     }
 
     // Outcomes, as each bridge announced them.
-    for d in g.decisions.iter().take(MAX_EDGES) {
+    for d in g
+        .decisions
+        .iter()
+        .filter(|d| drawn_ids.contains(&d.id))
+        .take(MAX_EDGES)
+    {
         let Some(top) = layout.row_top(d.lane, d.port) else {
             continue;
         };
@@ -483,7 +494,7 @@ fn summary(html: &mut String, g: &Graph, drawn: usize) {
     }
     if drawn < g.specs.len() {
         notes.push(format!(
-            "Only the first {drawn} speculations are drawn, of {}.",
+            "Only the first {drawn} speculations (by id) are drawn, of {}, with their joins and outcomes.",
             g.specs.len()
         ));
     }
@@ -615,6 +626,31 @@ mod tests {
         assert_eq!(tick_step(10), 1);
         assert_eq!(tick_step(95_000), 10_000);
         assert_eq!(tick_step(u64::MAX), 2_000_000_000_000_000_000);
+    }
+
+    #[test]
+    fn a_huge_stream_is_drawn_in_part_and_says_so() {
+        let mut text = String::new();
+        for s in 1..=MAX_SPECS + 3 {
+            text.push_str(&format!(
+                "{{\"event\":\"started\",\"id\":\"1:{s}\",\"port\":1}}\n"
+            ));
+            text.push_str(&format!(
+                "{{\"event\":\"joined\",\"id\":\"1:{s}\",\"port\":2}}\n"
+            ));
+        }
+        let parsed = read_stream(text.as_bytes()).expect("slice");
+        let g = build(&[Input {
+            name: "br".into(),
+            parsed,
+        }]);
+        let p = page(&g, "t");
+        assert_eq!(p.matches(r#"data-kind="speculation""#).count(), MAX_SPECS);
+        assert_eq!(p.matches(r#"data-kind="join""#).count(), MAX_SPECS);
+        assert!(p.contains(&format!(
+            "Only the first {MAX_SPECS} speculations (by id) are drawn, of {}",
+            MAX_SPECS + 3
+        )));
     }
 
     #[test]
