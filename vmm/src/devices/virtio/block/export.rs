@@ -154,7 +154,8 @@ impl ExportSource {
     /// Copies the image into `out`, then the private level over it.
     fn fill(&self, out: &File, out_path: &Path) -> Result<Exported, ExportError> {
         copy_range(&self.image, out, self.size).map_err(io_err(&self.image_path, "copy"))?;
-        out.set_len(self.size).map_err(io_err(out_path, "truncate"))?;
+        out.set_len(self.size)
+            .map_err(io_err(out_path, "truncate"))?;
         let zeros = vec![0u8; GRANULE as usize];
         for (&g, granule) in &self.level {
             let at = g * GRANULE;
