@@ -141,6 +141,10 @@ pub struct Event {
     pub id: Option<String>,
     /// The port concerned.
     pub port: PortId,
+    /// When the bridge recorded it: microseconds since the Unix epoch (0
+    /// if the clock is before it). `specvm-graph` draws its time axis
+    /// from it (docs/graph.md).
+    pub us: u64,
     /// Peering: the peer's address (`peer-up`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
@@ -187,6 +191,9 @@ impl Bridge {
             event,
             id: id.as_ref().map(Id::to_string),
             port,
+            us: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
             addr: None,
             peering: None,
         });
