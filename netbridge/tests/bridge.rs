@@ -43,14 +43,17 @@ impl Bridge {
 
     fn connect(&self, vm: u32, speculative: bool) -> Port {
         let s = UnixStream::connect(self.dir.join("bridge.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
+        // The welcome may take a while on a loaded host: wait for it
+        // longer than for the frames that the tests expect not to come.
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut p = Port(s);
         p.control(&Control::Hello { vm, speculative });
         assert!(
             matches!(p.recv(), Some(Message::Control(Control::Welcome { .. }))),
             "no welcome"
         );
+        p.0.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         p
     }
 }
