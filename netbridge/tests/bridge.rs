@@ -43,17 +43,13 @@ impl Bridge {
 
     fn connect(&self, vm: u32, speculative: bool) -> Port {
         let s = UnixStream::connect(self.dir.join("bridge.sock")).unwrap();
-        // The welcome may take a while on a loaded host: wait for it
-        // longer than for the frames that the tests expect not to come.
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(EXPECT)).unwrap();
         let mut p = Port(s);
         p.control(&Control::Hello { vm, speculative });
         assert!(
             matches!(p.recv(), Some(Message::Control(Control::Welcome { .. }))),
             "no welcome"
         );
-        p.0.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
         p
     }
 }
@@ -65,6 +61,12 @@ impl Drop for Bridge {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// How long a test waits for a message it expects: long, since a loaded
+/// host can be slow (a 500 ms wait failed there).
+const EXPECT: Duration = Duration::from_secs(20);
+/// How long it listens for a message that must not come.
+const QUIET: Duration = Duration::from_millis(500);
 
 struct Port(UnixStream);
 
@@ -78,10 +80,18 @@ impl Port {
     fn frame(&mut self, f: &[u8]) {
         self.send(&encode_frame(f));
     }
-    /// The next message, or None after the read timeout.
+    /// The next message, or None after [`EXPECT`].
     fn recv(&mut self) -> Option<Message> {
         let buf = read_message(&mut self.0).ok()?;
         Some(decode(&buf).unwrap())
+    }
+    /// The next message if one comes within [`QUIET`]: for what must not
+    /// come.
+    fn recv_quiet(&mut self) -> Option<Message> {
+        self.0.set_read_timeout(Some(QUIET)).unwrap();
+        let m = self.recv();
+        self.0.set_read_timeout(Some(EXPECT)).unwrap();
+        m
     }
 }
 
@@ -131,7 +141,7 @@ fn forwards_learns_and_carries_outcomes() {
     b.control(&Control::Ack { seq });
     // Anti-messages: frames tagged with the aborted id go nowhere now.
     a.frame(&udp(1, 2, &[S]));
-    assert_eq!(b.recv(), None);
+    assert_eq!(b.recv_quiet(), None);
     // Untagged traffic still flows, both ways (b's MAC was learned).
     a.frame(&udp(1, 2, &[]));
     assert!(matches!(b.recv(), Some(Message::Frame(_))));
@@ -148,7 +158,7 @@ fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
     settle();
     let tagged = udp(1, 9, &[S]);
     a.frame(&tagged);
-    assert_eq!(up.recv(), None, "held while S is open");
+    assert_eq!(up.recv_quiet(), None, "held while S is open");
     a.control(&Control::Resolved {
         id: S,
         outcome: Outcome::Commit,
@@ -169,7 +179,7 @@ fn output_commit_holds_tagged_frames_for_a_port_that_cannot_roll_back() {
         id: s2,
         outcome: Outcome::Abort,
     });
-    assert_eq!(up.recv(), None, "dropped on abort");
+    assert_eq!(up.recv_quiet(), None, "dropped on abort");
 }
 
 #[test]
@@ -205,7 +215,11 @@ fn owner_disconnect_aborts_its_speculations() {
         id: c_spec,
         outcome: Outcome::Commit,
     });
-    assert_eq!(c.recv(), None, "nobody left to tell, nothing sent back");
+    assert_eq!(
+        c.recv_quiet(),
+        None,
+        "nobody left to tell, nothing sent back"
+    );
 }
 
 #[test]
@@ -221,7 +235,7 @@ fn a_second_port_with_a_taken_vm_id_is_refused_and_ids_continue() {
         vm: 1,
         speculative: true,
     });
-    assert_eq!(dup.recv(), None, "refused: closed without a welcome");
+    assert_eq!(dup.recv_quiet(), None, "refused: closed without a welcome");
     drop(a);
     settle();
     // VM 1 again, after the first one left: its ids continue past 1:1.
@@ -308,5 +322,5 @@ fn forged_ids_are_stripped_and_refused_through_the_socket() {
         id: theirs,
         outcome: Outcome::Abort,
     });
-    assert_eq!(victim.recv(), None, "VM 5 was told of 99:1");
+    assert_eq!(victim.recv_quiet(), None, "VM 5 was told of 99:1");
 }
