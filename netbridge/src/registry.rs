@@ -641,5 +641,11 @@ impl Registry {
     }
 }
 
+pub mod backend;
+#[doc(hidden)]
+pub mod conformance;
+pub mod embedded;
+pub mod etcd;
+
 #[cfg(test)]
 mod tests;
