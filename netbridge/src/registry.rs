@@ -646,6 +646,8 @@ pub mod backend;
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;
+pub mod link;
+pub mod shared_rules;
 
 #[cfg(test)]
 mod tests;
