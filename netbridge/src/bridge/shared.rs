@@ -154,3 +154,6 @@ impl Bridge {
         (self.notify(r.resumed.notices), Vec::new())
     }
 }
+
+#[cfg(test)]
+mod tests;
