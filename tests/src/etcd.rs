@@ -33,7 +33,10 @@ pub fn etcd_bin() -> Result<PathBuf, String> {
         let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         match path.is_file() {
             true => Ok(path),
-            false => Err(format!("fetch-etcd.sh named {}, which is not a file", path.display())),
+            false => Err(format!(
+                "fetch-etcd.sh named {}, which is not a file",
+                path.display()
+            )),
         }
     })
     .clone()
@@ -104,8 +107,18 @@ impl EtcdCluster {
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(m.dir.join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &cluster.join(",")])
             .args(["--initial-cluster-token", &self.token])
             .args(["--initial-cluster-state", "new"])
@@ -167,12 +180,16 @@ impl EtcdCluster {
                 let logs: Vec<String> = running
                     .iter()
                     .map(|m| {
-                        let log = std::fs::read_to_string(m.dir.join("etcd.log")).unwrap_or_default();
+                        let log =
+                            std::fs::read_to_string(m.dir.join("etcd.log")).unwrap_or_default();
                         let tail: Vec<&str> = log.lines().rev().take(5).collect();
                         format!("{}: {}", m.name, tail.join(" | "))
                     })
                     .collect();
-                return Err(format!("etcd not healthy within {within:?}: {}", logs.join("; ")));
+                return Err(format!(
+                    "etcd not healthy within {within:?}: {}",
+                    logs.join("; ")
+                ));
             }
             std::thread::sleep(Duration::from_millis(50));
         }

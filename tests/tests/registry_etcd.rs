@@ -31,7 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use specvm_tests::{bare_guest, netbridge_bin, run_specvm, skip_without_kvm, spawn_specvm, Spawned};
+use specvm_tests::{
+    bare_guest, netbridge_bin, run_specvm, skip_without_kvm, spawn_specvm, Spawned,
+};
 use specwire::protocol::{
     decode, encode_control, encode_frame, read_message, write_message, Control, Message,
 };
@@ -82,14 +84,20 @@ async fn client(c: &EtcdCluster, prefix: &str) -> Etcd {
 #[test]
 fn etcd_registry_keeps_the_registry_rules() {
     let test = "registry_etcd::etcd_registry_keeps_the_registry_rules";
-    let Some(c) = etcd_or_skip(test, 1) else { return };
+    let Some(c) = etcd_or_skip(test, 1) else {
+        return;
+    };
     rt().block_on(async {
         let r = client(&c, "/t1/").await;
         conformance::start_join_resolve_watch(&r).await.unwrap();
         let r = client(&c, "/t2/").await;
-        conformance::join_after_outcome_returns_it(&r).await.unwrap();
+        conformance::join_after_outcome_returns_it(&r)
+            .await
+            .unwrap();
         let r = client(&c, "/t3/").await;
-        conformance::replay_from_a_revision_is_exactly_once(&r).await.unwrap();
+        conformance::replay_from_a_revision_is_exactly_once(&r)
+            .await
+            .unwrap();
         // Two bridges: two clients of their own.
         let a = client(&c, "/t4/").await;
         let b = client(&c, "/t4/").await;
@@ -449,14 +457,20 @@ fn speculation_across(
     text: &str,
 ) -> Relay {
     let id = SpecId::new(1, seq);
-    assert_eq!(n1.ctl("speculate"), format!(r#"{{"ok":true,"id":"1:{seq}"}}"#));
+    assert_eq!(
+        n1.ctl("speculate"),
+        format!(r#"{{"ok":true,"id":"1:{seq}"}}"#)
+    );
     a.wait_event(&format!(r#"{{"event":"started","id":"1:{seq}""#));
     let relay = Relay::start(a, b, &[id]);
     b.wait_event(&format!(r#"{{"event":"joined","id":"1:{seq}","port""#));
     n1.say(text);
     n2.expect(&format!("net_node: got {text}"));
     let before = n2.depth();
-    assert!(before.is_some_and(|d| d >= 1), "VM 2 did not join: {before:?}");
+    assert!(
+        before.is_some_and(|d| d >= 1),
+        "VM 2 did not join: {before:?}"
+    );
     relay
 }
 
@@ -477,14 +491,22 @@ fn an_owner_killed_on_one_bridge_rolls_back_its_member_on_the_other() {
     skip_without_kvm!();
     let _serial = one_at_a_time();
     let etcd = etcd_or_return!("registry_etcd::owner_killed", 1);
-    let (a, b) = (Bridge::start("ok-a", &etcd.url()), Bridge::start("ok-b", &etcd.url()));
+    let (a, b) = (
+        Bridge::start("ok-a", &etcd.url()),
+        Bridge::start("ok-b", &etcd.url()),
+    );
     let (mut n1, mut n2) = (Node::start(&a, 1), Node::start(&b, 2));
     let _relay = speculation_across(&a, &b, &mut n1, &mut n2, 1, "x");
     let t = Instant::now();
     n1.kill();
     let tb = n2.wait_depth(0, t);
-    println!("timing: SIGKILL of the owner on A -> member on B rolled back: {tb:?} (lease {LEASE:?})");
-    assert!(tb < LEASE, "the member rolled back after {tb:?}, past the lease {LEASE:?}");
+    println!(
+        "timing: SIGKILL of the owner on A -> member on B rolled back: {tb:?} (lease {LEASE:?})"
+    );
+    assert!(
+        tb < LEASE,
+        "the member rolled back after {tb:?}, past the lease {LEASE:?}"
+    );
     assert_eq!(n2.log(), "[]");
     b.wait_event(r#"{"event":"aborted","id":"1:1""#);
     n2.quit();
@@ -511,7 +533,11 @@ fn restart_while_deciding(outcome: &str, log_after: &str) {
     let acked = r#"{"event":"acked","id":"1:1""#;
     b.wait_event(acked);
     std::thread::sleep(LEASE);
-    assert_eq!(b.events().matches(acked).count(), 1, "the member got it once");
+    assert_eq!(
+        b.events().matches(acked).count(),
+        1,
+        "the member got it once"
+    );
     n1.quit();
     n2.quit();
 }
@@ -555,7 +581,11 @@ fn a_three_node_etcd_that_loses_one_node_goes_on() {
     assert_eq!(n1.ctl("abort"), r#"{"ok":true,"id":"1:2"}"#);
     n2.wait_depth(0, Instant::now());
     assert_eq!(n2.log(), "[x]");
-    assert!(!a.events().contains(r#""event":"refused""#), "A refused a start:\n{}", a.events());
+    assert!(
+        !a.events().contains(r#""event":"refused""#),
+        "A refused a start:\n{}",
+        a.events()
+    );
     n1.quit();
     n2.quit();
 }
@@ -584,7 +614,10 @@ fn with_etcd_stopped_new_speculations_fail_and_nothing_diverges() {
     // The member holds on: no outcome is guessed.
     std::thread::sleep(3 * LEASE);
     assert_eq!(n2.depth(), Some(1), "B's member did not wait for etcd");
-    assert!(!b.events().contains(r#"{"event":"committed","id":"1:1""#), "B guessed");
+    assert!(
+        !b.events().contains(r#"{"event":"committed","id":"1:1""#),
+        "B guessed"
+    );
     let t = Instant::now();
     etcd.restart(0).expect("etcd back");
     let tb = n2.wait_depth(0, t);

@@ -220,7 +220,9 @@ fn outcome(owner: &PathBuf, members: &PathBuf, n: u32, rounds: u32, vm: u32) -> 
             .map(|mut m| std::thread::spawn(move || wait_decided(&mut m, id)))
             .collect();
         for w in waits {
-            let t = w.join().map_err(|_| "a member thread panicked".to_string())??;
+            let t = w
+                .join()
+                .map_err(|_| "a member thread panicked".to_string())??;
             last = last.max(t);
         }
         lat.push((last - t0).as_secs_f64() * 1e3);

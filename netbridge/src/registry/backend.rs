@@ -199,7 +199,12 @@ mod tests {
 
     #[test]
     fn keys_sort_by_vm_then_sequence_and_parse_back() {
-        let ids = [Id::new(1, 2), Id::new(1, 10), Id::new(2, 1), Id::new(u32::MAX, u32::MAX)];
+        let ids = [
+            Id::new(1, 2),
+            Id::new(1, 10),
+            Id::new(2, 1),
+            Id::new(u32::MAX, u32::MAX),
+        ];
         let keys: Vec<String> = ids.iter().map(|&i| id_key(i)).collect();
         let mut sorted = keys.clone();
         sorted.sort();
@@ -210,7 +215,10 @@ mod tests {
         assert_eq!(parse_id_key("1:2"), None);
         assert_eq!(parse_id_key("0000000g:00000001"), None);
         assert_eq!(parse_outcome(b"commit"), Some(Outcome::Commit));
-        assert_eq!(parse_outcome(outcome_text(Outcome::Abort).as_bytes()), Some(Outcome::Abort));
+        assert_eq!(
+            parse_outcome(outcome_text(Outcome::Abort).as_bytes()),
+            Some(Outcome::Abort)
+        );
         assert_eq!(parse_outcome(b"maybe"), None);
     }
 }

@@ -28,7 +28,10 @@ fn e(what: &str) -> impl Fn(BackendError) -> String + '_ {
 }
 
 /// The next change within `within`, or `None`.
-async fn next(rx: &mut mpsc::Receiver<WatchItem>, within: Duration) -> Result<Option<Watched>, String> {
+async fn next(
+    rx: &mut mpsc::Receiver<WatchItem>,
+    within: Duration,
+) -> Result<Option<Watched>, String> {
     match tokio::time::timeout(within, rx.recv()).await {
         Err(_) => Ok(None),
         Ok(None) => Err("the watch ended".into()),
@@ -45,7 +48,12 @@ async fn take(rx: &mut mpsc::Receiver<WatchItem>, n: usize) -> Result<Vec<Watche
         let left = deadline.saturating_duration_since(Instant::now());
         match next(rx, left).await? {
             Some(w) => v.push(w),
-            None => return Err(format!("{} changes within {WAIT:?}, not {n}: {v:?}", v.len())),
+            None => {
+                return Err(format!(
+                    "{} changes within {WAIT:?}, not {n}: {v:?}",
+                    v.len()
+                ))
+            }
         }
     }
     Ok(v)
@@ -74,14 +82,28 @@ pub async fn start_join_resolve_watch(r: &dyn RegistryBackend) -> Result<(), Str
     check!(j == JoinResult::Joined, "join of an open id: {j:?}");
     let o = r.resolve(id, Outcome::Commit).await.map_err(e("resolve"))?;
     check!(o == Outcome::Commit, "resolve returned {o:?}");
-    let o = r.resolve(id, Outcome::Abort).await.map_err(e("resolve again"))?;
-    check!(o == Outcome::Commit, "a second resolve changed the outcome to {o:?}");
+    let o = r
+        .resolve(id, Outcome::Abort)
+        .await
+        .map_err(e("resolve again"))?;
+    check!(
+        o == Outcome::Commit,
+        "a second resolve changed the outcome to {o:?}"
+    );
     let seen = take(&mut rx, 1).await?;
     check!(
-        decided(&seen[0]) == Some(Decision { id, outcome: Outcome::Commit }),
+        decided(&seen[0])
+            == Some(Decision {
+                id,
+                outcome: Outcome::Commit
+            }),
         "the watch yielded {seen:?}"
     );
-    check!(seen[0].revision > rev, "revision {} not past {rev}", seen[0].revision);
+    check!(
+        seen[0].revision > rev,
+        "revision {} not past {rev}",
+        seen[0].revision
+    );
     // Nothing more: the second resolve wrote nothing.
     let more = next(&mut rx, Duration::from_millis(300)).await?;
     check!(more.is_none(), "the second resolve was watched: {more:?}");
@@ -100,14 +122,29 @@ pub async fn join_after_outcome_returns_it(r: &dyn RegistryBackend) -> Result<()
     r.start(id, lease).await.map_err(e("start"))?;
     r.resolve(id, Outcome::Abort).await.map_err(e("resolve"))?;
     let j = r.join(id, "b/3".into()).await.map_err(e("join"))?;
-    check!(j == JoinResult::Decided(Outcome::Abort), "join after abort: {j:?}");
+    check!(
+        j == JoinResult::Decided(Outcome::Abort),
+        "join after abort: {j:?}"
+    );
     let unknown = Id::new(8, 99);
-    let j = r.join(unknown, "b/3".into()).await.map_err(e("join unknown"))?;
+    let j = r
+        .join(unknown, "b/3".into())
+        .await
+        .map_err(e("join unknown"))?;
     check!(j == JoinResult::Unknown, "join of an unknown id: {j:?}");
     let x = r.expire(unknown).await.map_err(e("expire"))?;
-    check!(x == (Some(Outcome::Abort), true), "expire of an unknown id: {x:?}");
-    let j = r.join(unknown, "b/3".into()).await.map_err(e("join again"))?;
-    check!(j == JoinResult::Decided(Outcome::Abort), "join after expire: {j:?}");
+    check!(
+        x == (Some(Outcome::Abort), true),
+        "expire of an unknown id: {x:?}"
+    );
+    let j = r
+        .join(unknown, "b/3".into())
+        .await
+        .map_err(e("join again"))?;
+    check!(
+        j == JoinResult::Decided(Outcome::Abort),
+        "join after expire: {j:?}"
+    );
     // An open id is not expired.
     let open = Id::new(8, 2);
     r.start(open, lease).await.map_err(e("start open"))?;
@@ -127,20 +164,32 @@ pub async fn replay_from_a_revision_is_exactly_once(r: &dyn RegistryBackend) -> 
         r.start(id, lease).await.map_err(e("start"))?;
     }
     let mut rx = r.watch(rev + 1).await.map_err(e("watch"))?;
-    r.resolve(ids[0], Outcome::Commit).await.map_err(e("resolve"))?;
-    r.resolve(ids[1], Outcome::Abort).await.map_err(e("resolve"))?;
+    r.resolve(ids[0], Outcome::Commit)
+        .await
+        .map_err(e("resolve"))?;
+    r.resolve(ids[1], Outcome::Abort)
+        .await
+        .map_err(e("resolve"))?;
     let seen = take(&mut rx, 2).await?;
     let last = seen[1].revision;
     // The bridge goes away; decisions go on without it.
     drop(rx);
     for (i, &id) in ids[2..].iter().enumerate() {
-        let o = if i % 2 == 0 { Outcome::Abort } else { Outcome::Commit };
+        let o = if i % 2 == 0 {
+            Outcome::Abort
+        } else {
+            Outcome::Commit
+        };
         r.resolve(id, o).await.map_err(e("resolve while away"))?;
     }
     let mut rx = r.watch(last + 1).await.map_err(e("watch again"))?;
     let replay = take(&mut rx, 4).await?;
     let got: Vec<Id> = replay.iter().filter_map(decided).map(|d| d.id).collect();
-    check!(got == ids[2..], "replayed {got:?}, expected {:?}", &ids[2..]);
+    check!(
+        got == ids[2..],
+        "replayed {got:?}, expected {:?}",
+        &ids[2..]
+    );
     check!(
         replay.windows(2).all(|w| w[0].revision < w[1].revision),
         "replay out of order: {replay:?}"
@@ -153,7 +202,10 @@ pub async fn replay_from_a_revision_is_exactly_once(r: &dyn RegistryBackend) -> 
         ids.iter().all(|id| all.contains_key(id)),
         "the re-read misses outcomes: {all:?}"
     );
-    check!(all[&ids[1]] == Outcome::Abort && all[&ids[3]] == Outcome::Commit, "wrong outcomes: {all:?}");
+    check!(
+        all[&ids[1]] == Outcome::Abort && all[&ids[3]] == Outcome::Commit,
+        "wrong outcomes: {all:?}"
+    );
     Ok(())
 }
 
@@ -168,7 +220,10 @@ pub async fn lease_expiry_aborts_once_with_two_bridges_racing(
     let mut wa = a.watch(rev + 1).await.map_err(e("watch a"))?;
     let mut wb = b.watch(rev + 1).await.map_err(e("watch b"))?;
     let (short, ttl) = a.grant(Duration::from_secs(1)).await.map_err(e("grant"))?;
-    let (kept, _) = a.grant(Duration::from_secs(1)).await.map_err(e("grant kept"))?;
+    let (kept, _) = a
+        .grant(Duration::from_secs(1))
+        .await
+        .map_err(e("grant kept"))?;
     let ids = [Id::new(10, 1), Id::new(10, 2)];
     for &id in &ids {
         a.start(id, short).await.map_err(e("start"))?;
@@ -211,7 +266,9 @@ pub async fn lease_expiry_aborts_once_with_two_bridges_racing(
         let db = take(&mut wb, 2).await?;
         for w in da.iter().chain(&db) {
             match decided(w) {
-                Some(d) if d.outcome == Outcome::Abort => *decided_seen.entry(d.id).or_default() += 1,
+                Some(d) if d.outcome == Outcome::Abort => {
+                    *decided_seen.entry(d.id).or_default() += 1
+                }
                 _ => return Err(format!("expected aborts, got {w:?}")),
             }
         }
@@ -222,15 +279,26 @@ pub async fn lease_expiry_aborts_once_with_two_bridges_racing(
     r2?;
     let lapsed = started.elapsed();
     for id in ids {
-        check!(seen.get(&id) == Some(&2), "{id} orphaned {:?} times over two watches", seen.get(&id));
-        check!(wrote.get(&id) == Some(&1), "{id}'s abort written {:?} times", wrote.get(&id));
+        check!(
+            seen.get(&id) == Some(&2),
+            "{id} orphaned {:?} times over two watches",
+            seen.get(&id)
+        );
+        check!(
+            wrote.get(&id) == Some(&1),
+            "{id}'s abort written {:?} times",
+            wrote.get(&id)
+        );
         check!(
             decided_seen.get(&id) == Some(&2),
             "{id}'s abort watched {:?} times over two watches (one each)",
             decided_seen.get(&id)
         );
     }
-    check!(lapsed >= ttl, "orphaned after {lapsed:?}, before the TTL {ttl:?}");
+    check!(
+        lapsed >= ttl,
+        "orphaned after {lapsed:?}, before the TTL {ttl:?}"
+    );
     // The renewed lease's id is still open: not expired, no change for it.
     let x = a.expire(alive).await.map_err(e("expire kept"))?;
     check!(x == (None, false), "the kept-alive id was expired: {x:?}");

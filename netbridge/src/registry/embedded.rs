@@ -314,17 +314,23 @@ mod tests {
 
     #[tokio::test]
     async fn start_join_resolve_watch() {
-        conformance::start_join_resolve_watch(&Embedded::new()).await.unwrap();
+        conformance::start_join_resolve_watch(&Embedded::new())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
     async fn join_after_outcome_returns_it() {
-        conformance::join_after_outcome_returns_it(&Embedded::new()).await.unwrap();
+        conformance::join_after_outcome_returns_it(&Embedded::new())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
     async fn replay_from_a_revision_is_exactly_once() {
-        conformance::replay_from_a_revision_is_exactly_once(&Embedded::new()).await.unwrap();
+        conformance::replay_from_a_revision_is_exactly_once(&Embedded::new())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -345,7 +351,10 @@ mod tests {
             r.start(id, lease).await.unwrap();
             r.resolve(id, Outcome::Commit).await.unwrap();
         }
-        assert!(matches!(r.watch(1).await, Err(BackendError::Compacted(1, _))));
+        assert!(matches!(
+            r.watch(1).await,
+            Err(BackendError::Compacted(1, _))
+        ));
         let (_, kept) = r.outcomes().await.unwrap();
         assert_eq!(kept.len(), KEEP);
         assert_eq!(kept.first().map(|d| d.id), Some(Id::new(1, 3)));

@@ -15,8 +15,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 
@@ -40,7 +40,9 @@ pub struct Etcd {
 
 impl std::fmt::Debug for Etcd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Etcd").field("prefix", &self.prefix).finish()
+        f.debug_struct("Etcd")
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
@@ -172,7 +174,9 @@ impl RegistryBackend for Etcd {
             match self.client.lease_client().revoke(lease.0).await {
                 Ok(_) => Ok(()),
                 // Gone already: what revoking would do is done.
-                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => {
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if s.message().contains("lease not found") =>
+                {
                     Ok(())
                 }
                 Err(e) => Err(unreachable(e)),
@@ -243,7 +247,11 @@ impl RegistryBackend for Etcd {
                     Compare::version(outcome.clone(), CompareOp::Equal, 0),
                     Compare::version(spec, CompareOp::Greater, 0),
                 ])
-                .and_then([TxnOp::put(format!("{}{member}", self.members(id)), "", None)])
+                .and_then([TxnOp::put(
+                    format!("{}{member}", self.members(id)),
+                    "",
+                    None,
+                )])
                 .or_else([TxnOp::get(outcome, None)]);
             let r = self.txn(txn).await?;
             if r.succeeded() {
@@ -345,7 +353,9 @@ impl RegistryBackend for Etcd {
                     let resp = match stream.message().await {
                         Ok(Some(r)) => r,
                         Ok(None) => {
-                            let _ = tx.send(Err(BackendError::Unreachable("watch ended".into()))).await;
+                            let _ = tx
+                                .send(Err(BackendError::Unreachable("watch ended".into())))
+                                .await;
                             return;
                         }
                         Err(e) => {
@@ -402,8 +412,7 @@ fn changes(events: &[etcd_client::Event], spec: &str, outcome: &str) -> Vec<Watc
                     continue;
                 };
                 let decided_now = out.iter().any(|w| {
-                    w.revision == revision
-                        && matches!(w.change, Change::Decided(d) if d.id == id)
+                    w.revision == revision && matches!(w.change, Change::Decided(d) if d.id == id)
                 });
                 if !decided_now {
                     out.push(Watched {
@@ -425,12 +434,24 @@ mod tests {
     fn urls_parse_into_endpoints_and_bad_ones_say_why() {
         assert_eq!(
             parse_url("etcd://127.0.0.1:2379,h2:1").unwrap(),
-            vec!["http://127.0.0.1:2379".to_string(), "http://h2:1".to_string()]
+            vec![
+                "http://127.0.0.1:2379".to_string(),
+                "http://h2:1".to_string()
+            ]
         );
-        assert_eq!(parse_url("etcd://[::1]:2379").unwrap(), vec!["http://[::1]:2379"]);
-        assert!(parse_url("http://h:1").unwrap_err().contains("is not etcd://"));
+        assert_eq!(
+            parse_url("etcd://[::1]:2379").unwrap(),
+            vec!["http://[::1]:2379"]
+        );
+        assert!(parse_url("http://h:1")
+            .unwrap_err()
+            .contains("is not etcd://"));
         assert!(parse_url("etcd://h").unwrap_err().contains("has no :PORT"));
-        assert!(parse_url("etcd://h:99999").unwrap_err().contains("not a port"));
-        assert!(parse_url("etcd://:1").unwrap_err().contains("not HOST:PORT"));
+        assert!(parse_url("etcd://h:99999")
+            .unwrap_err()
+            .contains("not a port"));
+        assert!(parse_url("etcd://:1")
+            .unwrap_err()
+            .contains("not HOST:PORT"));
     }
 }

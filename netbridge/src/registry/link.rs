@@ -283,7 +283,11 @@ impl Link {
             Err(BackendError::Exists(_)) => {
                 // Another bridge has this id open: a VM id used twice in
                 // the fabric. Its owner is not ours to abort.
-                self.refuse(id, "the id is open on another bridge (a VM id used twice?)", false);
+                self.refuse(
+                    id,
+                    "the id is open on another bridge (a VM id used twice?)",
+                    false,
+                );
             }
             Err(BackendError::NoLease(_)) => {
                 self.leases.remove(&vm);
@@ -358,10 +362,7 @@ async fn watch_task(backend: Arc<dyn RegistryBackend>, shared: Arc<Shared>, down
             Some(r) => r,
             None => match backend.outcomes().await {
                 Ok((rev, ds)) => {
-                    tracing::info!(
-                        "registry: {} outcomes read as of revision {rev}",
-                        ds.len()
-                    );
+                    tracing::info!("registry: {} outcomes read as of revision {rev}", ds.len());
                     shared.apply_registry(|b| b.outcome_shared(&ds));
                     last = Some(rev);
                     rev
@@ -404,7 +405,10 @@ async fn watch_task(backend: Arc<dyn RegistryBackend>, shared: Arc<Shared>, down
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!("registry: watch lost: {e}; watching again from {}", from + 1);
+                    tracing::warn!(
+                        "registry: watch lost: {e}; watching again from {}",
+                        from + 1
+                    );
                     down.store(true, Ordering::Relaxed);
                     break;
                 }

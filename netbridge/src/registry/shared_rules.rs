@@ -169,7 +169,9 @@ impl Registry {
         let mut out = SharedResume::default();
         let vm = match self.ports.get_mut(&port) {
             Some(p) if p.resumed => {
-                out.resumed.refused.push(RegistryError::ResumedTwice { port });
+                out.resumed
+                    .refused
+                    .push(RegistryError::ResumedTwice { port });
                 return out;
             }
             Some(p) => {
@@ -197,7 +199,9 @@ impl Registry {
                 (Ok(()), Some(outcome)) => out.resumed.notices.push(Notice { port, id, outcome }),
                 (Ok(()), None) if out.resolve.iter().any(|d| d.id == id) => {}
                 (Ok(()), None) if self.room(port) == 0 => {
-                    out.resumed.refused.push(RegistryError::TooManyIds { port, id });
+                    out.resumed
+                        .refused
+                        .push(RegistryError::TooManyIds { port, id });
                 }
                 (Ok(()), None) => {
                     self.reopen(port, id);
@@ -215,7 +219,9 @@ impl Registry {
                 continue;
             }
             if self.room(port) == 0 {
-                out.resumed.refused.push(RegistryError::TooManyIds { port, id });
+                out.resumed
+                    .refused
+                    .push(RegistryError::TooManyIds { port, id });
                 continue;
             }
             let s = self.active.entry(id).or_default();

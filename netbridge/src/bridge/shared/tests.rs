@@ -60,18 +60,42 @@ fn joined() -> Bridge {
 #[test]
 fn an_outcome_waits_for_the_registry_and_is_applied_once() {
     let mut b = joined();
-    let (sends, _) = b.control(1, Control::Resolved { id: S, outcome: Outcome::Commit });
-    assert!(sends.is_empty(), "told before the registry had it: {sends:?}");
+    let (sends, _) = b.control(
+        1,
+        Control::Resolved {
+            id: S,
+            outcome: Outcome::Commit,
+        },
+    );
+    assert!(
+        sends.is_empty(),
+        "told before the registry had it: {sends:?}"
+    );
     assert_eq!(b.outcome(S), None);
-    assert_eq!(b.take_ops(), vec![Op::Resolve { id: S, outcome: Outcome::Commit }]);
-    let d = [Decision { id: S, outcome: Outcome::Commit }];
+    assert_eq!(
+        b.take_ops(),
+        vec![Op::Resolve {
+            id: S,
+            outcome: Outcome::Commit
+        }]
+    );
+    let d = [Decision {
+        id: S,
+        outcome: Outcome::Commit,
+    }];
     let (sends, _) = b.outcome_shared(&d);
     assert_eq!(sends, vec![decided(2, S, Outcome::Commit, 1)]);
     assert_eq!(b.outcome(S), Some(Outcome::Commit));
     // The watch and the resolve's answer both bring it: applied once.
     assert!(b.outcome_shared(&d).0.is_empty());
     // A second resolved writes nothing.
-    b.control(1, Control::Resolved { id: S, outcome: Outcome::Abort });
+    b.control(
+        1,
+        Control::Resolved {
+            id: S,
+            outcome: Outcome::Abort,
+        },
+    );
     assert!(b.take_ops().is_empty());
 }
 
@@ -81,10 +105,15 @@ fn a_refused_start_aborts_the_owner_and_its_members() {
     let (sends, _) = b.refuse_start(S);
     assert_eq!(
         sends,
-        vec![decided(2, S, Outcome::Abort, 1), decided(1, S, Outcome::Abort, 1)]
+        vec![
+            decided(2, S, Outcome::Abort, 1),
+            decided(1, S, Outcome::Abort, 1)
+        ]
     );
     let events = b.take_events();
-    assert!(events.iter().any(|e| e.event == "refused" && e.id.as_deref() == Some("1:1") && e.port == 1));
+    assert!(events
+        .iter()
+        .any(|e| e.event == "refused" && e.id.as_deref() == Some("1:1") && e.port == 1));
     // A frame tagged with it is dropped from now on (rule 10).
     assert!(b.ingress(1, frame(2, 1, &[S])).is_empty());
 }
@@ -93,12 +122,24 @@ fn a_refused_start_aborts_the_owner_and_its_members() {
 fn an_owner_that_goes_writes_aborts_then_its_lease_ends() {
     let mut b = joined();
     let sends = b.remove_port(1);
-    assert!(sends.is_empty(), "members told before the registry: {sends:?}");
+    assert!(
+        sends.is_empty(),
+        "members told before the registry: {sends:?}"
+    );
     assert_eq!(
         b.take_ops(),
-        vec![Op::Resolve { id: S, outcome: Outcome::Abort }, Op::VmDown { vm: 1 }]
+        vec![
+            Op::Resolve {
+                id: S,
+                outcome: Outcome::Abort
+            },
+            Op::VmDown { vm: 1 }
+        ]
     );
-    let (sends, _) = b.outcome_shared(&[Decision { id: S, outcome: Outcome::Abort }]);
+    let (sends, _) = b.outcome_shared(&[Decision {
+        id: S,
+        outcome: Outcome::Abort,
+    }]);
     assert_eq!(sends, vec![decided(2, S, Outcome::Abort, 1)]);
     // A member that goes writes nothing.
     b.remove_port(2);
@@ -116,11 +157,27 @@ fn an_absent_owner_is_the_registrys_to_judge() {
     assert!(b.end_recovery().is_empty());
     let (sends, _) = b.control(
         2,
-        Control::Resume { started: vec![], joined: vec![remote], outcomes: vec![] },
+        Control::Resume {
+            started: vec![],
+            joined: vec![remote],
+            outcomes: vec![],
+        },
     );
     assert!(sends.is_empty(), "{sends:?}");
-    assert_eq!(b.take_ops(), vec![Op::VmUp { vm: 2 }, Op::Join { port: 2, id: remote }]);
-    let (sends, _) = b.outcome_shared(&[Decision { id: remote, outcome: Outcome::Commit }]);
+    assert_eq!(
+        b.take_ops(),
+        vec![
+            Op::VmUp { vm: 2 },
+            Op::Join {
+                port: 2,
+                id: remote
+            }
+        ]
+    );
+    let (sends, _) = b.outcome_shared(&[Decision {
+        id: remote,
+        outcome: Outcome::Commit,
+    }]);
     assert_eq!(sends, vec![decided(2, remote, Outcome::Commit, 1)]);
 
     let mut embedded = Bridge::new(read, strip);
@@ -128,7 +185,11 @@ fn an_absent_owner_is_the_registrys_to_judge() {
     embedded.end_recovery();
     let (sends, _) = embedded.control(
         2,
-        Control::Resume { started: vec![], joined: vec![remote], outcomes: vec![] },
+        Control::Resume {
+            started: vec![],
+            joined: vec![remote],
+            outcomes: vec![],
+        },
     );
     assert_eq!(sends, vec![decided(2, remote, Outcome::Abort, 1)]);
     assert!(embedded.take_ops().is_empty());
@@ -140,7 +201,10 @@ fn outcomes_of_ids_nobody_here_holds_are_remembered_quietly() {
     b.add_port(2, 2, true).unwrap();
     b.take_events();
     let other = Id::new(7, 1);
-    let (sends, woke) = b.outcome_shared(&[Decision { id: other, outcome: Outcome::Abort }]);
+    let (sends, woke) = b.outcome_shared(&[Decision {
+        id: other,
+        outcome: Outcome::Abort,
+    }]);
     assert!(sends.is_empty() && woke.is_empty());
     assert!(b.take_events().is_empty());
     // A late join learns it at once.
