@@ -632,3 +632,37 @@ fn with_etcd_stopped_new_speculations_fail_and_nothing_diverges() {
     n1.quit();
     n2.quit();
 }
+
+/// The owner's *bridge* dies (SIGKILL), its VMM lives on: nobody renews
+/// the VM's etcd lease, etcd ends it, B sees the speculation orphaned and
+/// writes its abort, and B's member rolls back: within etcd's lease (1 s,
+/// etcd's smallest unit) and the time etcd takes to notice (it checks
+/// leases every 500 ms).
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn an_owners_bridge_that_dies_lets_the_lease_lapse_and_the_member_rolls_back() {
+    skip_without_kvm!();
+    let _serial = one_at_a_time();
+    let etcd = etcd_or_return!("registry_etcd::owner_bridge_dies", 1);
+    let mut a = Bridge::start("ld-a", &etcd.url());
+    let b = Bridge::start("ld-b", &etcd.url());
+    let (mut n1, mut n2) = (Node::start(&a, 1), Node::start(&b, 2));
+    let relay = speculation_across(&a, &b, &mut n1, &mut n2, 1, "x");
+    let t = Instant::now();
+    a.kill();
+    drop(relay);
+    let tb = n2.wait_depth(0, t);
+    println!("timing: owner's bridge killed -> etcd lease lapsed -> member on B rolled back: {tb:?} (lease {LEASE:?})");
+    assert!(
+        tb >= LEASE / 2,
+        "rolled back before the lease could lapse: {tb:?}"
+    );
+    assert!(tb < 3 * LEASE, "the lapse took {tb:?}");
+    assert_eq!(n2.log(), "[]");
+    assert!(
+        b.stderr().contains("its owner's lease lapsed"),
+        "{}",
+        b.stderr()
+    );
+    n2.quit();
+}
