@@ -469,3 +469,6 @@ async fn expire(backend: Arc<dyn RegistryBackend>, shared: Arc<Shared>, id: Id) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
