@@ -4,7 +4,8 @@
 #   against etcd;
 # - outcome latency, from the owner's `resolved` to the last member's
 #   `decided`, with 1 and 16 members: one bridge with the embedded
-#   registry, one bridge on etcd, two bridges on one etcd.
+#   registry, two bridges sharing one embedded registry (in one process),
+#   one bridge on etcd, two bridges on one etcd.
 #
 #   benches/registry.sh [ROUNDS]     # default 30 rounds per case
 #
@@ -51,13 +52,17 @@ bridge() { # NAME [REGISTRY]
 bridge emb
 bridge e1 "$url"
 bridge e2 "$url"
+# Two bridges in one process sharing one embedded registry.
+"$bin/registry-bench" bridges "$work/s1.sock" "$work/s2.sock" &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$work/s2.sock" ] && break; sleep 0.05; done
 
 echo "# etcd-server $("$etcd" --version | head -1), $(nproc) cores, $rounds rounds"
 "$bin/registry-bench" ops --registry embedded --iters 300
 "$bin/registry-bench" ops --registry "$url" --iters 300
 vm=10000
 for n in 1 16; do
-    for case in "emb emb" "e1 e1" "e1 e2"; do
+    for case in "emb emb" "s1 s2" "e1 e1" "e1 e2"; do
         set -- $case
         echo -n "{\"case\":\"$1->$2\"} "
         "$bin/registry-bench" outcome --owner "$work/$1.sock" --members "$work/$2.sock" \

@@ -630,7 +630,12 @@ fn with_etcd_stopped_new_speculations_fail_and_nothing_diverges() {
     let ta = n1.wait_depth(0, t);
     println!("timing: guest speculate() with etcd stopped -> refused, returned 2: {ta:?}");
     a.wait_event(r#"{"event":"refused","id":"1:2""#);
-    assert!(a.stderr().contains("speculation refused: the registry is unreachable"), "{}", a.stderr());
+    assert!(
+        a.stderr()
+            .contains("speculation refused: the registry is unreachable"),
+        "{}",
+        a.stderr()
+    );
     // The member holds on: no outcome is guessed.
     std::thread::sleep(3 * LEASE);
     assert_eq!(n2.depth(), Some(1), "B's member did not wait for etcd");

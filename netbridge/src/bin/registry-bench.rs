@@ -3,6 +3,7 @@
 //! ```text
 //! registry-bench ops --registry embedded|etcd://HOST:PORT [--iters N]
 //! registry-bench outcome --owner PATH --members PATH [--members-n N] [--rounds R] [--vm V]
+//! registry-bench bridges PATH PATH
 //! ```
 //!
 //! - `ops` times the registry's operations through
@@ -17,6 +18,9 @@
 //!   peering), and once the joins are in, the owner commits; the latency
 //!   is from the owner's `resolved` to the last member's `decided`. Prints
 //!   one JSON line: median and 90th percentile in milliseconds over R.
+//! - `bridges` runs two bridges in this process, listening on the two
+//!   paths, that share one embedded registry (through the same link as
+//!   etcd's), until killed: the case "two bridges, embedded registry".
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -51,6 +55,13 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         iters: u32,
     },
+    /// Two bridges sharing one embedded registry, until killed.
+    Bridges {
+        /// The first bridge's socket.
+        a: PathBuf,
+        /// The second bridge's socket.
+        b: PathBuf,
+    },
     /// From an owner's decision to its last member's outcome.
     Outcome {
         /// The owner's bridge socket.
@@ -74,6 +85,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let r = match args.cmd {
         Cmd::Ops { registry, iters } => ops(&registry, iters),
+        Cmd::Bridges { a, b } => bridges(&a, &b),
         Cmd::Outcome {
             owner,
             members,
@@ -151,6 +163,37 @@ fn ops(registry: &str, iters: u32) -> Result<(), String> {
     })
 }
 
+fn bridges(a: &PathBuf, b: &PathBuf) -> Result<(), String> {
+    use netbridge::bridge::Bridge;
+    use netbridge::server::{self, Shared};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let registry: Arc<dyn RegistryBackend> = Arc::new(Embedded::new());
+        let lease = server::DEFAULT_LEASE;
+        for (name, sock) in [("a", a), ("b", b)] {
+            let shared = Shared::with_lease(
+                Bridge::new(netbridge::tags::read, netbridge::tags::strip).with_shared_registry(),
+                lease,
+            );
+            let tx = netbridge::registry::link::start(
+                registry.clone(),
+                shared.clone(),
+                name.into(),
+                lease,
+            );
+            shared.set_registry(tx);
+            let bound = server::bind(sock).map_err(|e| e.to_string())?;
+            tokio::spawn(server::serve(bound, shared));
+        }
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+}
+
 /// A port as VM `vm`, after its welcome.
 fn port(sock: &PathBuf, vm: u32) -> Result<UnixStream, String> {
     let mut s = UnixStream::connect(sock).map_err(|e| format!("{}: {e}", sock.display()))?;
@@ -171,15 +214,21 @@ fn send(s: &mut UnixStream, c: &Control) -> Result<(), String> {
     write_message(s, &encode_control(c)).map_err(|e| e.to_string())
 }
 
-/// Reads until `decided` for `id`; acknowledges it.
-fn wait_decided(s: &mut UnixStream, id: SpecId) -> Result<Instant, String> {
+/// Reads until `decided` for `id`; acknowledges it. When, and how it
+/// ended.
+fn wait_decided(s: &mut UnixStream, id: SpecId) -> Result<(Instant, Outcome), String> {
     loop {
         let m = read_message(s).map_err(|e| format!("waiting for {id}: {e}"))?;
-        if let Ok(Message::Control(Control::Decided { id: got, seq, .. })) = decode(&m) {
+        if let Ok(Message::Control(Control::Decided {
+            id: got,
+            seq,
+            outcome,
+        })) = decode(&m)
+        {
             let t = Instant::now();
             send(s, &Control::Ack { seq })?;
             if got == id {
-                return Ok(t);
+                return Ok((t, outcome));
             }
         }
     }
@@ -188,6 +237,7 @@ fn wait_decided(s: &mut UnixStream, id: SpecId) -> Result<Instant, String> {
 fn outcome(owner: &PathBuf, members: &PathBuf, n: u32, rounds: u32, vm: u32) -> Result<(), String> {
     let mut o = port(owner, vm)?;
     let mut lat = Vec::new();
+    let mut aborted = 0u32;
     for round in 1..=rounds {
         let id = SpecId::new(vm, round);
         send(&mut o, &Control::Started { id })?;
@@ -220,10 +270,13 @@ fn outcome(owner: &PathBuf, members: &PathBuf, n: u32, rounds: u32, vm: u32) -> 
             .map(|mut m| std::thread::spawn(move || wait_decided(&mut m, id)))
             .collect();
         for w in waits {
-            let t = w
+            let (t, o) = w
                 .join()
                 .map_err(|_| "a member thread panicked".to_string())??;
             last = last.max(t);
+            // A start the registry refused (no answer within half a
+            // lease) ends in abort: counted and reported.
+            aborted += u32::from(o != Outcome::Commit);
         }
         lat.push((last - t0).as_secs_f64() * 1e3);
         // Keep the owner's lease.
@@ -231,7 +284,7 @@ fn outcome(owner: &PathBuf, members: &PathBuf, n: u32, rounds: u32, vm: u32) -> 
     }
     let (p50, p90) = stats(&mut lat);
     println!(
-        "{{\"bench\":\"outcome-latency\",\"members\":{n},\"rounds\":{rounds},\"same_bridge\":{},\"p50_ms\":{p50:.3},\"p90_ms\":{p90:.3}}}",
+        "{{\"bench\":\"outcome-latency\",\"members\":{n},\"rounds\":{rounds},\"same_bridge\":{},\"p50_ms\":{p50:.3},\"p90_ms\":{p90:.3},\"member_aborts\":{aborted}}}",
         owner == members
     );
     Ok(())

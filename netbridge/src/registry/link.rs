@@ -405,10 +405,8 @@ async fn watch_task(backend: Arc<dyn RegistryBackend>, shared: Arc<Shared>, down
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(
-                        "registry: watch lost: {e}; watching again from {}",
-                        from + 1
-                    );
+                    let next = last.unwrap_or(from) + 1;
+                    tracing::warn!("registry: watch lost: {e}; watching again from {next}");
                     down.store(true, Ordering::Relaxed);
                     break;
                 }
