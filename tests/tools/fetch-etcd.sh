@@ -27,6 +27,12 @@ if [ -x "$bin" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$SHA256" ]; then
     echo "$bin"
     exit 0
 fi
+for tool in apt-get dpkg dpkg-deb sha256sum; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "fetch-etcd: $tool is not installed (a Debian system is needed to fetch etcd-server)" >&2
+        exit 1
+    fi
+done
 if [ "$(dpkg --print-architecture 2>/dev/null)" != amd64 ]; then
     echo "fetch-etcd: the pinned package is for amd64, this is $(dpkg --print-architecture 2>/dev/null || echo 'not Debian')" >&2
     exit 1
