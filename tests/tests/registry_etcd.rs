@@ -383,8 +383,8 @@ fn port(sock: &Path, vm: u32) -> UnixStream {
     s
 }
 
-/// The stand-in for bridge peering (see the module): VM 90 on A and 91 on
-/// B. What A sends it goes to B; on B it is a member of `ids`. It acks
+/// The stand-in for bridge peering (see the module): a VM port on A and
+/// one on B. What A sends it goes to B; on B it is a member of `ids`. It acks
 /// what the bridges tell it and renews its ports' leases. Dropping it
 /// closes both ports.
 struct Relay {
@@ -396,8 +396,12 @@ struct Relay {
 
 impl Relay {
     fn start(a: &Bridge, b: &Bridge, ids: &[SpecId]) -> Self {
-        let pa = port(&a.sock(), 90);
-        let mut pb = port(&b.sock(), 91);
+        // VM ids of their own each time: the last relay's ports may not be
+        // gone from the bridges yet.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(90);
+        let vm = NEXT.fetch_add(2, Ordering::Relaxed);
+        let pa = port(&a.sock(), vm);
+        let mut pb = port(&b.sock(), vm + 1);
         let resume = Control::Resume {
             started: Vec::new(),
             joined: ids.to_vec(),

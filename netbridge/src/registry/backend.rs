@@ -125,8 +125,9 @@ pub trait RegistryBackend: Send + Sync {
     fn revoke(&self, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>>;
 
     /// Records `id` as open, attached to `lease`, in one transaction that
-    /// fails if the id is open ([`BackendError::Exists`]) or decided
-    /// ([`BackendError::Decided`]) already.
+    /// fails if the id is open on another lease ([`BackendError::Exists`])
+    /// or decided ([`BackendError::Decided`]) already. Open on `lease`
+    /// already is success: a retry whose first answer was lost.
     fn start(&self, id: Id, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>>;
 
     /// Attaches `id` (open, as the owner's bridge restarted) to a new

@@ -75,8 +75,13 @@ pub async fn start_join_resolve_watch(r: &dyn RegistryBackend) -> Result<(), Str
     let id = Id::new(7, 1);
     r.start(id, lease).await.map_err(e("start"))?;
     check!(
-        r.start(id, lease).await == Err(BackendError::Exists(id)),
-        "a second start of an open id was not refused as Exists"
+        r.start(id, lease).await == Ok(()),
+        "a start repeated on its lease (a retry whose answer was lost) failed"
+    );
+    let (other, _) = r.grant(Duration::from_secs(30)).await.map_err(e("grant"))?;
+    check!(
+        r.start(id, other).await == Err(BackendError::Exists(id)),
+        "a start of an id open on another lease was not refused as Exists"
     );
     let j = r.join(id, "b/2".into()).await.map_err(e("join"))?;
     check!(j == JoinResult::Joined, "join of an open id: {j:?}");

@@ -205,8 +205,11 @@ impl RegistryBackend for Embedded {
             if let Some(&o) = s.outcomes.get(&id) {
                 return Err(BackendError::Decided(id, o));
             }
-            if s.open.contains_key(&id) {
-                return Err(BackendError::Exists(id));
+            match s.open.get(&id) {
+                // A retry of this very start: done already.
+                Some(&l) if l == lease.0 => return Ok(()),
+                Some(_) => return Err(BackendError::Exists(id)),
+                None => {}
             }
             let l = s
                 .leases

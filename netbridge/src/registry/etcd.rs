@@ -12,6 +12,8 @@
 //! race agree: the first outcome written holds, and a join after it gets
 //! it back.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -31,12 +33,23 @@ pub const DEFAULT_PREFIX: &str = "/specvm/";
 /// Changes that may wait for the bridge on one watch.
 const WATCH_QUEUE: usize = 4096;
 
+/// A lease's keep-alive stream, kept open between renewals.
+type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
 /// The etcd registry.
 #[derive(Clone)]
 pub struct Etcd {
     client: Client,
     prefix: String,
+    /// One keep-alive stream per lease renewed, opened at its first
+    /// renewal and dropped at its revoke or first failure.
+    keepers: Arc<tokio::sync::Mutex<HashMap<i64, Keeper>>>,
+    /// How long one operation may take, its retries included.
+    timeout: Duration,
 }
+
+/// The pause before an operation is tried again on another endpoint.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
 impl std::fmt::Debug for Etcd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -92,7 +105,32 @@ impl Etcd {
         Ok(Self {
             client,
             prefix: prefix.to_string(),
+            keepers: Arc::default(),
+            timeout,
         })
+    }
+
+    /// Runs `op` again while it finds etcd unreachable, within the
+    /// timeout: a request sent to a member that just died fails at once,
+    /// and the client's balancer sends the next one to a live member. Every
+    /// operation is safe to repeat (a start that reached etcd before its
+    /// answer was lost finds its own key: see `start`).
+    async fn retrying<'a, T, F>(&self, mut op: F) -> Result<T, BackendError>
+    where
+        F: FnMut() -> BoxFut<'a, Result<T, BackendError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match op().await {
+                Err(BackendError::Unreachable(e))
+                    if tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
+                {
+                    tracing::debug!("registry: {e}; trying again");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     fn spec(&self, id: Id) -> String {
@@ -107,18 +145,18 @@ impl Etcd {
         format!("{}member/{}/", self.prefix, id_key(id))
     }
 
-    /// The outcome a transaction's `else` branch read, if any.
+    /// The outcome a transaction's `else` branch read (its first op), if
+    /// any.
     fn read_outcome(resp: &etcd_client::TxnResponse) -> Result<Option<Outcome>, BackendError> {
-        for r in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = r {
-                if let Some(kv) = g.kvs().first() {
-                    return parse_outcome(kv.value())
-                        .map(Some)
-                        .ok_or_else(|| BackendError::Corrupt(format!("outcome {:?}", kv.value())));
-                }
-            }
+        let Some(TxnOpResponse::Get(g)) = resp.op_responses().into_iter().next() else {
+            return Ok(None);
+        };
+        match g.kvs().first() {
+            Some(kv) => parse_outcome(kv.value())
+                .map(Some)
+                .ok_or_else(|| BackendError::Corrupt(format!("outcome {:?}", kv.value()))),
+            None => Ok(None),
         }
-        Ok(None)
     }
 
     async fn txn(&self, txn: etcd_client::Txn) -> Result<etcd_client::TxnResponse, BackendError> {
@@ -137,40 +175,55 @@ impl RegistryBackend for Etcd {
     }
 
     fn grant(&self, ttl: Duration) -> BoxFut<'_, Result<(LeaseId, Duration), BackendError>> {
-        Box::pin(async move {
-            // etcd counts in whole seconds (and may raise it to its own
-            // minimum): round up, so the lease never ends early.
-            let secs = i64::try_from(ttl.as_millis().div_ceil(1000).max(1)).unwrap_or(i64::MAX);
-            let r = self
-                .client
-                .lease_client()
-                .grant(secs, None)
-                .await
-                .map_err(unreachable)?;
-            let got = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
-            Ok((LeaseId(r.id()), got))
-        })
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                // etcd counts in whole seconds (and may raise it to its own
+                // minimum): round up, so the lease never ends early.
+                let secs = i64::try_from(ttl.as_millis().div_ceil(1000).max(1)).unwrap_or(i64::MAX);
+                let r = self
+                    .client
+                    .lease_client()
+                    .grant(secs, None)
+                    .await
+                    .map_err(unreachable)?;
+                let got = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
+                Ok((LeaseId(r.id()), got))
+            })
+        }))
     }
 
     fn keep_alive(&self, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>> {
         Box::pin(async move {
-            let (mut keeper, mut stream) = self
-                .client
-                .lease_client()
-                .keep_alive(lease.0)
-                .await
-                .map_err(unreachable)?;
-            keeper.keep_alive().await.map_err(unreachable)?;
-            match stream.message().await.map_err(unreachable)? {
-                Some(r) if r.ttl() > 0 => Ok(()),
-                Some(_) => Err(BackendError::NoLease(lease.0)),
-                None => Err(BackendError::Unreachable("keep-alive stream closed".into())),
+            let mut keepers = self.keepers.lock().await;
+            let keeper = match keepers.entry(lease.0) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    self.client
+                        .lease_client()
+                        .keep_alive(lease.0)
+                        .await
+                        .map_err(unreachable)?,
+                ),
+            };
+            let renewed = async {
+                keeper.0.keep_alive().await.map_err(unreachable)?;
+                match keeper.1.message().await.map_err(unreachable)? {
+                    Some(r) if r.ttl() > 0 => Ok(()),
+                    Some(_) => Err(BackendError::NoLease(lease.0)),
+                    None => Err(BackendError::Unreachable("keep-alive stream closed".into())),
+                }
             }
+            .await;
+            if renewed.is_err() {
+                keepers.remove(&lease.0);
+            }
+            renewed
         })
     }
 
     fn revoke(&self, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>> {
         Box::pin(async move {
+            self.keepers.lock().await.remove(&lease.0);
             match self.client.lease_client().revoke(lease.0).await {
                 Ok(_) => Ok(()),
                 // Gone already: what revoking would do is done.
@@ -185,9 +238,10 @@ impl RegistryBackend for Etcd {
     }
 
     /// `if version(spec) = 0 and version(outcome) = 0 then put spec (lease)
-    /// else get outcome`.
+    /// else get outcome, get spec`. A spec key on this same lease is this
+    /// start's own, from a try whose answer was lost: done.
     fn start(&self, id: Id, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>> {
-        Box::pin(async move {
+        Box::pin(self.retrying(move || Box::pin(async move {
             let (spec, outcome) = (self.spec(id), self.outcome(id));
             let txn = etcd_client::Txn::new()
                 .when([
@@ -195,11 +249,11 @@ impl RegistryBackend for Etcd {
                     Compare::version(outcome.clone(), CompareOp::Equal, 0),
                 ])
                 .and_then([TxnOp::put(
-                    spec,
+                    spec.clone(),
                     "",
                     Some(etcd_client::PutOptions::new().with_lease(lease.0)),
                 )])
-                .or_else([TxnOp::get(outcome, None)]);
+                .or_else([TxnOp::get(outcome, None), TxnOp::get(spec.clone(), None)]);
             let r = self.txn(txn).await.map_err(|e| match e {
                 BackendError::NoLease(_) => BackendError::NoLease(lease.0),
                 e => e,
@@ -207,129 +261,147 @@ impl RegistryBackend for Etcd {
             if r.succeeded() {
                 return Ok(());
             }
-            match Self::read_outcome(&r)? {
-                Some(o) => Err(BackendError::Decided(id, o)),
-                None => Err(BackendError::Exists(id)),
+            if let Some(o) = Self::read_outcome(&r)? {
+                return Err(BackendError::Decided(id, o));
             }
-        })
+            let ours = r.op_responses().iter().any(|op| {
+                matches!(op, TxnOpResponse::Get(g)
+                    if g.kvs().first().is_some_and(|kv| kv.key() == spec.as_bytes() && kv.lease() == lease.0))
+            });
+            match ours {
+                true => Ok(()),
+                false => Err(BackendError::Exists(id)),
+            }
+        })))
     }
 
     /// `if version(outcome) = 0 then put spec (new lease) else get outcome`.
     fn restart(&self, id: Id, lease: LeaseId) -> BoxFut<'_, Result<Option<Outcome>, BackendError>> {
-        Box::pin(async move {
-            let (spec, outcome) = (self.spec(id), self.outcome(id));
-            let txn = etcd_client::Txn::new()
-                .when([Compare::version(outcome.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    spec,
-                    "",
-                    Some(etcd_client::PutOptions::new().with_lease(lease.0)),
-                )])
-                .or_else([TxnOp::get(outcome, None)]);
-            let r = self.txn(txn).await.map_err(|e| match e {
-                BackendError::NoLease(_) => BackendError::NoLease(lease.0),
-                e => e,
-            })?;
-            if r.succeeded() {
-                return Ok(None);
-            }
-            Self::read_outcome(&r)
-        })
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                let (spec, outcome) = (self.spec(id), self.outcome(id));
+                let txn = etcd_client::Txn::new()
+                    .when([Compare::version(outcome.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        spec,
+                        "",
+                        Some(etcd_client::PutOptions::new().with_lease(lease.0)),
+                    )])
+                    .or_else([TxnOp::get(outcome, None)]);
+                let r = self.txn(txn).await.map_err(|e| match e {
+                    BackendError::NoLease(_) => BackendError::NoLease(lease.0),
+                    e => e,
+                })?;
+                if r.succeeded() {
+                    return Ok(None);
+                }
+                Self::read_outcome(&r)
+            })
+        }))
     }
 
     /// `if version(outcome) = 0 and version(spec) > 0 then put member
     /// else get outcome`: no outcome read back is an unknown id.
     fn join(&self, id: Id, member: String) -> BoxFut<'_, Result<JoinResult, BackendError>> {
-        Box::pin(async move {
-            let (spec, outcome) = (self.spec(id), self.outcome(id));
-            let txn = etcd_client::Txn::new()
-                .when([
-                    Compare::version(outcome.clone(), CompareOp::Equal, 0),
-                    Compare::version(spec, CompareOp::Greater, 0),
-                ])
-                .and_then([TxnOp::put(
-                    format!("{}{member}", self.members(id)),
-                    "",
-                    None,
-                )])
-                .or_else([TxnOp::get(outcome, None)]);
-            let r = self.txn(txn).await?;
-            if r.succeeded() {
-                return Ok(JoinResult::Joined);
-            }
-            Ok(match Self::read_outcome(&r)? {
-                Some(o) => JoinResult::Decided(o),
-                None => JoinResult::Unknown,
+        Box::pin(self.retrying(move || {
+            let member = member.clone();
+            Box::pin(async move {
+                let (spec, outcome) = (self.spec(id), self.outcome(id));
+                let txn = etcd_client::Txn::new()
+                    .when([
+                        Compare::version(outcome.clone(), CompareOp::Equal, 0),
+                        Compare::version(spec, CompareOp::Greater, 0),
+                    ])
+                    .and_then([TxnOp::put(
+                        format!("{}{member}", self.members(id)),
+                        "",
+                        None,
+                    )])
+                    .or_else([TxnOp::get(outcome, None)]);
+                let r = self.txn(txn).await?;
+                if r.succeeded() {
+                    return Ok(JoinResult::Joined);
+                }
+                Ok(match Self::read_outcome(&r)? {
+                    Some(o) => JoinResult::Decided(o),
+                    None => JoinResult::Unknown,
+                })
             })
-        })
+        }))
     }
 
     /// `if version(outcome) = 0 then put outcome, delete spec, delete
     /// member/ID/* else get outcome`.
     fn resolve(&self, id: Id, o: Outcome) -> BoxFut<'_, Result<Outcome, BackendError>> {
-        Box::pin(async move {
-            let outcome = self.outcome(id);
-            let txn = etcd_client::Txn::new()
-                .when([Compare::version(outcome.clone(), CompareOp::Equal, 0)])
-                .and_then([
-                    TxnOp::put(outcome.clone(), outcome_text(o), None),
-                    TxnOp::delete(self.spec(id), None),
-                    TxnOp::delete(self.members(id), Some(DeleteOptions::new().with_prefix())),
-                ])
-                .or_else([TxnOp::get(outcome, None)]);
-            let r = self.txn(txn).await?;
-            if r.succeeded() {
-                return Ok(o);
-            }
-            Self::read_outcome(&r)?
-                .ok_or_else(|| BackendError::Corrupt(format!("{id}: outcome vanished")))
-        })
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                let outcome = self.outcome(id);
+                let txn = etcd_client::Txn::new()
+                    .when([Compare::version(outcome.clone(), CompareOp::Equal, 0)])
+                    .and_then([
+                        TxnOp::put(outcome.clone(), outcome_text(o), None),
+                        TxnOp::delete(self.spec(id), None),
+                        TxnOp::delete(self.members(id), Some(DeleteOptions::new().with_prefix())),
+                    ])
+                    .or_else([TxnOp::get(outcome, None)]);
+                let r = self.txn(txn).await?;
+                if r.succeeded() {
+                    return Ok(o);
+                }
+                Self::read_outcome(&r)?
+                    .ok_or_else(|| BackendError::Corrupt(format!("{id}: outcome vanished")))
+            })
+        }))
     }
 
     /// `if version(outcome) = 0 and version(spec) = 0 then put abort,
     /// delete member/ID/* else get outcome`.
     fn expire(&self, id: Id) -> BoxFut<'_, Result<(Option<Outcome>, bool), BackendError>> {
-        Box::pin(async move {
-            let outcome = self.outcome(id);
-            let txn = etcd_client::Txn::new()
-                .when([
-                    Compare::version(outcome.clone(), CompareOp::Equal, 0),
-                    Compare::version(self.spec(id), CompareOp::Equal, 0),
-                ])
-                .and_then([
-                    TxnOp::put(outcome.clone(), outcome_text(Outcome::Abort), None),
-                    TxnOp::delete(self.members(id), Some(DeleteOptions::new().with_prefix())),
-                ])
-                .or_else([TxnOp::get(outcome, None)]);
-            let r = self.txn(txn).await?;
-            if r.succeeded() {
-                return Ok((Some(Outcome::Abort), true));
-            }
-            Ok((Self::read_outcome(&r)?, false))
-        })
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                let outcome = self.outcome(id);
+                let txn = etcd_client::Txn::new()
+                    .when([
+                        Compare::version(outcome.clone(), CompareOp::Equal, 0),
+                        Compare::version(self.spec(id), CompareOp::Equal, 0),
+                    ])
+                    .and_then([
+                        TxnOp::put(outcome.clone(), outcome_text(Outcome::Abort), None),
+                        TxnOp::delete(self.members(id), Some(DeleteOptions::new().with_prefix())),
+                    ])
+                    .or_else([TxnOp::get(outcome, None)]);
+                let r = self.txn(txn).await?;
+                if r.succeeded() {
+                    return Ok((Some(Outcome::Abort), true));
+                }
+                Ok((Self::read_outcome(&r)?, false))
+            })
+        }))
     }
 
     fn outcomes(&self) -> BoxFut<'_, Result<(Revision, Vec<Decision>), BackendError>> {
-        Box::pin(async move {
-            let prefix = format!("{}outcome/", self.prefix);
-            let r = self
-                .client
-                .kv_client()
-                .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-                .await
-                .map_err(unreachable)?;
-            let rev = r.header().map_or(0, |h| h.revision());
-            let mut v = Vec::new();
-            for kv in r.kvs() {
-                let key = String::from_utf8_lossy(kv.key());
-                let id = key.strip_prefix(&prefix).and_then(parse_id_key);
-                match (id, parse_outcome(kv.value())) {
-                    (Some(id), Some(outcome)) => v.push(Decision { id, outcome }),
-                    _ => tracing::warn!("registry: unreadable outcome key {key} ignored"),
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                let prefix = format!("{}outcome/", self.prefix);
+                let r = self
+                    .client
+                    .kv_client()
+                    .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                    .await
+                    .map_err(unreachable)?;
+                let rev = r.header().map_or(0, |h| h.revision());
+                let mut v = Vec::new();
+                for kv in r.kvs() {
+                    let key = String::from_utf8_lossy(kv.key());
+                    let id = key.strip_prefix(&prefix).and_then(parse_id_key);
+                    match (id, parse_outcome(kv.value())) {
+                        (Some(id), Some(outcome)) => v.push(Decision { id, outcome }),
+                        _ => tracing::warn!("registry: unreadable outcome key {key} ignored"),
+                    }
                 }
-            }
-            Ok((rev, v))
-        })
+                Ok((rev, v))
+            })
+        }))
     }
 
     fn watch(&self, from: Revision) -> BoxFut<'_, Result<mpsc::Receiver<WatchItem>, BackendError>> {

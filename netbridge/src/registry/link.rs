@@ -2,16 +2,16 @@
 //! tokio tasks between the [`Bridge`](crate::bridge::Bridge), which says
 //! what it needs as [`Op`]s, and a [`RegistryBackend`].
 //!
-//! - The **op task** carries the ops out in order: a lease per connected
-//!   owner VM (renewed at a third of its TTL while the VM's port lives),
-//!   `start`, `join`, `resolve`, and at the end the lease's revoke. What
+//! - The **lease task** keeps a lease per connected owner VM (renewed at a
+//!   third of its TTL while the VM's port lives, revoked when it goes) and
+//!   records `start`s on it. A start the registry does not take is refused
+//!   (the owner is told abort, so its guest's `speculate()` returns again):
+//!   it never waits behind anything.
+//! - The **outcome task** carries out `join` and `resolve`, in order. What
 //!   the registry answers is applied to the bridge at once (a join refused
-//!   with an outcome, a start refused). An op that fails because the
-//!   registry is unreachable waits and is tried again, in order, every
-//!   [`RETRY_EVERY`]: outcomes are never lost and never guessed. A `start`
-//!   is the exception: it is refused (the owner is told abort, so its
-//!   guest's `speculate()` returns again) rather than wait, while the
-//!   registry is unreachable.
+//!   with an outcome). One that finds the registry unreachable waits, with
+//!   those behind it, and is tried again every [`RETRY_EVERY`]: outcomes are
+//!   never lost and never guessed.
 //! - The **watch task** reads every outcome, and every speculation whose
 //!   owner's lease ended, from the revision after the last it processed;
 //!   it applies outcomes to the bridge (each once: the bridge ignores one
@@ -113,7 +113,8 @@ struct Link {
 /// While the registry is unreachable, how often a start tries it anyway.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 
-/// Starts the link's tasks for `shared`'s bridge, which must be built with
+/// Starts the link's tasks (lease, outcome, watch, and one routing ops to
+/// the first two) for `shared`'s bridge, which must be built with
 /// [`Bridge::with_shared_registry`](crate::bridge::Bridge::with_shared_registry).
 /// `name` names this bridge in the registry (members are `NAME/PORT`);
 /// owner leases get `ttl` (the VMM ports' lease). Returns the sender the
@@ -124,24 +125,65 @@ pub fn start(
     name: String,
     ttl: Duration,
 ) -> mpsc::UnboundedSender<Op> {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (lease_tx, lease_rx) = mpsc::unbounded_channel();
+    let (outcome_tx, outcome_rx) = mpsc::unbounded_channel();
     let down = Arc::new(AtomicBool::new(false));
     tokio::spawn(watch_task(backend.clone(), shared.clone(), down.clone()));
-    let link = Link {
-        backend,
-        shared,
-        name,
+    let link = || Link {
+        backend: backend.clone(),
+        shared: shared.clone(),
+        name: name.clone(),
         ttl,
         leases: HashMap::new(),
-        down,
+        down: down.clone(),
         last_probe: Instant::now(),
     };
-    tokio::spawn(link.run(rx));
+    tokio::spawn(link().run_leases(lease_rx, lease_tx.clone()));
+    tokio::spawn(link().run_outcomes(outcome_rx));
+    // Two tasks, so that a start is answered while outcomes wait for an
+    // unreachable registry; each keeps its ops in order.
+    tokio::spawn(async move {
+        while let Some(op) = rx.recv().await {
+            let to = match op {
+                Op::Resolve { .. } | Op::Join { .. } => &outcome_tx,
+                Op::VmUp { .. } | Op::VmDown { .. } | Op::Start { .. } | Op::Restart { .. } => {
+                    &lease_tx
+                }
+            };
+            if to.send(op).is_err() {
+                return;
+            }
+        }
+    });
     tx
 }
 
 impl Link {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
+    /// The lease task: leases, starts, restarts. It never waits for the
+    /// registry longer than one request: a start it cannot record is
+    /// refused; a restart is sent again later (behind newer ops); a lease
+    /// not granted is granted at the VM's next start.
+    async fn run_leases(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Op>,
+        me: mpsc::UnboundedSender<Op>,
+    ) {
+        while let Some(op) = rx.recv().await {
+            if let Err(op @ Op::Restart { .. }) = self.carry_out(op).await {
+                let me = me.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(RETRY_EVERY).await;
+                    let _ = me.send(op);
+                });
+            }
+        }
+    }
+
+    /// The outcome task: joins and outcomes, in order; one that finds the
+    /// registry unreachable waits, with those behind it, and is tried
+    /// again every [`RETRY_EVERY`].
+    async fn run_outcomes(mut self, mut rx: mpsc::UnboundedReceiver<Op>) {
         let mut pending: VecDeque<Op> = VecDeque::new();
         let mut tick = tokio::time::interval(RETRY_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -149,10 +191,7 @@ impl Link {
             tokio::select! {
                 op = rx.recv() => {
                     let Some(op) = op else { return };
-                    // Ops wait behind ones that failed (order: an abort
-                    // before the revoke of its lease), except starts,
-                    // which are answered now.
-                    if pending.is_empty() || matches!(op, Op::Start { .. }) {
+                    if pending.is_empty() {
                         if let Err(op) = self.carry_out(op).await {
                             pending.push_back(op);
                         }
@@ -379,8 +418,9 @@ async fn watch_task(backend: Arc<dyn RegistryBackend>, shared: Arc<Shared>, down
         let mut rx = match backend.watch(from + 1).await {
             Ok(rx) => rx,
             Err(e) => {
+                // Not `down` for this alone: with several members, the
+                // next try goes to a live one. The ops judge reachability.
                 tracing::debug!("registry: watching from {}: {e}", from + 1);
-                down.store(true, Ordering::Relaxed);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -407,7 +447,6 @@ async fn watch_task(backend: Arc<dyn RegistryBackend>, shared: Arc<Shared>, down
                 Err(e) => {
                     let next = last.unwrap_or(from) + 1;
                     tracing::warn!("registry: watch lost: {e}; watching again from {next}");
-                    down.store(true, Ordering::Relaxed);
                     break;
                 }
             }
