@@ -22,7 +22,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=$ROOT/images/out
 KVM_TIMEOUT=${1:-600}
 TCG_TIMEOUT=${2:-120}
-for f in vmlinux initramfs.cpio; do
+for f in vmlinux initramfs.cpio disk.ext4; do
 	[ -s "$OUT/$f" ] || { echo "missing $OUT/$f: run images/build.sh" >&2; exit 1; }
 done
 # QEMU comes from benches/install-peer.sh, the one place that installs the
@@ -96,7 +96,7 @@ specvm_cached() {
 	: >"$log"
 	start=$(date +%s.%N)
 	"$bin" run --kernel "$OUT/vmlinux" --initrd "$OUT/initramfs.cpio" --memory 512M --cpus 2 \
-		--net "bridge=$TMP/br.sock,mac=52:54:00:00:00:01" --boot-cache \
+		--net "bridge=$TMP/br.sock,mac=52:54:00:00:00:01" --disk "path=$OUT/disk.ext4" --boot-cache \
 		</dev/null >"$log" 2>"$err" &
 	QPID=$!
 	local line=

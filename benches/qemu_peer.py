@@ -343,7 +343,7 @@ def qemu_command(qemu: str, tmp: str, mem_mib: int, filled: bool,
 def measure(mem_mib: int, filled: bool, reps: int = 3, *,
             cpu: str = DEFAULT_CPU, cache: str = DEFAULT_CACHE,
             slow_s: float = DEFAULT_SLOW_S, tmp_parent: str | None = None,
-            verbose: bool = False) -> dict | None:
+            verbose: bool = False, data_disk: tuple[int, int] | None = None) -> dict | None:
     """Time `reps` savevm/loadvm pairs of an idle guest of mem_mib MiB.
 
     Returns {"mem_mib", "filled", "savevm_ms": [...], "loadvm_ms": [...],
@@ -362,6 +362,11 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
     mapping, the qcow2 file grows to hold the state (later reps reuse the
     clusters that delvm freed), and, for a filled guest, loadvm takes a
     copy-on-write fault on every page of the private file mapping.
+
+    data_disk=(size_mib, written_kib) adds a second qcow2 image of size_mib,
+    with written_kib KiB of data written at its start by qemu-io before QEMU
+    starts: savevm snapshots every writable image, so this is the disk +
+    memory checkpoint (benches/disk_io.py compares it with specvm's).
     """
     global last_error
     last_error = None
@@ -391,6 +396,17 @@ def measure(mem_mib: int, filled: bool, reps: int = 3, *,
             say(f"memory file written in {time.perf_counter() - t:.1f} s")
 
         cmd = qemu_command(qemu, tmp, mem_mib, filled, cpu, cache)
+        if data_disk is not None:
+            size_mib, written_kib = data_disk
+            data = os.path.join(tmp, "data.qcow2")
+            subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", data, f"{size_mib}M"],
+                           check=True, capture_output=True, timeout=60)
+            if written_kib:
+                qemu_io = os.path.join(os.path.dirname(qemu_img), "qemu-io")
+                subprocess.run([qemu_io, "-f", "qcow2", "-c",
+                                f"write -P 0x5a 0 {written_kib}k", data],
+                               check=True, capture_output=True, timeout=600)
+            cmd += ["-drive", f"file={data},if=none,id=d1,format=qcow2,cache={cache}"]
         log = open(os.path.join(tmp, "qemu.log"), "wb")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)

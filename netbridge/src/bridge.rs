@@ -97,6 +97,9 @@ struct Port {
     held_bytes: usize,
     /// Source MACs learned on this port.
     macs: usize,
+    /// A peer bridge (`peering.rs`): its tags are taken as sent, it holds
+    /// no id budget, and frames from a peer never go to another peer.
+    peer: bool,
     counters: Counters,
     next_seq: u64,
     unacked: BTreeMap<u64, Id>,
@@ -138,6 +141,16 @@ pub struct Event {
     pub id: Option<String>,
     /// The port concerned.
     pub port: PortId,
+    /// When the bridge recorded it: microseconds since the Unix epoch (0
+    /// if the clock is before it). `specvm-graph` draws its time axis
+    /// from it (docs/graph.md).
+    pub us: u64,
+    /// Peering: the peer's address (`peer-up`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// Peering: the counters of the peering (`peer-stats`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peering: Option<crate::peer::Stats>,
 }
 
 /// The bridge.
@@ -184,6 +197,11 @@ impl Bridge {
             event,
             id: id.as_ref().map(Id::to_string),
             port,
+            us: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+            addr: None,
+            peering: None,
         });
     }
 
@@ -238,6 +256,7 @@ impl Bridge {
                 held: VecDeque::new(),
                 held_bytes: 0,
                 macs: 0,
+                peer: false,
                 counters: Counters::default(),
                 next_seq: 1,
                 unacked: BTreeMap::new(),
@@ -311,6 +330,7 @@ impl Bridge {
             return Vec::new();
         };
         p.counters.rx += 1;
+        let from_peer = p.peer;
         let tags = match (self.read_tags)(&frame) {
             Ok(t) => t,
             Err(e) => {
@@ -331,6 +351,12 @@ impl Bridge {
             },
             _ => self.ports.keys().copied().filter(|&p| p != from).collect(),
         };
+        // Split horizon: peers form a full mesh, and a frame from one peer
+        // reached every other one from its source already.
+        let dsts: Vec<PortId> = dsts
+            .into_iter()
+            .filter(|&d| !(from_peer && self.is_peer(d)))
+            .collect();
         dsts.into_iter()
             .filter(|&d| self.deliver(d, frame.clone(), tags.clone()))
             .collect()
@@ -349,8 +375,12 @@ impl Bridge {
         if tags.is_empty() {
             return Some((frame, tags));
         }
+        let (peer, trusted) = self.ports.get(&from).map(|p| (p.peer, p.trusts_tags))?;
+        let v = match peer {
+            true => self.vet_peer(from, tags)?,
+            false => vet::vet(&self.registry, from, trusted, tags),
+        };
         let p = self.ports.get_mut(&from)?;
-        let v = vet::vet(&self.registry, from, p.trusts_tags, tags);
         if !v.forged.is_empty() {
             p.counters.forged += 1;
             if worth_logging(p.counters.forged) {
@@ -423,6 +453,20 @@ impl Bridge {
         };
         if tags.is_empty() {
             return push(p, Queued { frame, tags });
+        }
+        if p.peer {
+            // The peer's bridge holds its own ports' budgets and output.
+            let queued = push(
+                p,
+                Queued {
+                    frame,
+                    tags: tags.clone(),
+                },
+            );
+            if queued {
+                self.registry.peer_sent(port, &tags);
+            }
+            return queued;
         }
         if p.speculative {
             // The port may join the open ids it is sent: within its budget.
@@ -644,7 +688,11 @@ impl Bridge {
             if let Some(p) = self.ports.get_mut(&n.port) {
                 let seq = p.next_seq;
                 p.next_seq += 1;
-                p.unacked.insert(seq, n.id);
+                // A peer acknowledges nothing: it asks again (`hold`) for
+                // what it missed.
+                if !p.peer {
+                    p.unacked.insert(seq, n.id);
+                }
                 out.push(Send::Control(
                     n.port,
                     Control::Decided {
@@ -728,6 +776,7 @@ fn push(p: &mut Port, q: Queued) -> bool {
     true
 }
 
+mod peering;
 mod shared;
 #[cfg(test)]
 mod tests;

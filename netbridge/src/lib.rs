@@ -17,6 +17,8 @@
 //! - [`vet`]: which ids a port's frames may carry (forged tags stripped);
 //! - [`server`]: the tokio I/O around them, and the `netbridge` binary;
 //! - [`uplink`]: the TAP port to the host (`--uplink tap=NAME`);
+//! - [`peer`]: peer bridges on other hosts, over UDP in VXLAN framing
+//!   (`--peer HOST:PORT`);
 //! - [`sock`]: listening Unix sockets that replace no one else's file
 //!   (shared with specvm); [`specwire::sock`], re-exported.
 //!
@@ -24,6 +26,7 @@
 //! `vmm/src/spec/link.rs`.
 
 pub mod bridge;
+pub mod peer;
 pub mod registry;
 pub mod server;
 pub mod tags;

@@ -5,6 +5,7 @@
 //!           [--events PATH] [--group GROUP] [--lease-ms N] [--quiet]
 //!           [--registry embedded|etcd://HOST:PORT[,HOST:PORT...]]
 //!           [--registry-name NAME]
+//!           [--peer HOST:PORT]... [--vxlan-listen ADDR:PORT] [--vni N]
 //! ```
 //!
 //! `--registry etcd://...` keeps the speculations' outcomes in etcd, shared
@@ -13,7 +14,9 @@
 //! VMMs connect to `--listen` as ports (see `docs/netbridge.md`). With
 //! `--uplink tap=NAME` the TAP interface NAME (created if missing) is a port
 //! too, to the host's network stack, which gets tagged frames only once
-//! they commit. Every speculation event is printed as a JSON line on stdout
+//! they commit. With `--peer`, frames and outcomes are exchanged with the
+//! bridges named, over UDP in VXLAN framing ([`netbridge::peer`]). Every
+//! speculation event is printed as a JSON line on stdout
 //! (unless `--quiet`) and streamed to clients of `--events`.
 //!
 //! Both sockets are mode 0600 (0660 with `--group`), replace only a stale
@@ -26,6 +29,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use netbridge::bridge::{Bridge, Event};
+use netbridge::peer::Config as PeerConfig;
 use netbridge::server::{self, Shared};
 use netbridge::sock::Access;
 use netbridge::uplink::{Tap, Uplink, UplinkSpec};
@@ -70,6 +74,20 @@ struct Args {
     /// Do not print events on stdout.
     #[arg(long)]
     quiet: bool,
+    /// A peer bridge (repeatable): frames go to and come from it over UDP
+    /// in VXLAN framing, and datagrams are taken only from the peers
+    /// named, by their source address and port (their --vxlan-listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    peer: Vec<String>,
+    /// The UDP address peers send to, and this bridge sends from (the
+    /// default port is VXLAN's, 4789). Bound only with --peer or this.
+    #[arg(long, value_name = "ADDR:PORT")]
+    vxlan_listen: Option<String>,
+    /// The VXLAN network identifier of the frames (24 bits); control
+    /// messages use the next one. Every peer must use the same.
+    #[arg(long, value_name = "N", default_value_t = netbridge::peer::DEFAULT_VNI,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(netbridge::peer::vxlan::VNI_MAX)))]
+    vni: u32,
     /// Log filter for stderr.
     #[arg(long, default_value = "warn")]
     log_level: String,
@@ -183,7 +201,19 @@ async fn run(args: &Args) -> Result<(), String> {
             None => None,
         },
     };
+    let peering = match (&args.vxlan_listen, args.peer.is_empty()) {
+        (None, true) => None,
+        (listen, _) => {
+            let listen = listen.as_deref().unwrap_or("0.0.0.0:4789");
+            Some(PeerConfig::resolve(listen, &args.peer, args.vni).map_err(|e| e.to_string())?)
+        }
+    };
     let ports = server::bind_with(&args.listen, &access).map_err(|e| e.to_string())?;
+    if let Some(config) = &peering {
+        netbridge::peer::io::start(config, shared.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     if let Some(tap) = tap {
         let uplink = Uplink::attach(tap, shared.clone()).map_err(|e| e.to_string())?;
         // Losing the uplink does not stop the bridge: the VMs on it keep

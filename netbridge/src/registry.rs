@@ -95,6 +95,14 @@ pub enum RegistryError {
         /// The speculation.
         id: Id,
     },
+    /// A `started` for an id that is open or decided already, though past
+    /// its VM's last number here: one a peer opened (two VMs of one id in
+    /// the fabric), or one kept for its owner across a restart.
+    #[error("speculation {id:#x} is open or decided already")]
+    Known {
+        /// The speculation.
+        id: Id,
+    },
     /// A port with no VM behind it (the uplink) or not connected.
     #[error("port {port} has no VM")]
     NoVm {
@@ -134,6 +142,7 @@ impl RegistryError {
             | Self::NotOpen { id, .. }
             | Self::NotSent { id, .. }
             | Self::TooManyIds { id, .. }
+            | Self::Known { id }
             | Self::Unacked { id, .. } => Some(id),
             Self::NoVm { .. }
             | Self::ResumedTwice { .. }
@@ -205,6 +214,10 @@ pub struct Registry {
     /// `resume` that names an id of an owner not connected keeps it open
     /// for that owner to come back (the bridge restarted).
     recovering: bool,
+    /// Open ids whose owner VM is behind a peer bridge, and that peer
+    /// (`peer/`, docs/netbridge.md "Peering"): their owner counts as
+    /// present, and the peer tells their outcome.
+    homes: HashMap<Id, PortId>,
 }
 
 /// What a VMM's `resume` told the registry ([`Registry::resume`]).
@@ -311,6 +324,9 @@ impl Registry {
         if p.held >= IDS_PER_PORT {
             return Err(RegistryError::TooManyIds { port, id });
         }
+        if self.active.contains_key(&id) || self.decided.contains_key(&id) {
+            return Err(RegistryError::Known { id });
+        }
         self.max_seq.insert(vm, id.seq);
         self.active.insert(id, Spec::default());
         self.add_held(port, 1);
@@ -385,7 +401,7 @@ impl Registry {
         for &id in ids {
             let outcome = match self.outcome(id) {
                 Some(o) => Some(o),
-                None if !self.vm_connected(owner_vm(id)) => Some(Outcome::Abort),
+                None if !self.owner_present(id) => Some(Outcome::Abort),
                 None => None,
             };
             if let Some(outcome) = outcome {
@@ -426,7 +442,9 @@ impl Registry {
         if self.decided.contains_key(&id) {
             return Ok(Vec::new());
         }
-        if !self.active.contains_key(&id) {
+        // An id that came from a peer is its owner's there, whatever VM id
+        // this port has.
+        if !self.active.contains_key(&id) || self.homes.contains_key(&id) {
             return Err(RegistryError::NotOpen { port, id });
         }
         Ok(self.decide(id, outcome))
@@ -443,6 +461,7 @@ impl Registry {
         for &port in spec.members.iter().chain(&spec.offered) {
             self.drop_held(port);
         }
+        self.homes.remove(&id);
         self.decided.insert(id, outcome);
         self.order.push_back(id);
         if self.order.len() > HISTORY {
@@ -473,7 +492,7 @@ impl Registry {
                 .active
                 .keys()
                 .copied()
-                .filter(|&id| owner_vm(id) == vm)
+                .filter(|&id| owner_vm(id) == vm && !self.homes.contains_key(&id))
                 .collect(),
             None => Vec::new(),
         };
@@ -488,6 +507,8 @@ impl Registry {
         self.active.retain(|id, s| {
             vms.contains_key(&owner_vm(*id)) || !s.members.is_empty() || !s.offered.is_empty()
         });
+        let active = &self.active;
+        self.homes.retain(|id, _| active.contains_key(id));
         (owned, notices)
     }
 
@@ -587,7 +608,7 @@ impl Registry {
             out.notices.push(Notice { port, id, outcome });
             return;
         }
-        let absent = !self.vm_connected(owner_vm(id));
+        let absent = !self.owner_present(id);
         if absent && !self.recovering {
             out.notices.push(Notice {
                 port,
@@ -619,7 +640,7 @@ impl Registry {
             .active
             .keys()
             .copied()
-            .filter(|&id| !self.vm_connected(owner_vm(id)))
+            .filter(|&id| !self.owner_present(id))
             .collect();
         orphans.sort_unstable();
         let notices = orphans
@@ -635,6 +656,129 @@ impl Registry {
             .active
             .iter()
             .map(|(&id, s)| (id, s.members.iter().copied().collect()))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Open remote ids one peer may introduce (see [`Registry::open_remote`]):
+/// a peer that names ever new ids cannot make the registry grow without
+/// end. 16 times [`IDS_PER_PORT`]: sixteen VMs' worth.
+pub const REMOTE_IDS_PER_PEER: usize = 16 * IDS_PER_PORT;
+
+/// What the registry knows of an id a peer asks about (`hold`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Decided so (or counted aborted: neither open nor decided, and its
+    /// owner is neither connected nor behind a peer, after the recovery).
+    Decided(Outcome),
+    /// Open.
+    Open,
+    /// Not known, and not counted aborted yet.
+    Unknown,
+}
+
+/// Speculations whose owner is behind a peer bridge (docs/netbridge.md,
+/// "Peering"). A peer port is no VM port: it owns nothing here, and it is
+/// made a *member* of the open ids it is sent, so that their outcome is
+/// told to it as to any member.
+impl Registry {
+    /// Whether `id`'s owner counts as present: its VM is connected here,
+    /// or the id came from a peer.
+    pub fn owner_present(&self, id: Id) -> bool {
+        self.vm_connected(owner_vm(id)) || self.homes.contains_key(&id)
+    }
+
+    /// Opens `id`, named by a frame from the peer `home` and unknown here,
+    /// as a speculation owned behind that peer. Refused for an id of a VM
+    /// connected here (a peer cannot speak for this bridge's own VMs) and
+    /// past [`REMOTE_IDS_PER_PEER`]. Returns whether it was opened now.
+    pub fn open_remote(&mut self, id: Id, home: PortId) -> Result<bool, RegistryError> {
+        if self.decided.contains_key(&id) || self.active.contains_key(&id) {
+            return Ok(false);
+        }
+        if self.vm_connected(owner_vm(id)) {
+            return Err(RegistryError::NotOpen { port: home, id });
+        }
+        if self.homes.values().filter(|&&h| h == home).count() >= REMOTE_IDS_PER_PEER {
+            return Err(RegistryError::TooManyIds { port: home, id });
+        }
+        self.active.insert(id, Spec::default());
+        self.homes.insert(id, home);
+        Ok(true)
+    }
+
+    /// The peer `id` came from, if it came from one.
+    pub fn home(&self, id: Id) -> Option<PortId> {
+        self.homes.get(&id).copied()
+    }
+
+    /// Room for more ids from the peer `home`.
+    pub fn remote_room(&self, home: PortId) -> usize {
+        let n = self.homes.values().filter(|&&h| h == home).count();
+        REMOTE_IDS_PER_PEER.saturating_sub(n)
+    }
+
+    /// The peer `home` says it has `id` open: it is the peer to ask, for an
+    /// open id here of an owner that is not here and that no peer claimed
+    /// yet (one kept for a member after a restart).
+    pub fn set_home(&mut self, id: Id, home: PortId) {
+        if self.active.contains_key(&id) && !self.owner_present(id) {
+            self.homes.insert(id, home);
+        }
+    }
+
+    /// The peer port `peer` was sent a frame tagged with `ids`: it becomes
+    /// a member of the open ones, and is told their outcome; not of those
+    /// that came from it, whose outcome it tells.
+    pub fn peer_sent(&mut self, peer: PortId, ids: &[Id]) {
+        for id in ids {
+            if self.homes.get(id) == Some(&peer) {
+                continue;
+            }
+            if let Some(s) = self.active.get_mut(id) {
+                s.members.insert(peer);
+            }
+        }
+    }
+
+    /// A peer told the outcome of `id`. Taken only for an open id whose
+    /// owner VM is not connected here (rule 8: a peer speaks for its own
+    /// side only). The members to tell, or `None` if not taken.
+    pub fn decide_remote(&mut self, id: Id, outcome: Outcome) -> Option<Vec<Notice>> {
+        if !self.active.contains_key(&id) || self.vm_connected(owner_vm(id)) {
+            return None;
+        }
+        Some(self.decide(id, outcome))
+    }
+
+    /// What a peer asking about `id` is told: as a `joined` would be, an
+    /// id neither open nor decided whose owner is absent counts as
+    /// aborted once the recovery is over, but only if its owner VM was a
+    /// VM of this bridge (it started ids here): of another VM this bridge
+    /// knows nothing, and a peer that took it for the owner's side (the id
+    /// reached it through a member here) must not be told a guess.
+    pub fn lookup(&self, id: Id) -> Lookup {
+        let ours = self.max_seq.contains_key(&owner_vm(id));
+        match self.outcome(id) {
+            Some(o) => Lookup::Decided(o),
+            None if self.active.contains_key(&id) => Lookup::Open,
+            None if ours && !self.recovering && !self.owner_present(id) => {
+                Lookup::Decided(Outcome::Abort)
+            }
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// The open ids whose owner VM is not connected here, each with the
+    /// peer it came from (`None`: not known, as after a restart), sorted.
+    pub fn remote_open(&self) -> Vec<(Id, Option<PortId>)> {
+        let mut v: Vec<(Id, Option<PortId>)> = self
+            .active
+            .keys()
+            .filter(|id| !self.vm_connected(owner_vm(**id)))
+            .map(|&id| (id, self.homes.get(&id).copied()))
             .collect();
         v.sort_unstable();
         v

@@ -165,6 +165,34 @@ impl Shared {
         (port, frames)
     }
 
+    /// Adds the peer bridge at `addr` as a port ([`Bridge::add_peer`]).
+    /// Returns its port number, the control messages meant for it (the
+    /// outcomes it is to be told), and what its writer waits on for frames.
+    pub fn add_peer(&self, addr: &str) -> (PortId, mpsc::Receiver<Control>, Arc<Notify>) {
+        let port = self.next_port();
+        self.bridge().add_peer(port, addr);
+        let (control, rx) = mpsc::channel(CONTROL_QUEUE_MAX);
+        let frames = Arc::new(Notify::new());
+        self.links().insert(
+            port,
+            PortLink {
+                control,
+                frames: frames.clone(),
+                close: Arc::new(Notify::new()),
+            },
+        );
+        self.dispatch(Vec::new(), Vec::new());
+        (port, rx, frames)
+    }
+
+    /// Runs `f` on the bridge, then sends the control messages and wakes
+    /// the writers it returns, and publishes its events.
+    pub fn with_bridge<R>(&self, f: impl FnOnce(&mut Bridge) -> (R, Vec<Send>, Vec<PortId>)) -> R {
+        let (r, sends, woke) = f(&mut self.bridge());
+        self.dispatch(sends, woke);
+        r
+    }
+
     /// A frame received from `port`: switches it and wakes the writers of
     /// the ports it was queued for.
     pub fn ingress(&self, port: PortId, frame: Vec<u8>) {

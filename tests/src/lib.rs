@@ -85,6 +85,21 @@ pub fn netbridge_bin() -> PathBuf {
     }
 }
 
+/// The `specvm-graph` binary (`specgraph/`): beside `SPECVM_BIN` when
+/// that is set, else the one of the tests' profile, built as `netbridge`
+/// is.
+pub fn specgraph_bin() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = BIN.get_or_init(|| match std::env::var_os("SPECVM_BIN") {
+        Some(specvm) => Ok(PathBuf::from(specvm).with_file_name("specvm-graph")),
+        None => build_bin("specgraph", "specvm-graph"),
+    });
+    match found {
+        Ok(path) => path.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Builds binary `bin` of package `package` in the tests' own profile and
 /// target folder, and returns its path.
 fn build_bin(package: &str, bin: &str) -> Result<PathBuf, String> {
@@ -611,6 +626,11 @@ pub struct NetBridge {
 impl NetBridge {
     /// Starts a bridge in a new directory named after `name`.
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Starts a bridge as [`NetBridge::start`] does, with `extra` flags.
+    pub fn start_with(name: &str, extra: &[&std::ffi::OsStr]) -> Self {
         let dir = std::env::temp_dir().join(format!("specvm-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the bridge's directory");
@@ -619,6 +639,7 @@ impl NetBridge {
         let child = Command::new(bin)
             .arg("--listen")
             .arg(dir.join("br.sock"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(events))
             .spawn()

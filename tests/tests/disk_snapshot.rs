@@ -102,18 +102,54 @@ fn write_and_snapshot(dir: &TempDir, img: &Path, flags: &str, snap: &Path) {
     vm.finish(TIMEOUT);
 }
 
+/// What clone `tag`'s disk holds once it has written: A at sectors 0..8
+/// and B at 8..16 (the snapshot's), its tag at 16..32 (depth 0 and a
+/// committed speculation), and O elsewhere (32..40 was written in an
+/// aborted speculation).
+fn clone_view(tag: u8) -> Vec<u8> {
+    let mut image = o_image();
+    for (k, b) in image.iter_mut().enumerate().take(32 * SECTOR) {
+        let sector = (k / SECTOR) as u64;
+        let t = match sector {
+            0..8 => b'A',
+            8..16 => b'B',
+            _ => tag,
+        };
+        *b = pattern_byte(t, sector, k % SECTOR);
+    }
+    image
+}
+
 /// Restores `snap` over `img` (with `flags`) twice, at once, and runs
-/// both copies through their writes, each with its own tag.
-fn two_clones(snap: &Path, img: &Path, flags: &str) {
+/// both copies through their writes, each with its own tag. Once both
+/// have written, each one's disk is exported (`specvm ctl disk-export`)
+/// into `dir` and must hold exactly that clone's view.
+fn two_clones(dir: &TempDir, snap: &Path, img: &Path, flags: &str) {
     let disk = disk_arg(img, flags);
     let snap = snap.to_str().expect("UTF-8 path");
-    let mut x = spawn_specvm(&["run", "--restore", snap, &disk]);
-    let mut y = spawn_specvm(&["run", "--restore", snap, &disk]);
+    // Names apart for each call (the private one, and the other).
+    let run = if flags.is_empty() { "s" } else { "p" };
+    let sock = |t: &str| dir.join(&format!("clone-{t}{run}.sock"));
+    let (sx, sy) = (sock("X"), sock("Y"));
+    let api = |s: &Path| format!("--api-sock={}", s.display());
+    let mut x = spawn_specvm(&["run", "--restore", snap, &disk, &api(&sx)]);
+    let mut y = spawn_specvm(&["run", "--restore", snap, &disk, &api(&sy)]);
     x.send(b"X").expect("send to X");
     y.send(b"Y").expect("send to Y");
     // Both have written before either checks again.
     wait(&mut x, "disk_spec: clone X wrote 16..32");
     wait(&mut y, "disk_spec: clone Y wrote 16..32");
+    for (tag, s) in [(b'X', &sx), (b'Y', &sy)] {
+        let out = dir.join(&format!("export-{}{run}.img", tag as char));
+        let (st, msg) = ctl(s, "disk-export", Some(&out));
+        assert_eq!(st, 0, "disk-export of clone {}: {msg}", tag as char);
+        assert!(msg.contains(r#""granules":"#), "{msg}");
+        assert_image(&out, &clone_view(tag), "the exported disk");
+        // The file is the user's now: a second export never replaces it.
+        let (st, msg) = ctl(s, "disk-export", Some(&out));
+        assert_ne!(st, 0, "a second export over {}: {msg}", out.display());
+        assert!(msg.contains("never replaces"), "{msg}");
+    }
     x.send(b".").expect("send to X");
     y.send(b".").expect("send to Y");
     wait(&mut x, "disk_spec: clone X ok");
@@ -137,10 +173,10 @@ fn clones_of_a_disk_snapshot_each_write_their_own_view() {
     // the clones can only read them from the snapshot.
     write_and_snapshot(&dir, &img, ",private", &snap);
     assert_image(&img, &image, "after the private VM");
-    two_clones(&snap, &img, "");
+    two_clones(&dir, &snap, &img, "");
     assert_image(&img, &image, "after the clones");
     // Once more: the clones wrote nothing into the snapshot either.
-    two_clones(&snap, &img, ",private");
+    two_clones(&dir, &snap, &img, ",private");
     assert_image(&img, &image, "after the second pair of clones");
 }
 
@@ -160,7 +196,7 @@ fn a_shared_disk_is_snapshotted_with_its_image_and_cloned() {
         o_image(),
         "the shared disk's writes did not reach the image"
     );
-    two_clones(&snap, &img, "");
+    two_clones(&dir, &snap, &img, "");
     assert_image(&img, &after, "after the clones");
 }
 

@@ -291,12 +291,23 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// For a scenario on a restored guest: the shared boot, and the scenario
+/// lock held; `None` (after recording `test` as skipped) without the
+/// images.
+fn scenario(test: &str) -> Option<(&'static Booted, std::sync::MutexGuard<'static, ()>)> {
+    let (kernel, initrd) = images(test)?;
+    let b = booted(&kernel, &initrd);
+    Some((b, one_at_a_time()))
+}
+
 /// The kernel and initramfs, or `None` after recording `test` as skipped.
 fn images(test: &str) -> Option<(String, String)> {
-    match (image("vmlinux"), image("initramfs.cpio"), image("disk.ext4")) {
-        (Some(k), Some(i), Some(_)) => {
-            Some((k.display().to_string(), i.display().to_string()))
-        }
+    match (
+        image("vmlinux"),
+        image("initramfs.cpio"),
+        image("disk.ext4"),
+    ) {
+        (Some(k), Some(i), Some(_)) => Some((k.display().to_string(), i.display().to_string())),
         _ => {
             record_skip(
                 test,
@@ -977,4 +988,163 @@ fn a_changed_image_or_configuration_boots_again_and_says_why() {
             "booting",
         ],
     );
+}
+
+/// `images/out/tools/NAME` (the pinned e2fsprogs that made the disk) on
+/// `args`: (exit status, stdout and stderr).
+fn e2fs_tool(name: &str, args: &[&str]) -> (i32, String) {
+    let tool = image(&format!("tools/{name}"))
+        .unwrap_or_else(|| panic!("images/out/tools/{name} missing: run images/build.sh"));
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A file's bytes (the 64 MiB disk image).
+fn file_bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).expect("read the image")
+}
+
+/// Issue 14's Linux scenario: a restored Debian guest writes its ext4 disk
+/// (/dev/vda on /mnt) under speculations. An aborted write is gone, a
+/// committed one stays, and the host's own e2fsck finds the exported disk
+/// clean; the image file itself is never written.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+#[cfg_attr(
+    all(not(no_kvm), no_linux_image),
+    ignore = "no Linux guest image (run images/build.sh), or SPECVM_SKIP_LINUX set"
+)]
+fn a_linux_guest_s_disk_writes_follow_its_speculations() {
+    skip_without_kvm!();
+    let Some((b, _one)) = scenario("linux::a_linux_guest_s_disk_writes_follow_its_speculations")
+    else {
+        return;
+    };
+    let disk = image("disk.ext4").expect("checked by images()");
+    let before = file_bytes(&disk);
+    let sock =
+        std::env::temp_dir().join(format!("specvm-linux-disk-net-{}.sock", std::process::id()));
+    let _frames = FrameListener::bind(&sock).collect();
+    let mut vm = Restored::start(b, "disk", 22, &format!("socket={}", sock.display()));
+    let line = run(
+        &mut vm.console,
+        "echo MNT$((1+1))= $(grep -c '^/dev/vda /mnt ext4' /proc/mounts) $(cat /mnt/hello)",
+        "MNT2=",
+    );
+    assert_eq!(line, "MNT2= 1 hello from the specvm disk image");
+    // Abort: the file was written and synced to the disk, and is gone
+    // with the rollback (the shell is back at `spec speculate`, which now
+    // returns non-zero, so the `then` part is not run again).
+    let line = run(
+        &mut vm.console,
+        "if spec speculate; then echo x > /mnt/f; sync; spec abort; fi; echo DISKA$((1+1))= /mnt/*",
+        "DISKA2=",
+    );
+    assert!(
+        line.contains("/mnt/hello") && !line.contains("/mnt/f"),
+        "after the abort: {line}"
+    );
+    // Commit: the file stays.
+    let line = run(
+        &mut vm.console,
+        "if spec speculate; then echo y > /mnt/g; sync; spec commit; fi; echo DISKC$((1+1))= /mnt/* $(cat /mnt/g)",
+        "DISKC2=",
+    );
+    assert!(
+        line.contains("/mnt/g") && !line.contains("/mnt/f") && line.ends_with(" y"),
+        "after the commit: {line}"
+    );
+    // Unmounted, the disk is a clean file system: exported, the host's
+    // e2fsck (-f: check even if marked clean, -n: change nothing) passes,
+    // and debugfs sees g with its content and no f.
+    let line = run(
+        &mut vm.console,
+        "umount /mnt; echo UMOUNT$((1+1))=$?",
+        "UMOUNT2=",
+    );
+    assert_eq!(line, "UMOUNT2=0");
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("linux-disk-export-{}.img", std::process::id()));
+    let _ = std::fs::remove_file(&out);
+    let r = ctl(
+        &vm.api,
+        "disk-export",
+        &["--path", &out.display().to_string()],
+    );
+    assert!(r.contains(r#""ok":true"#), "disk-export: {r}");
+    let outs = out.display().to_string();
+    let (st, text) = e2fs_tool("e2fsck", &["-fn", &outs]);
+    assert_eq!(st, 0, "e2fsck of the exported disk:\n{text}");
+    let (_, text) = e2fs_tool("debugfs", &["-R", "ls -p /", &outs]);
+    assert!(
+        text.contains("/g/") && !text.contains("/f/"),
+        "debugfs ls of the exported disk:\n{text}"
+    );
+    let (_, text) = e2fs_tool("debugfs", &["-R", "cat /g", &outs]);
+    assert!(text.lines().any(|l| l == "y"), "debugfs cat /g:\n{text}");
+    let _ = std::fs::remove_file(&out);
+    vm.console.send("poweroff -f");
+    vm.console.wait_clean_exit("poweroff -f");
+    assert!(file_bytes(&disk) == before, "the image file was written");
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// Two VMs restored from one snapshot write "the same" disk: each sees its
+/// own files and never the other's, and the image file is not written.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+#[cfg_attr(
+    all(not(no_kvm), no_linux_image),
+    ignore = "no Linux guest image (run images/build.sh), or SPECVM_SKIP_LINUX set"
+)]
+fn two_restored_linux_guests_each_have_their_own_disk() {
+    skip_without_kvm!();
+    let Some((b, _one)) = scenario("linux::two_restored_linux_guests_each_have_their_own_disk")
+    else {
+        return;
+    };
+    let disk = image("disk.ext4").expect("checked by images()");
+    let before = file_bytes(&disk);
+    let sock = |n: &str| {
+        std::env::temp_dir().join(format!(
+            "specvm-linux-clone{n}-net-{}.sock",
+            std::process::id()
+        ))
+    };
+    let (sa, sb) = (sock("a"), sock("b"));
+    let _fa = FrameListener::bind(&sa).collect();
+    let _fb = FrameListener::bind(&sb).collect();
+    let mut a = Restored::start(b, "clonea", 23, &format!("socket={}", sa.display()));
+    let mut bb = Restored::start(b, "cloneb", 24, &format!("socket={}", sb.display()));
+    for (vm, n) in [(&mut a, "a"), (&mut bb, "b")] {
+        let line = run(
+            &mut vm.console,
+            &format!("echo {n} > /mnt/from-{n}; sync; echo WROTE$((1+1))=$?"),
+            "WROTE2=",
+        );
+        assert_eq!(line, "WROTE2=0", "clone {n}");
+    }
+    for (vm, mine, theirs) in [(&mut a, "a", "b"), (&mut bb, "b", "a")] {
+        let line = run(&mut vm.console, "echo LS$((1+1))= /mnt/*", "LS2=");
+        assert!(
+            line.contains(&format!("/mnt/from-{mine}"))
+                && !line.contains(&format!("/mnt/from-{theirs}")),
+            "clone {mine} sees: {line}"
+        );
+    }
+    for vm in [&mut a, &mut bb] {
+        vm.console.send("poweroff -f");
+        vm.console.wait_clean_exit("poweroff -f");
+    }
+    assert!(file_bytes(&disk) == before, "the image file was written");
+    let _ = std::fs::remove_file(&sa);
+    let _ = std::fs::remove_file(&sb);
 }

@@ -47,6 +47,11 @@ pub enum Op {
     Events,
     /// Save the VM to the snapshot directory `path` (`docs/snapshots.md`).
     Snapshot,
+    /// Write private disk `disk`'s committed content to the new file
+    /// `path` (`docs/disk.md`).
+    #[serde(rename = "disk-export")]
+    #[value(name = "disk-export")]
+    DiskExport,
 }
 
 /// A request line.
@@ -54,9 +59,14 @@ pub enum Op {
 pub struct Request {
     /// The operation.
     pub op: Op,
-    /// The snapshot directory, for `snapshot`.
+    /// The snapshot directory, for `snapshot`; the new image file, for
+    /// `disk-export`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub path: Option<PathBuf>,
+    /// The disk's index (its `--disk` in order, from 0), for
+    /// `disk-export`; 0 if absent.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub disk: Option<u32>,
 }
 
 /// One entry of the checkpoint stack, as reported.
@@ -101,6 +111,13 @@ pub struct Response {
     /// How long the VM was paused, in microseconds, for `snapshot`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub micros: Option<u64>,
+    /// The bytes written, for `disk-export`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bytes: Option<u64>,
+    /// The private level's granules written over the image, for
+    /// `disk-export`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub granules: Option<u64>,
 }
 
 impl Response {
@@ -145,6 +162,8 @@ pub struct ApiCall {
     pub op: Op,
     /// The request's `path`, if it had one.
     pub path: Option<PathBuf>,
+    /// The request's `disk`, if it had one.
+    pub disk: Option<u32>,
     /// Where the controller answers.
     pub reply: oneshot::Sender<Response>,
 }
@@ -387,6 +406,7 @@ async fn call(to_vm: &ToVm, req: Request) -> Response {
     let c = ApiCall {
         op: req.op,
         path: req.path,
+        disk: req.disk,
         reply: tx,
     };
     if !to_vm(c) {
@@ -441,7 +461,7 @@ async fn write_line<T: Serialize>(
 /// For `events`, the wait covers connecting and sending the request only.
 pub fn default_timeout(op: Op) -> Duration {
     match op {
-        Op::Snapshot => Duration::from_secs(600),
+        Op::Snapshot | Op::DiskExport => Duration::from_secs(600),
         _ => Duration::from_secs(30),
     }
 }
@@ -450,7 +470,11 @@ pub fn default_timeout(op: Op) -> Duration {
 /// for `events`, every event line until the VMM goes away) to `out`.
 /// Returns whether the answer was a success.
 pub fn client(path: &Path, op: Op, out: &mut impl Write) -> std::io::Result<bool> {
-    let req = Request { op, path: None };
+    let req = Request {
+        op,
+        path: None,
+        disk: None,
+    };
     client_request(path, &req, Some(default_timeout(op)), out)
 }
 
@@ -467,6 +491,7 @@ pub fn client_request(
     let req = Request {
         op,
         path: req.path.as_deref().map(std::path::absolute).transpose()?,
+        disk: req.disk,
     };
     let context = |what: &str, e: std::io::Error| {
         let e = match e.kind() {
@@ -700,6 +725,7 @@ mod tests {
         let req = Request {
             op: Op::Snapshot,
             path: Some("snap".into()),
+            disk: None,
         };
         let t = std::time::Instant::now();
         let e = client_request(

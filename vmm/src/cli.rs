@@ -42,10 +42,15 @@ pub struct CtlArgs {
     /// The operation.
     #[arg(value_enum)]
     pub op: crate::api::Op,
-    /// The snapshot directory, for `snapshot` (a relative one is sent
-    /// resolved against this directory).
-    #[arg(long, value_name = "DIR")]
+    /// The snapshot directory, for `snapshot`; the new image file, for
+    /// `disk-export` (a relative one is sent resolved against this
+    /// directory).
+    #[arg(long, value_name = "PATH")]
     pub path: Option<PathBuf>,
+    /// The disk, for `disk-export`: its `--disk` in order, from 0
+    /// (default 0).
+    #[arg(long, value_name = "N")]
+    pub disk: Option<u32>,
     /// Give up after this many seconds without an answer (0: wait for
     /// ever). Default 30, 600 for `snapshot`; for `events`, only connecting
     /// and sending are timed.

@@ -240,6 +240,12 @@ impl ReadState {
     pub fn take(&self) -> Option<crate::snapshot::VmSnapshot> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
+
+    /// Calls `f` with the state, if it has not been taken.
+    pub fn peek<T>(&self, f: impl FnOnce(&crate::snapshot::VmSnapshot) -> T) -> Option<T> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().map(f)
+    }
 }
 
 impl std::fmt::Debug for ReadState {

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
             let req = vmm::api::Request {
                 op: args.op,
                 path: args.path,
+                disk: args.disk,
             };
             match vmm::api::client_request(&args.api_sock, &req, timeout, &mut std::io::stdout()) {
                 Ok(true) => ExitCode::SUCCESS,

@@ -40,11 +40,12 @@
 #[path = "../rt/mod.rs"]
 mod rt;
 
+#[path = "../blk_open.rs"]
+mod blk_open;
+
 use guest_agent::abi::reason::ABORTED_BY_GUEST;
 use guest_agent::hypercall::{abort, commit, speculate, status};
-use guest_agent::virtio_blk::{
-    self, find_slot, slot_base, Dma, PhysMmio, VirtioBlk, DMA_SIZE, SECTOR_SIZE, S_IOERR,
-};
+use guest_agent::virtio_blk::{self, PhysMmio, VirtioBlk, SECTOR_SIZE, S_IOERR};
 
 /// Pattern tags.
 const A: u8 = b'A';
@@ -336,32 +337,10 @@ fn clone(d: &mut Disk) -> Result<(), u32> {
 }
 
 fn main(mem_size: u64, free_base: u64, arg: u64) -> u32 {
-    let dma_base = free_base.next_multiple_of(4096);
-    if dma_base + DMA_SIZE as u64 > mem_size {
-        rt::println!("disk_spec: no room for the driver's memory");
-        return 5;
-    }
-    // SAFETY: the slots are identity-mapped MMIO (an empty one reads all
-    // ones); probing reads only identification registers.
-    let Some(slot) = find_slot(|i| unsafe { PhysMmio::new(slot_base(i)) }, 0) else {
-        rt::println!("disk_spec: no virtio-blk device");
-        return 2;
-    };
-    // SAFETY: the slot holds a virtio-blk device; dma_base is free
-    // identity-mapped RAM (checked above), used for nothing else.
-    let dev = unsafe { VirtioBlk::new(PhysMmio::new(slot_base(slot)), Dma::identity(dma_base)) };
-    let mut d = match dev {
+    let mut d = match blk_open::open("disk_spec", mem_size, free_base) {
         Ok(d) => d,
-        Err(e) => {
-            rt::println!("disk_spec: virtio-blk in slot {slot}: {e}");
-            return 3;
-        }
+        Err(code) => return code,
     };
-    rt::println!(
-        "disk_spec: virtio-blk in slot {slot}, {} sectors{}",
-        d.capacity(),
-        if d.read_only() { ", read-only" } else { "" }
-    );
     if d.capacity() < MIN_SECTORS {
         rt::println!(
             "disk_spec: disk of {} sectors, {MIN_SECTORS} needed",

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! netbridge-bench codec [--iters N]
-//! netbridge-bench pump-bridge --sock PATH [--secs S] [--size B] [--tagged] [--max-frames N]
-//! netbridge-bench pump-tap --tx TAP --rx TAP [--secs S] [--size B] [--max-frames N]
+//! netbridge-bench pump-bridge --sock PATH [--rx-sock PATH] [--secs S] [--size B] [--tagged] [--max-frames N]
+//! netbridge-bench pump-tap --tx TAP --rx TAP [--rx-netns NAME] [--secs S] [--size B] [--max-frames N]
 //! ```
 //!
 //! - `codec` times the codec calls on the path of one packet (the VMM's
@@ -14,10 +14,14 @@
 //!   4001 and 4002), sends UDP/IPv4 frames from the first to the second as
 //!   fast as it can for S seconds (at most N frames), untagged or tagged
 //!   with one id of the sender's, and prints one JSON line: frames sent,
-//!   frames received, and the received rate.
+//!   frames received, and the received rate. With `--rx-sock` the
+//!   receiver is a port of that other bridge (a peer of the first:
+//!   `benches/peering.py`).
 //! - `pump-tap` does the same through two existing TAP devices (the
 //!   caller puts them on a Linux bridge, in a network namespace of its
-//!   own): it writes frames into `--tx` and reads them from `--rx`.
+//!   own): it writes frames into `--tx` and reads them from `--rx`. With
+//!   `--rx-netns` the `--rx` TAP is opened in that namespace (the kernel's
+//!   VXLAN between two namespaces: `benches/peering.py`).
 //!
 //! Every frame is an L2 unicast between two locally administered MACs; the
 //! IPv4 addresses (10.99.0.1 → 10.99.0.2) are never routed anywhere.
@@ -69,6 +73,9 @@ enum Cmd {
         /// The bridge's port socket.
         #[arg(long)]
         sock: PathBuf,
+        /// The receiver's bridge, if not the sender's (a peer of it).
+        #[arg(long)]
+        rx_sock: Option<PathBuf>,
         #[command(flatten)]
         load: Load,
         /// Tag every frame with a speculation of the sender's.
@@ -83,6 +90,9 @@ enum Cmd {
         /// The TAP to read them from.
         #[arg(long)]
         rx: String,
+        /// The network namespace (a name under /run/netns) of `--rx`.
+        #[arg(long)]
+        rx_netns: Option<String>,
         #[command(flatten)]
         load: Load,
     },
@@ -107,8 +117,18 @@ fn main() -> ExitCode {
             codec_bench(iters.max(1));
             Ok(())
         }
-        Cmd::PumpBridge { sock, load, tagged } => pump_bridge(&sock, &load, tagged),
-        Cmd::PumpTap { tx, rx, load } => pump_tap(&tx, &rx, &load),
+        Cmd::PumpBridge {
+            sock,
+            rx_sock,
+            load,
+            tagged,
+        } => pump_bridge(&sock, rx_sock.as_ref(), &load, tagged),
+        Cmd::PumpTap {
+            tx,
+            rx,
+            rx_netns,
+            load,
+        } => pump_tap(&tx, &rx, rx_netns.as_deref(), &load),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -283,9 +303,14 @@ fn port(sock: &PathBuf, vm: u32) -> Result<(UnixStream, u32), String> {
     }
 }
 
-fn pump_bridge(sock: &PathBuf, load: &Load, tagged: bool) -> Result<(), String> {
+fn pump_bridge(
+    sock: &PathBuf,
+    rx_sock: Option<&PathBuf>,
+    load: &Load,
+    tagged: bool,
+) -> Result<(), String> {
     let (mut tx, seq) = port(sock, VM_TX)?;
-    let (mut rx, _) = port(sock, VM_RX)?;
+    let (mut rx, _) = port(rx_sock.unwrap_or(sock), VM_RX)?;
     let plain = udp_frame(load.size, MAC_RX, MAC_TX);
     let frame = if tagged {
         let id = SpecId::new(VM_TX, seq);
@@ -336,10 +361,11 @@ fn pump_bridge(sock: &PathBuf, load: &Load, tagged: bool) -> Result<(), String> 
         sent += 1;
     }
     let c = receiver.join().map_err(|_| "receiver panicked")?;
-    let kind = if tagged {
-        "netbridge-tagged"
-    } else {
-        "netbridge-untagged"
+    let kind = match (rx_sock.is_some(), tagged) {
+        (false, true) => "netbridge-tagged",
+        (false, false) => "netbridge-untagged",
+        (true, true) => "netbridge-peering-tagged",
+        (true, false) => "netbridge-peering-untagged",
     };
     print_result(kind, load, frame.len(), sent, &c, t0);
     Ok(())
@@ -372,9 +398,30 @@ fn readable(f: &File, ms: i32) -> bool {
     r > 0 && p.revents & POLLIN != 0
 }
 
-fn pump_tap(tx_name: &str, rx_name: &str, load: &Load) -> Result<(), String> {
+/// Moves this thread (the only one yet) into the network namespace `name`.
+fn enter_netns(name: &str) -> Result<(), String> {
+    let path = format!("/run/netns/{name}");
+    let ns = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+    // SAFETY: setns with a namespace descriptor we own; it moves only the
+    // calling thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn pump_tap(
+    tx_name: &str,
+    rx_name: &str,
+    rx_netns: Option<&str>,
+    load: &Load,
+) -> Result<(), String> {
     // Both non-blocking: reads are polled for, and TAP writes do not wait.
+    // A TAP's descriptor stays in the namespace it was opened in.
     let mut tx = open_tap(tx_name).map_err(|e| e.to_string())?;
+    if let Some(ns) = rx_netns {
+        enter_netns(ns)?;
+    }
     let mut rx = open_tap(rx_name).map_err(|e| e.to_string())?;
     let frame = udp_frame(load.size, MAC_RX, MAC_TX);
     // Let the Linux bridge learn the receiver's MAC, as for netbridge; the
@@ -452,6 +499,10 @@ fn pump_tap(tx_name: &str, rx_name: &str, load: &Load) -> Result<(), String> {
     let c = receiver.join().map_err(|_| "receiver panicked")?;
     drain_stop.store(true, Ordering::Release);
     let _ = drainer.join();
-    print_result("linux-bridge-tap", load, frame.len(), sent, &c, t0);
+    let kind = match rx_netns {
+        Some(_) => "linux-vxlan-tap",
+        None => "linux-bridge-tap",
+    };
+    print_result(kind, load, frame.len(), sent, &c, t0);
     Ok(())
 }

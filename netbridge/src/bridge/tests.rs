@@ -5,14 +5,14 @@ use super::*;
 use crate::registry::IDS_PER_PORT;
 
 /// Test frames: dst(6) src(6) then a tag list as text "t:1,2".
-fn frame(dst: u8, src: u8, tags: &[Id]) -> Vec<u8> {
+pub(super) fn frame(dst: u8, src: u8, tags: &[Id]) -> Vec<u8> {
     let mut f = vec![2, 0, 0, 0, 0, dst, 2, 0, 0, 0, 0, src];
     let t: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
     f.extend_from_slice(format!("t:{}", t.join(",")).as_bytes());
     f
 }
 
-fn read(f: &[u8]) -> Result<Vec<Id>, String> {
+pub(super) fn read(f: &[u8]) -> Result<Vec<Id>, String> {
     let s = std::str::from_utf8(f.get(12..).unwrap_or_default()).map_err(|e| e.to_string())?;
     let list = s.strip_prefix("t:").ok_or("no tag list")?;
     list.split(',')
@@ -21,13 +21,13 @@ fn read(f: &[u8]) -> Result<Vec<Id>, String> {
         .collect()
 }
 
-fn strip(f: &[u8]) -> Result<Vec<u8>, String> {
+pub(super) fn strip(f: &[u8]) -> Result<Vec<u8>, String> {
     let mut v = f[..12].to_vec();
     v.extend_from_slice(b"t:");
     Ok(v)
 }
 
-fn write(f: &[u8], ids: &[Id]) -> Result<Vec<u8>, String> {
+pub(super) fn write(f: &[u8], ids: &[Id]) -> Result<Vec<u8>, String> {
     Ok(frame(f[5], f[11], ids))
 }
 

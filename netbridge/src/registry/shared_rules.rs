@@ -99,11 +99,23 @@ impl Registry {
                 .active
                 .keys()
                 .copied()
-                .filter(|&id| owner_vm(id) == vm)
+                .filter(|&id| owner_vm(id) == vm && !self.homes.contains_key(&id))
                 .collect(),
             None => Vec::new(),
         };
         owned.sort_unstable();
+        // What nobody here holds any more is forgotten (as `port_gone`
+        // does), except the departed VM's own ids: their abort is on its
+        // way to the registry, and their frames are purged when it lands.
+        let vms = &self.vms;
+        self.active.retain(|id, s| {
+            vms.contains_key(&owner_vm(*id))
+                || !s.members.is_empty()
+                || !s.offered.is_empty()
+                || owned.binary_search(id).is_ok()
+        });
+        let active = &self.active;
+        self.homes.retain(|id, _| active.contains_key(id));
         (vm, owned)
     }
 
@@ -122,7 +134,8 @@ impl Registry {
         if self.decided.contains_key(&id) {
             return Ok(true);
         }
-        if !self.active.contains_key(&id) {
+        // An id that came from a peer is its owner's there.
+        if !self.active.contains_key(&id) || self.homes.contains_key(&id) {
             return Err(RegistryError::NotOpen { port, id });
         }
         Ok(false)

@@ -122,34 +122,22 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
     let root = cache_root(dir)?;
     let compat = crate::host_compat::detect(config.host_compat).active;
     let key = CacheKey::for_config(config, compat)?;
-    let found = match lookup(&root, &key) {
-        Lookup::Hit {
-            snapshot,
-            state,
-            entry,
-            check,
-        } => {
-            // The key hashed the disks' content; a restore also wants each
-            // image's identity (its inode and time) unchanged.
-            let snap = state.take();
-            match snap
-                .as_ref()
-                .and_then(|s| crate::snapshot::disks::identity_changes(&config.disks, s))
-            {
-                Some(why) => Lookup::Miss(
-                    format!("entry {}: {why}", snapshot.display()),
-                    entry.boot_times.clone(),
-                ),
-                None => Lookup::Hit {
-                    snapshot,
-                    state: snap.map(crate::config::ReadState::new).unwrap_or_default(),
-                    entry,
-                    check,
-                },
-            }
+    let mut found = lookup(&root, &key);
+    // The key hashed the disks' content; a restore also wants each image's
+    // identity (its inode and time) unchanged.
+    if let Lookup::Hit {
+        snapshot,
+        state,
+        entry,
+        ..
+    } = &found
+    {
+        let why = state.peek(|s| crate::snapshot::disks::identity_changes(&config.disks, s));
+        if let Some(why) = why.flatten() {
+            let why = format!("entry {}: {why}", snapshot.display());
+            found = Lookup::Miss(why, entry.boot_times.clone());
         }
-        miss => miss,
-    };
+    }
     match found {
         Lookup::Hit {
             snapshot,

@@ -69,6 +69,50 @@ impl Controller {
             }
             Op::Events => Response::error("events are served by the API server"),
             Op::Snapshot => self.snapshot(path)?,
+            Op::DiskExport => Response::error("disk-export is served by Controller::disk_export"),
         })
+    }
+
+    /// Serves `disk-export`: takes the disk's committed content here (a
+    /// copy of its private level, with the device locked), and writes the
+    /// file on a thread of its own, which answers; the VM runs on
+    /// meanwhile.
+    pub(super) fn disk_export(&mut self, call: crate::api::ApiCall) {
+        use crate::devices::virtio::block::export::ExportSource;
+        let refuse = |reply: tokio::sync::oneshot::Sender<Response>, why: String| {
+            let _ = reply.send(Response::error(format!("disk-export refused: {why}")));
+        };
+        let Some(path) = call.path else {
+            return refuse(call.reply, "it needs --path, the new image file".into());
+        };
+        let blocks = self.machine.devices.blocks();
+        let i = call.disk.unwrap_or(0) as usize;
+        let Some(disk) = blocks.get(i) else {
+            return refuse(
+                call.reply,
+                format!("disk {i}: the VM has {} --disk", blocks.len()),
+            );
+        };
+        let source = match ExportSource::take(disk) {
+            Ok(s) => s,
+            Err(e) => return refuse(call.reply, e.to_string()),
+        };
+        let reply = call.reply;
+        let spawned = std::thread::Builder::new()
+            .name("disk-export".into())
+            .spawn(move || {
+                let r = match source.write(&path) {
+                    Ok(n) => Response {
+                        bytes: Some(n.bytes),
+                        granules: Some(n.granules),
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::error(e.to_string()),
+                };
+                let _ = reply.send(r);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("disk-export: no thread: {e}");
+        }
     }
 }

@@ -225,6 +225,9 @@ impl Controller {
                 VmEvent::Hypercall { vcpu, op, arg } => self.hypercall(vcpu, op, arg)?,
                 VmEvent::Join { ids } => self.join(ids)?,
                 VmEvent::Bridge(ev) => self.bridge_event(ev)?,
+                VmEvent::Api(call) if call.op == crate::api::Op::DiskExport => {
+                    self.disk_export(call)
+                }
                 VmEvent::Api(call) => {
                     let resp = self.api(call.op, call.path)?;
                     let _ = call.reply.send(resp);

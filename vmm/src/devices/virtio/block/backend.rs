@@ -171,6 +171,11 @@ impl FileBase {
         &self.path
     }
 
+    /// The open image.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The image's size at open, in bytes.
     pub fn size(&self) -> u64 {
         self.size

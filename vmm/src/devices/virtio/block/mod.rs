@@ -11,6 +11,8 @@
 //! - [`backend`] — the raw image file and [`BlockError`].
 //! - [`persist`] — checkpoint state and the overlays' snapshot encoding.
 //! - [`config`] — `path=FILE[,readonly]`.
+//! - [`export`] — a private disk's committed content to a new file
+//!   (`specvm ctl disk-export`).
 //!
 //! # Integration
 //!
@@ -73,6 +75,7 @@
 pub mod backend;
 pub mod config;
 pub mod device;
+pub mod export;
 pub mod overlay;
 pub mod persist;
 pub mod request;
