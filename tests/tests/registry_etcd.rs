@@ -10,15 +10,17 @@
 //!   VM 2 on B joins; owner killed, B restarted while A decides, one node
 //!   of three lost, etcd stopped.
 //!
-//! Frames between two bridges need their peering (issue 15, part 2), not
-//! on this branch: a [`Relay`] stands in for it, a port on each bridge
+//! Most tests carry frames between the bridges with a [`Relay`] rather
+//! than the bridges' own peering (issue 15, part 2), because a peering
+//! also tells outcomes from bridge to bridge: with the relay, an outcome
+//! can reach B only through etcd. The relay is a port on each bridge
 //! that carries A's frames to B. On B it says it is a member of the
 //! speculation (a `resume`, which a bridge trusts as it would a peer's
 //! tag), so B records the join in etcd and switches the tagged frame to
 //! VM 2, which joins as on one bridge. Everything after that, the outcome
 //! reaching B, is the registry's alone: the relay is never told to carry
-//! an outcome. Once peering is merged, `Relay` can be replaced by
-//! `--peer` on both bridges without changing what the tests check.
+//! an outcome. `peered_bridges_on_etcd_commit_and_survive_the_owners_bridge`
+//! runs real peering (VXLAN on loopback) with etcd.
 //!
 //! Timings are printed (`--nocapture`); the tests run one at a time.
 
