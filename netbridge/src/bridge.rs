@@ -163,6 +163,10 @@ pub struct Bridge {
     write_tag: TagWriter,
     /// Events since the last [`Bridge::take_events`].
     events: Vec<Event>,
+    /// Whether outcomes are in a shared registry (`bridge/shared.rs`).
+    shared: bool,
+    /// Ops for the shared registry since the last [`Bridge::take_ops`].
+    ops: Vec<crate::registry::link::Op>,
 }
 
 impl Bridge {
@@ -177,6 +181,8 @@ impl Bridge {
             strip_tag,
             write_tag: vet::retag,
             events: Vec::new(),
+            shared: false,
+            ops: Vec::new(),
         }
     }
 
@@ -219,6 +225,7 @@ impl Bridge {
         match self.registry.add_port(port, vm) {
             Ok(next_seq) => {
                 self.insert_port(port, speculative, true);
+                self.op(crate::registry::link::Op::VmUp { vm });
                 Ok(next_seq)
             }
             Err(e) => {
@@ -262,6 +269,9 @@ impl Bridge {
     /// Everything the bridge kept for the port goes: its frames, its MACs,
     /// the ids it held (its own are aborted and decided).
     pub fn remove_port(&mut self, port: PortId) -> Vec<Send> {
+        if self.shared {
+            return self.remove_port_shared(port);
+        }
         self.ports.remove(&port);
         self.macs.retain(|_, p| *p != port);
         self.event("port-down", None, port);
@@ -506,14 +516,22 @@ impl Bridge {
         match c {
             Control::Started { id } => {
                 match self.registry.started(port, id) {
-                    Ok(()) => self.event("started", Some(id), port),
+                    Ok(()) => {
+                        self.event("started", Some(id), port);
+                        let vm = crate::registry::owner_vm(id);
+                        self.op(crate::registry::link::Op::Start { vm, id });
+                    }
                     Err(e) => self.refuse(port, &e),
                 }
                 (Vec::new(), Vec::new())
             }
+            Control::Joined { ids } if self.shared => (self.joined_shared(port, &ids), Vec::new()),
             Control::Joined { ids } => {
                 let joins = self.registry.joined(port, &ids);
                 (self.joined(port, joins), Vec::new())
+            }
+            Control::Resolved { id, outcome } if self.shared => {
+                self.resolved_shared(port, id, outcome)
             }
             Control::Resolved { id, outcome } => self.resolved(port, id, outcome),
             Control::Ack { seq } => {
@@ -528,6 +546,11 @@ impl Bridge {
             }
             // Any message renews the lease; the server keeps the time.
             Control::Renew => (Vec::new(), Vec::new()),
+            Control::Resume {
+                started,
+                joined,
+                outcomes,
+            } if self.shared => self.resume_shared(port, &started, &joined, &outcomes),
             Control::Resume {
                 started,
                 joined,
@@ -645,6 +668,10 @@ impl Bridge {
     /// ([`Registry::end_recovery`]): what members kept open for owners
     /// that did not come back is aborted. Returns the messages to send.
     pub fn end_recovery(&mut self) -> Vec<Send> {
+        if self.shared {
+            // The shared registry judges absent owners (their leases).
+            return Vec::new();
+        }
         let (aborted, notices) = self.registry.end_recovery();
         for &id in &aborted {
             tracing::warn!("{id}: its owner did not come back after the restart; aborted");
@@ -750,5 +777,6 @@ fn push(p: &mut Port, q: Queued) -> bool {
 }
 
 mod peering;
+mod shared;
 #[cfg(test)]
 mod tests;

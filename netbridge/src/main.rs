@@ -3,8 +3,13 @@
 //! ```text
 //! netbridge --listen /run/specvm/bridge.sock [--uplink tap=NAME]
 //!           [--events PATH] [--group GROUP] [--lease-ms N] [--quiet]
+//!           [--registry embedded|etcd://HOST:PORT[,HOST:PORT...]]
+//!           [--registry-name NAME]
 //!           [--peer HOST:PORT]... [--vxlan-listen ADDR:PORT] [--vni N]
 //! ```
+//!
+//! `--registry etcd://...` keeps the speculations' outcomes in etcd, shared
+//! with the bridges of other hosts (`docs/registry.md`).
 //!
 //! VMMs connect to `--listen` as ports (see `docs/netbridge.md`). With
 //! `--uplink tap=NAME` the TAP interface NAME (created if missing) is a port
@@ -57,6 +62,15 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1000,
           value_parser = clap::value_parser!(u32).range(30..=600_000))]
     lease_ms: u32,
+    /// Where outcomes are kept: `embedded` (this process, the default) or
+    /// `etcd://HOST:PORT[,HOST:PORT...]`, an etcd cluster shared with the
+    /// bridges of other hosts (docs/registry.md).
+    #[arg(long, value_name = "URL", default_value = "embedded")]
+    registry: RegistrySpec,
+    /// This bridge's name in the shared registry (its members' keys).
+    /// Default: HOST:LISTEN, the host name and the --listen path.
+    #[arg(long, value_name = "NAME")]
+    registry_name: Option<String>,
     /// Do not print events on stdout.
     #[arg(long)]
     quiet: bool,
@@ -77,6 +91,30 @@ struct Args {
     /// Log filter for stderr.
     #[arg(long, default_value = "warn")]
     log_level: String,
+}
+
+/// `--registry`.
+#[derive(Debug, Clone)]
+enum RegistrySpec {
+    Embedded,
+    Etcd(Vec<String>),
+}
+
+impl std::str::FromStr for RegistrySpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "embedded" {
+            return Ok(Self::Embedded);
+        }
+        netbridge::registry::etcd::parse_url(s).map(Self::Etcd)
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 fn main() -> ExitCode {
@@ -117,10 +155,37 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: &Args) -> Result<(), String> {
-    let shared = Shared::with_lease(
-        Bridge::new(netbridge::tags::read, netbridge::tags::strip),
-        std::time::Duration::from_millis(args.lease_ms.into()),
-    );
+    let lease = std::time::Duration::from_millis(args.lease_ms.into());
+    let mut bridge = Bridge::new(netbridge::tags::read, netbridge::tags::strip);
+    if matches!(args.registry, RegistrySpec::Etcd(_)) {
+        bridge = bridge.with_shared_registry();
+    }
+    let shared = Shared::with_lease(bridge, lease);
+    if let RegistrySpec::Etcd(endpoints) = &args.registry {
+        // A request unanswered for a lease (at most 5 s) counts the
+        // registry as unreachable, as a VMM silent for a lease counts as
+        // hung. Half a lease refused starts while a loaded machine's etcd
+        // was only slow (fsync), in the benchmark.
+        let timeout = lease.min(std::time::Duration::from_secs(5));
+        let etcd = netbridge::registry::etcd::Etcd::connect(
+            endpoints,
+            netbridge::registry::etcd::DEFAULT_PREFIX,
+            timeout,
+        )
+        .await
+        .map_err(|e| format!("--registry: {e}"))?;
+        let name = args
+            .registry_name
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", host_name(), args.listen.display()));
+        let tx = netbridge::registry::link::start(
+            std::sync::Arc::new(etcd),
+            shared.clone(),
+            name,
+            lease,
+        );
+        shared.set_registry(tx);
+    }
     if !args.quiet {
         print_events(shared.subscribe()).map_err(|e| format!("starting the event printer: {e}"))?;
     }

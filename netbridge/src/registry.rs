@@ -785,5 +785,13 @@ impl Registry {
     }
 }
 
+pub mod backend;
+#[doc(hidden)]
+pub mod conformance;
+pub mod embedded;
+pub mod etcd;
+pub mod link;
+pub mod shared_rules;
+
 #[cfg(test)]
 mod tests;

@@ -65,6 +65,9 @@ pub struct Shared {
     events: broadcast::Sender<Event>,
     next_port: Mutex<PortId>,
     lease: Duration,
+    /// Where the bridge's ops for a shared registry go
+    /// ([`crate::registry::link`]), once it is linked.
+    registry: std::sync::OnceLock<mpsc::UnboundedSender<crate::registry::link::Op>>,
 }
 
 impl Shared {
@@ -82,6 +85,7 @@ impl Shared {
             events,
             next_port: Mutex::new(1),
             lease,
+            registry: std::sync::OnceLock::new(),
         })
     }
 
@@ -94,6 +98,29 @@ impl Shared {
     pub fn end_recovery(&self) {
         let sends = self.bridge().end_recovery();
         self.dispatch(sends, Vec::new());
+    }
+
+    /// Links the bridge to a shared registry: its ops go to `tx`
+    /// ([`crate::registry::link::start`]). Once; later calls are ignored.
+    pub fn set_registry(&self, tx: mpsc::UnboundedSender<crate::registry::link::Op>) {
+        let _ = self.registry.set(tx);
+    }
+
+    /// Where ops for the shared registry go, if linked.
+    pub fn registry_ops(&self) -> Option<mpsc::UnboundedSender<crate::registry::link::Op>> {
+        self.registry.get().cloned()
+    }
+
+    /// Applies what the shared registry said to the bridge, and sends what
+    /// that asks for.
+    pub fn apply_registry(&self, f: impl FnOnce(&mut Bridge) -> (Vec<Send>, Vec<PortId>)) {
+        let (sends, woke) = f(&mut self.bridge());
+        self.dispatch(sends, woke);
+    }
+
+    /// Whether the bridge knows how `id` ended.
+    pub fn knows_outcome(&self, id: crate::protocol::Id) -> bool {
+        self.bridge().outcome(id).is_some()
     }
 
     /// Subscribes to the bridge's events.
@@ -213,7 +240,16 @@ impl Shared {
     /// Carries out what a bridge operation asked for: control messages,
     /// writer wake-ups, and events.
     fn dispatch(&self, sends: Vec<Send>, woke: Vec<PortId>) {
-        let events = self.bridge().take_events();
+        let (events, ops) = {
+            let mut b = self.bridge();
+            (b.take_events(), b.take_ops())
+        };
+        if let Some(tx) = self.registry.get() {
+            for op in ops {
+                // Closed only when the runtime stops.
+                let _ = tx.send(op);
+            }
+        }
         let links = self.links();
         for Send::Control(port, c) in sends {
             if let Some(l) = links.get(&port) {

@@ -21,6 +21,8 @@
 //! line to `<target>/test-skips.txt`, which CI prints and counts. A skipped
 //! test is never a silent pass.
 
+pub mod etcd;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};

@@ -11,6 +11,10 @@
 //! - `f`: sends a frame whose IPv4 header carries a forged IPOPT_SPEC (VM 99,
 //!   sequence 7, in the format of `docs/wire-format.md`) and the payload
 //!   `forged`, then prints `net_node: sent forged`;
+//! - `S`: the guest calls `speculate()` and prints `net_node: speculate R`
+//!   with what it returned: 0, and once more with the reason if the VM is
+//!   rolled back there (1 guest abort, 2 host abort); or
+//!   `net_node: speculate error E`;
 //! - `q`: prints `net_node: bye` and exits 0.
 //!
 //! Anything else, or a line longer than [`LINE_MAX`] bytes, prints
@@ -216,6 +220,11 @@ fn execute(line: &[u8], net: &mut Net, log: &Log, out: &Serial) -> bool {
         [] => {}
         b"q" => return true,
         b"p" => log.print(out),
+        b"S" => match guest_agent::hypercall::speculate() {
+            // 0 now; after a rollback to this point, the reason.
+            Ok(r) => rt::println!("net_node: speculate {r}"),
+            Err(e) => rt::println!("net_node: speculate error {e:?}"),
+        },
         b"f" => {
             let tag = forged_tag();
             if send(net, &tag, b"forged") {

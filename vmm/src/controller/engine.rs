@@ -8,7 +8,7 @@
 //! into events, bridge messages and output commit. Neither knows KVM: the
 //! tests below drive the engine with a machine that is one number.
 
-use guest_agent::abi::err;
+use guest_agent::abi::{err, reason};
 
 use super::ControlError;
 use crate::spec::stack::{Entry, Fold, Rollback, SpecId, SpecStack, StackError};
@@ -247,9 +247,12 @@ impl<C: Fold + Held> SpecEngine<C> {
         id: SpecId,
     ) -> Result<Option<Aborted>, ControlError> {
         match self.stack.rollback_to(id) {
-            // The target is a joined frame: no vCPU's call returns there,
-            // so the reason is unused.
-            Some(rb) => Ok(Some(self.roll_back(m, rb, id, 0)?)),
+            // A joined frame: no vCPU's call returns there, so the reason
+            // is unused. The VM's own frame (the bridge aborted its
+            // speculation: its lease lapsed, or a shared registry refused
+            // its start): `speculate()` returns again, aborted by the host,
+            // never 0 as if it had just begun.
+            Some(rb) => Ok(Some(self.roll_back(m, rb, id, reason::ABORTED_BY_HOST)?)),
             None => Ok(None),
         }
     }
@@ -284,7 +287,6 @@ impl<C: Fold + Held> SpecEngine<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_agent::abi::reason;
 
     /// A machine that is one number; a checkpoint remembers it, and which
     /// call took it.
@@ -391,6 +393,20 @@ mod tests {
         );
         assert_eq!(e.abort_own(&mut m, 0).unwrap(), Err(err::NO_SPECULATION));
         assert_eq!(m.rollbacks, 2);
+    }
+
+    #[test]
+    fn an_own_speculation_aborted_by_the_bridge_returns_aborted_by_host() {
+        let mut m = Counter::default();
+        let mut e = SpecEngine::new(7, 4, 1, None);
+        m.value = 10;
+        let a = e.speculate(&mut m, Some(1)).unwrap().unwrap();
+        m.value = 20;
+        let r = e.remote_abort(&mut m, a).unwrap().unwrap();
+        assert_eq!(r.own, vec![a]);
+        assert_eq!(m.value, 10);
+        assert_eq!(m.returned, Some((1, reason::ABORTED_BY_HOST)));
+        assert_eq!(e.depth(), 0);
     }
 
     #[test]

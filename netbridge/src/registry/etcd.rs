@@ -1,0 +1,529 @@
+//! The etcd registry: [`RegistryBackend`] on an etcd cluster, through the
+//! `etcd-client` crate (`netbridge --registry etcd://HOST:PORT[,...]`).
+//!
+//! Keys, under a prefix (`/specvm/` by default; `docs/registry.md`):
+//! - `spec/VVVVVVVV:SSSSSSSS`: an open speculation, attached to its owner's
+//!   lease; it goes with the lease, or when the outcome is written;
+//! - `outcome/VVVVVVVV:SSSSSSSS`: `commit` or `abort`, written once;
+//! - `member/VVVVVVVV:SSSSSSSS/NAME`: a member, for the picture of the
+//!   graph; deleted with the outcome.
+//!
+//! Every operation is one transaction (see each method), so bridges that
+//! race agree: the first outcome written holds, and a join after it gets
+//! it back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::backend::{
+    id_key, outcome_text, parse_id_key, parse_outcome, BackendError, BoxFut, Change, JoinResult,
+    LeaseId, RegistryBackend, Revision, WatchItem, Watched,
+};
+use crate::protocol::{Decision, Id, Outcome};
+
+/// The key prefix when none is given.
+pub const DEFAULT_PREFIX: &str = "/specvm/";
+/// Changes that may wait for the bridge on one watch.
+const WATCH_QUEUE: usize = 4096;
+
+/// A lease's keep-alive stream, kept open between renewals.
+type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// The etcd registry.
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+    prefix: String,
+    /// One keep-alive stream per lease renewed, opened at its first
+    /// renewal and dropped at its revoke or first failure.
+    keepers: Arc<tokio::sync::Mutex<HashMap<i64, Keeper>>>,
+    /// How long one operation may take, its retries included.
+    timeout: Duration,
+}
+
+/// The pause before an operation is tried again on another endpoint.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// Parses `etcd://HOST:PORT[,HOST:PORT...]` into endpoints.
+pub fn parse_url(url: &str) -> Result<Vec<String>, String> {
+    let rest = url
+        .strip_prefix("etcd://")
+        .ok_or_else(|| format!("'{url}' is not etcd://HOST:PORT[,HOST:PORT...]"))?;
+    let eps: Vec<String> = rest
+        .split(',')
+        .map(|hp| {
+            let (host, port) = hp
+                .rsplit_once(':')
+                .ok_or_else(|| format!("'{hp}' in '{url}' has no :PORT"))?;
+            if host.is_empty() || host.contains('/') {
+                return Err(format!("'{hp}' in '{url}' is not HOST:PORT"));
+            }
+            port.parse::<u16>()
+                .map_err(|_| format!("'{port}' in '{url}' is not a port number"))?;
+            Ok(format!("http://{hp}"))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(eps)
+}
+
+fn unreachable(e: etcd_client::Error) -> BackendError {
+    BackendError::Unreachable(e.to_string())
+}
+
+impl Etcd {
+    /// A client of the cluster at `endpoints` (`http://HOST:PORT`), with
+    /// keys under `prefix`. Each request waits at most `timeout`: past it
+    /// the registry counts as unreachable. Connects lazily: an unreachable
+    /// cluster shows in the first operation.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, BackendError> {
+        let opts = ConnectOptions::new()
+            .with_timeout(timeout)
+            .with_connect_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(2), timeout);
+        let client = Client::connect(endpoints, Some(opts))
+            .await
+            .map_err(unreachable)?;
+        Ok(Self {
+            client,
+            prefix: prefix.to_string(),
+            keepers: Arc::default(),
+            timeout,
+        })
+    }
+
+    /// Runs `op` again while it finds etcd unreachable, within the
+    /// timeout: a request sent to a member that just died fails at once,
+    /// and the client's balancer sends the next one to a live member. Every
+    /// operation is safe to repeat (a start that reached etcd before its
+    /// answer was lost finds its own key: see `start`).
+    async fn retrying<'a, T, F>(&self, mut op: F) -> Result<T, BackendError>
+    where
+        F: FnMut() -> BoxFut<'a, Result<T, BackendError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match op().await {
+                Err(BackendError::Unreachable(e))
+                    if tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
+                {
+                    tracing::debug!("registry: {e}; trying again");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn spec(&self, id: Id) -> String {
+        format!("{}spec/{}", self.prefix, id_key(id))
+    }
+
+    fn outcome(&self, id: Id) -> String {
+        format!("{}outcome/{}", self.prefix, id_key(id))
+    }
+
+    fn members(&self, id: Id) -> String {
+        format!("{}member/{}/", self.prefix, id_key(id))
+    }
+
+    /// The outcome a transaction's `else` branch read (its first op), if
+    /// any.
+    fn read_outcome(resp: &etcd_client::TxnResponse) -> Result<Option<Outcome>, BackendError> {
+        let Some(TxnOpResponse::Get(g)) = resp.op_responses().into_iter().next() else {
+            return Ok(None);
+        };
+        match g.kvs().first() {
+            Some(kv) => parse_outcome(kv.value())
+                .map(Some)
+                .ok_or_else(|| BackendError::Corrupt(format!("outcome {:?}", kv.value()))),
+            None => Ok(None),
+        }
+    }
+
+    async fn txn(&self, txn: etcd_client::Txn) -> Result<etcd_client::TxnResponse, BackendError> {
+        self.client.kv_client().txn(txn).await.map_err(|e| match e {
+            etcd_client::Error::GRpcStatus(ref s) if s.message().contains("lease not found") => {
+                BackendError::NoLease(0)
+            }
+            e => unreachable(e),
+        })
+    }
+}
+
+impl RegistryBackend for Etcd {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn grant(&self, ttl: Duration) -> BoxFut<'_, Result<(LeaseId, Duration), BackendError>> {
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                // etcd counts in whole seconds (and may raise it to its own
+                // minimum): round up, so the lease never ends early.
+                let secs = i64::try_from(ttl.as_millis().div_ceil(1000).max(1)).unwrap_or(i64::MAX);
+                let r = self
+                    .client
+                    .lease_client()
+                    .grant(secs, None)
+                    .await
+                    .map_err(unreachable)?;
+                let got = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
+                Ok((LeaseId(r.id()), got))
+            })
+        }))
+    }
+
+    fn keep_alive(&self, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let mut keepers = self.keepers.lock().await;
+            let keeper = match keepers.entry(lease.0) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                    self.client
+                        .lease_client()
+                        .keep_alive(lease.0)
+                        .await
+                        .map_err(unreachable)?,
+                ),
+            };
+            let renewed = async {
+                keeper.0.keep_alive().await.map_err(unreachable)?;
+                match keeper.1.message().await.map_err(unreachable)? {
+                    Some(r) if r.ttl() > 0 => Ok(()),
+                    Some(_) => Err(BackendError::NoLease(lease.0)),
+                    None => Err(BackendError::Unreachable("keep-alive stream closed".into())),
+                }
+            }
+            .await;
+            if renewed.is_err() {
+                keepers.remove(&lease.0);
+            }
+            renewed
+        })
+    }
+
+    fn revoke(&self, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            self.keepers.lock().await.remove(&lease.0);
+            match self.client.lease_client().revoke(lease.0).await {
+                Ok(_) => Ok(()),
+                // Gone already: what revoking would do is done.
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if s.message().contains("lease not found") =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(unreachable(e)),
+            }
+        })
+    }
+
+    /// `if version(spec) = 0 and version(outcome) = 0 then put spec (lease)
+    /// else get outcome, get spec`. A spec key on this same lease is this
+    /// start's own, from a try whose answer was lost: done.
+    fn start(&self, id: Id, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>> {
+        Box::pin(self.retrying(move || Box::pin(async move {
+            let (spec, outcome) = (self.spec(id), self.outcome(id));
+            let txn = etcd_client::Txn::new()
+                .when([
+                    Compare::version(spec.clone(), CompareOp::Equal, 0),
+                    Compare::version(outcome.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::put(
+                    spec.clone(),
+                    "",
+                    Some(etcd_client::PutOptions::new().with_lease(lease.0)),
+                )])
+                .or_else([TxnOp::get(outcome, None), TxnOp::get(spec.clone(), None)]);
+            let r = self.txn(txn).await.map_err(|e| match e {
+                BackendError::NoLease(_) => BackendError::NoLease(lease.0),
+                e => e,
+            })?;
+            if r.succeeded() {
+                return Ok(());
+            }
+            if let Some(o) = Self::read_outcome(&r)? {
+                return Err(BackendError::Decided(id, o));
+            }
+            let ours = r.op_responses().iter().any(|op| {
+                matches!(op, TxnOpResponse::Get(g)
+                    if g.kvs().first().is_some_and(|kv| kv.key() == spec.as_bytes() && kv.lease() == lease.0))
+            });
+            match ours {
+                true => Ok(()),
+                false => Err(BackendError::Exists(id)),
+            }
+        })))
+    }
+
+    /// `if version(outcome) = 0 then put spec (new lease) else get outcome`.
+    fn restart(&self, id: Id, lease: LeaseId) -> BoxFut<'_, Result<Option<Outcome>, BackendError>> {
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                let (spec, outcome) = (self.spec(id), self.outcome(id));
+                let txn = etcd_client::Txn::new()
+                    .when([Compare::version(outcome.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(
+                        spec,
+                        "",
+                        Some(etcd_client::PutOptions::new().with_lease(lease.0)),
+                    )])
+                    .or_else([TxnOp::get(outcome, None)]);
+                let r = self.txn(txn).await.map_err(|e| match e {
+                    BackendError::NoLease(_) => BackendError::NoLease(lease.0),
+                    e => e,
+                })?;
+                if r.succeeded() {
+                    return Ok(None);
+                }
+                Self::read_outcome(&r)
+            })
+        }))
+    }
+
+    /// `if version(outcome) = 0 and version(spec) > 0 then put member
+    /// else get outcome`: no outcome read back is an unknown id.
+    fn join(&self, id: Id, member: String) -> BoxFut<'_, Result<JoinResult, BackendError>> {
+        Box::pin(self.retrying(move || {
+            let member = member.clone();
+            Box::pin(async move {
+                let (spec, outcome) = (self.spec(id), self.outcome(id));
+                let txn = etcd_client::Txn::new()
+                    .when([
+                        Compare::version(outcome.clone(), CompareOp::Equal, 0),
+                        Compare::version(spec, CompareOp::Greater, 0),
+                    ])
+                    .and_then([TxnOp::put(
+                        format!("{}{member}", self.members(id)),
+                        "",
+                        None,
+                    )])
+                    .or_else([TxnOp::get(outcome, None)]);
+                let r = self.txn(txn).await?;
+                if r.succeeded() {
+                    return Ok(JoinResult::Joined);
+                }
+                Ok(match Self::read_outcome(&r)? {
+                    Some(o) => JoinResult::Decided(o),
+                    None => JoinResult::Unknown,
+                })
+            })
+        }))
+    }
+
+    /// `if version(outcome) = 0 then put outcome, delete spec, delete
+    /// member/ID/* else get outcome`.
+    fn resolve(&self, id: Id, o: Outcome) -> BoxFut<'_, Result<Outcome, BackendError>> {
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                let outcome = self.outcome(id);
+                let txn = etcd_client::Txn::new()
+                    .when([Compare::version(outcome.clone(), CompareOp::Equal, 0)])
+                    .and_then([
+                        TxnOp::put(outcome.clone(), outcome_text(o), None),
+                        TxnOp::delete(self.spec(id), None),
+                        TxnOp::delete(self.members(id), Some(DeleteOptions::new().with_prefix())),
+                    ])
+                    .or_else([TxnOp::get(outcome, None)]);
+                let r = self.txn(txn).await?;
+                if r.succeeded() {
+                    return Ok(o);
+                }
+                Self::read_outcome(&r)?
+                    .ok_or_else(|| BackendError::Corrupt(format!("{id}: outcome vanished")))
+            })
+        }))
+    }
+
+    /// `if version(outcome) = 0 and version(spec) = 0 then put abort,
+    /// delete member/ID/* else get outcome`.
+    fn expire(&self, id: Id) -> BoxFut<'_, Result<(Option<Outcome>, bool), BackendError>> {
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                let outcome = self.outcome(id);
+                let txn = etcd_client::Txn::new()
+                    .when([
+                        Compare::version(outcome.clone(), CompareOp::Equal, 0),
+                        Compare::version(self.spec(id), CompareOp::Equal, 0),
+                    ])
+                    .and_then([
+                        TxnOp::put(outcome.clone(), outcome_text(Outcome::Abort), None),
+                        TxnOp::delete(self.members(id), Some(DeleteOptions::new().with_prefix())),
+                    ])
+                    .or_else([TxnOp::get(outcome, None)]);
+                let r = self.txn(txn).await?;
+                if r.succeeded() {
+                    return Ok((Some(Outcome::Abort), true));
+                }
+                Ok((Self::read_outcome(&r)?, false))
+            })
+        }))
+    }
+
+    fn outcomes(&self) -> BoxFut<'_, Result<(Revision, Vec<Decision>), BackendError>> {
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                let prefix = format!("{}outcome/", self.prefix);
+                let r = self
+                    .client
+                    .kv_client()
+                    .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                    .await
+                    .map_err(unreachable)?;
+                let rev = r.header().map_or(0, |h| h.revision());
+                let mut v = Vec::new();
+                for kv in r.kvs() {
+                    let key = String::from_utf8_lossy(kv.key());
+                    let id = key.strip_prefix(&prefix).and_then(parse_id_key);
+                    match (id, parse_outcome(kv.value())) {
+                        (Some(id), Some(outcome)) => v.push(Decision { id, outcome }),
+                        _ => tracing::warn!("registry: unreadable outcome key {key} ignored"),
+                    }
+                }
+                Ok((rev, v))
+            })
+        }))
+    }
+
+    fn watch(&self, from: Revision) -> BoxFut<'_, Result<mpsc::Receiver<WatchItem>, BackendError>> {
+        Box::pin(async move {
+            let opts = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(from.max(1));
+            let (watcher, mut stream) = self
+                .client
+                .watch_client()
+                .watch(self.prefix.clone(), Some(opts))
+                .await
+                .map_err(unreachable)?;
+            let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+            let spec = format!("{}spec/", self.prefix);
+            let outcome = format!("{}outcome/", self.prefix);
+            tokio::spawn(async move {
+                // Dropping the watcher cancels the watch: it lives here.
+                let _watcher = watcher;
+                loop {
+                    let resp = match stream.message().await {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            let _ = tx
+                                .send(Err(BackendError::Unreachable("watch ended".into())))
+                                .await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(unreachable(e))).await;
+                            return;
+                        }
+                    };
+                    if resp.compact_revision() > 0 {
+                        let c = BackendError::Compacted(from, resp.compact_revision());
+                        let _ = tx.send(Err(c)).await;
+                        return;
+                    }
+                    if resp.canceled() {
+                        let why = format!("watch cancelled: {}", resp.cancel_reason());
+                        let _ = tx.send(Err(BackendError::Unreachable(why))).await;
+                        return;
+                    }
+                    for w in changes(resp.events(), &spec, &outcome) {
+                        if tx.send(Ok(w)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(rx)
+        })
+    }
+}
+
+/// The changes of one watch response: outcomes written, and spec keys
+/// deleted without an outcome in the same revision (the resolve
+/// transaction deletes its spec key as it writes the outcome).
+fn changes(events: &[etcd_client::Event], spec: &str, outcome: &str) -> Vec<Watched> {
+    let mut out: Vec<Watched> = Vec::new();
+    for e in events {
+        let Some(kv) = e.kv() else { continue };
+        let key = String::from_utf8_lossy(kv.key());
+        let revision = kv.mod_revision();
+        match e.event_type() {
+            EventType::Put => {
+                let Some(id) = key.strip_prefix(outcome).and_then(parse_id_key) else {
+                    continue;
+                };
+                match parse_outcome(kv.value()) {
+                    Some(o) => out.push(Watched {
+                        revision,
+                        change: Change::Decided(Decision { id, outcome: o }),
+                    }),
+                    None => tracing::warn!("registry: unreadable outcome at {key} ignored"),
+                }
+            }
+            EventType::Delete => {
+                let Some(id) = key.strip_prefix(spec).and_then(parse_id_key) else {
+                    continue;
+                };
+                let decided_now = out.iter().any(|w| {
+                    w.revision == revision && matches!(w.change, Change::Decided(d) if d.id == id)
+                });
+                if !decided_now {
+                    out.push(Watched {
+                        revision,
+                        change: Change::Orphaned(id),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_into_endpoints_and_bad_ones_say_why() {
+        assert_eq!(
+            parse_url("etcd://127.0.0.1:2379,h2:1").unwrap(),
+            vec![
+                "http://127.0.0.1:2379".to_string(),
+                "http://h2:1".to_string()
+            ]
+        );
+        assert_eq!(
+            parse_url("etcd://[::1]:2379").unwrap(),
+            vec!["http://[::1]:2379"]
+        );
+        assert!(parse_url("http://h:1")
+            .unwrap_err()
+            .contains("is not etcd://"));
+        assert!(parse_url("etcd://h").unwrap_err().contains("has no :PORT"));
+        assert!(parse_url("etcd://h:99999")
+            .unwrap_err()
+            .contains("not a port"));
+        assert!(parse_url("etcd://:1")
+            .unwrap_err()
+            .contains("not HOST:PORT"));
+    }
+}
