@@ -42,6 +42,9 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     /// Exit counts and RIP samples for progress reports.
     pub progress: Arc<Progress>,
+    /// The VM's dirty rings, when it has them: a vCPU whose ring fills
+    /// empties it here.
+    pub dirty_rings: Option<Arc<super::dirty::DirtyRings>>,
 }
 
 /// One vCPU.
@@ -167,28 +170,49 @@ impl Vcpu {
         if link.replies.send(VcpuReply::Parked).is_err() {
             return Ok(Next::Stop);
         }
+        // The general registers as KVM holds them, once this park has read
+        // or written them (they cannot change while parked): a hypercall's
+        // result after a `Save` then costs one ioctl, not two.
+        let mut regs: Option<kvm_bindings::kvm_regs> = None;
         loop {
             let reply = match link.cmds.recv() {
                 Err(_) => return Ok(Next::Stop),
                 Ok(VcpuCmd::Resume) => return Ok(Next::Continue),
                 Ok(VcpuCmd::Save) => match self.save() {
-                    Ok(s) => VcpuReply::Saved(Box::new(s)),
+                    Ok(s) => {
+                        regs = Some(s.regs);
+                        VcpuReply::Saved(Box::new(s))
+                    }
                     Err(e) => VcpuReply::Failed(e.to_string()),
                 },
                 Ok(VcpuCmd::Restore(s, tsc)) => match self.restore_with_tsc(&s, tsc) {
-                    Ok(()) => VcpuReply::Done,
-                    Err(e) => VcpuReply::Failed(e.to_string()),
-                },
-                Ok(VcpuCmd::SetResult([rax, rdx, rsi])) => match self.fd.get_regs() {
-                    Ok(mut r) => {
-                        (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
-                        match self.fd.set_regs(&r) {
-                            Ok(()) => VcpuReply::Done,
-                            Err(e) => VcpuReply::Failed(format!("KVM_SET_REGS: {e}")),
-                        }
+                    Ok(()) => {
+                        regs = Some(s.regs);
+                        VcpuReply::Done
                     }
-                    Err(e) => VcpuReply::Failed(format!("KVM_GET_REGS: {e}")),
+                    Err(e) => {
+                        regs = None;
+                        VcpuReply::Failed(e.to_string())
+                    }
                 },
+                Ok(VcpuCmd::SetResult([rax, rdx, rsi])) => {
+                    match regs.map_or_else(|| self.fd.get_regs(), Ok) {
+                        Ok(mut r) => {
+                            (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
+                            match self.fd.set_regs(&r) {
+                                Ok(()) => {
+                                    regs = Some(r);
+                                    VcpuReply::Done
+                                }
+                                Err(e) => {
+                                    regs = None;
+                                    VcpuReply::Failed(format!("KVM_SET_REGS: {e}"))
+                                }
+                            }
+                        }
+                        Err(e) => VcpuReply::Failed(format!("KVM_GET_REGS: {e}")),
+                    }
+                }
             };
             if link.replies.send(reply).is_err() {
                 return Ok(Next::Stop);
@@ -259,6 +283,15 @@ impl Vcpu {
             VcpuExit::Shutdown => Deferred::Shutdown,
             VcpuExit::InternalError => Deferred::InternalError,
             VcpuExit::Hlt => Deferred::Fatal("halted with interrupts off (KVM_EXIT_HLT)".into()),
+            VcpuExit::Unsupported(super::dirty::EXIT_DIRTY_RING_FULL) => {
+                return match &ctx.dirty_rings {
+                    Some(r) => r
+                        .drain_full(usize::from(idx))
+                        .map(|()| Next::Continue)
+                        .map_err(|e| format!("vCPU {idx}: emptying its full dirty ring: {e}")),
+                    None => Err(format!("vCPU {idx}: dirty ring full, but the VM has no rings")),
+                };
+            }
             VcpuExit::FailEntry(reason, cpu) => {
                 Deferred::Fatal(format!("VM entry failed (KVM_EXIT_FAIL_ENTRY), hardware reason {reason:#x} on host CPU {cpu}"))
             }

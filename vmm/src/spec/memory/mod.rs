@@ -49,6 +49,7 @@ use vm_memory::GuestMemoryBackend;
 
 use crate::snapshot::DirtyPages;
 use crate::spec::verify::VerifyMode;
+use crate::vstate::dirty::{DirtyError, DirtyMethod, KvmDirtyLog};
 use crate::vstate::memory::{GuestMemoryMmap, GuestRam, RamLayout, PAGE_SIZE};
 
 mod lazy;
@@ -62,9 +63,9 @@ const PAGE: u64 = PAGE_SIZE as u64;
 /// Errors of memory checkpointing.
 #[derive(Debug, thiserror::Error)]
 pub enum CowError {
-    /// KVM_GET_DIRTY_LOG failed.
-    #[error("reading the dirty log of memory slot {0}: {1}")]
-    DirtyLog(u32, kvm_ioctls::Error),
+    /// Reading KVM's dirty pages failed.
+    #[error("reading the dirty pages: {0}")]
+    DirtyLog(#[from] DirtyError),
     /// Reading or writing the memory file failed.
     #[error("guest memory file at offset {0:#x}: {1}")]
     File(u64, io::Error),
@@ -117,6 +118,11 @@ pub struct MemoryTracker {
     lazy_base: Option<File>,
     /// How long materializing took, until [`Self::take_materialize_time`].
     materialized_in: Option<Duration>,
+    /// How long the last harvest of dirty pages took, until
+    /// [`Self::take_harvest_time`].
+    harvested_in: Option<Duration>,
+    /// KVM's record of the pages the guest writes.
+    kvm_log: KvmDirtyLog,
 }
 
 // SAFETY: the raw host pointers point into mappings owned by `mem`, which
@@ -148,7 +154,20 @@ impl MemoryTracker {
             verify: VerifyMode::from_env(),
             lazy_base: None,
             materialized_in: None,
+            harvested_in: None,
+            kvm_log: KvmDirtyLog::new(DirtyMethod::Bitmap, None),
         })
+    }
+
+    /// Reads KVM's dirty pages through `log`, the method the VM was made
+    /// with (a new tracker assumes the plain bitmap).
+    pub fn set_kvm_log(&mut self, log: KvmDirtyLog) {
+        self.kvm_log = log;
+    }
+
+    /// The dirty-tracking method in use.
+    pub fn dirty_method(&self) -> DirtyMethod {
+        self.kvm_log.method()
     }
 
     /// Whether snapshots can be written from this tracker's memory file:
@@ -219,6 +238,12 @@ impl MemoryTracker {
     /// snapshot writer takes a checkpoint first.
     pub fn take_since_snapshot(&mut self) -> Vec<u64> {
         self.since_snapshot.take()
+    }
+
+    /// How long the last harvest of dirty pages took, once: for the
+    /// controller's statistics.
+    pub fn take_harvest_time(&mut self) -> Option<Duration> {
+        self.harvested_in.take()
     }
 }
 
