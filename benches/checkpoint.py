@@ -41,13 +41,13 @@ def build():
     subprocess.run(["cargo", "build", "-p", "specvm-tests", "--quiet"], cwd=ROOT, check=True)
 
 
-def run_specvm(mem, pages, reps, mode="cow", cpus=1, phases=False, tracking=None):
+def run_specvm(mem, pages, reps, mode="cow", cpus=1, phases=False, tracking=None, specvm=None):
     """Runs spec_bench once; returns the VMM's stats (median µs per op),
     with `phases` also the medians of the phases the VMM times inside
     each operation (dirty-page harvest, state save, state restore...),
     and under "tracking" the dirty-tracking method the VMM logged."""
     arg = pages | (reps << 32)
-    cmd = [SPECVM, "--log-level", "info", "run", "--bare", GUEST, "--memory", mem,
+    cmd = [specvm or SPECVM, "--log-level", "info", "run", "--bare", GUEST, "--memory", mem,
            "--cpus", str(cpus), "--guest-arg", str(arg),
            "--serial", "null", "--stats", "--checkpoint", mode]
     env = dict(os.environ)
@@ -74,12 +74,12 @@ def tracking_method(stderr):
     return "bitmap (no log line)"
 
 
-def round_trips(mem, pages, reps, cpus=1, mode="cow"):
+def round_trips(mem, pages, reps, cpus=1, mode="cow", specvm=None):
     """Guest-driven speculate/abort round trips per second: spec_bench in
     its loop mode, timed on the host between its `loop start` and
     `loop end` lines on the serial console."""
     arg = pages | (reps << 32) | (1 << 63)
-    cmd = [SPECVM, "run", "--bare", GUEST, "--memory", mem, "--cpus", str(cpus),
+    cmd = [specvm or SPECVM, "run", "--bare", GUEST, "--memory", mem, "--cpus", str(cpus),
            "--guest-arg", str(arg), "--serial", "stdout", "--checkpoint", mode]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = t1 = None
@@ -138,6 +138,8 @@ def main():
     ap.add_argument("--round-trips", type=int, default=2000,
                     help="guest-driven speculate/abort round trips per run")
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
+    ap.add_argument("--baseline", metavar="SPECVM",
+                    help="an older specvm binary to run beside this one, interleaved: before/after columns")
     ap.add_argument("--compare-tracking", action="store_true",
                     help="also time each dirty-tracking method (SPECVM_DIRTY_TRACKING) side by side")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "checkpoint.md"))
@@ -156,8 +158,9 @@ def main():
     out = lines.append
 
     out("## specvm: copy-on-write checkpoints (median of the VMM's own timings)\n")
-    out("| memory | vCPUs | dirty pages | speculate | commit | abort | memcpy of the dirty pages | abort / memcpy | speculate / same at the smallest size |")
-    out("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base_cols = " speculate (baseline) | abort (baseline) | speculate: baseline / this | abort: baseline / this |" if args.baseline else ""
+    out("| memory | vCPUs | dirty pages | speculate | commit | abort | memcpy of the dirty pages | abort / memcpy | speculate / same at the smallest size |" + base_cols)
+    out("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (4 if args.baseline else 0))
     cow = {}
     tracking = set()
     for ncpu in cpus:
@@ -167,14 +170,20 @@ def main():
                     out(f"| {mem} | {ncpu} | {n} | n/a: more pages than the guest has | | | | | |")
                     continue
                 reps = 3 if n >= 100000 else args.reps
+                if args.baseline:
+                    b = run_specvm(mem, n, reps, cpus=ncpu, specvm=args.baseline)
                 r = run_specvm(mem, n, reps, cpus=ncpu, phases=True)
                 tracking.add(r["tracking"])
                 cow[(mem, n, ncpu)] = r
                 cp = memcpy_us(n)
                 base = cow.get((sizes[0][0], n, ncpu))
                 rel = f"{r['speculate'] / base['speculate']:.2f}x" if base and base["speculate"] else ""
+                extra = ""
+                if args.baseline:
+                    extra = (f" {fmt_us(b['speculate'])} | {fmt_us(b['abort'])} | "
+                             f"{b['speculate'] / max(r['speculate'], 1):.2f}x | {b['abort'] / max(r['abort'], 1):.2f}x |")
                 out(f"| {mem} | {ncpu} | {n} | {fmt_us(r['speculate'])} | {fmt_us(r['commit'])} | "
-                    f"{fmt_us(r['abort'])} | {fmt_us(cp)} | {r['abort'] / cp:.1f}x | {rel} |")
+                    f"{fmt_us(r['abort'])} | {fmt_us(cp)} | {r['abort'] / cp:.1f}x | {rel} |" + extra)
                 print(lines[-1], flush=True)
     out(f"\nDirty tracking used: {', '.join(sorted(tracking))}.")
 
@@ -194,8 +203,9 @@ def main():
         tracking_section(sizes, dirty, args.reps, lines)
 
     out(f"\n## Guest-driven round trips (speculate, dirty N pages, abort), {args.round_trips} per run, timed on the host\n")
-    out("| memory | vCPUs | dirty pages | specvm round trips / s | naive full copy round trips / s | specvm / naive |")
-    out("| --- | ---: | ---: | ---: | ---: | ---: |")
+    bcols = " baseline round trips / s | this / baseline |" if args.baseline else ""
+    out("| memory | vCPUs | dirty pages | specvm round trips / s | naive full copy round trips / s | specvm / naive |" + bcols)
+    out("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (2 if args.baseline else 0))
     for ncpu in cpus:
         for mem, mib in sizes:
             for n in [x for x in (1, 100) if x in dirty]:
@@ -203,7 +213,11 @@ def main():
                 # The naive peer copies all of memory twice per round trip:
                 # a handful of round trips is enough to time it.
                 naive = round_trips(mem, n, 3, cpus=ncpu, mode="full-copy")
-                out(f"| {mem} | {ncpu} | {n} | {rt:,.0f} | {naive:,.1f} | {rt / naive:,.0f}x |")
+                extra = ""
+                if args.baseline:
+                    b = round_trips(mem, n, args.round_trips, cpus=ncpu, specvm=args.baseline)
+                    extra = f" {b:,.0f} | {rt / b:.2f}x |"
+                out(f"| {mem} | {ncpu} | {n} | {rt:,.0f} | {naive:,.1f} | {rt / naive:,.0f}x |" + extra)
                 print(lines[-1], flush=True)
 
     out("\n## The naive peer: a full copy of guest memory per checkpoint (`--checkpoint full-copy`), 100 dirty pages, 1 vCPU\n")

@@ -23,8 +23,10 @@
 //!   [`crate::spec::stack::Fold`]).
 //!
 //! Every step costs in proportion to the pages that changed, never to the
-//! size of guest memory, apart from reading the dirty bitmaps (one bit per
-//! page: 32 KiB for 1 GiB).
+//! size of guest memory: KVM's dirty ring lists the written pages (see
+//! [`crate::vstate::dirty`]; on hosts without it, a dirty bitmap of one bit
+//! per page is read instead), and the VMM's own writes are found through a
+//! bitmap that keeps a summary ([`crate::vstate::dirty_bitmap`]).
 //!
 //! Why this and not userfaultfd write-protection: HOST-KVM.md measured a
 //! guest's first write per page at ~5.5 µs here against ~60 µs with
