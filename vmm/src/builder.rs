@@ -500,13 +500,33 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>
         msrs = caps.msrs.len(),
         "vCPU state to save"
     );
+    // A VM of one vCPU saves REGS, SREGS and VCPU_EVENTS from kvm_run's
+    // synced copy where KVM offers all three (see `Vcpu::use_sync_regs`).
+    let all = kvm_bindings::KVM_SYNC_X86_REGS
+        | kvm_bindings::KVM_SYNC_X86_SREGS
+        | kvm_bindings::KVM_SYNC_X86_EVENTS;
+    let sync = count == 1
+        && std::env::var_os("SPECVM_NO_SYNC_REGS").is_none()
+        && kvm.check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into()) as u32 & all == all;
+    tracing::info!(
+        sync_regs = sync,
+        "vCPU state: registers from kvm_run's synced copy"
+    );
     Ok(fds
         .into_iter()
         .zip(0..)
-        .map(|(fd, index)| Vcpu {
-            fd,
-            index,
-            caps: caps.clone(),
+        .map(|(fd, index)| {
+            let mut v = Vcpu {
+                fd,
+                index,
+                caps: caps.clone(),
+                sync_regs: false,
+                sync_fresh: false,
+            };
+            if sync {
+                v.use_sync_regs();
+            }
+            v
         })
         .collect())
 }

@@ -55,6 +55,14 @@ pub struct Vcpu {
     pub index: u8,
     /// Which state this host's KVM can save.
     pub caps: Arc<StateCaps>,
+    /// Whether KVM copies REGS, SREGS and VCPU_EVENTS into `kvm_run` at
+    /// every exit (`KVM_CAP_SYNC_REGS`, turned on by
+    /// [`Vcpu::use_sync_regs`]): a save then reads them there, three
+    /// ioctls fewer.
+    pub sync_regs: bool,
+    /// Whether `kvm_run`'s copy is current: set by each return from
+    /// KVM_RUN, cleared by every write of the state through an ioctl.
+    pub sync_fresh: bool,
 }
 
 impl crate::persist::Persist for Vcpu {
@@ -63,16 +71,32 @@ impl crate::persist::Persist for Vcpu {
 
     /// The complete state (see [`vcpu_state::save`] for the order).
     fn save(&self) -> Result<Self::State, Self::Error> {
-        vcpu_state::save(&self.fd, &self.caps)
+        let synced = (self.sync_regs && self.sync_fresh).then(|| self.fd.sync_regs());
+        vcpu_state::save(&self.fd, &self.caps, synced.as_ref())
     }
 
     /// Everything but the TSC (see [`vcpu_state::restore`]).
     fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
+        self.sync_fresh = false;
         vcpu_state::restore(&self.fd, state)
     }
 }
 
 impl Vcpu {
+    /// Has KVM copy REGS, SREGS and VCPU_EVENTS into `kvm_run` at every
+    /// exit, for saves to read. Only for a VM of one vCPU: there, reading
+    /// MP_STATE first (which processes a pending INIT or SIPI, and so may
+    /// change those registers) has nothing to process, since only another
+    /// vCPU can send either; with more vCPUs a save reads them after
+    /// MP_STATE through ioctls, as `vcpu_state::save` explains.
+    pub fn use_sync_regs(&mut self) {
+        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        self.fd
+            .set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::VcpuEvents);
+        self.sync_regs = true;
+    }
+
     /// Restores `state`, then, with `tsc_advance_ns`, the TSC moved forward
     /// by that time ([`crate::machine::restore`] decides which).
     pub fn restore_with_tsc(
@@ -199,6 +223,7 @@ impl Vcpu {
                     match regs.map_or_else(|| self.fd.get_regs(), Ok) {
                         Ok(mut r) => {
                             (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
+                            self.sync_fresh = false;
                             match self.fd.set_regs(&r) {
                                 Ok(()) => {
                                     regs = Some(r);
@@ -228,6 +253,8 @@ impl Vcpu {
         loop {
             self.fd.set_kvm_immediate_exit(1);
             let r = self.fd.run();
+            self.sync_fresh = r.is_ok()
+                || matches!(&r, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
             let next = match r {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
                 Err(e) => Some(Err(format!(
@@ -260,6 +287,8 @@ impl Vcpu {
                 .record_rip(idx, self.fd.get_regs().map_or(0, |r| r.rip));
         }
         let r = self.fd.run();
+        self.sync_fresh = r.is_ok()
+            || matches!(&r, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
         ctx.progress.count_exit();
         let mut exit = match r {
             Ok(exit) => exit,

@@ -5,7 +5,7 @@
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_sync_regs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
@@ -128,14 +128,33 @@ pub struct VcpuState {
 /// makes KVM process pending APIC events (INIT, SIPI) into the state the
 /// other reads see; VCPU_EVENTS last, so it captures any event that the
 /// earlier reads left pending.
-pub fn save(vcpu: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, StateError> {
+///
+/// `synced` is KVM's copy of REGS, SREGS and VCPU_EVENTS in `kvm_run`
+/// (`KVM_CAP_SYNC_REGS`), current since the vCPU's last exit, for a VM of
+/// one vCPU (see `Vcpu::use_sync_regs`): then those three are taken from
+/// it instead of three ioctls. Debug builds read them through the ioctls
+/// too and fail the save if the two differ.
+pub fn save(
+    vcpu: &VcpuFd,
+    caps: &StateCaps,
+    synced: Option<&kvm_sync_regs>,
+) -> Result<VcpuState, StateError> {
     let e = |what| move |err| StateError(what, err);
     let mut clk = IoctlClock::start();
     let mp_state = vcpu.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
     clk.lap("KVM_GET_MP_STATE");
-    let regs = vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
+    if let Some(s) = synced {
+        check_synced(vcpu, s)?;
+    }
+    let regs = match synced {
+        Some(s) => s.regs,
+        None => vcpu.get_regs().map_err(e("KVM_GET_REGS"))?,
+    };
     clk.lap("KVM_GET_REGS");
-    let sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+    let sregs = match synced {
+        Some(s) => s.sregs,
+        None => vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+    };
     clk.lap("KVM_GET_SREGS");
     let (xsave, fpu) = if caps.xsave {
         (
@@ -158,7 +177,10 @@ pub fn save(vcpu: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, StateError> {
     clk.lap("KVM_GET_LAPIC");
     let msrs = save_msrs(vcpu, &caps.msrs)?;
     clk.lap("KVM_GET_MSRS");
-    let events = vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
+    let events = match synced {
+        Some(s) => s.events,
+        None => vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?,
+    };
     clk.lap("KVM_GET_VCPU_EVENTS");
     clk.report("save");
     Ok(VcpuState {
@@ -173,6 +195,26 @@ pub fn save(vcpu: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, StateError> {
         msrs,
         events,
     })
+}
+
+/// In debug builds: reads REGS, SREGS and VCPU_EVENTS through their ioctls
+/// and fails unless `synced` holds the same (the integration tests run
+/// debug builds, so every save they make checks the synced copy).
+fn check_synced(vcpu: &VcpuFd, synced: &kvm_sync_regs) -> Result<(), StateError> {
+    if !cfg!(debug_assertions) {
+        return Ok(());
+    }
+    let e = |what| move |err| StateError(what, err);
+    let regs = vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+    let events = vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
+    if regs != synced.regs || sregs != synced.sregs || events != synced.events {
+        return Err(StateError(
+            "the synced registers differ from KVM's",
+            kvm_ioctls::Error::new(libc::EIO),
+        ));
+    }
+    Ok(())
 }
 
 fn save_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
