@@ -3,13 +3,16 @@
 memory size and dirty pages, next to the naive full-copy checkpoint and
 QEMU's savevm/loadvm, all measured in the same run.
 
-    python3 benches/checkpoint.py [--quick] [--no-qemu] [--out docs/benchmarks/checkpoint.md]
+    python3 benches/checkpoint.py [--quick] [--no-qemu] [--sizes 256M,1G,4G]
+        [--dirty 1,100,2000] [--cpus 1,2,4] [--round-trips 2000] [--out FILE]
 
 Our figures come from the VMM itself (`specvm run --stats`): each operation
 is timed from the moment the controller has the request until every vCPU
 may run again. The guest is `spec_bench` (see its source): per repetition
 it dirties N pages and speculates, dirties N pages and aborts, then dirties
-N pages, speculates, dirties N pages and commits.
+N pages, speculates, dirties N pages and commits. Guest-driven round trips
+per second come from the same guest in its loop mode (speculate, dirty N
+pages, abort, again), timed on the host between two lines it prints.
 """
 
 import argparse
@@ -38,17 +41,62 @@ def build():
     subprocess.run(["cargo", "build", "-p", "specvm-tests", "--quiet"], cwd=ROOT, check=True)
 
 
-def run_specvm(mem, pages, reps, mode="cow"):
-    """Runs spec_bench once; returns the VMM's stats (median µs per op)."""
+def run_specvm(mem, pages, reps, mode="cow", cpus=1, phases=False, tracking=None, specvm=None):
+    """Runs spec_bench once; returns the VMM's stats (median µs per op),
+    with `phases` also the medians of the phases the VMM times inside
+    each operation (dirty-page harvest, state save, state restore...),
+    and under "tracking" the dirty-tracking method the VMM logged."""
     arg = pages | (reps << 32)
-    cmd = [SPECVM, "run", "--bare", GUEST, "--memory", mem, "--guest-arg", str(arg),
+    cmd = [specvm or SPECVM, "--log-level", "info", "run", "--bare", GUEST, "--memory", mem,
+           "--cpus", str(cpus), "--guest-arg", str(arg),
            "--serial", "null", "--stats", "--checkpoint", mode]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    env = dict(os.environ)
+    if tracking:
+        env["SPECVM_DIRTY_TRACKING"] = tracking
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.strip()[-2000:]}")
     line = next(l for l in p.stderr.splitlines() if l.startswith("specvm-stats "))
     stats = json.loads(line.split(" ", 1)[1])
-    return {op: stats[op]["median_us"] for op in ("speculate", "commit", "abort")}
+    out = {op: stats[op]["median_us"] for op in ("speculate", "commit", "abort")}
+    if phases:
+        out["phases"] = {k: v["median_us"] for k, v in stats.items()
+                         if "." in k and isinstance(v, dict) and "median_us" in v}
+    out["tracking"] = tracking_method(p.stderr)
+    return out
+
+
+def tracking_method(stderr):
+    """The dirty-tracking method the VMM says it chose ("dirty tracking: ...")."""
+    for l in stderr.splitlines():
+        if "dirty tracking:" in l:
+            return l.split("dirty tracking:", 1)[1].strip()
+    return "bitmap (no log line)"
+
+
+def round_trips(mem, pages, reps, cpus=1, mode="cow", specvm=None):
+    """Guest-driven speculate/abort round trips per second: spec_bench in
+    its loop mode, timed on the host between its `loop start` and
+    `loop end` lines on the serial console."""
+    arg = pages | (reps << 32) | (1 << 63)
+    cmd = [specvm or SPECVM, "run", "--bare", GUEST, "--memory", mem, "--cpus", str(cpus),
+           "--guest-arg", str(arg), "--serial", "stdout", "--checkpoint", mode]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = t1 = None
+    try:
+        for l in p.stdout:
+            if "loop start" in l:
+                t0 = time.perf_counter()
+            elif "loop end" in l:
+                t1 = time.perf_counter()
+        rc = p.wait(timeout=900)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    if rc != 0 or t0 is None or t1 is None:
+        raise RuntimeError(f"{' '.join(cmd)} exited {rc}: {p.stderr.read().strip()[-2000:]}")
+    return reps / (t1 - t0)
 
 
 def memcpy_us(pages):
@@ -74,44 +122,112 @@ def fmt_us(us):
     return f"{us:.0f} µs" if us >= 10 else f"{us:.1f} µs"
 
 
+def csv(kind):
+    return lambda v: [kind(x) for x in v.split(",") if x]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer sizes, dirty counts, vCPU counts and repetitions")
     ap.add_argument("--no-qemu", action="store_true", help="skip the QEMU peer")
+    ap.add_argument("--sizes", type=csv(str), help="memory sizes, e.g. 256M,1G,4G")
+    ap.add_argument("--dirty", type=csv(int), help="dirty page counts, e.g. 1,100,2000")
+    ap.add_argument("--cpus", type=csv(int), help="vCPU counts, e.g. 1,2,4")
+    ap.add_argument("--reps", type=int, default=7, help="repetitions per specvm run")
+    ap.add_argument("--round-trips", type=int, default=2000,
+                    help="guest-driven speculate/abort round trips per run")
+    ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
+    ap.add_argument("--baseline", metavar="SPECVM",
+                    help="an older specvm binary to run beside this one, interleaved: before/after columns")
+    ap.add_argument("--compare-tracking", action="store_true",
+                    help="also time each dirty-tracking method (SPECVM_DIRTY_TRACKING) side by side")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "checkpoint.md"))
     args = ap.parse_args()
     if not os.path.exists("/dev/kvm"):
         print("SKIPPED: no /dev/kvm on this machine")
         return 0
-    build()
-    sizes = MEM_SIZES[:1] if args.quick else MEM_SIZES
-    dirty = [1, 100, 2000] if args.quick else DIRTY
+    if not args.no_build:
+        build()
+    names = dict(MEM_SIZES)
+    sizes = [(m, names.get(m) or parse_mib(m)) for m in args.sizes] if args.sizes else (
+        MEM_SIZES[:1] if args.quick else MEM_SIZES)
+    dirty = args.dirty or ([1, 100, 2000] if args.quick else DIRTY)
+    cpus = args.cpus or ([1] if args.quick else [1, 2, 4])
     lines = []
     out = lines.append
 
     out("## specvm: copy-on-write checkpoints (median of the VMM's own timings)\n")
-    out("| memory | dirty pages | speculate | commit | abort | memcpy of the dirty pages | abort / memcpy |")
-    out("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base_cols = " speculate (baseline) | abort (baseline) | speculate: baseline / this | abort: baseline / this |" if args.baseline else ""
+    out("| memory | vCPUs | dirty pages | speculate | commit | abort | memcpy of the dirty pages | abort / memcpy | speculate / same at the smallest size |" + base_cols)
+    out("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (4 if args.baseline else 0))
     cow = {}
-    for mem, mib in sizes:
-        for n in dirty:
-            if not fits(mib, n):
-                out(f"| {mem} | {n} | n/a: more pages than the guest has | | | | |")
-                continue
-            reps = 3 if n >= 100000 else 7
-            r = run_specvm(mem, n, reps)
-            cow[(mem, n)] = r
-            cp = memcpy_us(n)
-            out(f"| {mem} | {n} | {fmt_us(r['speculate'])} | {fmt_us(r['commit'])} | "
-                f"{fmt_us(r['abort'])} | {fmt_us(cp)} | {r['abort'] / cp:.1f}x |")
-            print(lines[-1], flush=True)
+    tracking = set()
+    for ncpu in cpus:
+        for mem, mib in sizes:
+            for n in dirty:
+                if not fits(mib, n):
+                    out(f"| {mem} | {ncpu} | {n} | n/a: more pages than the guest has | | | | | |")
+                    continue
+                reps = 3 if n >= 100000 else args.reps
+                if args.baseline:
+                    b = run_specvm(mem, n, reps, cpus=ncpu, specvm=args.baseline)
+                r = run_specvm(mem, n, reps, cpus=ncpu, phases=True)
+                tracking.add(r["tracking"])
+                cow[(mem, n, ncpu)] = r
+                cp = memcpy_us(n)
+                base = cow.get((sizes[0][0], n, ncpu))
+                rel = f"{r['speculate'] / base['speculate']:.2f}x" if base and base["speculate"] else ""
+                extra = ""
+                if args.baseline:
+                    extra = (f" {fmt_us(b['speculate'])} | {fmt_us(b['abort'])} | "
+                             f"{b['speculate'] / max(r['speculate'], 1):.2f}x | {b['abort'] / max(r['abort'], 1):.2f}x |")
+                out(f"| {mem} | {ncpu} | {n} | {fmt_us(r['speculate'])} | {fmt_us(r['commit'])} | "
+                    f"{fmt_us(r['abort'])} | {fmt_us(cp)} | {r['abort'] / cp:.1f}x | {rel} |" + extra)
+                print(lines[-1], flush=True)
+    out(f"\nDirty tracking used: {', '.join(sorted(tracking))}.")
 
-    out("\n## The naive peer: a full copy of guest memory per checkpoint (`--checkpoint full-copy`), 100 dirty pages\n")
+    phase_names = sorted({k for r in cow.values() for k in r.get("phases", {})})
+    out("\n### Where the time goes: medians of the phases inside each operation\n")
+    out("`dirty.harvest`: collecting the dirty pages (KVM and the VMM's own log); "
+        "`checkpoint.memory` / `rollback.memory`: the whole memory step (harvest, flush or copy back); "
+        "`checkpoint.state` / `rollback.state`: saving or restoring the vCPUs, the VM and the devices; "
+        "`rollback.shadow_reset`: this host's shadow page-table reset.\n")
+    out("| memory | vCPUs | dirty pages | " + " | ".join(phase_names) + " |")
+    out("| --- | ---: | ---: |" + " ---: |" * len(phase_names))
+    for (mem, n, ncpu), r in cow.items():
+        ph = r.get("phases", {})
+        out(f"| {mem} | {ncpu} | {n} | " + " | ".join(fmt_us(ph[k]) if k in ph else "" for k in phase_names) + " |")
+
+    if args.compare_tracking:
+        tracking_section(sizes, dirty, args.reps, lines)
+
+    out(f"\n## Guest-driven round trips (speculate, dirty N pages, abort), {args.round_trips} per run, timed on the host\n")
+    bcols = " baseline round trips / s | this / baseline |" if args.baseline else ""
+    out("| memory | vCPUs | dirty pages | specvm round trips / s | naive full copy round trips / s | specvm / naive |" + bcols)
+    out("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (2 if args.baseline else 0))
+    for ncpu in cpus:
+        for mem, mib in sizes:
+            for n in [x for x in (1, 100) if x in dirty]:
+                rt = round_trips(mem, n, args.round_trips, cpus=ncpu)
+                # The naive peer copies all of memory twice per round trip:
+                # a handful of round trips is enough to time it.
+                naive = round_trips(mem, n, 3, cpus=ncpu, mode="full-copy")
+                extra = ""
+                if args.baseline:
+                    b = round_trips(mem, n, args.round_trips, cpus=ncpu, specvm=args.baseline)
+                    extra = f" {b:,.0f} | {rt / b:.2f}x |"
+                out(f"| {mem} | {ncpu} | {n} | {rt:,.0f} | {naive:,.1f} | {rt / naive:,.0f}x |" + extra)
+                print(lines[-1], flush=True)
+
+    out("\n## The naive peer: a full copy of guest memory per checkpoint (`--checkpoint full-copy`), 100 dirty pages, 1 vCPU\n")
     out("| memory | speculate (naive) | abort (naive) | speculate: naive / specvm | abort: naive / specvm |")
     out("| --- | ---: | ---: | ---: | ---: |")
     for mem, mib in sizes:
-        r = run_specvm(mem, 100, 2, "full-copy")
-        c = cow[(mem, 100)]
+        c = cow.get((mem, 100, cpus[0]))
+        if c is None:
+            continue
+        r = run_specvm(mem, 100, 2, "full-copy", cpus=cpus[0])
         out(f"| {mem} | {fmt_us(r['speculate'])} | {fmt_us(r['abort'])} | "
             f"{r['speculate'] / c['speculate']:.0f}x | {r['abort'] / c['abort']:.0f}x |")
         print(lines[-1], flush=True)
@@ -119,22 +235,61 @@ def main():
     if args.no_qemu:
         out("\nQEMU peer not run (--no-qemu).")
     else:
-        qemu_section(sizes, cow, lines)
+        qemu_section(sizes, {(m, n): r for (m, n, c), r in cow.items() if c == cpus[0]}, lines)
 
+    cmdline = " ".join(["python3", "benches/checkpoint.py"] + sys.argv[1:])
     header = [
         "# Checkpoint benchmark",
         "",
-        f"Produced by `python3 benches/checkpoint.py{' --quick' if args.quick else ''}` on "
+        f"Produced by `{cmdline}` on "
         f"{datetime.date.today()} ({platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}).",
         "The machine is shared and noisy: read ratios, not absolute times.",
         "",
     ]
     text = "\n".join(header + lines) + "\n"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
     print(f"\nwritten to {os.path.relpath(args.out, ROOT)}")
     return 0
+
+
+def tracking_section(sizes, dirty, reps, lines):
+    """The three dirty-tracking methods in the same run, interleaved (each
+    size and count runs ring, manual-protect, bitmap, three times over),
+    1 vCPU: the harvest phase and the whole operations."""
+    out = lines.append
+    methods = ["ring", "manual-protect", "bitmap"]
+    out("\n## Dirty tracking methods side by side (`SPECVM_DIRTY_TRACKING`), 1 vCPU\n")
+    out("Each cell: the median over three interleaved runs of the run medians. "
+        "`harvest` is collecting the dirty pages (KVM's record and the VMM's bitmap).\n")
+    out("| memory | dirty pages | " + " | ".join(f"{m}: harvest / speculate / abort" for m in methods) +
+        " | bitmap harvest / ring harvest |")
+    out("| --- | ---: |" + " ---: |" * (len(methods) + 1))
+    for mem, mib in sizes:
+        for n in dirty:
+            if not fits(mib, n) or n > 10000:
+                continue
+            got = {m: [] for m in methods}
+            for _ in range(3):
+                for m in methods:
+                    got[m].append(run_specvm(mem, n, reps, phases=True, tracking=m))
+            cells = []
+            med = {}
+            for m in methods:
+                h = statistics.median(r["phases"].get("dirty.harvest", 0) for r in got[m])
+                s = statistics.median(r["speculate"] for r in got[m])
+                a = statistics.median(r["abort"] for r in got[m])
+                med[m] = h
+                cells.append(f"{fmt_us(h)} / {fmt_us(s)} / {fmt_us(a)}")
+            ratio = f"{med['bitmap'] / med['ring']:.1f}x" if med["ring"] else ""
+            out(f"| {mem} | {n} | " + " | ".join(cells) + f" | {ratio} |")
+            print(lines[-1], flush=True)
+
+
+def parse_mib(s):
+    unit = {"M": 1, "G": 1024}[s[-1].upper()]
+    return int(s[:-1]) * unit
 
 
 def qemu_section(sizes, cow, lines):

@@ -30,6 +30,7 @@ use crate::progress::{self, Progress, ProgressError};
 use crate::snapshot::{files, VmSnapshot};
 use crate::spec::link::{BridgeLink, OutputCommitHook, SharedDeps, SpecHook};
 use crate::spec::memory::{MemoryTracker, Strategy};
+use crate::vstate::dirty::{DirtyRings, KvmDirtyLog};
 use crate::vstate::memory::{create_guest_memory, GuestRam, MemoryError};
 use crate::vstate::vcpu::{enable_exit_on_emulation_failure, Vcpu, VcpuContext, VcpuLink};
 use crate::vstate::vcpu_state::StateCaps;
@@ -115,6 +116,10 @@ struct Platform {
     devices: DeviceManager,
     net: NetSpec,
     vcpus: Vec<Vcpu>,
+    /// KVM's dirty tracking for the memory tracker, and the vCPUs' dirty
+    /// rings when the VM tracks dirty pages with them.
+    dirty_log: KvmDirtyLog,
+    rings: Option<Arc<DirtyRings>>,
     events: (EventSender, EventReceiver),
     progress: Arc<Progress>,
 }
@@ -235,6 +240,14 @@ impl Platform {
         let serial = SerialDevice::new(&config.serial, progress.console_watch())?;
         let mut devices = DeviceManager::new(&vm, serial, &tx)?;
         let vcpus = create_vcpus(kvm, &vm, config.vcpus, compat.is_some())?;
+        let fds: Vec<_> = vcpus.iter().map(|v| &v.fd).collect();
+        let (dirty_log, rings) = vm.dirty_log(&fds, &ram.layout).map_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            VmError::Ioctl(
+                "mapping the vCPUs' dirty rings",
+                kvm_ioctls::Error::new(errno),
+            )
+        })?;
         let net = attach_nets(config, &vm, &ram, &mut devices, &tx)?;
         attach_disks(config, &vm, &ram, &mut devices)?;
         Ok(Self {
@@ -244,6 +257,8 @@ impl Platform {
             devices,
             net,
             vcpus,
+            dirty_log,
+            rings,
             events: (tx, rx),
             progress,
         })
@@ -314,6 +329,8 @@ impl Platform {
             devices,
             net,
             vcpus,
+            dirty_log,
+            rings,
             events: (tx, rx),
             progress,
         } = self;
@@ -323,6 +340,7 @@ impl Platform {
             Strategy::CopyOnWrite
         };
         let mut memory = MemoryTracker::new(&ram, strategy).map_err(MemoryError::Memfd)?;
+        memory.set_kvm_log(dirty_log);
         if let Some(base) = lazy_base {
             memory.set_lazy_base(base);
         }
@@ -348,6 +366,7 @@ impl Platform {
             compat,
             mem: ram.mem.clone(),
             progress,
+            dirty_rings: rings,
         };
         Ok(Vmm {
             vcpus,
@@ -481,13 +500,33 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>
         msrs = caps.msrs.len(),
         "vCPU state to save"
     );
+    // A VM of one vCPU saves REGS, SREGS and VCPU_EVENTS from kvm_run's
+    // synced copy where KVM offers all three (see `Vcpu::use_sync_regs`).
+    let all = kvm_bindings::KVM_SYNC_X86_REGS
+        | kvm_bindings::KVM_SYNC_X86_SREGS
+        | kvm_bindings::KVM_SYNC_X86_EVENTS;
+    let sync = count == 1
+        && std::env::var_os("SPECVM_NO_SYNC_REGS").is_none()
+        && kvm.check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into()) as u32 & all == all;
+    tracing::info!(
+        sync_regs = sync,
+        "vCPU state: registers from kvm_run's synced copy"
+    );
     Ok(fds
         .into_iter()
         .zip(0..)
-        .map(|(fd, index)| Vcpu {
-            fd,
-            index,
-            caps: caps.clone(),
+        .map(|(fd, index)| {
+            let mut v = Vcpu {
+                fd,
+                index,
+                caps: caps.clone(),
+                sync_regs: false,
+                sync_fresh: false,
+            };
+            if sync {
+                v.use_sync_regs();
+            }
+            v
         })
         .collect())
 }

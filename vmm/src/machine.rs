@@ -78,6 +78,18 @@ pub trait VcpuTarget {
         state: VcpuState,
         tsc_advance_ns: Option<u64>,
     ) -> Result<(), MachineError>;
+    /// Restores every vCPU, `states` by index (one per vCPU); a target
+    /// whose vCPUs have threads of their own may do them at once.
+    fn restore_all(
+        &mut self,
+        states: Vec<VcpuState>,
+        tsc_advance_ns: Option<u64>,
+    ) -> Result<(), MachineError> {
+        for (i, s) in states.into_iter().enumerate() {
+            self.restore_vcpu(i, s, tsc_advance_ns)?;
+        }
+        Ok(())
+    }
 }
 
 /// Puts the machine back into `state`. Nothing of the guest may run: the
@@ -92,7 +104,8 @@ pub trait VcpuTarget {
 ///    instead, which makes KVM republish it to the rolled-back kvmclock
 ///    pages);
 /// 3. each vCPU, whose own order is explained in `vcpu_state::restore`,
-///    and for a snapshot its TSC;
+///    and for a snapshot its TSC (the vCPUs are independent of each
+///    other: a running VM's threads restore theirs at the same time);
 /// 4. the device models, last: they are only read by the vCPUs, which do
 ///    not run yet.
 pub fn restore(
@@ -119,9 +132,7 @@ pub fn restore(
     if let Some(elapsed) = advance {
         set_clock(vm, state.vm.clock.clock.saturating_add(elapsed))?;
     }
-    for (i, s) in state.vcpus.into_iter().enumerate() {
-        vcpus.restore_vcpu(i, s, advance)?;
-    }
+    vcpus.restore_all(state.vcpus, advance)?;
     devices.restore(&state.devices)?;
     Ok(())
 }

@@ -53,6 +53,18 @@ pub fn kvm_vm_or_skip(
     Some(crate::vstate::vm::Vm::new(&kvm, mem).expect("creating a KVM VM"))
 }
 
+/// `/dev/kvm` opened, or `None` with the skip recorded as
+/// [`kvm_vm_or_skip`] does.
+pub fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
+    match crate::vstate::vm::open_kvm() {
+        Ok(k) => Some(k),
+        Err(reason) => {
+            record_skip(test, &reason.to_string());
+            None
+        }
+    }
+}
+
 /// Reports a skipped test on stderr and in `<target>/test-skips.txt`
 /// (`<target>` found from the test binary, `<target>/<profile>/deps/...`).
 fn record_skip(test: &str, reason: &str) {

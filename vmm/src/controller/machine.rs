@@ -1,6 +1,8 @@
 //! The running machine as the speculation engine sees it: the VM, its
 //! vCPUs, guest memory and devices, paused, saved and put back together.
 
+use std::time::Instant;
+
 use super::engine::Machine;
 use super::snapshot::SnapshotSetup;
 use super::vcpus::VcpuSet;
@@ -67,14 +69,20 @@ impl LiveMachine {
         caller: Option<u8>,
         top: Option<&mut Checkpoint>,
     ) -> Result<Checkpoint, ControlError> {
+        let t = Instant::now();
         let memory = self
             .memory
             .checkpoint(&self.vm.fd, top.map(|c| &mut c.memory))?;
+        self.stats.record("checkpoint.memory", t);
         if let Some(d) = self.memory.take_materialize_time() {
             self.stats.record_duration("materialize", d);
         }
+        self.record_harvest();
+        let t = Instant::now();
+        let machine = self.save()?;
+        self.stats.record("checkpoint.state", t);
         Ok(Checkpoint {
-            machine: self.save()?,
+            machine,
             caller,
             memory,
         })
@@ -88,14 +96,19 @@ impl LiveMachine {
         level: usize,
         why: u64,
     ) -> Result<(), ControlError> {
+        let t = Instant::now();
         self.memory
             .rollback(&self.vm.fd, popped.iter().map(|c| &c.memory))?;
+        self.stats.record("rollback.memory", t);
+        self.record_harvest();
         self.devices
             .rollback_levels(level)
             .map_err(crate::machine::MachineError::from)?;
         if let Some(c) = &self.compat {
+            let t = Instant::now();
             c.after_memory_rollback(&self.vm.fd)
                 .map_err(|e| ControlError::Vcpu(format!("dropping shadow page tables: {e}")))?;
+            self.stats.record("rollback.shadow_reset", t);
         }
         let mut target = popped
             .into_iter()
@@ -107,6 +120,7 @@ impl LiveMachine {
         {
             set_result(s, why);
         }
+        let t = Instant::now();
         machine::restore(
             &mut self.vm,
             &mut self.vcpus,
@@ -114,7 +128,15 @@ impl LiveMachine {
             target.machine,
             RestoreMode::Rollback,
         )?;
+        self.stats.record("rollback.state", t);
         Ok(())
+    }
+
+    /// Notes how long the tracker's last harvest of dirty pages took.
+    fn record_harvest(&mut self) {
+        if let Some(d) = self.memory.take_harvest_time() {
+            self.stats.record_duration("dirty.harvest", d);
+        }
     }
 
     /// Writes a hypercall's results into parked vCPU `i`'s registers.

@@ -168,10 +168,55 @@ impl VcpuSet {
         }
     }
 
-    /// Every vCPU's state, by index. All must be parked.
+    /// Sends `cmds[i]` to parked vCPU `i`, all before waiting, so each
+    /// thread carries its own out at the same time as the others; then
+    /// collects every answer, by index. Every command is answered before
+    /// an error is returned, so no answer is left for a later command. The
+    /// error names the first vCPU that failed.
+    fn command_all(&mut self, cmds: Vec<VcpuCmd>) -> Result<Vec<VcpuReply>, (usize, ControlError)> {
+        let mut sent = Vec::with_capacity(cmds.len());
+        for (i, cmd) in cmds.into_iter().enumerate() {
+            let h = self.handles.get(i).ok_or_else(|| (i, gone(i)))?;
+            sent.push(h.cmds.send(cmd).is_ok());
+        }
+        let mut replies = Vec::with_capacity(sent.len());
+        let mut first_err = None;
+        for (i, ok) in sent.into_iter().enumerate() {
+            let r = match ok {
+                true => self.handles[i].replies.recv().map_err(|_| gone(i)),
+                false => Err(gone(i)),
+            };
+            match r {
+                Ok(VcpuReply::Failed(m)) => {
+                    first_err.get_or_insert((i, ControlError::Vcpu(format!("vCPU {i}: {m}"))));
+                }
+                Ok(VcpuReply::Parked) => {
+                    first_err.get_or_insert((
+                        i,
+                        ControlError::Vcpu(format!("vCPU {i}: parked again while parked")),
+                    ));
+                }
+                Ok(r) => replies.push(r),
+                Err(e) => {
+                    first_err.get_or_insert((i, e));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(replies),
+        }
+    }
+
+    /// Every vCPU's state, by index, each saved on its own thread at the
+    /// same time. All must be parked.
     pub fn save_all(&mut self) -> Result<Vec<VcpuState>, ControlError> {
-        (0..self.len())
-            .map(|i| match self.command(i, VcpuCmd::Save)? {
+        let cmds = (0..self.len()).map(|_| VcpuCmd::Save).collect();
+        self.command_all(cmds)
+            .map_err(|(_, e)| e)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| match r {
                 VcpuReply::Saved(s) => Ok(*s),
                 r => Err(ControlError::Vcpu(format!(
                     "vCPU {i}: expected its state, got {r:?}"
@@ -210,5 +255,20 @@ impl VcpuTarget for VcpuSet {
         self.command(index, VcpuCmd::Restore(Box::new(state), tsc_advance_ns))
             .map(drop)
             .map_err(|e| MachineError::Vcpu(index, e.to_string()))
+    }
+
+    /// Each vCPU restores its own state on its own thread, all at once.
+    fn restore_all(
+        &mut self,
+        states: Vec<VcpuState>,
+        tsc_advance_ns: Option<u64>,
+    ) -> Result<(), MachineError> {
+        let cmds = states
+            .into_iter()
+            .map(|s| VcpuCmd::Restore(Box::new(s), tsc_advance_ns))
+            .collect();
+        self.command_all(cmds)
+            .map(drop)
+            .map_err(|(i, e)| MachineError::Vcpu(i, e.to_string()))
     }
 }

@@ -15,14 +15,14 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::FromRawFd;
 
-use vm_memory::bitmap::AtomicBitmap;
+use super::dirty_bitmap::DirtyBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::arch::x86_64::layout::ram_ranges;
 
 /// Guest memory with a VMM-side dirty bitmap on every region.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<DirtyBitmap>;
 
 /// The guest page size that dirty tracking works in.
 pub const PAGE_SIZE: usize = 4096;
@@ -239,10 +239,7 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestRam, MemoryError> {
             file.try_clone().map_err(|e| map_err(e.to_string()))?,
             r.file_offset,
         );
-        let bitmap = AtomicBitmap::new(
-            size as usize,
-            std::num::NonZeroUsize::new(PAGE_SIZE).expect("page size is non-zero"),
-        );
+        let bitmap = DirtyBitmap::new(size as usize);
         let region = MmapRegionBuilder::new_with_bitmap(size as usize, bitmap)
             .with_file_offset(fo)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)

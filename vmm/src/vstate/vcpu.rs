@@ -42,6 +42,9 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     /// Exit counts and RIP samples for progress reports.
     pub progress: Arc<Progress>,
+    /// The VM's dirty rings, when it has them: a vCPU whose ring fills
+    /// empties it here.
+    pub dirty_rings: Option<Arc<super::dirty::DirtyRings>>,
 }
 
 /// One vCPU.
@@ -52,6 +55,14 @@ pub struct Vcpu {
     pub index: u8,
     /// Which state this host's KVM can save.
     pub caps: Arc<StateCaps>,
+    /// Whether KVM copies REGS, SREGS and VCPU_EVENTS into `kvm_run` at
+    /// every exit (`KVM_CAP_SYNC_REGS`, turned on by
+    /// [`Vcpu::use_sync_regs`]): a save then reads them there, three
+    /// ioctls fewer.
+    pub sync_regs: bool,
+    /// Whether `kvm_run`'s copy is current: set by each return from
+    /// KVM_RUN, cleared by every write of the state through an ioctl.
+    pub sync_fresh: bool,
 }
 
 impl crate::persist::Persist for Vcpu {
@@ -60,16 +71,32 @@ impl crate::persist::Persist for Vcpu {
 
     /// The complete state (see [`vcpu_state::save`] for the order).
     fn save(&self) -> Result<Self::State, Self::Error> {
-        vcpu_state::save(&self.fd, &self.caps)
+        let synced = (self.sync_regs && self.sync_fresh).then(|| self.fd.sync_regs());
+        vcpu_state::save(&self.fd, &self.caps, synced.as_ref())
     }
 
     /// Everything but the TSC (see [`vcpu_state::restore`]).
     fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
+        self.sync_fresh = false;
         vcpu_state::restore(&self.fd, state)
     }
 }
 
 impl Vcpu {
+    /// Has KVM copy REGS, SREGS and VCPU_EVENTS into `kvm_run` at every
+    /// exit, for saves to read. Only for a VM of one vCPU: there, reading
+    /// MP_STATE first (which processes a pending INIT or SIPI, and so may
+    /// change those registers) has nothing to process, since only another
+    /// vCPU can send either; with more vCPUs a save reads them after
+    /// MP_STATE through ioctls, as `vcpu_state::save` explains.
+    pub fn use_sync_regs(&mut self) {
+        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        self.fd
+            .set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::VcpuEvents);
+        self.sync_regs = true;
+    }
+
     /// Restores `state`, then, with `tsc_advance_ns`, the TSC moved forward
     /// by that time ([`crate::machine::restore`] decides which).
     pub fn restore_with_tsc(
@@ -167,28 +194,50 @@ impl Vcpu {
         if link.replies.send(VcpuReply::Parked).is_err() {
             return Ok(Next::Stop);
         }
+        // The general registers as KVM holds them, once this park has read
+        // or written them (they cannot change while parked): a hypercall's
+        // result after a `Save` then costs one ioctl, not two.
+        let mut regs: Option<kvm_bindings::kvm_regs> = None;
         loop {
             let reply = match link.cmds.recv() {
                 Err(_) => return Ok(Next::Stop),
                 Ok(VcpuCmd::Resume) => return Ok(Next::Continue),
                 Ok(VcpuCmd::Save) => match self.save() {
-                    Ok(s) => VcpuReply::Saved(Box::new(s)),
+                    Ok(s) => {
+                        regs = Some(s.regs);
+                        VcpuReply::Saved(Box::new(s))
+                    }
                     Err(e) => VcpuReply::Failed(e.to_string()),
                 },
                 Ok(VcpuCmd::Restore(s, tsc)) => match self.restore_with_tsc(&s, tsc) {
-                    Ok(()) => VcpuReply::Done,
-                    Err(e) => VcpuReply::Failed(e.to_string()),
-                },
-                Ok(VcpuCmd::SetResult([rax, rdx, rsi])) => match self.fd.get_regs() {
-                    Ok(mut r) => {
-                        (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
-                        match self.fd.set_regs(&r) {
-                            Ok(()) => VcpuReply::Done,
-                            Err(e) => VcpuReply::Failed(format!("KVM_SET_REGS: {e}")),
-                        }
+                    Ok(()) => {
+                        regs = Some(s.regs);
+                        VcpuReply::Done
                     }
-                    Err(e) => VcpuReply::Failed(format!("KVM_GET_REGS: {e}")),
+                    Err(e) => {
+                        regs = None;
+                        VcpuReply::Failed(e.to_string())
+                    }
                 },
+                Ok(VcpuCmd::SetResult([rax, rdx, rsi])) => {
+                    match regs.map_or_else(|| self.fd.get_regs(), Ok) {
+                        Ok(mut r) => {
+                            (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
+                            self.sync_fresh = false;
+                            match self.fd.set_regs(&r) {
+                                Ok(()) => {
+                                    regs = Some(r);
+                                    VcpuReply::Done
+                                }
+                                Err(e) => {
+                                    regs = None;
+                                    VcpuReply::Failed(format!("KVM_SET_REGS: {e}"))
+                                }
+                            }
+                        }
+                        Err(e) => VcpuReply::Failed(format!("KVM_GET_REGS: {e}")),
+                    }
+                }
             };
             if link.replies.send(reply).is_err() {
                 return Ok(Next::Stop);
@@ -204,6 +253,8 @@ impl Vcpu {
         loop {
             self.fd.set_kvm_immediate_exit(1);
             let r = self.fd.run();
+            self.sync_fresh = r.is_ok()
+                || matches!(&r, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
             let next = match r {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
                 Err(e) => Some(Err(format!(
@@ -236,6 +287,8 @@ impl Vcpu {
                 .record_rip(idx, self.fd.get_regs().map_or(0, |r| r.rip));
         }
         let r = self.fd.run();
+        self.sync_fresh = r.is_ok()
+            || matches!(&r, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
         ctx.progress.count_exit();
         let mut exit = match r {
             Ok(exit) => exit,
@@ -259,6 +312,15 @@ impl Vcpu {
             VcpuExit::Shutdown => Deferred::Shutdown,
             VcpuExit::InternalError => Deferred::InternalError,
             VcpuExit::Hlt => Deferred::Fatal("halted with interrupts off (KVM_EXIT_HLT)".into()),
+            VcpuExit::Unsupported(super::dirty::EXIT_DIRTY_RING_FULL) => {
+                return match &ctx.dirty_rings {
+                    Some(r) => r
+                        .drain_full(usize::from(idx))
+                        .map(|()| Next::Continue)
+                        .map_err(|e| format!("vCPU {idx}: emptying its full dirty ring: {e}")),
+                    None => Err(format!("vCPU {idx}: dirty ring full, but the VM has no rings")),
+                };
+            }
             VcpuExit::FailEntry(reason, cpu) => {
                 Deferred::Fatal(format!("VM entry failed (KVM_EXIT_FAIL_ENTRY), hardware reason {reason:#x} on host CPU {cpu}"))
             }

@@ -5,7 +5,7 @@
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_sync_regs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
@@ -60,6 +60,44 @@ impl StateCaps {
     }
 }
 
+/// Per-ioctl timings of one save or restore, logged only when the
+/// `specvm::vcpu_ioctls` trace target is on (`--log-level
+/// specvm::vcpu_ioctls=trace`): how `docs/benchmarks/checkpoint.md`
+/// measures each state ioctl. Off, it costs one check per save.
+struct IoctlClock {
+    last: Option<std::time::Instant>,
+    times: Vec<(&'static str, u32)>,
+}
+
+impl IoctlClock {
+    fn start() -> Self {
+        let on = tracing::enabled!(target: "specvm::vcpu_ioctls", tracing::Level::TRACE);
+        Self {
+            last: on.then(std::time::Instant::now),
+            times: Vec::new(),
+        }
+    }
+
+    /// Notes the time since the last lap as `what`'s.
+    fn lap(&mut self, what: &'static str) {
+        if let Some(t) = self.last.as_mut() {
+            self.times.push((what, t.elapsed().as_nanos() as u32));
+            *t = std::time::Instant::now();
+        }
+    }
+
+    fn report(self, op: &'static str) {
+        if self.last.is_some() {
+            let times: Vec<String> = self
+                .times
+                .iter()
+                .map(|(w, ns)| format!("{w}={ns}"))
+                .collect();
+            tracing::trace!(target: "specvm::vcpu_ioctls", op, ns = times.join(" "), "vCPU state ioctls");
+        }
+    }
+}
+
 /// The complete state of one vCPU.
 pub struct VcpuState {
     /// Multiprocessing state (running, halted, waiting for SIPI...).
@@ -90,11 +128,34 @@ pub struct VcpuState {
 /// makes KVM process pending APIC events (INIT, SIPI) into the state the
 /// other reads see; VCPU_EVENTS last, so it captures any event that the
 /// earlier reads left pending.
-pub fn save(vcpu: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, StateError> {
+///
+/// `synced` is KVM's copy of REGS, SREGS and VCPU_EVENTS in `kvm_run`
+/// (`KVM_CAP_SYNC_REGS`), current since the vCPU's last exit, for a VM of
+/// one vCPU (see `Vcpu::use_sync_regs`): then those three are taken from
+/// it instead of three ioctls. Debug builds read them through the ioctls
+/// too and fail the save if the two differ.
+pub fn save(
+    vcpu: &VcpuFd,
+    caps: &StateCaps,
+    synced: Option<&kvm_sync_regs>,
+) -> Result<VcpuState, StateError> {
     let e = |what| move |err| StateError(what, err);
+    let mut clk = IoctlClock::start();
     let mp_state = vcpu.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
-    let regs = vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
-    let sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+    clk.lap("KVM_GET_MP_STATE");
+    if let Some(s) = synced {
+        check_synced(vcpu, s)?;
+    }
+    let regs = match synced {
+        Some(s) => s.regs,
+        None => vcpu.get_regs().map_err(e("KVM_GET_REGS"))?,
+    };
+    clk.lap("KVM_GET_REGS");
+    let sregs = match synced {
+        Some(s) => s.sregs,
+        None => vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?,
+    };
+    clk.lap("KVM_GET_SREGS");
     let (xsave, fpu) = if caps.xsave {
         (
             Some(Box::new(vcpu.get_xsave().map_err(e("KVM_GET_XSAVE"))?)),
@@ -103,15 +164,25 @@ pub fn save(vcpu: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, StateError> {
     } else {
         (None, Some(vcpu.get_fpu().map_err(e("KVM_GET_FPU"))?))
     };
+    clk.lap("KVM_GET_XSAVE/FPU");
     let xcrs = if caps.xcrs {
         Some(vcpu.get_xcrs().map_err(e("KVM_GET_XCRS"))?)
     } else {
         None
     };
+    clk.lap("KVM_GET_XCRS");
     let debugregs = vcpu.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?;
+    clk.lap("KVM_GET_DEBUGREGS");
     let lapic = vcpu.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
+    clk.lap("KVM_GET_LAPIC");
     let msrs = save_msrs(vcpu, &caps.msrs)?;
-    let events = vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
+    clk.lap("KVM_GET_MSRS");
+    let events = match synced {
+        Some(s) => s.events,
+        None => vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?,
+    };
+    clk.lap("KVM_GET_VCPU_EVENTS");
+    clk.report("save");
     Ok(VcpuState {
         mp_state,
         regs,
@@ -124,6 +195,26 @@ pub fn save(vcpu: &VcpuFd, caps: &StateCaps) -> Result<VcpuState, StateError> {
         msrs,
         events,
     })
+}
+
+/// In debug builds: reads REGS, SREGS and VCPU_EVENTS through their ioctls
+/// and fails unless `synced` holds the same (the integration tests run
+/// debug builds, so every save they make checks the synced copy).
+fn check_synced(vcpu: &VcpuFd, synced: &kvm_sync_regs) -> Result<(), StateError> {
+    if !cfg!(debug_assertions) {
+        return Ok(());
+    }
+    let e = |what| move |err| StateError(what, err);
+    let regs = vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+    let events = vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
+    if regs != synced.regs || sregs != synced.sregs || events != synced.events {
+        return Err(StateError(
+            "the synced registers differ from KVM's",
+            kvm_ioctls::Error::new(libc::EIO),
+        ));
+    }
+    Ok(())
 }
 
 fn save_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
@@ -163,24 +254,33 @@ fn save_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, State
 /// The TSC MSRs are skipped, so the guest's time keeps moving forward.
 pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     let e = |what| move |err| StateError(what, err);
+    let mut clk = IoctlClock::start();
     vcpu.set_mp_state(state.mp_state)
         .map_err(e("KVM_SET_MP_STATE"))?;
+    clk.lap("KVM_SET_MP_STATE");
     vcpu.set_regs(&state.regs).map_err(e("KVM_SET_REGS"))?;
+    clk.lap("KVM_SET_REGS");
     vcpu.set_sregs(&state.sregs).map_err(e("KVM_SET_SREGS"))?;
+    clk.lap("KVM_SET_SREGS");
     if let Some(x) = &state.xsave {
         // SAFETY: the buffer came from KVM_GET_XSAVE on a vCPU of this VM
         // with the same CPUID, so its enabled state fits the 4 KiB struct.
         unsafe { vcpu.set_xsave(x) }.map_err(e("KVM_SET_XSAVE"))?;
+        clk.lap("KVM_SET_XSAVE");
     }
     if let Some(f) = &state.fpu {
         vcpu.set_fpu(f).map_err(e("KVM_SET_FPU"))?;
+        clk.lap("KVM_SET_FPU");
     }
     if let Some(x) = &state.xcrs {
         vcpu.set_xcrs(x).map_err(e("KVM_SET_XCRS"))?;
+        clk.lap("KVM_SET_XCRS");
     }
     vcpu.set_debug_regs(&state.debugregs)
         .map_err(e("KVM_SET_DEBUGREGS"))?;
+    clk.lap("KVM_SET_DEBUGREGS");
     vcpu.set_lapic(&state.lapic).map_err(e("KVM_SET_LAPIC"))?;
+    clk.lap("KVM_SET_LAPIC");
     let msrs: Vec<kvm_msr_entry> = state
         .msrs
         .iter()
@@ -199,8 +299,11 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
             ));
         }
     }
+    clk.lap("KVM_SET_MSRS");
     vcpu.set_vcpu_events(&state.events)
         .map_err(e("KVM_SET_VCPU_EVENTS"))?;
+    clk.lap("KVM_SET_VCPU_EVENTS");
+    clk.report("restore");
     Ok(())
 }
 

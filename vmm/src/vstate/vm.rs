@@ -3,10 +3,13 @@
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::memory::GuestMemoryMmap;
+use std::sync::Arc;
+
+use super::dirty::{DirtyMethod, DirtyRings, KvmDirtyLog};
+use super::memory::{GuestMemoryMmap, RamLayout};
 
 /// Where KVM puts the three pages of its real-mode TSS on Intel hosts: just
 /// below the BIOS area at the top of 4 GiB, inside our MMIO gap.
@@ -42,12 +45,15 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 pub struct Vm {
     /// The KVM VM file descriptor.
     pub fd: VmFd,
+    /// How its dirty pages are found (see [`super::dirty`]).
+    pub dirty: DirtyMethod,
 }
 
 impl Vm {
     /// Creates a VM with the in-kernel irqchip (PIC, IOAPIC, local APICs) and
-    /// PIT, and registers every region of `mem` as a memory slot with dirty
-    /// logging on.
+    /// PIT, chooses its dirty tracking (`SPECVM_DIRTY_TRACKING` may ask for
+    /// one, see [`super::dirty`]), and registers every region of `mem` as a
+    /// memory slot with dirty logging on.
     pub fn new(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
         let fd = kvm
             .create_vm()
@@ -62,9 +68,28 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
-        let vm = Self { fd };
+        let wanted = std::env::var("SPECVM_DIRTY_TRACKING").ok();
+        let dirty = DirtyMethod::choose(&fd, wanted.as_deref());
+        let vm = Self { fd, dirty };
         vm.register_memory(mem)?;
         Ok(vm)
+    }
+
+    /// The memory tracker's view of this VM's dirty tracking, and the
+    /// vCPUs' rings if it uses them (mapped here from `vcpus`, all of the
+    /// VM's vCPUs; slot `i` is range `i` of `layout`).
+    pub fn dirty_log(
+        &self,
+        vcpus: &[&VcpuFd],
+        layout: &RamLayout,
+    ) -> std::io::Result<(KvmDirtyLog, Option<Arc<DirtyRings>>)> {
+        let rings = match self.dirty {
+            DirtyMethod::Ring { bytes } => {
+                Some(Arc::new(DirtyRings::map(&self.fd, vcpus, bytes, layout)?))
+            }
+            _ => None,
+        };
+        Ok((KvmDirtyLog::new(self.dirty, rings.clone()), rings))
     }
 
     fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {

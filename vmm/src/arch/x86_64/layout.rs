@@ -22,6 +22,7 @@
 //! 0x0009_f000  ..0x10_0000: reserved (EBDA, VGA, BIOS); ACPI tables at 0xe_0000
 //! 0x0100_0000  the kernel (vmlinux's physical load address)
 //! 0xc000_0000  first page of the MMIO gap: host-compat doorbell
+//! 0xc000_1000  ..0xc000_3000: host-compat shadow-reset page, at one of two places
 //! 0xd000_0000  virtio-mmio devices, one 4 KiB window each (devices::virtio)
 //! 0xdf00_0000  left unclaimed (guest_agent::abi::UNCLAIMED_MMIO)
 //! ```
@@ -73,6 +74,9 @@ pub const COMPAT_DOORBELL_ADDR: u64 = MMIO_GAP_START;
 /// slot of its own, only to delete it after a rollback
 /// (`host_compat::shadow`). No device and no RAM is there.
 pub const SHADOW_RESET_ADDR: u64 = MMIO_GAP_START + 0x1000;
+/// The page that slot moves to and back from, one move per rollback
+/// (`host_compat::shadow`). No device and no RAM is there either.
+pub const SHADOW_RESET_ALT_ADDR: u64 = MMIO_GAP_START + 0x2000;
 /// Guest address of the I/O APIC.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Guest address of the local APICs.

@@ -8,8 +8,8 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
+use crate::vstate::dirty_bitmap::DirtyBitmap;
 use kvm_ioctls::VmFd;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryBackend;
 
 use super::{CowError, MemoryTracker, UndoLog, PAGE};
@@ -24,32 +24,24 @@ impl MemoryTracker {
         unsafe { self.view.as_ptr().add((p * PAGE) as usize) }
     }
 
-    /// The pages written since the last call, by the guest (KVM's dirty
-    /// log, which this also clears) or by the VMM (vm-memory's bitmap, also
-    /// cleared). Sorted. Also noted for the next snapshot.
+    /// The pages written since the last call, by the guest (KVM's record,
+    /// which this also clears, see [`crate::vstate::dirty`]) or by the VMM
+    /// (its own bitmap, also cleared). Sorted, each once. Also noted for
+    /// the next snapshot. Costs in proportion to the pages written (and,
+    /// with KVM's bitmap methods, to one bit per page of memory).
     pub(super) fn take_dirty(&mut self, vm: &VmFd) -> Result<Vec<u64>, CowError> {
+        let t = std::time::Instant::now();
         let mut pages = Vec::new();
-        for (slot, (r, gr)) in self.layout.ranges().iter().zip(self.mem.iter()).enumerate() {
-            let slot = slot as u32;
-            let kvm = vm
-                .get_dirty_log(slot, r.size as usize)
-                .map_err(|e| CowError::DirtyLog(slot, e))?;
-            let vmm: &AtomicBitmap = vm_memory::MmapRegion::bitmap(gr);
-            let vmm = vmm.get_and_reset();
-            let range = r.pages();
-            for (i, word) in kvm.iter().enumerate() {
-                let mut bits = word | vmm.get(i).copied().unwrap_or(0);
-                while bits != 0 {
-                    let b = bits.trailing_zeros() as u64;
-                    bits &= bits - 1;
-                    let page = range.start + i as u64 * 64 + b;
-                    if page < range.end {
-                        pages.push(page);
-                    }
-                }
-            }
+        self.kvm_log.harvest(vm, &self.layout, |p| pages.push(p))?;
+        for (r, gr) in self.layout.ranges().iter().zip(self.mem.iter()) {
+            let vmm: &DirtyBitmap = vm_memory::MmapRegion::bitmap(gr);
+            let first = r.pages().start;
+            vmm.take(|p| pages.push(first + p));
         }
+        pages.sort_unstable();
+        pages.dedup();
         self.since_snapshot.note(&pages);
+        self.harvested_in = Some(t.elapsed());
         Ok(pages)
     }
 

@@ -15,9 +15,18 @@ use crate::vstate::memory::create_guest_memory;
 const MIB: u64 = 1 << 20;
 
 /// A tracker over `ram` with verification off, whatever the environment.
+/// Without a VM it reads no KVM log (the tests that use it name pages).
 fn tracker(ram: &GuestRam, strategy: Strategy) -> MemoryTracker {
     let mut t = MemoryTracker::new(ram, strategy).unwrap();
     t.verify = None;
+    t
+}
+
+/// A tracker reading `vm`'s dirty tracking, whichever method it chose.
+fn tracker_for(ram: &GuestRam, vm: &crate::vstate::vm::Vm, strategy: Strategy) -> MemoryTracker {
+    let mut t = tracker(ram, strategy);
+    let (log, _rings) = vm.dirty_log(&[], &ram.layout).unwrap();
+    t.set_kvm_log(log);
     t
 }
 
@@ -110,7 +119,7 @@ fn checkpoints_roll_back_and_commits_fold() {
     ) else {
         return;
     };
-    let mut t = tracker(&ram, Strategy::CopyOnWrite);
+    let mut t = tracker_for(&ram, &vm, Strategy::CopyOnWrite);
     let (a, b, c) = (3, 4, 700);
     put(&ram, a, 1);
     let mut c1 = t.checkpoint(&vm.fd, None).unwrap();
@@ -142,7 +151,7 @@ fn a_rollback_over_several_checkpoints_reaches_the_oldest() {
     let Some(vm) = kvm_vm_or_skip(test, &ram.mem) else {
         return;
     };
-    let mut t = tracker(&ram, Strategy::CopyOnWrite);
+    let mut t = tracker_for(&ram, &vm, Strategy::CopyOnWrite);
     put(&ram, 10, 1);
     let mut c1 = t.checkpoint(&vm.fd, None).unwrap();
     put(&ram, 10, 2);
@@ -163,7 +172,7 @@ fn pages_since_the_snapshot_are_noted_by_checkpoints_and_rollbacks() {
     let Some(vm) = kvm_vm_or_skip(test, &ram.mem) else {
         return;
     };
-    let mut t = tracker(&ram, Strategy::CopyOnWrite);
+    let mut t = tracker_for(&ram, &vm, Strategy::CopyOnWrite);
     put(&ram, 5, 1);
     let cp = t.checkpoint(&vm.fd, None).unwrap();
     put(&ram, 9, 2);
@@ -185,7 +194,7 @@ fn the_full_copy_strategy_restores_all_of_memory() {
     let Some(vm) = kvm_vm_or_skip(test, &ram.mem) else {
         return;
     };
-    let mut t = tracker(&ram, Strategy::FullCopy);
+    let mut t = tracker_for(&ram, &vm, Strategy::FullCopy);
     assert!(!t.supports_snapshots());
     put(&ram, 1, 1);
     let mut c1 = t.checkpoint(&vm.fd, None).unwrap();
@@ -208,7 +217,7 @@ fn a_restored_vm_materializes_its_memory_at_the_first_checkpoint() {
     let Some(vm) = kvm_vm_or_skip(test, &ram.mem) else {
         return;
     };
-    let mut t = tracker(&ram, Strategy::CopyOnWrite);
+    let mut t = tracker_for(&ram, &vm, Strategy::CopyOnWrite);
     // The snapshot's base layer, which guest memory maps as a restore does.
     let base = create_guest_memory(32 * MIB).unwrap().file;
     base.write_all_at(&[0x33; PAGE_SIZE], 3 * PAGE).unwrap();

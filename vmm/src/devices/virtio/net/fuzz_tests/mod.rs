@@ -31,6 +31,7 @@ mod model;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use crate::vstate::dirty_bitmap::DirtyBitmap;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK, VIRTIO_CONFIG_S_DRIVER as DRIVER,
     VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK as FEATURES_OK,
@@ -38,7 +39,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MTU;
 use virtio_queue::QueueT;
-use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::bitmap::Bitmap as _;
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::device::NET_FEATURES;
@@ -162,8 +163,8 @@ impl Fuzzer {
     fn dirty(&self, addr: u64) -> bool {
         self.mem.iter().any(|r| {
             let start = r.start_addr().0;
-            let b: &AtomicBitmap = vm_memory::MmapRegion::bitmap(r);
-            (start..start + r.len()).contains(&addr) && b.is_addr_set((addr - start) as usize)
+            let b: &DirtyBitmap = vm_memory::MmapRegion::bitmap(r);
+            (start..start + r.len()).contains(&addr) && b.dirty_at((addr - start) as usize)
         })
     }
 
@@ -171,7 +172,7 @@ impl Fuzzer {
     fn step(&mut self, f: impl FnOnce(&mut Self)) {
         let (before, pre) = (Memory::of(&self.mem), self.view());
         for r in self.mem.iter() {
-            let b: &AtomicBitmap = vm_memory::MmapRegion::bitmap(r);
+            let b: &DirtyBitmap = vm_memory::MmapRegion::bitmap(r);
             b.reset();
         }
         f(self);
