@@ -150,7 +150,8 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vmm, VmmError> {
     let kvm = open_kvm()?;
     let compat = host_compat(config);
     let ram = create_guest_memory(config.mem_size)?;
-    let mut p = Platform::build(&kvm, config, ram, compat)?;
+    let linux = matches!(config.boot, BootSource::Linux { .. });
+    let mut p = Platform::build(&kvm, config, ram, compat, linux)?;
     match &config.boot {
         BootSource::Bare { program, arg } => {
             let entry = bare::load(&p.ram.mem, config.mem_size, program)?;
@@ -202,8 +203,8 @@ pub fn build_from_snapshot(
     let ram = create_guest_memory(config.mem_size)?;
     let base = crate::snapshot::memory::restore_memory(dir, &snap, &ram)?;
     let memory_us = started.elapsed().as_micros() as u64;
-    let mut p = Platform::build(&kvm, config, ram, compat)?;
     let linux = snap.linux;
+    let mut p = Platform::build(&kvm, config, ram, compat, linux)?;
     let base_id = snap.id;
     p.restore(snap)?;
     // After the restore: a Linux guest's host-compat layer now has its
@@ -227,8 +228,10 @@ impl Platform {
         config: &VmConfig,
         ram: GuestRam,
         compat: Option<HostCompat>,
+        linux: bool,
     ) -> Result<Self, VmmError> {
-        let vm = Vm::new(kvm, &ram.mem)?;
+        let dirty_default = host_compat::dirty::default_method(compat.is_some(), linux);
+        let vm = Vm::new(kvm, &ram.mem, dirty_default)?;
         enable_exit_on_emulation_failure(&vm.fd);
         let (tx, rx) = event::channel();
         let progress = Arc::new(Progress::for_vm(config));

@@ -50,7 +50,7 @@ pub fn kvm_vm_or_skip(
             return None;
         }
     };
-    Some(crate::vstate::vm::Vm::new(&kvm, mem).expect("creating a KVM VM"))
+    Some(crate::vstate::vm::Vm::new(&kvm, mem, None).expect("creating a KVM VM"))
 }
 
 /// `/dev/kvm` opened, or `None` with the skip recorded as

@@ -20,6 +20,7 @@
 
 pub mod cmdline;
 pub mod cpuid;
+pub mod dirty;
 pub mod emulate;
 pub mod shadow;
 pub mod trampoline;

@@ -52,9 +52,14 @@ pub struct Vm {
 impl Vm {
     /// Creates a VM with the in-kernel irqchip (PIC, IOAPIC, local APICs) and
     /// PIT, chooses its dirty tracking (`SPECVM_DIRTY_TRACKING` may ask for
-    /// one, see [`super::dirty`]), and registers every region of `mem` as a
-    /// memory slot with dirty logging on.
-    pub fn new(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+    /// one, else `default_method` if given, see [`super::dirty`]), and
+    /// registers every region of `mem` as a memory slot with dirty logging
+    /// on.
+    pub fn new(
+        kvm: &Kvm,
+        mem: &GuestMemoryMmap,
+        default_method: Option<&str>,
+    ) -> Result<Self, VmError> {
         let fd = kvm
             .create_vm()
             .map_err(|e| VmError::Ioctl("KVM_CREATE_VM", e))?;
@@ -69,7 +74,7 @@ impl Vm {
         fd.create_pit2(pit)
             .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
         let wanted = std::env::var("SPECVM_DIRTY_TRACKING").ok();
-        let dirty = DirtyMethod::choose(&fd, wanted.as_deref());
+        let dirty = DirtyMethod::choose(&fd, wanted.as_deref().or(default_method));
         let vm = Self { fd, dirty };
         vm.register_memory(mem)?;
         Ok(vm)
