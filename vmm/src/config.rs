@@ -241,6 +241,12 @@ impl ReadState {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
+    /// Calls `f` with the state to change it, if it has not been taken.
+    pub fn update<T>(&self, f: impl FnOnce(&mut crate::snapshot::VmSnapshot) -> T) -> Option<T> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_mut().map(f)
+    }
+
     /// Calls `f` with the state, if it has not been taken.
     pub fn peek<T>(&self, f: impl FnOnce(&crate::snapshot::VmSnapshot) -> T) -> Option<T> {
         let g = self.0.lock().unwrap_or_else(|e| e.into_inner());

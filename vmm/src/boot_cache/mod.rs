@@ -123,8 +123,10 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
     let compat = crate::host_compat::detect(config.host_compat).active;
     let key = CacheKey::for_config(config, compat)?;
     let mut found = lookup(&root, &key);
-    // The key hashed the disks' content; a restore also wants each image's
-    // identity (its inode and time) unchanged.
+    // The key hashed each disk's whole content, so an image with the same
+    // bytes is the one the entry was saved over even if it was rebuilt or
+    // copied since (another inode and time): the restore takes its
+    // identity as it is now.
     if let Lookup::Hit {
         snapshot,
         state,
@@ -132,8 +134,8 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
         ..
     } = &found
     {
-        let why = state.peek(|s| crate::snapshot::disks::identity_changes(&config.disks, s));
-        if let Some(why) = why.flatten() {
+        let r = state.update(|s| crate::snapshot::disks::adopt_identities(&config.disks, s));
+        if let Some(Err(why)) = r {
             let why = format!("entry {}: {why}", snapshot.display());
             found = Lookup::Miss(why, entry.boot_times.clone());
         }

@@ -153,34 +153,35 @@ pub fn restore_disks(
     Ok(())
 }
 
-/// How the images `disks` name differ from the ones `snap` was taken over
-/// (their number, or an image's identity), or `None` if they match. The
-/// boot cache asks this before it restores an entry, and boots instead.
-pub fn identity_changes(
+/// For the boot cache, whose key hashed each image's whole content: takes
+/// the images `disks` name as the ones `snap` was taken over, by writing
+/// their identities (inode, times) into `snap`, so that an image rebuilt
+/// or copied with the same bytes restores. Refused (with the reason) when
+/// the number of disks differs, or an image's size or sampled content
+/// does not match the saved one.
+pub fn adopt_identities(
     disks: &[crate::devices::virtio::block::BlockConfig],
-    snap: &super::VmSnapshot,
-) -> Option<String> {
+    snap: &mut super::VmSnapshot,
+) -> Result<(), String> {
     if disks.len() != snap.disks.len() {
-        return Some(format!(
+        return Err(format!(
             "it holds {} disk(s), and {} --disk given",
             snap.disks.len(),
             disks.len()
         ));
     }
-    for (cfg, saved) in disks.iter().zip(&snap.disks) {
+    for (cfg, saved) in disks.iter().zip(snap.disks.iter_mut()) {
         let now = crate::devices::virtio::block::FileBase::open(&cfg.path, true)
-            .and_then(|b| b.identity());
-        match now {
-            Err(e) => return Some(e.to_string()),
-            Ok(now) => {
-                if let Some(what) = saved.overlays.base.diff(&now) {
-                    return Some(format!(
-                        "disk image {} changed since it was saved: {what}",
-                        cfg.path.display()
-                    ));
-                }
-            }
+            .and_then(|b| b.identity())
+            .map_err(|e| e.to_string())?;
+        let then = &saved.overlays.base;
+        if (then.size, then.sample_hash) != (now.size, now.sample_hash) {
+            return Err(format!(
+                "disk image {} differs from the one saved (size or content)",
+                cfg.path.display()
+            ));
         }
+        saved.overlays.base = now;
     }
-    None
+    Ok(())
 }
