@@ -22,6 +22,7 @@
 //! test is never a silent pass.
 
 pub mod etcd;
+pub mod net_node;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -10,17 +10,13 @@
 //! Every VM runs `net_node` (see `net_scenarios.rs`). Timings are printed
 //! (`--nocapture`). Tests run one at a time (two cores in CI).
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use specvm_tests::{
-    bare_guest, netbridge_bin, run_specvm, skip_without_kvm, spawn_specvm, Spawned,
-};
+use specvm_tests::net_node::{api_status, depth_of, poll, NetNode as Node};
+use specvm_tests::{netbridge_bin, skip_without_kvm};
 
 /// The longest any one wait may take.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -124,160 +120,19 @@ impl Drop for Bridge {
     }
 }
 
-fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    true
-}
-
 fn wait_until(what: &str, f: impl FnMut() -> bool) {
     assert!(poll(TIMEOUT, f), "{what}: not there after {TIMEOUT:?}");
 }
 
-/// One VM running `net_node` on the bridge, with an API socket. Dropping
-/// it continues (if stopped) and kills its VMM.
-struct Node {
-    vm: Option<Spawned>,
-    sock: PathBuf,
-    pending: VecDeque<String>,
-}
-
-impl Node {
-    fn start(bridge: &Bridge, id: u32) -> Self {
-        let sock = bridge.dir.join(format!("vm{id}.sock"));
-        let guest = bare_guest("net_node");
-        let vm = spawn_specvm(&[
-            "run",
-            "--bare",
-            guest.to_str().expect("UTF-8 path"),
-            "--id",
-            &id.to_string(),
-            "--net",
-            &bridge.net_arg(),
-            "--api-sock",
-            sock.to_str().expect("UTF-8 path"),
-        ]);
-        let mut n = Self {
-            vm: Some(vm),
-            sock,
-            pending: VecDeque::new(),
-        };
-        n.expect("net_node: ready");
-        wait_until("the API socket", || n.sock.exists());
-        n
-    }
-
-    fn vm(&mut self) -> &mut Spawned {
-        self.vm.as_mut().expect("running")
-    }
-
-    fn pid(&self) -> u32 {
-        self.vm.as_ref().expect("running").pid()
-    }
-
-    fn expect(&mut self, line: &str) {
-        if let Some(i) = self.pending.iter().position(|l| l == line) {
-            self.pending.remove(i);
-            return;
-        }
-        loop {
-            match self.vm().wait_for_line("", TIMEOUT) {
-                Ok(l) if l == line => return,
-                Ok(l) => self.pending.push_back(l),
-                Err(e) => panic!("waiting for {line:?}: {e}"),
-            }
-        }
-    }
-
-    fn type_line(&mut self, line: &str) {
-        self.vm()
-            .send(format!("{line}\n").as_bytes())
-            .expect("writing the console");
-    }
-
-    fn say(&mut self, text: &str) {
-        self.type_line(&format!("s {text}"));
-        self.expect(&format!("net_node: sent {text}"));
-    }
-
-    fn log(&mut self) -> String {
-        self.type_line("p");
-        loop {
-            let l = self.vm().wait_for_line("", TIMEOUT).expect("a log line");
-            if let Some(rest) = l.strip_prefix("net_node: log ") {
-                return rest.to_string();
-            }
-        }
-    }
-
-    /// `ctl OP`, which must answer (0) within `within`.
-    fn ctl_within(&self, op: &str, within: Duration) -> String {
-        let sock = self.sock.to_str().expect("UTF-8 path");
-        let r = run_specvm(&["ctl", "--api-sock", sock, op], within);
-        assert!(!r.timed_out, "ctl {op} hung: {r}");
-        assert_eq!(r.status, 0, "ctl {op}: {r}");
-        r.stdout.trim_end().to_string()
-    }
-
-    fn ctl(&self, op: &str) -> String {
-        self.ctl_within(op, TIMEOUT)
-    }
-
-    /// Waits (up to `timeout`) for `depth` stack entries; the time since
-    /// `since`, or `None`.
-    fn depth_within(&self, depth: usize, since: Instant, timeout: Duration) -> Option<Duration> {
-        poll(timeout, || depth_of(&api_status(&self.sock)) == Some(depth)).then(|| since.elapsed())
-    }
-
-    fn wait_depth(&self, depth: usize, since: Instant) -> Duration {
-        self.depth_within(depth, since, TIMEOUT)
-            .unwrap_or_else(|| panic!("depth never {depth}: {}", api_status(&self.sock)))
-    }
-
-    fn quit(mut self) {
-        self.type_line("q");
-        self.expect("net_node: bye");
-        let r = self.vm.take().expect("running").finish(TIMEOUT);
-        assert_eq!(r.status, 0, "{r}");
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(vm) = &self.vm {
-            signal(vm.pid(), "CONT");
-        }
-    }
-}
-
-fn api_status(sock: &Path) -> String {
-    let Ok(mut s) = UnixStream::connect(sock) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(TIMEOUT));
-    if s.write_all(b"{\"op\":\"status\"}\n").is_err() {
-        return String::new();
-    }
-    let mut line = String::new();
-    let _ = BufReader::new(s).read_line(&mut line);
-    line
-}
-
-fn depth_of(status: &str) -> Option<usize> {
-    let rest = &status[status.find(r#""depth":"#)? + r#""depth":"#.len()..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+/// VM `id` on `bridge`.
+fn node(bridge: &Bridge, id: u32) -> Node {
+    Node::start(&bridge.dir, id, &bridge.net_arg())
 }
 
 /// A and B on `bridge`; A speculates (1:1) and B joins it with `x`.
 fn a_speculation_b_joined(bridge: &Bridge) -> (Node, Node) {
-    let mut a = Node::start(bridge, 1);
-    let mut b = Node::start(bridge, 2);
+    let mut a = node(bridge, 1);
+    let mut b = node(bridge, 2);
     assert_eq!(a.ctl("speculate"), r#"{"ok":true,"id":"1:1"}"#);
     a.say("x");
     b.expect("net_node: got x");
@@ -323,7 +178,7 @@ fn a_paused_owner_keeps_its_lease() {
     a.ctl("pause");
     std::thread::sleep(3 * LEASE);
     assert!(!bridge.events().contains("lease-expired"));
-    assert_eq!(depth_of(&api_status(&b.sock)), Some(1));
+    assert_eq!(depth_of(&api_status(b.sock())), Some(1));
     a.ctl("resume");
     assert_eq!(a.ctl("commit"), r#"{"ok":true,"id":"1:1"}"#);
     b.wait_depth(0, Instant::now());
@@ -339,7 +194,7 @@ fn restart_with(outcome: &str, log_after: &str) {
     let (a, mut b) = a_speculation_b_joined(&bridge);
     bridge.kill();
     std::thread::sleep(LEASE / 2);
-    assert_eq!(depth_of(&api_status(&b.sock)), Some(1), "kept while away");
+    assert_eq!(depth_of(&api_status(b.sock())), Some(1), "kept while away");
     assert_eq!(a.ctl(outcome), r#"{"ok":true,"id":"1:1"}"#);
     let t = Instant::now();
     bridge.spawn();
@@ -379,7 +234,7 @@ fn a_stopped_bridge_blocks_no_vmm() {
     skip_without_kvm!();
     let _serial = one_at_a_time();
     let bridge = Bridge::start("stopped");
-    let mut a = Node::start(&bridge, 1);
+    let mut a = node(&bridge, 1);
     signal(bridge.pid(), "STOP");
     let flood: String = (0..1500).map(|i| format!("s f{i}\n")).collect();
     a.vm().send(flood.as_bytes()).expect("console");
@@ -392,7 +247,7 @@ fn a_stopped_bridge_blocks_no_vmm() {
     a.ctl_within("status", within);
     let t = Instant::now();
     signal(a.pid(), "TERM");
-    let r = a.vm.take().expect("running").finish(within);
+    let r = a.into_vm().finish(within);
     assert!(!r.timed_out, "SIGTERM did not end the VMM: {r}");
     println!(
         "timing: SIGTERM with the bridge stopped: ended in {:?}",

@@ -22,17 +22,20 @@
 //! passed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use specvm_tests::net_node::{poll, NetNode};
 use specvm_tests::{
-    bare_guest, record_skip, run_command, run_specvm, skip_without_kvm, spawn_specvm,
-    specgraph_bin, specvm_bin, NetBridge, RunResult, Spawned, TempDir,
+    record_skip, run_command, skip_without_kvm, specgraph_bin, specvm_bin, NetBridge, RunResult,
+    TempDir,
 };
+
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    assert!(poll(TIMEOUT, f), "{what} never came");
+}
 
 /// Debian's Chromium; `SPECVM_CHROMIUM` names another.
 fn chromium() -> PathBuf {
@@ -401,56 +404,30 @@ fn graph(args: &[&str], stdin: Option<&Path>) -> RunResult {
 // ---------------------------------------------------------------------
 // The real scenario.
 
-/// A `net_node` VM on the bridge, scripted through its console and API.
+/// A `net_node` VM on the bridge, scripted through its console and API,
+/// with a name for the messages.
 struct Node {
-    vm: Spawned,
+    n: NetNode,
     name: &'static str,
-    sock: PathBuf,
 }
 
 impl Node {
     fn start(bridge: &NetBridge, name: &'static str, id: u32) -> Self {
-        let sock = bridge.dir.join(format!("vm{id}.sock"));
-        let guest = bare_guest("net_node");
-        let vm = spawn_specvm(&[
-            "run",
-            "--bare",
-            guest.to_str().expect("UTF-8 path"),
-            "--id",
-            &id.to_string(),
-            "--net",
-            &bridge.net_arg(),
-            "--api-sock",
-            sock.to_str().expect("UTF-8 path"),
-        ]);
-        let mut node = Self { vm, name, sock };
-        node.expect("net_node: ready");
-        wait_until("the API socket", || node.sock.exists());
-        node
+        let n = NetNode::start(&bridge.dir, id, &bridge.net_arg());
+        Self { n, name }
     }
 
     fn expect(&mut self, line: &str) {
-        let got = self.vm.wait_for_line(line, TIMEOUT);
-        assert!(got.is_ok(), "VM {}: {got:?}", self.name);
+        self.n.expect(line);
     }
 
     fn say(&mut self, text: &str) {
-        self.vm
-            .send(format!("s {text}\n").as_bytes())
-            .unwrap_or_else(|e| panic!("VM {}: console: {e}", self.name));
-        self.expect(&format!("net_node: sent {text}"));
-    }
-
-    fn ctl(&self, op: &str) -> String {
-        let sock = self.sock.to_str().expect("UTF-8 path");
-        let r = run_specvm(&["ctl", "--api-sock", sock, op], TIMEOUT);
-        assert_eq!(r.status, 0, "VM {}: ctl {op}: {r}", self.name);
-        r.stdout.trim_end().to_string()
+        self.n.say(text);
     }
 
     fn ctl_id(&self, op: &str, id: &str) {
         assert_eq!(
-            self.ctl(op),
+            self.n.ctl(op),
             format!(r#"{{"ok":true,"id":"{id}"}}"#),
             "VM {}",
             self.name
@@ -459,16 +436,11 @@ impl Node {
 
     /// Waits until the VM's checkpoint stack is `depth` deep.
     fn wait_depth(&self, depth: usize) {
-        let want = format!(r#""depth":{depth},"#);
-        wait_until("a depth", || status(&self.sock).contains(&want));
+        self.n.wait_depth(depth, Instant::now());
     }
 
-    fn quit(mut self) {
-        self.vm.send(b"q\n").expect("console");
-        self.expect("net_node: bye");
-        let name = self.name;
-        let r = self.vm.finish(TIMEOUT);
-        assert_eq!(r.status, 0, "VM {name}: {r}");
+    fn quit(self) {
+        self.n.quit();
     }
 
     /// `specvm ctl events` of this VM, into `file`, until the VM ends.
@@ -478,7 +450,7 @@ impl Node {
             .args([
                 "ctl",
                 "--api-sock",
-                self.sock.to_str().expect("UTF-8"),
+                self.n.sock().to_str().expect("UTF-8"),
                 "events",
             ])
             .stdin(Stdio::null())
@@ -499,27 +471,6 @@ impl Drop for Killed {
             let _ = self.0.kill();
         }
         let _ = self.0.wait();
-    }
-}
-
-fn status(sock: &Path) -> String {
-    let Ok(mut s) = UnixStream::connect(sock) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(TIMEOUT));
-    if s.write_all(b"{\"op\":\"status\"}\n").is_err() {
-        return String::new();
-    }
-    let mut line = String::new();
-    let _ = BufReader::new(s).read_line(&mut line);
-    line
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what} never came");
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

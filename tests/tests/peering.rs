@@ -26,9 +26,7 @@
 //! in the two namespaces; bridges, VMs and namespaces go when a test
 //! ends, also when it fails (Drop).
 
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -39,9 +37,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use specvm_tests::{
-    bare_guest, kvm_available, netbridge_bin, record_skip, run_specvm, spawn_specvm, Netns, Spawned,
-};
+use specvm_tests::net_node::{poll, NetNode as Node};
+use specvm_tests::{kvm_available, netbridge_bin, record_skip, Netns};
 use specwire::codec::{self, SpecId};
 use specwire::protocol::{
     decode, encode_control, read_message, write_message, Control, Message, Outcome,
@@ -69,17 +66,6 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    true
 }
 
 /// Why these tests cannot run here, if they cannot.
@@ -230,111 +216,9 @@ impl Drop for PeerBridge {
     }
 }
 
-/// One `net_node` VM on a bridge, with an API socket (in the bridge's
-/// directory). The harness kills its VMM on drop.
-struct Node {
-    vm: Option<Spawned>,
-    sock: PathBuf,
-    pending: VecDeque<String>,
-}
-
-impl Node {
-    fn start(bridge: &PeerBridge, id: u32, mac: &str) -> Self {
-        let sock = bridge.dir.join(format!("vm{id}.sock"));
-        let guest = bare_guest("net_node");
-        let vm = spawn_specvm(&[
-            "run",
-            "--bare",
-            guest.to_str().expect("UTF-8 path"),
-            "--id",
-            &id.to_string(),
-            "--net",
-            &bridge.net_arg(mac),
-            "--api-sock",
-            sock.to_str().expect("UTF-8 path"),
-        ]);
-        let mut n = Self {
-            vm: Some(vm),
-            sock,
-            pending: VecDeque::new(),
-        };
-        n.expect("net_node: ready");
-        assert!(poll(TIMEOUT, || n.sock.exists()), "no API socket");
-        n
-    }
-
-    fn vm(&mut self) -> &mut Spawned {
-        self.vm.as_mut().expect("running")
-    }
-
-    fn expect(&mut self, line: &str) {
-        if let Some(i) = self.pending.iter().position(|l| l == line) {
-            self.pending.remove(i);
-            return;
-        }
-        loop {
-            match self.vm().wait_for_line("", TIMEOUT) {
-                Ok(l) if l == line => return,
-                Ok(l) => self.pending.push_back(l),
-                Err(e) => panic!("waiting for {line:?}: {e}"),
-            }
-        }
-    }
-
-    fn type_line(&mut self, line: &str) {
-        self.vm()
-            .send(format!("{line}\n").as_bytes())
-            .expect("writing the console");
-    }
-
-    fn say(&mut self, text: &str) {
-        self.type_line(&format!("s {text}"));
-        self.expect(&format!("net_node: sent {text}"));
-    }
-
-    fn log(&mut self) -> String {
-        self.type_line("p");
-        loop {
-            let l = self.vm().wait_for_line("", TIMEOUT).expect("a log line");
-            if let Some(rest) = l.strip_prefix("net_node: log ") {
-                return rest.to_string();
-            }
-            self.pending.push_back(l);
-        }
-    }
-
-    fn ctl(&self, op: &str) -> String {
-        let sock = self.sock.to_str().expect("UTF-8 path");
-        let r = run_specvm(&["ctl", "--api-sock", sock, op], TIMEOUT);
-        assert_eq!(r.status, 0, "ctl {op}: {r}");
-        r.stdout.trim_end().to_string()
-    }
-
-    fn depth(&self) -> Option<usize> {
-        let mut s = UnixStream::connect(&self.sock).ok()?;
-        s.set_read_timeout(Some(TIMEOUT)).ok()?;
-        s.write_all(b"{\"op\":\"status\"}\n").ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).ok()?;
-        let rest = &line[line.find(r#""depth":"#)? + r#""depth":"#.len()..];
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
-    }
-
-    fn wait_depth(&self, depth: usize) {
-        assert!(
-            poll(TIMEOUT, || self.depth() == Some(depth)),
-            "depth never {depth} (it is {:?})",
-            self.depth()
-        );
-    }
-
-    fn quit(mut self) {
-        self.type_line("q");
-        self.expect("net_node: bye");
-        let r = self.vm.take().expect("running").finish(TIMEOUT);
-        assert_eq!(r.status, 0, "{r}");
-    }
+/// VM `id` on `bridge`, with the MAC `mac`.
+fn node(bridge: &PeerBridge, id: u32, mac: &str) -> Node {
+    Node::start(&bridge.dir, id, &bridge.net_arg(mac))
 }
 
 /// A UDP socket on [`NODE_PORT`] in a namespace, read by a thread that
@@ -439,8 +323,8 @@ fn a_speculation_crosses_the_peering_and_its_outcomes_follow() {
         .ip(&["addr", "add", HOST_CIDR, "brd", "+", "dev", TAP]);
     fab.b.ip(&["link", "set", TAP, "up"]);
     let outside = Listener::start(&fab.b);
-    let mut va = Node::start(&a, 1, "02:00:00:00:00:01");
-    let mut vb = Node::start(&b, 2, "02:00:00:00:00:02");
+    let mut va = node(&a, 1, "02:00:00:00:00:01");
+    let mut vb = node(&b, 2, "02:00:00:00:00:02");
 
     // Outside any speculation: A's frame reaches B's VM and B's outside.
     va.say("pre");
@@ -453,7 +337,7 @@ fn a_speculation_crosses_the_peering_and_its_outcomes_follow() {
     va.say("x");
     vb.expect("net_node: got x");
     b.wait_event(r#""event":"joined","id":"1:1""#);
-    vb.wait_depth(1);
+    vb.wait_depth(1, Instant::now());
     vb.say("bx");
     va.expect("net_node: got bx");
     assert_eq!(
@@ -462,7 +346,7 @@ fn a_speculation_crosses_the_peering_and_its_outcomes_follow() {
         "speculative output crossed B's uplink before the commit"
     );
     assert_eq!(va.ctl("commit"), r#"{"ok":true,"id":"1:1"}"#);
-    vb.wait_depth(0);
+    vb.wait_depth(0, Instant::now());
     b.wait_event(r#""event":"committed","id":"1:1""#);
     outside.wait_for(&["x", "bx"]);
     assert_eq!(vb.log(), "[pre,x]");
@@ -472,11 +356,11 @@ fn a_speculation_crosses_the_peering_and_its_outcomes_follow() {
     va.say("y");
     vb.expect("net_node: got y");
     b.wait_event(r#""event":"joined","id":"1:2""#);
-    vb.wait_depth(1);
+    vb.wait_depth(1, Instant::now());
     vb.say("by");
     va.expect("net_node: got by");
     assert_eq!(va.ctl("abort"), r#"{"ok":true,"id":"1:2"}"#);
-    vb.wait_depth(0);
+    vb.wait_depth(0, Instant::now());
     b.wait_event(r#""event":"aborted","id":"1:2""#);
     assert_eq!(vb.log(), "[pre,x]", "B rolled back to before y");
     assert_eq!(
@@ -509,13 +393,13 @@ fn restart_with(outcome: &str, log_after: &str, test: &str) {
     };
     let a = PeerBridge::start(&fab.a, &format!("ra-{outcome}"), A_ADDR, B_ADDR, &[]);
     let mut b = PeerBridge::start(&fab.b, &format!("rb-{outcome}"), B_ADDR, A_ADDR, &[]);
-    let mut va = Node::start(&a, 1, "02:00:00:00:00:01");
-    let mut vb = Node::start(&b, 2, "02:00:00:00:00:02");
+    let mut va = node(&a, 1, "02:00:00:00:00:01");
+    let mut vb = node(&b, 2, "02:00:00:00:00:02");
     assert_eq!(va.ctl("speculate"), r#"{"ok":true,"id":"1:1"}"#);
     va.say("x");
     vb.expect("net_node: got x");
     b.wait_event(r#""event":"joined","id":"1:1""#);
-    vb.wait_depth(1);
+    vb.wait_depth(1, Instant::now());
     b.kill();
     assert_eq!(va.ctl(outcome), r#"{"ok":true,"id":"1:1"}"#);
     std::thread::sleep(QUIET);
@@ -526,7 +410,7 @@ fn restart_with(outcome: &str, log_after: &str, test: &str) {
     );
     let t = Instant::now();
     b.spawn();
-    vb.wait_depth(0);
+    vb.wait_depth(0, Instant::now());
     println!(
         "timing: bridge B's restart -> {outcome} reached its member: {:?}",
         t.elapsed()

@@ -24,8 +24,6 @@
 //!
 //! Timings are printed (`--nocapture`); the tests run one at a time.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -33,9 +31,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use specvm_tests::{
-    bare_guest, netbridge_bin, run_specvm, skip_without_kvm, spawn_specvm, Spawned,
-};
+use specvm_tests::net_node::{poll, NetNode as Node};
+use specvm_tests::{netbridge_bin, skip_without_kvm};
 use specwire::protocol::{
     decode, encode_control, encode_frame, read_message, write_message, Control, Message,
 };
@@ -108,17 +105,6 @@ fn etcd_registry_keeps_the_registry_rules() {
             .unwrap();
         assert_eq!(a.kind(), "etcd");
     });
-}
-
-fn poll(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    true
 }
 
 fn wait_until(what: &str, f: impl FnMut() -> bool) {
@@ -227,155 +213,11 @@ impl Drop for Bridge {
     }
 }
 
-/// One VM running `net_node` on a bridge, with an API socket. Dropping
-/// it kills its VMM.
-struct Node {
-    vm: Option<Spawned>,
-    sock: PathBuf,
-    pending: VecDeque<String>,
-}
-
-impl Node {
-    fn start(bridge: &Bridge, id: u32) -> Self {
-        // MACs of their own: the VMs may meet through a peering.
-        let net = format!("{},mac=02:00:00:00:01:{id:02x}", bridge.net_arg());
-        let sock = bridge.dir.join(format!("vm{id}.sock"));
-        let guest = bare_guest("net_node");
-        let vm = spawn_specvm(&[
-            "run",
-            "--bare",
-            guest.to_str().expect("UTF-8 path"),
-            "--id",
-            &id.to_string(),
-            "--net",
-            &net,
-            "--api-sock",
-            sock.to_str().expect("UTF-8 path"),
-        ]);
-        let mut n = Self {
-            vm: Some(vm),
-            sock,
-            pending: VecDeque::new(),
-        };
-        n.expect("net_node: ready");
-        wait_until("the API socket", || n.sock.exists());
-        n
-    }
-
-    fn vm(&mut self) -> &mut Spawned {
-        self.vm.as_mut().expect("running")
-    }
-
-    fn expect(&mut self, line: &str) {
-        if let Some(i) = self.pending.iter().position(|l| l == line) {
-            self.pending.remove(i);
-            return;
-        }
-        loop {
-            match self.vm().wait_for_line("", TIMEOUT) {
-                Ok(l) if l == line => return,
-                Ok(l) => self.pending.push_back(l),
-                Err(e) => panic!("waiting for {line:?}: {e}"),
-            }
-        }
-    }
-
-    /// Waits for a line that ends with `end`.
-    fn expect_end(&mut self, end: &str) {
-        if let Some(i) = self.pending.iter().position(|l| l.ends_with(end)) {
-            self.pending.remove(i);
-            return;
-        }
-        loop {
-            match self.vm().wait_for_line("", TIMEOUT) {
-                Ok(l) if l.ends_with(end) => return,
-                Ok(l) => self.pending.push_back(l),
-                Err(e) => panic!("waiting for a line ending {end:?}: {e}"),
-            }
-        }
-    }
-
-    fn type_line(&mut self, line: &str) {
-        self.vm()
-            .send(format!("{line}\n").as_bytes())
-            .expect("writing the console");
-    }
-
-    fn say(&mut self, text: &str) {
-        self.type_line(&format!("s {text}"));
-        self.expect(&format!("net_node: sent {text}"));
-    }
-
-    fn log(&mut self) -> String {
-        self.type_line("p");
-        loop {
-            let l = self.vm().wait_for_line("", TIMEOUT).expect("a log line");
-            if let Some(rest) = l.strip_prefix("net_node: log ") {
-                return rest.to_string();
-            }
-        }
-    }
-
-    fn ctl(&self, op: &str) -> String {
-        let sock = self.sock.to_str().expect("UTF-8 path");
-        let r = run_specvm(&["ctl", "--api-sock", sock, op], TIMEOUT);
-        assert!(!r.timed_out, "ctl {op} hung: {r}");
-        assert_eq!(r.status, 0, "ctl {op}: {r}");
-        r.stdout.trim_end().to_string()
-    }
-
-    fn depth(&self) -> Option<usize> {
-        depth_of(&api_status(&self.sock))
-    }
-
-    /// Waits for `depth` stack entries; the time since `since`.
-    fn wait_depth(&self, depth: usize, since: Instant) -> Duration {
-        assert!(
-            poll(TIMEOUT, || self.depth() == Some(depth)),
-            "depth never {depth}: {}",
-            api_status(&self.sock)
-        );
-        since.elapsed()
-    }
-
-    /// SIGKILL of the VMM, as a crash.
-    fn kill(&mut self) {
-        if let Some(vm) = self.vm.take() {
-            let pid = vm.pid();
-            let ok = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status()
-                .expect("running kill");
-            assert!(ok.success(), "kill -KILL {pid}");
-            let _ = vm.finish(TIMEOUT);
-        }
-    }
-
-    fn quit(mut self) {
-        self.type_line("q");
-        self.expect("net_node: bye");
-        let r = self.vm.take().expect("running").finish(TIMEOUT);
-        assert_eq!(r.status, 0, "{r}");
-    }
-}
-
-fn api_status(sock: &Path) -> String {
-    let Ok(mut s) = UnixStream::connect(sock) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(TIMEOUT));
-    if s.write_all(b"{\"op\":\"status\"}\n").is_err() {
-        return String::new();
-    }
-    let mut line = String::new();
-    let _ = BufReader::new(s).read_line(&mut line);
-    line
-}
-
-fn depth_of(status: &str) -> Option<usize> {
-    let rest = &status[status.find(r#""depth":"#)? + r#""depth":"#.len()..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+/// VM `id` on `bridge`, with a MAC of its own (the VMs may meet through
+/// a peering).
+fn node(bridge: &Bridge, id: u32) -> Node {
+    let net = format!("{},mac=02:00:00:00:01:{id:02x}", bridge.net_arg());
+    Node::start(&bridge.dir, id, &net)
 }
 
 /// A port on the bridge at `sock` as VM `vm`: the stream after the
@@ -526,7 +368,7 @@ fn an_owner_killed_on_one_bridge_rolls_back_its_member_on_the_other() {
         Bridge::start("ok-a", &etcd.url()),
         Bridge::start("ok-b", &etcd.url()),
     );
-    let (mut n1, mut n2) = (Node::start(&a, 1), Node::start(&b, 2));
+    let (mut n1, mut n2) = (node(&a, 1), node(&b, 2));
     let _relay = speculation_across(&a, &b, &mut n1, &mut n2, 1, "x");
     let t = Instant::now();
     n1.kill();
@@ -549,7 +391,7 @@ fn restart_while_deciding(outcome: &str, log_after: &str) {
     let etcd = etcd_or_return!(&format!("registry_etcd::restart_{outcome}"), 1);
     let a = Bridge::start(&format!("rs{outcome}-a"), &etcd.url());
     let mut b = Bridge::start(&format!("rs{outcome}-b"), &etcd.url());
-    let (mut n1, mut n2) = (Node::start(&a, 1), Node::start(&b, 2));
+    let (mut n1, mut n2) = (node(&a, 1), node(&b, 2));
     let relay = speculation_across(&a, &b, &mut n1, &mut n2, 1, "x");
     b.kill();
     drop(relay);
@@ -599,7 +441,7 @@ fn a_three_node_etcd_that_loses_one_node_goes_on() {
     let mut etcd = etcd_or_return!("registry_etcd::three_nodes", 3);
     let a = Bridge::start("c3-a", &etcd.url());
     let b = Bridge::start("c3-b", &etcd.url());
-    let (mut n1, mut n2) = (Node::start(&a, 1), Node::start(&b, 2));
+    let (mut n1, mut n2) = (node(&a, 1), node(&b, 2));
     let relay = speculation_across(&a, &b, &mut n1, &mut n2, 1, "x");
     let t = Instant::now();
     etcd.kill(0);
@@ -632,7 +474,7 @@ fn with_etcd_stopped_new_speculations_fail_and_nothing_diverges() {
     let mut etcd = etcd_or_return!("registry_etcd::stopped", 1);
     let a = Bridge::start("st-a", &etcd.url());
     let b = Bridge::start("st-b", &etcd.url());
-    let (mut n1, mut n2) = (Node::start(&a, 1), Node::start(&b, 2));
+    let (mut n1, mut n2) = (node(&a, 1), node(&b, 2));
     let relay = speculation_across(&a, &b, &mut n1, &mut n2, 1, "x");
     etcd.kill(0);
     assert_eq!(n1.ctl("commit"), r#"{"ok":true,"id":"1:1"}"#);
@@ -687,7 +529,7 @@ fn an_owners_bridge_that_dies_lets_the_lease_lapse_and_the_member_rolls_back() {
     let etcd = etcd_or_return!("registry_etcd::owner_bridge_dies", 1);
     let mut a = Bridge::start("ld-a", &etcd.url());
     let b = Bridge::start("ld-b", &etcd.url());
-    let (mut n1, mut n2) = (Node::start(&a, 1), Node::start(&b, 2));
+    let (mut n1, mut n2) = (node(&a, 1), node(&b, 2));
     let relay = speculation_across(&a, &b, &mut n1, &mut n2, 1, "x");
     let t = Instant::now();
     a.kill();
@@ -734,7 +576,7 @@ fn peered_bridges_on_etcd_commit_and_survive_the_owners_bridge() {
     };
     let mut a = Bridge::start_with("pe-a", &etcd.url(), &peer(pa, pb));
     let b = Bridge::start_with("pe-b", &etcd.url(), &peer(pb, pa));
-    let (mut n1, mut n2) = (Node::start(&a, 1), Node::start(&b, 2));
+    let (mut n1, mut n2) = (node(&a, 1), node(&b, 2));
     assert_eq!(n1.ctl("speculate"), r#"{"ok":true,"id":"1:1"}"#);
     a.wait_event(r#"{"event":"started","id":"1:1""#);
     n1.say("x");
