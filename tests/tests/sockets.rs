@@ -12,6 +12,7 @@ use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,6 +81,16 @@ impl Proc {
             .stderr(Stdio::piped());
         if let Some(d) = cwd {
             cmd.current_dir(d);
+        }
+        // Ctrl-C as a terminal delivers it: the tests send SIGINT, which a
+        // test run started in the background by a shell would otherwise
+        // pass down ignored (POSIX shells ignore it for `&` jobs).
+        // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().expect("starting a process");
         let mut pipe = child.stderr.take().expect("stderr is piped");
