@@ -393,6 +393,19 @@ impl Registry {
     /// ones and ones of an owner not connected (aborted) come back as late
     /// notices, and the rest are refused.
     pub fn joined(&mut self, port: PortId, ids: &[Id]) -> Joins {
+        self.join_ids(port, ids, true)
+    }
+
+    /// The join rule of [`Registry::joined`]; with `absent_owner_aborts`
+    /// an open id whose owner is not connected comes back aborted (the
+    /// shared registry's bridges pass false: the owner may be on another
+    /// bridge).
+    pub(crate) fn join_ids(
+        &mut self,
+        port: PortId,
+        ids: &[Id],
+        absent_owner_aborts: bool,
+    ) -> Joins {
         let mut out = Joins::default();
         let Some(vm) = self.ports.get(&port).map(|p| p.vm) else {
             out.refused = vec![RegistryError::NoVm { port }];
@@ -401,7 +414,7 @@ impl Registry {
         for &id in ids {
             let outcome = match self.outcome(id) {
                 Some(o) => Some(o),
-                None if !self.owner_present(id) => Some(Outcome::Abort),
+                None if absent_owner_aborts && !self.owner_present(id) => Some(Outcome::Abort),
                 None => None,
             };
             if let Some(outcome) = outcome {

@@ -145,27 +145,7 @@ impl Registry {
     /// whose owner is on another bridge is joined like any other (the
     /// bridge then records the join in the shared registry).
     pub fn joined_shared(&mut self, port: PortId, ids: &[Id]) -> Joins {
-        let mut out = Joins::default();
-        let Some(vm) = self.ports.get(&port).map(|p| p.vm) else {
-            out.refused = vec![RegistryError::NoVm { port }];
-            return out;
-        };
-        for &id in ids {
-            if let Some(outcome) = self.outcome(id) {
-                out.late.push(Notice { port, id, outcome });
-                continue;
-            }
-            match self.active.get_mut(&id) {
-                Some(s) if owner_vm(id) == vm || s.members.contains(&port) => {}
-                Some(s) if s.offered.contains(&port) => {
-                    s.offered.remove(&port);
-                    s.members.insert(port);
-                    out.joined.push(id);
-                }
-                _ => out.refused.push(RegistryError::NotSent { port, id }),
-            }
-        }
-        out
+        self.join_ids(port, ids, false)
     }
 
     /// [`Registry::resume`] with the outcomes left to the shared registry:
