@@ -13,6 +13,7 @@
 //! it back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,9 +38,20 @@ const WATCH_QUEUE: usize = 4096;
 type Keeper = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
 
 /// The etcd registry.
+///
+/// It holds one client per member, each connected to that member alone,
+/// and sends every request to the member that answered last; a request
+/// that finds it unreachable goes to the next. etcd-client's own balanced
+/// channel over every member leaves failover to its user (etcdv3/etcd-client
+/// issue 12), and with one member of three killed it held a request on the
+/// dead one for the whole timeout, often enough that a bridge refused
+/// speculations a live majority could take. Staying on one member and
+/// moving on when it fails is what etcd's own Go client does.
 #[derive(Clone)]
 pub struct Etcd {
-    client: Client,
+    clients: Arc<[Client]>,
+    /// The index (modulo `clients.len()`) of the member requests go to.
+    current: Arc<AtomicUsize>,
     prefix: String,
     /// One keep-alive stream per lease renewed, opened at its first
     /// renewal and dropped at its revoke or first failure.
@@ -47,6 +59,10 @@ pub struct Etcd {
     /// How long one operation may take, its retries included.
     timeout: Duration,
 }
+
+/// The shortest time one request to one member may take before the next
+/// member is tried (a request may wait out a leader election).
+const MIN_ATTEMPT: Duration = Duration::from_millis(250);
 
 /// The pause before an operation is tried again on another endpoint.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
@@ -87,45 +103,75 @@ fn unreachable(e: etcd_client::Error) -> BackendError {
 
 impl Etcd {
     /// A client of the cluster at `endpoints` (`http://HOST:PORT`), with
-    /// keys under `prefix`. Each request waits at most `timeout`: past it
-    /// the registry counts as unreachable. Connects lazily: an unreachable
-    /// cluster shows in the first operation.
+    /// keys under `prefix`. Each operation waits at most `timeout`, its
+    /// tries on each member included: past it the registry counts as
+    /// unreachable. Connects lazily: an unreachable cluster shows in the
+    /// first operation.
     pub async fn connect(
         endpoints: &[String],
         prefix: &str,
         timeout: Duration,
     ) -> Result<Self, BackendError> {
+        if endpoints.is_empty() {
+            return Err(BackendError::Unreachable("no etcd endpoint given".into()));
+        }
+        // Time for a try on each member within the operation's timeout.
+        let members = u32::try_from(endpoints.len()).unwrap_or(u32::MAX);
+        let attempt = (timeout / members).max(MIN_ATTEMPT).min(timeout);
         let opts = ConnectOptions::new()
-            .with_timeout(timeout)
-            .with_connect_timeout(timeout)
+            .with_timeout(attempt)
+            .with_connect_timeout(attempt)
             .with_keep_alive(Duration::from_secs(2), timeout);
-        let client = Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(unreachable)?;
+        let mut clients = Vec::with_capacity(endpoints.len());
+        for e in endpoints {
+            clients.push(
+                Client::connect([e], Some(opts.clone()))
+                    .await
+                    .map_err(unreachable)?,
+            );
+        }
         Ok(Self {
-            client,
+            clients: clients.into(),
+            current: Arc::default(),
             prefix: prefix.to_string(),
             keepers: Arc::default(),
             timeout,
         })
     }
 
+    /// The client of the member requests go to now.
+    fn client(&self) -> &Client {
+        &self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()]
+    }
+
     /// Runs `op` again while it finds etcd unreachable, within the
-    /// timeout: a request sent to a member that just died fails at once,
-    /// and the client's balancer sends the next one to a live member. Every
-    /// operation is safe to repeat (a start that reached etcd before its
-    /// answer was lost finds its own key: see `start`).
+    /// timeout, each time on the next member. Every operation is safe to
+    /// repeat (a start that reached etcd before its answer was lost finds
+    /// its own key: see `start`; a resolve finds its own outcome).
     async fn retrying<'a, T, F>(&self, mut op: F) -> Result<T, BackendError>
     where
         F: FnMut() -> BoxFut<'a, Result<T, BackendError>>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
+            let on = self.current.load(Ordering::Relaxed);
             match op().await {
                 Err(BackendError::Unreachable(e))
                     if tokio::time::Instant::now() + RETRY_PAUSE < deadline =>
                 {
-                    tracing::debug!("registry: {e}; trying again");
+                    // Requests that failed together move on once.
+                    let next = on.wrapping_add(1);
+                    let _ = self.current.compare_exchange(
+                        on,
+                        next,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    tracing::debug!(
+                        "registry: {e}; trying member {} of {}",
+                        next % self.clients.len() + 1,
+                        self.clients.len()
+                    );
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
                 r => return r,
@@ -160,7 +206,7 @@ impl Etcd {
     }
 
     async fn txn(&self, txn: etcd_client::Txn) -> Result<etcd_client::TxnResponse, BackendError> {
-        self.client.kv_client().txn(txn).await.map_err(|e| match e {
+        self.client().kv_client().txn(txn).await.map_err(|e| match e {
             etcd_client::Error::GRpcStatus(ref s) if s.message().contains("lease not found") => {
                 BackendError::NoLease(0)
             }
@@ -181,7 +227,7 @@ impl RegistryBackend for Etcd {
                 // minimum): round up, so the lease never ends early.
                 let secs = i64::try_from(ttl.as_millis().div_ceil(1000).max(1)).unwrap_or(i64::MAX);
                 let r = self
-                    .client
+                    .client()
                     .lease_client()
                     .grant(secs, None)
                     .await
@@ -193,47 +239,57 @@ impl RegistryBackend for Etcd {
     }
 
     fn keep_alive(&self, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>> {
-        Box::pin(async move {
-            let mut keepers = self.keepers.lock().await;
-            let keeper = match keepers.entry(lease.0) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                    self.client
-                        .lease_client()
-                        .keep_alive(lease.0)
-                        .await
-                        .map_err(unreachable)?,
-                ),
-            };
-            let renewed = async {
-                keeper.0.keep_alive().await.map_err(unreachable)?;
-                match keeper.1.message().await.map_err(unreachable)? {
-                    Some(r) if r.ttl() > 0 => Ok(()),
-                    Some(_) => Err(BackendError::NoLease(lease.0)),
-                    None => Err(BackendError::Unreachable("keep-alive stream closed".into())),
+        // A renewal whose stream went to a member that died is tried again
+        // on a new stream, which the balancer opens to a live member.
+        Box::pin(self.retrying(move || {
+            Box::pin(async move {
+                let mut keepers = self.keepers.lock().await;
+                let keeper = match keepers.entry(lease.0) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                        self.client()
+                            .lease_client()
+                            .keep_alive(lease.0)
+                            .await
+                            .map_err(unreachable)?,
+                    ),
+                };
+                let renewed = async {
+                    keeper.0.keep_alive().await.map_err(unreachable)?;
+                    match keeper.1.message().await.map_err(unreachable)? {
+                        Some(r) if r.ttl() > 0 => Ok(()),
+                        Some(_) => Err(BackendError::NoLease(lease.0)),
+                        None => Err(BackendError::Unreachable("keep-alive stream closed".into())),
+                    }
                 }
-            }
-            .await;
-            if renewed.is_err() {
-                keepers.remove(&lease.0);
-            }
-            renewed
-        })
+                .await;
+                if renewed.is_err() {
+                    keepers.remove(&lease.0);
+                }
+                renewed
+            })
+        }))
     }
 
     fn revoke(&self, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>> {
         Box::pin(async move {
             self.keepers.lock().await.remove(&lease.0);
-            match self.client.lease_client().revoke(lease.0).await {
-                Ok(_) => Ok(()),
-                // Gone already: what revoking would do is done.
-                Err(etcd_client::Error::GRpcStatus(s))
-                    if s.message().contains("lease not found") =>
-                {
-                    Ok(())
-                }
-                Err(e) => Err(unreachable(e)),
-            }
+            self.retrying(move || {
+                Box::pin(async move {
+                    match self.client().lease_client().revoke(lease.0).await {
+                        Ok(_) => Ok(()),
+                        // Gone already (or revoked by a try whose answer
+                        // was lost): what revoking would do is done.
+                        Err(etcd_client::Error::GRpcStatus(s))
+                            if s.message().contains("lease not found") =>
+                        {
+                            Ok(())
+                        }
+                        Err(e) => Err(unreachable(e)),
+                    }
+                })
+            })
+            .await
         })
     }
 
@@ -384,7 +440,7 @@ impl RegistryBackend for Etcd {
             Box::pin(async move {
                 let prefix = format!("{}outcome/", self.prefix);
                 let r = self
-                    .client
+                    .client()
                     .kv_client()
                     .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
                     .await
@@ -410,11 +466,17 @@ impl RegistryBackend for Etcd {
                 .with_prefix()
                 .with_start_revision(from.max(1));
             let (watcher, mut stream) = self
-                .client
-                .watch_client()
-                .watch(self.prefix.clone(), Some(opts))
-                .await
-                .map_err(unreachable)?;
+                .retrying(|| {
+                    let opts = opts.clone();
+                    Box::pin(async move {
+                        self.client()
+                            .watch_client()
+                            .watch(self.prefix.clone(), Some(opts))
+                            .await
+                            .map_err(unreachable)
+                    })
+                })
+                .await?;
             let (tx, rx) = mpsc::channel(WATCH_QUEUE);
             let spec = format!("{}spec/", self.prefix);
             let outcome = format!("{}outcome/", self.prefix);
