@@ -137,7 +137,9 @@ fn every_operation_goes_on_with_one_etcd_member_of_three_dead() {
             );
             r.keep_alive(lease).await.expect("keep-alive");
             assert_eq!(
-                r.resolve(id, specwire::protocol::Outcome::Commit).await.expect("resolve"),
+                r.resolve(id, specwire::protocol::Outcome::Commit)
+                    .await
+                    .expect("resolve"),
                 specwire::protocol::Outcome::Commit
             );
             r.revoke(lease).await.expect("revoke");

@@ -206,12 +206,18 @@ impl Etcd {
     }
 
     async fn txn(&self, txn: etcd_client::Txn) -> Result<etcd_client::TxnResponse, BackendError> {
-        self.client().kv_client().txn(txn).await.map_err(|e| match e {
-            etcd_client::Error::GRpcStatus(ref s) if s.message().contains("lease not found") => {
-                BackendError::NoLease(0)
-            }
-            e => unreachable(e),
-        })
+        self.client()
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| match e {
+                etcd_client::Error::GRpcStatus(ref s)
+                    if s.message().contains("lease not found") =>
+                {
+                    BackendError::NoLease(0)
+                }
+                e => unreachable(e),
+            })
     }
 }
 
