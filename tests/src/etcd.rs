@@ -59,11 +59,16 @@ struct Member {
     child: Option<Child>,
 }
 
-/// One or more etcd processes forming one cluster on loopback.
+/// One or more etcd processes forming one cluster, on loopback or on an
+/// address in a network namespace.
 pub struct EtcdCluster {
     bin: PathBuf,
     members: Vec<Member>,
     token: String,
+    /// The address the members listen on.
+    host: String,
+    /// The namespace they run in (its name), if not this one.
+    netns: Option<String>,
 }
 
 impl EtcdCluster {
@@ -71,6 +76,16 @@ impl EtcdCluster {
     /// elected). Heartbeat 50 ms, election 500 ms: etcd's shortest lease is
     /// then under a second, so a 1 s lease is granted as asked.
     pub fn start(name: &str, n: usize) -> Result<Self, String> {
+        Self::start_at(name, n, None, "127.0.0.1")
+    }
+
+    /// As [`EtcdCluster::start`], run in the namespace `ns` and listening
+    /// on its address `ip` (for bridges in other namespaces to reach).
+    pub fn start_in(name: &str, n: usize, ns: &crate::Netns, ip: &str) -> Result<Self, String> {
+        Self::start_at(name, n, Some(ns.name()), ip)
+    }
+
+    fn start_at(name: &str, n: usize, netns: Option<&str>, host: &str) -> Result<Self, String> {
         let bin = etcd_bin()?;
         let members = (0..n)
             .map(|i| Member {
@@ -85,6 +100,8 @@ impl EtcdCluster {
             bin,
             members,
             token: format!("specvm-{name}-{}", std::process::id()),
+            host: host.to_string(),
+            netns: netns.map(str::to_string),
         };
         for i in 0..n {
             c.spawn(i)?;
@@ -97,13 +114,22 @@ impl EtcdCluster {
         let cluster: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .map(|m| format!("{}=http://{}:{}", m.name, self.host, m.peer))
             .collect();
         let m = &mut self.members[i];
         let log = std::fs::File::create(m.dir.join("etcd.log")).map_err(|e| e.to_string())?;
-        let client = format!("http://127.0.0.1:{}", m.client);
-        let peer = format!("http://127.0.0.1:{}", m.peer);
-        let child = Command::new(&self.bin)
+        let client = format!("http://{}:{}", self.host, m.client);
+        let peer = format!("http://{}:{}", self.host, m.peer);
+        // `ip netns exec` execs etcd: the child's PID is etcd's.
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(m.dir.join("data"))
@@ -132,34 +158,52 @@ impl EtcdCluster {
         Ok(())
     }
 
-    /// `etcd://127.0.0.1:C1,...` of every member, for `--registry`.
+    /// `etcd://HOST:C1,...` of every member, for `--registry`.
     pub fn url(&self) -> String {
         let eps: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("127.0.0.1:{}", m.client))
+            .map(|m| format!("{}:{}", self.host, m.client))
             .collect();
         format!("etcd://{}", eps.join(","))
     }
 
-    /// `http://127.0.0.1:C` of every member, for `etcd-client`.
+    /// `http://HOST:C` of every member, for `etcd-client`.
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("http://{}:{}", self.host, m.client))
             .collect()
     }
 
-    /// Whether a member's `/health` says so.
-    fn healthy(port: u16) -> bool {
-        let Ok(mut s) = TcpStream::connect_timeout(
-            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_millis(200),
-        ) else {
+    /// Whether member `port`'s `/health` says so (asked from the members'
+    /// namespace).
+    fn healthy(&self, port: u16) -> bool {
+        let host = self.host.clone();
+        let ask = move || Self::health(&host, port);
+        match &self.netns {
+            Some(ns) => {
+                let entry = crate::EnterNetns(format!("/run/netns/{ns}"));
+                std::thread::spawn(move || {
+                    entry.enter();
+                    ask()
+                })
+                .join()
+                .unwrap_or(false)
+            }
+            None => ask(),
+        }
+    }
+
+    fn health(host: &str, port: u16) -> bool {
+        let Ok(addr) = format!("{host}:{port}").parse::<std::net::SocketAddr>() else {
+            return false;
+        };
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let req = format!("GET /health HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+        let req = format!("GET /health HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n");
         if s.write_all(req.as_bytes()).is_err() {
             return false;
         }
@@ -173,7 +217,7 @@ impl EtcdCluster {
         let deadline = Instant::now() + within;
         loop {
             let running: Vec<&Member> = self.members.iter().filter(|m| m.child.is_some()).collect();
-            if running.iter().all(|m| Self::healthy(m.client)) {
+            if running.iter().all(|m| self.healthy(m.client)) {
                 return Ok(());
             }
             if Instant::now() > deadline {

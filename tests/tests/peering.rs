@@ -9,6 +9,12 @@
 //!   what reaches B's TAP uplink (a namespace's stack: the outside world)
 //!   is held until commit, B's member's own output included, and dropped
 //!   on abort.
+//! - `two_hosts_with_two_vms_each_share_speculations_through_etcd` (KVM):
+//!   the same namespaces with two VMs on each bridge and the bridges'
+//!   registry in an etcd run in A's namespace (Debian's `etcd-server`,
+//!   fetched by `tests/tools/fetch-etcd.sh`); commit and abort reach all
+//!   three members, B's uplink holds until commit, and etcd ends with both
+//!   outcomes and nothing open.
 //! - `a_commit_...` and `an_abort_decided_while_the_members_bridge_restarts_reaches_it`
 //!   (KVM): bridge B is killed while its VM is a member of A's
 //!   speculation, A decides meanwhile, B restarts: B's VMM resumes, B asks
@@ -37,11 +43,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use netbridge::registry::backend::RegistryBackend;
+use netbridge::registry::etcd::{Etcd, DEFAULT_PREFIX};
+use specvm_tests::etcd::EtcdCluster;
 use specvm_tests::net_node::{poll, NetNode as Node};
 use specvm_tests::{kvm_available, netbridge_bin, record_skip, Netns};
 use specwire::codec::{self, SpecId};
 use specwire::protocol::{
-    decode, encode_control, read_message, write_message, Control, Message, Outcome,
+    decode, encode_control, read_message, write_message, Control, Decision, Message, Outcome,
 };
 
 /// The longest any one wait may take.
@@ -374,6 +383,161 @@ fn a_speculation_crosses_the_peering_and_its_outcomes_follow() {
     assert_eq!(outside.wait_for(&["post"]), vec!["post".to_string()]);
     va.quit();
     vb.quit();
+}
+
+/// Two hosts on one etcd, two VMs on each: the namespaces of
+/// [`a_speculation_crosses_the_peering_and_its_outcomes_follow`], with the
+/// bridges' registry in an etcd that runs in A's namespace (B reaches it
+/// over the veth pair). VM 1 on A speculates; VM 2 on A and VMs 3 and 4 on
+/// B join; the commit and the abort reach all three, B's uplink holds B's
+/// speculative output until the commit, and etcd holds both outcomes and
+/// no open speculation at the end.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn two_hosts_with_two_vms_each_share_speculations_through_etcd() {
+    const TEST: &str = "peering::two_hosts_with_two_vms_each_share_speculations_through_etcd";
+    if let Err(reason) = kvm_available() {
+        return record_skip(TEST, &reason);
+    }
+    if let Some(reason) = unsupported(true) {
+        return record_skip(TEST, &reason);
+    }
+    let _serial = one_at_a_time();
+    let fab = match Fabric::new() {
+        Ok(f) => f,
+        Err(reason) => return record_skip(TEST, &reason),
+    };
+    let etcd = match EtcdCluster::start_in("peering-two-hosts", 1, &fab.a, A_IP) {
+        Ok(e) => e,
+        Err(reason) => return record_skip(TEST, &reason),
+    };
+    let url = etcd.url();
+    let registry = |name: &'static str| -> [String; 6] {
+        [
+            "--registry".into(),
+            url.clone(),
+            "--registry-name".into(),
+            name.into(),
+            "--lease-ms".into(),
+            "1000".into(),
+        ]
+    };
+    let ra = registry("host-a");
+    let a = PeerBridge::start(
+        &fab.a,
+        "ea",
+        A_ADDR,
+        B_ADDR,
+        &ra.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let uplink = format!("tap={TAP}");
+    let mut rb: Vec<String> = registry("host-b").into();
+    rb.extend(["--uplink".to_string(), uplink]);
+    let b = PeerBridge::start(
+        &fab.b,
+        "eb",
+        B_ADDR,
+        A_ADDR,
+        &rb.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    fab.b
+        .ip(&["addr", "add", HOST_CIDR, "brd", "+", "dev", TAP]);
+    fab.b.ip(&["link", "set", TAP, "up"]);
+    let outside = Listener::start(&fab.b);
+    let mut v1 = node(&a, 1, "02:00:00:00:00:01");
+    let mut v2 = node(&a, 2, "02:00:00:00:00:02");
+    let mut v3 = node(&b, 3, "02:00:00:00:00:03");
+    let mut v4 = node(&b, 4, "02:00:00:00:00:04");
+
+    v1.say("pre");
+    for v in [&mut v2, &mut v3, &mut v4] {
+        v.expect("net_node: got pre");
+    }
+    outside.wait_for(&["pre"]);
+
+    // Commit: the three others join 1:1; B's member speaks, and nothing
+    // of it leaves B's uplink before the commit.
+    assert_eq!(v1.ctl("speculate"), r#"{"ok":true,"id":"1:1"}"#);
+    a.wait_event(r#""event":"started","id":"1:1""#);
+    v1.say("x");
+    for v in [&mut v2, &mut v3, &mut v4] {
+        v.expect("net_node: got x");
+        v.wait_depth(1, Instant::now());
+    }
+    v3.say("b3");
+    v1.expect("net_node: got b3");
+    assert_eq!(
+        outside.within(QUIET),
+        Vec::<String>::new(),
+        "speculative output crossed B's uplink before the commit"
+    );
+    assert_eq!(v1.ctl("commit"), r#"{"ok":true,"id":"1:1"}"#);
+    for v in [&v2, &v3, &v4] {
+        v.wait_depth(0, Instant::now());
+    }
+    outside.wait_for(&["x", "b3"]);
+    // What each kept (b3 was broadcast: VM 3 does not hear itself).
+    let kept = ["[pre,x,b3]", "[pre,x]", "[pre,x,b3]"];
+    for (v, want) in [&mut v2, &mut v3, &mut v4].into_iter().zip(kept) {
+        assert_eq!(v.log(), want, "a member after the commit");
+    }
+
+    // Abort: every member rolls back, on both hosts.
+    assert_eq!(v1.ctl("speculate"), r#"{"ok":true,"id":"1:2"}"#);
+    a.wait_event(r#""event":"started","id":"1:2""#);
+    v1.say("y");
+    for v in [&mut v2, &mut v3, &mut v4] {
+        v.expect("net_node: got y");
+        v.wait_depth(1, Instant::now());
+    }
+    v4.say("b4");
+    v1.expect("net_node: got b4");
+    assert_eq!(v1.ctl("abort"), r#"{"ok":true,"id":"1:2"}"#);
+    for v in [&v2, &v3, &v4] {
+        v.wait_depth(0, Instant::now());
+    }
+    b.wait_event(r#""event":"aborted","id":"1:2""#);
+    for (v, want) in [&mut v2, &mut v3, &mut v4].into_iter().zip(kept) {
+        assert_eq!(v.log(), want, "a member rolled back to before y and b4");
+    }
+    assert_eq!(
+        outside.within(QUIET),
+        Vec::<String>::new(),
+        "the output of an aborted speculation crossed B's uplink"
+    );
+
+    // etcd holds both outcomes (read from A's namespace).
+    let endpoints = etcd.endpoints();
+    let (outcomes, open) = fab.a.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        rt.block_on(async {
+            let r = Etcd::connect(&endpoints, DEFAULT_PREFIX, Duration::from_secs(5))
+                .await
+                .expect("an etcd client");
+            let (_, mut outcomes) = r.outcomes().await.expect("the outcomes in etcd");
+            outcomes.sort_by_key(|d| d.id);
+            let open = r.open_ids().await.expect("the open speculations in etcd");
+            (outcomes, open)
+        })
+    });
+    let want = vec![
+        Decision {
+            id: SpecId::new(1, 1),
+            outcome: Outcome::Commit,
+        },
+        Decision {
+            id: SpecId::new(1, 2),
+            outcome: Outcome::Abort,
+        },
+    ];
+    assert_eq!(outcomes, want, "etcd's outcomes");
+    assert_eq!(open, Vec::<SpecId>::new(), "speculations left open in etcd");
+    for v in [v1, v2, v3, v4] {
+        v.quit();
+    }
 }
 
 /// Bridge B dies while its VM is a member of A's 1:1; A's VM decides

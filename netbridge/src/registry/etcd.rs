@@ -139,6 +139,36 @@ impl Etcd {
         })
     }
 
+    /// The speculations open in the registry now (their `spec/` keys).
+    pub async fn open_ids(&self) -> Result<Vec<Id>, BackendError> {
+        let prefix = format!("{}spec/", self.prefix);
+        let r = self
+            .retrying(|| {
+                let prefix = prefix.clone();
+                Box::pin(async move {
+                    self.client()
+                        .kv_client()
+                        .get(
+                            prefix,
+                            Some(GetOptions::new().with_prefix().with_keys_only()),
+                        )
+                        .await
+                        .map_err(unreachable)
+                })
+            })
+            .await?;
+        let mut ids: Vec<Id> = r
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                key.strip_prefix(&prefix).and_then(parse_id_key)
+            })
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
     /// The client of the member requests go to now.
     fn client(&self) -> &Client {
         &self.clients[self.current.load(Ordering::Relaxed) % self.clients.len()]
