@@ -63,8 +63,14 @@ pub mod op {
 pub mod reason {
     /// The guest itself called `abort()`.
     pub const ABORTED_BY_GUEST: u64 = 1;
-    /// The host aborted it through the VMM's control API.
+    /// The host aborted it through the VMM's control API, or the bridge
+    /// aborted it (its owner's lease lapsed).
     pub const ABORTED_BY_HOST: u64 = 2;
+    /// The speculation never began: the bridge could not record its start
+    /// (a shared registry such as etcd was unreachable, or the id is open
+    /// elsewhere). Nothing it did was kept; try again later or take the
+    /// other path.
+    pub const REFUSED: u64 = 3;
 }
 
 /// Error results, as negative numbers in RAX.

@@ -699,6 +699,7 @@ impl Bridge {
                         id: n.id,
                         outcome: n.outcome,
                         seq,
+                        refused: false,
                     },
                 ));
             }

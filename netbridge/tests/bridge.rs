@@ -134,7 +134,10 @@ fn forwards_learns_and_carries_outcomes() {
         id: S,
         outcome: Outcome::Abort,
     });
-    let Some(Message::Control(Control::Decided { id, outcome, seq })) = b.recv() else {
+    let Some(Message::Control(Control::Decided {
+        id, outcome, seq, ..
+    })) = b.recv()
+    else {
         panic!("b was not told");
     };
     assert_eq!((id, outcome), (S, Outcome::Abort));
@@ -290,7 +293,10 @@ fn forged_ids_are_stripped_and_refused_through_the_socket() {
     // VM 5 joins an id of no connected VM: told at once that it aborted.
     let ghost = SpecId { vm: 4242, seq: 1 };
     victim.control(&Control::Joined { ids: vec![ghost] });
-    let Some(Message::Control(Control::Decided { id, outcome, seq })) = victim.recv() else {
+    let Some(Message::Control(Control::Decided {
+        id, outcome, seq, ..
+    })) = victim.recv()
+    else {
         panic!("VM 5 was not told that 4242:1 aborted");
     };
     assert_eq!((id, outcome), (ghost, Outcome::Abort));

@@ -53,7 +53,15 @@ fn abort(b: &mut Bridge, port: u64, id: Id) -> Vec<Send> {
 }
 
 fn decided(port: u64, id: Id, outcome: Outcome, seq: u64) -> Send {
-    Send::Control(port, Control::Decided { id, outcome, seq })
+    Send::Control(
+        port,
+        Control::Decided {
+            id,
+            outcome,
+            seq,
+            refused: false,
+        },
+    )
 }
 
 // Finding: a client said hello as VM 77 and sent frames tagged 99:1; the

@@ -524,14 +524,14 @@ fn with_etcd_stopped_new_speculations_fail_and_nothing_diverges() {
     etcd.kill(0);
     assert_eq!(n1.ctl("commit"), r#"{"ok":true,"id":"1:1"}"#);
     // A new speculation while etcd is away: refused, the owner rolls back,
-    // and the guest's speculate() returns again: aborted by the host (2).
+    // and the guest's speculate() returns again: refused (3), not aborted.
     let t = Instant::now();
     n1.type_line("S");
     // The refusal may cut the first answer's line short (the rollback
     // takes back what the guest had not printed yet).
-    n1.expect_end("net_node: speculate 2");
+    n1.expect_end("net_node: speculate 3");
     let ta = n1.wait_depth(0, t);
-    println!("timing: guest speculate() with etcd stopped -> refused, returned 2: {ta:?}");
+    println!("timing: guest speculate() with etcd stopped -> refused, returned 3: {ta:?}");
     a.wait_event(r#"{"event":"refused","id":"1:2""#);
     assert!(
         a.stderr()

@@ -10,7 +10,8 @@
 //!
 //! `spec speculate` exits 0 when the checkpoint is taken, and, after the
 //! whole VM (this shell included) is rolled back to it, exits with the
-//! abort reason (1 = the guest aborted, 2 = the host did). Errors exit 100
+//! abort reason (1 = the guest aborted, 2 = the host did, 3 = the bridge
+//! refused the speculation: its registry could not record it). Errors exit 100
 //! and up, with a message. Needs root (for `ioperm`).
 
 use std::process::ExitCode;

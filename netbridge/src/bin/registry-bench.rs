@@ -223,6 +223,7 @@ fn wait_decided(s: &mut UnixStream, id: SpecId) -> Result<(Instant, Outcome), St
             id: got,
             seq,
             outcome,
+            ..
         })) = decode(&m)
         {
             let t = Instant::now();

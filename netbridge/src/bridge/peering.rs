@@ -233,7 +233,8 @@ mod tests {
                 Control::Decided {
                     id: REMOTE,
                     outcome: Outcome::Abort,
-                    seq: 1
+                    seq: 1,
+                    refused: false,
                 }
             )]
         );

@@ -7,7 +7,7 @@
 //! step waits for the registry.
 
 use super::{Bridge, Send};
-use crate::protocol::{Decision, Id, Outcome};
+use crate::protocol::{Control, Decision, Id, Outcome};
 use crate::registry::link::Op;
 use crate::registry::shared_rules::SharedDecision;
 use crate::registry::{owner_vm, PortId};
@@ -63,12 +63,22 @@ impl Bridge {
     /// returns again; members, if any joined already, roll back), with a
     /// `refused` event.
     pub fn refuse_start(&mut self, id: Id) -> (Vec<Send>, Vec<PortId>) {
-        let owner = self.registry.port_of(owner_vm(id)).unwrap_or(0);
-        self.event("refused", Some(id), owner);
-        self.outcome_shared(&[Decision {
+        let owner = self.registry.port_of(owner_vm(id));
+        self.event("refused", Some(id), owner.unwrap_or(0));
+        let (mut sends, woke) = self.outcome_shared(&[Decision {
             id,
             outcome: Outcome::Abort,
-        }])
+        }]);
+        // The owner learns why: its guest's `speculate()` returns "refused",
+        // not "aborted" (a VMM that resumes meanwhile gets a plain abort).
+        for s in &mut sends {
+            if let Send::Control(port, Control::Decided { id: d, refused, .. }) = s {
+                if Some(*port) == owner && *d == id {
+                    *refused = true;
+                }
+            }
+        }
+        (sends, woke)
     }
 
     /// `remove_port` with a shared registry: the port's open ids are

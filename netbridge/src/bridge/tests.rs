@@ -54,7 +54,15 @@ fn decide(b: &mut Bridge, port: PortId, id: Id, outcome: Outcome) -> (Vec<Send>,
 }
 
 fn decided(port: PortId, id: Id, outcome: Outcome, seq: u64) -> Send {
-    Send::Control(port, Control::Decided { id, outcome, seq })
+    Send::Control(
+        port,
+        Control::Decided {
+            id,
+            outcome,
+            seq,
+            refused: false,
+        },
+    )
 }
 
 #[test]

@@ -18,7 +18,7 @@ pub enum AnyControl {
     Started(u64),
     Joined(Seq<u64>),
     Resolved(u64, bool),
-    Decided(u64, bool, u64),
+    Decided(u64, bool, u64, bool),
     Ack(u64),
     Renew,
     Resume(Seq<u64>, Seq<u64>, Seq<u64>, bool),
@@ -61,10 +61,11 @@ impl AnyControl {
                 id: id.into(),
                 outcome: outcome(c),
             },
-            AnyControl::Decided(id, c, seq) => Control::Decided {
+            AnyControl::Decided(id, c, seq, refused) => Control::Decided {
                 id: id.into(),
                 outcome: outcome(c),
                 seq,
+                refused,
             },
             AnyControl::Ack(seq) => Control::Ack { seq },
         }

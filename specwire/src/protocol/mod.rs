@@ -135,6 +135,11 @@ pub enum Control {
         outcome: Outcome,
         /// Sequence number to acknowledge.
         seq: u64,
+        /// To the owner, with an abort: its start was refused (the bridge's
+        /// registry could not record it), so the speculation never began.
+        /// Absent (false) otherwise, and from an older bridge.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        refused: bool,
     },
     /// VMM → bridge: a [`Control::Decided`] was carried out.
     Ack {
@@ -242,6 +247,13 @@ mod tests {
                 id: Id::new(3, 9),
                 outcome: Outcome::Commit,
                 seq: 4,
+                refused: false,
+            },
+            Control::Decided {
+                id: Id::new(3, 10),
+                outcome: Outcome::Abort,
+                seq: 5,
+                refused: true,
             },
             Control::Ack { seq: 4 },
         ] {

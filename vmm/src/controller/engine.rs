@@ -8,7 +8,7 @@
 //! into events, bridge messages and output commit. Neither knows KVM: the
 //! tests below drive the engine with a machine that is one number.
 
-use guest_agent::abi::{err, reason};
+use guest_agent::abi::err;
 
 use super::ControlError;
 use crate::spec::stack::{Entry, Fold, Rollback, SpecId, SpecStack, StackError};
@@ -245,14 +245,15 @@ impl<C: Fold + Held> SpecEngine<C> {
         &mut self,
         m: &mut M,
         id: SpecId,
+        why: u64,
     ) -> Result<Option<Aborted>, ControlError> {
         match self.stack.rollback_to(id) {
             // A joined frame: no vCPU's call returns there, so the reason
             // is unused. The VM's own frame (the bridge aborted its
             // speculation: its lease lapsed, or a shared registry refused
-            // its start): `speculate()` returns again, aborted by the host,
-            // never 0 as if it had just begun.
-            Some(rb) => Ok(Some(self.roll_back(m, rb, id, reason::ABORTED_BY_HOST)?)),
+            // its start): `speculate()` returns again with `why`, never 0
+            // as if it had just begun.
+            Some(rb) => Ok(Some(self.roll_back(m, rb, id, why)?)),
             None => Ok(None),
         }
     }
@@ -287,6 +288,7 @@ impl<C: Fold + Held> SpecEngine<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use guest_agent::abi::reason;
 
     /// A machine that is one number; a checkpoint remembers it, and which
     /// call took it.
@@ -396,17 +398,19 @@ mod tests {
     }
 
     #[test]
-    fn an_own_speculation_aborted_by_the_bridge_returns_aborted_by_host() {
-        let mut m = Counter::default();
-        let mut e = SpecEngine::new(7, 4, 1, None);
-        m.value = 10;
-        let a = e.speculate(&mut m, Some(1)).unwrap().unwrap();
-        m.value = 20;
-        let r = e.remote_abort(&mut m, a).unwrap().unwrap();
-        assert_eq!(r.own, vec![a]);
-        assert_eq!(m.value, 10);
-        assert_eq!(m.returned, Some((1, reason::ABORTED_BY_HOST)));
-        assert_eq!(e.depth(), 0);
+    fn an_own_speculation_aborted_by_the_bridge_returns_its_reason() {
+        for why in [reason::ABORTED_BY_HOST, reason::REFUSED] {
+            let mut m = Counter::default();
+            let mut e = SpecEngine::new(7, 4, 1, None);
+            m.value = 10;
+            let a = e.speculate(&mut m, Some(1)).unwrap().unwrap();
+            m.value = 20;
+            let r = e.remote_abort(&mut m, a, why).unwrap().unwrap();
+            assert_eq!(r.own, vec![a]);
+            assert_eq!(m.value, 10);
+            assert_eq!(m.returned, Some((1, why)));
+            assert_eq!(e.depth(), 0);
+        }
     }
 
     #[test]
@@ -484,12 +488,18 @@ mod tests {
         let own = e.speculate(&mut m, Some(0)).unwrap().unwrap();
         m.value = 3;
         assert_eq!(e.oldest_joined(), Some(id(9, 1)));
-        let r = e.remote_abort(&mut m, id(9, 1)).unwrap().unwrap();
+        let r = e
+            .remote_abort(&mut m, id(9, 1), reason::ABORTED_BY_HOST)
+            .unwrap()
+            .unwrap();
         assert_eq!(r.own, vec![own], "the own speculation inside it ends too");
         assert_eq!((m.value, m.levels.clone()), (1, vec![0]));
         assert_eq!(m.returned, None, "no vCPU's call returns at a joined frame");
         assert_eq!(e.depth(), 0);
-        assert!(e.remote_abort(&mut m, id(9, 1)).unwrap().is_none());
+        assert!(e
+            .remote_abort(&mut m, id(9, 1), reason::ABORTED_BY_HOST)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use guest_agent::abi::reason;
 use specwire::protocol::{Control, Outcome as WireOutcome};
 
 use super::{ControlError, Controller, Joined};
@@ -179,10 +180,11 @@ impl Controller {
             outcome,
             seq,
             epoch,
+            refused,
         } = ev;
         match outcome {
             WireOutcome::Commit => self.remote_commit(id)?,
-            WireOutcome::Abort => self.remote_abort(id)?,
+            WireOutcome::Abort => self.remote_abort(id, refused)?,
         }
         if let Some(link) = &self.net.link {
             link.ack(seq, epoch);
@@ -202,12 +204,17 @@ impl Controller {
 
     /// Rule 4: back to just before the first frame tagged `id` reached
     /// this VM. Nothing happens if the VM no longer holds `id`.
-    fn remote_abort(&mut self, id: SpecId) -> Result<(), ControlError> {
+    /// `refused`: the bridge refused the start of the VM's own `id`.
+    fn remote_abort(&mut self, id: SpecId, refused: bool) -> Result<(), ControlError> {
         if !self.engine.holds(id) {
             return Ok(());
         }
         self.pause()?;
-        if let Some(a) = self.engine.remote_abort(&mut self.machine, id)? {
+        let why = match refused {
+            true => reason::REFUSED,
+            false => reason::ABORTED_BY_HOST,
+        };
+        if let Some(a) = self.engine.remote_abort(&mut self.machine, id, why)? {
             self.emit_by("rollback", id, "network");
             self.rolled_back(a, None);
         }

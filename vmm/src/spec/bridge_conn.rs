@@ -357,12 +357,18 @@ fn read_loop(mut stream: UnixStream, device: &UnixDatagram, events: &EventSender
                     return;
                 }
             }
-            Ok(Message::Control(Control::Decided { id, outcome, seq })) => {
+            Ok(Message::Control(Control::Decided {
+                id,
+                outcome,
+                seq,
+                refused,
+            })) => {
                 let ev = BridgeEvent::Decided {
                     id,
                     outcome,
                     seq,
                     epoch,
+                    refused,
                 };
                 if events.send(VmEvent::Bridge(ev)).is_err() {
                     return;

@@ -64,6 +64,9 @@ pub enum BridgeEvent {
         seq: u64,
         /// The connection it came on.
         epoch: u64,
+        /// An abort of the VM's own speculation whose start the bridge
+        /// refused: the guest sees [`reason::REFUSED`](guest_agent::abi::reason::REFUSED).
+        refused: bool,
     },
 }
 

@@ -33,7 +33,15 @@ fn strip(f: &[u8]) -> Result<Vec<u8>, String> {
 const S: Id = Id::new(1, 1);
 
 fn decided(port: u64, id: Id, outcome: Outcome, seq: u64) -> Send {
-    Send::Control(port, Control::Decided { id, outcome, seq })
+    Send::Control(
+        port,
+        Control::Decided {
+            id,
+            outcome,
+            seq,
+            refused: false,
+        },
+    )
 }
 
 /// VM 1 on port 1 owns S, VM 2 on port 2 joined it.
@@ -107,7 +115,16 @@ fn a_refused_start_aborts_the_owner_and_its_members() {
         sends,
         vec![
             decided(2, S, Outcome::Abort, 1),
-            decided(1, S, Outcome::Abort, 1)
+            // The owner is told why: its guest sees "refused".
+            Send::Control(
+                1,
+                Control::Decided {
+                    id: S,
+                    outcome: Outcome::Abort,
+                    seq: 1,
+                    refused: true,
+                },
+            ),
         ]
     );
     let events = b.take_events();

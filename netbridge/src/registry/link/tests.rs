@@ -124,7 +124,10 @@ async fn decided(s: &mut UnixStream, within: Duration) -> Option<(Id, Outcome)> 
             .await
             .ok()?
             .ok()?;
-        if let Ok(Message::Control(Control::Decided { id, outcome, seq })) = decode(&m) {
+        if let Ok(Message::Control(Control::Decided {
+            id, outcome, seq, ..
+        })) = decode(&m)
+        {
             send(s, Control::Ack { seq }).await;
             return Some((id, outcome));
         }
