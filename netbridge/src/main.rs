@@ -4,7 +4,7 @@
 //! netbridge --listen /run/specvm/bridge.sock [--uplink tap=NAME]
 //!           [--events PATH] [--group GROUP] [--lease-ms N] [--quiet]
 //!           [--registry embedded|etcd://HOST:PORT[,HOST:PORT...]]
-//!           [--registry-name NAME]
+//!           [--registry-name NAME] [--registry-retention SECONDS]
 //!           [--peer HOST:PORT]... [--vxlan-listen ADDR:PORT] [--vni N]
 //! ```
 //!
@@ -71,6 +71,13 @@ struct Args {
     /// Default: HOST:LISTEN, the host name and the --listen path.
     #[arg(long, value_name = "NAME")]
     registry_name: Option<String>,
+    /// How long a shared registry keeps each outcome, in seconds (0: for
+    /// ever). A bridge away for longer finds its members' outcomes gone,
+    /// and they abort (the rule for unknown ids): set it above the longest
+    /// outage a bridge may have (docs/registry.md).
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u32).range(0..=31_536_000))]
+    registry_retention: u32,
     /// Do not print events on stdout.
     #[arg(long)]
     quiet: bool,
@@ -173,7 +180,11 @@ async fn run(args: &Args) -> Result<(), String> {
             timeout,
         )
         .await
-        .map_err(|e| format!("--registry: {e}"))?;
+        .map_err(|e| format!("--registry: {e}"))?
+        .with_retention(match args.registry_retention {
+            0 => None,
+            s => Some(std::time::Duration::from_secs(s.into())),
+        });
         let name = args
             .registry_name
             .clone()

@@ -149,6 +149,83 @@ fn every_operation_goes_on_with_one_etcd_member_of_three_dead() {
     });
 }
 
+/// Outcome keys live for the retention, then go: `outcomes()` no longer
+/// lists one, a join of it finds it unknown, and a watch over the
+/// deletion reports nothing for it (the next change it reports is a new
+/// outcome). Without a retention an outcome stays.
+#[test]
+fn outcomes_go_after_the_retention_and_the_watch_ignores_their_going() {
+    use netbridge::registry::backend::{Change, JoinResult};
+    use specwire::protocol::{Decision, Outcome};
+    let test = "registry_etcd::outcomes_go_after_the_retention";
+    let Some(c) = etcd_or_skip(test, 1) else {
+        return;
+    };
+    rt().block_on(async {
+        let short = client(&c, "/ret/")
+            .await
+            .with_retention(Some(Duration::from_secs(1)));
+        let kept = client(&c, "/ret/").await.with_retention(None);
+        let (old, forever, new) = (SpecId::new(5, 1), SpecId::new(5, 2), SpecId::new(5, 3));
+        let (lease, _) = short.grant(Duration::from_secs(5)).await.expect("grant");
+        for id in [old, forever, new] {
+            short.start(id, lease).await.expect("start");
+        }
+        short.resolve(old, Outcome::Commit).await.expect("resolve");
+        kept.resolve(forever, Outcome::Abort)
+            .await
+            .expect("resolve");
+        let (rev, got) = short.outcomes().await.expect("outcomes");
+        assert!(got.contains(&Decision {
+            id: old,
+            outcome: Outcome::Commit
+        }));
+        let mut watch = short.watch(rev + 1).await.expect("watch");
+        // etcd ends a lease within half a second of its TTL.
+        let t = Instant::now();
+        loop {
+            let (_, got) = short.outcomes().await.expect("outcomes");
+            if !got.iter().any(|d| d.id == old) {
+                assert!(
+                    got.contains(&Decision {
+                        id: forever,
+                        outcome: Outcome::Abort
+                    }),
+                    "the outcome kept for ever went too: {got:?}"
+                );
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the outcome outlived its 1 s retention by far"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        println!(
+            "timing: an outcome kept for 1 s went after {:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            short.join(old, "b/1".into()).await.expect("join"),
+            JoinResult::Unknown
+        );
+        short.resolve(new, Outcome::Abort).await.expect("resolve");
+        let w = tokio::time::timeout(TIMEOUT, watch.recv())
+            .await
+            .expect("a change in time")
+            .expect("the watch is open")
+            .expect("a change, not an error");
+        assert_eq!(
+            w.change,
+            Change::Decided(Decision {
+                id: new,
+                outcome: Outcome::Abort
+            }),
+            "the watch reported the outcome's going"
+        );
+    });
+}
+
 fn wait_until(what: &str, f: impl FnMut() -> bool) {
     assert!(poll(TIMEOUT, f), "{what}: not there after {TIMEOUT:?}");
 }

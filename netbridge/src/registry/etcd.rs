@@ -4,7 +4,9 @@
 //! Keys, under a prefix (`/specvm/` by default; `docs/registry.md`):
 //! - `spec/VVVVVVVV:SSSSSSSS`: an open speculation, attached to its owner's
 //!   lease; it goes with the lease, or when the outcome is written;
-//! - `outcome/VVVVVVVV:SSSSSSSS`: `commit` or `abort`, written once;
+//! - `outcome/VVVVVVVV:SSSSSSSS`: `commit` or `abort`, written once, and
+//!   kept for the retention ([`Etcd::with_retention`]; an hour by default)
+//!   on a lease of its own, so that the keys do not grow without end;
 //! - `member/VVVVVVVV:SSSSSSSS/NAME`: a member, for the picture of the
 //!   graph; deleted with the outcome.
 //!
@@ -58,7 +60,17 @@ pub struct Etcd {
     keepers: Arc<tokio::sync::Mutex<HashMap<i64, Keeper>>>,
     /// How long one operation may take, its retries included.
     timeout: Duration,
+    /// How long outcome keys are kept (`None`: for ever).
+    retention: Option<Duration>,
+    /// The lease outcome keys are written on now, and when it was granted.
+    retain: Arc<tokio::sync::Mutex<Option<(i64, tokio::time::Instant)>>>,
 }
+
+/// How long outcome keys are kept when nothing else is said: longer than
+/// any bridge is expected to be away (a bridge back after longer finds
+/// the outcomes of its members' speculations gone, and they abort by the
+/// rule for unknown ids).
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(3600);
 
 /// The shortest time one request to one member may take before the next
 /// member is tried (a request may wait out a leader election).
@@ -133,6 +145,8 @@ impl Etcd {
         Ok(Self {
             clients: clients.into(),
             current: Arc::default(),
+            retention: Some(DEFAULT_RETENTION),
+            retain: Arc::default(),
             prefix: prefix.to_string(),
             keepers: Arc::default(),
             timeout,
@@ -167,6 +181,69 @@ impl Etcd {
             .collect();
         ids.sort_unstable();
         Ok(ids)
+    }
+
+    /// Keeps outcome keys for `retention` (whole seconds, at least one),
+    /// or for ever with `None`. Each is written on a lease shared by the
+    /// outcomes of a tenth of the retention, so a key lives between 0.9
+    /// and 1 times the retention, and there is one lease per bridge per
+    /// tenth, not one per outcome.
+    pub fn with_retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The lease to write an outcome on: `None` when outcomes are kept for
+    /// ever. Granted anew each tenth of the retention.
+    async fn retention_lease(&self) -> Result<Option<i64>, BackendError> {
+        let Some(retention) = self.retention else {
+            return Ok(None);
+        };
+        let mut cur = self.retain.lock().await;
+        if let Some((lease, at)) = *cur {
+            if at.elapsed() < retention / 10 {
+                return Ok(Some(lease));
+            }
+        }
+        let secs = i64::try_from(retention.as_secs().max(1)).unwrap_or(i64::MAX);
+        let r = self
+            .client()
+            .lease_client()
+            .grant(secs, None)
+            .await
+            .map_err(unreachable)?;
+        *cur = Some((r.id(), tokio::time::Instant::now()));
+        Ok(Some(r.id()))
+    }
+
+    /// The retention lease was not found (etcd lost it, or it ended): the
+    /// next outcome gets a new one.
+    async fn retention_lost(&self) {
+        *self.retain.lock().await = None;
+    }
+
+    /// A put of `o` on the outcome key `key`, on `lease` if any.
+    fn put_outcome(key: String, o: Outcome, lease: Option<i64>) -> TxnOp {
+        let opts = lease.map(|l| etcd_client::PutOptions::new().with_lease(l));
+        TxnOp::put(key, outcome_text(o), opts)
+    }
+
+    /// Runs an outcome-writing `txn`: one that finds the retention lease
+    /// gone drops it and counts as unreachable, so `retrying` writes again
+    /// on a new one.
+    async fn outcome_txn(
+        &self,
+        txn: etcd_client::Txn,
+    ) -> Result<etcd_client::TxnResponse, BackendError> {
+        match self.txn(txn).await {
+            Err(BackendError::NoLease(_)) => {
+                self.retention_lost().await;
+                Err(BackendError::Unreachable(
+                    "the outcomes' retention lease is gone; writing on a new one".into(),
+                ))
+            }
+            r => r,
+        }
     }
 
     /// The client of the member requests go to now.
@@ -428,15 +505,16 @@ impl RegistryBackend for Etcd {
         Box::pin(self.retrying(move || {
             Box::pin(async move {
                 let outcome = self.outcome(id);
+                let lease = self.retention_lease().await?;
                 let txn = etcd_client::Txn::new()
                     .when([Compare::version(outcome.clone(), CompareOp::Equal, 0)])
                     .and_then([
-                        TxnOp::put(outcome.clone(), outcome_text(o), None),
+                        Self::put_outcome(outcome.clone(), o, lease),
                         TxnOp::delete(self.spec(id), None),
                         TxnOp::delete(self.members(id), Some(DeleteOptions::new().with_prefix())),
                     ])
                     .or_else([TxnOp::get(outcome, None)]);
-                let r = self.txn(txn).await?;
+                let r = self.outcome_txn(txn).await?;
                 if r.succeeded() {
                     return Ok(o);
                 }
@@ -452,17 +530,18 @@ impl RegistryBackend for Etcd {
         Box::pin(self.retrying(move || {
             Box::pin(async move {
                 let outcome = self.outcome(id);
+                let lease = self.retention_lease().await?;
                 let txn = etcd_client::Txn::new()
                     .when([
                         Compare::version(outcome.clone(), CompareOp::Equal, 0),
                         Compare::version(self.spec(id), CompareOp::Equal, 0),
                     ])
                     .and_then([
-                        TxnOp::put(outcome.clone(), outcome_text(Outcome::Abort), None),
+                        Self::put_outcome(outcome.clone(), Outcome::Abort, lease),
                         TxnOp::delete(self.members(id), Some(DeleteOptions::new().with_prefix())),
                     ])
                     .or_else([TxnOp::get(outcome, None)]);
-                let r = self.txn(txn).await?;
+                let r = self.outcome_txn(txn).await?;
                 if r.succeeded() {
                     return Ok((Some(Outcome::Abort), true));
                 }
