@@ -7,7 +7,13 @@
 #   registry, two bridges sharing one embedded registry (in one process),
 #   one bridge on etcd, two bridges on one etcd.
 #
-#   benches/registry.sh [ROUNDS]     # default 30 rounds per case
+# - the owner's whole bridge killed (a host failure): from the SIGKILL to
+#   the member's abort on the other bridge, which only etcd's lease lapse
+#   can bring, for leases of 1, 2 and 5 s (the goal: within the lease
+#   plus 100 ms).
+#
+#   benches/registry.sh [ROUNDS]     # default 30 rounds per case (5 for
+#                                    # the bridge deaths)
 #
 # Starts one etcd (tests/tools/fetch-etcd.sh, Debian's etcd-server 3.4) on
 # loopback in a temporary folder, and the bridges (release build); kills
@@ -68,5 +74,24 @@ for n in 1 16; do
         "$bin/registry-bench" outcome --owner "$work/$1.sock" --members "$work/$2.sock" \
             --members-n "$n" --rounds "$rounds" --vm "$vm"
         vm=$((vm + 1000))
+    done
+done
+
+# The owner's bridge dies: a new owner bridge per round (the bench kills
+# it by the PID given), one member bridge throughout.
+bridge dm "$url"
+death_rounds=$(( rounds < 5 ? rounds : 5 ))
+for lease in 1000 2000 5000; do
+    for _ in $(seq "$death_rounds"); do
+        name="do$vm"
+        "$bin/netbridge" --listen "$work/$name.sock" --quiet --registry "$url" \
+            --registry-name "$name" --lease-ms "$lease" &
+        owner_pid=$!
+        pids+=($owner_pid)
+        for _ in $(seq 100); do [ -S "$work/$name.sock" ] && break; sleep 0.05; done
+        "$bin/registry-bench" bridge-death --owner "$work/$name.sock" --owner-pid "$owner_pid" \
+            --member "$work/dm.sock" --lease-ms "$lease" --vm "$vm"
+        { wait "$owner_pid" || true; } 2>/dev/null   # killed by the bench, as asked
+        vm=$((vm + 10))
     done
 done

@@ -4,6 +4,7 @@
 //! registry-bench ops --registry embedded|etcd://HOST:PORT [--iters N]
 //! registry-bench outcome --owner PATH --members PATH [--members-n N] [--rounds R] [--vm V]
 //! registry-bench bridges PATH PATH
+//! registry-bench bridge-death --owner PATH --owner-pid PID --member PATH [--vm V] [--lease-ms L]
 //! ```
 //!
 //! - `ops` times the registry's operations through
@@ -21,6 +22,13 @@
 //! - `bridges` runs two bridges in this process, listening on the two
 //!   paths, that share one embedded registry (through the same link as
 //!   etcd's), until killed: the case "two bridges, embedded registry".
+//! - `bridge-death` measures how long a member waits when its owner's
+//!   whole bridge dies (a host failure): an owner (VM V) on the bridge at
+//!   `--owner` starts an id, a member (VM V+1) on the bridge at `--member`
+//!   holds it, and then the owner's bridge, process `--owner-pid` (which
+//!   the calling script started), is SIGKILLed. Only etcd's lease lapse
+//!   can end the speculation. Prints the time from the kill to the
+//!   member's `decided`, and that time less the bridge's lease.
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -79,6 +87,23 @@ enum Cmd {
         #[arg(long, default_value_t = 6000)]
         vm: u32,
     },
+    /// From the SIGKILL of an owner's bridge to its member's abort.
+    BridgeDeath {
+        /// The owner's bridge socket.
+        #[arg(long)]
+        owner: PathBuf,
+        /// That bridge's PID, started by the caller: it is killed.
+        #[arg(long)]
+        owner_pid: i32,
+        /// The member's bridge socket (another bridge on the same etcd).
+        #[arg(long)]
+        member: PathBuf,
+        /// The owner bridge's --lease-ms, to report the excess.
+        #[arg(long)]
+        lease_ms: u64,
+        #[arg(long, default_value_t = 7000)]
+        vm: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -93,6 +118,13 @@ fn main() -> ExitCode {
             rounds,
             vm,
         } => outcome(&owner, &members, members_n, rounds, vm),
+        Cmd::BridgeDeath {
+            owner,
+            owner_pid,
+            member,
+            lease_ms,
+            vm,
+        } => bridge_death(&owner, owner_pid, &member, lease_ms, vm),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -233,6 +265,73 @@ fn wait_decided(s: &mut UnixStream, id: SpecId) -> Result<(Instant, Outcome), St
             }
         }
     }
+}
+
+fn bridge_death(
+    owner: &PathBuf,
+    owner_pid: i32,
+    member: &PathBuf,
+    lease_ms: u64,
+    vm: u32,
+) -> Result<(), String> {
+    if owner_pid <= 1 {
+        return Err(format!("--owner-pid {owner_pid}: not a process to kill"));
+    }
+    let mut o = port(owner, vm)?;
+    let id = SpecId::new(vm, 1);
+    send(&mut o, &Control::Started { id })?;
+    // The start reaches etcd before the member names it.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut m = port(member, vm + 1)?;
+    let resume = Control::Resume {
+        started: Vec::new(),
+        joined: vec![id],
+        outcomes: Vec::new(),
+    };
+    send(&mut m, &resume)?;
+    std::thread::sleep(Duration::from_millis(100));
+    m.set_read_timeout(Some(
+        Duration::from_millis(lease_ms) * 4 + Duration::from_secs(5),
+    ))
+    .map_err(|e| e.to_string())?;
+    // Renew now, so the lease runs whole from here.
+    send(&mut o, &Control::Renew)?;
+    let t0 = Instant::now();
+    // SAFETY: kill(2) on a PID the calling script started and named.
+    if unsafe { libc::kill(owner_pid, libc::SIGKILL) } != 0 {
+        return Err(format!(
+            "kill {owner_pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // The member's VMM stays alive meanwhile: it renews its own port's
+    // lease with its bridge.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renew = {
+        let mut w = m.try_clone().map_err(|e| e.to_string())?;
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if send(&mut w, &Control::Renew).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let got = wait_decided(&mut m, id);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = renew.join();
+    let (t, how) = got?;
+    if how != Outcome::Abort {
+        return Err(format!("{id} ended as {how:?}, not abort"));
+    }
+    let ms = (t - t0).as_secs_f64() * 1e3;
+    println!(
+        "{{\"bench\":\"owner-bridge-death\",\"lease_ms\":{lease_ms},\"abort_ms\":{ms:.1},\"past_lease_ms\":{:.1}}}",
+        ms - lease_ms as f64
+    );
+    Ok(())
 }
 
 fn outcome(owner: &PathBuf, members: &PathBuf, n: u32, rounds: u32, vm: u32) -> Result<(), String> {

@@ -112,8 +112,11 @@ pub trait RegistryBackend: Send + Sync {
     /// `embedded` or `etcd`, for logs.
     fn kind(&self) -> &'static str;
 
-    /// A new lease of at least `ttl` (a registry may round it up: etcd
-    /// counts in seconds). It ends unless renewed within its TTL.
+    /// A new lease that, once no longer renewed, ends within about `ttl`
+    /// where the registry can (etcd counts whole seconds and checks for
+    /// ended leases every half second, so it gets a TTL of `ttl` less that
+    /// half second, rounded down, and at least its own minimum). Returns
+    /// the TTL granted: renew within it.
     fn grant(&self, ttl: Duration) -> BoxFut<'_, Result<(LeaseId, Duration), BackendError>>;
 
     /// Renews `lease` for another TTL. [`BackendError::NoLease`] once it

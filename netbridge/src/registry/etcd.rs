@@ -336,9 +336,7 @@ impl RegistryBackend for Etcd {
     fn grant(&self, ttl: Duration) -> BoxFut<'_, Result<(LeaseId, Duration), BackendError>> {
         Box::pin(self.retrying(move || {
             Box::pin(async move {
-                // etcd counts in whole seconds (and may raise it to its own
-                // minimum): round up, so the lease never ends early.
-                let secs = i64::try_from(ttl.as_millis().div_ceil(1000).max(1)).unwrap_or(i64::MAX);
+                let secs = i64::try_from(etcd_ttl_secs(ttl)).unwrap_or(i64::MAX);
                 let r = self
                     .client()
                     .lease_client()
@@ -634,6 +632,20 @@ impl RegistryBackend for Etcd {
     }
 }
 
+/// etcd's TTL, in its whole seconds, for a lease that should end within
+/// `ttl` of its last renewal: etcd's lessor ends expired leases on a tick
+/// of [`ETCD_EXPIRY_TICK`], so one ends between its TTL and that tick
+/// later. At least a second (etcd may raise it further, to its minimum:
+/// 1.5 election timeouts).
+pub fn etcd_ttl_secs(ttl: Duration) -> u64 {
+    (ttl.saturating_sub(ETCD_EXPIRY_TICK).as_secs()).max(1)
+}
+
+/// How often etcd's lessor looks for expired leases (every 500 ms in its
+/// `runLoop`, etcd 3.4; here a 1 s lease ended 1.0 to 1.25 s after its
+/// last renewal).
+pub const ETCD_EXPIRY_TICK: Duration = Duration::from_millis(500);
+
 /// The changes of one watch response: outcomes written, and spec keys
 /// deleted without an outcome in the same revision (the resolve
 /// transaction deletes its spec key as it writes the outcome).
@@ -678,6 +690,28 @@ fn changes(events: &[etcd_client::Event], spec: &str, outcome: &str) -> Vec<Watc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_etcd_ttl_ends_the_lease_within_the_ttl_asked_where_it_can() {
+        let ms = Duration::from_millis;
+        // Under 1.5 s nothing fits: etcd's least, one second.
+        assert_eq!(etcd_ttl_secs(ms(30)), 1);
+        assert_eq!(etcd_ttl_secs(ms(1000)), 1);
+        assert_eq!(etcd_ttl_secs(ms(1999)), 1);
+        // From 1.5 s on, TTL + the lessor's tick stays within what was asked.
+        for asked in [1500, 2000, 2499, 2500, 5000, 60_000, 600_000] {
+            let secs = etcd_ttl_secs(ms(asked));
+            assert!(
+                Duration::from_secs(secs) + ETCD_EXPIRY_TICK <= ms(asked),
+                "{asked} ms -> {secs} s"
+            );
+            assert!(
+                Duration::from_secs(secs + 1) + ETCD_EXPIRY_TICK > ms(asked),
+                "{asked} ms -> {secs} s is shorter than it need be"
+            );
+        }
+        assert_eq!(etcd_ttl_secs(Duration::MAX), u64::MAX);
+    }
 
     #[test]
     fn urls_parse_into_endpoints_and_bad_ones_say_why() {
