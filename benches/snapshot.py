@@ -108,8 +108,8 @@ def restore(tmp, snap, i):
     finally:
         vm.kill()
         vm.wait()
-    m, _ = wait_for(err, r"restored memory_us=(\d+) total_us=(\d+)", 5)
-    return int(m.group(2)), (t1 - t0) * 1e3, int(m.group(1))
+    m, _ = wait_for(err, r"restored (state_us=\d+ )?memory_us=(\d+) .*total_us=(\d+)", 5)
+    return int(m.group(3)), (t1 - t0) * 1e3, int(m.group(2))
 
 
 def du_mib(path):

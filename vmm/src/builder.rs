@@ -193,28 +193,39 @@ pub fn build_from_snapshot(
     read: Option<VmSnapshot>,
 ) -> Result<Vmm, VmmError> {
     let started = std::time::Instant::now();
+    let us = |since: std::time::Instant| since.elapsed().as_micros() as u64;
     let kvm = open_kvm()?;
     let compat = host_compat(config);
+    let t = std::time::Instant::now();
     let snap = match read {
         Some(s) => s,
         None => files::read_state(dir)?,
     };
+    let state_us = us(t);
     crate::snapshot::restore::check_host_compat(&snap, compat.is_some())?;
+    let t = std::time::Instant::now();
     let ram = create_guest_memory(config.mem_size)?;
     let base = crate::snapshot::memory::restore_memory(dir, &snap, &ram)?;
-    let memory_us = started.elapsed().as_micros() as u64;
+    let memory_us = us(t);
     let linux = snap.linux;
+    let t = std::time::Instant::now();
     let mut p = Platform::build(&kvm, config, ram, compat, linux)?;
+    let build_us = us(t);
     let base_id = snap.id;
+    let t = std::time::Instant::now();
     p.restore(snap)?;
+    let machine_us = us(t);
     // After the restore: a Linux guest's host-compat layer now has its
     // trampoline (set up by the restore), which later snapshots save.
     let mut snapshots = p.snapshot_setup(config)?;
     snapshots.linux = linux;
     snapshots.base = dir.canonicalize().ok().map(|d| (d, base_id));
     tracing::info!(
+        state_us,
         memory_us,
-        total_us = started.elapsed().as_micros() as u64,
+        build_us,
+        machine_us,
+        total_us = us(started),
         "restored"
     );
     p.finish(config, snapshots, Some(base))
@@ -231,7 +242,12 @@ impl Platform {
         linux: bool,
     ) -> Result<Self, VmmError> {
         let dirty_default = host_compat::dirty::default_method(compat.is_some(), linux);
+        let t = std::time::Instant::now();
+        // On this host creating the VM is most of a restore: its memory slot
+        // and interrupt chips each wait for KVM's SRCU grace periods
+        // (docs/benchmarks/snapshot.md).
         let vm = Vm::new(kvm, &ram.mem, dirty_default)?;
+        let vm_us = t.elapsed().as_micros() as u64;
         enable_exit_on_emulation_failure(&vm.fd);
         let (tx, rx) = event::channel();
         let progress = Arc::new(Progress::for_vm(config));
@@ -242,7 +258,13 @@ impl Platform {
         }
         let serial = SerialDevice::new(&config.serial, progress.console_watch())?;
         let mut devices = DeviceManager::new(&vm, serial, &tx)?;
+        let t = std::time::Instant::now();
         let vcpus = create_vcpus(kvm, &vm, config.vcpus, compat.is_some())?;
+        tracing::debug!(
+            vm_us,
+            vcpus_us = t.elapsed().as_micros() as u64,
+            "VM and vCPUs created"
+        );
         let fds: Vec<_> = vcpus.iter().map(|v| &v.fd).collect();
         let (dirty_log, rings) = vm.dirty_log(&fds, &ram.layout).map_err(|e| {
             let errno = e.raw_os_error().unwrap_or(libc::EIO);
