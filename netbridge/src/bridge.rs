@@ -695,12 +695,7 @@ impl Bridge {
                 }
                 out.push(Send::Control(
                     n.port,
-                    Control::Decided {
-                        id: n.id,
-                        outcome: n.outcome,
-                        seq,
-                        refused: false,
-                    },
+                    Control::decided(n.id, n.outcome, seq),
                 ));
             }
         }

@@ -53,15 +53,7 @@ fn abort(b: &mut Bridge, port: u64, id: Id) -> Vec<Send> {
 }
 
 fn decided(port: u64, id: Id, outcome: Outcome, seq: u64) -> Send {
-    Send::Control(
-        port,
-        Control::Decided {
-            id,
-            outcome,
-            seq,
-            refused: false,
-        },
-    )
+    Send::Control(port, Control::decided(id, outcome, seq))
 }
 
 // Finding: a client said hello as VM 77 and sent frames tagged 99:1; the

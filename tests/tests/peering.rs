@@ -90,14 +90,59 @@ fn unsupported(tap: bool) -> Option<String> {
 }
 
 /// Two namespaces joined by a veth pair: A at [`A_IP`], B at [`B_IP`].
-/// Deleting the namespaces (on drop) deletes the pair.
+/// Deleting the namespaces (on drop) deletes the pair; the tests' lock is
+/// released after that (fields drop in order), since every test uses the
+/// same names.
 struct Fabric {
     a: Netns,
     b: Netns,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+/// What a test needs of this machine.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    /// Namespaces only (the test plays the VMs' ports itself).
+    Namespaces,
+    /// Namespaces and KVM for `net_node` VMs.
+    Vms,
+    /// That, and /dev/net/tun for B's uplink.
+    VmsAndTap,
 }
 
 impl Fabric {
-    fn new() -> Result<Self, String> {
+    /// The two hosts for `test`, one test at a time; `None` after
+    /// recording why they cannot be had here.
+    fn for_test(test: &str, needs: Needs) -> Option<Self> {
+        let why = match needs {
+            Needs::VmsAndTap => kvm_available().err().or_else(|| unsupported(true)),
+            Needs::Vms => kvm_available().err().or_else(|| unsupported(false)),
+            Needs::Namespaces => unsupported(false),
+        };
+        if let Some(reason) = why {
+            record_skip(test, &reason);
+            return None;
+        }
+        let serial = one_at_a_time();
+        match Self::new(serial) {
+            Ok(f) => Some(f),
+            Err(reason) => {
+                record_skip(test, &reason);
+                None
+            }
+        }
+    }
+
+    /// B's TAP uplink (made by B's bridge) addressed and up, and a listener
+    /// on B's side of it: the outside world.
+    fn outside_of_b(&self) -> Listener {
+        self.b
+            .ip(&["addr", "add", HOST_CIDR, "brd", "+", "dev", TAP]);
+        self.b.ip(&["link", "set", TAP, "up"]);
+        Listener::start(&self.b)
+    }
+
+    fn new(serial: std::sync::MutexGuard<'static, ()>) -> Result<Self, String> {
         let a = Netns::add("specvm-peer-a")?;
         let b = Netns::add("specvm-peer-b")?;
         a.try_ip(&[
@@ -118,7 +163,11 @@ impl Fabric {
             ns.ip(&["link", "set", dev, "up"]);
             ns.ip(&["link", "set", "lo", "up"]);
         }
-        Ok(Self { a, b })
+        Ok(Self {
+            a,
+            b,
+            _serial: serial,
+        })
     }
 }
 
@@ -314,24 +363,13 @@ impl Drop for Listener {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn a_speculation_crosses_the_peering_and_its_outcomes_follow() {
     const TEST: &str = "peering::a_speculation_crosses_the_peering_and_its_outcomes_follow";
-    if let Err(reason) = kvm_available() {
-        return record_skip(TEST, &reason);
-    }
-    if let Some(reason) = unsupported(true) {
-        return record_skip(TEST, &reason);
-    }
-    let _serial = one_at_a_time();
-    let fab = match Fabric::new() {
-        Ok(f) => f,
-        Err(reason) => return record_skip(TEST, &reason),
+    let Some(fab) = Fabric::for_test(TEST, Needs::VmsAndTap) else {
+        return;
     };
     let a = PeerBridge::start(&fab.a, "a", A_ADDR, B_ADDR, &[]);
     let uplink = format!("tap={TAP}");
     let b = PeerBridge::start(&fab.b, "b", B_ADDR, A_ADDR, &["--uplink", &uplink]);
-    fab.b
-        .ip(&["addr", "add", HOST_CIDR, "brd", "+", "dev", TAP]);
-    fab.b.ip(&["link", "set", TAP, "up"]);
-    let outside = Listener::start(&fab.b);
+    let outside = fab.outside_of_b();
     let mut va = node(&a, 1, "02:00:00:00:00:01");
     let mut vb = node(&b, 2, "02:00:00:00:00:02");
 
@@ -396,16 +434,8 @@ fn a_speculation_crosses_the_peering_and_its_outcomes_follow() {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn two_hosts_with_two_vms_each_share_speculations_through_etcd() {
     const TEST: &str = "peering::two_hosts_with_two_vms_each_share_speculations_through_etcd";
-    if let Err(reason) = kvm_available() {
-        return record_skip(TEST, &reason);
-    }
-    if let Some(reason) = unsupported(true) {
-        return record_skip(TEST, &reason);
-    }
-    let _serial = one_at_a_time();
-    let fab = match Fabric::new() {
-        Ok(f) => f,
-        Err(reason) => return record_skip(TEST, &reason),
+    let Some(fab) = Fabric::for_test(TEST, Needs::VmsAndTap) else {
+        return;
     };
     let etcd = match EtcdCluster::start_in("peering-two-hosts", 1, &fab.a, A_IP) {
         Ok(e) => e,
@@ -440,10 +470,7 @@ fn two_hosts_with_two_vms_each_share_speculations_through_etcd() {
         A_ADDR,
         &rb.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    fab.b
-        .ip(&["addr", "add", HOST_CIDR, "brd", "+", "dev", TAP]);
-    fab.b.ip(&["link", "set", TAP, "up"]);
-    let outside = Listener::start(&fab.b);
+    let outside = fab.outside_of_b();
     let mut v1 = node(&a, 1, "02:00:00:00:00:01");
     let mut v2 = node(&a, 2, "02:00:00:00:00:02");
     let mut v3 = node(&b, 3, "02:00:00:00:00:03");
@@ -544,16 +571,8 @@ fn two_hosts_with_two_vms_each_share_speculations_through_etcd() {
 /// while B is away; B restarts, its VMM reconnects and resumes, B asks
 /// every peer (`find`) and A answers: the member gets the outcome.
 fn restart_with(outcome: &str, log_after: &str, test: &str) {
-    if let Err(reason) = kvm_available() {
-        return record_skip(test, &reason);
-    }
-    if let Some(reason) = unsupported(false) {
-        return record_skip(test, &reason);
-    }
-    let _serial = one_at_a_time();
-    let fab = match Fabric::new() {
-        Ok(f) => f,
-        Err(reason) => return record_skip(test, &reason),
+    let Some(fab) = Fabric::for_test(test, Needs::Vms) else {
+        return;
     };
     let a = PeerBridge::start(&fab.a, &format!("ra-{outcome}"), A_ADDR, B_ADDR, &[]);
     let mut b = PeerBridge::start(&fab.b, &format!("rb-{outcome}"), B_ADDR, A_ADDR, &[]);
@@ -707,13 +726,8 @@ fn last_stats(b: &PeerBridge) -> String {
 #[test]
 fn a_bridge_takes_datagrams_only_from_its_peers() {
     const TEST: &str = "peering::a_bridge_takes_datagrams_only_from_its_peers";
-    if let Some(reason) = unsupported(false) {
-        return record_skip(TEST, &reason);
-    }
-    let _serial = one_at_a_time();
-    let fab = match Fabric::new() {
-        Ok(f) => f,
-        Err(reason) => return record_skip(TEST, &reason),
+    let Some(fab) = Fabric::for_test(TEST, Needs::Namespaces) else {
+        return;
     };
     // Fake ports renew no lease.
     let b = PeerBridge::start(&fab.b, "bad", B_ADDR, A_ADDR, &["--lease-ms", "600000"]);

@@ -54,15 +54,7 @@ fn decide(b: &mut Bridge, port: PortId, id: Id, outcome: Outcome) -> (Vec<Send>,
 }
 
 fn decided(port: PortId, id: Id, outcome: Outcome, seq: u64) -> Send {
-    Send::Control(
-        port,
-        Control::Decided {
-            id,
-            outcome,
-            seq,
-            refused: false,
-        },
-    )
+    Send::Control(port, Control::decided(id, outcome, seq))
 }
 
 #[test]

@@ -193,6 +193,19 @@ impl Etcd {
         self
     }
 
+    /// A lease of `secs` seconds, one try: its id and the TTL etcd gave.
+    async fn grant_secs(&self, secs: u64) -> Result<(i64, Duration), BackendError> {
+        let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+        let r = self
+            .client()
+            .lease_client()
+            .grant(secs, None)
+            .await
+            .map_err(unreachable)?;
+        let got = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
+        Ok((r.id(), got))
+    }
+
     /// The lease to write an outcome on: `None` when outcomes are kept for
     /// ever. Granted anew each tenth of the retention.
     async fn retention_lease(&self) -> Result<Option<i64>, BackendError> {
@@ -205,15 +218,9 @@ impl Etcd {
                 return Ok(Some(lease));
             }
         }
-        let secs = i64::try_from(retention.as_secs().max(1)).unwrap_or(i64::MAX);
-        let r = self
-            .client()
-            .lease_client()
-            .grant(secs, None)
-            .await
-            .map_err(unreachable)?;
-        *cur = Some((r.id(), tokio::time::Instant::now()));
-        Ok(Some(r.id()))
+        let (lease, _) = self.grant_secs(retention.as_secs().max(1)).await?;
+        *cur = Some((lease, tokio::time::Instant::now()));
+        Ok(Some(lease))
     }
 
     /// The retention lease was not found (etcd lost it, or it ended): the
@@ -336,15 +343,8 @@ impl RegistryBackend for Etcd {
     fn grant(&self, ttl: Duration) -> BoxFut<'_, Result<(LeaseId, Duration), BackendError>> {
         Box::pin(self.retrying(move || {
             Box::pin(async move {
-                let secs = i64::try_from(etcd_ttl_secs(ttl)).unwrap_or(i64::MAX);
-                let r = self
-                    .client()
-                    .lease_client()
-                    .grant(secs, None)
-                    .await
-                    .map_err(unreachable)?;
-                let got = Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0));
-                Ok((LeaseId(r.id()), got))
+                let (lease, got) = self.grant_secs(etcd_ttl_secs(ttl)).await?;
+                Ok((LeaseId(lease), got))
             })
         }))
     }

@@ -148,6 +148,18 @@ pub enum Control {
     },
 }
 
+impl Control {
+    /// [`Control::Decided`] of an outcome: the usual one, not a refusal.
+    pub fn decided(id: Id, outcome: Outcome, seq: u64) -> Self {
+        Self::Decided {
+            id,
+            outcome,
+            seq,
+            refused: false,
+        }
+    }
+}
+
 /// Errors decoding a message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtocolError {

@@ -33,15 +33,7 @@ fn strip(f: &[u8]) -> Result<Vec<u8>, String> {
 const S: Id = Id::new(1, 1);
 
 fn decided(port: u64, id: Id, outcome: Outcome, seq: u64) -> Send {
-    Send::Control(
-        port,
-        Control::Decided {
-            id,
-            outcome,
-            seq,
-            refused: false,
-        },
-    )
+    Send::Control(port, Control::decided(id, outcome, seq))
 }
 
 /// VM 1 on port 1 owns S, VM 2 on port 2 joined it.
