@@ -44,9 +44,14 @@ pub enum VcpuCmd {
     /// Save the vCPU's complete state.
     Save,
     /// Restore this state; with a time in ns, move the TSC forward by it
-    /// (see [`crate::machine::RestoreMode`]).
+    /// (see [`crate::machine::RestoreMode`]). Not answered, as
+    /// [`VcpuCmd::SetResult`]: the vCPUs restore while the controller
+    /// restores the devices, and a vCPU that fails ends the VM.
     Restore(Box<VcpuState>, Option<u64>),
-    /// Write hypercall results into RAX, RDX and RSI.
+    /// Write hypercall results into RAX, RDX and RSI. Not answered: the
+    /// controller goes on at once (a round trip between threads is tens of
+    /// microseconds here), the vCPU writes them before anything sent after,
+    /// and a failure to write them ends the VM.
     SetResult([u64; 3]),
     /// Run on.
     Resume,

@@ -155,6 +155,13 @@ impl VcpuSet {
             .any(|(i, h)| Some(i) != except && h.call_pending.load(Ordering::Acquire))
     }
 
+    /// Sends parked vCPU `i` a command that has no answer
+    /// ([`VcpuCmd::SetResult`]), without waiting.
+    pub fn tell(&mut self, i: usize, cmd: VcpuCmd) -> Result<(), ControlError> {
+        let h = self.handles.get(i).ok_or_else(|| gone(i))?;
+        h.cmds.send(cmd).map_err(|_| gone(i))
+    }
+
     /// Sends `cmd` to parked vCPU `i` and waits for its answer.
     pub fn command(&mut self, i: usize, cmd: VcpuCmd) -> Result<VcpuReply, ControlError> {
         let h = self.handles.get_mut(i).ok_or_else(|| gone(i))?;
@@ -168,61 +175,52 @@ impl VcpuSet {
         }
     }
 
-    /// Sends `cmds[i]` to parked vCPU `i`, all before waiting, so each
-    /// thread carries its own out at the same time as the others; then
-    /// collects every answer, by index. Every command is answered before
-    /// an error is returned, so no answer is left for a later command. The
-    /// error names the first vCPU that failed.
-    fn command_all(&mut self, cmds: Vec<VcpuCmd>) -> Result<Vec<VcpuReply>, (usize, ControlError)> {
-        let mut sent = Vec::with_capacity(cmds.len());
-        for (i, cmd) in cmds.into_iter().enumerate() {
-            let h = self.handles.get(i).ok_or_else(|| (i, gone(i)))?;
-            sent.push(h.cmds.send(cmd).is_ok());
-        }
-        let mut replies = Vec::with_capacity(sent.len());
+    /// Asks every parked vCPU to save its state, without waiting: each
+    /// thread saves its own at the same time as the others.
+    /// [`VcpuSet::finish_save_all`] collects the states.
+    #[must_use = "the answers must be collected with finish_save_all"]
+    fn start_save_all(&mut self) -> PendingSaves {
+        PendingSaves(
+            self.handles
+                .iter()
+                .map(|h| h.cmds.send(VcpuCmd::Save).is_ok())
+                .collect(),
+        )
+    }
+
+    /// The states asked for by [`VcpuSet::start_save_all`], by index.
+    /// Every answer is read before an error is returned, so none is left
+    /// for a later command; the error names the first vCPU that failed.
+    fn finish_save_all(&mut self, asked: PendingSaves) -> Result<Vec<VcpuState>, ControlError> {
+        let mut states = Vec::with_capacity(asked.0.len());
         let mut first_err = None;
-        for (i, ok) in sent.into_iter().enumerate() {
-            let r = match ok {
+        for (i, sent) in asked.0.into_iter().enumerate() {
+            let r = match sent {
                 true => self.handles[i].replies.recv().map_err(|_| gone(i)),
                 false => Err(gone(i)),
             };
-            match r {
-                Ok(VcpuReply::Failed(m)) => {
-                    first_err.get_or_insert((i, ControlError::Vcpu(format!("vCPU {i}: {m}"))));
+            let e = match r {
+                Ok(VcpuReply::Saved(s)) => {
+                    states.push(*s);
+                    continue;
                 }
-                Ok(VcpuReply::Parked) => {
-                    first_err.get_or_insert((
-                        i,
-                        ControlError::Vcpu(format!("vCPU {i}: parked again while parked")),
-                    ));
-                }
-                Ok(r) => replies.push(r),
-                Err(e) => {
-                    first_err.get_or_insert((i, e));
-                }
-            }
+                Ok(VcpuReply::Failed(m)) => ControlError::Vcpu(format!("vCPU {i}: {m}")),
+                Ok(r) => ControlError::Vcpu(format!("vCPU {i}: expected its state, got {r:?}")),
+                Err(e) => e,
+            };
+            first_err.get_or_insert(e);
         }
         match first_err {
             Some(e) => Err(e),
-            None => Ok(replies),
+            None => Ok(states),
         }
     }
 
     /// Every vCPU's state, by index, each saved on its own thread at the
     /// same time. All must be parked.
     pub fn save_all(&mut self) -> Result<Vec<VcpuState>, ControlError> {
-        let cmds = (0..self.len()).map(|_| VcpuCmd::Save).collect();
-        self.command_all(cmds)
-            .map_err(|(_, e)| e)?
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| match r {
-                VcpuReply::Saved(s) => Ok(*s),
-                r => Err(ControlError::Vcpu(format!(
-                    "vCPU {i}: expected its state, got {r:?}"
-                ))),
-            })
-            .collect()
+        let asked = self.start_save_all();
+        self.finish_save_all(asked)
     }
 
     /// Stops every vCPU thread: raises the stop flag, lets parked ones go,
@@ -241,6 +239,10 @@ impl VcpuSet {
     }
 }
 
+/// Saves asked of the vCPUs by [`VcpuSet::start_save_all`]: which vCPUs
+/// got the command, by index.
+struct PendingSaves(Vec<bool>);
+
 impl VcpuTarget for VcpuSet {
     fn count(&self) -> usize {
         self.len()
@@ -252,23 +254,20 @@ impl VcpuTarget for VcpuSet {
         state: VcpuState,
         tsc_advance_ns: Option<u64>,
     ) -> Result<(), MachineError> {
-        self.command(index, VcpuCmd::Restore(Box::new(state), tsc_advance_ns))
-            .map(drop)
+        self.tell(index, VcpuCmd::Restore(Box::new(state), tsc_advance_ns))
             .map_err(|e| MachineError::Vcpu(index, e.to_string()))
     }
 
-    /// Each vCPU restores its own state on its own thread, all at once.
+    /// Each vCPU restores its own state on its own thread, all at once,
+    /// and meanwhile the controller goes on (see [`VcpuCmd::Restore`]).
     fn restore_all(
         &mut self,
         states: Vec<VcpuState>,
         tsc_advance_ns: Option<u64>,
     ) -> Result<(), MachineError> {
-        let cmds = states
-            .into_iter()
-            .map(|s| VcpuCmd::Restore(Box::new(s), tsc_advance_ns))
-            .collect();
-        self.command_all(cmds)
-            .map(drop)
-            .map_err(|(i, e)| MachineError::Vcpu(i, e.to_string()))
+        for (i, s) in states.into_iter().enumerate() {
+            self.restore_vcpu(i, s, tsc_advance_ns)?;
+        }
+        Ok(())
     }
 }

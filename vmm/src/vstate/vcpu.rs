@@ -209,34 +209,28 @@ impl Vcpu {
                     }
                     Err(e) => VcpuReply::Failed(e.to_string()),
                 },
-                Ok(VcpuCmd::Restore(s, tsc)) => match self.restore_with_tsc(&s, tsc) {
-                    Ok(()) => {
-                        regs = Some(s.regs);
-                        VcpuReply::Done
-                    }
-                    Err(e) => {
-                        regs = None;
-                        VcpuReply::Failed(e.to_string())
-                    }
-                },
+                Ok(VcpuCmd::Restore(s, tsc)) => {
+                    // No answer (see `VcpuCmd::Restore`): a vCPU that cannot
+                    // take its checkpoint back must not run on, so a failure
+                    // ends the VM.
+                    self.restore_with_tsc(&s, tsc)
+                        .map_err(|e| format!("restoring the vCPU's state: {e}"))?;
+                    regs = Some(s.regs);
+                    continue;
+                }
                 Ok(VcpuCmd::SetResult([rax, rdx, rsi])) => {
-                    match regs.map_or_else(|| self.fd.get_regs(), Ok) {
-                        Ok(mut r) => {
-                            (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
-                            self.sync_fresh = false;
-                            match self.fd.set_regs(&r) {
-                                Ok(()) => {
-                                    regs = Some(r);
-                                    VcpuReply::Done
-                                }
-                                Err(e) => {
-                                    regs = None;
-                                    VcpuReply::Failed(format!("KVM_SET_REGS: {e}"))
-                                }
-                            }
-                        }
-                        Err(e) => VcpuReply::Failed(format!("KVM_GET_REGS: {e}")),
-                    }
+                    // No answer (see `VcpuCmd::SetResult`): a failure ends
+                    // the VM, since the guest would run on with a wrong result.
+                    let mut r = regs
+                        .map_or_else(|| self.fd.get_regs(), Ok)
+                        .map_err(|e| format!("a hypercall's result: KVM_GET_REGS: {e}"))?;
+                    (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
+                    self.sync_fresh = false;
+                    self.fd
+                        .set_regs(&r)
+                        .map_err(|e| format!("a hypercall's result: KVM_SET_REGS: {e}"))?;
+                    regs = Some(r);
+                    continue;
                 }
             };
             if link.replies.send(reply).is_err() {
