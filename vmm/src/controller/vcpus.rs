@@ -27,6 +27,10 @@ pub struct VcpuHandle {
     call_pending: Arc<AtomicBool>,
     thread: JoinHandle<()>,
     parked: bool,
+    /// The state the vCPU saved as it parked for a `speculate`
+    /// ([`VcpuReply::ParkedSaved`]): the next save takes it. Dropped with
+    /// every command or resume sent, which may change the state.
+    presaved: Option<Box<VcpuState>>,
 }
 
 impl VcpuHandle {
@@ -46,7 +50,14 @@ impl VcpuHandle {
             call_pending,
             thread,
             parked: false,
+            presaved: None,
         }
+    }
+
+    /// Sends `cmd`; the state saved at the park is stale from here on.
+    fn send(&mut self, cmd: VcpuCmd) -> bool {
+        self.presaved = None;
+        self.cmds.send(cmd).is_ok()
     }
 
     fn kick(&self) {
@@ -65,6 +76,12 @@ impl VcpuHandle {
         match r {
             Ok(VcpuReply::Parked) => {
                 self.parked = true;
+                self.presaved = None;
+                Ok(true)
+            }
+            Ok(VcpuReply::ParkedSaved(s)) => {
+                self.parked = true;
+                self.presaved = Some(s);
                 Ok(true)
             }
             Ok(other) => Err(ControlError::Vcpu(format!(
@@ -134,7 +151,7 @@ impl VcpuSet {
     pub fn resume_all(&mut self) {
         for h in self.handles.iter_mut().filter(|h| h.parked) {
             if !h.call_pending.load(Ordering::Acquire) {
-                let _ = h.cmds.send(VcpuCmd::Resume);
+                let _ = h.send(VcpuCmd::Resume);
                 h.parked = false;
             }
         }
@@ -158,17 +175,22 @@ impl VcpuSet {
     /// Sends parked vCPU `i` a command that has no answer
     /// ([`VcpuCmd::SetResult`]), without waiting.
     pub fn tell(&mut self, i: usize, cmd: VcpuCmd) -> Result<(), ControlError> {
-        let h = self.handles.get(i).ok_or_else(|| gone(i))?;
-        h.cmds.send(cmd).map_err(|_| gone(i))
+        let h = self.handles.get_mut(i).ok_or_else(|| gone(i))?;
+        match h.send(cmd) {
+            true => Ok(()),
+            false => Err(gone(i)),
+        }
     }
 
     /// Sends `cmd` to parked vCPU `i` and waits for its answer.
     pub fn command(&mut self, i: usize, cmd: VcpuCmd) -> Result<VcpuReply, ControlError> {
         let h = self.handles.get_mut(i).ok_or_else(|| gone(i))?;
-        h.cmds.send(cmd).map_err(|_| gone(i))?;
+        if !h.send(cmd) {
+            return Err(gone(i));
+        }
         match h.replies.recv().map_err(|_| gone(i))? {
             VcpuReply::Failed(m) => Err(ControlError::Vcpu(format!("vCPU {i}: {m}"))),
-            VcpuReply::Parked => Err(ControlError::Vcpu(format!(
+            VcpuReply::Parked | VcpuReply::ParkedSaved(_) => Err(ControlError::Vcpu(format!(
                 "vCPU {i}: parked again while parked"
             ))),
             r => Ok(r),
@@ -182,8 +204,12 @@ impl VcpuSet {
     fn start_save_all(&mut self) -> PendingSaves {
         PendingSaves(
             self.handles
-                .iter()
-                .map(|h| h.cmds.send(VcpuCmd::Save).is_ok())
+                .iter_mut()
+                .map(|h| match h.presaved.take() {
+                    Some(s) => Pending::Saved(s),
+                    None if h.send(VcpuCmd::Save) => Pending::Asked,
+                    None => Pending::Gone,
+                })
                 .collect(),
         )
     }
@@ -194,10 +220,11 @@ impl VcpuSet {
     fn finish_save_all(&mut self, asked: PendingSaves) -> Result<Vec<VcpuState>, ControlError> {
         let mut states = Vec::with_capacity(asked.0.len());
         let mut first_err = None;
-        for (i, sent) in asked.0.into_iter().enumerate() {
-            let r = match sent {
-                true => self.handles[i].replies.recv().map_err(|_| gone(i)),
-                false => Err(gone(i)),
+        for (i, pending) in asked.0.into_iter().enumerate() {
+            let r = match pending {
+                Pending::Saved(s) => Ok(VcpuReply::Saved(s)),
+                Pending::Asked => self.handles[i].replies.recv().map_err(|_| gone(i)),
+                Pending::Gone => Err(gone(i)),
             };
             let e = match r {
                 Ok(VcpuReply::Saved(s)) => {
@@ -239,9 +266,18 @@ impl VcpuSet {
     }
 }
 
-/// Saves asked of the vCPUs by [`VcpuSet::start_save_all`]: which vCPUs
-/// got the command, by index.
-struct PendingSaves(Vec<bool>);
+/// Saves asked of the vCPUs by [`VcpuSet::start_save_all`], by index.
+struct PendingSaves(Vec<Pending>);
+
+/// One vCPU's part of [`PendingSaves`].
+enum Pending {
+    /// Saved as it parked.
+    Saved(Box<VcpuState>),
+    /// Asked: its answer is on the way.
+    Asked,
+    /// Its thread is gone.
+    Gone,
+}
 
 impl VcpuTarget for VcpuSet {
     fn count(&self) -> usize {

@@ -165,8 +165,11 @@ impl Vcpu {
                         op,
                         arg,
                     };
+                    // A speculate is answered with a checkpoint: the state
+                    // is saved while parking.
+                    let presave = op == guest_agent::abi::op::SPECULATE;
                     match ctx.events.send(call) {
-                        Ok(()) => self.park(&ctx, &link),
+                        Ok(()) => self.park_with(&ctx, &link, presave),
                         Err(_) => Ok(Next::Stop),
                     }
                 }
@@ -188,16 +191,35 @@ impl Vcpu {
     /// Stops at a clean instruction boundary, tells the controller, and
     /// carries out its commands until it says to run on.
     fn park(&mut self, ctx: &VcpuContext, link: &VcpuLink) -> Result<Next, String> {
+        self.park_with(ctx, link, false)
+    }
+
+    /// [`Vcpu::park`], with the state saved on the way when `presave`
+    /// ([`VcpuReply::ParkedSaved`]; if the save fails, a plain `Parked`,
+    /// and the controller's own `Save` meets the error).
+    fn park_with(
+        &mut self,
+        ctx: &VcpuContext,
+        link: &VcpuLink,
+        presave: bool,
+    ) -> Result<Next, String> {
         // A new request to park may have come in meanwhile: this covers it.
         link.attention.store(false, Ordering::Release);
         self.complete_pending_io(ctx)?;
-        if link.replies.send(VcpuReply::Parked).is_err() {
-            return Ok(Next::Stop);
-        }
         // The general registers as KVM holds them, once this park has read
         // or written them (they cannot change while parked): a hypercall's
         // result after a `Save` then costs one ioctl, not two.
         let mut regs: Option<kvm_bindings::kvm_regs> = None;
+        let parked = match presave.then(|| self.save()) {
+            Some(Ok(s)) => {
+                regs = Some(s.regs);
+                VcpuReply::ParkedSaved(Box::new(s))
+            }
+            _ => VcpuReply::Parked,
+        };
+        if link.replies.send(parked).is_err() {
+            return Ok(Next::Stop);
+        }
         loop {
             let reply = match link.cmds.recv() {
                 Err(_) => return Ok(Next::Stop),
