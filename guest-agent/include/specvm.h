@@ -17,7 +17,8 @@ extern "C" {
 /* Gets access to the hypercall port (ioperm). 0, or -errno. */
 int specvm_open(void);
 /* 0 now; after a rollback to this checkpoint, returns again with the
- * abort reason (1 = the guest aborted, 2 = the host did). Negative on error. */
+ * abort reason (1 = the guest aborted, 2 = the host did, 3 = the bridge
+ * refused to start it: its registry could not record it). Negative on error. */
 long specvm_speculate(void);
 /* Commits the innermost own speculation. 0, or a negative error. */
 long specvm_commit(void);
