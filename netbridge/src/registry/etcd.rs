@@ -113,6 +113,11 @@ fn unreachable(e: etcd_client::Error) -> BackendError {
     BackendError::Unreachable(e.to_string())
 }
 
+/// Whether etcd answered that the lease named does not exist (any more).
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found"))
+}
+
 impl Etcd {
     /// A client of the cluster at `endpoints` (`http://HOST:PORT`), with
     /// keys under `prefix`. Each operation waits at most `timeout`, its
@@ -324,13 +329,9 @@ impl Etcd {
             .kv_client()
             .txn(txn)
             .await
-            .map_err(|e| match e {
-                etcd_client::Error::GRpcStatus(ref s)
-                    if s.message().contains("lease not found") =>
-                {
-                    BackendError::NoLease(0)
-                }
-                e => unreachable(e),
+            .map_err(|e| match lease_not_found(&e) {
+                true => BackendError::NoLease(0),
+                false => unreachable(e),
             })
     }
 }
@@ -351,7 +352,7 @@ impl RegistryBackend for Etcd {
 
     fn keep_alive(&self, lease: LeaseId) -> BoxFut<'_, Result<(), BackendError>> {
         // A renewal whose stream went to a member that died is tried again
-        // on a new stream, which the balancer opens to a live member.
+        // on a new stream, to the next member (`retrying`).
         Box::pin(self.retrying(move || {
             Box::pin(async move {
                 let mut keepers = self.keepers.lock().await;
@@ -391,11 +392,7 @@ impl RegistryBackend for Etcd {
                         Ok(_) => Ok(()),
                         // Gone already (or revoked by a try whose answer
                         // was lost): what revoking would do is done.
-                        Err(etcd_client::Error::GRpcStatus(s))
-                            if s.message().contains("lease not found") =>
-                        {
-                            Ok(())
-                        }
+                        Err(e) if lease_not_found(&e) => Ok(()),
                         Err(e) => Err(unreachable(e)),
                     }
                 })

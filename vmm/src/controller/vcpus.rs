@@ -197,35 +197,28 @@ impl VcpuSet {
         }
     }
 
-    /// Asks every parked vCPU to save its state, without waiting: each
-    /// thread saves its own at the same time as the others.
-    /// [`VcpuSet::finish_save_all`] collects the states.
-    #[must_use = "the answers must be collected with finish_save_all"]
-    fn start_save_all(&mut self) -> PendingSaves {
-        PendingSaves(
-            self.handles
-                .iter_mut()
-                .map(|h| match h.presaved.take() {
-                    Some(s) => Pending::Saved(s),
-                    None if h.send(VcpuCmd::Save) => Pending::Asked,
-                    None => Pending::Gone,
-                })
-                .collect(),
-        )
-    }
-
-    /// The states asked for by [`VcpuSet::start_save_all`], by index.
-    /// Every answer is read before an error is returned, so none is left
-    /// for a later command; the error names the first vCPU that failed.
-    fn finish_save_all(&mut self, asked: PendingSaves) -> Result<Vec<VcpuState>, ControlError> {
-        let mut states = Vec::with_capacity(asked.0.len());
+    /// Every vCPU's state, by index, each saved on its own thread at the
+    /// same time (all are asked before any answer is read), or taken from
+    /// what it saved as it parked ([`VcpuReply::ParkedSaved`]). All must be
+    /// parked. Every answer is read before an error is returned, so none
+    /// is left for a later command; the error names the first vCPU that
+    /// failed.
+    pub fn save_all(&mut self) -> Result<Vec<VcpuState>, ControlError> {
+        // `None`: asked, the answer is on the way.
+        let known: Vec<Option<Result<VcpuReply, ControlError>>> = self
+            .handles
+            .iter_mut()
+            .enumerate()
+            .map(|(i, h)| match h.presaved.take() {
+                Some(s) => Some(Ok(VcpuReply::Saved(s))),
+                None if h.send(VcpuCmd::Save) => None,
+                None => Some(Err(gone(i))),
+            })
+            .collect();
+        let mut states = Vec::with_capacity(known.len());
         let mut first_err = None;
-        for (i, pending) in asked.0.into_iter().enumerate() {
-            let r = match pending {
-                Pending::Saved(s) => Ok(VcpuReply::Saved(s)),
-                Pending::Asked => self.handles[i].replies.recv().map_err(|_| gone(i)),
-                Pending::Gone => Err(gone(i)),
-            };
+        for (i, known) in known.into_iter().enumerate() {
+            let r = known.unwrap_or_else(|| self.handles[i].replies.recv().map_err(|_| gone(i)));
             let e = match r {
                 Ok(VcpuReply::Saved(s)) => {
                     states.push(*s);
@@ -243,13 +236,6 @@ impl VcpuSet {
         }
     }
 
-    /// Every vCPU's state, by index, each saved on its own thread at the
-    /// same time. All must be parked.
-    pub fn save_all(&mut self) -> Result<Vec<VcpuState>, ControlError> {
-        let asked = self.start_save_all();
-        self.finish_save_all(asked)
-    }
-
     /// Stops every vCPU thread: raises the stop flag, lets parked ones go,
     /// and kicks the others out of KVM_RUN until each has ended.
     pub fn stop_all(&mut self) {
@@ -264,19 +250,6 @@ impl VcpuSet {
             let _ = h.thread.join();
         }
     }
-}
-
-/// Saves asked of the vCPUs by [`VcpuSet::start_save_all`], by index.
-struct PendingSaves(Vec<Pending>);
-
-/// One vCPU's part of [`PendingSaves`].
-enum Pending {
-    /// Saved as it parked.
-    Saved(Box<VcpuState>),
-    /// Asked: its answer is on the way.
-    Asked,
-    /// Its thread is gone.
-    Gone,
 }
 
 impl VcpuTarget for VcpuSet {
