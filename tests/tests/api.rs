@@ -102,7 +102,16 @@ fn host_abort_makes_the_guests_speculate_return_2_and_events_stream() {
     let sock = dir.sock();
     let mut vm = start("spec_demo", &sock, &["--id", "1", "--start-paused"]);
     let mut events = spawn_specvm(&["ctl", "--api-sock", &sock, "events"]);
-    std::thread::sleep(Duration::from_millis(200));
+    // The guest runs only once the stream listens: a fixed 200 ms wait
+    // lost the first event once, on a loaded machine.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !ctl(&sock, "status").1.contains(r#""event_clients":1"#) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the events client never connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(ctl(&sock, "resume").0, 0);
     vm.wait_for_line("waiting for the host", TIMEOUT)
         .expect("the demo reached its wait");

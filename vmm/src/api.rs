@@ -101,6 +101,9 @@ pub struct Response {
     /// The VM's id, for `status`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub vm_id: Option<u32>,
+    /// How many `events` clients are listening, for `status`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub event_clients: Option<usize>,
     /// `full` or `diff`, for `snapshot`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub kind: Option<String>,

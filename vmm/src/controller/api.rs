@@ -42,6 +42,7 @@ impl Controller {
                 ),
                 paused: Some(self.user_paused),
                 vm_id: Some(self.vm_id),
+                event_clients: Some(self.publish.as_ref().map_or(0, |p| p.receiver_count())),
                 ..Response::ok()
             },
             Op::Pause => {
