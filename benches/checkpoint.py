@@ -5,6 +5,7 @@ QEMU's savevm/loadvm, all measured in the same run.
 
     python3 benches/checkpoint.py [--quick] [--no-qemu] [--sizes 256M,1G,4G]
         [--dirty 1,100,2000] [--cpus 1,2,4] [--round-trips 2000] [--out FILE]
+        [--baseline SPECVM] [--shadow-cost]
 
 Our figures come from the VMM itself (`specvm run --stats`): each operation
 is timed from the moment the controller has the request until every vCPU
@@ -13,6 +14,13 @@ it dirties N pages and speculates, dirties N pages and aborts, then dirties
 N pages, speculates, dirties N pages and commits. Guest-driven round trips
 per second come from the same guest in its loop mode (speculate, dirty N
 pages, abort, again), timed on the host between two lines it prints.
+
+`--shadow-cost` adds the round trips without this host's shadow page-table
+reset (`SPECVM_UNSAFE_SKIP_SHADOW_RESET=1`, measurement only, see
+vmm/src/host_compat/shadow.rs): the reset's whole cost, the slot move and
+the guest's faults while KVM rebuilds its shadow tables, which a host with
+EPT/NPT does not pay. spec_bench never changes its page tables, so its
+results stay right without the reset.
 """
 
 import argparse
@@ -74,14 +82,15 @@ def tracking_method(stderr):
     return "bitmap (no log line)"
 
 
-def round_trips(mem, pages, reps, cpus=1, mode="cow", specvm=None):
+def round_trips(mem, pages, reps, cpus=1, mode="cow", specvm=None, env=None):
     """Guest-driven speculate/abort round trips per second: spec_bench in
     its loop mode, timed on the host between its `loop start` and
-    `loop end` lines on the serial console."""
+    `loop end` lines on the serial console. `env`: variables to add."""
     arg = pages | (reps << 32) | (1 << 63)
     cmd = [specvm or SPECVM, "run", "--bare", GUEST, "--memory", mem, "--cpus", str(cpus),
            "--guest-arg", str(arg), "--serial", "stdout", "--checkpoint", mode]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, **(env or {})))
     t0 = t1 = None
     try:
         for l in p.stdout:
@@ -140,6 +149,8 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
     ap.add_argument("--baseline", metavar="SPECVM",
                     help="an older specvm binary to run beside this one, interleaved: before/after columns")
+    ap.add_argument("--shadow-cost", action="store_true",
+                    help="also run the round trips without this host's shadow reset (measurement only)")
     ap.add_argument("--compare-tracking", action="store_true",
                     help="also time each dirty-tracking method (SPECVM_DIRTY_TRACKING) side by side")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "checkpoint.md"))
@@ -204,8 +215,9 @@ def main():
 
     out(f"\n## Guest-driven round trips (speculate, dirty N pages, abort), {args.round_trips} per run, timed on the host\n")
     bcols = " baseline round trips / s | this / baseline |" if args.baseline else ""
-    out("| memory | vCPUs | dirty pages | specvm round trips / s | naive full copy round trips / s | specvm / naive |" + bcols)
-    out("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * (2 if args.baseline else 0))
+    scols = " without the shadow reset / s | reset's share of a round trip |" if args.shadow_cost else ""
+    out("| memory | vCPUs | dirty pages | specvm round trips / s | naive full copy round trips / s | specvm / naive |" + bcols + scols)
+    out("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * ((2 if args.baseline else 0) + (2 if args.shadow_cost else 0)))
     for ncpu in cpus:
         for mem, mib in sizes:
             for n in [x for x in (1, 100) if x in dirty]:
@@ -217,6 +229,10 @@ def main():
                 if args.baseline:
                     b = round_trips(mem, n, args.round_trips, cpus=ncpu, specvm=args.baseline)
                     extra = f" {b:,.0f} | {rt / b:.2f}x |"
+                if args.shadow_cost:
+                    ns = round_trips(mem, n, args.round_trips, cpus=ncpu,
+                                     env={"SPECVM_UNSAFE_SKIP_SHADOW_RESET": "1"})
+                    extra += f" {ns:,.0f} | {(1 / rt - 1 / ns) * rt:.0%} |"
                 out(f"| {mem} | {ncpu} | {n} | {rt:,.0f} | {naive:,.1f} | {rt / naive:,.0f}x |" + extra)
                 print(lines[-1], flush=True)
 

@@ -91,6 +91,9 @@ impl ShadowReset {
     /// Moves the slot to its other address: KVM drops every shadow page,
     /// and rebuilds them from the guest's (restored) page tables.
     pub fn drop_shadow_pages(&self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+        if skip_for_measurement() {
+            return Ok(());
+        }
         let _cpu = OnBootCpu::enter();
         let alt = self.at_alt.load(Ordering::Relaxed);
         let to = if alt {
@@ -114,6 +117,31 @@ impl ShadowReset {
         self.at_alt.store(!alt, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Whether `SPECVM_UNSAFE_SKIP_SHADOW_RESET=1` asks to skip the reset.
+///
+/// For measurement only: `benches/checkpoint.py --shadow-cost` runs the
+/// guest-driven round trips with and without it, to show what the reset
+/// (the slot move, then the guest's faults while KVM rebuilds its shadow
+/// tables) costs on this host, and so about what a host with EPT/NPT would
+/// see. It is unsafe for any guest that changes its page tables while it
+/// speculates: after an abort it would run on through translations of the
+/// page tables from after the checkpoint. `spec_bench` does not, so its
+/// results stay right. The VMM says so once, at the first rollback.
+fn skip_for_measurement() -> bool {
+    static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SKIP.get_or_init(|| {
+        let skip = std::env::var("SPECVM_UNSAFE_SKIP_SHADOW_RESET").as_deref() == Ok("1");
+        if skip {
+            tracing::warn!(
+                "SPECVM_UNSAFE_SKIP_SHADOW_RESET=1: rollbacks keep KVM's shadow page tables; \
+                 a guest that changed its page tables while speculating will misbehave \
+                 (for measurement only)"
+            );
+        }
+        skip
+    })
 }
 
 /// Keeps the calling thread on the boot CPU (CPU 0 on x86) while it lives,
