@@ -71,19 +71,42 @@ pub fn read_pieces(
     mut f: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
     on_io: impl Fn(io::Error) -> SnapshotError,
 ) -> Result<(), SnapshotError> {
-    let mut buf = vec![0u8; IO_CHUNK];
+    read_chunks(
+        file,
+        extents,
+        |p, b| {
+            for (off, n) in pieces(&[(p, b.len() as u64)]) {
+                f(off, &b[(off - p) as usize..(off - p + n) as usize])?;
+            }
+            Ok(())
+        },
+        on_io,
+    )
+}
+
+/// Calls `f(offset, bytes)` for `extents` in `file`, in order, one read
+/// of up to [`IO_CHUNK`] bytes per call, each ending at a [`SUM_CHUNK`]
+/// window boundary or an extent's end, so that it holds whole pieces. The
+/// chunks are page-aligned in memory, and in the file when the extents are.
+pub fn read_chunks(
+    file: &File,
+    extents: &[(u64, u64)],
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
+    on_io: impl Fn(io::Error) -> SnapshotError,
+) -> Result<(), SnapshotError> {
+    // Page-aligned, so that a writer may hand the chunks to a file opened
+    // with O_DIRECT (see `DirWriter::write_layer`).
+    let mut space = vec![0u8; IO_CHUNK + PAGE as usize];
+    let skip = space.as_ptr().align_offset(PAGE as usize);
+    let buf = &mut space[skip..skip + IO_CHUNK];
     for &(start, len) in extents {
         let end = start + len;
         let mut p = start;
         while p < end {
-            // End the read at a window boundary, so that it holds whole
-            // pieces.
             let stop = ((p + IO_CHUNK as u64) / SUM_CHUNK * SUM_CHUNK).min(end);
             let b = &mut buf[..(stop - p) as usize];
             file.read_exact_at(b, p).map_err(&on_io)?;
-            for (off, n) in pieces(&[(p, stop - p)]) {
-                f(off, &b[(off - p) as usize..(off - p + n) as usize])?;
-            }
+            f(p, b)?;
             p = stop;
         }
     }
@@ -219,6 +242,14 @@ impl LayerBuilder {
     /// Records the checksum of the next piece.
     pub fn piece(&mut self, bytes: &[u8]) {
         self.layer.sums.push(xxh3_64(bytes));
+    }
+
+    /// Records the checksums of the pieces of `bytes`, read from file
+    /// offset `off` (a chunk of [`read_chunks`]).
+    pub fn chunk(&mut self, off: u64, bytes: &[u8]) {
+        for (o, n) in pieces(&[(off, bytes.len() as u64)]) {
+            self.piece(&bytes[(o - off) as usize..(o - off + n) as usize]);
+        }
     }
 
     /// The finished record.
