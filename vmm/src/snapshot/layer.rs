@@ -94,23 +94,69 @@ pub fn read_chunks(
     mut f: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
     on_io: impl Fn(io::Error) -> SnapshotError,
 ) -> Result<(), SnapshotError> {
-    // Page-aligned, so that a writer may hand the chunks to a file opened
-    // with O_DIRECT (see `DirWriter::write_layer`).
-    let mut space = vec![0u8; IO_CHUNK + PAGE as usize];
-    let skip = space.as_ptr().align_offset(PAGE as usize);
-    let buf = &mut space[skip..skip + IO_CHUNK];
-    for &(start, len) in extents {
-        let end = start + len;
-        let mut p = start;
-        while p < end {
-            let stop = ((p + IO_CHUNK as u64) / SUM_CHUNK * SUM_CHUNK).min(end);
-            let b = &mut buf[..(stop - p) as usize];
-            file.read_exact_at(b, p).map_err(&on_io)?;
-            f(p, b)?;
-            p = stop;
-        }
+    let mut buf = ChunkBuf::new();
+    for (p, n) in chunks(extents) {
+        let b = buf.read(file, p, n).map_err(&on_io)?;
+        f(p, b)?;
     }
     Ok(())
+}
+
+/// The chunks [`read_chunks`] reads: (file offset, length), in order.
+pub fn chunks(extents: &[(u64, u64)]) -> impl Iterator<Item = (u64, usize)> + '_ {
+    extents.iter().flat_map(|&(start, len)| {
+        let end = start + len;
+        let mut p = start;
+        std::iter::from_fn(move || {
+            (p < end).then(|| {
+                let stop = ((p + IO_CHUNK as u64) / SUM_CHUNK * SUM_CHUNK).min(end);
+                let chunk = (p, (stop - p) as usize);
+                p = stop;
+                chunk
+            })
+        })
+    })
+}
+
+/// A buffer for one chunk, page-aligned so that a writer may hand it to a
+/// file opened with O_DIRECT (see `DirWriter::write_layer`).
+pub struct ChunkBuf {
+    space: Vec<u8>,
+    skip: usize,
+    len: usize,
+}
+
+impl ChunkBuf {
+    /// An empty buffer of [`IO_CHUNK`] bytes.
+    pub fn new() -> Self {
+        let space = vec![0u8; IO_CHUNK + PAGE as usize];
+        let skip = space.as_ptr().align_offset(PAGE as usize);
+        Self {
+            space,
+            skip,
+            len: 0,
+        }
+    }
+
+    /// Reads `n` (at most [`IO_CHUNK`]) bytes of `file` at `off` into the
+    /// buffer, and returns them.
+    pub fn read(&mut self, file: &File, off: u64, n: usize) -> io::Result<&[u8]> {
+        let b = &mut self.space[self.skip..self.skip + n.min(IO_CHUNK)];
+        file.read_exact_at(b, off)?;
+        self.len = b.len();
+        Ok(b)
+    }
+
+    /// What the last [`ChunkBuf::read`] read.
+    pub fn bytes(&self) -> &[u8] {
+        &self.space[self.skip..self.skip + self.len]
+    }
+}
+
+impl Default for ChunkBuf {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Layer {

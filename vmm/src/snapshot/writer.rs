@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::files::{data_runs, io_err, open_regular, read_state_bytes, STATE};
-use super::layer::{read_chunks, Layer, LayerBuilder};
+use super::layer::{chunks, ChunkBuf, Layer, LayerBuilder};
 use super::{codec, memory_name, SnapshotError, VmSnapshot};
 use crate::vstate::memory::PAGE_SIZE;
 
@@ -149,20 +149,11 @@ impl DirWriter {
         out.set_len(len)
             .map_err(io_err("sizing the snapshot memory file", &path))?;
         let mut b = LayerBuilder::new(id, extents.clone());
-        read_chunks(
-            src,
-            &extents,
-            |off, bytes| {
-                b.chunk(off, bytes);
-                out.write_all_at(bytes, off)
-                    .map_err(io_err("writing the snapshot memory file", &path))
-            },
-            |err| SnapshotError::Io {
-                what: "reading guest memory",
-                path: path.clone(),
-                err,
-            },
-        )?;
+        copy_chunks(src, &out, &extents, &mut b).map_err(|(what, err)| SnapshotError::Io {
+            what,
+            path: path.clone(),
+            err,
+        })?;
         out.sync_all()
             .map_err(io_err("syncing the snapshot memory file", &path))?;
         Ok(b.finish())
@@ -268,6 +259,67 @@ impl Drop for DirWriter {
 }
 
 /// `state-<id>.new`: the state file of snapshot `id` before its commit.
+/// Copies `extents` of `src` into the same places of `out`, recording each
+/// piece's checksum in `b`. Reading and checksumming go on here while a
+/// second thread writes the chunk before: the disk works while the CPU
+/// does, and with `O_DIRECT` each write takes as long as the disk does.
+/// Three buffers go round between the two threads. An error names the
+/// side that failed.
+fn copy_chunks(
+    src: &File,
+    out: &File,
+    extents: &[(u64, u64)],
+    b: &mut LayerBuilder,
+) -> Result<(), (&'static str, std::io::Error)> {
+    const BUFFERS: usize = 3;
+    std::thread::scope(|scope| {
+        let (to_disk, written) = std::sync::mpsc::sync_channel::<(u64, ChunkBuf)>(BUFFERS);
+        let (give_back, spare) = std::sync::mpsc::channel::<ChunkBuf>();
+        let writer = scope.spawn(move || -> std::io::Result<()> {
+            for (off, buf) in written {
+                out.write_all_at(buf.bytes(), off)?;
+                // The reader may have stopped: then the buffer just goes.
+                let _ = give_back.send(buf);
+            }
+            Ok(())
+        });
+        let mut made = 0;
+        let mut read_err = None;
+        for (off, n) in chunks(extents) {
+            let mut buf = match spare.try_recv() {
+                Ok(buf) => buf,
+                Err(_) if made < BUFFERS => {
+                    made += 1;
+                    ChunkBuf::new()
+                }
+                // None comes back once the writer has stopped (it failed).
+                Err(_) => match spare.recv() {
+                    Ok(buf) => buf,
+                    Err(_) => break,
+                },
+            };
+            match buf.read(src, off, n) {
+                Ok(bytes) => b.chunk(off, bytes),
+                Err(e) => {
+                    read_err = Some(e);
+                    break;
+                }
+            }
+            if to_disk.send((off, buf)).is_err() {
+                break;
+            }
+        }
+        drop(to_disk);
+        let wrote = writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the writing thread panicked")));
+        if let Some(e) = read_err {
+            return Err(("reading guest memory", e));
+        }
+        wrote.map_err(|e| ("writing the snapshot memory file", e))
+    })
+}
+
 /// Has writes to `f` bypass the page cache (`O_DIRECT`), where its file
 /// system allows it; else they stay buffered, and the `fsync` that follows
 /// every layer makes them durable all the same.
@@ -278,7 +330,7 @@ impl Drop for DirWriter {
 /// kernel's copy into new cache pages, and `dd` wrote the same 224 MiB in
 /// 136-156 ms with `oflag=direct` against 376-682 ms buffered and synced
 /// (`docs/benchmarks/snapshot.md`). The writes qualify: the chunks of
-/// `read_chunks` are page-aligned in memory, and a layer's extents are
+/// [`ChunkBuf`] are page-aligned in memory, and a layer's extents are
 /// whole pages, so every offset and length is a multiple of 4 KiB.
 fn direct_io(f: &File) {
     use std::os::fd::AsRawFd;
