@@ -240,13 +240,7 @@ impl Layer {
     /// mapping: every piece against its checksum, and every byte outside
     /// the extents that the file holds as data (not as a hole) is zero.
     pub fn check_base(&self, file: &File, path: &Path, mem_size: u64) -> Result<(), SnapshotError> {
-        let mut sums = self.sums.iter();
-        read_pieces(
-            file,
-            &self.extents,
-            |off, b| check_piece(path, off, b, sums.next().copied()),
-            io_err(path),
-        )?;
+        self.check_sums(file, path)?;
         let runs = data_runs(file, mem_size).map_err(io_err(path))?;
         let outside = subtract(&runs, &self.extents);
         read_pieces(
@@ -265,6 +259,97 @@ impl Layer {
             io_err(path),
         )
     }
+}
+
+impl Layer {
+    /// Checks every piece of the extents against its checksum. A large
+    /// layer is cut into parts at window boundaries, checked on a thread
+    /// each (up to [`CHECK_THREADS`], one per CPU): hashing a filled
+    /// guest's memory is CPU-bound, and a restore waits for it. The error
+    /// is the first damage in file order, as a single pass would find.
+    fn check_sums(&self, file: &File, path: &Path) -> Result<(), SnapshotError> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(CHECK_THREADS);
+        self.check_sums_in(file, path, threads, CHECK_PART_MIN)
+    }
+
+    /// [`Layer::check_sums`] with `threads` parts of at least `min` bytes.
+    fn check_sums_in(
+        &self,
+        file: &File,
+        path: &Path,
+        threads: usize,
+        min: u64,
+    ) -> Result<(), SnapshotError> {
+        let parts = split_extents(&self.extents, threads, min);
+        let check = |(first, extents): &(usize, Vec<(u64, u64)>)| {
+            let mut sums = self.sums.iter().skip(*first);
+            read_pieces(
+                file,
+                extents,
+                |off, b| check_piece(path, off, b, sums.next().copied()),
+                io_err(path),
+            )
+        };
+        if parts.len() < 2 {
+            return parts.iter().try_for_each(check);
+        }
+        std::thread::scope(|scope| {
+            let running: Vec<_> = parts
+                .iter()
+                .map(|p| scope.spawn(move || check(p)))
+                .collect();
+            // Joined in file order: the first error is the lowest damage.
+            let results: Vec<_> = running
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(SnapshotError::Corrupt("the memory check panicked".into()))
+                    })
+                })
+                .collect();
+            results.into_iter().collect()
+        })
+    }
+}
+
+/// Most threads one layer's check uses.
+const CHECK_THREADS: usize = 4;
+/// Fewest bytes worth a thread of their own.
+const CHECK_PART_MIN: u64 = 32 << 20;
+
+/// Cuts `extents` into at most `parts` runs of about equal bytes (none
+/// under `min` bytes), at [`SUM_CHUNK`] window boundaries, so that each
+/// run's pieces are exactly a stretch of the whole's pieces. Returns each
+/// run with the index of its first piece.
+fn split_extents(extents: &[(u64, u64)], parts: usize, min: u64) -> Vec<(usize, Vec<(u64, u64)>)> {
+    let total: u64 = extents.iter().map(|e| e.1).sum();
+    let parts = (parts as u64).min(total / min.max(1)).max(1);
+    let share = total.div_ceil(parts);
+    let mut out = vec![(0, Vec::new())];
+    let mut in_part = 0u64;
+    let mut first_piece = 0usize;
+    for &(start, len) in extents {
+        let (mut p, end) = (start, start + len);
+        while p < end {
+            // Cut where the part is full, moved up to a window boundary.
+            let want = p + (share - in_part).max(1);
+            let cut = (want.div_ceil(SUM_CHUNK) * SUM_CHUNK).min(end);
+            let run = (p, cut - p);
+            first_piece += pieces(&[run]).count();
+            let part = out.last_mut().expect("never empty");
+            part.1.push(run);
+            in_part += cut - p;
+            p = cut;
+            if in_part >= share && out.len() < parts as usize {
+                out.push((first_piece, Vec::new()));
+                in_part = 0;
+            }
+        }
+    }
+    out.retain(|(_, e)| !e.is_empty());
+    out
 }
 
 /// Builds a layer's record while it is written: feed it every piece, in
@@ -368,6 +453,91 @@ pub fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_parts_hold_the_same_pieces_in_order() {
+        let extents = vec![
+            (0, 3 * SUM_CHUNK + 4096),
+            (5 * SUM_CHUNK + 8192, 20 * SUM_CHUNK),
+            (40 * SUM_CHUNK, 4096),
+        ];
+        let all: Vec<_> = pieces(&extents).collect();
+        for parts in 1..6 {
+            let split = split_extents(&extents, parts, SUM_CHUNK);
+            assert!(
+                !split.is_empty() && split.len() <= parts,
+                "{parts}: {split:?}"
+            );
+            let mut joined = Vec::new();
+            for (first, e) in &split {
+                assert_eq!(*first, joined.len(), "{parts}: {split:?}");
+                joined.extend(pieces(e));
+            }
+            assert_eq!(joined, all, "{parts} parts");
+        }
+        // Too little data for more than one part.
+        assert_eq!(split_extents(&extents, 4, 1 << 40).len(), 1);
+        assert!(split_extents(&[], 4, 1).is_empty());
+    }
+
+    #[test]
+    fn a_check_in_parts_finds_the_first_damage() {
+        /// Removes the test's folder, also when an assertion fails.
+        struct Gone(std::path::PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = std::env::temp_dir().join(format!("specvm-check-parts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _gone = Gone(dir.clone());
+        let path = dir.join("layer");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        // 16 windows of data in two extents, a hole between them.
+        let extents = vec![(0, 6 * SUM_CHUNK), (8 * SUM_CHUNK, 10 * SUM_CHUNK)];
+        for &(start, len) in &extents {
+            let data: Vec<u8> = (0..len).map(|i| ((start + i) % 251) as u8).collect();
+            file.write_all_at(&data, start).unwrap();
+        }
+        let mut b = LayerBuilder::new(1, extents.clone());
+        read_chunks(
+            &file,
+            &extents,
+            |off, bytes| {
+                b.chunk(off, bytes);
+                Ok(())
+            },
+            io_err(&path),
+        )
+        .unwrap();
+        let layer = b.finish();
+        for threads in [1, 2, 4] {
+            layer
+                .check_sums_in(&file, &path, threads, SUM_CHUNK)
+                .unwrap();
+        }
+        // Damage in the last part and, lower, in the second: every split
+        // reports the lower one.
+        file.write_all_at(&[0xff], 16 * SUM_CHUNK + 7).unwrap();
+        file.write_all_at(&[0xff], 9 * SUM_CHUNK + 3).unwrap();
+        for threads in [1, 2, 4] {
+            let e = layer
+                .check_sums_in(&file, &path, threads, SUM_CHUNK)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("bytes {:#x}..", 9 * SUM_CHUNK)),
+                "{threads}: {e}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn pieces_split_at_windows() {
