@@ -5,8 +5,9 @@
 //! one (userfaultfd serves only anonymous and shmem mappings, not a private
 //! mapping of a file on disk), so pages cannot be checked one by one as
 //! they are first touched. So the check reads the whole layer's data, on a
-//! thread of its own that starts as soon as the layer is mapped, while the
-//! VM, its vCPUs and devices are built:
+//! thread of its own (which splits a large layer across more, see
+//! `Layer::check_base`) that starts as soon as the layer is mapped, while
+//! the VM, its vCPUs and devices are built:
 //! - [`Verify::BeforeStart`] (the default): the restore waits for it before
 //!   it restores the machine state, so no vCPU ever runs on memory that was
 //!   not checked; a damaged layer refuses the restore.
