@@ -239,8 +239,23 @@ impl Layer {
     /// Checks a base layer whole, as the guest would see it through the
     /// mapping: every piece against its checksum, and every byte outside
     /// the extents that the file holds as data (not as a hole) is zero.
-    pub fn check_base(&self, file: &File, path: &Path, mem_size: u64) -> Result<(), SnapshotError> {
-        self.check_sums(file, path)?;
+    /// With `spread`, the checksums are checked on up to one thread per CPU
+    /// (a restore waits for it); without, on the calling thread only (a
+    /// check beside the running guest leaves it the other CPUs).
+    pub fn check_base(
+        &self,
+        file: &File,
+        path: &Path,
+        mem_size: u64,
+        spread: bool,
+    ) -> Result<(), SnapshotError> {
+        let threads = match spread {
+            true => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(CHECK_THREADS),
+            false => 1,
+        };
+        self.check_sums_in(file, path, threads, CHECK_PART_MIN)?;
         let runs = data_runs(file, mem_size).map_err(io_err(path))?;
         let outside = subtract(&runs, &self.extents);
         read_pieces(
@@ -262,19 +277,11 @@ impl Layer {
 }
 
 impl Layer {
-    /// Checks every piece of the extents against its checksum. A large
-    /// layer is cut into parts at window boundaries, checked on a thread
-    /// each (up to [`CHECK_THREADS`], one per CPU): hashing a filled
-    /// guest's memory is CPU-bound, and a restore waits for it. The error
-    /// is the first damage in file order, as a single pass would find.
-    fn check_sums(&self, file: &File, path: &Path) -> Result<(), SnapshotError> {
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(CHECK_THREADS);
-        self.check_sums_in(file, path, threads, CHECK_PART_MIN)
-    }
-
-    /// [`Layer::check_sums`] with `threads` parts of at least `min` bytes.
+    /// Checks every piece of the extents against its checksum, a large
+    /// layer cut into parts at window boundaries, on a thread each (up to
+    /// `threads`, parts of at least `min` bytes): hashing a filled guest's
+    /// memory is CPU-bound. The error is the first damage in file order, as
+    /// a single pass would find.
     fn check_sums_in(
         &self,
         file: &File,

@@ -78,7 +78,7 @@ impl MemoryCheck {
             .name("snapshot-check".into())
             .spawn(move || {
                 let r = layer
-                    .check_base(&file, &path, mem_size)
+                    .check_base(&file, &path, mem_size, !background)
                     .map(|()| started.elapsed().as_micros() as u64);
                 if background {
                     report_in_background(&r);
