@@ -48,18 +48,23 @@ pub struct Layer {
 /// The pieces of `extents`: each extent cut where a [`SUM_CHUNK`] window
 /// ends.
 pub fn pieces(extents: &[(u64, u64)]) -> impl Iterator<Item = (u64, u64)> + '_ {
-    extents.iter().flat_map(|&(start, len)| {
-        let end = start + len;
-        let mut p = start;
-        std::iter::from_fn(move || {
-            if p >= end {
-                return None;
-            }
-            let e = ((p / SUM_CHUNK + 1) * SUM_CHUNK).min(end);
-            let piece = (p, e - p);
-            p = e;
-            Some(piece)
-        })
+    extents
+        .iter()
+        .flat_map(|&(start, len)| run_pieces(start, len))
+}
+
+/// The pieces of one run of `len` bytes at `start`.
+fn run_pieces(start: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = start + len;
+    let mut p = start;
+    std::iter::from_fn(move || {
+        if p >= end {
+            return None;
+        }
+        let e = ((p / SUM_CHUNK + 1) * SUM_CHUNK).min(end);
+        let piece = (p, e - p);
+        p = e;
+        Some(piece)
     })
 }
 
@@ -74,14 +79,16 @@ pub fn read_pieces(
     read_chunks(
         file,
         extents,
-        |p, b| {
-            for (off, n) in pieces(&[(p, b.len() as u64)]) {
-                f(off, &b[(off - p) as usize..(off - p + n) as usize])?;
-            }
-            Ok(())
-        },
+        |p, b| chunk_pieces(p, b).try_for_each(|(off, piece)| f(off, piece)),
         on_io,
     )
+}
+
+/// The pieces of `bytes`, a chunk read from file offset `off`: each with
+/// its own file offset.
+fn chunk_pieces(off: u64, bytes: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    run_pieces(off, bytes.len() as u64)
+        .map(move |(o, n)| (o, &bytes[(o - off) as usize..(o - off + n) as usize]))
 }
 
 /// Calls `f(offset, bytes)` for `extents` in `file`, in order, one read
@@ -274,9 +281,7 @@ impl Layer {
             io_err(path),
         )
     }
-}
 
-impl Layer {
     /// Checks every piece of the extents against its checksum, a large
     /// layer cut into parts at window boundaries, on a thread each (up to
     /// `threads`, parts of at least `min` bytes): hashing a filled guest's
@@ -385,8 +390,8 @@ impl LayerBuilder {
     /// Records the checksums of the pieces of `bytes`, read from file
     /// offset `off` (a chunk of [`read_chunks`]).
     pub fn chunk(&mut self, off: u64, bytes: &[u8]) {
-        for (o, n) in pieces(&[(off, bytes.len() as u64)]) {
-            self.piece(&bytes[(o - off) as usize..(o - off + n) as usize]);
+        for (_, piece) in chunk_pieces(off, bytes) {
+            self.piece(piece);
         }
     }
 
@@ -543,7 +548,6 @@ mod tests {
                 "{threads}: {e}"
             );
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -258,7 +258,6 @@ impl Drop for DirWriter {
     }
 }
 
-/// `state-<id>.new`: the state file of snapshot `id` before its commit.
 /// Copies `extents` of `src` into the same places of `out`, recording each
 /// piece's checksum in `b`. Reading and checksumming go on here while a
 /// second thread writes the chunk before: the disk works while the CPU
@@ -346,6 +345,7 @@ fn direct_io(f: &File) {
     }
 }
 
+/// `state-<id>.new`: the state file of snapshot `id` before its commit.
 fn state_new_name(id: u64) -> String {
     format!("state-{id:016x}.new")
 }
