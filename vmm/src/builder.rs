@@ -330,7 +330,6 @@ impl Platform {
         config: &VmConfig,
     ) -> Result<crate::controller::SnapshotSetup, VmmError> {
         Ok(crate::controller::SnapshotSetup {
-            file: self.ram.file.try_clone().map_err(MemoryError::Memfd)?,
             mem_size: config.mem_size,
             linux: matches!(config.boot, BootSource::Linux { .. }),
             compat: self.compat.clone(),

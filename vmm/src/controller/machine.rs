@@ -90,6 +90,24 @@ impl LiveMachine {
         })
     }
 
+    /// Readies memory for a snapshot (harvesting the dirty pages, which
+    /// the snapshot then reads where they are, see
+    /// [`MemoryTracker::prepare_snapshot`]), then saves the machine.
+    /// Everything is paused.
+    pub fn capture_for_snapshot(&mut self) -> Result<MachineState, ControlError> {
+        let t = Instant::now();
+        self.memory.prepare_snapshot(&self.vm.fd)?;
+        self.stats.record("snapshot.memory", t);
+        if let Some(d) = self.memory.take_materialize_time() {
+            self.stats.record_duration("materialize", d);
+        }
+        self.record_harvest();
+        let t = Instant::now();
+        let machine = self.save()?;
+        self.stats.record("snapshot.state", t);
+        Ok(machine)
+    }
+
     /// Puts memory back to the last of `popped`, then the machine state
     /// through [`machine::restore`]. (This host's shadow reset stays before
     /// the vCPUs' restore: run at the same time as it, it took twice as

@@ -4,7 +4,6 @@
 //! since this VM's last snapshot in the same directory), commit the state
 //! file, resume. See `docs/snapshots.md`.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,9 +15,6 @@ use crate::snapshot::{new_id, now_ns, Layer, SnapshotError, VmSnapshot, MAX_LAYE
 
 /// What the controller needs to write snapshots of its VM.
 pub struct SnapshotSetup {
-    /// The guest memory file (the memfd), which holds all of guest memory
-    /// once the dirty pages are flushed into it.
-    pub file: File,
     /// Guest memory size in bytes.
     pub mem_size: u64,
     /// Whether the guest booted Linux.
@@ -150,10 +146,10 @@ impl Controller {
     /// Saves the paused VM as the snapshot `p` prepared.
     fn write_into(&mut self, p: Prepared) -> Result<Result<Written, SnapshotError>, ControlError> {
         let Prepared { mut w, id, canon } = p;
-        // The checkpoint code flushes every dirty page into the memory file
-        // (the stack is empty, so no undo log is kept) and saves vCPUs,
-        // in-kernel devices and device models: one mechanism for both.
-        let cp = self.machine.capture(None, None)?;
+        // The pages written since the last flush are read from the guest's
+        // mapping, not flushed; vCPUs, in-kernel devices and device models
+        // are saved by the checkpoint code: one mechanism for both.
+        let machine = self.machine.capture_for_snapshot()?;
         let pages = self.machine.memory.take_since_snapshot();
         // The disks before the memory layer: a refusal (too much disk
         // data) writes nothing.
@@ -170,10 +166,12 @@ impl Controller {
             .filter(|(d, _)| *d == canon)
             .and_then(|&(_, id)| on_disk(w.committed(), id, setup.mem_size))
             .filter(|layers| layers.len() < MAX_LAYERS);
+        let src = self.machine.memory.snapshot_source();
         let layer = match &prev {
-            Some(_) => w.write_diff(&setup.file, setup.mem_size, &pages, id),
-            None => w.write_full(&setup.file, setup.mem_size, id),
+            Some(_) => w.write_diff(&src, setup.mem_size, &pages, id),
+            None => w.write_full(&src, setup.mem_size, id),
         };
+        drop(src);
         let layer = match layer {
             Ok(l) => l,
             Err(e) => return Ok(Err(e)),
@@ -190,7 +188,7 @@ impl Controller {
             // The vCPUs are paused: the kernel writes no MSR meanwhile.
             trampoline: setup.compat.as_ref().and_then(HostCompat::save_trampoline),
             saved_at_ns: now_ns(),
-            machine: cp.machine,
+            machine,
             disks,
             memory_check: Default::default(),
         };

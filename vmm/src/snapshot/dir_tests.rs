@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::files::{self, STATE};
 use super::layer::SUM_CHUNK;
 use super::memory::restore_memory;
+use super::source::MemorySource;
 use super::writer::{DirWriter, LOCK};
 use super::*;
 use crate::vstate::memory::{create_guest_memory, GuestRam};
@@ -72,7 +73,7 @@ fn state(id: u64, layers: Vec<Layer>) -> VmSnapshot {
 /// Writes a full snapshot `id` of `src` into `dir`.
 fn full(dir: &Path, src: &File, id: u64) -> VmSnapshot {
     let mut w = DirWriter::open(dir).unwrap();
-    let l = w.write_full(src, MEM, id).unwrap();
+    let l = w.write_full(&MemorySource::file(src), MEM, id).unwrap();
     let s = state(id, vec![l]);
     w.commit(&s).unwrap();
     s
@@ -81,7 +82,9 @@ fn full(dir: &Path, src: &File, id: u64) -> VmSnapshot {
 /// Writes a diff snapshot `id` of `pages` of `src` on top of `prev`.
 fn diff(dir: &Path, src: &File, prev: &VmSnapshot, pages: &[u64], id: u64) -> VmSnapshot {
     let mut w = DirWriter::open(dir).unwrap();
-    let l = w.write_diff(src, MEM, pages, id).unwrap();
+    let l = w
+        .write_diff(&MemorySource::file(src), MEM, pages, id)
+        .unwrap();
     let mut layers = prev.layers.clone();
     layers.push(l);
     let s = state(id, layers);
@@ -115,7 +118,9 @@ fn a_second_writer_is_refused_while_the_first_holds_the_lock() {
             .contains("another specvm is writing a snapshot"),
         "{e}"
     );
-    let l = first.write_full(&ram.file, MEM, 7).unwrap();
+    let l = first
+        .write_full(&MemorySource::file(&ram.file), MEM, 7)
+        .unwrap();
     first.commit(&state(7, vec![l])).unwrap();
     // Committed: the lock is free, and the snapshot whole.
     DirWriter::open(&d.0).unwrap();
@@ -200,7 +205,9 @@ fn a_failed_write_leaves_nothing_behind() {
     let before = d.names();
     for id in [0xb, 0xc, 0xd] {
         let mut w = DirWriter::open(&d.0).unwrap();
-        assert!(w.write_full(&unreadable, MEM, id).is_err());
+        assert!(w
+            .write_full(&MemorySource::file(&unreadable), MEM, id)
+            .is_err());
         drop(w);
         assert_eq!(d.names(), before, "attempt {id:x} left files");
     }
@@ -218,7 +225,8 @@ fn a_crashed_writers_files_are_removed_by_the_next_writer() {
     let a = full(&d.0, &ram.file, 0xa);
     // Crashes after writing a layer, and after writing the state too.
     let mut w = DirWriter::open(&d.0).unwrap();
-    w.write_full(&ram.file, MEM, 0xb).unwrap();
+    w.write_full(&MemorySource::file(&ram.file), MEM, 0xb)
+        .unwrap();
     w.crash();
     assert!(d.join("memory-000000000000000b").exists());
     // The crashed writer's layer goes when the next writer starts, whether
@@ -226,7 +234,9 @@ fn a_crashed_writers_files_are_removed_by_the_next_writer() {
     let mut w = DirWriter::open(&d.0).unwrap();
     assert!(!d.join("memory-000000000000000b").exists());
     assert!(d.join("memory-000000000000000a").exists());
-    let l = w.write_diff(&ram.file, MEM, &[1], 0xc).unwrap();
+    let l = w
+        .write_diff(&MemorySource::file(&ram.file), MEM, &[1], 0xc)
+        .unwrap();
     w.crash();
     // A journal naming a committed layer leaves it: here, `c` is
     // committed by hand as if the crash came after the rename.
@@ -467,4 +477,45 @@ fn a_version_2_snapshot_is_replaced_with_its_layers() {
         ],
         "the version 2 state's two layers went, the unnamed file stayed"
     );
+}
+
+#[test]
+fn a_layer_written_from_mappings_holds_the_newer_pages() {
+    let d = Dir::new("mapped");
+    // The file: pages 0..2048 (8 MiB) hold their number's low byte.
+    let ram = create_guest_memory(MEM).unwrap();
+    let file: Vec<u8> = (0..2048u64)
+        .flat_map(|p| vec![p as u8; PAGE as usize])
+        .collect();
+    ram.file.write_all_at(&file, 0).unwrap();
+    // Page-aligned, as mappings are (O_DIRECT writes need it).
+    let mut space = vec![0u8; (MEM + 523 * PAGE) as usize];
+    let skip = space.as_ptr().align_offset(PAGE as usize);
+    let (view, rest) = space[skip..].split_at_mut(MEM as usize);
+    ram.file.read_exact_at(view, 0).unwrap();
+    // Newer pages: a run inside the first 1 MiB chunk (so that chunk is
+    // copied, the others written in place and joined), and 2 MiB from an
+    // unaligned page past the file's data.
+    let (a, rest) = rest.split_at_mut(10 * PAGE as usize);
+    let b = &mut rest[..512 * PAGE as usize];
+    a.fill(0xa0);
+    b.fill(0xb0);
+    let src =
+        MemorySource::with_overlay(&ram.file, view, vec![(100 * PAGE, &*a), (3000 * PAGE, &*b)]);
+    let mut w = DirWriter::open(&d.0).unwrap();
+    let l = w.write_full(&src, MEM, 0x21).unwrap();
+    w.commit(&state(0x21, vec![l])).unwrap();
+    let back = restore(&d.0).unwrap();
+    for p in [0, 99, 110, 255, 256, 1000, 2047] {
+        assert_eq!(byte_at(&back, p), p as u8, "page {p}");
+    }
+    for p in [100, 109] {
+        assert_eq!(byte_at(&back, p), 0xa0, "page {p}");
+    }
+    for p in [2048, 2999, 3512, 8191] {
+        assert_eq!(byte_at(&back, p), 0, "page {p}");
+    }
+    for p in [3000, 3511] {
+        assert_eq!(byte_at(&back, p), 0xb0, "page {p}");
+    }
 }

@@ -125,6 +125,25 @@ pub fn chunks(extents: &[(u64, u64)]) -> impl Iterator<Item = (u64, usize)> + '_
     })
 }
 
+/// What a [`ChunkBuf`] reads from: a file, or guest memory as a snapshot
+/// sees it ([`super::source::MemorySource`]).
+pub trait ReadAt {
+    /// Reads exactly `buf.len()` bytes at `off`.
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, off)
+    }
+}
+
+impl ReadAt for super::source::MemorySource<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        super::source::MemorySource::read_exact_at(self, buf, off)
+    }
+}
+
 /// A buffer for one chunk, page-aligned so that a writer may hand it to a
 /// file opened with O_DIRECT (see `DirWriter::write_layer`).
 pub struct ChunkBuf {
@@ -147,7 +166,7 @@ impl ChunkBuf {
 
     /// Reads `n` (at most [`IO_CHUNK`]) bytes of `file` at `off` into the
     /// buffer, and returns them.
-    pub fn read(&mut self, file: &File, off: u64, n: usize) -> io::Result<&[u8]> {
+    pub fn read(&mut self, file: &impl ReadAt, off: u64, n: usize) -> io::Result<&[u8]> {
         let b = &mut self.space[self.skip..self.skip + n.min(IO_CHUNK)];
         file.read_exact_at(b, off)?;
         self.len = b.len();

@@ -34,6 +34,7 @@ pub mod files;
 pub mod layer;
 pub mod memory;
 pub mod restore;
+pub mod source;
 pub mod verify;
 pub mod writer;
 

@@ -33,8 +33,9 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::files::{data_runs, io_err, open_regular, read_state_bytes, STATE};
+use super::files::{io_err, open_regular, read_state_bytes, STATE};
 use super::layer::{chunks, ChunkBuf, Layer, LayerBuilder};
+use super::source::MemorySource;
 use super::{codec, memory_name, SnapshotError, VmSnapshot};
 use crate::vstate::memory::PAGE_SIZE;
 
@@ -101,20 +102,17 @@ impl DirWriter {
         self.committed.snap.as_ref()
     }
 
-    /// Writes `src`'s first `len` bytes (the guest memory file) as the
-    /// full layer of snapshot `id`, holes left as holes, synced.
-    pub fn write_full(&mut self, src: &File, len: u64, id: u64) -> Result<Layer, SnapshotError> {
-        let runs = data_runs(src, len).map_err(io_err("reading guest memory", &self.dir))?;
-        // Whole pages (the memfd's runs are, on tmpfs), merged where the
-        // rounding makes them meet.
-        let mut extents: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
-        for (s, n) in runs {
-            let (start, end) = (s / PAGE * PAGE, (s + n).div_ceil(PAGE) * PAGE);
-            match extents.last_mut() {
-                Some((ps, pn)) if *ps + *pn >= start => *pn = end.max(*ps + *pn) - *ps,
-                _ => extents.push((start, end - start)),
-            }
-        }
+    /// Writes `src`'s first `len` bytes (guest memory) as the full layer
+    /// of snapshot `id`, holes left as holes, synced.
+    pub fn write_full(
+        &mut self,
+        src: &MemorySource<'_>,
+        len: u64,
+        id: u64,
+    ) -> Result<Layer, SnapshotError> {
+        let extents = src
+            .extents(len)
+            .map_err(io_err("reading guest memory", &self.dir))?;
         self.write_layer(src, len, id, extents)
     }
 
@@ -123,7 +121,7 @@ impl DirWriter {
     /// are not touched, so its cost follows the number of pages.
     pub fn write_diff(
         &mut self,
-        src: &File,
+        src: &MemorySource<'_>,
         len: u64,
         pages: &[u64],
         id: u64,
@@ -137,7 +135,7 @@ impl DirWriter {
 
     fn write_layer(
         &mut self,
-        src: &File,
+        src: &MemorySource<'_>,
         len: u64,
         id: u64,
         extents: Vec<(u64, u64)>,
@@ -258,33 +256,87 @@ impl Drop for DirWriter {
     }
 }
 
+/// A write on its way to the disk.
+enum Chunk<'a> {
+    /// Guest memory in place: written straight from its mapping.
+    Mapped(&'a [u8]),
+    /// Copied into a buffer (a chunk whose bytes lie in more than one
+    /// mapping, or in a file read with `pread`).
+    Copied(ChunkBuf),
+}
+
+/// The most guest memory written in place by one write: the chunks that
+/// follow each other in one mapping and in the layer are joined up to
+/// this. Fewer, larger writes were a little quicker here (full snapshots
+/// of filled memory, 1 MiB against 8 MiB writes, runs alternated):
+/// 118-143 against 116-134 ms at 256 MiB, 504-555 against 457-511 ms at
+/// 1 GiB. The disk's noise is as large as the gain, so the case for it
+/// is mostly the 8x fewer system calls.
+const MAX_WRITE: usize = 8 << 20;
+
 /// Copies `extents` of `src` into the same places of `out`, recording each
-/// piece's checksum in `b`. Reading and checksumming go on here while a
-/// second thread writes the chunk before: the disk works while the CPU
-/// does, and with `O_DIRECT` each write takes as long as the disk does.
-/// Three buffers go round between the two threads. An error names the
-/// side that failed.
-fn copy_chunks(
-    src: &File,
+/// piece's checksum in `b`. Checksumming goes on here while a second
+/// thread writes what came before: the disk works while the CPU does, and
+/// with `O_DIRECT` each write takes as long as the disk does. Chunks that
+/// lie in one mapping are written from it in place (the vCPUs are paused,
+/// so it holds still), joined up to [`MAX_WRITE`]; others are copied into
+/// one of three buffers that go round between the two threads. An error
+/// names the side that failed.
+fn copy_chunks<'a>(
+    src: &MemorySource<'a>,
     out: &File,
     extents: &[(u64, u64)],
     b: &mut LayerBuilder,
 ) -> Result<(), (&'static str, std::io::Error)> {
     const BUFFERS: usize = 3;
     std::thread::scope(|scope| {
-        let (to_disk, written) = std::sync::mpsc::sync_channel::<(u64, ChunkBuf)>(BUFFERS);
+        let (to_disk, written) = std::sync::mpsc::sync_channel::<(u64, Chunk<'a>)>(BUFFERS);
         let (give_back, spare) = std::sync::mpsc::channel::<ChunkBuf>();
         let writer = scope.spawn(move || -> std::io::Result<()> {
-            for (off, buf) in written {
-                out.write_all_at(buf.bytes(), off)?;
-                // The reader may have stopped: then the buffer just goes.
-                let _ = give_back.send(buf);
+            for (off, chunk) in written {
+                match chunk {
+                    Chunk::Mapped(bytes) => out.write_all_at(bytes, off)?,
+                    Chunk::Copied(buf) => {
+                        out.write_all_at(buf.bytes(), off)?;
+                        // The reader may have stopped: then the buffer
+                        // just goes.
+                        let _ = give_back.send(buf);
+                    }
+                }
             }
             Ok(())
         });
         let mut made = 0;
         let mut read_err = None;
+        // Mapped chunks not yet sent, joined: (offset, bytes).
+        let mut joined: Option<(u64, &'a [u8])> = None;
+        let send = |j: Option<(u64, &'a [u8])>| match j {
+            Some((off, bytes)) => to_disk.send((off, Chunk::Mapped(bytes))).is_ok(),
+            None => true,
+        };
         for (off, n) in chunks(extents) {
+            // O_DIRECT needs page-aligned memory; mappings are.
+            let in_place = src
+                .mapped(off, n)
+                .filter(|b| b.as_ptr().align_offset(PAGE as usize) == 0);
+            if let Some(bytes) = in_place {
+                b.chunk(off, bytes);
+                let longer = joined
+                    .filter(|(o, j)| o + j.len() as u64 == off && j.len() + n <= MAX_WRITE)
+                    .and_then(|(o, j)| Some((o, src.mapped(o, j.len() + n)?)));
+                match longer {
+                    Some(l) => joined = Some(l),
+                    None => {
+                        if !send(joined.replace((off, bytes))) {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            if !send(joined.take()) {
+                break;
+            }
             let mut buf = match spare.try_recv() {
                 Ok(buf) => buf,
                 Err(_) if made < BUFFERS => {
@@ -304,9 +356,12 @@ fn copy_chunks(
                     break;
                 }
             }
-            if to_disk.send((off, buf)).is_err() {
+            if to_disk.send((off, Chunk::Copied(buf))).is_err() {
                 break;
             }
+        }
+        if read_err.is_none() {
+            send(joined.take());
         }
         drop(to_disk);
         let wrote = writer

@@ -26,8 +26,9 @@ impl MemoryTracker {
 
     /// The pages written since the last call, by the guest (KVM's record,
     /// which this also clears, see [`crate::vstate::dirty`]) or by the VMM
-    /// (its own bitmap, also cleared). Sorted, each once. Also noted for
-    /// the next snapshot. Costs in proportion to the pages written (and,
+    /// (its own bitmap, also cleared), and those a snapshot harvested
+    /// without flushing. Sorted, each once. Newly reported ones are noted
+    /// for the next snapshot. Costs in proportion to the pages written (and,
     /// with KVM's bitmap methods, to one bit per page of memory).
     pub(super) fn take_dirty(&mut self, vm: &VmFd) -> Result<Vec<u64>, CowError> {
         let t = std::time::Instant::now();
@@ -41,13 +42,20 @@ impl MemoryTracker {
         pages.sort_unstable();
         pages.dedup();
         self.since_snapshot.note(&pages);
+        // A snapshot's harvest that was never flushed: those pages are
+        // still newer than the file (and already noted for snapshots).
+        if !self.unflushed.is_empty() {
+            pages.append(&mut self.unflushed);
+            pages.sort_unstable();
+            pages.dedup();
+        }
         self.harvested_in = Some(t.elapsed());
         Ok(pages)
     }
 
     /// Contiguous runs of the sorted `pages`, split where a range ends,
     /// each with the host address of its first page.
-    fn host_runs(&self, pages: &[u64]) -> Vec<(Range<u64>, *mut u8)> {
+    pub(super) fn host_runs(&self, pages: &[u64]) -> Vec<(Range<u64>, *mut u8)> {
         let ranges = self.layout.ranges();
         self.layout
             .page_runs(pages)

@@ -240,3 +240,64 @@ fn a_restored_vm_materializes_its_memory_at_the_first_checkpoint() {
         "materialized only once"
     );
 }
+
+#[test]
+fn a_snapshot_reads_unflushed_pages_where_they_are() {
+    let ram = create_guest_memory(32 * MIB).unwrap();
+    let test = "spec::memory::a_snapshot_reads_unflushed_pages_where_they_are";
+    let Some(vm) = kvm_vm_or_skip(test, &ram.mem) else {
+        return;
+    };
+    let mut t = tracker_for(&ram, &vm, Strategy::CopyOnWrite);
+    put(&ram, 2, 1);
+    t.checkpoint(&vm.fd, None).unwrap();
+    assert!(t.take_since_snapshot().contains(&2));
+    put(&ram, 2, 2);
+    put(&ram, 7, 7);
+    t.prepare_snapshot(&vm.fd).unwrap();
+    // Not flushed: the file keeps the checkpoint's bytes...
+    assert_eq!((in_file(&ram, 2), in_file(&ram, 7)), (1, 0));
+    // ...the snapshot reads the guest's, and knows where data is.
+    {
+        let src = t.snapshot_source();
+        let mut b = vec![0u8; 8 * PAGE_SIZE];
+        src.read_exact_at(&mut b, 0).unwrap();
+        let firsts: Vec<u8> = b.chunks(PAGE_SIZE).map(|p| p[0]).collect();
+        assert_eq!(firsts, [0, 0, 2, 0, 0, 0, 0, 7]);
+        let ext = src.extents(32 * MIB).unwrap();
+        for p in [2, 7] {
+            assert!(
+                ext.iter()
+                    .any(|&(o, n)| o <= p * PAGE && (p + 1) * PAGE <= o + n),
+                "page {p} missing from {ext:?}"
+            );
+        }
+    }
+    assert_eq!(t.take_since_snapshot(), vec![2, 7]);
+    // The next checkpoint flushes them; they are not noted again for
+    // the next snapshot, which already has them.
+    let cp = t.checkpoint(&vm.fd, None).unwrap();
+    assert_eq!((in_file(&ram, 2), in_file(&ram, 7)), (2, 7));
+    assert!(t.take_since_snapshot().is_empty());
+    put(&ram, 7, 9);
+    t.rollback(&vm.fd, [&cp]).unwrap();
+    assert_eq!((at(&ram, 2), at(&ram, 7)), (2, 7));
+}
+
+#[test]
+fn a_rollback_after_a_snapshot_puts_back_unflushed_pages() {
+    let ram = create_guest_memory(32 * MIB).unwrap();
+    let test = "spec::memory::a_rollback_after_a_snapshot_puts_back_unflushed_pages";
+    let Some(vm) = kvm_vm_or_skip(test, &ram.mem) else {
+        return;
+    };
+    let mut t = tracker_for(&ram, &vm, Strategy::CopyOnWrite);
+    put(&ram, 3, 1);
+    let cp = t.checkpoint(&vm.fd, None).unwrap();
+    // A snapshot cannot be taken inside a speculation, but the tracker
+    // must still treat the harvested pages as dirty at a rollback.
+    put(&ram, 3, 2);
+    t.prepare_snapshot(&vm.fd).unwrap();
+    t.rollback(&vm.fd, [&cp]).unwrap();
+    assert_eq!(at(&ram, 3), 1);
+}
