@@ -488,20 +488,24 @@ fn a_layer_written_from_mappings_holds_the_newer_pages() {
         .flat_map(|p| vec![p as u8; PAGE as usize])
         .collect();
     ram.file.write_all_at(&file, 0).unwrap();
-    // Page-aligned, as mappings are (O_DIRECT writes need it).
-    let mut space = vec![0u8; (MEM + 523 * PAGE) as usize];
+    // The guest's mapping: the file's bytes, and newer ones in pages
+    // 100..110 (inside the first 1 MiB chunk) and in 2 MiB from page 3000
+    // (past the file's data, unaligned to chunks). Page-aligned, as
+    // mappings are (O_DIRECT writes need it); mapped in two parts split
+    // mid-chunk at page 300, so some chunks are copied, the others
+    // written in place and joined.
+    let mut space = vec![0u8; (MEM + PAGE) as usize];
     let skip = space.as_ptr().align_offset(PAGE as usize);
-    let (view, rest) = space[skip..].split_at_mut(MEM as usize);
-    ram.file.read_exact_at(view, 0).unwrap();
-    // Newer pages: a run inside the first 1 MiB chunk (so that chunk is
-    // copied, the others written in place and joined), and 2 MiB from an
-    // unaligned page past the file's data.
-    let (a, rest) = rest.split_at_mut(10 * PAGE as usize);
-    let b = &mut rest[..512 * PAGE as usize];
-    a.fill(0xa0);
-    b.fill(0xb0);
-    let src =
-        MemorySource::with_overlay(&ram.file, view, vec![(100 * PAGE, &*a), (3000 * PAGE, &*b)]);
+    let mapping = &mut space[skip..skip + MEM as usize];
+    ram.file.read_exact_at(mapping, 0).unwrap();
+    mapping[100 * PAGE as usize..110 * PAGE as usize].fill(0xa0);
+    mapping[3000 * PAGE as usize..3512 * PAGE as usize].fill(0xb0);
+    let (low, high) = mapping.split_at(300 * PAGE as usize);
+    let src = MemorySource::new(
+        &ram.file,
+        vec![(0, low), (300 * PAGE, high)],
+        vec![(100 * PAGE, 10 * PAGE), (3000 * PAGE, 512 * PAGE)],
+    );
     let mut w = DirWriter::open(&d.0).unwrap();
     let l = w.write_full(&src, MEM, 0x21).unwrap();
     w.commit(&state(0x21, vec![l])).unwrap();

@@ -3,10 +3,15 @@
 //! Guest memory is the memory file plus the pages written since the last
 //! flush, which are private copies in the guest's mapping (see
 //! [`crate::spec::memory`]). A snapshot used to flush those pages into the
-//! file first, then copy the file; a [`MemorySource`] reads them where they
-//! are instead, so a snapshot copies each byte once, from memory straight
-//! to the disk. With the file mapped, no byte is copied by the CPU at all:
-//! the layer writer hands these mappings to `O_DIRECT` writes.
+//! file first, then copy the file; a [`MemorySource`] reads guest memory
+//! where the guest does, through its mapping, so a snapshot copies each
+//! byte once, from memory straight to the disk, and the layer writer hands
+//! the mapping itself to `O_DIRECT` writes: no copy by the CPU at all.
+//!
+//! Why the guest's mapping and not a view of the file, even for flushed
+//! pages: the guest has touched its pages, so they are mapped, where a
+//! view would take a page fault on every page it reads (a filled 1 GiB
+//! snapshot spent ~150 ms more that way).
 
 use std::fs::File;
 use std::io;
@@ -17,15 +22,16 @@ use crate::vstate::memory::PAGE_SIZE;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
-/// Guest memory as a snapshot writes it: the memory file, with some runs
-/// of pages read from elsewhere (the guest's newer private copies).
+/// Guest memory as a snapshot writes it: bytes read in place from mappings
+/// where there are some, else from the memory file; data where the file
+/// has data, and where pages are newer than the file.
 pub struct MemorySource<'a> {
     file: &'a File,
-    /// The whole file, mapped: its bytes are read in place.
-    view: Option<&'a [u8]>,
-    /// Runs newer than the file: (file offset, bytes), page-aligned,
-    /// sorted, not overlapping.
-    overlay: Vec<(u64, &'a [u8])>,
+    /// Memory to read in place: (file offset, bytes), page-aligned, sorted,
+    /// not overlapping.
+    maps: Vec<(u64, &'a [u8])>,
+    /// Runs of pages newer than the file: (file offset, length), sorted.
+    newer: Vec<(u64, u64)>,
 }
 
 /// A contiguous part of a range that [`MemorySource::parts`] splits.
@@ -42,41 +48,39 @@ impl<'a> MemorySource<'a> {
     pub fn file(file: &'a File) -> Self {
         Self {
             file,
-            view: None,
-            overlay: Vec::new(),
+            maps: Vec::new(),
+            newer: Vec::new(),
         }
     }
 
-    /// A source over `file`, which `view` maps whole, where the `overlay`
-    /// runs ((file offset, bytes), page-aligned, sorted, not overlapping)
-    /// replace the file's bytes. Panics on an overlay that breaks those
-    /// rules: the caller builds it from its own sorted page list.
-    pub fn with_overlay(file: &'a File, view: &'a [u8], overlay: Vec<(u64, &'a [u8])>) -> Self {
+    /// A source over `file` whose bytes are read in place from `maps`
+    /// ((file offset, bytes)) where they cover it, and that holds data
+    /// also in the `newer` runs ((file offset, length)) where the file may
+    /// have holes. Both must be page-aligned, sorted and apart; panics on
+    /// ones that are not: the caller builds them from its own sorted lists.
+    pub fn new(file: &'a File, maps: Vec<(u64, &'a [u8])>, newer: Vec<(u64, u64)>) -> Self {
         let mut end = 0;
-        for &(off, b) in &overlay {
-            assert!(
-                off >= end && off.is_multiple_of(PAGE) && (b.len() as u64).is_multiple_of(PAGE),
-                "overlay runs must be sorted, page-aligned and apart"
-            );
+        for &(off, b) in &maps {
+            check_run(off, b.len() as u64, end);
             end = off + b.len() as u64;
         }
-        assert!(end <= view.len() as u64, "an overlay run past the file");
-        Self {
-            file,
-            view: Some(view),
-            overlay,
+        let mut end = 0;
+        for &(off, n) in &newer {
+            check_run(off, n, end);
+            end = off + n;
         }
+        Self { file, maps, newer }
     }
 
     /// Where the first `len` bytes hold data: the file's data runs and the
-    /// overlay's, in whole pages, sorted and merged.
+    /// newer runs, in whole pages, sorted and merged.
     pub fn extents(&self, len: u64) -> io::Result<Vec<(u64, u64)>> {
         let mut runs = data_runs(self.file, len)?;
         runs.extend(
-            self.overlay
+            self.newer
                 .iter()
                 .filter(|(off, _)| *off < len)
-                .map(|&(off, b)| (off, (b.len() as u64).min(len - off))),
+                .map(|&(off, n)| (off, n.min(len - off))),
         );
         runs.sort_unstable();
         let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
@@ -90,18 +94,17 @@ impl<'a> MemorySource<'a> {
         Ok(out)
     }
 
-    /// Calls `f` with the parts of the `n` bytes at `off`, in order: each
-    /// overlay run's bytes, and between them the file's, mapped if the
-    /// file is.
+    /// Calls `f` with the parts of the `n` bytes at `off`, in order: the
+    /// mappings' bytes, and between them the file's.
     pub fn parts(&self, off: u64, n: usize, mut f: impl FnMut(Part<'a>)) {
         let end = off + n as u64;
         let mut pos = off;
         // The first run that ends after `off`.
         let mut i = self
-            .overlay
+            .maps
             .partition_point(|&(o, b)| o + b.len() as u64 <= off);
         while pos < end {
-            let next = self.overlay.get(i).copied();
+            let next = self.maps.get(i).copied();
             match next {
                 Some((o, b)) if o <= pos => {
                     let stop = (o + b.len() as u64).min(end);
@@ -111,17 +114,10 @@ impl<'a> MemorySource<'a> {
                 }
                 _ => {
                     let stop = next.map_or(end, |(o, _)| o.min(end));
-                    f(self.file_part(pos, (stop - pos) as usize));
+                    f(Part::File(pos, (stop - pos) as usize));
                     pos = stop;
                 }
             }
-        }
-    }
-
-    fn file_part(&self, off: u64, n: usize) -> Part<'a> {
-        match self.view {
-            Some(v) => Part::Mapped(&v[off as usize..off as usize + n]),
-            None => Part::File(off, n),
         }
     }
 
@@ -162,6 +158,15 @@ impl<'a> MemorySource<'a> {
     }
 }
 
+/// Panics unless the run (off, n) is page-aligned, not empty, and starts
+/// at or after `end`.
+fn check_run(off: u64, n: u64, end: u64) {
+    assert!(
+        off >= end && n > 0 && off.is_multiple_of(PAGE) && n.is_multiple_of(PAGE),
+        "runs must be sorted, page-aligned and apart"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,8 +188,8 @@ mod tests {
         unsafe { File::from_raw_fd(fd) }
     }
 
-    /// Four pages of the file, filled with 1, 2, 3, 4; an overlay of
-    /// pages 1 and 3 filled with 0xa1 and 0xa3.
+    /// Four pages of the file, filled with 1, 2, 3, 4; two mapped pages
+    /// filled with 0xa1 and 0xa3.
     fn four_pages() -> (File, Vec<u8>, Vec<u8>, Vec<u8>) {
         let file: Vec<u8> = (1..=4u8).flat_map(|b| vec![b; PAGE_SIZE]).collect();
         (
@@ -196,9 +201,9 @@ mod tests {
     }
 
     #[test]
-    fn overlay_pages_replace_the_files_pages() {
-        let (f, view, p1, p3) = four_pages();
-        let s = MemorySource::with_overlay(&f, &view, vec![(PAGE, &p1), (3 * PAGE, &p3)]);
+    fn mapped_bytes_are_read_in_place_and_the_rest_from_the_file() {
+        let (f, file, p1, p3) = four_pages();
+        let s = MemorySource::new(&f, vec![(PAGE, &p1), (3 * PAGE, &p3)], Vec::new());
         let mut got = vec![0u8; 4 * PAGE_SIZE];
         s.read_exact_at(&mut got, 0).unwrap();
         let want: Vec<u8> = [1u8, 0xa1, 3, 0xa3]
@@ -210,53 +215,48 @@ mod tests {
         let mut part = vec![0u8; PAGE_SIZE];
         s.read_exact_at(&mut part, PAGE + 100).unwrap();
         assert_eq!(&part[..], &want[PAGE_SIZE + 100..2 * PAGE_SIZE + 100]);
-        // The same through the file alone, without a view.
-        let plain = MemorySource::file(&f);
-        plain.read_exact_at(&mut got, 0).unwrap();
-        assert_eq!(got, view);
+        // The file alone.
+        MemorySource::file(&f).read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got, file);
     }
 
     #[test]
     fn mapped_only_within_one_mapping() {
-        let (f, view, p1, p3) = four_pages();
-        let s = MemorySource::with_overlay(&f, &view, vec![(PAGE, &p1), (3 * PAGE, &p3)]);
+        let (f, _, p1, p3) = four_pages();
+        let s = MemorySource::new(&f, vec![(PAGE, &p1), (3 * PAGE, &p3)], Vec::new());
         assert_eq!(s.mapped(PAGE, PAGE_SIZE), Some(&p1[..]));
-        assert_eq!(
-            s.mapped(2 * PAGE, PAGE_SIZE),
-            Some(&view[2 * PAGE_SIZE..3 * PAGE_SIZE])
-        );
-        assert_eq!(s.mapped(PAGE, 2 * PAGE_SIZE), None);
+        assert_eq!(s.mapped(PAGE + 8, 16), Some(&p1[8..24]));
+        assert_eq!(s.mapped(2 * PAGE, PAGE_SIZE), None, "in the file");
+        assert_eq!(s.mapped(PAGE, 2 * PAGE_SIZE), None, "two parts");
         assert_eq!(MemorySource::file(&f).mapped(0, PAGE_SIZE), None);
     }
 
     #[test]
-    fn extents_join_file_data_and_overlay() {
-        // A sparse file: data in page 0 only; an overlay at pages 1 and 5.
+    fn extents_join_file_data_and_newer_pages() {
+        // A sparse file: data in page 0 only; newer pages 1 and 5.
         let f = memfd();
         f.set_len(8 * PAGE).unwrap();
         f.write_all_at(&[7u8; PAGE_SIZE], 0).unwrap();
-        let view = vec![0u8; 8 * PAGE_SIZE];
-        let (a, b) = (vec![1u8; PAGE_SIZE], vec![2u8; PAGE_SIZE]);
-        let s = MemorySource::with_overlay(&f, &view, vec![(PAGE, &a), (5 * PAGE, &b)]);
-        let got = s.extents(8 * PAGE).unwrap();
-        // A file system may report more data than was written (whole
-        // blocks), never less: page 0 and the overlay pages must be there.
-        for want in [0, 1, 5] {
-            assert!(
-                got.iter()
-                    .any(|&(o, n)| o <= want * PAGE && (want + 1) * PAGE <= o + n),
-                "page {want} missing from {got:?}"
-            );
-        }
-        for w in got.windows(2) {
-            assert!(w[0].0 + w[0].1 < w[1].0, "not merged: {got:?}");
-        }
+        let s = MemorySource::new(&f, Vec::new(), vec![(PAGE, PAGE), (5 * PAGE, PAGE)]);
+        assert_eq!(
+            s.extents(8 * PAGE).unwrap(),
+            vec![(0, 2 * PAGE), (5 * PAGE, PAGE)]
+        );
+        // Cut at the length asked for.
+        assert_eq!(s.extents(2 * PAGE).unwrap(), vec![(0, 2 * PAGE)]);
     }
 
     #[test]
     #[should_panic(expected = "sorted")]
-    fn an_unsorted_overlay_is_refused() {
-        let (f, view, p1, p3) = four_pages();
-        let _ = MemorySource::with_overlay(&f, &view, vec![(3 * PAGE, &p3), (PAGE, &p1)]);
+    fn unsorted_maps_are_refused() {
+        let (f, _, p1, p3) = four_pages();
+        let _ = MemorySource::new(&f, vec![(3 * PAGE, &p3), (PAGE, &p1)], Vec::new());
+    }
+
+    #[test]
+    #[should_panic(expected = "page-aligned")]
+    fn unaligned_newer_runs_are_refused() {
+        let f = memfd();
+        let _ = MemorySource::new(&f, Vec::new(), vec![(100, PAGE)]);
     }
 }

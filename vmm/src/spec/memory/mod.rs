@@ -262,28 +262,32 @@ impl MemoryTracker {
         Ok(())
     }
 
-    /// Guest memory as it is now, for the snapshot writer: the memory file
-    /// (mapped), with the pages written since the last flush read from the
-    /// guest's mapping. Right after [`Self::prepare_snapshot`], and only
-    /// while every vCPU stays paused and the devices hold their I/O: the
-    /// source reads guest memory in place.
+    /// Guest memory as it is now, for the snapshot writer: read through
+    /// the guest's mapping, holding data where the memory file does and in
+    /// the pages written since the last flush. Right after
+    /// [`Self::prepare_snapshot`], and only while every vCPU stays paused
+    /// and the devices hold their I/O: the source reads guest memory in
+    /// place.
     pub fn snapshot_source(&self) -> MemorySource<'_> {
-        // SAFETY: the view maps the whole file and lives as long as `self`.
-        let view = unsafe { std::slice::from_raw_parts(self.view.as_ptr(), self.view.size()) };
-        let overlay = self
-            .host_runs(&self.unflushed)
-            .into_iter()
-            .map(|(run, host)| {
-                let len = ((run.end - run.start) * PAGE) as usize;
-                // SAFETY: the run lies inside one range's mapping, which
-                // `mem` (held by `self`) keeps mapped; the caller has
-                // paused everything that writes guest memory.
-                (run.start * PAGE, unsafe {
-                    std::slice::from_raw_parts(host.cast_const(), len)
+        let maps = self
+            .layout
+            .ranges()
+            .iter()
+            .zip(&self.hosts)
+            .map(|(r, &host)| {
+                // SAFETY: the range's mapping is live as long as `mem`,
+                // which `self` holds; the caller has paused everything
+                // that writes guest memory.
+                (r.file_offset, unsafe {
+                    std::slice::from_raw_parts(host.cast_const(), r.size as usize)
                 })
             })
             .collect();
-        MemorySource::with_overlay(&self.file, view, overlay)
+        let newer = runs(&self.unflushed)
+            .into_iter()
+            .map(|r| (r.start * PAGE, (r.end - r.start) * PAGE))
+            .collect();
+        MemorySource::new(&self.file, maps, newer)
     }
 
     /// How long the last harvest of dirty pages took, once: for the
