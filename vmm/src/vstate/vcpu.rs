@@ -63,6 +63,10 @@ pub struct Vcpu {
     /// Whether `kvm_run`'s copy is current: set by each return from
     /// KVM_RUN, cleared by every write of the state through an ioctl.
     pub sync_fresh: bool,
+    /// Whether REGS or VCPU_EVENTS were written into `kvm_run` for KVM to
+    /// load at the next KVM_RUN (a rollback's or a hypercall result's, see
+    /// [`Vcpu::load_synced`]); until then `kvm_run` holds the truth.
+    pub sync_pending: bool,
 }
 
 impl crate::persist::Persist for Vcpu {
@@ -70,15 +74,32 @@ impl crate::persist::Persist for Vcpu {
     type Error = vcpu_state::StateError;
 
     /// The complete state (see [`vcpu_state::save`] for the order).
+    /// Registers still waiting in `kvm_run` are loaded first.
     fn save(&self) -> Result<Self::State, Self::Error> {
+        if self.sync_pending {
+            // Loaded through ioctls now; KVM loads the same values again
+            // from `kvm_run` at the next KVM_RUN, which changes nothing.
+            let s = self.fd.sync_regs();
+            self.fd
+                .set_regs(&s.regs)
+                .map_err(|e| vcpu_state::StateError("KVM_SET_REGS", e))?;
+            self.fd
+                .set_vcpu_events(&s.events)
+                .map_err(|e| vcpu_state::StateError("KVM_SET_VCPU_EVENTS", e))?;
+        }
         let synced = (self.sync_regs && self.sync_fresh).then(|| self.fd.sync_regs());
         vcpu_state::save(&self.fd, &self.caps, synced.as_ref())
     }
 
-    /// Everything but the TSC (see [`vcpu_state::restore`]).
+    /// Everything but the TSC (see [`vcpu_state::restore`]). In a VM of
+    /// one vCPU, REGS and VCPU_EVENTS go through `kvm_run`.
     fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
         self.sync_fresh = false;
-        vcpu_state::restore(&self.fd, state)
+        vcpu_state::restore(&self.fd, state, self.sync_regs)?;
+        if self.sync_regs {
+            self.load_synced(Some(&state.regs), Some(&state.events));
+        }
+        Ok(())
     }
 }
 
@@ -89,6 +110,35 @@ impl Vcpu {
     /// change those registers) has nothing to process, since only another
     /// vCPU can send either; with more vCPUs a save reads them after
     /// MP_STATE through ioctls, as `vcpu_state::save` explains.
+    /// Has KVM load `regs` and `events` from `kvm_run` at the next
+    /// KVM_RUN (`KVM_CAP_SYNC_REGS`), instead of an ioctl each now. Only
+    /// with [`Vcpu::use_sync_regs`] (a VM of one vCPU): there no INIT or
+    /// SIPI from another vCPU can change the registers before they load.
+    fn load_synced(
+        &mut self,
+        regs: Option<&kvm_bindings::kvm_regs>,
+        events: Option<&kvm_bindings::kvm_vcpu_events>,
+    ) {
+        debug_assert!(self.sync_regs);
+        if let Some(r) = regs {
+            self.fd.sync_regs_mut().regs = *r;
+            self.fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
+        }
+        if let Some(e) = events {
+            self.fd.sync_regs_mut().events = *e;
+            self.fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::VcpuEvents);
+        }
+        self.sync_pending = true;
+    }
+
+    /// Whether registers still wait in `kvm_run`: KVM clears each bit as
+    /// it loads them at a KVM_RUN.
+    fn refresh_pending(&mut self) {
+        if self.sync_pending {
+            self.sync_pending = self.fd.get_kvm_run().kvm_dirty_regs != 0;
+        }
+    }
+
     pub fn use_sync_regs(&mut self) {
         self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
         self.fd
@@ -206,6 +256,7 @@ impl Vcpu {
         // A new request to park may have come in meanwhile: this covers it.
         link.attention.store(false, Ordering::Release);
         self.complete_pending_io(ctx)?;
+        self.refresh_pending();
         // The general registers as KVM holds them, once this park has read
         // or written them (they cannot change while parked): a hypercall's
         // result after a `Save` then costs one ioctl, not two.
@@ -243,14 +294,25 @@ impl Vcpu {
                 Ok(VcpuCmd::SetResult([rax, rdx, rsi])) => {
                     // No answer (see `VcpuCmd::SetResult`): a failure ends
                     // the VM, since the guest would run on with a wrong result.
-                    let mut r = regs
-                        .map_or_else(|| self.fd.get_regs(), Ok)
-                        .map_err(|e| format!("a hypercall's result: KVM_GET_REGS: {e}"))?;
+                    let mut r = match regs {
+                        Some(r) => r,
+                        None if self.sync_regs && (self.sync_fresh || self.sync_pending) => {
+                            self.fd.sync_regs().regs
+                        }
+                        None => self
+                            .fd
+                            .get_regs()
+                            .map_err(|e| format!("a hypercall's result: KVM_GET_REGS: {e}"))?,
+                    };
                     (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
+                    if self.sync_regs {
+                        self.load_synced(Some(&r), None);
+                    } else {
+                        self.fd
+                            .set_regs(&r)
+                            .map_err(|e| format!("a hypercall's result: KVM_SET_REGS: {e}"))?;
+                    }
                     self.sync_fresh = false;
-                    self.fd
-                        .set_regs(&r)
-                        .map_err(|e| format!("a hypercall's result: KVM_SET_REGS: {e}"))?;
                     regs = Some(r);
                     continue;
                 }
@@ -374,7 +436,12 @@ impl Vcpu {
     fn trap(&self, t: VcpuTrap) -> Next {
         match t {
             VcpuTrap::Hypercall(op) => {
-                let arg = self.fd.get_regs().map(|r| r.rdi).unwrap_or(0);
+                // Right after KVM_RUN: `kvm_run`'s copy is current, if kept.
+                let arg = if self.sync_regs && self.sync_fresh {
+                    self.fd.sync_regs().regs.rdi
+                } else {
+                    self.fd.get_regs().map(|r| r.rdi).unwrap_or(0)
+                };
                 Next::Hypercall(op, arg)
             }
             VcpuTrap::SyscallEntry => Next::SyscallEntry,

@@ -272,14 +272,22 @@ fn save_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, State
 ///   and interrupts, which this puts back.
 ///
 /// The TSC MSRs are skipped, so the guest's time keeps moving forward.
-pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
+///
+/// With `sync_rest`, REGS and VCPU_EVENTS are not written here: the caller
+/// puts them in `kvm_run` for KVM to load at the next KVM_RUN
+/// (`KVM_CAP_SYNC_REGS`), two ioctls fewer. KVM loads them in that order,
+/// after everything written here, so VCPU_EVENTS still comes last; REGS
+/// then follows SREGS, LAPIC and MSRs, none of which depends on it.
+pub fn restore(vcpu: &VcpuFd, state: &VcpuState, sync_rest: bool) -> Result<(), StateError> {
     let e = |what| move |err| StateError(what, err);
     let mut clk = IoctlClock::start();
     vcpu.set_mp_state(state.mp_state)
         .map_err(e("KVM_SET_MP_STATE"))?;
     clk.lap("KVM_SET_MP_STATE");
-    vcpu.set_regs(&state.regs).map_err(e("KVM_SET_REGS"))?;
-    clk.lap("KVM_SET_REGS");
+    if !sync_rest {
+        vcpu.set_regs(&state.regs).map_err(e("KVM_SET_REGS"))?;
+        clk.lap("KVM_SET_REGS");
+    }
     vcpu.set_sregs(&state.sregs).map_err(e("KVM_SET_SREGS"))?;
     clk.lap("KVM_SET_SREGS");
     if let Some(x) = &state.xsave {
@@ -320,9 +328,11 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
         }
     }
     clk.lap("KVM_SET_MSRS");
-    vcpu.set_vcpu_events(&state.events)
-        .map_err(e("KVM_SET_VCPU_EVENTS"))?;
-    clk.lap("KVM_SET_VCPU_EVENTS");
+    if !sync_rest {
+        vcpu.set_vcpu_events(&state.events)
+            .map_err(e("KVM_SET_VCPU_EVENTS"))?;
+        clk.lap("KVM_SET_VCPU_EVENTS");
+    }
     clk.report("restore");
     Ok(())
 }
