@@ -563,3 +563,49 @@ pub fn enable_exit_on_emulation_failure(vm: &kvm_ioctls::VmFd) {
         tracing::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not enabled: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rollback's registers wait in `kvm_run` until the next KVM_RUN; a
+    /// save meanwhile must read them, not the older ones KVM still holds.
+    #[test]
+    fn registers_waiting_in_kvm_run_are_what_a_save_reads() {
+        let test = "vstate::vcpu::registers_waiting_in_kvm_run_are_what_a_save_reads";
+        let Some(kvm) = crate::test_util::kvm_or_skip(test) else {
+            return;
+        };
+        let vm = kvm.create_vm().expect("creating a VM");
+        vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+        let fd = vm.create_vcpu(0).expect("creating a vCPU");
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .expect("KVM_GET_SUPPORTED_CPUID");
+        fd.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
+        let caps = Arc::new(StateCaps::probe(&kvm, &fd));
+        let mut v = Vcpu {
+            fd,
+            index: 0,
+            caps,
+            sync_regs: false,
+            sync_fresh: false,
+            sync_pending: false,
+        };
+        v.use_sync_regs();
+        let mut target = v.save().expect("the first save");
+        let old_rax = target.regs.rax;
+        target.regs.rax = old_rax ^ 0x5a5a;
+        target.regs.rbx = 0x1234;
+        target.events.nmi.pending = 1;
+        v.restore(&target).expect("the restore");
+        assert!(v.sync_pending, "REGS and VCPU_EVENTS wait in kvm_run");
+        assert_eq!(v.fd.get_regs().unwrap().rax, old_rax, "not loaded yet");
+        let got = v.save().expect("a save before the next KVM_RUN");
+        assert_eq!((got.regs.rax, got.regs.rbx), (old_rax ^ 0x5a5a, 0x1234));
+        assert_eq!(got.events.nmi.pending, 1);
+        // Loaded into KVM by the save; the same values load again at the
+        // next KVM_RUN.
+        assert_eq!(v.fd.get_regs().unwrap().rbx, 0x1234);
+    }
+}
