@@ -546,7 +546,7 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>
                 caps: caps.clone(),
                 sync_regs: false,
                 sync_fresh: false,
-                sync_pending: false,
+                sync_pending: 0,
             };
             if sync {
                 v.use_sync_regs();

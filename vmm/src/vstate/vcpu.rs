@@ -63,10 +63,11 @@ pub struct Vcpu {
     /// Whether `kvm_run`'s copy is current: set by each return from
     /// KVM_RUN, cleared by every write of the state through an ioctl.
     pub sync_fresh: bool,
-    /// Whether REGS or VCPU_EVENTS were written into `kvm_run` for KVM to
-    /// load at the next KVM_RUN (a rollback's or a hypercall result's, see
-    /// [`Vcpu::load_synced`]); until then `kvm_run` holds the truth.
-    pub sync_pending: bool,
+    /// Which of REGS and VCPU_EVENTS were written into `kvm_run` for KVM
+    /// to load at the next KVM_RUN (`KVM_SYNC_X86_*` bits: a rollback's or
+    /// a hypercall result's, see [`Vcpu::load_synced`]); until then
+    /// `kvm_run` holds the truth for them.
+    pub sync_pending: u64,
 }
 
 impl crate::persist::Persist for Vcpu {
@@ -76,13 +77,15 @@ impl crate::persist::Persist for Vcpu {
     /// The complete state (see [`vcpu_state::save`] for the order).
     /// Registers still waiting in `kvm_run` are loaded first.
     fn save(&self) -> Result<Self::State, Self::Error> {
-        if self.sync_pending {
-            // Loaded through ioctls now; KVM loads the same values again
-            // from `kvm_run` at the next KVM_RUN, which changes nothing.
-            let s = self.fd.sync_regs();
+        // Loaded through ioctls now; KVM loads the same values again from
+        // `kvm_run` at the next KVM_RUN, which changes nothing.
+        let s = self.fd.sync_regs();
+        if self.sync_pending & kvm_bindings::KVM_SYNC_X86_REGS as u64 != 0 {
             self.fd
                 .set_regs(&s.regs)
                 .map_err(|e| vcpu_state::StateError("KVM_SET_REGS", e))?;
+        }
+        if self.sync_pending & kvm_bindings::KVM_SYNC_X86_EVENTS as u64 != 0 {
             self.fd
                 .set_vcpu_events(&s.events)
                 .map_err(|e| vcpu_state::StateError("KVM_SET_VCPU_EVENTS", e))?;
@@ -110,6 +113,14 @@ impl Vcpu {
     /// change those registers) has nothing to process, since only another
     /// vCPU can send either; with more vCPUs a save reads them after
     /// MP_STATE through ioctls, as `vcpu_state::save` explains.
+    pub fn use_sync_regs(&mut self) {
+        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        self.fd
+            .set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::VcpuEvents);
+        self.sync_regs = true;
+    }
+
     /// Has KVM load `regs` and `events` from `kvm_run` at the next
     /// KVM_RUN (`KVM_CAP_SYNC_REGS`), instead of an ioctl each now. Only
     /// with [`Vcpu::use_sync_regs`] (a VM of one vCPU): there no INIT or
@@ -128,23 +139,15 @@ impl Vcpu {
             self.fd.sync_regs_mut().events = *e;
             self.fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::VcpuEvents);
         }
-        self.sync_pending = true;
+        self.sync_pending = self.fd.get_kvm_run().kvm_dirty_regs;
     }
 
     /// Whether registers still wait in `kvm_run`: KVM clears each bit as
     /// it loads them at a KVM_RUN.
     fn refresh_pending(&mut self) {
-        if self.sync_pending {
-            self.sync_pending = self.fd.get_kvm_run().kvm_dirty_regs != 0;
+        if self.sync_pending != 0 {
+            self.sync_pending = self.fd.get_kvm_run().kvm_dirty_regs;
         }
-    }
-
-    pub fn use_sync_regs(&mut self) {
-        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
-        self.fd
-            .set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
-        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::VcpuEvents);
-        self.sync_regs = true;
     }
 
     /// Restores `state`, then, with `tsc_advance_ns`, the TSC moved forward
@@ -296,7 +299,7 @@ impl Vcpu {
                     // the VM, since the guest would run on with a wrong result.
                     let mut r = match regs {
                         Some(r) => r,
-                        None if self.sync_regs && (self.sync_fresh || self.sync_pending) => {
+                        None if self.sync_regs && (self.sync_fresh || self.sync_pending != 0) => {
                             self.fd.sync_regs().regs
                         }
                         None => self
@@ -590,7 +593,7 @@ mod tests {
             caps,
             sync_regs: false,
             sync_fresh: false,
-            sync_pending: false,
+            sync_pending: 0,
         };
         v.use_sync_regs();
         let mut target = v.save().expect("the first save");
@@ -599,7 +602,7 @@ mod tests {
         target.regs.rbx = 0x1234;
         target.events.nmi.pending = 1;
         v.restore(&target).expect("the restore");
-        assert!(v.sync_pending, "REGS and VCPU_EVENTS wait in kvm_run");
+        assert_ne!(v.sync_pending, 0, "REGS and VCPU_EVENTS wait in kvm_run");
         assert_eq!(v.fd.get_regs().unwrap().rax, old_rax, "not loaded yet");
         let got = v.save().expect("a save before the next KVM_RUN");
         assert_eq!((got.regs.rax, got.regs.rbx), (old_rax ^ 0x5a5a, 0x1234));
