@@ -152,6 +152,14 @@ def main():
               f"| {bare_cell} | {ratio} |")
     print(f"guest wall time per loop (two exec()s of spec and the operations): "
           f"speculate+abort {abort_loop * 1e3:.0f} ms, speculate+commit {commit_loop * 1e3:.0f} ms")
+    # Where the time goes: the phases the VMM times inside the operations
+    # (see docs/benchmarks/checkpoint.md for what each one covers).
+    phases = ("dirty.harvest", "checkpoint.memory", "checkpoint.state", "rollback.memory",
+              "rollback.shadow_reset", "rollback.state")
+    print("phase medians, Linux / bare (µs): " + ", ".join(
+        f"{p} {linux[p]['median_us']:.0f} / "
+        + (f"{bare[p]['median_us']:.0f}" if p in bare else "-")
+        for p in phases if p in linux))
     return 0
 
 
