@@ -65,6 +65,23 @@ pub fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
     }
 }
 
+/// `/dev/kvm`, a VM with an in-kernel irqchip, and its vCPU 0 with the
+/// CPUID KVM supports: for tests of vCPU state ioctls. `None` with the
+/// skip recorded as [`kvm_vm_or_skip`] does.
+pub fn kvm_vcpu_or_skip(
+    test: &str,
+) -> Option<(kvm_ioctls::Kvm, kvm_ioctls::VmFd, kvm_ioctls::VcpuFd)> {
+    let kvm = kvm_or_skip(test)?;
+    let vm = kvm.create_vm().expect("creating a VM");
+    vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+    let vcpu = vm.create_vcpu(0).expect("creating a vCPU");
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .expect("KVM_GET_SUPPORTED_CPUID");
+    vcpu.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
+    Some((kvm, vm, vcpu))
+}
+
 /// Reports a skipped test on stderr and in `<target>/test-skips.txt`
 /// (`<target>` found from the test binary, `<target>/<profile>/deps/...`).
 fn record_skip(test: &str, reason: &str) {

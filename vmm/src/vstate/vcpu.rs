@@ -576,16 +576,9 @@ mod tests {
     #[test]
     fn registers_waiting_in_kvm_run_are_what_a_save_reads() {
         let test = "vstate::vcpu::registers_waiting_in_kvm_run_are_what_a_save_reads";
-        let Some(kvm) = crate::test_util::kvm_or_skip(test) else {
+        let Some((kvm, _vm, fd)) = crate::test_util::kvm_vcpu_or_skip(test) else {
             return;
         };
-        let vm = kvm.create_vm().expect("creating a VM");
-        vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
-        let fd = vm.create_vcpu(0).expect("creating a vCPU");
-        let cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .expect("KVM_GET_SUPPORTED_CPUID");
-        fd.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
         let caps = Arc::new(StateCaps::probe(&kvm, &fd));
         let mut v = Vcpu {
             fd,

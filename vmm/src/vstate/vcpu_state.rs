@@ -447,15 +447,9 @@ mod tests {
     #[test]
     fn batched_msr_probe_matches_one_at_a_time() {
         let test = "batched_msr_probe_matches_one_at_a_time";
-        let Some(kvm) = crate::test_util::kvm_or_skip(test) else {
+        let Some((kvm, _vm, vcpu)) = crate::test_util::kvm_vcpu_or_skip(test) else {
             return;
         };
-        let vm = kvm.create_vm().expect("creating a VM");
-        let vcpu = vm.create_vcpu(0).expect("creating a vCPU");
-        let cpuid = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .expect("KVM_GET_SUPPORTED_CPUID");
-        vcpu.set_cpuid2(&cpuid).expect("KVM_SET_CPUID2");
         let known = kvm
             .get_msr_index_list()
             .expect("the MSR list")
