@@ -63,9 +63,9 @@ impl LiveMachine {
     /// the newest checkpoint `top` into its log, or copies memory whole
     /// for the naive peer), then saves the machine. (Saving the vCPUs
     /// while memory is checkpointed was measured: no faster here, see
-    /// docs/benchmarks/checkpoint.md.) A snapshot takes this
-    /// alone; a speculation also opens the disks' levels
-    /// ([`Machine::checkpoint`]).
+    /// docs/benchmarks/checkpoint.md.) A speculation also opens the
+    /// disks' levels ([`Machine::checkpoint`]); a snapshot takes
+    /// [`LiveMachine::capture_for_snapshot`] instead.
     pub fn capture(
         &mut self,
         caller: Option<u8>,
@@ -76,10 +76,7 @@ impl LiveMachine {
             .memory
             .checkpoint(&self.vm.fd, top.map(|c| &mut c.memory))?;
         self.stats.record("checkpoint.memory", t);
-        if let Some(d) = self.memory.take_materialize_time() {
-            self.stats.record_duration("materialize", d);
-        }
-        self.record_harvest();
+        self.record_memory_times();
         let t = Instant::now();
         let machine = self.save()?;
         self.stats.record("checkpoint.state", t);
@@ -98,10 +95,7 @@ impl LiveMachine {
         let t = Instant::now();
         self.memory.prepare_snapshot(&self.vm.fd)?;
         self.stats.record("snapshot.memory", t);
-        if let Some(d) = self.memory.take_materialize_time() {
-            self.stats.record_duration("materialize", d);
-        }
-        self.record_harvest();
+        self.record_memory_times();
         let t = Instant::now();
         let machine = self.save()?;
         self.stats.record("snapshot.state", t);
@@ -152,6 +146,15 @@ impl LiveMachine {
         )?;
         self.stats.record("rollback.state", t);
         Ok(())
+    }
+
+    /// Notes how long the tracker's last materialization (if any) and
+    /// harvest of dirty pages took.
+    fn record_memory_times(&mut self) {
+        if let Some(d) = self.memory.take_materialize_time() {
+            self.stats.record_duration("materialize", d);
+        }
+        self.record_harvest();
     }
 
     /// Notes how long the tracker's last harvest of dirty pages took.

@@ -77,18 +77,20 @@ impl crate::persist::Persist for Vcpu {
     /// The complete state (see [`vcpu_state::save`] for the order).
     /// Registers still waiting in `kvm_run` are loaded first.
     fn save(&self) -> Result<Self::State, Self::Error> {
-        // Loaded through ioctls now; KVM loads the same values again from
-        // `kvm_run` at the next KVM_RUN, which changes nothing.
-        let s = self.fd.sync_regs();
-        if self.sync_pending & kvm_bindings::KVM_SYNC_X86_REGS as u64 != 0 {
-            self.fd
-                .set_regs(&s.regs)
-                .map_err(|e| vcpu_state::StateError("KVM_SET_REGS", e))?;
-        }
-        if self.sync_pending & kvm_bindings::KVM_SYNC_X86_EVENTS as u64 != 0 {
-            self.fd
-                .set_vcpu_events(&s.events)
-                .map_err(|e| vcpu_state::StateError("KVM_SET_VCPU_EVENTS", e))?;
+        if self.sync_pending != 0 {
+            // Loaded through ioctls now; KVM loads the same values again
+            // from `kvm_run` at the next KVM_RUN, which changes nothing.
+            let s = self.fd.sync_regs();
+            if self.sync_pending & kvm_bindings::KVM_SYNC_X86_REGS as u64 != 0 {
+                self.fd
+                    .set_regs(&s.regs)
+                    .map_err(|e| vcpu_state::StateError("KVM_SET_REGS", e))?;
+            }
+            if self.sync_pending & kvm_bindings::KVM_SYNC_X86_EVENTS as u64 != 0 {
+                self.fd
+                    .set_vcpu_events(&s.events)
+                    .map_err(|e| vcpu_state::StateError("KVM_SET_VCPU_EVENTS", e))?;
+            }
         }
         let synced = (self.sync_regs && self.sync_fresh).then(|| self.fd.sync_regs());
         vcpu_state::save(&self.fd, &self.caps, synced.as_ref())

@@ -55,7 +55,7 @@ impl MemoryTracker {
 
     /// Contiguous runs of the sorted `pages`, split where a range ends,
     /// each with the host address of its first page.
-    pub(super) fn host_runs(&self, pages: &[u64]) -> Vec<(Range<u64>, *mut u8)> {
+    fn host_runs(&self, pages: &[u64]) -> Vec<(Range<u64>, *mut u8)> {
         let ranges = self.layout.ranges();
         self.layout
             .page_runs(pages)
