@@ -547,6 +547,7 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>
                 sync_regs: false,
                 sync_fresh: false,
                 sync_pending: 0,
+                completion_due: false,
             };
             if sync {
                 v.use_sync_regs();
@@ -632,7 +633,7 @@ fn spawn_vcpus(vcpus: Vec<Vcpu>, ctx: &VcpuContext) -> Result<Vec<VcpuHandle>, V
         let c = ctx.clone();
         let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        let attention = Arc::new(AtomicBool::new(false));
+        let attention = Arc::new(crate::vstate::vcpu::Attention::default());
         let call_pending = Arc::new(AtomicBool::new(false));
         let link = VcpuLink {
             cmds: cmd_rx,

@@ -46,7 +46,7 @@ impl Controller {
                 ..Response::ok()
             },
             Op::Pause => {
-                self.pause()?;
+                self.pause(false)?;
                 self.user_paused = true;
                 Response::ok()
             }
@@ -56,14 +56,14 @@ impl Controller {
                 Response::ok()
             }
             Op::Speculate => {
-                self.pause()?;
+                self.pause(true)?;
                 let r = self.speculate(None)?;
                 self.resume();
                 r.map_or_else(code, with_id)
             }
             Op::Commit => self.commit(None)?.map_or_else(code, with_id),
             Op::Abort => {
-                self.pause()?;
+                self.pause(false)?;
                 let r = self.abort_own(reason::ABORTED_BY_HOST, None)?;
                 self.resume();
                 r.map_or_else(code, with_id)

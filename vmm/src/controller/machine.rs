@@ -37,10 +37,11 @@ pub struct LiveMachine {
 
 impl LiveMachine {
     /// Parks every vCPU, and holds the devices that write guest memory on
-    /// their own threads.
-    pub fn pause(&mut self) -> Result<(), ControlError> {
+    /// their own threads. With `save`, because a checkpoint or snapshot
+    /// follows, the vCPUs save their state as they park.
+    pub fn pause(&mut self, save: bool) -> Result<(), ControlError> {
         self.devices.hold_io();
-        self.vcpus.pause_all()
+        self.vcpus.pause_all(save)
     }
 
     /// Lets the devices and every parked vCPU run on (but a vCPU whose

@@ -204,7 +204,7 @@ impl Controller {
 
     fn run_inner(&mut self, paused: bool) -> Result<Outcome, ControlError> {
         let r = if paused {
-            self.pause().and_then(|()| {
+            self.pause(false).and_then(|()| {
                 self.user_paused = true;
                 self.serve()
             })
@@ -236,9 +236,10 @@ impl Controller {
         }
     }
 
-    /// Parks every vCPU and holds device I/O.
-    fn pause(&mut self) -> Result<(), ControlError> {
-        self.machine.pause()
+    /// Parks every vCPU and holds device I/O; with `save`, because the
+    /// machine's state is saved next, each vCPU saves its own as it parks.
+    fn pause(&mut self, save: bool) -> Result<(), ControlError> {
+        self.machine.pause(save)
     }
 
     /// Lets the VM run on, unless the host holds it paused.
@@ -256,7 +257,7 @@ impl Controller {
         // operations only read or rearrange the stack.
         let saving = op == op::READY && self.boot_cache.is_some();
         if matches!(op, op::SPECULATE | op::ABORT) || saving {
-            self.pause()?;
+            self.pause(op == op::SPECULATE || saving)?;
         } else {
             self.machine.vcpus.wait_parked(i)?;
         }

@@ -138,7 +138,7 @@ impl Controller {
     /// Joins the speculations a tagged frame carries, before the guest sees
     /// the frame: one checkpoint for all of them (rule 2).
     pub(super) fn join(&mut self, ids: Vec<SpecId>) -> Result<(), ControlError> {
-        self.pause()?;
+        self.pause(true)?;
         match self.engine.join(&mut self.machine, &ids)? {
             // Joined meanwhile (another frame with the same tag).
             Joined::AlreadyHeld => {}
@@ -209,7 +209,7 @@ impl Controller {
         if !self.engine.holds(id) {
             return Ok(());
         }
-        self.pause()?;
+        self.pause(false)?;
         let why = match refused {
             true => reason::REFUSED,
             false => reason::ABORTED_BY_HOST,

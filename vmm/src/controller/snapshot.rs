@@ -97,7 +97,7 @@ impl Controller {
             Err(e) => return Ok(Response::error(e.to_string())),
         };
         let t = Instant::now();
-        self.pause()?;
+        self.pause(true)?;
         let r = self.write_into(p);
         self.resume();
         self.machine.stats.record("snapshot", t);

@@ -13,6 +13,7 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN};
 use super::ControlError;
 use crate::event::{VcpuCmd, VcpuReply};
 use crate::machine::{MachineError, VcpuTarget};
+use crate::vstate::vcpu::Attention;
 use crate::vstate::vcpu_state::VcpuState;
 
 /// How long to wait for a vCPU to park before kicking it again. A kick can
@@ -23,7 +24,7 @@ const KICK_INTERVAL: Duration = Duration::from_millis(2);
 pub struct VcpuHandle {
     cmds: Sender<VcpuCmd>,
     replies: Receiver<VcpuReply>,
-    attention: Arc<AtomicBool>,
+    attention: Arc<Attention>,
     call_pending: Arc<AtomicBool>,
     thread: JoinHandle<()>,
     parked: bool,
@@ -39,7 +40,7 @@ impl VcpuHandle {
     pub fn new(
         cmds: Sender<VcpuCmd>,
         replies: Receiver<VcpuReply>,
-        attention: Arc<AtomicBool>,
+        attention: Arc<Attention>,
         call_pending: Arc<AtomicBool>,
         thread: JoinHandle<()>,
     ) -> Self {
@@ -120,11 +121,13 @@ impl VcpuSet {
     }
 
     /// Parks every vCPU at a clean instruction boundary. A vCPU whose
-    /// hypercall waits parks on its own and is not kicked.
-    pub fn pause_all(&mut self) -> Result<(), ControlError> {
+    /// hypercall waits parks on its own and is not kicked. With `save`
+    /// (a checkpoint or a snapshot follows), each vCPU kicked saves its
+    /// state as it parks, on its own thread, for [`VcpuSet::save_all`].
+    pub fn pause_all(&mut self, save: bool) -> Result<(), ControlError> {
         for h in self.handles.iter().filter(|h| !h.parked) {
             if !h.call_pending.load(Ordering::Acquire) {
-                h.attention.store(true, Ordering::Release);
+                h.attention.request(save);
                 h.kick();
             }
         }

@@ -4,7 +4,7 @@
 //! to their bus, platform events to the main thread, and emulation failures
 //! to the host-compat layer when it is active.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
@@ -68,6 +68,11 @@ pub struct Vcpu {
     /// a hypercall result's, see [`Vcpu::load_synced`]); until then
     /// `kvm_run` holds the truth for them.
     pub sync_pending: u64,
+    /// Whether the last KVM_RUN returned an exit, which KVM may still
+    /// have to complete (a port or MMIO read's data) at the next KVM_RUN.
+    /// After a return by a signal (`EINTR`, how a kicked vCPU comes out)
+    /// KVM has completed everything, so a park needs no extra KVM_RUN.
+    pub completion_due: bool,
 }
 
 impl crate::persist::Persist for Vcpu {
@@ -167,6 +172,40 @@ impl Vcpu {
     }
 }
 
+/// A request for a vCPU to park, set by the controller before it kicks
+/// the vCPU out of KVM_RUN, and taken by the vCPU at its next turn of the
+/// loop. A request to park *and save* makes the vCPU save its state as it
+/// parks ([`VcpuReply::ParkedSaved`]), on its own thread, while the
+/// controller goes on (with a checkpoint's memory step): a `Save` command
+/// after the park would cost one more round trip between the two threads.
+#[derive(Debug, Default)]
+pub struct Attention(AtomicU8);
+
+impl Attention {
+    const NONE: u8 = 0;
+    const PARK: u8 = 1;
+    const PARK_AND_SAVE: u8 = 2;
+
+    /// Asks the vCPU to park, and to save its state on the way if `save`.
+    /// A request to save is never weakened by a later one to only park.
+    pub fn request(&self, save: bool) {
+        let want = if save {
+            Self::PARK_AND_SAVE
+        } else {
+            Self::PARK
+        };
+        self.0.fetch_max(want, Ordering::AcqRel);
+    }
+
+    /// Takes the request: `None` when there is none, else whether to save.
+    pub fn take(&self) -> Option<bool> {
+        match self.0.swap(Self::NONE, Ordering::AcqRel) {
+            Self::NONE => None,
+            r => Some(r == Self::PARK_AND_SAVE),
+        }
+    }
+}
+
 /// The vCPU thread's end of its link to the controller: a channel each
 /// way of its own, so the controller never sorts one vCPU's answers out of
 /// the VM's event stream.
@@ -176,7 +215,7 @@ pub struct VcpuLink {
     /// Answers: that the vCPU parked, and the result of each command.
     pub replies: Sender<VcpuReply>,
     /// Set by the controller (then a kick) to make the vCPU park.
-    pub attention: Arc<AtomicBool>,
+    pub attention: Arc<Attention>,
     /// Set by the vCPU before it reports a hypercall, cleared by the
     /// controller once the call is served: until then the vCPU must stay
     /// parked, whatever else the controller resumes.
@@ -207,10 +246,9 @@ impl Vcpu {
     /// as [`VmEvent::Fatal`], never panicked.
     pub fn run(mut self, ctx: VcpuContext, link: VcpuLink) {
         while !ctx.stop.load(Ordering::Acquire) {
-            let step = if link.attention.swap(false, Ordering::AcqRel) {
-                self.park(&ctx, &link)
-            } else {
-                self.run_once(&ctx)
+            let step = match link.attention.take() {
+                Some(save) => self.park_with(&ctx, &link, save),
+                None => self.run_once(&ctx),
             };
             let step = match step {
                 Ok(Next::Hypercall(op, arg)) => {
@@ -244,22 +282,19 @@ impl Vcpu {
     }
 
     /// Stops at a clean instruction boundary, tells the controller, and
-    /// carries out its commands until it says to run on.
-    fn park(&mut self, ctx: &VcpuContext, link: &VcpuLink) -> Result<Next, String> {
-        self.park_with(ctx, link, false)
-    }
-
-    /// [`Vcpu::park`], with the state saved on the way when `presave`
-    /// ([`VcpuReply::ParkedSaved`]; if the save fails, a plain `Parked`,
-    /// and the controller's own `Save` meets the error).
+    /// carries out its commands until it says to run on. With `presave`,
+    /// the state is saved on the way ([`VcpuReply::ParkedSaved`]; if the
+    /// save fails, a plain `Parked`, and the controller's own `Save` meets
+    /// the error).
     fn park_with(
         &mut self,
         ctx: &VcpuContext,
         link: &VcpuLink,
         presave: bool,
     ) -> Result<Next, String> {
-        // A new request to park may have come in meanwhile: this covers it.
-        link.attention.store(false, Ordering::Release);
+        // A new request to park may have come in meanwhile: this covers it,
+        // and its wish for a save too.
+        let presave = presave || link.attention.take() == Some(true);
         self.complete_pending_io(ctx)?;
         self.refresh_pending();
         // The general registers as KVM holds them, once this park has read
@@ -332,7 +367,13 @@ impl Vcpu {
     /// the guest further: KVM_RUN with `immediate_exit` set completes a
     /// pending port or MMIO access and returns at once (api.rst). After it,
     /// the vCPU's registers describe a state that can be saved and resumed.
+    /// Skipped when the last KVM_RUN came back by a signal: KVM runs a
+    /// pending completion at the start of KVM_RUN, before it looks for
+    /// signals, so none is left (one vCPU ioctl fewer for a kicked vCPU).
     fn complete_pending_io(&mut self, ctx: &VcpuContext) -> Result<(), String> {
+        if !std::mem::take(&mut self.completion_due) {
+            return Ok(());
+        }
         loop {
             self.fd.set_kvm_immediate_exit(1);
             let r = self.fd.run();
@@ -372,6 +413,7 @@ impl Vcpu {
         let r = self.fd.run();
         self.sync_fresh = r.is_ok()
             || matches!(&r, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
+        self.completion_due = r.is_ok();
         ctx.progress.count_exit();
         let mut exit = match r {
             Ok(exit) => exit,
@@ -589,6 +631,7 @@ mod tests {
             sync_regs: false,
             sync_fresh: false,
             sync_pending: 0,
+            completion_due: false,
         };
         v.use_sync_regs();
         let mut target = v.save().expect("the first save");
@@ -605,5 +648,23 @@ mod tests {
         // Loaded into KVM by the save; the same values load again at the
         // next KVM_RUN.
         assert_eq!(v.fd.get_regs().unwrap().rbx, 0x1234);
+    }
+
+    /// One request, one park: taking it clears it, and a request to save
+    /// stays one when a request only to park comes after it.
+    #[test]
+    fn a_request_to_save_outlasts_a_later_request_to_park() {
+        let a = Attention::default();
+        assert_eq!(a.take(), None);
+        a.request(false);
+        assert_eq!(a.take(), Some(false));
+        assert_eq!(a.take(), None);
+        a.request(true);
+        a.request(false);
+        assert_eq!(a.take(), Some(true));
+        assert_eq!(a.take(), None);
+        a.request(false);
+        a.request(true);
+        assert_eq!(a.take(), Some(true));
     }
 }
