@@ -77,7 +77,13 @@ def main():
     ap.add_argument("--snapshot", default=os.path.join(ROOT, "target", "tmp", "linux-snapshot"))
     ap.add_argument("--loops", type=int, default=20)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--specvm", metavar="PATH",
+                    help="the specvm binary to measure (default: this tree's release build); "
+                         "an older build here gives the before of an A/B")
     a = ap.parse_args()
+    if a.specvm:
+        global SPECVM
+        SPECVM = os.path.abspath(a.specvm)
     if not os.path.isfile(os.path.join(a.snapshot, "state")):
         print(f"no snapshot in {a.snapshot}: run the Linux tests first "
               "(cargo test -p specvm-tests --test linux), or give --snapshot")
