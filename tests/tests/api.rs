@@ -222,3 +222,32 @@ fn command_line_errors_are_one_line() {
     r.assert_status(0);
     assert!(r.stdout.starts_with("specvm "), "{r}");
 }
+
+/// A host abort that lands while the guest's `status` call waits: the
+/// call belongs to the timeline the rollback threw away. Served after the
+/// rollback, its answer used to overwrite the checkpoint's registers, and
+/// `speculate` returned 0 again instead of 2. The guest calls `status` in
+/// a tight loop, so most of the ten aborts meet a waiting call.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn a_host_abort_voids_a_hypercall_that_waits() {
+    skip_without_kvm!();
+    let dir = Dir::new("poll");
+    let sock = dir.sock();
+    let rounds = 10;
+    let mut vm = start("spec_poll", &sock, &["--guest-arg", &rounds.to_string()]);
+    for round in 0..rounds {
+        vm.wait_for_line(&format!("round {round} polling"), TIMEOUT)
+            .expect("the guest speculates and polls");
+        let (status, out) = ctl(&sock, "abort");
+        assert_eq!(status, 0, "abort in round {round}: {out}");
+        let line = vm
+            .wait_for_line(&format!("round {round}:"), TIMEOUT)
+            .expect("speculate returned after the abort");
+        assert!(
+            line.ends_with("speculate() = 2"),
+            "round {round}: {line:?}, want speculate() = 2"
+        );
+    }
+    vm.finish(TIMEOUT).assert_status(0);
+}

@@ -44,6 +44,16 @@ impl LiveMachine {
         self.vcpus.pause_all(save)
     }
 
+    /// [`LiveMachine::pause`] for a hypercall that changes the machine (a
+    /// `speculate` or an `abort`): the calling vCPU is out of KVM_RUN, so
+    /// the memory step starts without waiting for it to park (and, for a
+    /// `speculate`, to save its state); the save, or the first command to
+    /// it, waits ([`VcpuSet::pause_running`]).
+    pub fn pause_for_call(&mut self, save: bool) -> Result<(), ControlError> {
+        self.devices.hold_io();
+        self.vcpus.pause_running(save)
+    }
+
     /// Lets the devices and every parked vCPU run on (but a vCPU whose
     /// hypercall waits).
     pub fn resume(&mut self) {

@@ -253,11 +253,23 @@ impl Controller {
     fn hypercall(&mut self, vcpu: u8, op: u32, arg: u64) -> Result<(), ControlError> {
         let t = Instant::now();
         let i = usize::from(vcpu);
+        if self.machine.vcpus.take_void(i) {
+            // Made after the checkpoint a rollback since went back to (the
+            // rollback was served first): the vCPU is at that checkpoint
+            // now, before this call, so the call is dropped unserved.
+            tracing::debug!(vcpu, op, "hypercall from a rolled-back timeline dropped");
+            self.machine.vcpus.wait_parked(i)?;
+            self.machine.vcpus.call_served(i);
+            self.resume();
+            return Ok(());
+        }
         // Only checkpoints and rollbacks need every vCPU stopped; the other
         // operations only read or rearrange the stack.
         let saving = op == op::READY && self.boot_cache.is_some();
-        if matches!(op, op::SPECULATE | op::ABORT) || saving {
-            self.pause(op == op::SPECULATE || saving)?;
+        if matches!(op, op::SPECULATE | op::ABORT) {
+            self.machine.pause_for_call(op == op::SPECULATE)?;
+        } else if saving {
+            self.pause(true)?;
         } else {
             self.machine.vcpus.wait_parked(i)?;
         }
@@ -297,6 +309,9 @@ impl Controller {
         if let Some(regs) = result {
             self.machine.set_result(i, regs)?;
         }
+        // This call's own rollback (an `abort`) marked it void; it is
+        // served now.
+        self.machine.vcpus.take_void(i);
         self.machine.vcpus.call_served(i);
         self.resume();
         self.machine.stats.record(op_name(op), t);

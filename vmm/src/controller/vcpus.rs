@@ -28,6 +28,14 @@ pub struct VcpuHandle {
     call_pending: Arc<AtomicBool>,
     thread: JoinHandle<()>,
     parked: bool,
+    /// It made a hypercall and is parking on its own, but its reply has
+    /// not been read yet ([`VcpuSet::pause_running`]): read before any
+    /// command or resume goes to it.
+    parking: bool,
+    /// Its hypercall waited while the machine was rolled back: the call
+    /// belongs to the discarded timeline, and its vCPU's state is the
+    /// checkpoint's, so the call must not be carried out.
+    call_void: bool,
     /// The state the vCPU saved as it parked for a `speculate`
     /// ([`VcpuReply::ParkedSaved`]): the next save takes it. Dropped with
     /// every command or resume sent, which may change the state.
@@ -51,14 +59,26 @@ impl VcpuHandle {
             call_pending,
             thread,
             parked: false,
+            parking: false,
+            call_void: false,
             presaved: None,
         }
     }
 
     /// Sends `cmd`; the state saved at the park is stale from here on.
+    /// The vCPU must be parked, or [`VcpuHandle::settle`]d first.
     fn send(&mut self, cmd: VcpuCmd) -> bool {
         self.presaved = None;
         self.cmds.send(cmd).is_ok()
+    }
+
+    /// Reads the park of a vCPU left parking by [`VcpuSet::pause_running`].
+    fn settle(&mut self, index: usize) -> Result<(), ControlError> {
+        while self.parking && !self.parked {
+            self.await_park(index, None)?;
+        }
+        self.parking = false;
+        Ok(())
     }
 
     fn kick(&self) {
@@ -76,12 +96,12 @@ impl VcpuHandle {
         };
         match r {
             Ok(VcpuReply::Parked) => {
-                self.parked = true;
+                (self.parked, self.parking) = (true, false);
                 self.presaved = None;
                 Ok(true)
             }
             Ok(VcpuReply::ParkedSaved(s)) => {
-                self.parked = true;
+                (self.parked, self.parking) = (true, false);
                 self.presaved = Some(s);
                 Ok(true)
             }
@@ -125,18 +145,40 @@ impl VcpuSet {
     /// (a checkpoint or a snapshot follows), each vCPU kicked saves its
     /// state as it parks, on its own thread, for [`VcpuSet::save_all`].
     pub fn pause_all(&mut self, save: bool) -> Result<(), ControlError> {
-        for h in self.handles.iter().filter(|h| !h.parked) {
-            if !h.call_pending.load(Ordering::Acquire) {
+        self.pause_running(save)?;
+        self.settle_all()
+    }
+
+    /// [`VcpuSet::pause_all`], but a vCPU whose hypercall waits is not
+    /// waited for: it is out of KVM_RUN (it reported the call from its
+    /// thread), so it neither runs guest code nor writes guest memory, and
+    /// the controller's memory step can go on while it parks, and saves
+    /// for a `speculate`. Its park is read before any command or resume
+    /// goes to it, or by [`VcpuSet::settle_all`].
+    pub fn pause_running(&mut self, save: bool) -> Result<(), ControlError> {
+        for h in self.handles.iter_mut().filter(|h| !h.parked) {
+            if h.call_pending.load(Ordering::Acquire) {
+                h.parking = true;
+            } else {
                 h.attention.request(save);
                 h.kick();
             }
         }
         for (i, h) in self.handles.iter_mut().enumerate() {
-            while !h.parked {
+            while !h.parked && !h.parking {
                 if !h.await_park(i, Some(KICK_INTERVAL))? {
                     h.kick();
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Waits until every vCPU left parking by [`VcpuSet::pause_running`]
+    /// has parked.
+    pub fn settle_all(&mut self) -> Result<(), ControlError> {
+        for (i, h) in self.handles.iter_mut().enumerate() {
+            h.settle(i)?;
         }
         Ok(())
     }
@@ -152,6 +194,10 @@ impl VcpuSet {
 
     /// Lets every parked vCPU run on, except those whose hypercall waits.
     pub fn resume_all(&mut self) {
+        for (i, h) in self.handles.iter_mut().enumerate() {
+            // A vCPU that is gone is resumed by no one.
+            let _ = h.settle(i);
+        }
         for h in self.handles.iter_mut().filter(|h| h.parked) {
             if !h.call_pending.load(Ordering::Acquire) {
                 let _ = h.send(VcpuCmd::Resume);
@@ -167,6 +213,15 @@ impl VcpuSet {
         }
     }
 
+    /// Whether vCPU `i`'s waiting hypercall was made in a timeline since
+    /// rolled back ([`VcpuTarget::restore_all`] marks it): then it must
+    /// not be served, only let go. Clears the mark.
+    pub fn take_void(&mut self, i: usize) -> bool {
+        self.handles
+            .get_mut(i)
+            .is_some_and(|h| std::mem::take(&mut h.call_void))
+    }
+
     /// Whether a vCPU other than `except` has a hypercall waiting.
     pub fn call_pending(&self, except: Option<usize>) -> bool {
         self.handles
@@ -179,6 +234,7 @@ impl VcpuSet {
     /// ([`VcpuCmd::SetResult`]), without waiting.
     pub fn tell(&mut self, i: usize, cmd: VcpuCmd) -> Result<(), ControlError> {
         let h = self.handles.get_mut(i).ok_or_else(|| gone(i))?;
+        h.settle(i)?;
         match h.send(cmd) {
             true => Ok(()),
             false => Err(gone(i)),
@@ -188,6 +244,7 @@ impl VcpuSet {
     /// Sends `cmd` to parked vCPU `i` and waits for its answer.
     pub fn command(&mut self, i: usize, cmd: VcpuCmd) -> Result<VcpuReply, ControlError> {
         let h = self.handles.get_mut(i).ok_or_else(|| gone(i))?;
+        h.settle(i)?;
         if !h.send(cmd) {
             return Err(gone(i));
         }
@@ -207,6 +264,7 @@ impl VcpuSet {
     /// is left for a later command; the error names the first vCPU that
     /// failed.
     pub fn save_all(&mut self) -> Result<Vec<VcpuState>, ControlError> {
+        self.settle_all()?;
         // `None`: asked, the answer is on the way.
         let known: Vec<Option<Result<VcpuReply, ControlError>>> = self
             .handles
@@ -272,11 +330,16 @@ impl VcpuTarget for VcpuSet {
 
     /// Each vCPU restores its own state on its own thread, all at once,
     /// and meanwhile the controller goes on (see [`VcpuCmd::Restore`]).
+    /// A hypercall still waiting is voided ([`VcpuSet::take_void`]): its
+    /// vCPU goes back to before it.
     fn restore_all(
         &mut self,
         states: Vec<VcpuState>,
         tsc_advance_ns: Option<u64>,
     ) -> Result<(), MachineError> {
+        for h in &mut self.handles {
+            h.call_void |= h.call_pending.load(Ordering::Acquire);
+        }
         for (i, s) in states.into_iter().enumerate() {
             self.restore_vcpu(i, s, tsc_advance_ns)?;
         }
