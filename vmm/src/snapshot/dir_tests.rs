@@ -482,44 +482,55 @@ fn a_version_2_snapshot_is_replaced_with_its_layers() {
 #[test]
 fn a_layer_written_from_mappings_holds_the_newer_pages() {
     let d = Dir::new("mapped");
-    // The file: pages 0..2048 (8 MiB) hold their number's low byte.
+    // The file: pages 0..2048 (8 MiB) each hold their number modulo 251,
+    // so that a page out of place by any whole number of chunks shows.
+    let pat = |p: u64| (p % 251) as u8;
     let ram = create_guest_memory(MEM).unwrap();
     let file: Vec<u8> = (0..2048u64)
-        .flat_map(|p| vec![p as u8; PAGE as usize])
+        .flat_map(|p| vec![pat(p); PAGE as usize])
         .collect();
     ram.file.write_all_at(&file, 0).unwrap();
     // The guest's mapping: the file's bytes, and newer ones in pages
-    // 100..110 (inside the first 1 MiB chunk) and in 2 MiB from page 3000
-    // (past the file's data, unaligned to chunks). Page-aligned, as
-    // mappings are (O_DIRECT writes need it); mapped in two parts split
-    // mid-chunk at page 300, so some chunks are copied, the others
-    // written in place and joined.
+    // 100..110 (inside the first 1 MiB chunk), in 2 MiB from page 3000
+    // (past the file's data, unaligned to chunks) and in 16 KiB from page
+    // 5000. Page-aligned, as mappings are (O_DIRECT writes need it);
+    // mapped in two parts split mid-chunk at page 300, so some chunks are
+    // read into a buffer, the others joined into runs: the long ones
+    // copied into huge-page buffers, the 16 KiB one written in place.
     let mut space = vec![0u8; (MEM + PAGE) as usize];
     let skip = space.as_ptr().align_offset(PAGE as usize);
     let mapping = &mut space[skip..skip + MEM as usize];
     ram.file.read_exact_at(mapping, 0).unwrap();
     mapping[100 * PAGE as usize..110 * PAGE as usize].fill(0xa0);
     mapping[3000 * PAGE as usize..3512 * PAGE as usize].fill(0xb0);
+    mapping[5000 * PAGE as usize..5004 * PAGE as usize].fill(0xc0);
     let (low, high) = mapping.split_at(300 * PAGE as usize);
     let src = MemorySource::new(
         &ram.file,
         vec![(0, low), (300 * PAGE, high)],
-        vec![(100 * PAGE, 10 * PAGE), (3000 * PAGE, 512 * PAGE)],
+        vec![
+            (100 * PAGE, 10 * PAGE),
+            (3000 * PAGE, 512 * PAGE),
+            (5000 * PAGE, 4 * PAGE),
+        ],
     );
     let mut w = DirWriter::open(&d.0).unwrap();
     let l = w.write_full(&src, MEM, 0x21).unwrap();
     w.commit(&state(0x21, vec![l])).unwrap();
     let back = restore(&d.0).unwrap();
-    for p in [0, 99, 110, 255, 256, 1000, 2047] {
-        assert_eq!(byte_at(&back, p), p as u8, "page {p}");
+    for p in [0, 99, 110, 255, 256, 700, 1000, 1500, 2047] {
+        assert_eq!(byte_at(&back, p), pat(p), "page {p}");
     }
     for p in [100, 109] {
         assert_eq!(byte_at(&back, p), 0xa0, "page {p}");
     }
-    for p in [2048, 2999, 3512, 8191] {
+    for p in [2048, 2999, 3512, 4999, 5004, 8191] {
         assert_eq!(byte_at(&back, p), 0, "page {p}");
     }
     for p in [3000, 3511] {
         assert_eq!(byte_at(&back, p), 0xb0, "page {p}");
+    }
+    for p in [5000, 5003] {
+        assert_eq!(byte_at(&back, p), 0xc0, "page {p}");
     }
 }
