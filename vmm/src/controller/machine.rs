@@ -94,6 +94,7 @@ impl LiveMachine {
         Ok(Checkpoint {
             machine,
             caller,
+            calls: self.vcpus.waiting_calls(),
             memory,
         })
     }
@@ -155,6 +156,7 @@ impl LiveMachine {
             target.machine,
             RestoreMode::Rollback,
         )?;
+        self.vcpus.void_calls_since(&target.calls);
         self.stats.record("rollback.state", t);
         Ok(())
     }

@@ -32,10 +32,14 @@ pub struct VcpuHandle {
     /// not been read yet ([`VcpuSet::pause_running`]): read before any
     /// command or resume goes to it.
     parking: bool,
-    /// Its hypercall waited while the machine was rolled back: the call
-    /// belongs to the discarded timeline, and its vCPU's state is the
-    /// checkpoint's, so the call must not be carried out.
+    /// Its hypercall waited while the machine was rolled back to a
+    /// checkpoint taken before the call: the call belongs to the discarded
+    /// timeline, and its vCPU's state is the checkpoint's, so the call
+    /// must not be carried out.
     call_void: bool,
+    /// How many of its hypercalls have been served: which call waits, for
+    /// [`VcpuSet::waiting_calls`].
+    served: u64,
     /// The state the vCPU saved as it parked for a `speculate`
     /// ([`VcpuReply::ParkedSaved`]): the next save takes it. Dropped with
     /// every command or resume sent, which may change the state.
@@ -61,6 +65,7 @@ impl VcpuHandle {
             parked: false,
             parking: false,
             call_void: false,
+            served: 0,
             presaved: None,
         }
     }
@@ -208,13 +213,40 @@ impl VcpuSet {
 
     /// The hypercall of vCPU `i` has been served: it may run on.
     pub fn call_served(&mut self, i: usize) {
-        if let Some(h) = self.handles.get(i) {
+        if let Some(h) = self.handles.get_mut(i) {
+            h.served += 1;
             h.call_pending.store(false, Ordering::Release);
         }
     }
 
+    /// For each vCPU, the call that waits now, if one does (named by how
+    /// many of its calls were served before it). A checkpoint keeps this:
+    /// a vCPU saved while its call waited is put back waiting for that
+    /// call's answer, so a rollback there serves the call again.
+    pub fn waiting_calls(&self) -> Vec<Option<u64>> {
+        self.handles
+            .iter()
+            .map(|h| h.call_pending.load(Ordering::Acquire).then_some(h.served))
+            .collect()
+    }
+
+    /// After a rollback to a checkpoint that kept `at_checkpoint`
+    /// ([`VcpuSet::waiting_calls`]): every call waiting now that did not
+    /// wait then was made after the checkpoint, in the timeline thrown
+    /// away, and is voided ([`VcpuSet::take_void`]); one that waited then
+    /// too is served as usual, its vCPU being back to waiting for it.
+    pub fn void_calls_since(&mut self, at_checkpoint: &[Option<u64>]) {
+        for (i, h) in self.handles.iter_mut().enumerate() {
+            let waiting = h.call_pending.load(Ordering::Acquire);
+            let then = at_checkpoint.get(i).copied().flatten();
+            if waiting && then != Some(h.served) {
+                h.call_void = true;
+            }
+        }
+    }
+
     /// Whether vCPU `i`'s waiting hypercall was made in a timeline since
-    /// rolled back ([`VcpuTarget::restore_all`] marks it): then it must
+    /// rolled back ([`VcpuSet::void_calls_since`] marks it): then it must
     /// not be served, only let go. Clears the mark.
     pub fn take_void(&mut self, i: usize) -> bool {
         self.handles
@@ -330,19 +362,69 @@ impl VcpuTarget for VcpuSet {
 
     /// Each vCPU restores its own state on its own thread, all at once,
     /// and meanwhile the controller goes on (see [`VcpuCmd::Restore`]).
-    /// A hypercall still waiting is voided ([`VcpuSet::take_void`]): its
-    /// vCPU goes back to before it.
     fn restore_all(
         &mut self,
         states: Vec<VcpuState>,
         tsc_advance_ns: Option<u64>,
     ) -> Result<(), MachineError> {
-        for h in &mut self.handles {
-            h.call_void |= h.call_pending.load(Ordering::Acquire);
-        }
         for (i, s) in states.into_iter().enumerate() {
             self.restore_vcpu(i, s, tsc_advance_ns)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A set of `n` handles whose threads have already ended, and each
+    /// one's `call_pending` flag, for tests of the bookkeeping alone.
+    fn handles(n: usize) -> (VcpuSet, Vec<Arc<AtomicBool>>) {
+        let mut hs = Vec::new();
+        let mut flags = Vec::new();
+        for _ in 0..n {
+            let (cmds, _) = std::sync::mpsc::channel();
+            let (_, replies) = std::sync::mpsc::channel();
+            let pending = Arc::new(AtomicBool::new(false));
+            let thread = std::thread::spawn(|| {});
+            hs.push(VcpuHandle::new(
+                cmds,
+                replies,
+                Arc::new(Attention::default()),
+                pending.clone(),
+                thread,
+            ));
+            flags.push(pending);
+        }
+        (VcpuSet::new(hs, Arc::new(AtomicBool::new(false))), flags)
+    }
+
+    /// A call that waited at the checkpoint waits again after a rollback
+    /// there and is served; one made after the checkpoint is dropped,
+    /// even from a vCPU whose earlier call waited at the checkpoint.
+    #[test]
+    fn a_rollback_drops_only_the_calls_made_after_its_checkpoint() {
+        let (mut set, pending) = handles(3);
+        // vCPUs 0 and 1 wait on a call as the checkpoint is taken.
+        pending[0].store(true, Ordering::Release);
+        pending[1].store(true, Ordering::Release);
+        let at_checkpoint = set.waiting_calls();
+        assert_eq!(at_checkpoint, vec![Some(0), Some(0), None]);
+        // vCPU 0's call is served, and it makes another; vCPU 2 makes
+        // its first; vCPU 1's call still waits.
+        set.call_served(0);
+        pending[0].store(true, Ordering::Release);
+        pending[2].store(true, Ordering::Release);
+        set.void_calls_since(&at_checkpoint);
+        assert!(set.take_void(0), "vCPU 0's second call came after");
+        assert!(!set.take_void(1), "vCPU 1's call waited at the checkpoint");
+        assert!(set.take_void(2), "vCPU 2's call came after");
+        // Taking the mark clears it.
+        assert!(!set.take_void(0));
+        // A vCPU with no call waiting is never marked.
+        set.call_served(2);
+        set.void_calls_since(&at_checkpoint);
+        assert!(!set.take_void(2));
     }
 }

@@ -13,6 +13,10 @@ pub struct Checkpoint {
     /// (a checkpoint taken by the host or on a packet has none). On a
     /// rollback its RAX becomes the reason, so `speculate` returns again.
     pub caller: Option<u8>,
+    /// The hypercalls waiting as the checkpoint was taken, by vCPU (see
+    /// [`crate::controller::vcpus::VcpuSet::waiting_calls`]): a rollback
+    /// here serves them again, and drops any call made after it.
+    pub calls: Vec<Option<u64>>,
     /// Memory's part, kept by the memory tracker.
     pub memory: MemoryCheckpoint,
 }
