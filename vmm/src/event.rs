@@ -6,6 +6,31 @@ use std::sync::mpsc::{Receiver, Sender};
 
 use crate::vstate::vcpu_state::VcpuState;
 
+/// Says, as it is dropped, that the controller has acted on the event it
+/// came with. The bridge's reader waits for it after an outcome before it
+/// passes on the next frame: the bridge sends an outcome before the frames
+/// that came after it, and a frame that reached the guest before the
+/// rollback it was sent after would be undone with it (rule 4), so lost.
+#[derive(Debug)]
+pub struct Acted(Option<std::sync::mpsc::SyncSender<()>>);
+
+impl Acted {
+    /// A guard, and what its drop wakes.
+    pub fn new() -> (Self, std::sync::mpsc::Receiver<()>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        (Self(Some(tx)), rx)
+    }
+}
+
+impl Drop for Acted {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            // The reader may have gone; then no one waits.
+            let _ = tx.try_send(());
+        }
+    }
+}
+
 /// Something the controller must act on.
 #[derive(Debug)]
 pub enum VmEvent {
@@ -33,8 +58,9 @@ pub enum VmEvent {
         /// The ids.
         ids: Vec<crate::spec::stack::SpecId>,
     },
-    /// A message from the bridge, or its loss.
-    Bridge(crate::spec::link::BridgeEvent),
+    /// A message from the bridge, or its loss; the [`Acted`] goes once the
+    /// controller has acted on it.
+    Bridge(crate::spec::link::BridgeEvent, Acted),
     /// A request from the control API.
     Api(crate::api::ApiCall),
 }

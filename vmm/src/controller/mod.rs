@@ -224,7 +224,8 @@ impl Controller {
                 VmEvent::Fatal(m) => return Err(ControlError::Vcpu(m)),
                 VmEvent::Hypercall { vcpu, op, arg } => self.hypercall(vcpu, op, arg)?,
                 VmEvent::Join { ids } => self.join(ids)?,
-                VmEvent::Bridge(ev) => self.bridge_event(ev)?,
+                // `_acted` goes at the end of the arm, error or not.
+                VmEvent::Bridge(ev, _acted) => self.bridge_event(ev)?,
                 VmEvent::Api(call) if call.op == crate::api::Op::DiskExport => {
                     self.disk_export(call)
                 }

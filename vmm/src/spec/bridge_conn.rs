@@ -338,7 +338,8 @@ pub(super) fn spawn_reader(
         .map(drop)
 }
 
-/// Frames from the bridge, to the device; `decided`, to the controller.
+/// Frames from the bridge, to the device; `decided`, to the controller,
+/// which carries it out before the next frame goes to the device.
 /// Returns when the connection ends.
 fn read_loop(mut stream: UnixStream, device: &UnixDatagram, events: &EventSender, epoch: u64) {
     loop {
@@ -370,9 +371,13 @@ fn read_loop(mut stream: UnixStream, device: &UnixDatagram, events: &EventSender
                     epoch,
                     refused,
                 };
-                if events.send(VmEvent::Bridge(ev)).is_err() {
+                // The frames after it wait until it is carried out (see
+                // `Acted`).
+                let (acted, done) = crate::event::Acted::new();
+                if events.send(VmEvent::Bridge(ev, acted)).is_err() {
                     return;
                 }
+                let _ = done.recv();
             }
             Ok(Message::Control(c)) => tracing::warn!("unexpected message from the bridge: {c:?}"),
             Err(e) => {
@@ -380,5 +385,53 @@ fn read_loop(mut stream: UnixStream, device: &UnixDatagram, events: &EventSender
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use specwire::protocol::Outcome;
+    use std::time::Duration;
+
+    /// The bridge sends an abort, then a frame that its owner sent after
+    /// the abort. The frame must reach the device only once the controller
+    /// has acted on the abort: delivered before the rollback, the rollback
+    /// would undo it and it would be lost (the demo's cross-host step once
+    /// waited for ever on such a frame).
+    #[test]
+    fn a_frame_after_an_outcome_waits_until_the_controller_has_acted() {
+        let (mut bridge, vmm) = UnixStream::pair().unwrap();
+        let (device, guest) = UnixDatagram::pair().unwrap();
+        let (events, controller) = crate::event::channel();
+        let reader = std::thread::spawn(move || read_loop(vmm, &device, &events, 1));
+        let decided = Control::Decided {
+            id: SpecId::new(1, 1),
+            outcome: Outcome::Abort,
+            seq: 7,
+            refused: false,
+        };
+        write_message(&mut bridge, &encode_control(&decided)).unwrap();
+        write_message(&mut bridge, &encode_frame(b"final-3")).unwrap();
+        let acted = match controller.recv_timeout(Duration::from_secs(10)) {
+            Ok(VmEvent::Bridge(BridgeEvent::Decided { seq: 7, .. }, acted)) => acted,
+            other => panic!("expected the outcome first, got {other:?}"),
+        };
+        guest
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(
+            guest.recv(&mut buf).is_err(),
+            "the frame reached the device before the outcome was carried out"
+        );
+        drop(acted);
+        guest
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let n = guest.recv(&mut buf).expect("the frame, once acted on");
+        assert_eq!(&buf[..n], b"final-3");
+        drop(bridge);
+        reader.join().unwrap();
     }
 }
