@@ -337,9 +337,10 @@ impl Bounce {
     }
 
     /// Copies `bytes` after what the buffer holds, and returns the copy.
-    /// The caller keeps the total within [`MAX_WRITE`]; past it, the copy
-    /// stops short.
+    /// The caller keeps the total within [`MAX_WRITE`] (a [`Run`] never
+    /// grows past it); past it, the copy would stop short.
     fn append(&mut self, bytes: &[u8]) -> &[u8] {
+        debug_assert!(bytes.len() <= MAX_WRITE - self.len, "a run past MAX_WRITE");
         let n = bytes.len().min(MAX_WRITE - self.len);
         // SAFETY: `skip + len + n` lies inside the mapping (`skip` is less
         // than a huge page past its start, and it is that much longer than
