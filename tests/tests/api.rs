@@ -251,3 +251,50 @@ fn a_host_abort_voids_a_hypercall_that_waits() {
     }
     vm.finish(TIMEOUT).assert_status(0);
 }
+
+/// `pause` and `resume` from the API while the guest speculates, commits
+/// and aborts as fast as it can: a pause that asked a vCPU to park just as
+/// it made a hypercall (and parked for that) left its request behind, and
+/// the vCPU parked again, unasked, after the call was served; the
+/// controller thought it ran, and the guest hung. Before the fix this
+/// test failed that way (a timeout), as did every such run by hand, with
+/// one vCPU or more.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn api_pauses_during_guest_speculations_never_strand_a_vcpu() {
+    skip_without_kvm!();
+    let dir = Dir::new("pauses");
+    let sock = dir.sock();
+    let reps: u64 = 1000;
+    // 1 dirty page per step, `reps` repetitions (spec_bench's argument).
+    let arg = (1 | (reps << 32)).to_string();
+    let vm = start("spec_bench", &sock, &["--cpus", "2", "--guest-arg", &arg]);
+    let mut pauses = 0;
+    while pauses < 150 {
+        let (p, out) = ctl(&sock, "pause");
+        if p != 0 {
+            // The guest finished and the VM ended: its socket is gone.
+            assert!(
+                !std::path::Path::new(&sock).exists(),
+                "pause {pauses} failed with the VM up: {out}"
+            );
+            break;
+        }
+        let (r, out) = ctl(&sock, "resume");
+        assert_eq!(r, 0, "resume after pause {pauses}: {out}");
+        pauses += 1;
+    }
+    assert!(
+        pauses >= 50,
+        "only {pauses} pauses landed while the guest ran"
+    );
+    let r = vm.finish(TIMEOUT);
+    r.assert_status(0);
+    assert!(
+        r.stdout.contains(&format!(
+            "spec_bench: {reps} repetitions with 1 dirty pages, ok"
+        )),
+        "the guest did not finish its loop:\n{}",
+        r.stdout
+    );
+}

@@ -99,23 +99,28 @@ impl VcpuHandle {
                 .recv()
                 .map_err(|_| RecvTimeoutError::Disconnected),
         };
-        match r {
-            Ok(VcpuReply::Parked) => {
-                (self.parked, self.parking) = (true, false);
-                self.presaved = None;
-                Ok(true)
+        let presaved = match r {
+            Ok(VcpuReply::Parked) => None,
+            Ok(VcpuReply::ParkedSaved(s)) => Some(s),
+            Ok(other) => {
+                return Err(ControlError::Vcpu(format!(
+                    "vCPU {index}: expected it to park, got {other:?}"
+                )))
             }
-            Ok(VcpuReply::ParkedSaved(s)) => {
-                (self.parked, self.parking) = (true, false);
-                self.presaved = Some(s);
-                Ok(true)
-            }
-            Ok(other) => Err(ControlError::Vcpu(format!(
-                "vCPU {index}: expected it to park, got {other:?}"
-            ))),
-            Err(RecvTimeoutError::Timeout) => Ok(false),
-            Err(RecvTimeoutError::Disconnected) => Err(gone(index)),
-        }
+            Err(RecvTimeoutError::Timeout) => return Ok(false),
+            Err(RecvTimeoutError::Disconnected) => return Err(gone(index)),
+        };
+        (self.parked, self.parking) = (true, false);
+        self.presaved = presaved;
+        // The vCPU waits for commands now, so any request to park is
+        // met. One can still be set: the controller asks a vCPU it sees
+        // running (no call pending), and the vCPU, between that look and
+        // the request, makes a hypercall and parks for it, taking the
+        // request's flag before the request is made. Left set, it would
+        // park the vCPU again at its next turn after the resume, unasked,
+        // and the controller (which thinks it runs) would never resume it.
+        self.attention.take();
+        Ok(true)
     }
 }
 
@@ -398,6 +403,30 @@ mod tests {
             flags.push(pending);
         }
         (VcpuSet::new(hs, Arc::new(AtomicBool::new(false))), flags)
+    }
+
+    /// A park the controller reads meets every request to park made
+    /// before it: a request made as the vCPU parked for a hypercall on its
+    /// own is dropped, so it cannot park the vCPU again after its resume.
+    #[test]
+    fn a_park_read_drops_a_request_it_met() {
+        let (cmds, _cmd_rx) = std::sync::mpsc::channel();
+        let (reply_tx, replies) = std::sync::mpsc::channel();
+        let attention = Arc::new(Attention::default());
+        let mut h = VcpuHandle::new(
+            cmds,
+            replies,
+            attention.clone(),
+            Arc::new(AtomicBool::new(true)),
+            std::thread::spawn(|| {}),
+        );
+        // The vCPU took no request (there was none) and parked for its
+        // call; the controller's request lands after that.
+        reply_tx.send(VcpuReply::Parked).unwrap();
+        attention.request(false);
+        assert!(h.await_park(0, None).unwrap());
+        assert!(h.parked);
+        assert_eq!(attention.take(), None, "the request outlived the park");
     }
 
     /// A call that waited at the checkpoint waits again after a rollback
