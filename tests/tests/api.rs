@@ -298,3 +298,40 @@ fn api_pauses_during_guest_speculations_never_strand_a_vcpu() {
         r.stdout
     );
 }
+
+/// A host speculation taken while the guest's `status` call waits, then
+/// aborted: the guest is back to waiting on that call, which must be
+/// served again. Before, it came back unanswered: `status` returned its
+/// own op number as the depth (the guest prints it and ends with 5). Then
+/// a second abort ends the guest's own speculation, and `speculate`
+/// returns 2. The guest calls `status` in a tight loop, so most of the
+/// host's checkpoints meet a waiting call.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn a_call_that_waited_at_a_checkpoint_is_served_again_after_a_rollback_there() {
+    skip_without_kvm!();
+    let dir = Dir::new("reissue");
+    let sock = dir.sock();
+    let rounds = 10;
+    let mut vm = start("spec_poll", &sock, &["--guest-arg", &rounds.to_string()]);
+    for round in 0..rounds {
+        vm.wait_for_line(&format!("round {round} polling"), TIMEOUT)
+            .expect("the guest speculates and polls");
+        for op in ["speculate", "abort"] {
+            let (status, out) = ctl(&sock, op);
+            assert_eq!(status, 0, "{op} in round {round}: {out}");
+        }
+        // The guest polls on, on the host's rolled-back state, for a while.
+        std::thread::sleep(Duration::from_millis(20));
+        let (status, out) = ctl(&sock, "abort");
+        assert_eq!(status, 0, "the second abort in round {round}: {out}");
+        let line = vm
+            .wait_for_line(&format!("round {round}:"), TIMEOUT)
+            .expect("speculate returned after the abort");
+        assert!(
+            line.ends_with("speculate() = 2"),
+            "round {round}: {line:?}, want speculate() = 2"
+        );
+    }
+    vm.finish(TIMEOUT).assert_status(0);
+}

@@ -634,25 +634,19 @@ fn spawn_vcpus(vcpus: Vec<Vcpu>, ctx: &VcpuContext) -> Result<Vec<VcpuHandle>, V
         let (cmd_tx, cmd_rx) = std::sync::mpsc::channel();
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
         let attention = Arc::new(crate::vstate::vcpu::Attention::default());
-        let call_pending = Arc::new(AtomicBool::new(false));
+        let call = Arc::new(crate::vstate::vcpu::CallSlot::default());
         let link = VcpuLink {
             cmds: cmd_rx,
             replies: reply_tx,
             attention: attention.clone(),
-            call_pending: call_pending.clone(),
+            call: call.clone(),
         };
         let name = format!("vcpu{}", vcpu.index);
         match std::thread::Builder::new()
             .name(name)
             .spawn(move || run_guarded(vcpu, c, link))
         {
-            Ok(t) => handles.push(VcpuHandle::new(
-                cmd_tx,
-                reply_rx,
-                attention,
-                call_pending,
-                t,
-            )),
+            Ok(t) => handles.push(VcpuHandle::new(cmd_tx, reply_rx, attention, call, t)),
             Err(e) => {
                 ctx.stop.store(true, Ordering::Release);
                 return Err(VmmError::Thread(e));

@@ -91,10 +91,16 @@ impl LiveMachine {
         let t = Instant::now();
         let machine = self.save()?;
         self.stats.record("checkpoint.state", t);
+        let mut calls = self.vcpus.waiting_calls();
+        // The caller's `speculate` is answered by this checkpoint: a
+        // rollback here gives it its second return, not a second serving.
+        if let Some(c) = caller.and_then(|c| calls.get_mut(usize::from(c))) {
+            *c = None;
+        }
         Ok(Checkpoint {
             machine,
             caller,
-            calls: self.vcpus.waiting_calls(),
+            calls,
             memory,
         })
     }
@@ -156,7 +162,7 @@ impl LiveMachine {
             target.machine,
             RestoreMode::Rollback,
         )?;
-        self.vcpus.void_calls_since(&target.calls);
+        self.vcpus.after_rollback(&target.calls);
         self.stats.record("rollback.state", t);
         Ok(())
     }

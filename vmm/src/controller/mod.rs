@@ -217,12 +217,22 @@ impl Controller {
 
     fn serve(&mut self) -> Result<Outcome, ControlError> {
         loop {
+            // Calls a rollback put back go first: their vCPUs wait on them.
+            if let Some((vcpu, op, arg)) = self.machine.vcpus.take_reissued() {
+                self.hypercall(vcpu, op, arg)?;
+                continue;
+            }
             match self.events.recv().map_err(|_| ControlError::Gone)? {
                 VmEvent::GuestExit(code) => return Ok(Outcome::Exit(code)),
                 VmEvent::GuestReset => return Ok(Outcome::Reset),
                 VmEvent::Terminate(sig) => return Ok(Outcome::Signal(sig)),
                 VmEvent::Fatal(m) => return Err(ControlError::Vcpu(m)),
-                VmEvent::Hypercall { vcpu, op, arg } => self.hypercall(vcpu, op, arg)?,
+                VmEvent::Hypercall { vcpu, op, arg } => {
+                    // A call a rollback dropped since is not served.
+                    if self.machine.vcpus.receive(usize::from(vcpu)) {
+                        self.hypercall(vcpu, op, arg)?;
+                    }
+                }
                 VmEvent::Join { ids } => self.join(ids)?,
                 // `_acted` goes at the end of the arm, error or not.
                 VmEvent::Bridge(ev, _acted) => self.bridge_event(ev)?,
@@ -254,16 +264,7 @@ impl Controller {
     fn hypercall(&mut self, vcpu: u8, op: u32, arg: u64) -> Result<(), ControlError> {
         let t = Instant::now();
         let i = usize::from(vcpu);
-        if self.machine.vcpus.take_void(i) {
-            // Made after the checkpoint a rollback since went back to (the
-            // rollback was served first): the vCPU is at that checkpoint
-            // now, before this call, so the call is dropped unserved.
-            tracing::debug!(vcpu, op, "hypercall from a rolled-back timeline dropped");
-            self.machine.vcpus.wait_parked(i)?;
-            self.machine.vcpus.call_served(i);
-            self.resume();
-            return Ok(());
-        }
+        self.machine.vcpus.take_rolled(i);
         // Only checkpoints and rollbacks need every vCPU stopped; the other
         // operations only read or rearrange the stack.
         let saving = op == op::READY && self.boot_cache.is_some();
@@ -305,15 +306,16 @@ impl Controller {
                 Some([err::BAD_OP, 0, 0])
             }
         };
-        // After a rollback the vCPU's registers are the checkpoint's, which
-        // already hold the result; otherwise write it.
-        if let Some(regs) = result {
-            self.machine.set_result(i, regs)?;
+        // After a rollback (this call's own `abort`) the vCPU's registers
+        // are the checkpoint's: there it ran on, and `speculate` holds its
+        // second return already, or it waited on a call that is served
+        // again, this one or an earlier one (`VcpuSet::after_rollback`).
+        if !self.machine.vcpus.take_rolled(i) {
+            if let Some(regs) = result {
+                self.machine.set_result(i, regs)?;
+            }
+            self.machine.vcpus.call_served(i);
         }
-        // This call's own rollback (an `abort`) marked it void; it is
-        // served now.
-        self.machine.vcpus.take_void(i);
-        self.machine.vcpus.call_served(i);
         self.resume();
         self.machine.stats.record(op_name(op), t);
         Ok(())

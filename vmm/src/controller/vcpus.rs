@@ -2,6 +2,7 @@
 //! channel and a reply channel of its own, so waiting for one vCPU never
 //! takes another's answer, or a VM event, out of turn.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -13,7 +14,8 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN};
 use super::ControlError;
 use crate::event::{VcpuCmd, VcpuReply};
 use crate::machine::{MachineError, VcpuTarget};
-use crate::vstate::vcpu::Attention;
+use crate::spec::checkpoint::WaitingCall;
+use crate::vstate::vcpu::{Attention, CallSlot};
 use crate::vstate::vcpu_state::VcpuState;
 
 /// How long to wait for a vCPU to park before kicking it again. A kick can
@@ -25,21 +27,26 @@ pub struct VcpuHandle {
     cmds: Sender<VcpuCmd>,
     replies: Receiver<VcpuReply>,
     attention: Arc<Attention>,
-    call_pending: Arc<AtomicBool>,
+    call: Arc<CallSlot>,
     thread: JoinHandle<()>,
     parked: bool,
     /// It made a hypercall and is parking on its own, but its reply has
     /// not been read yet ([`VcpuSet::pause_running`]): read before any
     /// command or resume goes to it.
     parking: bool,
-    /// Its hypercall waited while the machine was rolled back to a
-    /// checkpoint taken before the call: the call belongs to the discarded
-    /// timeline, and its vCPU's state is the checkpoint's, so the call
-    /// must not be carried out.
-    call_void: bool,
-    /// How many of its hypercalls have been served: which call waits, for
-    /// [`VcpuSet::waiting_calls`].
+    /// A rollback decided what becomes of the call it waited on (dropped,
+    /// or put back to be served again): the call being served, if it was
+    /// this vCPU's, gets no result of its own ([`VcpuSet::take_rolled`]).
+    rolled: bool,
+    /// Which call waits, for [`VcpuSet::waiting_calls`]: how many of its
+    /// calls were served before it, in this timeline (a rollback that puts
+    /// a call back sets it back to that call's).
     served: u64,
+    /// How many of its hypercall events the controller has read.
+    received: u64,
+    /// Events up to this count belong to calls a rollback dropped: read,
+    /// they are ignored ([`VcpuSet::receive`]).
+    discard_upto: u64,
     /// The state the vCPU saved as it parked for a `speculate`
     /// ([`VcpuReply::ParkedSaved`]): the next save takes it. Dropped with
     /// every command or resume sent, which may change the state.
@@ -53,19 +60,21 @@ impl VcpuHandle {
         cmds: Sender<VcpuCmd>,
         replies: Receiver<VcpuReply>,
         attention: Arc<Attention>,
-        call_pending: Arc<AtomicBool>,
+        call: Arc<CallSlot>,
         thread: JoinHandle<()>,
     ) -> Self {
         Self {
             cmds,
             replies,
             attention,
-            call_pending,
+            call,
             thread,
             parked: false,
             parking: false,
-            call_void: false,
+            rolled: false,
             served: 0,
+            received: 0,
+            discard_upto: 0,
             presaved: None,
         }
     }
@@ -132,12 +141,20 @@ fn gone(index: usize) -> ControlError {
 pub struct VcpuSet {
     handles: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
+    /// Calls a rollback put back, whose events were read already (or are
+    /// to be ignored): served by the controller before its next event
+    /// ([`VcpuSet::take_reissued`]), as (vCPU, op, argument).
+    reissued: VecDeque<(usize, u32, u64)>,
 }
 
 impl VcpuSet {
     /// The set of running vCPU threads; `stop` ends their loops.
     pub fn new(handles: Vec<VcpuHandle>, stop: Arc<AtomicBool>) -> Self {
-        Self { handles, stop }
+        Self {
+            handles,
+            stop,
+            reissued: VecDeque::new(),
+        }
     }
 
     /// How many vCPUs there are.
@@ -167,7 +184,7 @@ impl VcpuSet {
     /// goes to it, or by [`VcpuSet::settle_all`].
     pub fn pause_running(&mut self, save: bool) -> Result<(), ControlError> {
         for h in self.handles.iter_mut().filter(|h| !h.parked) {
-            if h.call_pending.load(Ordering::Acquire) {
+            if h.call.pending() {
                 h.parking = true;
             } else {
                 h.attention.request(save);
@@ -209,7 +226,7 @@ impl VcpuSet {
             let _ = h.settle(i);
         }
         for h in self.handles.iter_mut().filter(|h| h.parked) {
-            if !h.call_pending.load(Ordering::Acquire) {
+            if !h.call.pending() {
                 let _ = h.send(VcpuCmd::Resume);
                 h.parked = false;
             }
@@ -220,43 +237,98 @@ impl VcpuSet {
     pub fn call_served(&mut self, i: usize) {
         if let Some(h) = self.handles.get_mut(i) {
             h.served += 1;
-            h.call_pending.store(false, Ordering::Release);
+            h.call.set_pending(false);
         }
+    }
+
+    /// Counts a hypercall event of vCPU `i` as read; `false` if its call
+    /// was dropped by a rollback since it was made (then it is not served:
+    /// its vCPU runs on from the checkpoint's state).
+    pub fn receive(&mut self, i: usize) -> bool {
+        match self.handles.get_mut(i) {
+            Some(h) => {
+                h.received += 1;
+                h.received > h.discard_upto
+            }
+            None => false,
+        }
+    }
+
+    /// A call a rollback put back, to serve before the next event: (vCPU,
+    /// op, argument).
+    pub fn take_reissued(&mut self) -> Option<(u8, u32, u64)> {
+        let (i, op, arg) = self.reissued.pop_front()?;
+        // vCPU indices are APIC IDs, below 256.
+        Some((u8::try_from(i).ok()?, op, arg))
     }
 
     /// For each vCPU, the call that waits now, if one does (named by how
     /// many of its calls were served before it). A checkpoint keeps this:
     /// a vCPU saved while its call waited is put back waiting for that
     /// call's answer, so a rollback there serves the call again.
-    pub fn waiting_calls(&self) -> Vec<Option<u64>> {
+    pub fn waiting_calls(&self) -> Vec<Option<WaitingCall>> {
         self.handles
             .iter()
-            .map(|h| h.call_pending.load(Ordering::Acquire).then_some(h.served))
+            .map(|h| {
+                h.call.pending().then(|| {
+                    let (op, arg) = h.call.call();
+                    WaitingCall {
+                        seq: h.served,
+                        op,
+                        arg,
+                    }
+                })
+            })
             .collect()
     }
 
     /// After a rollback to a checkpoint that kept `at_checkpoint`
-    /// ([`VcpuSet::waiting_calls`]): every call waiting now that did not
-    /// wait then was made after the checkpoint, in the timeline thrown
-    /// away, and is voided ([`VcpuSet::take_void`]); one that waited then
-    /// too is served as usual, its vCPU being back to waiting for it.
-    pub fn void_calls_since(&mut self, at_checkpoint: &[Option<u64>]) {
+    /// ([`VcpuSet::waiting_calls`]), with every vCPU parked and its state
+    /// the checkpoint's. For each vCPU:
+    /// - no call waited then: it runs on from there; a call it waits on
+    ///   now was made in the timeline thrown away and is dropped (its
+    ///   event, if still on its way, is ignored when read);
+    /// - a call waited then: the vCPU waits on it again. If that call
+    ///   still waits, unserved, with its event on its way, it is served as
+    ///   usual; otherwise it is served again ([`VcpuSet::take_reissued`]),
+    ///   and the event of a later call is ignored.
+    ///
+    /// Every vCPU is marked ([`VcpuSet::take_rolled`]): a call being
+    /// served as this happens, whichever vCPU made it, gets no result of
+    /// its own.
+    pub fn after_rollback(&mut self, at_checkpoint: &[Option<WaitingCall>]) {
         for (i, h) in self.handles.iter_mut().enumerate() {
-            let waiting = h.call_pending.load(Ordering::Acquire);
+            h.rolled = true;
+            let made = h.call.made();
+            let on_its_way = made > h.received.max(h.discard_upto);
             let then = at_checkpoint.get(i).copied().flatten();
-            if waiting && then != Some(h.served) {
-                h.call_void = true;
+            self.reissued.retain(|&(v, ..)| v != i);
+            match then {
+                Some(w) if h.call.pending() && h.served == w.seq && on_its_way => {}
+                Some(w) => {
+                    if on_its_way {
+                        h.discard_upto = made;
+                    }
+                    h.served = w.seq;
+                    h.call.put_back(w.op, w.arg);
+                    self.reissued.push_back((i, w.op, w.arg));
+                }
+                None => {
+                    if on_its_way {
+                        h.discard_upto = made;
+                    }
+                    h.call.set_pending(false);
+                }
             }
         }
     }
 
-    /// Whether vCPU `i`'s waiting hypercall was made in a timeline since
-    /// rolled back ([`VcpuSet::void_calls_since`] marks it): then it must
-    /// not be served, only let go. Clears the mark.
-    pub fn take_void(&mut self, i: usize) -> bool {
+    /// Whether a rollback has decided the fate of vCPU `i`'s call since
+    /// the last look ([`VcpuSet::after_rollback`]). Clears the mark.
+    pub fn take_rolled(&mut self, i: usize) -> bool {
         self.handles
             .get_mut(i)
-            .is_some_and(|h| std::mem::take(&mut h.call_void))
+            .is_some_and(|h| std::mem::take(&mut h.rolled))
     }
 
     /// Whether a vCPU other than `except` has a hypercall waiting.
@@ -264,7 +336,7 @@ impl VcpuSet {
         self.handles
             .iter()
             .enumerate()
-            .any(|(i, h)| Some(i) != except && h.call_pending.load(Ordering::Acquire))
+            .any(|(i, h)| Some(i) != except && h.call.pending())
     }
 
     /// Sends parked vCPU `i` a command that has no answer
@@ -384,25 +456,37 @@ mod tests {
     use super::*;
 
     /// A set of `n` handles whose threads have already ended, and each
-    /// one's `call_pending` flag, for tests of the bookkeeping alone.
-    fn handles(n: usize) -> (VcpuSet, Vec<Arc<AtomicBool>>) {
+    /// one's call slot, for tests of the bookkeeping alone.
+    fn handles(n: usize) -> (VcpuSet, Vec<Arc<CallSlot>>) {
         let mut hs = Vec::new();
-        let mut flags = Vec::new();
+        let mut slots = Vec::new();
         for _ in 0..n {
             let (cmds, _) = std::sync::mpsc::channel();
             let (_, replies) = std::sync::mpsc::channel();
-            let pending = Arc::new(AtomicBool::new(false));
+            let slot = Arc::new(CallSlot::default());
             let thread = std::thread::spawn(|| {});
             hs.push(VcpuHandle::new(
                 cmds,
                 replies,
                 Arc::new(Attention::default()),
-                pending.clone(),
+                slot.clone(),
                 thread,
             ));
-            flags.push(pending);
+            slots.push(slot);
         }
-        (VcpuSet::new(hs, Arc::new(AtomicBool::new(false))), flags)
+        (VcpuSet::new(hs, Arc::new(AtomicBool::new(false))), slots)
+    }
+
+    /// What the controller does with one call of vCPU `i` whose event it
+    /// reads: `false` if the event is ignored; else it is served, marked
+    /// served (no rollback decides it here).
+    fn serve(set: &mut VcpuSet, i: usize) -> bool {
+        if !set.receive(i) {
+            return false;
+        }
+        set.take_rolled(i);
+        set.call_served(i);
+        true
     }
 
     /// A park the controller reads meets every request to park made
@@ -417,7 +501,7 @@ mod tests {
             cmds,
             replies,
             attention.clone(),
-            Arc::new(AtomicBool::new(true)),
+            Arc::new(CallSlot::default()),
             std::thread::spawn(|| {}),
         );
         // The vCPU took no request (there was none) and parked for its
@@ -429,31 +513,84 @@ mod tests {
         assert_eq!(attention.take(), None, "the request outlived the park");
     }
 
-    /// A call that waited at the checkpoint waits again after a rollback
-    /// there and is served; one made after the checkpoint is dropped,
-    /// even from a vCPU whose earlier call waited at the checkpoint.
+    /// After a rollback: a call that waited at the checkpoint, unserved
+    /// since, is served as usual from its event; one served since is put
+    /// back and served again, and the event of the vCPU's later call is
+    /// ignored; a call made after the checkpoint by a vCPU that did not
+    /// wait then is dropped.
     #[test]
-    fn a_rollback_drops_only_the_calls_made_after_its_checkpoint() {
-        let (mut set, pending) = handles(3);
+    fn a_rollback_serves_again_the_calls_that_waited_and_drops_the_later_ones() {
+        let (mut set, slots) = handles(3);
         // vCPUs 0 and 1 wait on a call as the checkpoint is taken.
-        pending[0].store(true, Ordering::Release);
-        pending[1].store(true, Ordering::Release);
+        slots[0].post(4, 40);
+        slots[1].post(5, 50);
         let at_checkpoint = set.waiting_calls();
-        assert_eq!(at_checkpoint, vec![Some(0), Some(0), None]);
-        // vCPU 0's call is served, and it makes another; vCPU 2 makes
-        // its first; vCPU 1's call still waits.
+        let first = WaitingCall {
+            seq: 0,
+            op: 4,
+            arg: 40,
+        };
+        assert_eq!(
+            at_checkpoint,
+            vec![
+                Some(first),
+                Some(WaitingCall {
+                    seq: 0,
+                    op: 5,
+                    arg: 50
+                }),
+                None
+            ]
+        );
+        // vCPU 0's call is served, and it makes another; vCPU 2 makes its
+        // first; vCPU 1's call still waits, its event unread.
+        assert!(serve(&mut set, 0));
+        slots[0].post(6, 60);
+        slots[2].post(7, 70);
+        set.after_rollback(&at_checkpoint);
+        // vCPU 0 waits on its first call again, which is served again.
+        assert!(slots[0].pending());
+        assert_eq!(set.take_reissued(), Some((0, 4, 40)));
+        assert_eq!(set.take_reissued(), None, "nothing else is put back");
+        assert!(!serve(&mut set, 0), "vCPU 0's later call is ignored");
+        assert_eq!(set.waiting_calls()[0], Some(first), "the same call waits");
+        assert!(set.take_rolled(0));
         set.call_served(0);
-        pending[0].store(true, Ordering::Release);
-        pending[2].store(true, Ordering::Release);
-        set.void_calls_since(&at_checkpoint);
-        assert!(set.take_void(0), "vCPU 0's second call came after");
-        assert!(!set.take_void(1), "vCPU 1's call waited at the checkpoint");
-        assert!(set.take_void(2), "vCPU 2's call came after");
-        // Taking the mark clears it.
-        assert!(!set.take_void(0));
-        // A vCPU with no call waiting is never marked.
-        set.call_served(2);
-        set.void_calls_since(&at_checkpoint);
-        assert!(!set.take_void(2));
+        // vCPU 1's call is served from its event, as usual.
+        assert!(slots[1].pending());
+        assert!(serve(&mut set, 1));
+        // vCPU 2 runs on from the checkpoint: its call is dropped.
+        assert!(!slots[2].pending());
+        assert!(!serve(&mut set, 2));
+        // Later calls are served as usual.
+        slots[2].post(8, 80);
+        assert!(serve(&mut set, 2));
+        slots[0].post(9, 90);
+        assert_eq!(set.waiting_calls()[0].map(|w| w.seq), Some(1));
+        assert!(serve(&mut set, 0));
+    }
+
+    /// A call whose own serving rolls the machine back to a checkpoint
+    /// taken while it waited (an `abort` that ends a speculation the host
+    /// began as the call waited) is served again, and gets no result from
+    /// the first serving.
+    #[test]
+    fn a_call_rolled_back_to_where_it_waited_is_served_again() {
+        let (mut set, slots) = handles(1);
+        slots[0].post(3, 0);
+        // The host's checkpoint, as the call waits.
+        let at_checkpoint = set.waiting_calls();
+        // The call's event is read and served: it rolls back there.
+        assert!(set.receive(0));
+        set.take_rolled(0);
+        set.after_rollback(&at_checkpoint);
+        assert!(set.take_rolled(0), "the first serving gives no result");
+        assert!(slots[0].pending(), "the vCPU still waits");
+        assert_eq!(set.take_reissued(), Some((0, 3, 0)));
+        // The second serving, with no rollback, answers it.
+        assert!(!set.take_rolled(0));
+        set.call_served(0);
+        assert!(!slots[0].pending());
+        assert_eq!(set.take_reissued(), None);
     }
 }

@@ -14,11 +14,25 @@ pub struct Checkpoint {
     /// rollback its RAX becomes the reason, so `speculate` returns again.
     pub caller: Option<u8>,
     /// The hypercalls waiting as the checkpoint was taken, by vCPU (see
-    /// [`crate::controller::vcpus::VcpuSet::waiting_calls`]): a rollback
-    /// here serves them again, and drops any call made after it.
-    pub calls: Vec<Option<u64>>,
+    /// [`crate::controller::vcpus::VcpuSet::waiting_calls`]), but the
+    /// caller's, whose result the checkpoint holds: a rollback here serves
+    /// them again, and drops any call made after it.
+    pub calls: Vec<Option<WaitingCall>>,
     /// Memory's part, kept by the memory tracker.
     pub memory: MemoryCheckpoint,
+}
+
+/// A hypercall that waited as a checkpoint was taken: which of its vCPU's
+/// calls it was, and what it asked, to serve it again after a rollback
+/// there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitingCall {
+    /// How many of the vCPU's calls were served before it.
+    pub seq: u64,
+    /// Its op.
+    pub op: u32,
+    /// Its argument.
+    pub arg: u64,
 }
 
 impl Fold for Checkpoint {

@@ -4,7 +4,7 @@
 //! to their bus, platform events to the main thread, and emulation failures
 //! to the host-compat layer when it is active.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
@@ -216,10 +216,65 @@ pub struct VcpuLink {
     pub replies: Sender<VcpuReply>,
     /// Set by the controller (then a kick) to make the vCPU park.
     pub attention: Arc<Attention>,
-    /// Set by the vCPU before it reports a hypercall, cleared by the
-    /// controller once the call is served: until then the vCPU must stay
-    /// parked, whatever else the controller resumes.
-    pub call_pending: Arc<AtomicBool>,
+    /// The hypercall the vCPU waits on, posted before it reports it.
+    pub call: Arc<CallSlot>,
+}
+
+/// A vCPU's hypercall, as the controller may need it before its event
+/// arrives: posted by the vCPU before it reports the call, marked served
+/// by the controller. While a call waits the vCPU stays parked, whatever
+/// else the controller resumes. A checkpoint taken meanwhile keeps the
+/// call (its op and argument), so that a rollback there serves it again
+/// (`crate::controller::vcpus::VcpuSet::after_rollback`).
+#[derive(Debug, Default)]
+pub struct CallSlot {
+    pending: AtomicBool,
+    op: AtomicU32,
+    arg: AtomicU64,
+    /// How many calls the vCPU has reported: the controller compares it
+    /// with how many events it has read, to know whether one is on its way.
+    made: AtomicU64,
+}
+
+impl CallSlot {
+    /// The vCPU's side: a call is made; its event follows.
+    pub fn post(&self, op: u32, arg: u64) {
+        self.op.store(op, Ordering::Relaxed);
+        self.arg.store(arg, Ordering::Relaxed);
+        self.made.fetch_add(1, Ordering::Relaxed);
+        self.pending.store(true, Ordering::Release);
+    }
+
+    /// Whether a call waits.
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// The controller's side: marks the call served, or dropped.
+    pub fn set_pending(&self, pending: bool) {
+        self.pending.store(pending, Ordering::Release);
+    }
+
+    /// The controller's side: a rollback put the vCPU back to waiting on
+    /// this earlier call (no event is sent for it).
+    pub fn put_back(&self, op: u32, arg: u64) {
+        self.op.store(op, Ordering::Relaxed);
+        self.arg.store(arg, Ordering::Relaxed);
+        self.pending.store(true, Ordering::Release);
+    }
+
+    /// The waiting call's op and argument (meaningful while one waits).
+    pub fn call(&self) -> (u32, u64) {
+        (
+            self.op.load(Ordering::Relaxed),
+            self.arg.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How many calls the vCPU has reported.
+    pub fn made(&self) -> u64 {
+        self.made.load(Ordering::Acquire)
+    }
 }
 
 /// What the loop does after an exit.
@@ -252,7 +307,7 @@ impl Vcpu {
             };
             let step = match step {
                 Ok(Next::Hypercall(op, arg)) => {
-                    link.call_pending.store(true, Ordering::Release);
+                    link.call.post(op, arg);
                     let call = VmEvent::Hypercall {
                         vcpu: self.index,
                         op,
