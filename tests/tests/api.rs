@@ -232,15 +232,25 @@ fn command_line_errors_are_one_line() {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn a_host_abort_voids_a_hypercall_that_waits() {
     skip_without_kvm!();
-    let dir = Dir::new("poll");
+    poll_rounds("poll", |sock, round| {
+        let (status, out) = ctl(sock, "abort");
+        assert_eq!(status, 0, "abort in round {round}: {out}");
+    });
+}
+
+/// Runs ten rounds of the `spec_poll` guest: in each, once the guest
+/// polls inside its speculation, `host` acts through the API socket and
+/// must end that speculation with a host abort; then `speculate` must
+/// have returned 2, and the guest must end with 0.
+fn poll_rounds(name: &str, host: impl Fn(&str, u32)) {
+    let dir = Dir::new(name);
     let sock = dir.sock();
     let rounds = 10;
     let mut vm = start("spec_poll", &sock, &["--guest-arg", &rounds.to_string()]);
     for round in 0..rounds {
         vm.wait_for_line(&format!("round {round} polling"), TIMEOUT)
             .expect("the guest speculates and polls");
-        let (status, out) = ctl(&sock, "abort");
-        assert_eq!(status, 0, "abort in round {round}: {out}");
+        host(&sock, round);
         let line = vm
             .wait_for_line(&format!("round {round}:"), TIMEOUT)
             .expect("speculate returned after the abort");
@@ -310,28 +320,17 @@ fn api_pauses_during_guest_speculations_never_strand_a_vcpu() {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
 fn a_call_that_waited_at_a_checkpoint_is_served_again_after_a_rollback_there() {
     skip_without_kvm!();
-    let dir = Dir::new("reissue");
-    let sock = dir.sock();
-    let rounds = 10;
-    let mut vm = start("spec_poll", &sock, &["--guest-arg", &rounds.to_string()]);
-    for round in 0..rounds {
-        vm.wait_for_line(&format!("round {round} polling"), TIMEOUT)
-            .expect("the guest speculates and polls");
+    poll_rounds("reissue", |sock, round| {
         for op in ["speculate", "abort"] {
-            let (status, out) = ctl(&sock, op);
+            let (status, out) = ctl(sock, op);
             assert_eq!(status, 0, "{op} in round {round}: {out}");
         }
         // The guest polls on, on the host's rolled-back state, for a while.
         std::thread::sleep(Duration::from_millis(20));
-        let (status, out) = ctl(&sock, "abort");
-        assert_eq!(status, 0, "the second abort in round {round}: {out}");
-        let line = vm
-            .wait_for_line(&format!("round {round}:"), TIMEOUT)
-            .expect("speculate returned after the abort");
-        assert!(
-            line.ends_with("speculate() = 2"),
-            "round {round}: {line:?}, want speculate() = 2"
+        let (status, out) = ctl(sock, "abort");
+        assert_eq!(
+            status, 0,
+            "the second abort in round {round} (the guest stopped?): {out}"
         );
-    }
-    vm.finish(TIMEOUT).assert_status(0);
+    });
 }
