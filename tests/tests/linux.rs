@@ -41,6 +41,8 @@ struct Console {
     stdin: ChildStdin,
     chunks: Receiver<Vec<u8>>,
     seen: String,
+    /// Everything read from the console, never cleared.
+    all: String,
     /// The VMM's own lines on stderr (also echoed to ours).
     errs: Receiver<String>,
 }
@@ -86,6 +88,7 @@ impl Console {
             stdin,
             chunks,
             seen: String::new(),
+            all: String::new(),
             errs,
         }
     }
@@ -111,7 +114,11 @@ impl Console {
         while !found(&self.seen) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.chunks.recv_timeout(left) {
-                Ok(c) => self.seen.push_str(&String::from_utf8_lossy(&c)),
+                Ok(c) => {
+                    let text = String::from_utf8_lossy(&c);
+                    self.seen.push_str(&text);
+                    self.all.push_str(&text);
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.child.kill();
                     panic!("no {what} within {timeout:?}; console:\n{}", self.seen)
@@ -653,6 +660,58 @@ fn a_restored_linux_guest_speculates_and_rolls_back() {
     vm.console.send("poweroff -f");
     vm.console.wait_clean_exit("poweroff -f");
     let _ = std::fs::remove_file(&sock);
+}
+
+/// A snapshot restored long after it was taken: the guest's clocks jump
+/// by that time (the restore moves them on), which Linux's RCU stall
+/// detector took for a stall of every CPU (21 s on Debian's kernel): a
+/// page of `rcu: INFO: rcu_preempt detected stalls` and backtraces on the
+/// console at every such restore. The VMM now tells the guest's kvmclock
+/// that the host stopped it (`KVM_KVMCLOCK_CTRL`), and the guest prints
+/// nothing. The test waits until the snapshot is 30 s old (at most that
+/// long, once: the other scenarios have often aged it already).
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+#[cfg_attr(
+    all(not(no_kvm), no_linux_image),
+    ignore = "no Linux guest image (run images/build.sh), or SPECVM_SKIP_LINUX set"
+)]
+fn a_snapshot_restored_long_after_reports_no_stall() {
+    skip_without_kvm!();
+    let Some((b, _one)) = scenario("linux::a_snapshot_restored_long_after_reports_no_stall") else {
+        return;
+    };
+    let taken = std::fs::metadata(b.snapshot.join("state"))
+        .and_then(|m| m.modified())
+        .expect("the snapshot's state file");
+    let age = taken.elapsed().unwrap_or_default();
+    let wait = Duration::from_secs(30).saturating_sub(age);
+    eprintln!("the snapshot is {age:?} old; waiting {wait:?} more");
+    std::thread::sleep(wait);
+    let sock =
+        std::env::temp_dir().join(format!("specvm-linux-late-net-{}.sock", std::process::id()));
+    let _frames = FrameListener::bind(&sock).collect();
+    let net = format!("socket={}", sock.display());
+    let mut vm = Restored::start(b, "late", 25, &net);
+    // Stall reports come from the first ticks after the jump; by now the
+    // guest has answered several commands (Restored::start).
+    let line = run(&mut vm.console, "echo LATE$((2+3))", "LATE5");
+    assert_eq!(line, "LATE5");
+    no_stall_report(&vm.console, "after the restore");
+    vm.console.send("poweroff -f");
+    vm.console.wait_clean_exit("poweroff -f");
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// Fails if the guest's console so far holds a stall report.
+fn no_stall_report(c: &Console, when: &str) {
+    for report in ["detected stall", "soft lockup", "stalls on CPUs"] {
+        assert!(
+            !c.all.contains(report),
+            "{when}, the guest reported {report:?}; console:\n{}",
+            c.all
+        );
+    }
 }
 
 /// The bzImage path: the same kernel as a bzImage, which decompresses

@@ -165,9 +165,27 @@ impl Vcpu {
         tsc_advance_ns: Option<u64>,
     ) -> Result<(), vcpu_state::StateError> {
         self.restore(state)?;
-        match tsc_advance_ns {
-            Some(ns) => crate::machine::advance_tsc(&self.fd, state, ns),
-            None => Ok(()),
+        let Some(ns) = tsc_advance_ns else {
+            return Ok(());
+        };
+        crate::machine::advance_tsc(&self.fd, state, ns)?;
+        // The guest's clocks jumped by the time the snapshot waited.
+        self.clock_paused();
+        Ok(())
+    }
+
+    /// Tells the guest's kvmclock that the host stopped this vCPU
+    /// (KVM_KVMCLOCK_CTRL, as QEMU does when it resumes a stopped VM):
+    /// Linux's RCU stall and soft-lockup detectors then take the jump of
+    /// its clocks for a pause, not a stall, and print no stall report.
+    /// EINVAL: the guest never set up kvmclock (a bare guest), so there is
+    /// no one to tell. Any other failure costs only that report, so it is
+    /// logged and the VM goes on.
+    fn clock_paused(&self) {
+        match self.fd.kvmclock_ctrl() {
+            Ok(()) => {}
+            Err(e) if e.errno() == libc::EINVAL => {}
+            Err(e) => tracing::warn!(vcpu = self.index, "KVM_KVMCLOCK_CTRL: {e}"),
         }
     }
 }
