@@ -143,13 +143,18 @@ impl NetNode {
         self.expect(&format!("net_node: sent {text}"));
     }
 
-    /// What the guest has received (`p`).
+    /// What the guest has received (`p`). The answer may follow, on the
+    /// same line, the start of a line that a rollback cut short: the
+    /// console is output the VMM does not take back, so a guest rolled
+    /// back in the middle of `net_node: got b4` leaves `net_node: got`
+    /// without its end of line.
     pub fn log(&mut self) -> String {
+        const MARK: &str = "net_node: log ";
         self.type_line("p");
         loop {
             let l = self.vm().wait_for_line("", TIMEOUT).expect("a log line");
-            if let Some(rest) = l.strip_prefix("net_node: log ") {
-                return rest.to_string();
+            if let Some(at) = l.find(MARK) {
+                return l[at + MARK.len()..].to_string();
             }
             self.pending.push_back(l);
         }
