@@ -203,6 +203,27 @@ pub fn target_layout<'a>(parent: &'a Path, triple: &'a str) -> (Option<&'a str>,
 /// socket=PATH` card. It gathers the frames the guest sends.
 pub struct FrameListener {
     fd: OwnedFd,
+    path: PathBuf,
+}
+
+/// The frames a [`FrameListener`] gathers. Dropping it removes the
+/// socket's file, also when the test fails.
+pub struct Frames {
+    rx: Receiver<Vec<u8>>,
+    path: PathBuf,
+}
+
+impl std::ops::Deref for Frames {
+    type Target = Receiver<Vec<u8>>;
+    fn deref(&self) -> &Receiver<Vec<u8>> {
+        &self.rx
+    }
+}
+
+impl Drop for Frames {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl FrameListener {
@@ -232,13 +253,17 @@ impl FrameListener {
                 path.display()
             );
             assert_eq!(libc::listen(fd.as_raw_fd(), 1), 0);
-            Self { fd }
+            Self {
+                fd,
+                path: path.to_path_buf(),
+            }
         }
     }
 
     /// Accepts the VMM's connection and collects its frames on a thread.
-    pub fn collect(self) -> Receiver<Vec<u8>> {
+    pub fn collect(self) -> Frames {
         let (tx, rx) = channel();
+        let path = self.path.clone();
         std::thread::spawn(move || {
             // SAFETY: accept on our listening socket.
             let raw = unsafe {
@@ -262,7 +287,7 @@ impl FrameListener {
                 }
             }
         });
-        rx
+        Frames { rx, path }
     }
 }
 

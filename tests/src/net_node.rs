@@ -112,7 +112,7 @@ impl NetNode {
             return;
         }
         loop {
-            match self.vm().wait_for_line("", TIMEOUT) {
+            match self.vm().wait_for_line("", TIMEOUT).map(unglue) {
                 Ok(l) if matches(&l) => return,
                 Ok(l) => self.pending.push_back(l),
                 Err(e) => panic!("waiting for {what}: {e}"),
@@ -143,18 +143,14 @@ impl NetNode {
         self.expect(&format!("net_node: sent {text}"));
     }
 
-    /// What the guest has received (`p`). The answer may follow, on the
-    /// same line, the start of a line that a rollback cut short: the
-    /// console is output the VMM does not take back, so a guest rolled
-    /// back in the middle of `net_node: got b4` leaves `net_node: got`
-    /// without its end of line.
+    /// What the guest has received (`p`).
     pub fn log(&mut self) -> String {
         const MARK: &str = "net_node: log ";
         self.type_line("p");
         loop {
-            let l = self.vm().wait_for_line("", TIMEOUT).expect("a log line");
-            if let Some(at) = l.find(MARK) {
-                return l[at + MARK.len()..].to_string();
+            let l = unglue(self.vm().wait_for_line("", TIMEOUT).expect("a log line"));
+            if let Some(log) = l.strip_prefix(MARK) {
+                return log.to_string();
             }
             self.pending.push_back(l);
         }
@@ -232,4 +228,31 @@ pub fn signal(pid: u32, sig: libc::c_int) {
         "kill {pid}: {}",
         std::io::Error::last_os_error()
     );
+}
+
+/// A console line as the guest wrote it. The console is output the VMM
+/// does not take back, so a guest rolled back in the middle of
+/// `net_node: got b4` leaves `net_node: got` without its end of line, and
+/// the next line follows it on the same line: that one starts at the last
+/// `net_node: `.
+fn unglue(line: String) -> String {
+    match line.rfind("net_node: ") {
+        Some(at) if at > 0 => line[at..].to_string(),
+        _ => line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unglue;
+
+    #[test]
+    fn a_line_a_rollback_cut_short_gives_way_to_the_next() {
+        assert_eq!(
+            unglue("net_node: gotnet_node: log a1 b2".into()),
+            "net_node: log a1 b2"
+        );
+        assert_eq!(unglue("net_node: got b4".into()), "net_node: got b4");
+        assert_eq!(unglue("[    1.0] boot".into()), "[    1.0] boot");
+    }
 }

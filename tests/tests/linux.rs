@@ -514,7 +514,6 @@ fn boot_and_snapshot(kernel: &str, initrd: &str) -> Booted {
     c.send("reboot -f");
     c.wait_clean_exit("reboot -f");
     eprintln!("clean exit after {:?}", started.elapsed());
-    let _ = std::fs::remove_file(&sock);
     Booted {
         snapshot,
         seq_before: Some(seq_before),
@@ -659,7 +658,6 @@ fn a_restored_linux_guest_speculates_and_rolls_back() {
     // the i8042 reset).
     vm.console.send("poweroff -f");
     vm.console.wait_clean_exit("poweroff -f");
-    let _ = std::fs::remove_file(&sock);
 }
 
 /// A snapshot restored long after it was taken: the guest's clocks jump
@@ -700,7 +698,6 @@ fn a_snapshot_restored_long_after_reports_no_stall() {
     no_stall_report(&vm.console, "after the restore");
     vm.console.send("poweroff -f");
     vm.console.wait_clean_exit("poweroff -f");
-    let _ = std::fs::remove_file(&sock);
 }
 
 /// Fails if the guest's console so far holds a stall report.
@@ -929,7 +926,6 @@ fn the_boot_cache_restores_the_ready_guest() {
     assert_eq!(line, format!("NCPU2={}", b.cpus));
     c.send("poweroff -f");
     c.wait_clean_exit("poweroff -f");
-    let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&api);
 }
 
@@ -1153,7 +1149,6 @@ fn a_linux_guest_s_disk_writes_follow_its_speculations() {
     vm.console.send("poweroff -f");
     vm.console.wait_clean_exit("poweroff -f");
     assert!(file_bytes(&disk) == before, "the image file was written");
-    let _ = std::fs::remove_file(&sock);
 }
 
 /// Two VMs restored from one snapshot write "the same" disk: each sees its
@@ -1204,6 +1199,4 @@ fn two_restored_linux_guests_each_have_their_own_disk() {
         vm.console.wait_clean_exit("poweroff -f");
     }
     assert!(file_bytes(&disk) == before, "the image file was written");
-    let _ = std::fs::remove_file(&sa);
-    let _ = std::fs::remove_file(&sb);
 }

@@ -9,7 +9,7 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use specvm_tests::{
-    bare_guest, skip_without_kvm, spawn_specvm, FrameListener, Spawned, TempDir as Dir,
+    bare_guest, skip_without_kvm, spawn_specvm, FrameListener, Frames, Spawned, TempDir as Dir,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -20,7 +20,7 @@ const QUIET: Duration = Duration::from_millis(800);
 
 /// `net_node` on a `socket=` card with an API socket, and the frames that
 /// reach the far end.
-fn start(dir: &Dir) -> (Spawned, PathBuf, Receiver<Vec<u8>>) {
+fn start(dir: &Dir) -> (Spawned, PathBuf, Frames) {
     let sock = dir.join("net.sock");
     let frames = FrameListener::bind(&sock).collect();
     let api = dir.join("api.sock");
