@@ -32,7 +32,9 @@ use crate::spec::link::{BridgeLink, OutputCommitHook, SharedDeps, SpecHook};
 use crate::spec::memory::{MemoryTracker, Strategy};
 use crate::vstate::dirty::{DirtyRings, KvmDirtyLog};
 use crate::vstate::memory::{create_guest_memory, GuestRam, MemoryError};
-use crate::vstate::vcpu::{enable_exit_on_emulation_failure, Vcpu, VcpuContext, VcpuLink};
+use crate::vstate::vcpu::{
+    enable_exit_on_emulation_failure, SyncRegs, Vcpu, VcpuContext, VcpuLink,
+};
 use crate::vstate::vcpu_state::StateCaps;
 use crate::vstate::vm::{open_kvm, Vm, VmError};
 
@@ -524,18 +526,23 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>
         msrs = caps.msrs.len(),
         "vCPU state to save"
     );
-    // A VM of one vCPU saves REGS, SREGS and VCPU_EVENTS from kvm_run's
-    // synced copy where KVM offers all three (see `Vcpu::use_sync_regs`).
+    // How much of the vCPU state passes through `kvm_run` (see `SyncRegs`).
+    let offered = if std::env::var_os("SPECVM_NO_SYNC_REGS").is_some() {
+        0
+    } else {
+        kvm.check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into()) as u32
+    };
     let all = kvm_bindings::KVM_SYNC_X86_REGS
         | kvm_bindings::KVM_SYNC_X86_SREGS
         | kvm_bindings::KVM_SYNC_X86_EVENTS;
-    let sync = count == 1
-        && std::env::var_os("SPECVM_NO_SYNC_REGS").is_none()
-        && kvm.check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into()) as u32 & all == all;
-    tracing::info!(
-        sync_regs = sync,
-        "vCPU state: registers from kvm_run's synced copy"
-    );
+    let sync = if offered & all != all {
+        SyncRegs::Off
+    } else if count == 1 {
+        SyncRegs::OneVcpu
+    } else {
+        SyncRegs::ManyVcpus
+    };
+    tracing::info!(?sync, "vCPU state through kvm_run");
     Ok(fds
         .into_iter()
         .zip(0..)
@@ -544,14 +551,12 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>
                 fd,
                 index,
                 caps: caps.clone(),
-                sync_regs: false,
+                sync_regs: SyncRegs::Off,
                 sync_fresh: false,
                 sync_pending: 0,
                 completion_due: false,
             };
-            if sync {
-                v.use_sync_regs();
-            }
+            v.use_sync_regs(sync);
             v
         })
         .collect())

@@ -55,13 +55,12 @@ pub struct Vcpu {
     pub index: u8,
     /// Which state this host's KVM can save.
     pub caps: Arc<StateCaps>,
-    /// Whether KVM copies REGS, SREGS and VCPU_EVENTS into `kvm_run` at
-    /// every exit (`KVM_CAP_SYNC_REGS`, turned on by
-    /// [`Vcpu::use_sync_regs`]): a save then reads them there, three
-    /// ioctls fewer.
-    pub sync_regs: bool,
+    /// How much of the state passes through `kvm_run` instead of ioctls
+    /// (`KVM_CAP_SYNC_REGS`, turned on by [`Vcpu::use_sync_regs`]).
+    pub sync_regs: SyncRegs,
     /// Whether `kvm_run`'s copy is current: set by each return from
-    /// KVM_RUN, cleared by every write of the state through an ioctl.
+    /// KVM_RUN, cleared by every write of the state through an ioctl (and,
+    /// with [`SyncRegs::ManyVcpus`], by every save: see there).
     pub sync_fresh: bool,
     /// Which of REGS and VCPU_EVENTS were written into `kvm_run` for KVM
     /// to load at the next KVM_RUN (`KVM_SYNC_X86_*` bits: a rollback's or
@@ -80,64 +79,111 @@ impl crate::persist::Persist for Vcpu {
     type Error = vcpu_state::StateError;
 
     /// The complete state (see [`vcpu_state::save`] for the order).
-    /// Registers still waiting in `kvm_run` are loaded first.
+    /// Registers still waiting in `kvm_run` are loaded first. A parked
+    /// vCPU saves through [`Vcpu::save_parked`], which also takes them out
+    /// of `kvm_run`.
     fn save(&self) -> Result<Self::State, Self::Error> {
-        if self.sync_pending != 0 {
-            // Loaded through ioctls now; KVM loads the same values again
-            // from `kvm_run` at the next KVM_RUN, which changes nothing.
-            let s = self.fd.sync_regs();
-            if self.sync_pending & kvm_bindings::KVM_SYNC_X86_REGS as u64 != 0 {
-                self.fd
-                    .set_regs(&s.regs)
-                    .map_err(|e| vcpu_state::StateError("KVM_SET_REGS", e))?;
-            }
-            if self.sync_pending & kvm_bindings::KVM_SYNC_X86_EVENTS as u64 != 0 {
-                self.fd
-                    .set_vcpu_events(&s.events)
-                    .map_err(|e| vcpu_state::StateError("KVM_SET_VCPU_EVENTS", e))?;
-            }
-        }
-        let synced = (self.sync_regs && self.sync_fresh).then(|| self.fd.sync_regs());
-        vcpu_state::save(&self.fd, &self.caps, synced.as_ref())
+        // Left in `kvm_run` (a `&self` save cannot take them out), KVM
+        // loads the same values again at the next KVM_RUN: harmless with
+        // one vCPU, where no INIT can come in between and change them (see
+        // `SyncRegs::ManyVcpus`).
+        self.write_pending()?;
+        let copy = self.fd.sync_regs();
+        let synced = match (self.sync_regs, self.sync_fresh) {
+            (SyncRegs::OneVcpu, true) => vcpu_state::Synced::All(&copy),
+            (SyncRegs::ManyVcpus, true) => vcpu_state::Synced::Regs(&copy),
+            _ => vcpu_state::Synced::None,
+        };
+        vcpu_state::save(&self.fd, &self.caps, synced)
     }
 
-    /// Everything but the TSC (see [`vcpu_state::restore`]). In a VM of
-    /// one vCPU, REGS and VCPU_EVENTS go through `kvm_run`.
+    /// Everything but the TSC (see [`vcpu_state::restore`]). Where KVM
+    /// offers it, REGS go through `kvm_run`, and VCPU_EVENTS too with one
+    /// vCPU (see [`SyncRegs`] for why not with more).
     fn restore(&mut self, state: &Self::State) -> Result<(), Self::Error> {
+        use vcpu_state::Deferred;
         self.sync_fresh = false;
-        vcpu_state::restore(&self.fd, state, self.sync_regs)?;
-        if self.sync_regs {
-            self.load_synced(Some(&state.regs), Some(&state.events));
+        let deferred = match self.sync_regs {
+            SyncRegs::Off => Deferred::Nothing,
+            // KVM's load of REGS drops a pending exception, which the
+            // earlier write of VCPU_EVENTS would have put back. KVM reports
+            // none as pending unless KVM_CAP_EXCEPTION_PAYLOAD is on (it is
+            // not), but a state that has one is not deferred.
+            SyncRegs::ManyVcpus if state.events.exception.pending != 0 => Deferred::Nothing,
+            SyncRegs::ManyVcpus => Deferred::Regs,
+            SyncRegs::OneVcpu => Deferred::RegsAndEvents,
+        };
+        vcpu_state::restore(&self.fd, state, deferred)?;
+        match deferred {
+            Deferred::Nothing => {}
+            Deferred::Regs => self.load_synced(Some(&state.regs), None),
+            Deferred::RegsAndEvents => self.load_synced(Some(&state.regs), Some(&state.events)),
         }
         Ok(())
     }
 }
 
+/// How much of a vCPU's state passes through `kvm_run` instead of ioctls
+/// (`KVM_CAP_SYNC_REGS`). On this host every vCPU state ioctl costs about
+/// 6 µs, whatever it moves (docs/benchmarks/checkpoint.md), so each one
+/// left out counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncRegs {
+    /// Every read and write of the state is an ioctl (KVM without the
+    /// capability, or `SPECVM_NO_SYNC_REGS`).
+    Off,
+    /// A VM of several vCPUs. KVM copies REGS and SREGS into `kvm_run` at
+    /// every exit: a hypercall's argument is read there, and a save takes
+    /// both from there unless its KVM_GET_MP_STATE took in an INIT or SIPI
+    /// (`vcpu_state::Synced::Regs` tells how). REGS written there (a
+    /// hypercall's result, a rollback's) are loaded at the next KVM_RUN.
+    /// VCPU_EVENTS are not: KVM's write of them also sets or clears a
+    /// latched INIT, so a late load would drop an INIT another vCPU sent
+    /// after the rollback. That is safe with an INIT or SIPI from another
+    /// vCPU on the way:
+    /// - nothing changes a vCPU's registers between its exit and the next
+    ///   ioctl on it but KVM_GET_MP_STATE, which takes in such an event.
+    ///   Only a save makes that ioctl, and after a save the copy counts as
+    ///   stale;
+    /// - KVM loads what waits in `kvm_run` at the start of KVM_RUN, before
+    ///   it takes in pending APIC events: an INIT that came in meanwhile
+    ///   acts after the write, as it would after the same write through
+    ///   an ioctl. A save, the one place that takes in events outside
+    ///   KVM_RUN, first writes what waits through ioctls and takes it out
+    ///   of `kvm_run` ([`Vcpu::save_parked`]), so KVM never loads it
+    ///   again over what the INIT did.
+    ManyVcpus,
+    /// A VM of one vCPU: as `ManyVcpus`, and VCPU_EVENTS go through
+    /// `kvm_run` both ways too: a save takes all three from there, and a
+    /// rollback's VCPU_EVENTS load at the next KVM_RUN (no other vCPU can
+    /// send an INIT, a SIPI or an NMI after the exit).
+    OneVcpu,
+}
+
 impl Vcpu {
-    /// Has KVM copy REGS, SREGS and VCPU_EVENTS into `kvm_run` at every
-    /// exit, for saves to read. Only for a VM of one vCPU: there, reading
-    /// MP_STATE first (which processes a pending INIT or SIPI, and so may
-    /// change those registers) has nothing to process, since only another
-    /// vCPU can send either; with more vCPUs a save reads them after
-    /// MP_STATE through ioctls, as `vcpu_state::save` explains.
-    pub fn use_sync_regs(&mut self) {
-        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
-        self.fd
-            .set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
-        self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::VcpuEvents);
-        self.sync_regs = true;
+    /// Has KVM copy the registers `mode` names into `kvm_run` at every
+    /// exit (see [`SyncRegs`] for which mode suits which VM).
+    pub fn use_sync_regs(&mut self, mode: SyncRegs) {
+        if mode != SyncRegs::Off {
+            self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+            self.fd
+                .set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+        }
+        if mode == SyncRegs::OneVcpu {
+            self.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::VcpuEvents);
+        }
+        self.sync_regs = mode;
     }
 
     /// Has KVM load `regs` and `events` from `kvm_run` at the next
-    /// KVM_RUN (`KVM_CAP_SYNC_REGS`), instead of an ioctl each now. Only
-    /// with [`Vcpu::use_sync_regs`] (a VM of one vCPU): there no INIT or
-    /// SIPI from another vCPU can change the registers before they load.
+    /// KVM_RUN (`KVM_CAP_SYNC_REGS`), instead of an ioctl each now (see
+    /// [`SyncRegs::ManyVcpus`] for why that is safe).
     fn load_synced(
         &mut self,
         regs: Option<&kvm_bindings::kvm_regs>,
         events: Option<&kvm_bindings::kvm_vcpu_events>,
     ) {
-        debug_assert!(self.sync_regs);
+        debug_assert!(self.sync_regs != SyncRegs::Off);
         if let Some(r) = regs {
             self.fd.sync_regs_mut().regs = *r;
             self.fd.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
@@ -155,6 +201,42 @@ impl Vcpu {
         if self.sync_pending != 0 {
             self.sync_pending = self.fd.get_kvm_run().kvm_dirty_regs;
         }
+    }
+
+    /// Writes through ioctls the registers that wait in `kvm_run` for the
+    /// next KVM_RUN, so that KVM holds them now.
+    fn write_pending(&self) -> Result<(), vcpu_state::StateError> {
+        if self.sync_pending == 0 {
+            return Ok(());
+        }
+        let s = self.fd.sync_regs();
+        if self.sync_pending & kvm_bindings::KVM_SYNC_X86_REGS as u64 != 0 {
+            self.fd
+                .set_regs(&s.regs)
+                .map_err(|e| vcpu_state::StateError("KVM_SET_REGS", e))?;
+        }
+        if self.sync_pending & kvm_bindings::KVM_SYNC_X86_EVENTS as u64 != 0 {
+            self.fd
+                .set_vcpu_events(&s.events)
+                .map_err(|e| vcpu_state::StateError("KVM_SET_VCPU_EVENTS", e))?;
+        }
+        Ok(())
+    }
+
+    /// Saves the state of this parked vCPU. Registers waiting in `kvm_run`
+    /// are written through ioctls first and taken out of it, so KVM does not
+    /// load them a second time at the next KVM_RUN: with more vCPUs, the
+    /// save's KVM_GET_MP_STATE may take in an INIT that changes them, and a
+    /// second load would undo it ([`SyncRegs::ManyVcpus`]).
+    fn save_parked(&mut self) -> Result<vcpu_state::VcpuState, vcpu_state::StateError> {
+        self.write_pending()?;
+        self.fd.get_kvm_run().kvm_dirty_regs = 0;
+        self.sync_pending = 0;
+        let s = self.save();
+        if self.sync_regs == SyncRegs::ManyVcpus {
+            self.sync_fresh = false;
+        }
+        s
     }
 
     /// Restores `state`, then, with `tsc_advance_ns`, the TSC moved forward
@@ -374,7 +456,7 @@ impl Vcpu {
         // or written them (they cannot change while parked): a hypercall's
         // result after a `Save` then costs one ioctl, not two.
         let mut regs: Option<kvm_bindings::kvm_regs> = None;
-        let parked = match presave.then(|| self.save()) {
+        let parked = match presave.then(|| self.save_parked()) {
             Some(Ok(s)) => {
                 regs = Some(s.regs);
                 VcpuReply::ParkedSaved(Box::new(s))
@@ -388,7 +470,7 @@ impl Vcpu {
             let reply = match link.cmds.recv() {
                 Err(_) => return Ok(Next::Stop),
                 Ok(VcpuCmd::Resume) => return Ok(Next::Continue),
-                Ok(VcpuCmd::Save) => match self.save() {
+                Ok(VcpuCmd::Save) => match self.save_parked() {
                     Ok(s) => {
                         regs = Some(s.regs);
                         VcpuReply::Saved(Box::new(s))
@@ -409,7 +491,9 @@ impl Vcpu {
                     // the VM, since the guest would run on with a wrong result.
                     let mut r = match regs {
                         Some(r) => r,
-                        None if self.sync_regs && (self.sync_fresh || self.sync_pending != 0) => {
+                        None if self.sync_regs != SyncRegs::Off
+                            && (self.sync_fresh || self.sync_pending != 0) =>
+                        {
                             self.fd.sync_regs().regs
                         }
                         None => self
@@ -418,7 +502,7 @@ impl Vcpu {
                             .map_err(|e| format!("a hypercall's result: KVM_GET_REGS: {e}"))?,
                     };
                     (r.rax, r.rdx, r.rsi) = (rax, rdx, rsi);
-                    if self.sync_regs {
+                    if self.sync_regs != SyncRegs::Off {
                         self.load_synced(Some(&r), None);
                     } else {
                         self.fd
@@ -557,7 +641,7 @@ impl Vcpu {
         match t {
             VcpuTrap::Hypercall(op) => {
                 // Right after KVM_RUN: `kvm_run`'s copy is current, if kept.
-                let arg = if self.sync_regs && self.sync_fresh {
+                let arg = if self.sync_regs != SyncRegs::Off && self.sync_fresh {
                     self.fd.sync_regs().regs.rdi
                 } else {
                     self.fd.get_regs().map(|r| r.rdi).unwrap_or(0)
@@ -573,6 +657,11 @@ impl Vcpu {
     fn enter_kernel(&mut self, ctx: &VcpuContext) -> Result<Next, String> {
         self.complete_pending_io(ctx)?;
         if let Some(c) = &ctx.compat {
+            // REGS and SREGS change through ioctls: the exit's copy in
+            // `kvm_run` no longer holds them, and a park before the next
+            // KVM_RUN (which makes no KVM_RUN of its own, the access being
+            // complete) must not save it.
+            self.sync_fresh = false;
             c.enter_kernel(&self.fd)
                 .map_err(|e| format!("vCPU {}: {e}", self.index))?;
         }
@@ -590,6 +679,8 @@ impl Vcpu {
             ));
         }
         if let Some(compat) = &ctx.compat {
+            // It writes registers through ioctls (see `enter_kernel`).
+            self.sync_fresh = false;
             match compat.complete(&self.fd, &insn) {
                 Ok(true) => return Ok(Next::Continue),
                 Ok(false) => {}
@@ -701,12 +792,12 @@ mod tests {
             fd,
             index: 0,
             caps,
-            sync_regs: false,
+            sync_regs: SyncRegs::Off,
             sync_fresh: false,
             sync_pending: 0,
             completion_due: false,
         };
-        v.use_sync_regs();
+        v.use_sync_regs(SyncRegs::OneVcpu);
         let mut target = v.save().expect("the first save");
         let old_rax = target.regs.rax;
         target.regs.rax = old_rax ^ 0x5a5a;
@@ -721,6 +812,46 @@ mod tests {
         // Loaded into KVM by the save; the same values load again at the
         // next KVM_RUN.
         assert_eq!(v.fd.get_regs().unwrap().rbx, 0x1234);
+    }
+
+    /// With several vCPUs, a rollback's registers wait in `kvm_run` too; a
+    /// parked save writes them and takes them out of `kvm_run`, so an INIT
+    /// the save takes in is not undone by KVM loading them again at the
+    /// next KVM_RUN.
+    #[test]
+    fn a_parked_save_leaves_nothing_for_kvm_to_load_over_an_init() {
+        let test = "vstate::vcpu::a_parked_save_leaves_nothing_for_kvm_to_load_over_an_init";
+        let Some((kvm, _vm, fd)) = crate::test_util::kvm_vcpu_or_skip(test) else {
+            return;
+        };
+        let caps = Arc::new(StateCaps::probe(&kvm, &fd));
+        let mut v = Vcpu {
+            fd,
+            index: 0,
+            caps,
+            sync_regs: SyncRegs::Off,
+            sync_fresh: false,
+            sync_pending: 0,
+            completion_due: false,
+        };
+        v.use_sync_regs(SyncRegs::ManyVcpus);
+        let mut target = v.save_parked().expect("the first save");
+        target.regs.rip = 0x1234;
+        v.restore(&target).expect("the restore");
+        assert_ne!(v.fd.get_kvm_run().kvm_dirty_regs, 0, "REGS wait in kvm_run");
+        let mut ev = v.fd.get_vcpu_events().unwrap();
+        ev.flags = kvm_bindings::KVM_VCPUEVENT_VALID_SMM;
+        ev.smi.latched_init = 1;
+        v.fd.set_vcpu_events(&ev).expect("latching an INIT");
+        let got = v.save_parked().expect("a save that takes in the INIT");
+        assert_eq!(got.regs.rip, 0xfff0, "the registers after INIT");
+        assert_eq!(v.fd.get_kvm_run().kvm_dirty_regs, 0, "left to load again");
+        assert_eq!(v.sync_pending, 0);
+        // The next KVM_RUN (returning at once) loads nothing over it.
+        v.fd.set_kvm_immediate_exit(1);
+        let r = v.fd.run().map(|_| ());
+        assert!(matches!(&r, Err(e) if e.errno() == libc::EINTR), "{r:?}");
+        assert_eq!(v.fd.get_regs().unwrap().rip, 0xfff0);
     }
 
     /// One request, one park: taking it clears it, and a request to save
