@@ -78,9 +78,32 @@ fn the_second_start_restores_the_ready_guest() {
     let saved = token(&cold);
     let warm = run(g, &cache, &["--memory", "64M"]);
     assert_restored(&warm, &saved);
-    // And again: a restore leaves the entry as it was.
-    let again = run(g, &cache, &["--memory", "64M"]);
+    // And again: a restore leaves the entry as it was. Its memory layer is
+    // read once, by the cache's check, not again by the restore's.
+    let again = run_specvm(
+        &[
+            "--log-level",
+            "info",
+            "run",
+            "--bare",
+            g,
+            "--boot-cache",
+            "--boot-cache-dir",
+            cache.str(),
+            "--memory",
+            "64M",
+        ],
+        TIMEOUT,
+    );
+    again.assert_status(0);
     assert_restored(&again, &saved);
+    again.assert_stderr_contains("snapshot memory checked already, by the boot cache");
+    assert!(
+        !again
+            .stderr
+            .contains("snapshot memory checked before start"),
+        "the restore read the layer again: {again}"
+    );
     // A real boot gives another token: the restored one is the saved boot's.
     let other = Dir::new("bc-warm-other");
     let fresh = run(g, &other, &["--memory", "64M"]);

@@ -99,6 +99,18 @@ fn read_entry(dir: &Path) -> Result<Entry, String> {
 /// Checks every file of an entry against its record, and returns its
 /// snapshot's state, decoded (the one read of it); the error says which
 /// file and how it differs.
+///
+/// Each file must be a regular file of the recorded size. The state file
+/// must match its recorded content hash. The base memory layer it names is
+/// checked the way a restore checks it ([`Layer::check_base`]: every piece
+/// against the checksum the state recorded, zeros outside its extents, on
+/// a thread per CPU) instead of by its recorded hash: the state binds
+/// those checksums to the entry, and the restore, told so
+/// ([`MemoryCheck::checked_already`]), then does not read the layer a
+/// second time. Any other file must match its recorded hash.
+///
+/// [`Layer::check_base`]: crate::snapshot::Layer::check_base
+/// [`MemoryCheck::checked_already`]: crate::snapshot::verify::MemoryCheck::checked_already
 fn check_files(dir: &Path, entry: &Entry) -> Result<crate::snapshot::VmSnapshot, String> {
     let snap = dir.join(SNAPSHOT_DIR);
     if entry.files.is_empty() {
@@ -122,15 +134,50 @@ fn check_files(dir: &Path, entry: &Entry) -> Result<crate::snapshot::VmSnapshot,
                 f.size
             ));
         }
-        let (_, sum) = hash_sparse(&path).map_err(|e| e.to_string())?;
+    }
+    let hashed = |f: &FileSum| -> Result<(), String> {
+        let (_, sum) = hash_sparse(&snap.join(&f.name)).map_err(|e| e.to_string())?;
         if sum != f.xxh3 {
             return Err(format!(
                 "{} changed since it was saved (content hash)",
                 f.name
             ));
         }
+        Ok(())
+    };
+    let state_sum = entry
+        .files
+        .iter()
+        .find(|f| f.name == files::STATE)
+        .ok_or("it lists no state file")?;
+    hashed(state_sum)?;
+    let state = files::read_state(&snap).map_err(|e| e.to_string())?;
+    let base = state
+        .layers
+        .first()
+        .ok_or("its state names no memory layer")?;
+    let base_name = crate::snapshot::memory_name(base.id);
+    if !entry.files.iter().any(|f| f.name == base_name) {
+        return Err(format!(
+            "it does not list {base_name}, which its state names"
+        ));
     }
-    files::read_state(&snap).map_err(|e| e.to_string())
+    for f in entry.files.iter().filter(|f| f.name != files::STATE) {
+        if f.name != base_name {
+            hashed(f)?;
+            continue;
+        }
+        let path = snap.join(&f.name);
+        let (file, _) = files::open_regular(&path, "opening the snapshot memory file")
+            .map_err(|e| e.to_string())?;
+        base.check_base(&file, &path, state.mem_size, true)
+            .map_err(|e| format!("{} changed since it was saved ({e})", f.name))?;
+        state
+            .memory_check
+            .checked_already(base, &file)
+            .map_err(|e| format!("{}: {e}", f.name))?;
+    }
+    Ok(state)
 }
 
 /// Looks `key` up in cache folder `root`.
