@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
+use super::inputs::Hasher;
 use super::{io_err, BootCacheError, CHUNK};
 use crate::config::{BootSource, VmConfig};
 use crate::snapshot::files;
@@ -23,7 +24,11 @@ pub struct CacheKey {
 
 impl CacheKey {
     /// The key of `config`'s boot, with the host-compat layer `compat_active`.
-    pub fn for_config(config: &VmConfig, compat_active: bool) -> Result<Self, BootCacheError> {
+    pub fn for_config(
+        config: &VmConfig,
+        compat_active: bool,
+        hasher: &mut Hasher,
+    ) -> Result<Self, BootCacheError> {
         let mut f = BTreeMap::new();
         let mut put = |k: &str, v: String| f.insert(k.to_string(), v);
         match &config.boot {
@@ -33,11 +38,11 @@ impl CacheKey {
                 cmdline,
             } => {
                 put("guest", "linux".into());
-                put("kernel", hash_file(kernel)?);
+                put("kernel", hasher.hash(kernel)?);
                 put(
                     "initrd",
                     match initrd {
-                        Some(i) => hash_file(i)?,
+                        Some(i) => hasher.hash(i)?,
                         None => "none".into(),
                     },
                 );
@@ -48,7 +53,7 @@ impl CacheKey {
             }
             BootSource::Bare { program, arg } => {
                 put("guest", "bare".into());
-                put("program", hash_file(program)?);
+                put("program", hasher.hash(program)?);
                 put("guest_arg", arg.to_string());
             }
             BootSource::Restore { .. } => {
@@ -89,7 +94,7 @@ impl CacheKey {
             .iter()
             .map(|d| {
                 let ro = if d.read_only { ",readonly" } else { "" };
-                Ok(format!("{}{ro}", hash_file(&d.path)?))
+                Ok(format!("{}{ro}", hasher.hash(&d.path)?))
             })
             .collect::<Result<Vec<_>, BootCacheError>>()?;
         if !disks.is_empty() {
@@ -150,7 +155,7 @@ fn effective_cmdline(cmdline: Option<&str>, compat_active: bool) -> String {
 }
 
 /// XXH3-128 of a whole file, as 32 hex digits.
-fn hash_file(path: &Path) -> Result<String, BootCacheError> {
+pub(super) fn hash_file(path: &Path) -> Result<String, BootCacheError> {
     let f = File::open(path).map_err(io_err("reading", path))?;
     let len = f.metadata().map_err(io_err("reading", path))?.len();
     let mut h = Xxh3::new();

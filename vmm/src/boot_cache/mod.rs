@@ -20,6 +20,7 @@
 //! touches only `boot/`, and in there only folders it made: entries named
 //! by a digest and its own staging folders. See `docs/boot-cache.md`.
 
+mod inputs;
 mod key;
 mod store;
 
@@ -121,7 +122,14 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
     }
     let root = cache_root(dir)?;
     let compat = crate::host_compat::detect(config.host_compat).active;
-    let key = CacheKey::for_config(config, compat)?;
+    let known = store::known_inputs(&root);
+    let mut hasher = inputs::Hasher::new(&known);
+    let key = CacheKey::for_config(config, compat, &mut hasher)?;
+    tracing::info!(
+        read = hasher.counts.0,
+        recorded = hasher.counts.1,
+        "boot cache: key's file hashes"
+    );
     let mut found = lookup(&root, &key);
     // The key hashed each disk's whole content, so an image with the same
     // bytes is the one the entry was saved over even if it was rebuilt or
@@ -147,6 +155,17 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
             entry,
             check,
         } => {
+            if hasher.read_any {
+                // Once per entry (saved before entries kept them, or a
+                // file rebuilt with the same bytes): the next start finds
+                // the hashes here instead of reading the files.
+                if let Some(dir) = snapshot.parent() {
+                    let (e, inputs) = (entry.as_ref().clone(), hasher.used);
+                    if let Err(err) = store::record_inputs(dir, e, inputs) {
+                        tracing::debug!("boot cache: recording the hashed files: {err}");
+                    }
+                }
+            }
             eprintln!(
                 "specvm: boot cache: restoring the ready guest from {} (its boot took {}; \
                  files checked in {} ms)",
@@ -162,6 +181,7 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
         Lookup::Miss(why, previous) => {
             let mut save = PendingSave::new(root, key, started);
             save.previous = previous;
+            save.inputs = hasher.used;
             eprintln!(
                 "specvm: boot cache: {why}; booting, and saving the ready guest to {}",
                 save.entry_dir().display()

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::inputs::InputStat;
 use super::key::{hash_sparse, CacheKey};
 use super::{
     io_err, BootCacheError, BOOT_DIR, ENTRY_FILE, ENTRY_FORMAT, LOCK_FILE, MAX_ENTRIES,
@@ -44,6 +45,10 @@ pub struct Entry {
     /// The boot's milestones, for the next boot's progress estimate.
     #[serde(default)]
     pub boot_times: Option<BootTimes>,
+    /// The files the key hashed, as they were when hashed: a later start
+    /// takes an unchanged file's hash from here (`super::inputs`).
+    #[serde(default)]
+    pub inputs: Vec<InputStat>,
 }
 
 /// What a lookup found.
@@ -272,6 +277,32 @@ fn entries(root: &Path) -> Vec<(PathBuf, SystemTime)> {
         .collect()
 }
 
+/// The records of hashed files that the entries in `root` keep.
+pub fn known_inputs(root: &Path) -> Vec<InputStat> {
+    entries(root)
+        .into_iter()
+        .filter_map(|(dir, _)| read_entry(&dir).ok())
+        .flat_map(|e| e.inputs)
+        .collect()
+}
+
+/// Rewrites the record of the entry in `dir` with `inputs`, durably (a
+/// new file, synced, renamed over the old one, the folder synced): after
+/// a hit whose key had to read a file, so the next start need not.
+pub fn record_inputs(dir: &Path, mut entry: Entry, inputs: Vec<InputStat>) -> std::io::Result<()> {
+    entry.inputs = inputs;
+    let text = serde_json::to_vec_pretty(&entry).map_err(std::io::Error::other)?;
+    let tmp = dir.join(format!(".{ENTRY_FILE}.{}", std::process::id()));
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(ENTRY_FILE)))
+        .and_then(|()| File::open(dir)?.sync_all());
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 /// A boot whose ready guest is to be saved as an entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingSave {
@@ -279,6 +310,8 @@ pub struct PendingSave {
     key: CacheKey,
     started: Instant,
     pub(super) previous: Option<BootTimes>,
+    /// The files the key hashed, for the entry.
+    pub(super) inputs: Vec<InputStat>,
 }
 
 impl PendingSave {
@@ -290,6 +323,7 @@ impl PendingSave {
             key,
             started,
             previous: None,
+            inputs: Vec::new(),
         }
     }
 
@@ -360,6 +394,7 @@ impl PendingSave {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             boot_times,
+            inputs: self.inputs.clone(),
         };
         let path = staging.join(ENTRY_FILE);
         let text = serde_json::to_vec_pretty(&entry).expect("an entry serializes");
