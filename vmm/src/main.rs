@@ -58,13 +58,41 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e.to_string()),
             };
+            // The configuration as given, for a boot after a damaged entry.
+            let given = args.boot_cache.then(|| config.clone());
             if args.boot_cache {
                 if let Err(e) = vmm::boot_cache::apply(&mut config, args.boot_cache_dir.as_deref())
                 {
                     return fail(&e.to_string());
                 }
             }
-            match builder::build(&config).and_then(|vmm| vmm.run()) {
+            let mut built = builder::build(&config);
+            // A boot cache entry whose memory layer the restore found
+            // damaged: boot instead, and save over it.
+            let damaged = match (&built, &config.boot, given) {
+                (
+                    Err(builder::VmmError::Snapshot(
+                        e @ vmm::snapshot::SnapshotError::Layer { .. },
+                    )),
+                    vmm::config::BootSource::Restore { dir, .. },
+                    Some(given),
+                ) => Some((
+                    dir.parent().unwrap_or(dir).to_path_buf(),
+                    e.to_string(),
+                    given,
+                )),
+                _ => None,
+            };
+            if let Some((entry, why, mut given)) = damaged {
+                drop(built);
+                let dir = args.boot_cache_dir.as_deref();
+                if let Err(e) = vmm::boot_cache::after_damage(&mut given, dir, &entry, &why) {
+                    return fail(&e.to_string());
+                }
+                config = given;
+                built = builder::build(&config);
+            }
+            match built.and_then(|vmm| vmm.run()) {
                 Ok(Outcome::Exit(code)) => ExitCode::from(code),
                 Ok(Outcome::Reset) => {
                     eprintln!("specvm: the guest reset or powered off");

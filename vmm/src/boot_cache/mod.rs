@@ -7,8 +7,10 @@
 //! memory size, the vCPU count, whether the host-compat layer is active,
 //! the network cards' shape and the snapshot format. Its digest names an
 //! entry in `<cache>/boot/`:
-//! - on a hit, every file of the entry is checked against the content hashes
-//!   recorded when it was saved, and the VM is restored from it;
+//! - on a hit, every file of the entry is checked against the sizes and
+//!   content hashes recorded when it was saved (the memory layer's content
+//!   is left to the restore's own check: on damage there the VMM boots
+//!   instead, [`after_damage`]), and the VM is restored from it;
 //! - on a miss (no entry, a damaged one, or one from another
 //!   configuration) one line says why, the VM boots, and when its init says
 //!   it is ready (the `READY` hypercall, `spec ready`) the controller saves
@@ -114,6 +116,30 @@ fn root_from(
 /// saved guest or marks it to be saved when the guest is ready. Prints one
 /// line saying which, and why.
 pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheError> {
+    decide(config, dir, None)
+}
+
+/// After the restore from entry `entry` failed on damage its lookup does
+/// not look for (the memory layer's content, which the restore checks):
+/// `config` is the start's configuration as it was before [`apply`]. Marks
+/// it to boot and save the ready guest over the damaged entry, with one
+/// line saying so, as a lookup that found the damage would have.
+pub fn after_damage(
+    config: &mut VmConfig,
+    dir: Option<&Path>,
+    entry: &Path,
+    why: &str,
+) -> Result<(), BootCacheError> {
+    let why = format!("damaged entry {}: {why}", entry.display());
+    decide(config, dir, Some(why))
+}
+
+/// [`apply`], or with `refused` the miss [`after_damage`] reports.
+fn decide(
+    config: &mut VmConfig,
+    dir: Option<&Path>,
+    refused: Option<String>,
+) -> Result<(), BootCacheError> {
     let started = Instant::now();
     if config.full_copy {
         return Err(BootCacheError::Unsupported(
@@ -130,7 +156,10 @@ pub fn apply(config: &mut VmConfig, dir: Option<&Path>) -> Result<(), BootCacheE
         recorded = hasher.counts.1,
         "boot cache: key's file hashes"
     );
-    let mut found = lookup(&root, &key);
+    let mut found = match refused {
+        None => lookup(&root, &key),
+        Some(why) => Lookup::Miss(why, store::boot_times(&root, &key)),
+    };
     // The key hashed each disk's whole content, so an image with the same
     // bytes is the one the entry was saved over even if it was rebuilt or
     // copied since (another inode and time): the restore takes its

@@ -105,17 +105,14 @@ fn read_entry(dir: &Path) -> Result<Entry, String> {
 /// snapshot's state, decoded (the one read of it); the error says which
 /// file and how it differs.
 ///
-/// Each file must be a regular file of the recorded size. The state file
-/// must match its recorded content hash. The base memory layer it names is
-/// checked the way a restore checks it ([`Layer::check_base`]: every piece
-/// against the checksum the state recorded, zeros outside its extents, on
-/// a thread per CPU) instead of by its recorded hash: the state binds
-/// those checksums to the entry, and the restore, told so
-/// ([`MemoryCheck::checked_already`]), then does not read the layer a
-/// second time. Any other file must match its recorded hash.
-///
-/// [`Layer::check_base`]: crate::snapshot::Layer::check_base
-/// [`MemoryCheck::checked_already`]: crate::snapshot::verify::MemoryCheck::checked_already
+/// Each file must be a regular file of the recorded size, and all but the
+/// base memory layer must match their recorded content hash. The state
+/// file's hash binds the checksums it records for that layer to the entry,
+/// and the restore checks the layer against them (`snapshot::verify`, on
+/// its own threads while the VM is built): a damaged layer fails the
+/// restore, and the VMM then boots instead ([`super::after_damage`]), as
+/// for any other damage found here. Hashing the layer here as well read
+/// it twice, once before the VM was even built.
 fn check_files(dir: &Path, entry: &Entry) -> Result<crate::snapshot::VmSnapshot, String> {
     let snap = dir.join(SNAPSHOT_DIR);
     if entry.files.is_empty() {
@@ -167,22 +164,19 @@ fn check_files(dir: &Path, entry: &Entry) -> Result<crate::snapshot::VmSnapshot,
             "it does not list {base_name}, which its state names"
         ));
     }
-    for f in entry.files.iter().filter(|f| f.name != files::STATE) {
-        if f.name != base_name {
+    for f in &entry.files {
+        if f.name != files::STATE && f.name != base_name {
             hashed(f)?;
-            continue;
         }
-        let path = snap.join(&f.name);
-        let (file, _) = files::open_regular(&path, "opening the snapshot memory file")
-            .map_err(|e| e.to_string())?;
-        base.check_base(&file, &path, state.mem_size, true)
-            .map_err(|e| format!("{} changed since it was saved ({e})", f.name))?;
-        state
-            .memory_check
-            .checked_already(base, &file)
-            .map_err(|e| format!("{}: {e}", f.name))?;
     }
     Ok(state)
+}
+
+/// The boot times `key`'s entry in `root` recorded, if it has one.
+pub fn boot_times(root: &Path, key: &CacheKey) -> Option<BootTimes> {
+    read_entry(&boot_dir(root).join(key.digest()))
+        .ok()
+        .and_then(|e| e.boot_times)
 }
 
 /// Looks `key` up in cache folder `root`.

@@ -25,7 +25,6 @@
 //! piece before it writes it.
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
@@ -72,37 +71,11 @@ pub struct MemoryCheck {
     /// dropped unsent when the restore fails first, and then the check
     /// does not run.
     go: Mutex<Option<mpsc::Sender<()>>>,
-    /// A base layer this process has already checked whole, against the
-    /// same state's checksums ([`MemoryCheck::checked_already`]): its id,
-    /// and the device and inode of the file it read.
-    done: Mutex<Option<(u64, u64, u64)>>,
 }
 
 impl MemoryCheck {
-    /// Records that `layer`, read from `file`, has just been checked whole
-    /// against this state's checksums ([`Layer::check_base`]): the boot
-    /// cache does so before it takes an entry (a damaged one is a miss, and
-    /// the VM boots), and a restore of the same file then need not read it
-    /// again.
-    pub fn checked_already(&self, layer: &Layer, file: &File) -> std::io::Result<()> {
-        let md = file.metadata()?;
-        *lock(&self.done) = Some((layer.id, md.dev(), md.ino()));
-        Ok(())
-    }
-
-    /// Whether `layer` in `file` is the one [`MemoryCheck::checked_already`]
-    /// recorded: the same id, and the same file.
-    fn was_checked(&self, layer: &Layer, file: &File) -> bool {
-        let Some(done) = *lock(&self.done) else {
-            return false;
-        };
-        file.metadata()
-            .is_ok_and(|md| done == (layer.id, md.dev(), md.ino()))
-    }
-
     /// Starts checking `layer` (the file at `path`, of `mem_size` bytes),
-    /// in the mode the command line chose, unless this process has just
-    /// checked it.
+    /// in the mode the command line chose.
     pub fn start(
         &self,
         file: File,
@@ -110,10 +83,6 @@ impl MemoryCheck {
         layer: Layer,
         mem_size: u64,
     ) -> Result<(), SnapshotError> {
-        if self.was_checked(&layer, &file) {
-            tracing::info!("snapshot memory checked already, by the boot cache");
-            return Ok(());
-        }
         let background = mode() == Verify::Background;
         let (go, gate) = mpsc::channel::<()>();
         let what = path.clone();
