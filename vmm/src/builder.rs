@@ -547,15 +547,7 @@ fn create_vcpus(kvm: &Kvm, vm: &Vm, count: u8, reduce: bool) -> Result<Vec<Vcpu>
         .into_iter()
         .zip(0..)
         .map(|(fd, index)| {
-            let mut v = Vcpu {
-                fd,
-                index,
-                caps: caps.clone(),
-                sync_regs: SyncRegs::Off,
-                sync_fresh: false,
-                sync_pending: 0,
-                completion_due: false,
-            };
+            let mut v = Vcpu::new(fd, index, caps.clone());
             v.use_sync_regs(sync);
             v
         })

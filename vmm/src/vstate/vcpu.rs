@@ -161,6 +161,20 @@ pub enum SyncRegs {
 }
 
 impl Vcpu {
+    /// vCPU `index` (also its APIC ID) on `fd`, every part of its state
+    /// through ioctls until [`Vcpu::use_sync_regs`].
+    pub fn new(fd: VcpuFd, index: u8, caps: Arc<StateCaps>) -> Self {
+        Self {
+            fd,
+            index,
+            caps,
+            sync_regs: SyncRegs::Off,
+            sync_fresh: false,
+            sync_pending: 0,
+            completion_due: false,
+        }
+    }
+
     /// Has KVM copy the registers `mode` names into `kvm_run` at every
     /// exit (see [`SyncRegs`] for which mode suits which VM).
     pub fn use_sync_regs(&mut self, mode: SyncRegs) {
@@ -788,15 +802,7 @@ mod tests {
             return;
         };
         let caps = Arc::new(StateCaps::probe(&kvm, &fd));
-        let mut v = Vcpu {
-            fd,
-            index: 0,
-            caps,
-            sync_regs: SyncRegs::Off,
-            sync_fresh: false,
-            sync_pending: 0,
-            completion_due: false,
-        };
+        let mut v = Vcpu::new(fd, 0, caps);
         v.use_sync_regs(SyncRegs::OneVcpu);
         let mut target = v.save().expect("the first save");
         let old_rax = target.regs.rax;
@@ -825,15 +831,7 @@ mod tests {
             return;
         };
         let caps = Arc::new(StateCaps::probe(&kvm, &fd));
-        let mut v = Vcpu {
-            fd,
-            index: 0,
-            caps,
-            sync_regs: SyncRegs::Off,
-            sync_fresh: false,
-            sync_pending: 0,
-            completion_due: false,
-        };
+        let mut v = Vcpu::new(fd, 0, caps);
         v.use_sync_regs(SyncRegs::ManyVcpus);
         let mut target = v.save_parked().expect("the first save");
         target.regs.rip = 0x1234;
