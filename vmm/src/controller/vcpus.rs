@@ -141,10 +141,11 @@ fn gone(index: usize) -> ControlError {
 pub struct VcpuSet {
     handles: Vec<VcpuHandle>,
     stop: Arc<AtomicBool>,
-    /// Calls a rollback put back, whose events were read already (or are
-    /// to be ignored): served by the controller before its next event
-    /// ([`VcpuSet::take_reissued`]), as (vCPU, op, argument).
-    reissued: VecDeque<(usize, u32, u64)>,
+    /// The vCPUs whose calls a rollback put back, whose events were read
+    /// already (or are to be ignored): served by the controller before its
+    /// next event ([`VcpuSet::take_reissued`]). Each call's op and argument
+    /// are in its vCPU's slot, where the vCPU, parked on it, leaves them.
+    reissued: VecDeque<usize>,
 }
 
 impl VcpuSet {
@@ -257,7 +258,8 @@ impl VcpuSet {
     /// A call a rollback put back, to serve before the next event: (vCPU,
     /// op, argument).
     pub fn take_reissued(&mut self) -> Option<(u8, u32, u64)> {
-        let (i, op, arg) = self.reissued.pop_front()?;
+        let i = self.reissued.pop_front()?;
+        let (op, arg) = self.handles.get(i)?.call.call();
         // vCPU indices are APIC IDs, below 256.
         Some((u8::try_from(i).ok()?, op, arg))
     }
@@ -302,7 +304,7 @@ impl VcpuSet {
             let made = h.call.made();
             let on_its_way = made > h.received.max(h.discard_upto);
             let then = at_checkpoint.get(i).copied().flatten();
-            self.reissued.retain(|&(v, ..)| v != i);
+            self.reissued.retain(|&v| v != i);
             match then {
                 Some(w) if h.call.pending() && h.served == w.seq && on_its_way => {}
                 Some(w) => {
@@ -311,7 +313,7 @@ impl VcpuSet {
                     }
                     h.served = w.seq;
                     h.call.put_back(w.op, w.arg);
-                    self.reissued.push_back((i, w.op, w.arg));
+                    self.reissued.push_back(i);
                 }
                 None => {
                     if on_its_way {
