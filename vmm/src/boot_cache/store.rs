@@ -280,11 +280,18 @@ pub fn known_inputs(root: &Path) -> Vec<InputStat> {
         .collect()
 }
 
-/// Rewrites the record of the entry in `dir` with `inputs`, durably (a
-/// new file, synced, renamed over the old one, the folder synced): after
-/// a hit whose key had to read a file, so the next start need not.
+/// Most file records an entry keeps: the same image may be started from
+/// several folders (two checkouts), each path with a record of its own.
+pub const MAX_INPUTS: usize = 32;
+
+/// Rewrites the record of the entry in `dir` with `inputs` added, durably
+/// (a new file, synced, renamed over the old one, the folder synced): after
+/// a hit whose key had to read a file, so the next start need not. The
+/// entry's records of other paths stay, newest first, up to
+/// [`MAX_INPUTS`].
 pub fn record_inputs(dir: &Path, mut entry: Entry, inputs: Vec<InputStat>) -> std::io::Result<()> {
-    entry.inputs = inputs;
+    let older = std::mem::take(&mut entry.inputs);
+    entry.inputs = merge_inputs(inputs, older);
     let text = serde_json::to_vec_pretty(&entry).map_err(std::io::Error::other)?;
     let tmp = dir.join(format!(".{ENTRY_FILE}.{}", std::process::id()));
     let written = File::create(&tmp)
@@ -295,6 +302,19 @@ pub fn record_inputs(dir: &Path, mut entry: Entry, inputs: Vec<InputStat>) -> st
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// `new` records, then those of `older` for other paths, at most
+/// [`MAX_INPUTS`] in all.
+fn merge_inputs(new: Vec<InputStat>, older: Vec<InputStat>) -> Vec<InputStat> {
+    let mut all = new;
+    for o in older {
+        if !all.iter().any(|n| n.path == o.path) {
+            all.push(o);
+        }
+    }
+    all.truncate(MAX_INPUTS);
+    all
 }
 
 /// A boot whose ready guest is to be saved as an entry.
@@ -510,6 +530,31 @@ fn evict(root: &Path, keep: &Path) {
 mod tests {
     use super::*;
     use crate::boot_cache::test_support::{key, tmp};
+
+    fn rec(path: &str, xxh3: &str) -> InputStat {
+        InputStat {
+            path: path.into(),
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+            hashed_at_ns: 6,
+            xxh3: xxh3.into(),
+        }
+    }
+
+    /// A start from another folder adds its records and keeps the other
+    /// folder's; a path hashed again replaces its old record; the list is
+    /// capped.
+    #[test]
+    fn records_of_other_paths_stay_and_the_newest_win() {
+        let old = vec![rec("/a/kernel", "1"), rec("/b/kernel", "2")];
+        let got = merge_inputs(vec![rec("/a/kernel", "9")], old);
+        assert_eq!(got, vec![rec("/a/kernel", "9"), rec("/b/kernel", "2")]);
+        let many = (0..40).map(|i| rec(&format!("/{i}"), "x")).collect();
+        assert_eq!(merge_inputs(vec![], many).len(), MAX_INPUTS);
+    }
 
     /// An entry saved by `finish` is found by its key; a changed file makes
     /// it a damaged entry; a new save replaces it.
