@@ -240,11 +240,14 @@ async fn run(args: &Args) -> Result<(), String> {
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
+    let at_exit = shared.clone();
     tokio::select! {
-        () = server::serve(ports, shared) => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = term.recv() => Ok(()),
+        () = server::serve(ports, shared) => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
+    at_exit.say_counters_at_exit();
+    Ok(())
 }
 
 /// Prints events on stdout, one JSON line each, from a thread of its own:

@@ -209,27 +209,24 @@ impl Shared {
     pub fn remove_port(&self, port: PortId) {
         self.links().remove(&port);
         if let Some(c) = self.counters(port) {
-            if c.dropped_full > 0 {
-                tracing::warn!(
-                    port,
-                    "{} frames for the port were dropped: its queue or hold buffer was full",
-                    c.dropped_full
-                );
-            }
-            if c.forged + c.refused + c.dropped_ids > 0 {
-                tracing::warn!(
-                    port,
-                    "the port used ids it had no right to: {} frames with forged ids, \
-                     {} control messages refused, {} frames past its ids not sent to it",
-                    c.forged,
-                    c.refused,
-                    c.dropped_ids
-                );
-            }
+            say_counters(port, &c);
             tracing::info!(port, counters = ?c, "port removed");
         }
         let sends = self.bridge().remove_port(port);
         self.dispatch(sends, Vec::new());
+    }
+
+    /// At the bridge's end (a signal): says what every port still
+    /// connected lost, as its removal would have, so a port that had not
+    /// hung up yet, or not been noticed to, loses no report.
+    pub fn say_counters_at_exit(&self) {
+        let mut ports: Vec<PortId> = self.links().keys().copied().collect();
+        ports.sort_unstable();
+        for port in ports {
+            if let Some(c) = self.counters(port) {
+                say_counters(port, &c);
+            }
+        }
     }
 
     /// The counters of `port`, while it is connected.
@@ -300,6 +297,28 @@ pub fn bind_with(path: &Path, access: &Access) -> Result<Bound, ServerError> {
         listener,
         _file: file,
     })
+}
+
+/// Says, once, what a port lost: frames dropped for a full queue or hold
+/// buffer, and uses of ids it had no right to.
+fn say_counters(port: PortId, c: &Counters) {
+    if c.dropped_full > 0 {
+        tracing::warn!(
+            port,
+            "{} frames for the port were dropped: its queue or hold buffer was full",
+            c.dropped_full
+        );
+    }
+    if c.forged + c.refused + c.dropped_ids > 0 {
+        tracing::warn!(
+            port,
+            "the port used ids it had no right to: {} frames with forged ids, \
+             {} control messages refused, {} frames past its ids not sent to it",
+            c.forged,
+            c.refused,
+            c.dropped_ids
+        );
+    }
 }
 
 /// Serves ports on `bound` until the task is dropped. The recovery
