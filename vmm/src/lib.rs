@@ -25,6 +25,7 @@ pub mod config;
 pub mod controller;
 pub mod device_manager;
 pub mod devices;
+pub mod durable;
 pub mod event;
 pub mod host_compat;
 pub mod linux;

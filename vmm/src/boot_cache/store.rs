@@ -293,15 +293,7 @@ pub fn record_inputs(dir: &Path, mut entry: Entry, inputs: Vec<InputStat>) -> st
     let older = std::mem::take(&mut entry.inputs);
     entry.inputs = merge_inputs(inputs, older);
     let text = serde_json::to_vec_pretty(&entry).map_err(std::io::Error::other)?;
-    let tmp = dir.join(format!(".{ENTRY_FILE}.{}", std::process::id()));
-    let written = File::create(&tmp)
-        .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, dir.join(ENTRY_FILE)))
-        .and_then(|()| File::open(dir)?.sync_all());
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    crate::durable::replace_file(&dir.join(ENTRY_FILE), &text)
 }
 
 /// `new` records, then those of `older` for other paths, at most

@@ -2,7 +2,7 @@
 //! estimate of the time left from the previous boot, and the text of the
 //! report lines.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -41,31 +41,9 @@ impl BootTimes {
     /// Writes the record durably: a new file beside `path`, fsync, rename
     /// into place, fsync the folder.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let name = path.file_name().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "boot times path has no file name",
-            )
-        })?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let write = || -> io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            serde_json::to_writer_pretty(&mut f, self)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
+        let mut text = serde_json::to_vec_pretty(self)?;
+        text.push(b'\n');
+        crate::durable::replace_file(path, &text)
     }
 
     fn secs_of(&self, name: &str) -> Option<f64> {
