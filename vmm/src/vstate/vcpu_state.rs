@@ -9,6 +9,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
+use crate::arch::x86_64::lapic::apic_enabled;
 use crate::persist::{Decode, DecodeError, Encode, Reader, Writer};
 
 /// MSR_IA32_TSC. Never restored on rollback: the guest's TSC must keep
@@ -163,17 +164,6 @@ pub enum Synced<'a> {
     /// is: an NMI another vCPU sends after the exit is pending in KVM but
     /// not in the copy.
     Regs(&'a kvm_sync_regs),
-}
-
-/// Whether the local APIC is software-enabled: bit 8 of the
-/// spurious-interrupt vector register (offset 0xf0). INIT sets the whole
-/// register to 0xff (Intel SDM vol. 3, "Local APIC state after it has been
-/// software disabled"; KVM's `kvm_lapic_reset` does the same).
-pub fn apic_enabled(lapic: &kvm_lapic_state) -> bool {
-    const SVR: usize = 0xf0;
-    const APIC_SW_ENABLE: u32 = 1 << 8;
-    let b = &lapic.regs[SVR..SVR + 4];
-    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]) & APIC_SW_ENABLE != 0
 }
 
 /// Saves the state of `vcpu`, which must not be running.

@@ -1,6 +1,7 @@
 //! The boot CPU's local APIC: its two local interrupt lines wired as on a
 //! PC, so interrupts from the legacy PIC and NMIs reach it before the guest
-//! programs the APIC itself.
+//! programs the APIC itself. And what a save reads in a local APIC's state
+//! ([`apic_enabled`]).
 
 use kvm_bindings::kvm_lapic_state;
 use kvm_ioctls::VcpuFd;
@@ -26,6 +27,20 @@ fn set_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
     {
         *dst = src as _;
     }
+}
+
+/// Offset of the spurious-interrupt vector register.
+const APIC_SVR: usize = 0xf0;
+/// Its APIC software-enable bit.
+const APIC_SW_ENABLE: u32 = 1 << 8;
+
+/// Whether the local APIC in `state` is software-enabled. INIT sets the
+/// whole spurious-interrupt vector register to 0xff (Intel SDM vol. 3,
+/// "Local APIC state after it has been software disabled"; KVM's
+/// `kvm_lapic_reset` does the same), so an enabled APIC has taken in no
+/// INIT since the guest last enabled it.
+pub fn apic_enabled(state: &kvm_lapic_state) -> bool {
+    reg(state, APIC_SVR) & APIC_SW_ENABLE != 0
 }
 
 fn with_delivery_mode(lvt: u32, mode: u32) -> u32 {
