@@ -91,10 +91,10 @@ pub struct Hasher<'a> {
     /// The record of every file hashed so far: found in `known`, or made
     /// now (a file that changed while it was read gets none).
     pub used: Vec<InputStat>,
-    /// Whether any file was read.
-    pub read_any: bool,
-    /// How many files were read, and how many hashes came from records.
-    pub counts: (usize, usize),
+    /// How many files were read.
+    pub read: usize,
+    /// How many hashes came from records.
+    pub recorded: usize,
 }
 
 impl<'a> Hasher<'a> {
@@ -103,8 +103,8 @@ impl<'a> Hasher<'a> {
         Self {
             known,
             used: Vec::new(),
-            read_any: false,
-            counts: (0, 0),
+            read: 0,
+            recorded: 0,
         }
     }
 
@@ -118,14 +118,13 @@ impl<'a> Hasher<'a> {
         if let Some(c) = &canon {
             if let Some(k) = self.known.iter().find(|k| k.vouches_for(c, &before)) {
                 self.used.push(k.clone());
-                self.counts.1 += 1;
+                self.recorded += 1;
                 return Ok(k.xxh3.clone());
             }
         }
         let hashed_at_ns = crate::snapshot::now_ns().min(i64::MAX as u64) as i64;
         let xxh3 = super::key::hash_file(path)?;
-        self.read_any = true;
-        self.counts.0 += 1;
+        self.read += 1;
         if let (Some(path), Ok(after)) = (canon, stat(path)) {
             if after == before {
                 self.used.push(InputStat {
@@ -175,7 +174,7 @@ mod tests {
         let known = [rec.clone()];
         let mut h = Hasher::new(&known);
         assert_eq!(h.hash(&p).unwrap(), "planted");
-        assert!(!h.read_any);
+        assert_eq!(h.read, 0);
         assert_eq!(h.used, vec![rec]);
         std::fs::remove_dir_all(p.parent().unwrap()).unwrap();
     }
@@ -189,7 +188,7 @@ mod tests {
             h.hash(&p).unwrap(),
             super::super::key::hash_file(&p).unwrap()
         );
-        assert!(h.read_any);
+        assert_eq!(h.read, 1);
         std::fs::remove_dir_all(p.parent().unwrap()).unwrap();
     }
 
@@ -204,7 +203,7 @@ mod tests {
         let sum = h.hash(&p).unwrap();
         assert_eq!(sum, super::super::key::hash_file(&p).unwrap());
         assert_ne!(sum, "planted");
-        assert!(h.read_any);
+        assert_eq!(h.read, 1);
         let now = stat(&p).unwrap();
         assert_eq!(h.used.len(), 1);
         assert_eq!((h.used[0].ctime_ns, &h.used[0].xxh3), (now.ctime_ns, &sum));

@@ -152,8 +152,8 @@ fn decide(
     let mut hasher = inputs::Hasher::new(&known);
     let key = CacheKey::for_config(config, compat, &mut hasher)?;
     tracing::info!(
-        read = hasher.counts.0,
-        recorded = hasher.counts.1,
+        read = hasher.read,
+        recorded = hasher.recorded,
         "boot cache: key's file hashes"
     );
     let mut found = match refused {
@@ -184,7 +184,7 @@ fn decide(
             entry,
             check,
         } => {
-            if hasher.read_any {
+            if hasher.read > 0 {
                 // Once per entry (saved before entries kept them, or a
                 // file rebuilt with the same bytes): the next start finds
                 // the hashes here instead of reading the files.
