@@ -88,10 +88,12 @@ impl crate::persist::Persist for Vcpu {
         // one vCPU, where no INIT can come in between and change them (see
         // `SyncRegs::ManyVcpus`).
         self.write_pending()?;
-        let copy = self.fd.sync_regs();
-        let synced = match (self.sync_regs, self.sync_fresh) {
-            (SyncRegs::OneVcpu, true) => vcpu_state::Synced::All(&copy),
-            (SyncRegs::ManyVcpus, true) => vcpu_state::Synced::Regs(&copy),
+        // Copied out of `kvm_run` only when a save may use it.
+        let copy =
+            (self.sync_fresh && self.sync_regs != SyncRegs::Off).then(|| self.fd.sync_regs());
+        let synced = match (self.sync_regs, &copy) {
+            (SyncRegs::OneVcpu, Some(c)) => vcpu_state::Synced::All(c),
+            (SyncRegs::ManyVcpus, Some(c)) => vcpu_state::Synced::Regs(c),
             _ => vcpu_state::Synced::None,
         };
         vcpu_state::save(&self.fd, &self.caps, synced)
