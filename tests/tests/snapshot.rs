@@ -557,6 +557,108 @@ fn damaged_memory_layers_are_refused() {
     assert_restores(&snap);
 }
 
+/// `--verify before-output`: a guest that prints without pause, restored
+/// from a snapshot whose memory layer was damaged, runs while the check
+/// reads the layer, and none of its output leaves it. The same snapshot
+/// with `--verify background` lets lines out: the guest had output to give
+/// before the verdict. Whole again, the held guest's output flows once the
+/// check passes.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm")]
+fn output_held_for_the_check_never_leaves_a_damaged_vm() {
+    skip_without_kvm!();
+    const FREE_BASE: u64 = 16 << 20; // guest_agent::abi::BARE_FREE_BASE
+    const FILL: u64 = 160 << 20;
+    let d = Dir::new("held");
+    let (sock, snap) = (d.path("api.sock"), d.path("snap"));
+    let g = bare_guest("chatter");
+    // Prints for ever, after writing one word in each page of 160 MiB: a
+    // layer that takes a while to check.
+    let arg = (FILL >> 20 << 32).to_string();
+    let g = g.to_str().expect("UTF-8 path");
+    let mut vm = spawn_specvm(&[
+        "run",
+        "--bare",
+        g,
+        "--memory",
+        "256M",
+        "--api-sock",
+        &sock,
+        "--guest-arg",
+        &arg,
+    ]);
+    wait_for_socket(&sock);
+    vm.wait_for_line("chatter 000000000100", TIMEOUT)
+        .expect("the guest prints");
+    let (st, out) = ctl(&sock, "snapshot", Some(&snap));
+    assert_eq!(st, 0, "snapshot failed: {out}");
+    drop(vm);
+    let base = layers_by_data(&snap)[0].0.clone();
+    // The last page the guest filled, at its guest-physical address in the
+    // layer: its first word is the page's offset in the fill, plus one.
+    let last = FREE_BASE + FILL - 4096;
+    let f = std::fs::File::open(&base).expect("layer");
+    let mut word = [0u8; 8];
+    f.read_exact_at(&mut word, last).expect("read");
+    assert_eq!(
+        u64::from_le_bytes(word),
+        (FILL - 4096) | 1,
+        "the fill's layout"
+    );
+    rewrite(&base, last, &0x5555_5555u64.to_le_bytes());
+    let run = |mode: &str| {
+        let args = [
+            "run",
+            "--restore",
+            &snap,
+            "--verify",
+            mode,
+            "--serial",
+            "stdout",
+            "--log-level",
+            "info",
+        ];
+        run_specvm(&args, TIMEOUT)
+    };
+    let r = run("before-output");
+    assert!(!r.timed_out, "the damaged snapshot ran on: {r}");
+    assert!(
+        !r.stdout.contains("chatter"),
+        "held output left the VM: {r}"
+    );
+    r.assert_status(1);
+    r.assert_stderr_contains("is damaged: bytes");
+    r.assert_stderr_contains("none of its output left it");
+    r.assert_stderr_contains("the guest's output waits for the check of its memory");
+    let r = run("background");
+    r.assert_status(1);
+    r.assert_stderr_contains("found by the background check");
+    assert!(
+        r.stdout.contains("chatter"),
+        "the guest printed nothing before the verdict: {r}"
+    );
+    rewrite(&base, last, &word);
+    let mut vm = restore(
+        &snap,
+        &[
+            "--verify",
+            "before-output",
+            "--serial",
+            "stdout",
+            "--log-level",
+            "info",
+        ],
+    );
+    vm.wait_for_line("chatter", TIMEOUT)
+        .expect("the output flows after the check");
+    let r = vm.finish(Duration::from_millis(300));
+    assert!(
+        r.stderr
+            .contains("snapshot memory checked; the guest's output flows"),
+        "{r}"
+    );
+}
+
 /// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
 struct Tmpfs(Dir);
 

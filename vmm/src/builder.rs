@@ -27,6 +27,7 @@ use crate::host_compat::{self, cpuid, HostCompat, HostCompatError};
 use crate::linux::{self, LinuxError, LinuxSpec};
 use crate::persist::Persist;
 use crate::progress::{self, Progress, ProgressError};
+use crate::snapshot::verify::MemoryChecked;
 use crate::snapshot::{files, VmSnapshot};
 use crate::spec::link::{BridgeLink, OutputCommitHook, SharedDeps, SpecHook};
 use crate::spec::memory::{MemoryTracker, Strategy};
@@ -124,6 +125,8 @@ struct Platform {
     rings: Option<Arc<DirtyRings>>,
     events: (EventSender, EventReceiver),
     progress: Arc<Progress>,
+    /// Whether a restored VM's memory is known good (open for a boot).
+    checked: Arc<MemoryChecked>,
 }
 
 /// Builds a VM from `config`: from a snapshot with `--restore`, else by
@@ -214,6 +217,7 @@ pub fn build_from_snapshot(
     let mut p = Platform::build(&kvm, config, ram, compat, linux)?;
     let build_us = us(t);
     let base_id = snap.id;
+    p.checked = snap.memory_check.checked();
     let t = std::time::Instant::now();
     p.restore(snap)?;
     let machine_us = us(t);
@@ -288,6 +292,7 @@ impl Platform {
             rings,
             events: (tx, rx),
             progress,
+            checked: MemoryChecked::passed(),
         })
     }
 
@@ -336,6 +341,7 @@ impl Platform {
             linux: matches!(config.boot, BootSource::Linux { .. }),
             compat: self.compat.clone(),
             base: None,
+            checked: self.checked.clone(),
         })
     }
 
@@ -359,6 +365,7 @@ impl Platform {
             rings,
             events: (tx, rx),
             progress,
+            checked,
         } = self;
         let strategy = if config.full_copy {
             Strategy::FullCopy
@@ -393,6 +400,7 @@ impl Platform {
             mem: ram.mem.clone(),
             progress,
             dirty_rings: rings,
+            checked,
         };
         Ok(Vmm {
             vcpus,

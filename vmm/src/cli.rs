@@ -91,8 +91,10 @@ pub struct RunArgs {
     pub restore: Option<PathBuf>,
     /// With --restore: when to check the snapshot's base memory layer
     /// against its checksums: `before-start` (the default: before any vCPU
-    /// runs) or `background` (beside the running guest; damage ends the
-    /// VMM). Diff layers are always checked before the guest starts.
+    /// runs), `before-output` (the guest starts at once, and its writes to
+    /// devices wait for the check; damage ends the VMM with nothing sent),
+    /// or `background` (beside the running guest; damage ends the VMM).
+    /// Diff layers are always checked before the guest starts.
     #[arg(
         long,
         value_name = "WHEN",

@@ -5,11 +5,13 @@
 //! file, resume. See `docs/snapshots.md`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::{ControlError, Controller};
 use crate::api::Response;
 use crate::host_compat::HostCompat;
+use crate::snapshot::verify::MemoryChecked;
 use crate::snapshot::writer::DirWriter;
 use crate::snapshot::{new_id, now_ns, Layer, SnapshotError, VmSnapshot, MAX_LAYERS};
 
@@ -26,6 +28,10 @@ pub struct SnapshotSetup {
     /// canonical) and the snapshot's id. A snapshot into the same directory,
     /// while it still holds that snapshot, can be a diff.
     pub base: Option<(PathBuf, u64)>,
+    /// Whether the memory this VM was restored with is known good. A
+    /// snapshot waits for it: written before the check's verdict, it would
+    /// copy damage under checksums of its own.
+    pub checked: Arc<MemoryChecked>,
 }
 
 /// What a snapshot wrote.
@@ -96,6 +102,13 @@ impl Controller {
             Ok(p) => p,
             Err(e) => return Ok(Response::error(e.to_string())),
         };
+        if let Some(s) = &self.machine.snapshots {
+            if !s.checked.is_open() {
+                tracing::info!("the snapshot waits for the check of the restored memory");
+                // Bounded: the check passes, or ends the process.
+                s.checked.wait(&std::sync::atomic::AtomicBool::new(false));
+            }
+        }
         let t = Instant::now();
         self.pause(true)?;
         let r = self.write_into(p);

@@ -77,6 +77,9 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 struct Entry {
     len: u64,
     device: SharedDevice,
+    /// Whether the device's writes stay inside the VMM (see
+    /// [`Bus::insert_internal`]).
+    internal: bool,
 }
 
 /// Address ranges, each mapped to one device.
@@ -93,6 +96,29 @@ impl Bus {
 
     /// Maps `device` at `[base, base + len)`.
     pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+        self.insert_entry(device, base, len, false)
+    }
+
+    /// Maps `device` at `[base, base + len)` as a device whose writes
+    /// reach nothing outside the VMM (the host-compat layer's doorbell), so
+    /// they need not wait while a restored guest's output is held
+    /// ([`crate::snapshot::verify::Verify::BeforeOutput`]).
+    pub fn insert_internal(
+        &mut self,
+        device: SharedDevice,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        self.insert_entry(device, base, len, true)
+    }
+
+    fn insert_entry(
+        &mut self,
+        device: SharedDevice,
+        base: u64,
+        len: u64,
+        internal: bool,
+    ) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
@@ -104,16 +130,34 @@ impl Bus {
                 return Err(BusError::Overlap { base, end, other });
             }
         }
-        self.devices.insert(base, Entry { len, device });
+        self.devices.insert(
+            base,
+            Entry {
+                len,
+                device,
+                internal,
+            },
+        );
         Ok(())
     }
 
     /// The device covering `addr`, with the offset of `addr` in its range.
     /// An access of `len` bytes must fit entirely inside the range.
     fn resolve(&self, addr: u64, len: usize) -> Option<(&SharedDevice, u64)> {
+        self.entry(addr, len).map(|(e, offset)| (&e.device, offset))
+    }
+
+    fn entry(&self, addr: u64, len: usize) -> Option<(&Entry, u64)> {
         let (&base, e) = self.devices.range(..=addr).next_back()?;
         let offset = addr - base;
-        (offset.checked_add(len as u64)? <= e.len).then_some((&e.device, offset))
+        (offset.checked_add(len as u64)? <= e.len).then_some((e, offset))
+    }
+
+    /// Whether a write of `len` bytes at `addr` reaches a device whose
+    /// writes may leave the VM: any claimed address but an internal
+    /// device's. An unclaimed write is dropped, so it does not.
+    pub fn write_leaves_vm(&self, addr: u64, len: usize) -> bool {
+        self.entry(addr, len).is_some_and(|(e, _)| !e.internal)
     }
 
     /// Dispatches a guest read. Returns false if no device covers it; the
@@ -179,6 +223,28 @@ mod tests {
         assert_eq!(d, [5]);
         assert_eq!(a.lock().unwrap().writes, vec![(1, vec![7])]);
         assert_eq!(b.lock().unwrap().writes, vec![(0, vec![1, 2, 3, 4])]);
+    }
+
+    #[test]
+    fn only_claimed_writes_to_devices_not_internal_leave_the_vm() {
+        let mut bus = Bus::new();
+        bus.insert(Arc::new(Mutex::new(Recorder::default())), 0x10, 4)
+            .unwrap();
+        bus.insert_internal(Arc::new(Mutex::new(Recorder::default())), 0x20, 4)
+            .unwrap();
+        assert!(bus.write_leaves_vm(0x12, 2));
+        assert!(!bus.write_leaves_vm(0x20, 1), "internal");
+        assert!(!bus.write_leaves_vm(0x18, 1), "unclaimed");
+        assert!(!bus.write_leaves_vm(0x13, 2), "past the end: unclaimed");
+        assert_eq!(
+            bus.insert_internal(Arc::new(Mutex::new(Recorder::default())), 0x12, 4),
+            Err(BusError::Overlap {
+                base: 0x12,
+                end: 0x16,
+                other: 0x10
+            }),
+            "an internal device is placed by the same rules"
+        );
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl HostCompat {
     ) -> Result<(), HostCompatError> {
         trampoline::write_pages(mem)?;
         trampoline::install_msr_filter(vm)?;
-        mmio.insert(Arc::new(Mutex::new(Doorbell)), COMPAT_DOORBELL_ADDR, 0x1000)?;
+        mmio.insert_internal(Arc::new(Mutex::new(Doorbell)), COMPAT_DOORBELL_ADDR, 0x1000)?;
         self.trampoline = Some(Arc::new(Trampoline::new()));
         Ok(())
     }

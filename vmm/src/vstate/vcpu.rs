@@ -19,6 +19,7 @@ use crate::event::{EventSender, VcpuCmd, VcpuReply, VmEvent};
 use crate::host_compat::{self, HostCompat};
 use crate::persist::Persist;
 use crate::progress::Progress;
+use crate::snapshot::verify::MemoryChecked;
 
 /// KVM_INTERNAL_ERROR_EMULATION: the instruction emulator gave up.
 const INTERNAL_ERROR_EMULATION: u32 = 1;
@@ -45,6 +46,10 @@ pub struct VcpuContext {
     /// The VM's dirty rings, when it has them: a vCPU whose ring fills
     /// empties it here.
     pub dirty_rings: Option<Arc<super::dirty::DirtyRings>>,
+    /// Whether a restored VM's memory is known good; until it is, with
+    /// `--verify before-output`, a write that leaves the VM waits
+    /// ([`hold_output`]).
+    pub checked: Arc<MemoryChecked>,
 }
 
 /// One vCPU.
@@ -444,7 +449,12 @@ impl Vcpu {
                 Ok(Next::Continue | Next::SyscallEntry | Next::Hypercall(..)) => {}
                 Ok(Next::Stop) => break,
                 Err(msg) => {
-                    let _ = ctx.events.send(VmEvent::Fatal(msg));
+                    // A guest that fails on memory still being checked
+                    // may fail because of the damage: the check's verdict
+                    // goes first.
+                    if hold_output(&ctx) {
+                        let _ = ctx.events.send(VmEvent::Fatal(msg));
+                    }
                     break;
                 }
             }
@@ -603,7 +613,9 @@ impl Vcpu {
         }
         let deferred = match exit {
             VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_SHUTDOWN || kind == KVM_SYSTEM_EVENT_RESET => {
-                let _ = ctx.events.send(VmEvent::GuestReset);
+                if hold_output(ctx) {
+                    let _ = ctx.events.send(VmEvent::GuestReset);
+                }
                 return Ok(Next::Stop);
             }
             VcpuExit::X86Wrmsr(m) => Deferred::Wrmsr(m.index, m.data),
@@ -770,10 +782,42 @@ fn serve_access(ctx: &VcpuContext, exit: &mut VcpuExit<'_>) -> Option<WriteResul
             }
             Some(WriteResult::Done)
         }
-        VcpuExit::IoOut(port, data) => Some(ctx.pio.write(u64::from(*port), data)),
-        VcpuExit::MmioWrite(addr, data) => Some(ctx.mmio.write(*addr, data)),
+        VcpuExit::IoOut(port, data) => Some(write_held(ctx, &ctx.pio, u64::from(*port), data)),
+        VcpuExit::MmioWrite(addr, data) => Some(write_held(ctx, &ctx.mmio, *addr, data)),
         _ => None,
     }
+}
+
+/// A write on `bus`, which first waits, if it leaves the VM, until a
+/// restored VM's memory is known good (`--verify before-output`). A write
+/// that a stop overtakes is dropped: the VM is ending.
+fn write_held(ctx: &VcpuContext, bus: &Bus, addr: u64, data: &[u8]) -> WriteResult {
+    if ctx.checked.holds_output() && bus.write_leaves_vm(addr, data.len()) && !hold_output(ctx) {
+        return WriteResult::Unclaimed;
+    }
+    bus.write(addr, data)
+}
+
+/// Waits, while a restored VM's output is held, until its memory is known
+/// good. False if the VM stops first. A vCPU waiting here answers no
+/// request to park: it sits in an exit whose access is not yet served, so
+/// it cannot park cleanly, and the wait is bounded by the check (which
+/// either passes or ends the process).
+fn hold_output(ctx: &VcpuContext) -> bool {
+    if !ctx.checked.holds_output() {
+        return true;
+    }
+    if ctx.checked.first_hold() {
+        tracing::info!("the guest's output waits for the check of its memory");
+    }
+    let t = std::time::Instant::now();
+    let open = ctx.checked.wait(&ctx.stop);
+    tracing::debug!(
+        micros = t.elapsed().as_micros() as u64,
+        open,
+        "a vCPU waited for the memory check"
+    );
+    open
 }
 
 /// Asks KVM to exit to the VMM, with the instruction bytes, on every
