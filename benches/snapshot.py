@@ -17,15 +17,18 @@ Our figures:
 - the disk's speed, for filled guests: the same number of bytes written to
   a new file beside the snapshot and fsynced, through O_DIRECT as specvm
   writes, and buffered, timed here: the bound a full create can approach;
-- restore, twice: with the default check of the memory layer before the
-  guest starts, and with `--verify background` (checked beside the running
-  guest); each from the VMM's `restored` log line (`total_us`: reading and checking
+- restore, three times: with `--verify before-start` (the memory layer
+  checked before the guest starts), with `--verify before-output` (the
+  default: the guest starts at once, its writes to devices wait for the
+  check), and with `--verify background` (checked beside the running guest); each from the VMM's
+  `restored` log line (`total_us`: reading and checking
   the state file, building memory from the layers, creating the VM and
   its vCPUs and devices, restoring their state) and, from the client side,
   the time from exec to the guest's first line after the restore.
 
-The page cache is warm (the snapshot was just written); nothing drops it,
-since other work shares this machine.
+The page cache is warm: the snapshot's files are read once before the
+first restore (specvm writes its layers with O_DIRECT, past the cache);
+nothing drops it, since other work shares this machine.
 """
 
 import argparse
@@ -174,30 +177,47 @@ def disk_write_ms(tmp, mib, direct, distinct=False, huge=False):
     return best
 
 
+def warm(snap):
+    """Reads every file of `snap` once, into the page cache."""
+    for name in os.listdir(snap):
+        with open(os.path.join(snap, name), "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+
 def du_mib(path):
     return sum(os.stat(os.path.join(path, f)).st_blocks * 512 for f in os.listdir(path)) / 2**20
 
 
-def measure(mem, mib, fill_mib, reps):
+def measure(mem, mib, fill_mib, reps, disk_speed=True):
     tmp = tempfile.mkdtemp(prefix="specvm-snapbench.")
     try:
         full, diff, snap = create(tmp, mem, fill_mib)
         disk = du_mib(snap)
-        rs = [restore(tmp, snap, i) for i in range(reps)]
-        bg = [restore(tmp, snap, reps + i, ("--verify", "background")) for i in range(reps)]
+        warm(snap)
+        # The three modes interleaved, so that the machine's noise falls on
+        # each alike.
+        rs, held, bg = [], [], []
+        for i in range(reps):
+            rs.append(restore(tmp, snap, 3 * i, ("--verify", "before-start")))
+            held.append(restore(tmp, snap, 3 * i + 1, ("--verify", "before-output")))
+            bg.append(restore(tmp, snap, 3 * i + 2, ("--verify", "background")))
+        speed = disk_speed and fill_mib
         return {
-            "disk_ms": disk_write_ms(tmp, round(disk), True) if fill_mib else None,
+            "disk_ms": disk_write_ms(tmp, round(disk), True) if speed else None,
             "disk_distinct_ms": (disk_write_ms(tmp, round(disk), True, distinct=True)
-                                 if fill_mib else None),
+                                 if speed else None),
             "disk_huge_ms": (disk_write_ms(tmp, round(disk), True, huge=True)
-                             if fill_mib else None),
-            "buffered_ms": disk_write_ms(tmp, round(disk), False) if fill_mib else None,
+                             if speed else None),
+            "buffered_ms": disk_write_ms(tmp, round(disk), False) if speed else None,
             "mem_mib": mib, "fill_mib": fill_mib,
             "full_ms": full["micros"] / 1e3, "diff_ms": diff["micros"] / 1e3,
             "diff_pages": diff.get("pages"), "disk_mib": disk,
             "restore_ms": statistics.median(r[0] for r in rs) / 1e3,
             "restore_mem_ms": statistics.median(r[2] for r in rs) / 1e3,
             "first_line_ms": statistics.median(r[1] for r in rs),
+            "held_restore_ms": statistics.median(r[0] for r in held) / 1e3,
+            "held_first_line_ms": statistics.median(r[1] for r in held),
             "bg_restore_ms": statistics.median(r[0] for r in bg) / 1e3,
             "bg_first_line_ms": statistics.median(r[1] for r in bg),
         }
@@ -239,8 +259,8 @@ def qemu(sizes):
 
 def table(rows, q):
     lines = [
-        "| memory | written by guest | full create | the same bytes written and fsynced: O_DIRECT from one 1 MiB buffer / O_DIRECT from as much distinct memory / O_DIRECT from one 8 MiB buffer on huge pages / buffered | diff create (pages) | on disk | restore (VMM) | of which memory | exec to first guest line | restore, memory checked beside the guest (`--verify background`) | its exec to first line | QEMU savevm (cache=unsafe: left in the page cache) | QEMU savevm, flushed (cache=writeback) | QEMU loadvm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| memory | written by guest | full create | the same bytes written and fsynced: O_DIRECT from one 1 MiB buffer / O_DIRECT from as much distinct memory / O_DIRECT from one 8 MiB buffer on huge pages / buffered | diff create (pages) | on disk | restore, checked before start (`--verify before-start`) | of which memory | exec to first guest line | restore, output held for the check (`--verify before-output`, the default) | its exec to first line | restore, memory checked beside the guest (`--verify background`) | its exec to first line | QEMU savevm (cache=unsafe: left in the page cache) | QEMU savevm, flushed (cache=writeback) | QEMU loadvm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         qr = q.get(r["mem_mib"]) if r["fill_mib"] else None
@@ -253,6 +273,7 @@ def table(rows, q):
             f"{(format(r['disk_ms'], '.0f') + ' / ' + format(r['disk_distinct_ms'], '.0f') + ' / ' + format(r['disk_huge_ms'], '.0f') + ' / ' + format(r['buffered_ms'], '.0f') + ' ms') if r.get('disk_ms') else '–'} | "
             f"{r['diff_ms']:.1f} ms ({r['diff_pages']}) | {r['disk_mib']:.0f} MiB | "
             f"{r['restore_ms']:.1f} ms | {r['restore_mem_ms']:.1f} ms | {r['first_line_ms']:.0f} ms | "
+            f"{r['held_restore_ms']:.1f} ms | {r['held_first_line_ms']:.0f} ms | "
             f"{r['bg_restore_ms']:.1f} ms | {r['bg_first_line_ms']:.0f} ms | {sv} | {sf} | {lv} |")
     return lines
 
@@ -262,16 +283,19 @@ def main():
     ap.add_argument("--quick", action="store_true", help="256 MiB and 1 GiB only, one restore each")
     ap.add_argument("--no-qemu", action="store_true", help="skip the QEMU peer")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--no-disk-speed", action="store_true",
+                    help="skip timing the disk's own write speed (four writes of each filled size)")
+    ap.add_argument("--reps", type=int, help="restores per mode (default 3, 1 with --quick)")
     ap.add_argument("--out", help="write a markdown report here")
     a = ap.parse_args()
     if not a.no_build:
         build()
     sizes = SIZES[:2] if a.quick else SIZES
-    reps = 1 if a.quick else 3
+    reps = a.reps or (1 if a.quick else 3)
     rows = []
     for mem, mib in sizes:
         for fill in (0, mib - RESERVED_MIB):
-            r = measure(mem, mib, fill, reps)
+            r = measure(mem, mib, fill, reps, not a.no_disk_speed)
             print(json.dumps(r), flush=True)
             rows.append(r)
     q, qnotes = ({}, ["QEMU peer not run (--no-qemu)"]) if a.no_qemu else qemu(sizes)
@@ -287,7 +311,10 @@ def main():
     for r in rows:
         if r["fill_mib"] and r["mem_mib"] in q and q[r["mem_mib"]].get("loadvm_ms"):
             ratios.append(f"{r['mem_mib']} MiB filled: QEMU loadvm / specvm restore = "
-                          f"{min(q[r['mem_mib']]['loadvm_ms']) / r['restore_ms']:.1f}x, "
+                          f"{min(q[r['mem_mib']]['loadvm_ms']) / r['restore_ms']:.1f}x checked "
+                          f"before start, "
+                          f"{min(q[r['mem_mib']]['loadvm_ms']) / r['held_restore_ms']:.0f}x with "
+                          f"the output held (the default), "
                           f"savevm / full create = "
                           f"{min(q[r['mem_mib']]['savevm_ms']) / r['full_ms']:.2f}x"
                           + (f", flushed savevm / full create = "

@@ -529,12 +529,28 @@ fn damaged_memory_layers_are_refused() {
     ];
     for (what, damage) in cases {
         damage();
-        eprintln!("{what}");
-        let r = run_specvm(&["run", "--restore", &snap, "--serial", "stdout"], TIMEOUT);
-        assert!(!r.timed_out, "{what}: the damaged snapshot ran: {r}");
-        r.assert_failed();
-        r.assert_stderr_contains("is damaged: bytes");
-        assert!(!r.stdout.contains("counter:"), "{what}: the guest ran: {r}");
+        // The default (before-output: the guest may run, its output waits
+        // for the check) and before-start (no vCPU runs first).
+        for verify in ["before-output", "before-start"] {
+            eprintln!("{what}, --verify {verify}");
+            let args = [
+                "run",
+                "--restore",
+                &snap,
+                "--verify",
+                verify,
+                "--serial",
+                "stdout",
+            ];
+            let r = run_specvm(&args, TIMEOUT);
+            assert!(!r.timed_out, "{what}: the damaged snapshot ran on: {r}");
+            r.assert_failed();
+            r.assert_stderr_contains("is damaged: bytes");
+            assert!(
+                !r.stdout.contains("counter:"),
+                "{what}: the guest's output left it: {r}"
+            );
+        }
         std::fs::write(&base, &pristine[0]).expect("put back");
         std::fs::write(&diff.0, &pristine[1]).expect("put back");
     }

@@ -90,17 +90,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["bare", "kernel"])]
     pub restore: Option<PathBuf>,
     /// With --restore: when to check the snapshot's base memory layer
-    /// against its checksums: `before-start` (the default: before any vCPU
-    /// runs), `before-output` (the guest starts at once, and its writes to
-    /// devices wait for the check; damage ends the VMM with nothing sent),
-    /// or `background` (beside the running guest; damage ends the VMM).
-    /// Diff layers are always checked before the guest starts.
+    /// against its checksums: `before-output` (the default: the guest starts
+    /// at once, and its writes to devices wait for the check; damage ends
+    /// the VMM with none of its output sent), `before-start` (before any
+    /// vCPU runs), or `background` (beside the running guest, whose output
+    /// goes out meanwhile; damage ends the VMM). Diff layers are always
+    /// checked before the guest starts.
     #[arg(
         long,
         value_name = "WHEN",
         requires = "restore",
         num_args = 0..=1,
-        default_missing_value = "before-start"
+        default_missing_value = "before-output"
     )]
     pub verify: Option<crate::snapshot::verify::Verify>,
     /// An initramfs for the Linux kernel.

@@ -202,6 +202,10 @@ fn decide(
                 human(Duration::from_secs_f64(entry.boot_secs.max(0.0))),
                 check.as_millis()
             );
+            // The layer is checked before the guest starts: damage found
+            // then falls back to a boot (`after_damage`), which a guest
+            // already running could not.
+            crate::snapshot::verify::set_mode(crate::snapshot::verify::Verify::BeforeStart);
             config.boot = BootSource::Restore {
                 dir: snapshot,
                 state,

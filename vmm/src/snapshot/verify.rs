@@ -7,21 +7,22 @@
 //! they are first touched. So the check reads the whole layer's data, on a
 //! thread of its own (which splits a large layer across more, see
 //! `Layer::check_base`):
-//! - [`Verify::BeforeStart`] (the default): the check starts as soon as the
-//!   layer is mapped, while the VM, its vCPUs and devices are built, and
-//!   the restore waits for it before it restores the machine state, so no
-//!   vCPU ever runs on memory that was not checked; a damaged layer
-//!   refuses the restore.
-//! - [`Verify::BeforeOutput`] (`--verify before-output`): the guest starts
-//!   at once and runs on its own, but its first write to a device that
-//!   reaches outside the VM (console, network, disk, exit port, hypercall)
-//!   waits until the check has passed ([`MemoryChecked`], which the vCPU
-//!   loop consults). Reading the layer costs about 0.1 ms per MiB here,
-//!   far over a 5 ms restore, and is bound by memory bandwidth, so this is
-//!   the one way to start a filled guest at once and still let nothing it
-//!   computed from damaged memory leave it: the restore is a speculation
-//!   on the layer being whole, which the check decides. Damage ends the
-//!   VMM (status 1) with nothing sent.
+//! - [`Verify::BeforeOutput`] (the default for `--restore`): the guest
+//!   starts at once and runs on its own, but its first write to a device
+//!   that reaches outside the VM (console, network, disk, exit port,
+//!   hypercall) waits until the check has passed ([`MemoryChecked`], which
+//!   the vCPU loop consults). Reading the layer costs about 0.1 ms per MiB
+//!   here, far over a 5 ms restore, and is bound by memory bandwidth, so
+//!   this is the one way to start a filled guest at once and still let
+//!   nothing it computed from damaged memory leave it: the restore is a
+//!   speculation on the layer being whole, which the check decides.
+//!   Damage ends the VMM (status 1) with none of the guest's output sent.
+//! - [`Verify::BeforeStart`] (`--verify before-start`, and always for the
+//!   boot cache, which falls back to a boot on damage): the check starts as
+//!   soon as the layer is mapped, while the VM, its vCPUs and devices are
+//!   built, and the restore waits for it before it restores the machine
+//!   state, so no vCPU ever runs on memory that was not checked; a damaged
+//!   layer refuses the restore.
 //! - [`Verify::Background`] (`--verify background`): the check starts once
 //!   the machine is restored, as the guest starts, and goes on beside it; if it
 //!   finds damage, the VMM prints the error and exits with status 1. The
@@ -49,18 +50,20 @@ use super::{Layer, SnapshotError};
 /// When the base layer is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Verify {
-    /// Before any vCPU runs (the default).
-    #[default]
+    /// Before any vCPU runs.
     BeforeStart,
     /// Beside the running guest, whose writes to devices wait for it;
-    /// damage ends the VMM with nothing sent.
+    /// damage ends the VMM with nothing sent (the default).
+    #[default]
     BeforeOutput,
     /// Beside the running guest; damage ends the VMM.
     Background,
 }
 
-/// Set once by the command line, before the VM is built: the mode's index
-/// in [`MODES`].
+/// Set once by the command line or the boot cache, before the VM is built:
+/// the mode's index in [`MODES`]. Unset, the strictest, before-start (a
+/// restore that no command line chose for, as in tests); the command line's
+/// own default is [`Verify::default`].
 static MODE: AtomicU8 = AtomicU8::new(0);
 const MODES: [Verify; 3] = [
     Verify::BeforeStart,
@@ -199,11 +202,13 @@ impl MemoryCheck {
                 let r = layer
                     .check_base(&file, &path, mem_size, spread)
                     .map(|()| started.elapsed().as_micros() as u64);
-                if r.is_ok() {
-                    checked.open();
-                }
+                // Told before the output flows, so that the line comes
+                // before any the guest makes.
                 if background {
                     report_in_background(&r, mode);
+                }
+                if r.is_ok() {
+                    checked.open();
                 }
                 r
             })
