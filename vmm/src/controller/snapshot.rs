@@ -105,7 +105,11 @@ impl Controller {
         if let Some(s) = &self.machine.snapshots {
             if !s.checked.is_open() {
                 tracing::info!("the snapshot waits for the check of the restored memory");
-                // Bounded: the check passes, or ends the process.
+                // Bounded: the check passes, or ends the process. (In
+                // practice the first snapshot after a restore also copies
+                // the base layer into the VM's own memory file, reading it
+                // behind the check, so none was seen to overtake it; this
+                // makes it a rule rather than a race.)
                 s.checked.wait(&std::sync::atomic::AtomicBool::new(false));
             }
         }
