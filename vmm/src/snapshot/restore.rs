@@ -53,7 +53,7 @@ pub fn restore_machine(
         saved_at_ns: snap.saved_at_ns,
     };
     machine::restore(vm, &mut Unstarted(vcpus), devices, snap.machine, mode)?;
-    snap.memory_check.begin_background();
+    snap.memory_check.begin_beside_guest();
     Ok(())
 }
 

@@ -163,8 +163,9 @@ type Outcome = Result<u64, SnapshotError>;
 pub struct MemoryCheck {
     /// A check the restore waits for (before-start mode).
     before: Mutex<Option<JoinHandle<Outcome>>>,
-    /// In background mode, what lets the check begin: sent by
-    /// [`MemoryCheck::begin_background`] once the machine is restored;
+    /// When the check runs beside the guest (before-output and background
+    /// modes), what lets it begin: sent by
+    /// [`MemoryCheck::begin_beside_guest`] once the machine is restored;
     /// dropped unsent when the restore fails first, and then the check
     /// does not run.
     go: Mutex<Option<mpsc::Sender<()>>>,
@@ -183,7 +184,8 @@ impl MemoryCheck {
         mem_size: u64,
     ) -> Result<(), SnapshotError> {
         let mode = mode();
-        let background = mode != Verify::BeforeStart;
+        // Beside the guest, from when it starts; or before it starts.
+        let beside = mode != Verify::BeforeStart;
         let checked = Arc::new(MemoryChecked::new(false, mode == Verify::BeforeOutput));
         *lock(&self.checked) = Some(checked.clone());
         let (go, gate) = mpsc::channel::<()>();
@@ -191,7 +193,7 @@ impl MemoryCheck {
         let h = std::thread::Builder::new()
             .name("snapshot-check".into())
             .spawn(move || {
-                if background && gate.recv().is_err() {
+                if beside && gate.recv().is_err() {
                     // The restore failed before the guest started.
                     return Ok(0);
                 }
@@ -204,8 +206,8 @@ impl MemoryCheck {
                     .map(|()| started.elapsed().as_micros() as u64);
                 // Told before the output flows, so that the line comes
                 // before any the guest makes.
-                if background {
-                    report_in_background(&r, mode);
+                if beside {
+                    report_beside_guest(&r, mode);
                 }
                 if r.is_ok() {
                     checked.open();
@@ -217,7 +219,7 @@ impl MemoryCheck {
                 path: what,
                 err,
             })?;
-        if background {
+        if beside {
             *lock(&self.go) = Some(go);
         } else {
             *lock(&self.before) = Some(h);
@@ -233,9 +235,10 @@ impl MemoryCheck {
             .unwrap_or_else(MemoryChecked::passed)
     }
 
-    /// Lets a background check begin: called once the machine is
-    /// restored, as the guest starts. Does nothing in the other mode.
-    pub fn begin_background(&self) {
+    /// Lets a check beside the guest begin: called once the machine is
+    /// restored, as the guest starts. Does nothing when the check ran
+    /// before the start.
+    pub fn begin_beside_guest(&self) {
         if let Some(go) = lock(&self.go).take() {
             // The thread may have ended already (it cannot have begun).
             let _ = go.send(());
@@ -262,7 +265,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Beside a running guest, the check's thread reports its own verdict:
 /// the time it took, or the damage, which ends the VMM.
-fn report_in_background(r: &Outcome, mode: Verify) {
+fn report_beside_guest(r: &Outcome, mode: Verify) {
     match (r, mode) {
         (Ok(micros), Verify::BeforeOutput) => {
             tracing::info!(micros, "snapshot memory checked; the guest's output flows")
