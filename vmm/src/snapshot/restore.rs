@@ -40,8 +40,9 @@ impl VcpuTarget for Unstarted<'_> {
 /// whose vCPUs have not run, and whose devices were built as the
 /// snapshot's were (network backends may differ).
 ///
-/// First it waits for the check of the base memory layer (unless that
-/// runs in the background), so no vCPU runs on memory that was not checked.
+/// First it waits for the check of the base memory layer when that runs
+/// before the start (`--verify before-start`), so no vCPU runs on memory
+/// that was not checked; otherwise the check begins here, beside the guest.
 pub fn restore_machine(
     vm: &mut Vm,
     vcpus: &mut [Vcpu],
