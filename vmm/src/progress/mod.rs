@@ -20,6 +20,7 @@
 //! backend through [`write_console`]), which takes the bar off the screen,
 //! writes, and puts it back, so log lines and console lines stay whole.
 
+pub mod check;
 mod milestones;
 mod monitor;
 mod screen;

@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -267,13 +268,16 @@ impl Layer {
     /// the extents that the file holds as data (not as a hole) is zero.
     /// With `spread`, the checksums are checked on up to one thread per CPU
     /// (a restore waits for it); without, on the calling thread only (a
-    /// check beside the running guest leaves it the other CPUs).
+    /// check beside the running guest leaves it the other CPUs). `done`
+    /// counts the bytes of the extents checked so far, out of
+    /// [`Layer::data_bytes`].
     pub fn check_base(
         &self,
         file: &File,
         path: &Path,
         mem_size: u64,
         spread: bool,
+        done: &AtomicU64,
     ) -> Result<(), SnapshotError> {
         let threads = match spread {
             true => std::thread::available_parallelism()
@@ -281,7 +285,7 @@ impl Layer {
                 .min(CHECK_THREADS),
             false => 1,
         };
-        self.check_sums_in(file, path, threads, CHECK_PART_MIN)?;
+        self.check_sums_in(file, path, threads, CHECK_PART_MIN, done)?;
         let runs = data_runs(file, mem_size).map_err(io_err(path))?;
         let outside = subtract(&runs, &self.extents);
         read_pieces(
@@ -312,6 +316,7 @@ impl Layer {
         path: &Path,
         threads: usize,
         min: u64,
+        done: &AtomicU64,
     ) -> Result<(), SnapshotError> {
         let parts = split_extents(&self.extents, threads, min);
         let check = |(first, extents): &(usize, Vec<(u64, u64)>)| {
@@ -319,7 +324,11 @@ impl Layer {
             read_pieces(
                 file,
                 extents,
-                |off, b| check_piece(path, off, b, sums.next().copied()),
+                |off, b| {
+                    check_piece(path, off, b, sums.next().copied())?;
+                    done.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    Ok(())
+                },
                 io_err(path),
             )
         };
@@ -548,18 +557,22 @@ mod tests {
         )
         .unwrap();
         let layer = b.finish();
+        assert_eq!(layer.data_bytes(), 16 * SUM_CHUNK);
         for threads in [1, 2, 4] {
+            let done = AtomicU64::new(0);
             layer
-                .check_sums_in(&file, &path, threads, SUM_CHUNK)
+                .check_sums_in(&file, &path, threads, SUM_CHUNK, &done)
                 .unwrap();
+            assert_eq!(done.into_inner(), 16 * SUM_CHUNK, "{threads}: all counted");
         }
+        let done = AtomicU64::new(0);
         // Damage in the last part and, lower, in the second: every split
         // reports the lower one.
         file.write_all_at(&[0xff], 16 * SUM_CHUNK + 7).unwrap();
         file.write_all_at(&[0xff], 9 * SUM_CHUNK + 3).unwrap();
         for threads in [1, 2, 4] {
             let e = layer
-                .check_sums_in(&file, &path, threads, SUM_CHUNK)
+                .check_sums_in(&file, &path, threads, SUM_CHUNK, &done)
                 .unwrap_err()
                 .to_string();
             assert!(

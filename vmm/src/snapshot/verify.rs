@@ -40,12 +40,13 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use super::{Layer, SnapshotError};
+use crate::progress::check::CheckProgress;
 
 /// When the base layer is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -201,9 +202,17 @@ impl MemoryCheck {
                 // A guest whose output waits for the check is best served
                 // by every CPU; one that runs free keeps the other.
                 let spread = mode != Verify::Background;
+                let done = Arc::new(AtomicU64::new(0));
+                let waiting = match mode {
+                    Verify::BeforeStart => Some("the guest's start"),
+                    Verify::BeforeOutput => Some("the guest's output"),
+                    Verify::Background => None,
+                };
+                let watch = CheckProgress::start(layer.data_bytes(), done.clone(), waiting);
                 let r = layer
-                    .check_base(&file, &path, mem_size, spread)
+                    .check_base(&file, &path, mem_size, spread, &done)
                     .map(|()| started.elapsed().as_micros() as u64);
+                watch.finish();
                 // Told before the output flows, so that the line comes
                 // before any the guest makes.
                 if beside {
