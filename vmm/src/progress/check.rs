@@ -11,8 +11,9 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget};
 
+use super::monitor::bar_style;
 use super::screen::{lock_screen, SCREEN};
 
 /// How long a check runs before it is shown.
@@ -98,11 +99,7 @@ impl Watch<'_> {
         );
         let bar = (!draw.is_hidden()).then(|| {
             let bar = ProgressBar::with_draw_target(Some(self.total), draw);
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} [{bar:24}] {wide_msg}")
-                    .map(|s| s.progress_chars("=> "))
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
+            bar.set_style(bar_style());
             lock_screen(&SCREEN).show(bar.clone(), io::stdout().is_terminal());
             bar
         });

@@ -110,7 +110,7 @@ fn spinner_style() -> ProgressStyle {
         .unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
-fn bar_style() -> ProgressStyle {
+pub(super) fn bar_style() -> ProgressStyle {
     ProgressStyle::with_template("{spinner} [{bar:24}] {wide_msg}")
         .map(|s| s.progress_chars("=> "))
         .unwrap_or_else(|_| ProgressStyle::default_bar())
