@@ -839,17 +839,24 @@ pub fn enable_exit_on_emulation_failure(vm: &kvm_ioctls::VmFd) {
 mod tests {
     use super::*;
 
+    /// vCPU 0 of a new VM (kept alive by the first half), passing `sync`
+    /// through `kvm_run`; `None`, the skip recorded, without a usable KVM.
+    fn test_vcpu(test: &str, sync: SyncRegs) -> Option<(kvm_ioctls::VmFd, Vcpu)> {
+        let (kvm, vm, fd) = crate::test_util::kvm_vcpu_or_skip(test)?;
+        let caps = Arc::new(StateCaps::probe(&kvm, &fd));
+        let mut v = Vcpu::new(fd, 0, caps);
+        v.use_sync_regs(sync);
+        Some((vm, v))
+    }
+
     /// A rollback's registers wait in `kvm_run` until the next KVM_RUN; a
     /// save meanwhile must read them, not the older ones KVM still holds.
     #[test]
     fn registers_waiting_in_kvm_run_are_what_a_save_reads() {
         let test = "vstate::vcpu::registers_waiting_in_kvm_run_are_what_a_save_reads";
-        let Some((kvm, _vm, fd)) = crate::test_util::kvm_vcpu_or_skip(test) else {
+        let Some((_vm, mut v)) = test_vcpu(test, SyncRegs::OneVcpu) else {
             return;
         };
-        let caps = Arc::new(StateCaps::probe(&kvm, &fd));
-        let mut v = Vcpu::new(fd, 0, caps);
-        v.use_sync_regs(SyncRegs::OneVcpu);
         let mut target = v.save().expect("the first save");
         let old_rax = target.regs.rax;
         target.regs.rax = old_rax ^ 0x5a5a;
@@ -873,12 +880,9 @@ mod tests {
     #[test]
     fn a_parked_save_leaves_nothing_for_kvm_to_load_over_an_init() {
         let test = "vstate::vcpu::a_parked_save_leaves_nothing_for_kvm_to_load_over_an_init";
-        let Some((kvm, _vm, fd)) = crate::test_util::kvm_vcpu_or_skip(test) else {
+        let Some((_vm, mut v)) = test_vcpu(test, SyncRegs::ManyVcpus) else {
             return;
         };
-        let caps = Arc::new(StateCaps::probe(&kvm, &fd));
-        let mut v = Vcpu::new(fd, 0, caps);
-        v.use_sync_regs(SyncRegs::ManyVcpus);
         let mut target = v.save_parked().expect("the first save");
         target.regs.rip = 0x1234;
         v.restore(&target).expect("the restore");
