@@ -55,6 +55,7 @@ use crate::spec::verify::VerifyMode;
 use crate::vstate::dirty::{DirtyError, DirtyMethod, KvmDirtyLog};
 use crate::vstate::memory::{GuestMemoryMmap, GuestRam, RamLayout, PAGE_SIZE};
 
+mod copier;
 mod lazy;
 mod pages;
 mod undo;
@@ -126,6 +127,9 @@ pub struct MemoryTracker {
     harvested_in: Option<Duration>,
     /// KVM's record of the pages the guest writes.
     kvm_log: KvmDirtyLog,
+    /// Moves the pages of flushes and copy-backs, with helper threads
+    /// when there are many.
+    copier: copier::Copier,
     /// Pages a snapshot harvested from the dirty logs without flushing
     /// them (sorted): newer in the guest's mapping than in the file, so
     /// the next harvest returns them again.
@@ -163,6 +167,7 @@ impl MemoryTracker {
             materialized_in: None,
             harvested_in: None,
             kvm_log: KvmDirtyLog::new(DirtyMethod::Bitmap, None),
+            copier: copier::Copier::default(),
             unflushed: Vec::new(),
         })
     }

@@ -12,6 +12,7 @@ use crate::vstate::dirty_bitmap::DirtyBitmap;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryBackend;
 
+use super::copier::Segment;
 use super::{CowError, MemoryTracker, UndoLog, PAGE};
 use crate::vstate::memory::PAGE_SIZE;
 
@@ -81,26 +82,33 @@ impl MemoryTracker {
     pub(super) fn flush(
         &self,
         pages: &[u64],
-        mut undo: Option<&mut UndoLog>,
+        undo: Option<&mut UndoLog>,
     ) -> Result<(), CowError> {
-        for (run, host) in self.host_runs(pages) {
-            if let Some(u) = undo.as_deref_mut() {
-                for p in run.clone() {
-                    if let Entry::Vacant(slot) = u.pages.entry(p) {
-                        // SAFETY: the view's page is mapped and, with the
-                        // vCPUs paused, written by no one meanwhile.
-                        let old =
-                            unsafe { std::slice::from_raw_parts(self.file_page(p), PAGE_SIZE) };
-                        slot.insert(old.into());
-                    }
+        let runs = self.host_runs(pages);
+        // Every old content is saved before any page of the file changes.
+        if let Some(u) = undo {
+            for p in runs.iter().flat_map(|(run, _)| run.clone()) {
+                if let Entry::Vacant(slot) = u.pages.entry(p) {
+                    // SAFETY: the view's page is mapped and, with the
+                    // vCPUs paused, written by no one meanwhile.
+                    let old = unsafe { std::slice::from_raw_parts(self.file_page(p), PAGE_SIZE) };
+                    slot.insert(old.into());
                 }
             }
-            let len = (run.end - run.start) * PAGE;
-            // SAFETY: the run lies inside one range's mapping and inside the
-            // view; the vCPUs are paused, so no one writes these pages
-            // meanwhile; and the view and the guest's private mapping never overlap.
-            unsafe { std::ptr::copy_nonoverlapping(host, self.file_page(run.start), len as usize) };
         }
+        let segments: Vec<Segment> = runs
+            .into_iter()
+            .map(|(run, host)| Segment {
+                src: host,
+                dst: self.file_page(run.start),
+                len: ((run.end - run.start) * PAGE) as usize,
+            })
+            .collect();
+        // SAFETY: each run lies inside one range's mapping and inside the
+        // view; the runs are disjoint; the vCPUs are paused, so no one
+        // writes these pages meanwhile; and the view and the guest's
+        // private mapping never overlap.
+        unsafe { self.copier.copy(&segments) };
         Ok(())
     }
 
@@ -141,15 +149,21 @@ impl MemoryTracker {
         }
         pages.sort_unstable();
         pages.dedup();
-        for (run, host) in self.host_runs(&pages) {
-            let len = (run.end - run.start) * PAGE;
-            // SAFETY: the run lies inside one range's mapping and inside
-            // the view; the vCPUs are paused; the two never overlap. A page
-            // of the run without a private copy gets one here (a write to a
-            // private mapping), holding the file's content: the same bytes
-            // the mapping read before.
-            unsafe { std::ptr::copy_nonoverlapping(self.file_page(run.start), host, len as usize) };
-        }
+        let segments: Vec<Segment> = self
+            .host_runs(&pages)
+            .into_iter()
+            .map(|(run, host)| Segment {
+                src: self.file_page(run.start),
+                dst: host,
+                len: ((run.end - run.start) * PAGE) as usize,
+            })
+            .collect();
+        // SAFETY: each run lies inside one range's mapping and inside the
+        // view; the runs are disjoint; the vCPUs are paused; the two
+        // mappings never overlap. A page of a run without a private copy
+        // gets one here (a write to a private mapping), holding the file's
+        // content: the same bytes the mapping read before.
+        unsafe { self.copier.copy(&segments) };
         Ok(())
     }
 
