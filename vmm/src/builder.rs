@@ -375,7 +375,7 @@ impl Platform {
         let mut memory = MemoryTracker::new(&ram, strategy).map_err(MemoryError::Memfd)?;
         memory.set_kvm_log(dirty_log);
         if let Some(base) = lazy_base {
-            memory.set_lazy_base(base);
+            memory.set_lazy_base(base, checked.clone());
         }
         // The machine is whole now (a restore has put the UART's FIFO
         // back): console input may flow.

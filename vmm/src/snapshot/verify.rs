@@ -106,7 +106,7 @@ impl MemoryChecked {
         Arc::new(Self::new(true, false))
     }
 
-    fn new(open: bool, holds_output: bool) -> Self {
+    pub(crate) fn new(open: bool, holds_output: bool) -> Self {
         Self {
             open: AtomicBool::new(open),
             lock: Mutex::new(()),
@@ -131,7 +131,7 @@ impl MemoryChecked {
         self.holds_output && !self.is_open()
     }
 
-    fn open(&self) {
+    pub(crate) fn open(&self) {
         let _g = lock(&self.lock);
         self.open.store(true, Ordering::Release);
         self.opened.notify_all();

@@ -120,6 +120,9 @@ pub struct MemoryTracker {
     /// For a VM restored from a snapshot, until its first checkpoint: the
     /// snapshot's base memory layer, which guest memory still maps.
     lazy_base: Option<File>,
+    /// The copy of `lazy_base` into `file`, running ahead of the first
+    /// checkpoint.
+    base_copy: Option<lazy::BaseCopy>,
     /// How long materializing took, until [`Self::take_materialize_time`].
     materialized_in: Option<Duration>,
     /// How long the last harvest of dirty pages took, until
@@ -164,6 +167,7 @@ impl MemoryTracker {
             since_snapshot: DirtyPages::default(),
             verify: VerifyMode::from_env(),
             lazy_base: None,
+            base_copy: None,
             materialized_in: None,
             harvested_in: None,
             kvm_log: KvmDirtyLog::new(DirtyMethod::Bitmap, None),

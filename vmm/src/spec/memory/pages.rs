@@ -79,11 +79,7 @@ impl MemoryTracker {
     /// next writes go to it and leave the file, the checkpoint, untouched.
     /// The dirty log finds those writes; a rollback copies the file back
     /// over them, and over every page whose file content it changes.
-    pub(super) fn flush(
-        &self,
-        pages: &[u64],
-        undo: Option<&mut UndoLog>,
-    ) -> Result<(), CowError> {
+    pub(super) fn flush(&self, pages: &[u64], undo: Option<&mut UndoLog>) -> Result<(), CowError> {
         let runs = self.host_runs(pages);
         // Every old content is saved before any page of the file changes.
         if let Some(u) = undo {

@@ -141,7 +141,11 @@ fn large_flushes_and_copy_backs_are_exact() {
     }
     t.copy_back([&log], &pages).unwrap();
     for &p in &pages {
-        assert_eq!((at(&ram, p), in_file(&ram, p)), (byte(p, 0), byte(p, 0)), "page {p}");
+        assert_eq!(
+            (at(&ram, p), in_file(&ram, p)),
+            (byte(p, 0), byte(p, 0)),
+            "page {p}"
+        );
     }
 }
 
@@ -258,9 +262,11 @@ fn a_restored_vm_materializes_its_memory_at_the_first_checkpoint() {
     base.write_all_at(&[0x33; PAGE_SIZE], 3 * PAGE).unwrap();
     base.write_all_at(&[0x44; PAGE_SIZE], 4 * PAGE).unwrap();
     crate::snapshot::memory::remap(&ram.mem, &ram.layout, &base).unwrap();
-    t.set_lazy_base(base.try_clone().unwrap());
+    t.set_lazy_base(
+        base.try_clone().unwrap(),
+        crate::snapshot::verify::MemoryChecked::passed(),
+    );
     put(&ram, 4, 0x55);
-    assert_eq!(in_file(&ram, 3), 0, "the own file is still empty");
     t.checkpoint(&vm.fd, None).unwrap();
     assert!(t.take_materialize_time().is_some());
     assert!(t.take_materialize_time().is_none(), "reported once");
@@ -274,6 +280,29 @@ fn a_restored_vm_materializes_its_memory_at_the_first_checkpoint() {
         t.take_materialize_time().is_none(),
         "materialized only once"
     );
+}
+
+/// The copy of a restored VM's base layer runs ahead of the first
+/// checkpoint, but not before the check that the guest's output waits for.
+#[test]
+fn the_base_layer_is_copied_ahead_once_the_check_lets_output_flow() {
+    use crate::snapshot::verify::MemoryChecked;
+    let ram = create_guest_memory(32 * MIB).unwrap();
+    let mut t = tracker(&ram, Strategy::CopyOnWrite);
+    let base = create_guest_memory(32 * MIB).unwrap().file;
+    base.write_all_at(&[0x33; PAGE_SIZE], 3 * PAGE).unwrap();
+    base.write_all_at(&[0x44; PAGE_SIZE], 31 * MIB).unwrap();
+    let checked = std::sync::Arc::new(MemoryChecked::new(false, true));
+    t.set_lazy_base(base, checked.clone());
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(in_file(&ram, 3), 0, "copied before the check passed");
+    checked.open();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while in_file(&ram, 31 * MIB / PAGE) != 0x44 {
+        assert!(std::time::Instant::now() < until, "the copy never ran");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(in_file(&ram, 3), 0x33);
 }
 
 #[test]
