@@ -126,31 +126,17 @@ pub fn open_layers(dir: &Path, snap: &VmSnapshot) -> Result<Vec<(PathBuf, File)>
 /// Copies the data of `src`'s first `len` bytes to the same offsets of
 /// `dst`, skipping holes.
 pub fn copy_data(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
-    copy_data_until(src, dst, len, &std::sync::atomic::AtomicBool::new(false)).map(|_| ())
-}
-
-/// [`copy_data`], stopping between two chunks once `stop` is set: true if
-/// the copy is whole, false if it stopped.
-pub fn copy_data_until(
-    src: &File,
-    dst: &File,
-    len: u64,
-    stop: &std::sync::atomic::AtomicBool,
-) -> std::io::Result<bool> {
     let mut buf = vec![0u8; CHUNK];
     for (start, n) in data_runs(src, len)? {
         let mut p = start;
         while p < start + n {
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                return Ok(false);
-            }
             let k = ((start + n - p) as usize).min(CHUNK);
             src.read_exact_at(&mut buf[..k], p)?;
             dst.write_all_at(&buf[..k], p)?;
             p += k as u64;
         }
     }
-    Ok(true)
+    Ok(())
 }
 
 /// The runs of data (offset, length) in `f`'s first `len` bytes: what

@@ -6,8 +6,8 @@
 //! memory file, needs nothing of the guest: the layer never changes, and
 //! nothing else writes the file before the first checkpoint. So it runs on
 //! a thread of its own from the restore on ([`BaseCopy`]), and the first
-//! checkpoint only waits for what is left of it, then flushes the pages
-//! written since the restore. Before, the first `speculate` after a
+//! checkpoint only copies what is left of it, beside that thread, then
+//! flushes the pages written since the restore. Before, the first `speculate` after a
 //! restore did the whole copy with the guest paused (30 ms for a Linux
 //! guest's 79 MiB here, more for larger guests).
 //!
@@ -16,8 +16,9 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,11 +28,81 @@ use super::{CowError, MemoryTracker};
 use crate::snapshot::verify::MemoryChecked;
 
 /// The copy of a restored VM's base layer into its memory file, on a
-/// thread of its own. Dropping it stops the copy (between two chunks) and
-/// waits for the thread.
+/// thread of its own, in chunks that [`BaseCopy::finish`] also takes when
+/// the first checkpoint comes before the copy is done. Dropping it stops
+/// the copy (between two chunks) and waits for the thread.
 pub(super) struct BaseCopy {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<io::Result<Duration>>>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the copying thread and [`BaseCopy::finish`] share.
+struct Shared {
+    base: File,
+    file: File,
+    /// The layer's data, as (offset, length) chunks of at most
+    /// [`CHUNK`] bytes: set by the thread once it has listed them, or
+    /// the error that kept it from it.
+    chunks: OnceLock<io::Result<Vec<(u64, usize)>>>,
+    /// The next chunk to claim.
+    next: AtomicUsize,
+    /// Chunks copied, or given up after an error.
+    done: AtomicUsize,
+    /// The first error of a chunk.
+    failed: Mutex<Option<io::Error>>,
+    /// Set by drop: take no more chunks.
+    stop: AtomicBool,
+    /// When the copy began, once it has.
+    began: OnceLock<Instant>,
+    /// When its last chunk was done.
+    ended: OnceLock<Instant>,
+}
+
+/// The most one chunk holds.
+const CHUNK: usize = 1 << 20;
+
+impl Shared {
+    /// Copies chunks until none is left to claim (or the copy is stopped).
+    fn work(&self, chunks: &[(u64, usize)]) {
+        let mut buf = Vec::new();
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(off, len)) = chunks.get(i) else {
+                return;
+            };
+            buf.resize(len, 0);
+            let r = self
+                .base
+                .read_exact_at(&mut buf, off)
+                .and_then(|()| self.file.write_all_at(&buf, off));
+            if let Err(e) = r {
+                self.failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(e);
+            }
+            if self.done.fetch_add(1, Ordering::Release) + 1 == chunks.len() {
+                let _ = self.ended.set(Instant::now());
+            }
+        }
+    }
+}
+
+/// The data runs of `base`'s first `len` bytes, cut into chunks.
+fn list_chunks(base: &File, len: u64) -> io::Result<Vec<(u64, usize)>> {
+    let mut out = Vec::new();
+    for (start, n) in crate::snapshot::files::data_runs(base, len)? {
+        let mut p = start;
+        while p < start + n {
+            let k = ((start + n - p) as usize).min(CHUNK);
+            out.push((p, k));
+            p += k as u64;
+        }
+    }
+    Ok(out)
 }
 
 impl BaseCopy {
@@ -39,44 +110,89 @@ impl BaseCopy {
     /// waits for the check of the layer (`checked` holds output), the copy
     /// waits for that check first, so as not to slow it.
     fn start(base: File, file: File, len: u64, checked: Arc<MemoryChecked>) -> io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let theirs = Arc::clone(&stop);
+        let shared = Arc::new(Shared {
+            base,
+            file,
+            chunks: OnceLock::new(),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            failed: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            began: OnceLock::new(),
+            ended: OnceLock::new(),
+        });
+        let theirs = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("specvm-materialize".into())
             .spawn(move || {
-                if checked.holds_output() && !checked.wait(&theirs) {
-                    return Err(io::Error::other("stopped before the layer was checked"));
+                let s = &*theirs;
+                if checked.holds_output() && !checked.wait(&s.stop) {
+                    return;
                 }
-                let t = Instant::now();
-                if !crate::snapshot::files::copy_data_until(&base, &file, len, &theirs)? {
-                    return Err(io::Error::other("stopped"));
+                let _ = s.began.set(Instant::now());
+                let listed = s.chunks.get_or_init(|| list_chunks(&s.base, len));
+                if let Ok(chunks) = listed {
+                    s.work(chunks);
                 }
-                let took = t.elapsed();
-                tracing::debug!(
-                    micros = took.as_micros() as u64,
-                    "base layer copied into the VM's memory file"
-                );
-                Ok(took)
             })?;
         Ok(Self {
-            stop,
+            shared,
             thread: Some(thread),
         })
     }
 
-    /// Waits for the copy to end, and returns how long it ran.
+    /// Finishes the copy: takes the chunks the thread has not, waits for
+    /// the one it is copying, and returns how long the copy has run. If
+    /// the thread has not begun (it waits for the check), the caller waits
+    /// for it to list the chunks, since the check must pass first.
     fn finish(mut self) -> io::Result<Duration> {
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            Some(Err(_)) => Err(io::Error::other("the copying thread panicked")),
-            None => Err(io::Error::other("the copy was already waited for")),
+        let s = Arc::clone(&self.shared);
+        let chunks = loop {
+            // Asked first: a thread that had ended before the look at the
+            // list ended without listing.
+            let ended = self.thread.as_ref().is_none_or(JoinHandle::is_finished);
+            if let Some(listed) = s.chunks.get() {
+                break listed
+                    .as_ref()
+                    .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
+            }
+            if ended {
+                // Stopped before it listed them: never, short of a drop.
+                return Err(io::Error::other("the copy ended before it began"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        s.work(chunks);
+        // Every chunk is claimed: wait for the one the thread copies. A
+        // thread that ended short of it died in it (a panic).
+        while s.done.load(Ordering::Acquire) < chunks.len() {
+            if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                if let Some(t) = self.thread.take() {
+                    let _ = t.join();
+                }
+                if s.done.load(Ordering::Acquire) < chunks.len() {
+                    return Err(io::Error::other("the copying thread died in a chunk"));
+                }
+                break;
+            }
+            std::thread::yield_now();
         }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(e) = s.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(e);
+        }
+        Ok(match (s.began.get(), s.ended.get()) {
+            (Some(&b), Some(&e)) => e.saturating_duration_since(b),
+            _ => Duration::ZERO,
+        })
     }
 }
 
 impl Drop for BaseCopy {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -305,6 +305,48 @@ fn the_base_layer_is_copied_ahead_once_the_check_lets_output_flow() {
     assert_eq!(in_file(&ram, 3), 0x33);
 }
 
+/// A first checkpoint that comes before the copy ahead is done (here,
+/// before the check it waits for has even passed) waits for the check,
+/// then copies beside the copying thread: every chunk lands once.
+#[test]
+fn an_early_first_checkpoint_finishes_the_copy_after_the_check() {
+    use crate::snapshot::verify::MemoryChecked;
+    let ram = create_guest_memory(64 * MIB).unwrap();
+    let test = "spec::memory::an_early_first_checkpoint_finishes_the_copy_after_the_check";
+    let Some(vm) = kvm_vm_or_skip(test, &ram.mem) else {
+        return;
+    };
+    let mut t = tracker_for(&ram, &vm, Strategy::CopyOnWrite);
+    let base = create_guest_memory(64 * MIB).unwrap().file;
+    // 40 MiB of data in runs of odd lengths, then holes.
+    let byte = |p: u64| (p % 253) as u8 + 1;
+    let pages: Vec<u64> = (0..40 * MIB / PAGE).filter(|p| p % 97 != 5).collect();
+    for &p in &pages {
+        base.write_all_at(&[byte(p); PAGE_SIZE], p * PAGE).unwrap();
+    }
+    crate::snapshot::memory::remap(&ram.mem, &ram.layout, &base).unwrap();
+    let checked = std::sync::Arc::new(MemoryChecked::new(false, true));
+    t.set_lazy_base(base, checked.clone());
+    let opener = {
+        let c = checked.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            c.open();
+        })
+    };
+    let started = std::time::Instant::now();
+    t.checkpoint(&vm.fd, None).unwrap();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(150),
+        "the checkpoint copied before the check passed"
+    );
+    opener.join().unwrap();
+    for p in 0..40 * MIB / PAGE {
+        let want = if p % 97 == 5 { 0 } else { byte(p) };
+        assert_eq!(in_file(&ram, p), want, "page {p}");
+    }
+}
+
 #[test]
 fn a_snapshot_reads_unflushed_pages_where_they_are() {
     let ram = create_guest_memory(32 * MIB).unwrap();
