@@ -127,16 +127,26 @@ pub fn open_layers(dir: &Path, snap: &VmSnapshot) -> Result<Vec<(PathBuf, File)>
 /// `dst`, skipping holes.
 pub fn copy_data(src: &File, dst: &File, len: u64) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
-    for (start, n) in data_runs(src, len)? {
+    for (p, k) in data_chunks(src, len)? {
+        src.read_exact_at(&mut buf[..k], p)?;
+        dst.write_all_at(&buf[..k], p)?;
+    }
+    Ok(())
+}
+
+/// The data of `f`'s first `len` bytes ([`data_runs`]) as (offset, length)
+/// pieces of at most 1 MiB, in order: the units of [`copy_data`].
+pub fn data_chunks(f: &File, len: u64) -> std::io::Result<Vec<(u64, usize)>> {
+    let mut out = Vec::new();
+    for (start, n) in data_runs(f, len)? {
         let mut p = start;
         while p < start + n {
             let k = ((start + n - p) as usize).min(CHUNK);
-            src.read_exact_at(&mut buf[..k], p)?;
-            dst.write_all_at(&buf[..k], p)?;
+            out.push((p, k));
             p += k as u64;
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The runs of data (offset, length) in `f`'s first `len` bytes: what

@@ -40,9 +40,9 @@ pub(super) struct BaseCopy {
 struct Shared {
     base: File,
     file: File,
-    /// The layer's data, as (offset, length) chunks of at most
-    /// [`CHUNK`] bytes: set by the thread once it has listed them, or
-    /// the error that kept it from it.
+    /// The layer's data, as (offset, length) chunks
+    /// ([`crate::snapshot::files::data_chunks`]): set by the thread once it
+    /// has listed them, or the error that kept it from it.
     chunks: OnceLock<io::Result<Vec<(u64, usize)>>>,
     /// The next chunk to claim.
     next: AtomicUsize,
@@ -57,9 +57,6 @@ struct Shared {
     /// When its last chunk was done.
     ended: OnceLock<Instant>,
 }
-
-/// The most one chunk holds.
-const CHUNK: usize = 1 << 20;
 
 impl Shared {
     /// Copies chunks until none is left to claim (or the copy is stopped).
@@ -91,20 +88,6 @@ impl Shared {
     }
 }
 
-/// The data runs of `base`'s first `len` bytes, cut into chunks.
-fn list_chunks(base: &File, len: u64) -> io::Result<Vec<(u64, usize)>> {
-    let mut out = Vec::new();
-    for (start, n) in crate::snapshot::files::data_runs(base, len)? {
-        let mut p = start;
-        while p < start + n {
-            let k = ((start + n - p) as usize).min(CHUNK);
-            out.push((p, k));
-            p += k as u64;
-        }
-    }
-    Ok(out)
-}
-
 impl BaseCopy {
     /// Starts copying `base`'s data into `file`. Where the guest's output
     /// waits for the check of the layer (`checked` holds output), the copy
@@ -130,7 +113,9 @@ impl BaseCopy {
                     return;
                 }
                 let _ = s.began.set(Instant::now());
-                let listed = s.chunks.get_or_init(|| list_chunks(&s.base, len));
+                let listed = s
+                    .chunks
+                    .get_or_init(|| crate::snapshot::files::data_chunks(&s.base, len));
                 if let Ok(chunks) = listed {
                     s.work(chunks);
                 }
