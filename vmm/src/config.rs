@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::sync::lock;
+
 /// Smallest guest memory we accept: enough for a bare guest's fixed layout
 /// (page tables, stack, program, and its data area at 16 MiB).
 pub const MIN_MEM_SIZE: u64 = 32 << 20;
@@ -238,18 +240,18 @@ impl ReadState {
 
     /// The state, once; `None` if none was read (or it was taken).
     pub fn take(&self) -> Option<crate::snapshot::VmSnapshot> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+        lock(&self.0).take()
     }
 
     /// Calls `f` with the state to change it, if it has not been taken.
     pub fn update<T>(&self, f: impl FnOnce(&mut crate::snapshot::VmSnapshot) -> T) -> Option<T> {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(&self.0);
         g.as_mut().map(f)
     }
 
     /// Calls `f` with the state, if it has not been taken.
     pub fn peek<T>(&self, f: impl FnOnce(&crate::snapshot::VmSnapshot) -> T) -> Option<T> {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let g = lock(&self.0);
         g.as_ref().map(f)
     }
 }

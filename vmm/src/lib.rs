@@ -35,6 +35,7 @@ pub mod progress;
 pub mod signals;
 pub mod snapshot;
 pub mod spec;
+pub mod sync;
 #[cfg(test)]
 mod test_util;
 pub mod vstate;

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::event::{EventSender, VmEvent};
+use crate::sync::lock;
 
 /// The controller's channel, once the VM runs.
 static CONTROLLER: Mutex<Option<EventSender>> = Mutex::new(None);
@@ -70,7 +71,7 @@ pub fn spawn_waiter(events: EventSender) -> io::Result<()> {
 }
 
 fn controller() -> std::sync::MutexGuard<'static, Option<EventSender>> {
-    CONTROLLER.lock().unwrap_or_else(|e| e.into_inner())
+    lock(&CONTROLLER)
 }
 
 fn start_waiting() -> io::Result<()> {

@@ -14,6 +14,7 @@ use super::{ControlError, Controller, Joined};
 use crate::devices::virtio::net::NetHandle;
 use crate::spec::link::{BridgeEvent, BridgeLink, HookStats, LinkStats, SharedDeps};
 use crate::spec::stack::SpecId;
+use crate::sync::lock;
 
 /// The VM's port on the bridge, if it has one, and the dependency set the
 /// net cards' hooks read.
@@ -45,7 +46,7 @@ impl NetSpec {
     /// The bridge card's hook counters (frames dropped for tags, joins
     /// asked), for `--stats`.
     pub fn hook_stats(&self) -> HookStats {
-        *self.hook_stats.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.hook_stats)
     }
 
     /// The bridge link's state (connected, reconnections, frames lost to
@@ -66,7 +67,7 @@ impl NetSpec {
     }
 
     fn deps(&self) -> std::sync::MutexGuard<'_, SharedDeps> {
-        self.deps.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.deps)
     }
 
     /// Sends a control message to the bridge, if the VM has one. Never

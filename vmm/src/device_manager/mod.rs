@@ -33,6 +33,7 @@ use crate::devices::{Bus, BusError};
 use crate::event::EventSender;
 use crate::persist::Persist;
 use crate::spec::hypercall::HypercallDevice;
+use crate::sync::lock;
 use crate::vstate::vm::Vm;
 
 /// The legacy ISA interrupt line of COM1.
@@ -328,10 +329,4 @@ fn state_err(device: &str, msg: String) -> DeviceError {
         device: device.into(),
         msg,
     }
-}
-
-/// Locks a device whose lock a panicking thread may have poisoned (see
-/// [`crate::devices::bus::lock`]).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

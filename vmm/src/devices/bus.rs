@@ -188,7 +188,7 @@ impl Bus {
 /// is still used: device models keep no invariant that a panic breaks
 /// halfway, and the VMM is ending anyway when a vCPU thread panics.
 pub fn lock(dev: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    dev.lock().unwrap_or_else(|e| e.into_inner())
+    crate::sync::lock(dev)
 }
 
 #[cfg(test)]

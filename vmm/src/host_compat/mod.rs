@@ -34,6 +34,7 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use crate::arch::x86_64::layout::COMPAT_DOORBELL_ADDR;
 use crate::config::HostCompatMode;
 use crate::devices::{Bus, BusError};
+use crate::sync::lock;
 use crate::vstate::memory::GuestMemoryMmap;
 use trampoline::{Doorbell, Trampoline, TrampolineError, TrampolineState};
 
@@ -176,7 +177,7 @@ impl HostCompat {
     /// the hosts this layer serves, the shadows of the rolled-back page
     /// tables must go ([`shadow`]).
     pub fn after_memory_rollback(&self, vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
-        let mut slot = self.shadow.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = lock(&self.shadow);
         if slot.is_none() {
             *slot = Some(shadow::ShadowReset::new(vm)?);
         }

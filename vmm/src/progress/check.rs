@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget};
 
 use super::monitor::bar_style;
-use super::screen::{lock_screen, SCREEN};
+use super::screen::SCREEN;
+
+use crate::sync::lock;
 
 /// How long a check runs before it is shown.
 pub const QUIET: Duration = Duration::from_secs(1);
@@ -100,7 +102,7 @@ impl Watch<'_> {
         let bar = (!draw.is_hidden()).then(|| {
             let bar = ProgressBar::with_draw_target(Some(self.total), draw);
             bar.set_style(bar_style());
-            lock_screen(&SCREEN).show(bar.clone(), io::stdout().is_terminal());
+            lock(&SCREEN).show(bar.clone(), io::stdout().is_terminal());
             bar
         });
         if bar.is_none() {
@@ -121,7 +123,7 @@ impl Watch<'_> {
             }
         }
         if bar.is_some() {
-            lock_screen(&SCREEN).clear(&mut io::stdout());
+            lock(&SCREEN).clear(&mut io::stdout());
         }
         let _ = writeln!(
             out,

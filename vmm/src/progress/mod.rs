@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{BootSource, VmConfig};
 use crate::host_compat::HostCompat;
+use crate::sync::lock;
 
 pub use milestones::{ConsoleWatch, Milestone, MILESTONES};
 pub use monitor::{spawn_monitor, Monitor};
@@ -122,14 +123,11 @@ impl Progress {
     /// this one's from. Call before [`Vmm::run`](crate::builder::Vmm::run)
     /// or during it.
     pub fn set_previous(&self, times: BootTimes) {
-        *self.previous.lock().unwrap_or_else(|e| e.into_inner()) = Some(times);
+        *lock(&self.previous) = Some(times);
     }
 
     fn previous(&self) -> Option<BootTimes> {
-        self.previous
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.previous).clone()
     }
 
     /// Records that the guest is ready (its `READY` hypercall), if its
@@ -151,7 +149,7 @@ impl Progress {
     }
 
     fn threads(&self) -> std::sync::MutexGuard<'_, Vec<Option<libc::pthread_t>>> {
-        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.threads)
     }
 
     /// Called on vCPU `idx`'s own thread when it starts.

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::screen::{lock_screen, Screen, SCREEN};
+use super::screen::{Screen, SCREEN};
 use super::times::{bar_message, boot_line, estimate, fmt_secs};
 use super::{Progress, ProgressError, REPORT_INTERVAL, SAMPLE_WAIT, TICK};
 use crate::host_compat::HostCompat;
+use crate::sync::lock;
 
 /// What the monitor shows, decided tick by tick.
 struct Reporter<'a> {
@@ -48,7 +49,7 @@ impl<'a> Reporter<'a> {
         };
         if let Some(b) = &bar {
             b.set_style(spinner_style());
-            lock_screen(screen).show(b.clone(), hold_console);
+            lock(screen).show(b.clone(), hold_console);
         }
         Self {
             progress,
@@ -100,7 +101,7 @@ impl<'a> Reporter<'a> {
     /// Takes the bar away for good.
     fn end(&mut self) {
         if self.bar.take().is_some() {
-            lock_screen(self.screen).clear(&mut self.console);
+            lock(self.screen).clear(&mut self.console);
         }
     }
 }
@@ -242,7 +243,7 @@ mod tests {
         let bar = ProgressBar::hidden();
         let mut r = Reporter::new(&p, &screen, Some(bar), true, Box::new(io::sink()));
         assert!(
-            lock_screen(&screen).bar.is_none(),
+            lock(&screen).bar.is_none(),
             "no bar for a run that is not a boot"
         );
         assert_eq!(r.tick(Duration::from_secs(29), false), None);
@@ -278,15 +279,14 @@ mod tests {
         let mut out = TermWriter(term.clone());
         let stdout = Box::new(TermWriter(term.clone()));
         let mut r = Reporter::new(&p, &screen, Some(bar), true, stdout);
-        let console =
-            |s: &[u8], out: &mut TermWriter| lock_screen(&screen).console(out, s).unwrap();
+        let console = |s: &[u8], out: &mut TermWriter| lock(&screen).console(out, s).unwrap();
         w.feed(b"[ 0.1] Linux version 6.1\n");
         assert_eq!(r.tick(Duration::from_secs(5), false), None);
         let bar_line = "boot: 5s at \"kernel started\" (1/8); no earlier boot to estimate from";
         assert!(term.contents().ends_with(bar_line), "{}", term.contents());
         // A console line arriving in pieces, and a log line in between.
         console(b"[ 0.2] smp: Bring", &mut out);
-        lock_screen(&screen)
+        lock(&screen)
             .log(&mut out, b"INFO something happened\n")
             .unwrap();
         console(b"ing up secondary CPUs ...\n[ 0.3] x86: Booting", &mut out);
@@ -310,7 +310,7 @@ mod tests {
             .tick(Duration::from_secs(7), false)
             .unwrap()
             .starts_with("boot: ready"));
-        assert!(lock_screen(&screen).bar.is_none());
+        assert!(lock(&screen).bar.is_none());
         let rows: Vec<String> = term.contents().lines().map(str::to_string).collect();
         assert_eq!(rows.len(), 3, "{rows:?}");
         assert_eq!(rows[2], "[ 0.3] x86: Booting", "{rows:?}");

@@ -8,6 +8,8 @@ use indicatif::ProgressBar;
 
 use super::MAX_HELD;
 
+use crate::sync::lock;
+
 /// The terminal while a bar may show on it. There is one stderr and one
 /// stdout per process, so there is one of these ([`SCREEN`]).
 pub(super) struct Screen {
@@ -19,10 +21,6 @@ pub(super) struct Screen {
 }
 
 pub(super) static SCREEN: Mutex<Screen> = Mutex::new(Screen::new());
-
-pub(super) fn lock_screen(s: &Mutex<Screen>) -> std::sync::MutexGuard<'_, Screen> {
-    s.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl Screen {
     pub(super) const fn new() -> Self {
@@ -106,7 +104,7 @@ pub struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        lock_screen(&SCREEN).log(&mut io::stderr().lock(), buf)?;
+        lock(&SCREEN).log(&mut io::stderr().lock(), buf)?;
         Ok(buf.len())
     }
 
@@ -118,7 +116,7 @@ impl Write for LogWriter {
 /// Writes the guest's console output to `out` (the VMM's stdout), in whole
 /// lines while a progress bar shares the terminal.
 pub fn write_console(out: &mut dyn Write, buf: &[u8]) -> io::Result<()> {
-    lock_screen(&SCREEN).console(out, buf)
+    lock(&SCREEN).console(out, buf)
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ use std::time::Instant;
 
 use super::{Layer, SnapshotError};
 use crate::progress::check::CheckProgress;
+use crate::sync::{lock, wait_timeout};
 
 /// When the base layer is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -147,11 +148,7 @@ impl MemoryChecked {
                 return false;
             }
             // A stop sets the flag without this lock: look again now and then.
-            g = self
-                .opened
-                .wait_timeout(g, std::time::Duration::from_millis(20))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = wait_timeout(&self.opened, g, std::time::Duration::from_millis(20));
         }
         true
     }
@@ -266,10 +263,6 @@ impl MemoryCheck {
         tracing::info!(micros, "snapshot memory checked before start");
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Beside a running guest, the check's thread reports its own verdict:

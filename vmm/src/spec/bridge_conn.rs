@@ -35,6 +35,7 @@ use specwire::SpecId;
 
 use super::link::{BridgeEvent, SharedDeps};
 use crate::event::{EventSender, VmEvent};
+use crate::sync::lock;
 
 /// Messages waiting for the writer: about a second of full-rate frames.
 pub const QUEUE_MAX: usize = 4096;
@@ -94,7 +95,7 @@ impl Shared {
 
     /// Remembers a decision of the VM's own (for the next `resume`).
     pub(super) fn record(&self, d: Decision) {
-        let mut o = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = lock(&self.outcomes);
         if o.len() >= RESUME_OUTCOMES_MAX {
             o.pop_front();
         }
@@ -103,7 +104,7 @@ impl Shared {
 
     /// Takes the connection for lost: a blocked write or read on it ends.
     pub(super) fn break_connection(&self) {
-        let cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = lock(&self.current);
         if let Some(s) = cur.as_ref() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -111,18 +112,13 @@ impl Shared {
 
     /// The `resume` for a new connection, and the ids it announces.
     fn resume(&self) -> (Control, HashSet<SpecId>) {
-        let ids = self.deps.get().map_or_else(Vec::new, |d| {
-            d.lock().unwrap_or_else(|e| e.into_inner()).ids.clone()
-        });
+        let ids = self
+            .deps
+            .get()
+            .map_or_else(Vec::new, |d| lock(d).ids.clone());
         let (started, joined): (Vec<SpecId>, Vec<SpecId>) =
             ids.into_iter().partition(|id| id.vm == self.vm);
-        let outcomes: Vec<Decision> = self
-            .outcomes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .copied()
-            .collect();
+        let outcomes: Vec<Decision> = lock(&self.outcomes).iter().copied().collect();
         let said = started
             .iter()
             .copied()
@@ -287,11 +283,7 @@ impl Writer {
     /// A new epoch, and its reader thread on `s`.
     fn start_reader(&self, s: &UnixStream) -> io::Result<()> {
         let epoch = self.shared.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-        *self
-            .shared
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(s.try_clone()?);
+        *lock(&self.shared.current) = Some(s.try_clone()?);
         spawn_reader(
             s.try_clone()?,
             self.device.try_clone()?,
@@ -324,7 +316,7 @@ pub(super) fn spawn_reader(
     epoch: u64,
 ) -> io::Result<()> {
     if epoch == 1 {
-        *shared.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
+        *lock(&shared.current) = Some(stream.try_clone()?);
     }
     std::thread::Builder::new()
         .name("bridge-rx".into())

@@ -34,6 +34,7 @@ use specwire::SpecId;
 use super::bridge_conn::{self, enqueue, Out, Shared, Writer, QUEUE_MAX};
 use crate::devices::virtio::net::{Backend, FrameHook, RxVerdict};
 use crate::event::{EventSender, VmEvent};
+use crate::sync::lock;
 
 /// Errors connecting to the bridge.
 #[derive(Debug, thiserror::Error)]
@@ -396,14 +397,14 @@ impl SpecHook {
     }
 
     fn count(&self, f: impl FnOnce(&mut HookStats)) {
-        f(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+        f(&mut lock(&self.stats));
     }
 }
 
 impl FrameHook for SpecHook {
     fn on_tx(&mut self, frame: Vec<u8>) -> Option<Vec<u8>> {
         let ids: Vec<SpecId> = {
-            let d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
+            let d = lock(&self.deps);
             d.ids.clone()
         };
         match codec::retag(&frame, &ids) {
@@ -435,7 +436,7 @@ impl FrameHook for SpecHook {
             }
         };
         let missing: Vec<SpecId> = {
-            let d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
+            let d = lock(&self.deps);
             if tags.iter().any(|t| d.refused.contains(t)) {
                 drop(d);
                 self.count(|s| s.rx_dropped += 1);
@@ -493,7 +494,7 @@ impl FrameHook for OutputCommitHook {
         let frame = codec::strip(&frame).ok()?;
         // One lock for the set and the hold: the controller changes both
         // under it, so a frame never waits for an id decided meanwhile.
-        let mut d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut d = lock(&self.deps);
         if d.ids.is_empty() {
             if d.held.in_flight == 0 || d.held.releaser.is_none() {
                 return Some(frame);
@@ -512,7 +513,7 @@ impl FrameHook for OutputCommitHook {
     }
 
     fn tx_ready(&mut self) -> bool {
-        let d = self.deps.lock().unwrap_or_else(|e| e.into_inner());
+        let d = lock(&self.deps);
         (d.ids.is_empty() && d.held.in_flight == 0) || d.held.has_room()
     }
 }
@@ -534,7 +535,7 @@ pub fn spawn_releaser(
     wakers: Vec<crate::devices::virtio::net::TxWaker>,
 ) -> io::Result<()> {
     let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<u8>)>();
-    deps.lock().unwrap_or_else(|e| e.into_inner()).held.releaser = Some(tx);
+    lock(&deps).held.releaser = Some(tx);
     std::thread::Builder::new()
         .name("net-release".into())
         .spawn(move || {
@@ -545,10 +546,7 @@ pub fn spawn_releaser(
                     if let Some(b) = backends.get(card) {
                         send_patiently(b, &frame);
                     }
-                    deps.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .held
-                        .sent(frame.len());
+                    lock(&deps).held.sent(frame.len());
                     since_wake += 1;
                     // Room in the hold: a stalled transmit may go on.
                     if since_wake >= 32 {

@@ -40,6 +40,8 @@ use vmm_sys_util::{ioctl_io_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 use super::memory::{RamLayout, PAGE_SIZE};
 
+use crate::sync::lock;
+
 // kvm-ioctls 0.25 wraps none of the last two; its KVM_GET_DIRTY_LOG
 // allocates a new bitmap per call, where a harvest reuses one per slot
 // (numbers from include/uapi/linux/kvm.h).
@@ -468,7 +470,7 @@ impl DirtyRings {
     fn harvest(&self, layout: &RamLayout, f: &mut impl FnMut(u64)) {
         let ranges = layout.ranges();
         for (ring, cursor) in &self.rings {
-            let mut cursor = cursor.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cursor = lock(cursor);
             ring.harvest(&mut cursor, |slot, offset| {
                 match gfn_page(ranges, slot, offset) {
                     Some(p) => f(p),
@@ -476,7 +478,7 @@ impl DirtyRings {
                 }
             });
         }
-        let mut o = self.overflow.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = lock(&self.overflow);
         if std::mem::take(&mut o.any) {
             for (r, bits) in ranges.iter().zip(&mut o.slots) {
                 let pages = r.pages();
@@ -519,7 +521,7 @@ impl DirtyRings {
         let Some((ring, cursor)) = self.rings.get(index) else {
             return 0;
         };
-        let mut o = self.overflow.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = lock(&self.overflow);
         if o.slots.is_empty() {
             o.slots = self
                 .slot_pages
@@ -527,7 +529,7 @@ impl DirtyRings {
                 .map(|&n| vec![0u64; n.div_ceil(64) as usize])
                 .collect();
         }
-        let mut cursor = cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cursor = lock(cursor);
         let slots = &mut o.slots;
         let taken = ring.harvest(&mut cursor, |slot, offset| {
             if let Some(bits) = slots.get_mut(slot as usize) {

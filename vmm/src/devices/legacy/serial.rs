@@ -42,6 +42,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::SerialConfig;
 use crate::devices::BusDevice;
 use crate::progress::ConsoleWatch;
+use crate::sync::{lock, wait};
 
 use outbox::{write_clients, write_stdout, Reader};
 pub use outbox::{Outbox, CLIENT_STALL, DRAIN_LIMIT, OUT_BUFFER, STDOUT_STALL};
@@ -204,15 +205,15 @@ impl InputGate {
     /// Lets input through from now on.
     pub fn open(&self) {
         let (open, cv) = &*self.0;
-        *open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *lock(open) = true;
         cv.notify_all();
     }
 
     fn wait(&self) {
         let (open, cv) = &*self.0;
-        let mut g = open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = lock(open);
         while !*g {
-            g = cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = wait(cv, g);
         }
     }
 }
@@ -289,7 +290,7 @@ impl SerialDevice {
 
     /// The eventfd that signals the UART's interrupt.
     pub fn interrupt_evt(&self) -> io::Result<EventFd> {
-        lock_uart(&self.uart).interrupt_evt().0.try_clone()
+        lock(&self.uart).interrupt_evt().0.try_clone()
     }
 }
 
@@ -309,10 +310,6 @@ fn spawn(name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), Se
         .spawn(f)
         .map(drop)
         .map_err(|e| SerialError::Thread(name, e))
-}
-
-fn lock_uart(u: &Mutex<Uart>) -> std::sync::MutexGuard<'_, Uart> {
-    u.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 enum Input {
@@ -384,7 +381,7 @@ fn pump(mut src: impl Read, uart: &Mutex<Uart>, gate: &InputGate) {
         gate.wait();
         let mut pending = &buf[..n];
         while !pending.is_empty() {
-            let taken = lock_uart(uart).enqueue_raw_bytes(pending).unwrap_or(0);
+            let taken = lock(uart).enqueue_raw_bytes(pending).unwrap_or(0);
             pending = &pending[taken..];
             if !pending.is_empty() {
                 thread::sleep(Duration::from_millis(2));
@@ -397,13 +394,13 @@ impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         // The 8250 has byte-wide registers; wider accesses read one byte.
         if let (Ok(off), Some(first)) = (u8::try_from(offset), data.first_mut()) {
-            *first = lock_uart(&self.uart).read(off);
+            *first = lock(&self.uart).read(off);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Ok(off), Some(&v)) = (u8::try_from(offset), data.first()) {
-            if let Err(e) = lock_uart(&self.uart).write(off, v) {
+            if let Err(e) = lock(&self.uart).write(off, v) {
                 tracing::warn!("serial: write to register {off}: {e:?}");
             }
         }
@@ -624,7 +621,7 @@ mod tests {
     fn a_failing_file_counts_its_lost_bytes() {
         let mut dev = SerialDevice::new(&SerialConfig::File("/dev/full".into()), None).unwrap();
         send(&mut dev, [b'x'; 100]);
-        let uart = lock_uart(&dev.uart);
+        let uart = lock(&dev.uart);
         let SerialOut::File(f) = &uart.writer().backend else {
             panic!("a file backend");
         };

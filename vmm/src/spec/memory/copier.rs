@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
+use crate::sync::{lock, wait};
+
 /// Copies smaller than this stay on the calling thread.
 pub const PARALLEL_MIN: usize = 1 << 20;
 
@@ -148,15 +150,11 @@ fn helper_loop(slot: &(Mutex<Slot>, Condvar)) {
                 if let Some(j) = s.job.take() {
                     break j;
                 }
-                s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
+                s = wait(cv, s);
             }
         };
         let _ = job.work();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Pins the calling thread to `cpu`; a helper that cannot be pinned still

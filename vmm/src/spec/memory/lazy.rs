@@ -26,6 +26,7 @@ use kvm_ioctls::VmFd;
 
 use super::{CowError, MemoryTracker};
 use crate::snapshot::verify::MemoryChecked;
+use crate::sync::lock;
 
 /// The copy of a restored VM's base layer into its memory file, on a
 /// thread of its own, in chunks that [`BaseCopy::finish`] also takes when
@@ -76,10 +77,7 @@ impl Shared {
                 .read_exact_at(&mut buf, off)
                 .and_then(|()| self.file.write_all_at(&buf, off));
             if let Err(e) = r {
-                self.failed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert(e);
+                lock(&self.failed).get_or_insert(e);
             }
             if self.done.fetch_add(1, Ordering::Release) + 1 == chunks.len() {
                 let _ = self.ended.set(Instant::now());
@@ -165,7 +163,7 @@ impl BaseCopy {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        if let Some(e) = s.failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(e) = lock(&s.failed).take() {
             return Err(e);
         }
         Ok(match (s.began.get(), s.ended.get()) {

@@ -87,7 +87,7 @@ struct Chunk {
 static OUTBOXES: Mutex<Vec<Weak<Outbox>>> = Mutex::new(Vec::new());
 
 fn outboxes() -> MutexGuard<'static, Vec<Weak<Outbox>>> {
-    OUTBOXES.lock().unwrap_or_else(|e| e.into_inner())
+    crate::sync::lock(&OUTBOXES)
 }
 
 /// At process exit, also a `std::process::exit` that skips destructors,
@@ -122,7 +122,7 @@ impl Outbox {
     }
 
     fn lock(&self) -> MutexGuard<'_, OutState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     fn has_reader(&self, s: &OutState) -> bool {
@@ -163,11 +163,7 @@ impl Outbox {
                     .stall
                     .saturating_sub(waited)
                     .max(Duration::from_millis(1));
-                s = self
-                    .changed
-                    .wait_timeout(s, wait)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                s = crate::sync::wait_timeout(&self.changed, s, wait);
             }
         }
         s.buf.extend(bytes);
@@ -209,7 +205,7 @@ impl Outbox {
                 return None;
             }
             s.idle = true;
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = crate::sync::wait(&self.changed, s);
             s.idle = false;
         }
         let gap = std::mem::take(&mut s.gap);
@@ -319,11 +315,7 @@ impl Outbox {
             && !self.stalled(&s)
             && Instant::now() < deadline
         {
-            s = self
-                .changed
-                .wait_timeout(s, Duration::from_millis(20))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            s = crate::sync::wait_timeout(&self.changed, s, Duration::from_millis(20));
         }
         let left = s.buf.len() as u64;
         s.dropped += left;

@@ -7,21 +7,22 @@
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
-use super::{lock_uart, ConsoleOut, IrqTrigger, SerialDevice, SerialOut};
+use super::{ConsoleOut, IrqTrigger, SerialDevice, SerialOut};
 use crate::persist::{Decode, DecodeError, Encode, Persist, Reader, Writer};
+use crate::sync::lock;
 
 impl Persist for SerialDevice {
     type State = SerialState;
     type Error = String;
 
     fn save(&self) -> Result<SerialState, String> {
-        Ok(lock_uart(&self.uart).state())
+        Ok(lock(&self.uart).state())
     }
 
     /// Rebuilds the UART from `state` around the same interrupt eventfd and
     /// the same output.
     fn restore(&mut self, state: &SerialState) -> Result<(), String> {
-        let mut g = lock_uart(&self.uart);
+        let mut g = lock(&self.uart);
         // Unchanged since the checkpoint (a guest that did not touch its
         // console while speculating): nothing to rebuild. A rebuild costs
         // two eventfd duplicates and their closes, four system calls on

@@ -29,7 +29,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::overlay::{Granule, LevelMap, GRANULE};
-use super::{lock_block, BlockHandle};
+use super::BlockHandle;
+
+use crate::sync::lock;
 
 /// Why an export failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +86,7 @@ impl ExportSource {
     /// The committed content of `disk`: its image and a copy of its
     /// private level.
     pub fn take(disk: &BlockHandle) -> Result<Self, ExportError> {
-        let t = lock_block(disk.transport());
+        let t = lock(disk.transport());
         let d = t.device().disk();
         let image_path = d.base().path().to_path_buf();
         if !d.private() {

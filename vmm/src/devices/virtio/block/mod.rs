@@ -85,12 +85,13 @@ mod overlay_tests;
 #[cfg(test)]
 mod tests;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MmioTransport, SharedDevice};
 use crate::persist::Writer;
+use crate::sync::lock;
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub use backend::{BaseIdentity, BlockError, FileBase};
@@ -101,11 +102,6 @@ pub use persist::{BlockState, OverlaySnapshot};
 
 /// The transport around a block device, shared with the MMIO bus.
 pub type BlockTransport = Arc<Mutex<MmioTransport<Block>>>;
-
-/// Locks a block transport; a panic elsewhere does not poison it for us.
-pub fn lock_block(t: &Mutex<MmioTransport<Block>>) -> MutexGuard<'_, MmioTransport<Block>> {
-    t.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Opens the image `config` names and wraps a block device for it in a
 /// virtio-mmio transport, with an overlay budget of
@@ -158,15 +154,12 @@ impl BlockHandle {
 
     /// `speculate()`: opens a level; returns its index.
     pub fn push_level(&self) -> usize {
-        lock_block(&self.transport)
-            .device_mut()
-            .disk_mut()
-            .push_level()
+        lock(&self.transport).device_mut().disk_mut().push_level()
     }
 
     /// An abort restored checkpoint `level`: drops levels `level..`.
     pub fn rollback_to(&self, level: usize) -> Result<(), BlockError> {
-        let mut t = lock_block(&self.transport);
+        let mut t = lock(&self.transport);
         let r = t.device_mut().disk_mut().rollback_to(level);
         r.map_err(|e| Self::path_err(&t, e))
     }
@@ -174,79 +167,75 @@ impl BlockHandle {
     /// Checkpoint `level` was committed: folds its level down (level 0
     /// into the base, which is synced).
     pub fn fold(&self, level: usize) -> Result<(), BlockError> {
-        let mut t = lock_block(&self.transport);
+        let mut t = lock(&self.transport);
         let r = t.device_mut().disk_mut().fold(level);
         r.map_err(|e| Self::path_err(&t, e))
     }
 
     /// Levels open.
     pub fn depth(&self) -> usize {
-        lock_block(&self.transport).device().disk().depth()
+        lock(&self.transport).device().disk().depth()
     }
 
     /// Whether the disk is private (its image is never written).
     pub fn private(&self) -> bool {
-        lock_block(&self.transport).device().disk().private()
+        lock(&self.transport).device().disk().private()
     }
 
     /// The image's path, as given.
     pub fn path(&self) -> std::path::PathBuf {
-        let t = lock_block(&self.transport);
+        let t = lock(&self.transport);
         t.device().disk().base().path().to_path_buf()
     }
 
     /// Bytes the levels hold (data and map entries), which a snapshot
     /// stores in its state file.
     pub fn held_bytes(&self) -> u64 {
-        lock_block(&self.transport).device().disk().held_bytes()
+        lock(&self.transport).device().disk().held_bytes()
     }
 
     /// Before a snapshot: makes the image's content durable when the VM
     /// writes it (a shared disk at depth 0), since the snapshot refers
     /// to it; a private disk's image is never written, so nothing to do.
     pub fn sync_image(&self) -> Result<(), BlockError> {
-        let mut t = lock_block(&self.transport);
+        let mut t = lock(&self.transport);
         let r = t.device_mut().disk_mut().sync_shared_base();
         r.map_err(|e| Self::path_err(&t, e))
     }
 
     /// The request and disk counters.
     pub fn stats(&self) -> (BlockStats, DiskStats) {
-        let t = lock_block(&self.transport);
+        let t = lock(&self.transport);
         (t.device().stats(), t.device().disk().stats())
     }
 
     /// The device's checkpoint state.
     pub fn save(&self) -> BlockState {
-        lock_block(&self.transport).save_block()
+        lock(&self.transport).save_block()
     }
 
     /// Restores a checkpoint state; nothing changes on an error.
     pub fn restore(&self, state: &BlockState) -> Result<(), BlockError> {
-        lock_block(&self.transport).restore_block(state)
+        lock(&self.transport).restore_block(state)
     }
 
     /// A copy of the overlays with the base's identity.
     pub fn overlay_snapshot(&self) -> Result<OverlaySnapshot, BlockError> {
-        lock_block(&self.transport).device().overlay_snapshot()
+        lock(&self.transport).device().overlay_snapshot()
     }
 
     /// Appends the overlays and the base's identity to a snapshot payload.
     pub fn encode_overlays(&self, w: &mut Writer) -> Result<(), BlockError> {
-        lock_block(&self.transport).device().encode_overlays(w)
+        lock(&self.transport).device().encode_overlays(w)
     }
 
     /// Checks that the base image is still the one `saved` describes.
     pub fn check_base_identity(&self, saved: &BaseIdentity) -> Result<(), BlockError> {
-        lock_block(&self.transport)
-            .device()
-            .check_base_identity(saved)
+        lock(&self.transport).device().check_base_identity(saved)
     }
 
     /// Puts saved overlays back over the (checked) base.
     pub fn restore_overlays(&self, snap: OverlaySnapshot) -> Result<(), BlockError> {
-        lock_block(&self.transport)
-            .device_mut()
-            .restore_overlays(snap)
+        lock(&self.transport).device_mut().restore_overlays(snap)
     }
 }

@@ -22,6 +22,7 @@ use crate::devices::virtio::mmio::CONFIG_OFFSET;
 use crate::devices::virtio::test_driver::*;
 use crate::devices::virtio::VIRTIO_F_VERSION_1;
 use crate::persist::{Decode, Encode, Persist, Reader, Writer};
+use crate::sync::lock;
 use crate::test_util::TempDir;
 
 const RING: u64 = 0x1_0000;
@@ -85,7 +86,7 @@ impl Harness {
     }
 
     fn bus(&self) -> MutexGuard<'_, MmioTransport<Block>> {
-        lock_block(self.blk.transport())
+        lock(self.blk.transport())
     }
 
     fn w(&self, reg: u32, v: u32) {

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::backend::Backend;
 use super::Net;
 use crate::devices::virtio::MmioTransport;
+use crate::sync::lock;
 
 /// The transport around a net device, shared by the bus and the handle.
 pub type NetTransport = Arc<Mutex<MmioTransport<Net>>>;
@@ -24,12 +25,6 @@ pub type NetTransport = Arc<Mutex<MmioTransport<Net>>>;
 const RECV_BUFFER: usize = 65536;
 /// Frames read per lock of the device.
 const BATCH: usize = 64;
-
-/// Locks the transport, using it even if a panicking thread poisoned the
-/// lock (device models keep no invariant a panic breaks halfway).
-pub fn lock_transport(t: &Mutex<MmioTransport<Net>>) -> MutexGuard<'_, MmioTransport<Net>> {
-    t.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 enum Wake {
     Stop,
@@ -63,7 +58,7 @@ fn run(device: &Weak<Mutex<MmioTransport<Net>>>, backend: &Backend, stop: &Event
             let Some(dev) = device.upgrade() else {
                 return;
             };
-            let mut t = lock_transport(&dev);
+            let mut t = lock(&dev);
             for f in frames {
                 t.device_mut().enqueue_rx(f);
             }

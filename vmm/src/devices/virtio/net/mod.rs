@@ -29,12 +29,13 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MmioTransport, SharedDevice, VirtioError};
+use crate::sync::lock;
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub use backend::{Backend, BackendError, BackendKind};
 pub use config::{NetBackendSpec, NetConfig, NetConfigError, DEFAULT_MTU};
 pub use device::{Net, NetStats, RX_PENDING_LIMIT};
-pub use event_handler::{lock_transport, NetTransport};
+pub use event_handler::NetTransport;
 pub use persist::NetState;
 
 /// Errors setting up a net device.
@@ -179,7 +180,7 @@ impl TxWaker {
     /// As [`NetHandle::resume_tx`]. Must not be called with the device
     /// locked (from a hook).
     pub fn wake(&self) {
-        lock_transport(&self.0).process_backend_event();
+        lock(&self.0).process_backend_event();
     }
 }
 
@@ -200,34 +201,32 @@ impl NetHandle {
 
     /// The device's counters.
     pub fn stats(&self) -> NetStats {
-        lock_transport(&self.transport).device().stats()
+        lock(&self.transport).device().stats()
     }
 
     /// Replaces the frame hook.
     pub fn set_hook(&self, hook: Box<dyn FrameHook>) {
-        lock_transport(&self.transport).device_mut().set_hook(hook);
+        lock(&self.transport).device_mut().set_hook(hook);
     }
 
     /// Stops writing received frames into guest memory; they queue up
     /// (bounded) meanwhile. Call before taking or restoring a checkpoint.
     pub fn pause_rx(&self) {
-        lock_transport(&self.transport)
-            .device_mut()
-            .set_rx_held(true);
+        lock(&self.transport).device_mut().set_rx_held(true);
     }
 
     /// Releases receive (after [`NetHandle::pause_rx`] or a deferral) and
     /// delivers what the guest has buffers for; a deferred frame is
     /// offered to the hook again.
     pub fn resume_rx(&self) {
-        let mut t = lock_transport(&self.transport);
+        let mut t = lock(&self.transport);
         t.device_mut().set_rx_held(false);
         t.process_backend_event();
     }
 
     /// Queues `frame` for the guest as if the backend had received it.
     pub fn inject_rx(&self, frame: Vec<u8>) {
-        let mut t = lock_transport(&self.transport);
+        let mut t = lock(&self.transport);
         t.device_mut().enqueue_rx(frame);
         t.process_backend_event();
     }
@@ -248,7 +247,7 @@ impl NetHandle {
     /// ([`FrameHook::tx_ready`]): the frames the guest queued meanwhile go
     /// through the hook now.
     pub fn resume_tx(&self) {
-        lock_transport(&self.transport).process_backend_event();
+        lock(&self.transport).process_backend_event();
     }
 
     /// Sends `frame` straight to the backend, past the hook (for frames the
@@ -259,12 +258,12 @@ impl NetHandle {
 
     /// The device's checkpoint state.
     pub fn save(&self) -> NetState {
-        lock_transport(&self.transport).save_net()
+        lock(&self.transport).save_net()
     }
 
     /// Restores a checkpoint state (see [`MmioTransport::restore_net`]).
     pub fn restore(&self, state: &NetState) -> Result<(), VirtioError> {
-        lock_transport(&self.transport).restore_net(state)
+        lock(&self.transport).restore_net(state)
     }
 }
 

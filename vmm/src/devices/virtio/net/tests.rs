@@ -20,6 +20,7 @@ use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::CONFIG_OFFSET;
 use crate::devices::virtio::test_driver::*;
 use crate::devices::virtio::{INT_CONFIG, INT_USED_RING, VIRTIO_F_VERSION_1};
+use crate::sync::lock;
 
 const MAC: [u8; 6] = [2, 0, 0, 0, 0, 9];
 const RX_RING: u64 = 0x1_0000;
@@ -65,7 +66,7 @@ impl Harness {
     }
 
     fn bus(&self) -> MutexGuard<'_, MmioTransport<Net>> {
-        lock_transport(self.handle.transport())
+        lock(self.handle.transport())
     }
 
     fn w(&self, reg: u32, v: u32) {
@@ -488,14 +489,14 @@ struct BusMmio(NetTransport);
 
 impl guest_agent::virtio_net::Mmio for BusMmio {
     fn read32(&self, offset: usize) -> u32 {
-        r32(&mut *lock_transport(&self.0), offset as u32)
+        r32(&mut *lock(&self.0), offset as u32)
     }
     fn write32(&self, offset: usize, value: u32) {
-        w32(&mut *lock_transport(&self.0), offset as u32, value);
+        w32(&mut *lock(&self.0), offset as u32, value);
     }
     fn read8(&self, offset: usize) -> u8 {
         let mut b = [0u8];
-        lock_transport(&self.0).read(offset as u64, &mut b);
+        lock(&self.0).read(offset as u64, &mut b);
         b[0]
     }
 }
