@@ -4,16 +4,24 @@ memory size and dirty pages, next to the naive full-copy checkpoint and
 QEMU's savevm/loadvm, all measured in the same run.
 
     python3 benches/checkpoint.py [--quick] [--no-qemu] [--sizes 256M,1G,4G]
-        [--dirty 1,100,2000] [--cpus 1,2,4] [--round-trips 2000] [--out FILE]
-        [--baseline SPECVM] [--shadow-cost]
+        [--dirty 1,100,2000] [--cpus 1,2,4] [--round-trips 2000] [--rt-runs 3]
+        [--out FILE] [--baseline SPECVM] [--shadow-cost]
 
-Our figures come from the VMM itself (`specvm run --stats`): each operation
-is timed from the moment the controller has the request until every vCPU
-may run again. The guest is `spec_bench` (see its source): per repetition
+Our figures come from the VMM itself (`specvm run --stats`, at the default
+log level): each operation is timed from the moment the controller has the
+request until every vCPU may run again. The guest is `spec_bench` (see its source): per repetition
 it dirties N pages and speculates, dirties N pages and aborts, then dirties
 N pages, speculates, dirties N pages and commits. Guest-driven round trips
 per second come from the same guest in its loop mode (speculate, dirty N
-pages, abort, again), timed on the host between two lines it prints.
+pages, abort, again), timed on the host between two lines it prints;
+each cell is the median of `--rt-runs` runs (with `--baseline`, the two
+builds alternate), with the lowest and highest beside it.
+
+With 1 and 100 dirty pages both measured, the run also splits what one
+more dirty page adds to a round trip: the VMM's memory steps (the
+`checkpoint.memory` and `rollback.memory` medians) against everything
+else, which is mostly the guest's own page faults on the host's KVM. That
+split says how much of a round trip the VMM can still win.
 
 `--shadow-cost` adds the round trips without this host's shadow page-table
 reset (`SPECVM_UNSAFE_SKIP_SHADOW_RESET=1`, measurement only, see
@@ -37,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECVM = os.path.join(ROOT, "target", "release", "specvm")
 GUEST = os.path.join(ROOT, "target", "bare-guests", "spec_bench")
 PAGE = 4096
+LOG_FILTER = "warn,vmm::vstate::dirty=info"
 FREE_BASE = 16 << 20  # the bare guest's data area starts at 16 MiB
 
 MEM_SIZES = [("256M", 256), ("1G", 1024), ("4G", 4096)]
@@ -55,7 +64,11 @@ def run_specvm(mem, pages, reps, mode="cow", cpus=1, phases=False, tracking=None
     each operation (dirty-page harvest, state save, state restore...),
     and under "tracking" the dirty-tracking method the VMM logged."""
     arg = pages | (reps << 32)
-    cmd = [specvm or SPECVM, "--log-level", "info", "run", "--bare", GUEST, "--memory", mem,
+    # The VMM's default log level (warn), but for the line that names the
+    # dirty-tracking method: at info, every operation also writes a log
+    # line, which cost about 10 µs of each here (commit 15-20 µs against
+    # 9 µs), a cost a user who keeps the default does not pay.
+    cmd = [specvm or SPECVM, "--log-level", LOG_FILTER, "run", "--bare", GUEST, "--memory", mem,
            "--cpus", str(cpus), "--guest-arg", str(arg),
            "--serial", "null", "--stats", "--checkpoint", mode]
     env = dict(os.environ)
@@ -108,6 +121,50 @@ def round_trips(mem, pages, reps, cpus=1, mode="cow", specvm=None, env=None):
     return reps / (t1 - t0)
 
 
+def fmt_rate(median, runs):
+    """A rate a second with the range of its runs: `2,506 (2,359-2,533)`."""
+    if len(runs) < 2:
+        return f"{median:,.0f}"
+    return f"{median:,.0f} ({min(runs):,.0f}-{max(runs):,.0f})"
+
+
+def per_page_section(sizes, cpus, cow, rts, lines):
+    """What one more dirty page adds to a guest-driven round trip, from
+    the 1- and 100-page round trips, split into the VMM's memory steps
+    (from the `--stats` phases of the same dirty counts) and the rest."""
+    rows = []
+    for ncpu in cpus:
+        for mem, _ in sizes:
+            r1, r100 = rts.get((mem, 1, ncpu)), rts.get((mem, 100, ncpu))
+            c1, c100 = cow.get((mem, 1, ncpu)), cow.get((mem, 100, ncpu))
+            if not (r1 and r100 and c1 and c100):
+                continue
+            per_page = (1e6 / r100 - 1e6 / r1) / 99
+            def mem_steps(c):
+                ph = c.get("phases", {})
+                return ph.get("checkpoint.memory", 0) + ph.get("rollback.memory", 0)
+            vmm = (mem_steps(c100) - mem_steps(c1)) / 99
+            one = 1e6 / r1
+            ops = c1["speculate"] + c1["abort"]
+            rows.append(f"| {mem} | {ncpu} | {fmt_us(per_page)} | {fmt_us(vmm)} | {fmt_us(per_page - vmm)} | "
+                        f"{fmt_us(one)} | {fmt_us(ops)} | {ops / one:.0%} |")
+    if not rows:
+        return
+    lines.append("\n## What a round trip costs, and who pays it\n")
+    lines.append("Per dirty page: the 100-page round trip less the 1-page one, over 99 pages. "
+                 "The VMM's share is what the `checkpoint.memory` and `rollback.memory` medians "
+                 "grow by per page; the rest is mostly the guest's write fault on each page, "
+                 "which the host's KVM serves. The 1-page round trip set against the VMM's own "
+                 "`speculate` and `abort` medians (the rest: the guest's exits into the VMM and "
+                 "back, its faults after the rollback, and the threads' hand-offs).\n")
+    lines.append("| memory | vCPUs | each dirty page adds to a round trip | of which the VMM's memory steps | "
+                 "the rest | a 1-page round trip | the VMM's speculate + abort medians | their share |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        lines.append(r)
+        print(r, flush=True)
+
+
 def memcpy_us(pages):
     """Median time to copy `pages` pages with one memcpy, in µs: the
     reference for "abort within 2x the cost of copying the dirty pages"."""
@@ -146,6 +203,8 @@ def main():
     ap.add_argument("--reps", type=int, default=7, help="repetitions per specvm run")
     ap.add_argument("--round-trips", type=int, default=2000,
                     help="guest-driven speculate/abort round trips per run")
+    ap.add_argument("--rt-runs", type=int, default=3,
+                    help="runs per round-trip cell; the median is shown, with the range")
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
     ap.add_argument("--baseline", metavar="SPECVM",
                     help="an older specvm binary to run beside this one, interleaved: before/after columns")
@@ -214,27 +273,39 @@ def main():
         tracking_section(sizes, dirty, args.reps, lines)
 
     out(f"\n## Guest-driven round trips (speculate, dirty N pages, abort), {args.round_trips} per run, timed on the host\n")
+    out(f"Median of {args.rt_runs} runs, lowest and highest in brackets.\n")
     bcols = " baseline round trips / s | this / baseline |" if args.baseline else ""
     scols = " without the shadow reset / s | reset's share of a round trip |" if args.shadow_cost else ""
     out("| memory | vCPUs | dirty pages | specvm round trips / s | naive full copy round trips / s | specvm / naive |" + bcols + scols)
     out("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * ((2 if args.baseline else 0) + (2 if args.shadow_cost else 0)))
+    rts = {}
     for ncpu in cpus:
         for mem, mib in sizes:
             for n in [x for x in (1, 100) if x in dirty]:
-                rt = round_trips(mem, n, args.round_trips, cpus=ncpu)
+                runs, bruns = [], []
+                for i in range(max(1, args.rt_runs)):
+                    if args.baseline and i % 2:
+                        bruns.append(round_trips(mem, n, args.round_trips, cpus=ncpu, specvm=args.baseline))
+                    runs.append(round_trips(mem, n, args.round_trips, cpus=ncpu))
+                    if args.baseline and not i % 2:
+                        bruns.append(round_trips(mem, n, args.round_trips, cpus=ncpu, specvm=args.baseline))
+                rt = statistics.median(runs)
+                rts[(mem, n, ncpu)] = rt
                 # The naive peer copies all of memory twice per round trip:
                 # a handful of round trips is enough to time it.
                 naive = round_trips(mem, n, 3, cpus=ncpu, mode="full-copy")
                 extra = ""
                 if args.baseline:
-                    b = round_trips(mem, n, args.round_trips, cpus=ncpu, specvm=args.baseline)
-                    extra = f" {b:,.0f} | {rt / b:.2f}x |"
+                    b = statistics.median(bruns)
+                    extra = f" {fmt_rate(b, bruns)} | {rt / b:.2f}x |"
                 if args.shadow_cost:
                     ns = round_trips(mem, n, args.round_trips, cpus=ncpu,
                                      env={"SPECVM_UNSAFE_SKIP_SHADOW_RESET": "1"})
                     extra += f" {ns:,.0f} | {(1 / rt - 1 / ns) * rt:.0%} |"
-                out(f"| {mem} | {ncpu} | {n} | {rt:,.0f} | {naive:,.1f} | {rt / naive:,.0f}x |" + extra)
+                out(f"| {mem} | {ncpu} | {n} | {fmt_rate(rt, runs)} | {naive:,.1f} | {rt / naive:,.0f}x |" + extra)
                 print(lines[-1], flush=True)
+
+    per_page_section(sizes, cpus, cow, rts, lines)
 
     out("\n## The naive peer: a full copy of guest memory per checkpoint (`--checkpoint full-copy`), 100 dirty pages, 1 vCPU\n")
     out("| memory | speculate (naive) | abort (naive) | speculate: naive / specvm | abort: naive / specvm |")
