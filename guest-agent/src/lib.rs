@@ -7,7 +7,8 @@
 //! so host and guest can never disagree on a number. On x86_64, [`pio`] has
 //! the port I/O primitives, [`serial`] a polling writer for the console UART,
 //! and [`exit`] ends the VM with a status code. [`virtio_net`] and
-//! [`virtio_blk`] are polling virtio-mmio drivers for bare guests.
+//! [`virtio_blk`] are polling virtio-mmio drivers for bare guests, on the
+//! transport they share, [`virtio_mmio`] (where a new driver starts).
 #![cfg_attr(not(feature = "std"), no_std)]
 
 pub mod abi;
@@ -25,5 +26,7 @@ pub mod pio;
 pub mod serial;
 #[cfg(target_arch = "x86_64")]
 pub mod virtio_blk;
+#[cfg(target_arch = "x86_64")]
+pub mod virtio_mmio;
 #[cfg(target_arch = "x86_64")]
 pub mod virtio_net;

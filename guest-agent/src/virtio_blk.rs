@@ -30,7 +30,11 @@
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
 
-pub use crate::virtio_net::{Mmio, PhysMmio, FIRST_SLOT_BASE};
+use crate::virtio_mmio::{
+    self as transport, TransportError, AVAIL_OFFSET, DESC_F_NEXT, DESC_F_WRITE, DESC_OFFSET,
+    REG_CONFIG, REG_QUEUE_NOTIFY, USED_OFFSET,
+};
+pub use crate::virtio_mmio::{Mmio, PhysMmio, FIRST_SLOT_BASE, F_VERSION_1};
 
 /// Bytes between two virtio-mmio slots of specvm.
 pub const SLOT_SIZE: u64 = 0x1000;
@@ -54,9 +58,6 @@ pub const S_IOERR: u8 = 1;
 /// Status: the request is not supported.
 pub const S_UNSUPP: u8 = 2;
 
-const DESC_OFFSET: usize = 0;
-const AVAIL_OFFSET: usize = 0x100;
-const USED_OFFSET: usize = 0x200;
 const HEADER_OFFSET: usize = 0x1000;
 const STATUS_OFFSET: usize = 0x1010;
 const ID_OFFSET: usize = 0x1020;
@@ -72,44 +73,12 @@ const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 
-// Registers (virtio 1.x, 4.2.2).
-const REG_MAGIC: usize = 0x000;
-const REG_VERSION: usize = 0x004;
-const REG_DEVICE_ID: usize = 0x008;
-const REG_DEVICE_FEATURES: usize = 0x010;
-const REG_DEVICE_FEATURES_SEL: usize = 0x014;
-const REG_DRIVER_FEATURES: usize = 0x020;
-const REG_DRIVER_FEATURES_SEL: usize = 0x024;
-const REG_QUEUE_SEL: usize = 0x030;
-const REG_QUEUE_NUM_MAX: usize = 0x034;
-const REG_QUEUE_NUM: usize = 0x038;
-const REG_QUEUE_READY: usize = 0x044;
-const REG_QUEUE_NOTIFY: usize = 0x050;
-const REG_STATUS: usize = 0x070;
-const REG_QUEUE_DESC: usize = 0x080;
-const REG_QUEUE_AVAIL: usize = 0x090;
-const REG_QUEUE_USED: usize = 0x0a0;
-const REG_CONFIG_GENERATION: usize = 0x0fc;
-const REG_CONFIG: usize = 0x100;
-
-const MAGIC: u32 = 0x7472_6976;
-/// The device id of a block device.
+/// The virtio device id of a block device.
 pub const BLOCK_DEVICE_ID: u32 = 2;
-const S_ACKNOWLEDGE: u32 = 1;
-const S_DRIVER: u32 = 2;
-const S_DRIVER_OK: u32 = 4;
-const S_FEATURES_OK: u32 = 8;
-const S_NEEDS_RESET: u32 = 0x40;
-/// VIRTIO_F_VERSION_1.
-pub const F_VERSION_1: u64 = 1 << 32;
 /// VIRTIO_BLK_F_RO: the device is read-only.
 pub const F_RO: u64 = 1 << 5;
 /// VIRTIO_BLK_F_FLUSH: the device takes FLUSH requests.
 pub const F_FLUSH: u64 = 1 << 9;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-/// VRING_AVAIL_F_NO_INTERRUPT: this driver polls.
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// How often a request polls the used ring before giving up.
 const SPIN_LIMIT: u32 = 1 << 24;
 
@@ -169,6 +138,20 @@ impl fmt::Display for Error {
     }
 }
 
+impl From<TransportError> for Error {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::BadMagic(v) => Self::BadMagic(v),
+            TransportError::BadVersion(v) => Self::BadVersion(v),
+            TransportError::OtherDevice(id) => Self::NotBlock(id),
+            TransportError::NoVersion1 => Self::NoVersion1,
+            TransportError::FeaturesRefused => Self::FeaturesRefused,
+            TransportError::QueueTooSmall { max, .. } => Self::QueueTooSmall(max),
+            TransportError::NeedsReset => Self::NeedsReset,
+        }
+    }
+}
+
 /// The base of specvm's virtio-mmio slot `slot`.
 pub const fn slot_base(slot: u32) -> u64 {
     FIRST_SLOT_BASE + slot as u64 * SLOT_SIZE
@@ -179,7 +162,7 @@ pub const fn slot_base(slot: u32) -> u64 {
 /// Empty slots (unclaimed MMIO reads all ones in specvm) are skipped.
 pub fn find_slot<M: Mmio>(mut window: impl FnMut(u32) -> M, nth: usize) -> Option<u32> {
     (0..SLOTS)
-        .filter(|&slot| probe(&window(slot)).is_ok())
+        .filter(|&slot| transport::probe(&window(slot), BLOCK_DEVICE_ID).is_ok())
         .nth(nth)
 }
 
@@ -211,11 +194,7 @@ impl<M: Mmio> VirtioBlk<M> {
     /// Resets the device behind `mmio`, negotiates, sets up the request
     /// queue in `dma` and starts the device.
     pub fn new(mmio: M, dma: Dma) -> Result<Self, Error> {
-        probe(&mmio)?;
-        mmio.write32(REG_STATUS, 0);
-        mmio.write32(REG_STATUS, S_ACKNOWLEDGE);
-        mmio.write32(REG_STATUS, S_ACKNOWLEDGE | S_DRIVER);
-        let features = negotiate(&mmio)?;
+        let features = transport::begin(&mmio, BLOCK_DEVICE_ID, F_FLUSH | F_RO)?;
         for offset in (0..BUFFER_OFFSET).step_by(8) {
             dma.write(offset, 0u64);
         }
@@ -227,12 +206,11 @@ impl<M: Mmio> VirtioBlk<M> {
             avail_idx: 0,
             used_idx: 0,
         };
-        dev.setup_queue()?;
-        let status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
-        dev.mmio.write32(REG_STATUS, status);
-        if dev.needs_reset() {
-            return Err(Error::NeedsReset);
-        }
+        let dma = &dev.dma;
+        transport::setup_queue(&dev.mmio, 0, QUEUE_SIZE, dma.phys(0), |flags| {
+            dma.write(AVAIL_OFFSET, flags)
+        })?;
+        transport::start(&dev.mmio)?;
         dev.capacity = dev.read_capacity();
         Ok(dev)
     }
@@ -254,7 +232,7 @@ impl<M: Mmio> VirtioBlk<M> {
 
     /// Whether the device asks for a reset.
     pub fn needs_reset(&self) -> bool {
-        self.mmio.read32(REG_STATUS) & S_NEEDS_RESET != 0
+        transport::needs_reset(&self.mmio)
     }
 
     /// Reads `buf.len()` bytes (whole sectors) from sector `sector` on.
@@ -310,45 +288,14 @@ impl<M: Mmio> VirtioBlk<M> {
         Ok(id)
     }
 
-    fn setup_queue(&mut self) -> Result<(), Error> {
-        let m = &self.mmio;
-        m.write32(REG_QUEUE_SEL, 0);
-        let max = m.read32(REG_QUEUE_NUM_MAX);
-        if max < u32::from(QUEUE_SIZE) || m.read32(REG_QUEUE_READY) != 0 {
-            return Err(Error::QueueTooSmall(max));
-        }
-        m.write32(REG_QUEUE_NUM, QUEUE_SIZE.into());
-        for (reg, offset) in [
-            (REG_QUEUE_DESC, DESC_OFFSET),
-            (REG_QUEUE_AVAIL, AVAIL_OFFSET),
-            (REG_QUEUE_USED, USED_OFFSET),
-        ] {
-            let addr = self.dma.phys(offset);
-            m.write32(reg, addr as u32);
-            m.write32(reg + 4, (addr >> 32) as u32);
-        }
-        self.dma.write(AVAIL_OFFSET, AVAIL_F_NO_INTERRUPT);
-        m.write32(REG_QUEUE_READY, 1);
-        if m.read32(REG_QUEUE_READY) != 1 {
-            return Err(Error::QueueTooSmall(max));
-        }
-        Ok(())
-    }
-
     /// `capacity`, the first field of the configuration space, read as two
     /// 32-bit halves while the configuration generation holds still.
     fn read_capacity(&self) -> u64 {
-        let mut capacity = 0;
-        for _ in 0..8 {
-            let generation = self.mmio.read32(REG_CONFIG_GENERATION);
-            let lo = self.mmio.read32(REG_CONFIG);
-            let hi = self.mmio.read32(REG_CONFIG + 4);
-            capacity = u64::from(hi) << 32 | u64::from(lo);
-            if self.mmio.read32(REG_CONFIG_GENERATION) == generation {
-                break;
-            }
-        }
-        capacity
+        transport::read_config(&self.mmio, |m| {
+            let lo = m.read32(REG_CONFIG);
+            let hi = m.read32(REG_CONFIG + 4);
+            u64::from(hi) << 32 | u64::from(lo)
+        })
     }
 
     /// Writes descriptor `index`.
@@ -424,43 +371,6 @@ fn check_sectors(len: usize) -> Result<(), Error> {
     }
 }
 
-fn probe(mmio: &impl Mmio) -> Result<(), Error> {
-    match mmio.read32(REG_MAGIC) {
-        MAGIC => {}
-        v => return Err(Error::BadMagic(v)),
-    }
-    match mmio.read32(REG_VERSION) {
-        2 => {}
-        v => return Err(Error::BadVersion(v)),
-    }
-    match mmio.read32(REG_DEVICE_ID) {
-        BLOCK_DEVICE_ID => Ok(()),
-        id => Err(Error::NotBlock(id)),
-    }
-}
-
-fn negotiate(mmio: &impl Mmio) -> Result<u64, Error> {
-    mmio.write32(REG_DEVICE_FEATURES_SEL, 0);
-    let lo = mmio.read32(REG_DEVICE_FEATURES);
-    mmio.write32(REG_DEVICE_FEATURES_SEL, 1);
-    let hi = mmio.read32(REG_DEVICE_FEATURES);
-    let offered = u64::from(hi) << 32 | u64::from(lo);
-    if offered & F_VERSION_1 == 0 {
-        return Err(Error::NoVersion1);
-    }
-    let wanted = offered & (F_VERSION_1 | F_FLUSH | F_RO);
-    mmio.write32(REG_DRIVER_FEATURES_SEL, 0);
-    mmio.write32(REG_DRIVER_FEATURES, wanted as u32);
-    mmio.write32(REG_DRIVER_FEATURES_SEL, 1);
-    mmio.write32(REG_DRIVER_FEATURES, (wanted >> 32) as u32);
-    let status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK;
-    mmio.write32(REG_STATUS, status);
-    if mmio.read32(REG_STATUS) & S_FEATURES_OK == 0 {
-        return Err(Error::FeaturesRefused);
-    }
-    Ok(wanted)
-}
-
 #[cfg(test)]
 mod tests {
     //! The driver against a model device written from the virtio spec: it
@@ -469,6 +379,8 @@ mod tests {
     extern crate std;
 
     use super::*;
+    // The model device serves the transport's registers by name.
+    use crate::virtio_mmio::*;
     use core::cell::RefCell;
     use std::vec;
     use std::vec::Vec;

@@ -19,8 +19,12 @@
 use core::fmt;
 use core::sync::atomic::{fence, Ordering};
 
-/// The guest-physical base of the first virtio-mmio slot of specvm.
-pub const FIRST_SLOT_BASE: u64 = 0xd000_0000;
+use crate::virtio_mmio::{
+    self as transport, TransportError, AVAIL_OFFSET, DESC_F_WRITE, DESC_OFFSET, REG_CONFIG,
+    REG_QUEUE_NOTIFY, USED_OFFSET,
+};
+pub use crate::virtio_mmio::{Mmio, PhysMmio, FIRST_SLOT_BASE};
+
 /// Entries per queue.
 pub const QUEUE_SIZE: u16 = 16;
 /// Bytes per buffer (header and frame).
@@ -37,43 +41,9 @@ pub const DMA_SIZE: usize = 2 * RING_AREA + 2 * QSIZE * BUFFER_SIZE;
 
 const RX: usize = 0;
 const TX: usize = 1;
-const DESC_OFFSET: usize = 0;
-const AVAIL_OFFSET: usize = 0x100;
-const USED_OFFSET: usize = 0x200;
-
-// Registers (virtio 1.x, 4.2.2).
-const REG_MAGIC: usize = 0x000;
-const REG_VERSION: usize = 0x004;
-const REG_DEVICE_ID: usize = 0x008;
-const REG_DEVICE_FEATURES: usize = 0x010;
-const REG_DEVICE_FEATURES_SEL: usize = 0x014;
-const REG_DRIVER_FEATURES: usize = 0x020;
-const REG_DRIVER_FEATURES_SEL: usize = 0x024;
-const REG_QUEUE_SEL: usize = 0x030;
-const REG_QUEUE_NUM_MAX: usize = 0x034;
-const REG_QUEUE_NUM: usize = 0x038;
-const REG_QUEUE_READY: usize = 0x044;
-const REG_QUEUE_NOTIFY: usize = 0x050;
-const REG_STATUS: usize = 0x070;
-const REG_QUEUE_DESC: usize = 0x080;
-const REG_QUEUE_AVAIL: usize = 0x090;
-const REG_QUEUE_USED: usize = 0x0a0;
-const REG_CONFIG_GENERATION: usize = 0x0fc;
-const REG_CONFIG: usize = 0x100;
-
-const MAGIC: u32 = 0x7472_6976;
 const NET_DEVICE_ID: u32 = 1;
-const S_ACKNOWLEDGE: u32 = 1;
-const S_DRIVER: u32 = 2;
-const S_DRIVER_OK: u32 = 4;
-const S_FEATURES_OK: u32 = 8;
-const S_NEEDS_RESET: u32 = 0x40;
-const F_VERSION_1: u64 = 1 << 32;
 const F_MAC: u64 = 1 << 5;
 const F_MTU: u64 = 1 << 3;
-const DESC_F_WRITE: u16 = 2;
-/// VRING_AVAIL_F_NO_INTERRUPT: this driver polls.
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// How often `send` polls for a free transmit buffer before giving up.
 const TX_SPIN_LIMIT: u32 = 1 << 20;
 
@@ -123,52 +93,17 @@ impl fmt::Display for Error {
     }
 }
 
-/// 32-bit and 8-bit access to a device's register window (offsets from its
-/// base).
-pub trait Mmio {
-    /// Reads the 32-bit register at `offset`.
-    fn read32(&self, offset: usize) -> u32;
-    /// Writes the 32-bit register at `offset`.
-    fn write32(&self, offset: usize, value: u32);
-    /// Reads one byte (of the configuration space) at `offset`.
-    fn read8(&self, offset: usize) -> u8;
-}
-
-/// A register window at an identity-mapped physical address.
-#[derive(Debug, Clone, Copy)]
-pub struct PhysMmio {
-    base: usize,
-}
-
-impl PhysMmio {
-    /// The window at `base`.
-    ///
-    /// # Safety
-    /// `base..base + 0x1000` must be mapped at the same virtual address and
-    /// belong to a device (or be a hole whose accesses the VMM handles):
-    /// the driver reads and writes it.
-    pub const unsafe fn new(base: u64) -> Self {
-        Self {
-            base: base as usize,
+impl From<TransportError> for Error {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::BadMagic(v) => Self::BadMagic(v),
+            TransportError::BadVersion(v) => Self::BadVersion(v),
+            TransportError::OtherDevice(id) => Self::NotNet(id),
+            TransportError::NoVersion1 => Self::NoVersion1,
+            TransportError::FeaturesRefused => Self::FeaturesRefused,
+            TransportError::QueueTooSmall { queue, max } => Self::QueueTooSmall { queue, max },
+            TransportError::NeedsReset => Self::NeedsReset,
         }
-    }
-}
-
-impl Mmio for PhysMmio {
-    fn read32(&self, offset: usize) -> u32 {
-        // SAFETY: `new`'s contract makes the window accessible; offsets
-        // come from this module and stay inside it.
-        unsafe { ((self.base + offset) as *const u32).read_volatile() }
-    }
-
-    fn write32(&self, offset: usize, value: u32) {
-        // SAFETY: as for `read32`.
-        unsafe { ((self.base + offset) as *mut u32).write_volatile(value) }
-    }
-
-    fn read8(&self, offset: usize) -> u8 {
-        // SAFETY: as for `read32`.
-        unsafe { ((self.base + offset) as *const u8).read_volatile() }
     }
 }
 
@@ -203,11 +138,7 @@ impl<M: Mmio> VirtioNet<M> {
     /// Resets the device behind `mmio`, negotiates, sets up both queues in
     /// `dma`, posts every receive buffer and starts the device.
     pub fn new(mmio: M, dma: Dma) -> Result<Self, Error> {
-        probe(&mmio)?;
-        mmio.write32(REG_STATUS, 0);
-        mmio.write32(REG_STATUS, S_ACKNOWLEDGE);
-        mmio.write32(REG_STATUS, S_ACKNOWLEDGE | S_DRIVER);
-        let features = negotiate(&mmio)?;
+        let features = transport::begin(&mmio, NET_DEVICE_ID, F_MAC | F_MTU)?;
         for offset in (0..DMA_SIZE).step_by(8) {
             dma.write(offset, 0u64);
         }
@@ -228,11 +159,7 @@ impl<M: Mmio> VirtioNet<M> {
         for i in 0..QUEUE_SIZE {
             dev.post_rx(i);
         }
-        let status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
-        dev.mmio.write32(REG_STATUS, status);
-        if dev.needs_reset() {
-            return Err(Error::NeedsReset);
-        }
+        transport::start(&dev.mmio)?;
         dev.mmio.write32(REG_QUEUE_NOTIFY, RX as u32);
         dev.read_config();
         Ok(dev)
@@ -255,54 +182,35 @@ impl<M: Mmio> VirtioNet<M> {
 
     /// Whether the device asks for a reset.
     pub fn needs_reset(&self) -> bool {
-        self.mmio.read32(REG_STATUS) & S_NEEDS_RESET != 0
+        transport::needs_reset(&self.mmio)
     }
 
     fn setup_queue(&mut self, queue: usize) -> Result<(), Error> {
-        let m = &self.mmio;
-        m.write32(REG_QUEUE_SEL, queue as u32);
-        let max = m.read32(REG_QUEUE_NUM_MAX);
-        if max < u32::from(QUEUE_SIZE) || m.read32(REG_QUEUE_READY) != 0 {
-            return Err(Error::QueueTooSmall {
-                queue: queue as u16,
-                max,
-            });
-        }
-        m.write32(REG_QUEUE_NUM, QUEUE_SIZE.into());
-        let base = self.dma.phys(ring(queue));
-        for (reg, offset) in [
-            (REG_QUEUE_DESC, DESC_OFFSET),
-            (REG_QUEUE_AVAIL, AVAIL_OFFSET),
-            (REG_QUEUE_USED, USED_OFFSET),
-        ] {
-            let addr = base + offset as u64;
-            m.write32(reg, addr as u32);
-            m.write32(reg + 4, (addr >> 32) as u32);
-        }
-        self.dma
-            .write(ring(queue) + AVAIL_OFFSET, AVAIL_F_NO_INTERRUPT);
-        m.write32(REG_QUEUE_READY, 1);
+        let area = ring(queue);
+        let dma = &self.dma;
+        transport::setup_queue(
+            &self.mmio,
+            queue as u16,
+            QUEUE_SIZE,
+            dma.phys(area),
+            |flags| dma.write(area + AVAIL_OFFSET, flags),
+        )?;
         Ok(())
     }
 
     fn read_config(&mut self) {
-        // Retry while the configuration generation changes under us.
-        for _ in 0..8 {
-            let generation = self.mmio.read32(REG_CONFIG_GENERATION);
-            if self.features & F_MAC != 0 {
-                for (i, b) in self.mac.iter_mut().enumerate() {
-                    *b = self.mmio.read8(REG_CONFIG + i);
+        let features = self.features;
+        (self.mac, self.mtu) = transport::read_config(&self.mmio, |m| {
+            let mut mac = [0; 6];
+            if features & F_MAC != 0 {
+                for (i, b) in mac.iter_mut().enumerate() {
+                    *b = m.read8(REG_CONFIG + i);
                 }
             }
-            if self.features & F_MTU != 0 {
-                let lo = self.mmio.read8(REG_CONFIG + 10);
-                let hi = self.mmio.read8(REG_CONFIG + 11);
-                self.mtu = Some(u16::from_le_bytes([lo, hi]));
-            }
-            if self.mmio.read32(REG_CONFIG_GENERATION) == generation {
-                break;
-            }
-        }
+            let mtu = (features & F_MTU != 0)
+                .then(|| u16::from_le_bytes([m.read8(REG_CONFIG + 10), m.read8(REG_CONFIG + 11)]));
+            (mac, mtu)
+        });
     }
 
     /// Writes descriptor `index` of `queue`.
@@ -421,41 +329,4 @@ impl<M: Mmio> VirtioNet<M> {
         }
         None
     }
-}
-
-fn probe(mmio: &impl Mmio) -> Result<(), Error> {
-    match mmio.read32(REG_MAGIC) {
-        MAGIC => {}
-        v => return Err(Error::BadMagic(v)),
-    }
-    match mmio.read32(REG_VERSION) {
-        2 => {}
-        v => return Err(Error::BadVersion(v)),
-    }
-    match mmio.read32(REG_DEVICE_ID) {
-        NET_DEVICE_ID => Ok(()),
-        id => Err(Error::NotNet(id)),
-    }
-}
-
-fn negotiate(mmio: &impl Mmio) -> Result<u64, Error> {
-    mmio.write32(REG_DEVICE_FEATURES_SEL, 0);
-    let lo = mmio.read32(REG_DEVICE_FEATURES);
-    mmio.write32(REG_DEVICE_FEATURES_SEL, 1);
-    let hi = mmio.read32(REG_DEVICE_FEATURES);
-    let offered = u64::from(hi) << 32 | u64::from(lo);
-    if offered & F_VERSION_1 == 0 {
-        return Err(Error::NoVersion1);
-    }
-    let wanted = offered & (F_VERSION_1 | F_MAC | F_MTU);
-    mmio.write32(REG_DRIVER_FEATURES_SEL, 0);
-    mmio.write32(REG_DRIVER_FEATURES, wanted as u32);
-    mmio.write32(REG_DRIVER_FEATURES_SEL, 1);
-    mmio.write32(REG_DRIVER_FEATURES, (wanted >> 32) as u32);
-    let status = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK;
-    mmio.write32(REG_STATUS, status);
-    if mmio.read32(REG_STATUS) & S_FEATURES_OK == 0 {
-        return Err(Error::FeaturesRefused);
-    }
-    Ok(wanted)
 }
