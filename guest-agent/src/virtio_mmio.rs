@@ -17,8 +17,6 @@
 //! available ring at [`AVAIL_OFFSET`], the used ring at [`USED_OFFSET`]
 //! (room for 16 entries).
 
-use core::fmt;
-
 /// The guest-physical base of the first virtio-mmio slot of specvm.
 pub const FIRST_SLOT_BASE: u64 = 0xd000_0000;
 
@@ -111,7 +109,8 @@ impl Mmio for PhysMmio {
 }
 
 /// Why the transport could not bring a device up. Each driver turns these
-/// into its own error type, with the device it expected named.
+/// into its own error type (`From`), which names the device it expected
+/// and says it in words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportError {
     /// No virtio-mmio device: the magic value read back.
@@ -135,22 +134,6 @@ pub enum TransportError {
     NeedsReset,
 }
 
-impl fmt::Display for TransportError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::BadMagic(v) => write!(f, "no virtio-mmio device (magic {v:#x})"),
-            Self::BadVersion(v) => write!(f, "virtio-mmio version {v}, not 2"),
-            Self::OtherDevice(id) => write!(f, "virtio device type {id}"),
-            Self::NoVersion1 => f.write_str("device does not offer VIRTIO_F_VERSION_1"),
-            Self::FeaturesRefused => f.write_str("device refused the features"),
-            Self::QueueTooSmall { queue, max } => {
-                write!(f, "queue {queue} holds {max} entries, too few")
-            }
-            Self::NeedsReset => f.write_str("device needs a reset"),
-        }
-    }
-}
-
 /// Whether `mmio` holds a virtio-mmio version 2 device of type `device_id`.
 pub fn probe(mmio: &impl Mmio, device_id: u32) -> Result<(), TransportError> {
     match mmio.read32(REG_MAGIC) {
@@ -171,11 +154,7 @@ pub fn probe(mmio: &impl Mmio, device_id: u32) -> Result<(), TransportError> {
 /// negotiates: VIRTIO_F_VERSION_1, which it must offer, and whatever of
 /// `optional` it offers. Returns the features agreed, with FEATURES_OK set
 /// and checked (virtio 1.x, 3.1.1 steps 1 to 6).
-pub fn begin(
-    mmio: &impl Mmio,
-    device_id: u32,
-    optional: u64,
-) -> Result<u64, TransportError> {
+pub fn begin(mmio: &impl Mmio, device_id: u32, optional: u64) -> Result<u64, TransportError> {
     probe(mmio, device_id)?;
     mmio.write32(REG_STATUS, 0);
     mmio.write32(REG_STATUS, S_ACKNOWLEDGE);
