@@ -9,9 +9,9 @@ QEMU's savevm/loadvm, all measured in the same run.
 
 Our figures come from the VMM itself (`specvm run --stats`, at the default
 log level): each operation is timed from the moment the controller has the
-request until every vCPU may run again. The guest is `spec_bench` (see its source): per repetition
-it dirties N pages and speculates, dirties N pages and aborts, then dirties
-N pages, speculates, dirties N pages and commits. Guest-driven round trips
+request until every vCPU may run again. The guest is `spec_bench` (see its
+source): per repetition it dirties N pages and speculates, dirties N pages
+and aborts, then dirties N pages, speculates, dirties N pages and commits. Guest-driven round trips
 per second come from the same guest in its loop mode (speculate, dirty N
 pages, abort, again), timed on the host between two lines it prints;
 each cell is the median of `--rt-runs` runs (with `--baseline`, the two
