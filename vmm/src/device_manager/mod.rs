@@ -10,7 +10,8 @@
 //! Adding a stateful device: its folder under `devices/` (with a
 //! `persist.rs` implementing [`crate::persist::Persist`] and the state's
 //! [`crate::persist::Encode`]/[`crate::persist::Decode`]), a field here
-//! and in [`DeviceStates`], and its kind in [`persist`].
+//! and in [`DeviceStates`], and its kind in [`persist`]. `docs/devices.md`
+//! walks through the whole of it, speculation included.
 
 pub mod persist;
 
