@@ -132,6 +132,10 @@ def per_page_section(sizes, cpus, cow, rts, lines):
     """What one more dirty page adds to a guest-driven round trip, from
     the 1- and 100-page round trips, split into the VMM's memory steps
     (from the `--stats` phases of the same dirty counts) and the rest."""
+    def mem_steps(c):
+        ph = c.get("phases", {})
+        return ph.get("checkpoint.memory", 0) + ph.get("rollback.memory", 0)
+
     rows = []
     for ncpu in cpus:
         for mem, _ in sizes:
@@ -140,9 +144,6 @@ def per_page_section(sizes, cpus, cow, rts, lines):
             if not (r1 and r100 and c1 and c100):
                 continue
             per_page = (1e6 / r100 - 1e6 / r1) / 99
-            def mem_steps(c):
-                ph = c.get("phases", {})
-                return ph.get("checkpoint.memory", 0) + ph.get("rollback.memory", 0)
             vmm = (mem_steps(c100) - mem_steps(c1)) / 99
             one = 1e6 / r1
             ops = c1["speculate"] + c1["abort"]
